@@ -1,0 +1,52 @@
+"""Exception types, split by who is at fault."""
+
+from __future__ import annotations
+
+
+class SupervisorError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class KernelMismatchError(SupervisorError):
+    """The running kernel's seccomp ABI differs from the one this package was built for."""
+
+
+class NotificationGone(SupervisorError):  # noqa: N818 - a routine event, not a failure
+    """The kernel no longer knows this notification (ENOENT): the target was killed, got a
+    signal, or every task using the filter exited. Routine; logged at debug level."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"notification gone at {stage}")
+        self.stage = stage
+
+
+class HandoffError(SupervisorError):
+    """The peer that connected to our socket sent something we cannot accept."""
+
+
+class ConfigError(SupervisorError):
+    """The operator's configuration is invalid. Always names the file and the key."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file = file
+        self.key = key
+        self.reason = reason
+
+
+class PolicyError(SupervisorError):
+    """A policy broke the API contract (bad decision, refused allow, failed to load)."""
+
+
+class ProfileError(SupervisorError):
+    """An OCI seccomp profile cannot be turned into a filter."""
+
+
+class TargetMemoryError(SupervisorError):
+    """Reading the target's memory failed. ``errno`` is what the target would have seen
+    (EFAULT for a bad pointer, ENAMETOOLONG for an overlong path); a handler that lets it
+    escape gets ``deny(errno)``."""
+
+    def __init__(self, errno_value: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_value

@@ -1,0 +1,407 @@
+"""The public API for policy authors.
+
+A policy is a :class:`PolicySet` whose handlers are registered per system call name::
+
+    import errno
+    from supervisor.policy import PolicySet, Notification, deny, allow
+
+    policy = PolicySet("hardening")
+
+    @policy.on("chmod", "fchmodat")
+    def no_setuid(n: Notification):
+        mode = n.args[1] if n.syscall == "chmod" else n.args[2]
+        if mode & 0o6000:
+            return deny(errno.EPERM, reason="setuid bit")
+        return allow()          # decided on register values only: CONTINUE is safe
+
+A handler is a plain function (decided inline, the fast path) or a coroutine function
+(run as a task under the deadline; needed to read target memory). It returns a
+:class:`Decision`, or ``None`` to let the next policy of the chain decide.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+
+from . import abi
+from .errors import PolicyError, TargetMemoryError
+
+if TYPE_CHECKING:
+    from .memory import TargetMemory
+
+__all__ = [
+    "Container",
+    "Decision",
+    "Notification",
+    "PolicyError",
+    "PolicySet",
+    "TargetMemoryError",
+    "allow",
+    "deny",
+    "inject_fd",
+    "returns",
+]
+
+DecisionKind = Literal["deny", "returns", "allow", "inject_fd"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the kernel is told. Build it with :func:`deny`, :func:`returns`, :func:`allow`
+    or :func:`inject_fd`; they validate their arguments."""
+
+    kind: DecisionKind
+    errno: int = 0
+    value: int = 0
+    fd: int = -1
+    cloexec: bool = True
+    unchecked: bool = False
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "deny":
+            return f"deny:{_errno_name(self.errno)}"
+        if self.kind == "returns":
+            return f"returns:{self.value}"
+        if self.kind == "inject_fd":
+            return "inject_fd"
+        return "allow"
+
+
+def deny(errno: int, *, reason: str = "") -> Decision:
+    """Fail the call with ``errno`` (a positive number such as ``errno.EPERM``).
+
+    Raises ValueError for errno <= 0 or >= 512 (kernel-internal values a task must
+    never see).
+    """
+    if not isinstance(errno, int) or isinstance(errno, bool):
+        raise ValueError(f"deny() needs an int errno, got {errno!r}")
+    if not 0 < errno < abi.MAX_ERRNO_EXCLUSIVE:
+        raise ValueError(f"deny() errno must be in 1..{abi.MAX_ERRNO_EXCLUSIVE - 1}, got {errno}")
+    return Decision("deny", errno=errno, reason=reason)
+
+
+def returns(value: int, *, reason: str = "") -> Decision:
+    """Make the call return ``value`` without running it.
+
+    Raises ValueError for values in -4095..-1: libc reads those as errors; use
+    :func:`deny` to fail a call.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"returns() needs an int, got {value!r}")
+    if -abi.MAX_ERRNO_RANGE <= value <= -1:
+        raise ValueError(f"returns({value}) is an error return; use deny({-value}) instead")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"returns({value}) does not fit in a 64-bit register")
+    return Decision("returns", value=value, reason=reason)
+
+
+def allow(*, reason: str = "", unchecked: bool = False) -> Decision:
+    """Let the kernel run the call (CONTINUE).
+
+    After a handler has read the target's memory, the kernel will read the pointers
+    again when it runs the call, and another thread may have changed them in between.
+    So an ``allow()`` after a memory read is refused unless ``unchecked=True`` says the
+    author knows the check was advisory.
+    """
+    return Decision("allow", unchecked=unchecked, reason=reason)
+
+
+def inject_fd(fd: int, *, cloexec: bool = True, reason: str = "") -> Decision:
+    """Install ``fd`` (an fd of this process) in the target and make the call return its
+    number there, atomically. The supervisor closes its own ``fd`` after answering."""
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+        raise ValueError(f"inject_fd() needs an open fd number, got {fd!r}")
+    return Decision("inject_fd", fd=fd, cloexec=cloexec, reason=reason)
+
+
+def parse_decision(text: str) -> Decision:
+    """Parse a configured answer: ``deny:EPERM``, ``deny:13``, ``returns:0`` or ``allow``.
+
+    Raises ValueError with a readable message.
+    """
+    import errno as errno_module
+
+    kind, _, arg = text.partition(":")
+    kind = kind.strip()
+    arg = arg.strip()
+    if kind == "allow" and not arg:
+        return allow(reason="configured")
+    if kind == "deny":
+        if arg.isdigit():
+            return deny(int(arg), reason="configured")
+        number = getattr(errno_module, arg.upper(), None) if arg else None
+        if not isinstance(number, int):
+            raise ValueError(f"{text!r}: unknown errno name {arg!r}")
+        return deny(number, reason="configured")
+    if kind == "returns":
+        try:
+            return returns(int(arg, 0), reason="configured")
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+    raise ValueError(f"{text!r}: expected 'deny:ERRNO', 'returns:VALUE' or 'allow'")
+
+
+def _errno_name(number: int) -> str:
+    import errno as errno_module
+
+    return errno_module.errorcode.get(number, str(number))
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """The container (or launched command) a notification comes from.
+
+    ``pid`` is the process the runtime named in its message (in the supervisor's pid
+    namespace); ``metadata`` is the raw ``listenerMetadata`` string and ``labels`` its
+    ``KEY=VALUE`` lines.
+    """
+
+    id: str
+    pid: int = 0
+    metadata: str = ""
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    bundle: str = ""
+    status: str = ""
+    runtime_version: str = ""
+
+
+class Notification:
+    """One notified system call, as a handler sees it.
+
+    ``pid`` is the calling thread's TID in the supervisor's pid namespace (0 when that
+    thread is not visible from here). ``args`` are the six raw register values.
+    """
+
+    __slots__ = ("_memory", "_read_memory", "arch", "args", "container", "id", "nr", "pid",
+                 "syscall")
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        pid: int,
+        nr: int,
+        arch: str,
+        syscall: str,
+        args: tuple[int, ...],
+        container: Container,
+        memory: TargetMemory | None = None,
+    ) -> None:
+        self.id = id
+        self.pid = pid
+        self.nr = nr
+        self.arch = arch
+        self.syscall = syscall
+        self.args = args
+        self.container = container
+        self._memory = memory
+        self._read_memory = False
+
+    def __repr__(self) -> str:
+        return (f"<Notification {self.syscall} id={self.id:#x} tid={self.pid} "
+                f"container={self.container.id!r}>")
+
+    @property
+    def read_memory(self) -> bool:
+        """True once a handler read the target's memory for this notification."""
+        return self._read_memory
+
+    def _require_memory(self) -> TargetMemory:
+        if self._memory is None:
+            raise TargetMemoryError(14, "this notification has no access to target memory")
+        self._read_memory = True
+        return self._memory
+
+    async def read_bytes(self, address: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes at ``address`` of the target.
+
+        Race-checked: the notification is still pending after the read, so the bytes are
+        the ones this call passed. Raises :class:`TargetMemoryError` (errno EFAULT) for an
+        unmapped address, and ``NotificationGone`` if the call was abandoned.
+        """
+        return await self._require_memory().read_bytes(self.id, address, length)
+
+    async def read_cstring(self, address: int, *, limit: int = 4096) -> bytes:
+        """Read a NUL-terminated string at ``address`` (without the NUL), page by page.
+
+        Raises :class:`TargetMemoryError` with EFAULT (NULL, unmapped) or ENAMETOOLONG
+        (no NUL within ``limit`` bytes).
+        """
+        return await self._require_memory().read_cstring(self.id, address, limit)
+
+    async def read_path(self, arg: int) -> str:
+        """Read the path passed in argument number ``arg`` (0-based), at most 4096 bytes
+        with its NUL, as the kernel's getname() would. Undecodable bytes are kept with
+        ``surrogateescape``."""
+        if not 0 <= arg < 6:
+            raise ValueError(f"argument index {arg} is not in 0..5")
+        raw = await self.read_cstring(self.args[arg], limit=4096)
+        return raw.decode("utf-8", "surrogateescape")
+
+    def still_valid(self) -> bool:
+        """True if the kernel still waits for an answer to this notification."""
+        if self._memory is None:
+            return False
+        return self._memory.id_valid(self.id)
+
+    def pidfd(self) -> int:
+        """A pidfd for the calling thread, opened race-free (checked with ID_VALID after
+        opening). The caller owns and closes it. Raises ``NotificationGone``."""
+        return self._require_memory_no_mark().pidfd(self.id, self.pid)
+
+    def _require_memory_no_mark(self) -> TargetMemory:
+        if self._memory is None:
+            raise TargetMemoryError(3, "this notification has no live target")
+        return self._memory
+
+
+SyncHandler = Callable[[Notification], Decision | None]
+AsyncHandler = Callable[[Notification], Awaitable[Decision | None]]
+Handler = SyncHandler | AsyncHandler
+H = TypeVar("H", bound=Handler)
+
+
+class _SyscallValidator(Protocol):
+    def __call__(self, name: str) -> bool: ...
+
+
+def _default_syscall_validator(name: str) -> bool:
+    from .syscalls import is_known
+
+    return is_known(name)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerEntry:
+    """A registered handler, with what the dispatcher needs to know about it."""
+
+    policy: str
+    syscall: str
+    func: Handler
+    is_async: bool
+
+
+class PolicySet:
+    """A named set of handlers, keyed by system call name.
+
+    ``defaults`` declares the options the policy accepts and their default values; the
+    operator's ``options`` table is checked against it when the policy loads (unknown
+    keys and wrong types are refused), and the result is in :attr:`options`.
+    """
+
+    def __init__(self, name: str, *, defaults: Mapping[str, Any] | None = None,
+                 description: str = "") -> None:
+        if not name or not isinstance(name, str):
+            raise PolicyError("a PolicySet needs a non-empty name")
+        self.name = name
+        self.description = description
+        self.defaults: Mapping[str, Any] = MappingProxyType(dict(defaults or {}))
+        self.options: Mapping[str, Any] = self.defaults
+        self._handlers: dict[str, HandlerEntry] = {}
+        self._on_configure: list[Callable[[Mapping[str, Any]], None]] = []
+        self._on_session_end: list[Callable[[Container], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<PolicySet {self.name!r} syscalls={sorted(self._handlers)}>"
+
+    @property
+    def syscalls(self) -> frozenset[str]:
+        """Names of the system calls this policy has handlers for."""
+        return frozenset(self._handlers)
+
+    def handler_for(self, syscall: str) -> HandlerEntry | None:
+        return self._handlers.get(syscall)
+
+    def on(self, *syscalls: str) -> Callable[[H], H]:
+        """Register the decorated function for ``syscalls`` (names, as in ``man 2``).
+
+        Raises PolicyError for an unknown name or a second handler for the same call.
+        """
+        if not syscalls:
+            raise PolicyError(f"policy {self.name!r}: on() needs at least one syscall name")
+
+        def register(func: H) -> H:
+            is_async = inspect.iscoroutinefunction(func)
+            if not is_async and not callable(func):
+                raise PolicyError(f"policy {self.name!r}: handler {func!r} is not callable")
+            for name in syscalls:
+                if not _default_syscall_validator(name):
+                    raise PolicyError(
+                        f"policy {self.name!r}: {getattr(func, '__name__', func)}: "
+                        f"unknown system call {name!r}")
+                if name in self._handlers:
+                    other = self._handlers[name].func
+                    raise PolicyError(
+                        f"policy {self.name!r}: {name!r} already handled by "
+                        f"{getattr(other, '__name__', other)}")
+                self._handlers[name] = HandlerEntry(self.name, name, func, is_async)
+            return func
+
+        return register
+
+    def configure(self, func: Callable[[Mapping[str, Any]], None]) -> Callable[
+            [Mapping[str, Any]], None]:
+        """Register a function called with the validated options when the policy loads;
+        a ValueError it raises is reported as a config error on this policy's options."""
+        self._on_configure.append(func)
+        return func
+
+    def on_session_end(self, func: Callable[[Container], None]) -> Callable[[Container], None]:
+        """Register a function called when a container's session ends."""
+        self._on_session_end.append(func)
+        return func
+
+    def apply_options(self, options: Mapping[str, Any]) -> None:
+        """Validate ``options`` against :attr:`defaults` and store them.
+
+        Raises ValueError naming the offending key.
+        """
+        merged = dict(self.defaults)
+        for key, value in options.items():
+            if key not in self.defaults:
+                known = ", ".join(sorted(self.defaults)) or "none"
+                raise ValueError(f"options.{key}: unknown option (known: {known})")
+            default = self.defaults[key]
+            if default is not None and not _same_kind(default, value):
+                raise ValueError(
+                    f"options.{key}: expected {type(default).__name__}, "
+                    f"got {type(value).__name__}")
+            merged[key] = value
+        self.options = MappingProxyType(merged)
+        for hook in self._on_configure:
+            hook(self.options)
+
+    def session_ended(self, container: Container) -> None:
+        for hook in self._on_session_end:
+            hook(container)
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float) and isinstance(value, int):
+        return True
+    return isinstance(value, type(default))
+
+
+CONTINUE_RESPONSE: Final = (0, 0, abi.USER_NOTIF_FLAG_CONTINUE)
+
+
+def response_fields(decision: Decision) -> tuple[int, int, int]:
+    """(val, error, flags) of the seccomp_notif_resp for a deny/returns/allow decision.
+
+    ``error`` is the negative errno: a positive one would become a positive return value.
+    """
+    if decision.kind == "deny":
+        return 0, -decision.errno, 0
+    if decision.kind == "returns":
+        return decision.value, 0, 0
+    if decision.kind == "allow":
+        return CONTINUE_RESPONSE
+    raise ValueError("inject_fd is answered with ADDFD, not SEND")
