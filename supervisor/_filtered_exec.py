@@ -12,6 +12,7 @@ same rule for the same reason).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -32,15 +33,11 @@ def main(argv: list[str]) -> None:
     os.write(report_fd, f"OK {listener}\n".encode())
     # Any outcome of this read means the parent holds the listener: even a notified read
     # can only have been answered by a supervisor that got it from the parent.
-    try:
+    with contextlib.suppress(OSError):
         os.read(ack_fd, 1)
-    except OSError:
-        pass
     for fd in (listener, report_fd, ack_fd):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     try:
         os.execv(path, [path, *cmd[1:]] if cmd else [path])
     except OSError as exc:

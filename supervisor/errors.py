@@ -11,7 +11,7 @@ class KernelMismatchError(SupervisorError):
     """The running kernel's seccomp ABI differs from the one this package was built for."""
 
 
-class NotificationGone(SupervisorError):  # noqa: N818 - a routine event, not a failure
+class NotificationGone(SupervisorError):
     """The kernel no longer knows this notification (ENOENT): the target was killed, got a
     signal, or every task using the filter exited. Routine; logged at debug level."""
 

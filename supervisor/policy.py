@@ -225,7 +225,7 @@ class Notification:
         the ones this call passed. Raises :class:`TargetMemoryError` (errno EFAULT) for an
         unmapped address, and ``NotificationGone`` if the call was abandoned.
         """
-        return await self._require_memory().read_bytes(self.id, address, length)
+        return await self._require_memory().read_bytes(self.id, self.pid, address, length)
 
     async def read_cstring(self, address: int, *, limit: int = 4096) -> bytes:
         """Read a NUL-terminated string at ``address`` (without the NUL), page by page.
@@ -233,7 +233,7 @@ class Notification:
         Raises :class:`TargetMemoryError` with EFAULT (NULL, unmapped) or ENAMETOOLONG
         (no NUL within ``limit`` bytes).
         """
-        return await self._require_memory().read_cstring(self.id, address, limit)
+        return await self._require_memory().read_cstring(self.id, self.pid, address, limit)
 
     async def read_path(self, arg: int) -> str:
         """Read the path passed in argument number ``arg`` (0-based), at most 4096 bytes

@@ -1,0 +1,83 @@
+"""Policy chains and the rules that turn handler results into decisions. No I/O.
+
+A chain is the ordered list of policies a route picked. For one system call, its handlers
+are asked in order; the first that returns a Decision decides; ``None`` passes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import PolicyError
+from .policy import Decision, Handler, PolicySet
+
+ErrorKind = Literal["exception", "deadline", "refused", "memory"]
+Mode = Literal["enforce", "shadow"]
+
+UNHANDLED_POLICY = "-"  # policy label of answers no policy gave
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One handler of a chain, for one system call."""
+
+    policy: str
+    func: Handler
+    is_async: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a chain decided, and who decided it.
+
+    ``error`` is set when the decision is the configured ``on_error`` answer (or, for
+    ``memory``, the errno of a failed target memory read); ``detail`` says why.
+    """
+
+    decision: Decision
+    policy: str
+    error: ErrorKind | None = None
+    detail: str = ""
+
+
+class Chain:
+    """The handlers of an ordered list of policies, looked up by system call name."""
+
+    def __init__(self, policies: Iterable[tuple[str, PolicySet]]) -> None:
+        self.policies: tuple[tuple[str, PolicySet], ...] = tuple(policies)
+        self.names = tuple(name for name, _ in self.policies)
+        table: dict[str, list[Link]] = {}
+        for name, policy_set in self.policies:
+            for syscall in sorted(policy_set.syscalls):
+                entry = policy_set.handler_for(syscall)
+                assert entry is not None
+                table.setdefault(syscall, []).append(Link(name, entry.func, entry.is_async))
+        self._table = {syscall: tuple(links) for syscall, links in table.items()}
+
+    @property
+    def syscalls(self) -> frozenset[str]:
+        return frozenset(self._table)
+
+    def links(self, syscall: str) -> tuple[Link, ...]:
+        return self._table.get(syscall, ())
+
+
+def check_result(result: object, policy: str, *, read_memory: bool) -> Decision | None:
+    """Validate what a handler returned.
+
+    Raises PolicyError for anything but a Decision or None, and for an ``allow()`` after
+    the handler read target memory without ``unchecked=True``.
+    """
+    if result is None:
+        return None
+    if not isinstance(result, Decision):
+        raise PolicyError(f"policy {policy!r} returned {type(result).__name__}, "
+                          "not a Decision or None")
+    if result.kind == "allow" and read_memory and not result.unchecked:
+        raise PolicyError(
+            f"policy {policy!r} returned allow() after reading target memory: the kernel "
+            "re-reads the arguments after CONTINUE, so the check does not hold; return "
+            "allow(unchecked=True) to accept that, or emulate the call")
+    return result

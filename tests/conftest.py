@@ -1,0 +1,130 @@
+"""Shared fixtures: real targets under real notify filters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from supervisor import spawn
+from supervisor.audit import Recorder
+from supervisor.decide import Chain
+from supervisor.metrics import Metrics
+from supervisor.notifyfd import NotifyFd
+from supervisor.policy import Container, PolicySet
+from supervisor.session import Session, SessionSettings
+
+TESTS = Path(__file__).resolve().parent
+TARGET = str(TESTS / "target.py")
+
+
+def notify_program(names: Iterable[str]) -> bytes:
+    """BPF that notifies ``names`` and allows every other call."""
+    import pyseccomp
+
+    from supervisor import bpf
+
+    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for name in names:
+        flt.add_rule(pyseccomp.NOTIFY, name)
+    return bpf.export_program(flt)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@dataclass
+class Target:
+    child: spawn.FilteredChild
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    async def result(self) -> dict[str, object]:
+        """Wait for the target to exit and return its JSON output."""
+        proc = self.child.process
+        with trio.fail_after(20):
+            out, _ = await trio.to_thread.run_sync(proc.communicate, abandon_on_cancel=True)
+        assert proc.returncode == 0, f"target exited with {proc.returncode}"
+        data: dict[str, object] = json.loads(out)
+        return data
+
+
+def start_target(syscalls: Iterable[str], *args: str) -> Target:
+    child = spawn.spawn_filtered([sys.executable, TARGET, *args], notify_program(syscalls),
+                                 stdout=subprocess.PIPE)
+    return Target(child)
+
+
+@dataclass
+class Served:
+    target: Target
+    session: Session
+    registry: CollectorRegistry
+    cancel_scope: trio.CancelScope
+    done: trio.Event
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@asynccontextmanager
+async def serve_target(policy: PolicySet | list[PolicySet], syscalls: Iterable[str],
+                       *args: str, settings: SessionSettings | None = None,
+                       container: Container | None = None) -> AsyncIterator[Served]:
+    """Start ``target.py ARGS`` under a filter notifying ``syscalls`` and serve it with
+    a session running ``policy``. Kills the target and ends the session on exit."""
+    policies = policy if isinstance(policy, list) else [policy]
+    registry = CollectorRegistry()
+    target = await trio.to_thread.run_sync(lambda: start_target(syscalls, *args))
+    session = Session(
+        NotifyFd(target.child.take_listener()),
+        container or Container(id="test", pid=target.pid),
+        Chain((p.name, p) for p in policies),
+        settings or SessionSettings(),
+        Recorder(Metrics(registry), audit="none"),
+    )
+    done = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def run() -> None:
+                with scope:
+                    await session.run()
+                done.set()
+
+            nursery.start_soon(run)
+            try:
+                yield Served(target, session, registry, scope, done)
+            finally:
+                scope.cancel()
+    finally:
+        proc = target.child.process
+        if proc.poll() is None:
+            proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        target.child.close()
+
+
+@pytest.fixture
+def fd_baseline() -> Callable[[], set[int]]:
+    before = open_fds()
+
+    def leaked() -> set[int]:
+        return open_fds() - before
+
+    return leaked

@@ -1,0 +1,93 @@
+"""A test target: makes system calls through ctypes and prints what they returned.
+
+Run under a notify filter by the tests: ``python3 tests/target.py COMMAND ARGS``. The
+output is one JSON object on stdout. Uses only the standard library.
+"""
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def call(func, *args):
+    ctypes.set_errno(0)
+    rc = func(*args)
+    return {"rc": rc, "errno": ctypes.get_errno() if rc == -1 else 0}
+
+
+def getppid_raw():
+    # glibc may cache nothing for getppid, but go through syscall() to be sure.
+    return call(libc.syscall, ctypes.c_long(110))
+
+
+def main(argv):
+    cmd = argv[0]
+    if cmd == "getppid":
+        out = [getppid_raw() for _ in range(int(argv[1]) if len(argv) > 1 else 1)]
+        return {"results": out}
+    if cmd == "mkdir":
+        return call(libc.mkdir, argv[1].encode(), 0o755)
+    if cmd == "mkdir-null":
+        return call(libc.mkdir, None, 0o755)
+    if cmd == "mkdir-unmapped":
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        addr = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
+        libc.munmap(addr, mmap.PAGESIZE)  # keep the address, drop the mapping
+        return call(libc.mkdir, ctypes.c_void_p(addr), 0o755)
+    if cmd == "mkdir-long":
+        # 5,000 bytes with no NUL before the end of the mapping's first 5,000 bytes.
+        buf = ctypes.create_string_buffer(b"a" * 5000)
+        return call(libc.mkdir, buf, 0o755)
+    if cmd == "open-read":
+        fd = os.open(argv[1], os.O_RDONLY)
+        data = os.read(fd, 4096).decode()
+        flags = __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFD)
+        os.close(fd)
+        return {"fd": fd, "data": data, "cloexec": bool(flags & 1)}
+    if cmd == "threads":
+        count = int(argv[1])
+        results = [None] * count
+        barrier = threading.Barrier(count)
+
+        def worker(i):
+            barrier.wait()
+            t0 = time.monotonic()
+            r = getppid_raw()
+            r["seconds"] = time.monotonic() - t0
+            r["tid"] = threading.get_native_id()
+            results[i] = r
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"results": results}
+    if cmd == "restart":
+        got = []
+        signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+        signal.siginterrupt(signal.SIGUSR1, False)  # SA_RESTART
+        r = call(libc.mkdir, argv[1].encode(), 0o755)
+        r["signals"] = len(got)
+        if len(argv) > 2:
+            time.sleep(float(argv[2]))  # stay alive so a late answer meets ENOENT
+        return r
+    if cmd == "sleep":
+        time.sleep(float(argv[1]))
+        return {}
+    raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])), flush=True)
