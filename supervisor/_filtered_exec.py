@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 
-from supervisor import bpf
+from supervisor import abi, bpf
 
 
 def main(argv: list[str]) -> None:
@@ -27,6 +27,8 @@ def main(argv: list[str]) -> None:
         os.close(program_fd)
         bpf.set_no_new_privs()
         listener = bpf.install_filter(program, flags)
+        if not flags & abi.SECCOMP_FILTER_FLAG_NEW_LISTENER:
+            listener = -1  # the kernel returned 0, which is not a listener fd
     except Exception as exc:  # reported to the parent, which raises it
         os.write(report_fd, f"ERR {exc}\n".encode())
         os._exit(126)
@@ -36,8 +38,9 @@ def main(argv: list[str]) -> None:
     with contextlib.suppress(OSError):
         os.read(ack_fd, 1)
     for fd in (listener, report_fd, ack_fd):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     try:
         os.execv(path, [path, *cmd[1:]] if cmd else [path])
     except OSError as exc:

@@ -279,9 +279,9 @@ def _default_syscall_validator(name: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class HandlerEntry:
-    """A registered handler, with what the dispatcher needs to know about it."""
+    """A registered handler, with what the dispatcher needs to know about it. (The policy
+    name is not stored here: the operator's name for the policy comes from the config.)"""
 
-    policy: str
     syscall: str
     func: Handler
     is_async: bool
@@ -340,7 +340,7 @@ class PolicySet:
                     raise PolicyError(
                         f"policy {self.name!r}: {name!r} already handled by "
                         f"{getattr(other, '__name__', other)}")
-                self._handlers[name] = HandlerEntry(self.name, name, func, is_async)
+                self._handlers[name] = HandlerEntry(name, func, is_async)
             return func
 
         return register

@@ -64,6 +64,8 @@ def spawn_filtered(
 ) -> FilteredChild:
     """Run ``argv`` with ``program`` installed (with ``flags``) just before it is executed.
 
+    The child's listener is returned only when ``flags`` holds NEW_LISTENER (else -1).
+
     Raises :class:`SpawnError` if the command is not found or the kernel refuses the
     filter. The returned child is running; its filtered calls wait for a supervisor.
     """
@@ -96,11 +98,13 @@ def spawn_filtered(
         if not report.startswith("OK "):
             process.wait()
             raise SpawnError(report.removeprefix("ERR ") or "filter helper exited early")
-        pidfd = os.pidfd_open(process.pid)
-        try:
-            listener = bpf.pidfd_getfd(pidfd, int(report[3:]))
-        finally:
-            os.close(pidfd)
+        child_fd = int(report[3:])
+        if child_fd >= 0:
+            pidfd = os.pidfd_open(process.pid)
+            try:
+                listener = bpf.pidfd_getfd(pidfd, child_fd)
+            finally:
+                os.close(pidfd)
         os.write(ack_w, b"k")
         return FilteredChild(process, listener)
     except BaseException:

@@ -21,6 +21,7 @@ from supervisor.decide import Chain
 from supervisor.metrics import Metrics
 from supervisor.notifyfd import NotifyFd
 from supervisor.policy import Container, PolicySet
+from supervisor.profile import build_program, notify_profile
 from supervisor.session import Session, SessionSettings
 
 TESTS = Path(__file__).resolve().parent
@@ -29,14 +30,7 @@ TARGET = str(TESTS / "target.py")
 
 def notify_program(names: Iterable[str]) -> bytes:
     """BPF that notifies ``names`` and allows every other call."""
-    import pyseccomp
-
-    from supervisor import bpf
-
-    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for name in names:
-        flt.add_rule(pyseccomp.NOTIFY, name)
-    return bpf.export_program(flt)
+    return build_program(notify_profile(list(names)))
 
 
 def open_fds() -> set[int]:

@@ -1,0 +1,191 @@
+"""supervisor.router: labels from listenerMetadata, and the first matching route."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from supervisor.config import Config, RouteMatch, parse_config
+from supervisor.policy import Container
+from supervisor.router import RouteChoice, matches, parse_labels, route_for
+
+FILE = "/etc/seccomp-supervisor/test.toml"
+
+
+def config(*routes: dict[str, Any], defaults: tuple[str, ...] = ("base",)) -> Config:
+    return parse_config({
+        "defaults": {"policies": list(defaults)},
+        "policy": [{"name": n, "path": f"{n}.py"} for n in ("base", "a", "b", "c")],
+        "route": list(routes),
+    }, FILE)
+
+
+def container(id: str = "web-1", metadata: str = "", *,
+              annotations: dict[str, str] | None = None,
+              labels: dict[str, str] | None = None) -> Container:
+    return Container(id=id, metadata=metadata,
+                     labels=MappingProxyType(labels if labels is not None
+                                             else parse_labels(metadata)),
+                     annotations=MappingProxyType(annotations or {}))
+
+
+# --------------------------------------------------------------------------- parse_labels
+
+
+@pytest.mark.parametrize(("metadata", "labels"), [
+    ("", {}),
+    ("team=build", {"team": "build"}),
+    ("team=build\nenv=ci", {"team": "build", "env": "ci"}),
+    ("team=build\r\nenv=ci\r\n", {"team": "build", "env": "ci"}),
+    ("  team =  build  \n", {"team": "build"}),
+    ("url=http://x/?a=b", {"url": "http://x/?a=b"}),
+    ("empty=", {"empty": ""}),
+    ("no equals sign\nk=v", {"k": "v"}),
+    ("=value\n  =x\nk=v", {"k": "v"}),
+    ("k=1\nk=2", {"k": "2"}),
+    ("a=1;b=2", {"a": "1;b=2"}),          # lines only: no other separator
+    ("a=1,b=2", {"a": "1,b=2"}),
+    ("\n\n\nk=v\n\n", {"k": "v"}),
+    ("k=a b c", {"k": "a b c"}),
+])
+def test_parse_labels(metadata: str, labels: dict[str, str]) -> None:
+    assert parse_labels(metadata) == labels
+
+
+@given(st.text())
+def test_parse_labels_never_raises(metadata: str) -> None:
+    labels = parse_labels(metadata)
+    for key, value in labels.items():
+        assert key and key == key.strip() and "=" not in key and "\n" not in key
+        assert value == value.strip() and "\n" not in value
+
+
+# --------------------------------------------------------------------------- route_for
+
+
+def test_no_routes_gives_the_defaults() -> None:
+    assert route_for(container(), config()) == RouteChoice(("base",), "enforce", None)
+
+
+def test_no_match_gives_the_defaults_in_enforce_mode() -> None:
+    c = config({"match": {"container": "ci-*"}, "policies": ["a"], "mode": "shadow"})
+    assert route_for(container("web-1"), c) == RouteChoice(("base",), "enforce", None)
+
+
+def test_empty_defaults() -> None:
+    c = config(defaults=())
+    assert route_for(container(), c) == RouteChoice((), "enforce", None)
+
+
+@pytest.mark.parametrize(("glob", "cid", "hit"), [
+    ("ci-*", "ci-42", True),
+    ("ci-*", "ci-", True),
+    ("ci-*", "CI-42", False),            # case-sensitive
+    ("ci-*", "web-ci-1", False),         # anchored
+    ("ci-?", "ci-4", True),
+    ("ci-?", "ci-42", False),
+    ("ci-[0-9]*", "ci-7x", True),
+    ("ci-[0-9]*", "ci-x7", False),
+    ("abc", "abc", True),
+    ("abc", "abcd", False),
+    ("*", "", True),
+])
+def test_container_glob(glob: str, cid: str, hit: bool) -> None:
+    c = config({"match": {"container": glob}, "policies": ["a"]})
+    expected = RouteChoice(("a",), "enforce", 0) if hit else RouteChoice(("base",), "enforce",
+                                                                          None)
+    assert route_for(container(cid), c) == expected
+
+
+@pytest.mark.parametrize(("glob", "metadata", "hit"), [
+    ("team=build*", "team=build-farm\nenv=ci", True),   # the raw string, newlines included
+    ("team=build", "team=build\nenv=ci", False),        # the whole string must match
+    ("*env=ci*", "team=build\nenv=ci", True),
+    ("*env=ci*", "", False),
+    ("", "", True),
+])
+def test_metadata_glob(glob: str, metadata: str, hit: bool) -> None:
+    c = config({"match": {"metadata": glob}, "policies": ["a"]})
+    assert route_for(container(metadata=metadata), c).route_index == (0 if hit else None)
+
+
+@pytest.mark.parametrize(("globs", "metadata", "hit"), [
+    ({"team": "build*"}, "team=build-farm", True),
+    ({"team": "build*"}, "team=web", False),
+    ({"team": "build*"}, "env=ci", False),                 # missing label: no match
+    ({"team": "*"}, "env=ci", False),                      # even for "*"
+    ({"team": "*"}, "team=", True),
+    ({"team": "build", "env": "ci"}, "env=ci\nteam=build", True),
+    ({"team": "build", "env": "ci"}, "team=build\nenv=prod", False),
+    ({"team": "build"}, "team = build \n", True),          # trimmed
+])
+def test_labels(globs: dict[str, str], metadata: str, hit: bool) -> None:
+    c = config({"match": {"labels": globs}, "policies": ["a"]})
+    assert route_for(container(metadata=metadata), c).route_index == (0 if hit else None)
+
+
+def test_labels_come_from_the_metadata_when_the_container_has_none() -> None:
+    c = config({"match": {"labels": {"team": "build"}}, "policies": ["a"]})
+    bare = Container(id="x", metadata="team=build")
+    assert route_for(bare, c).route_index == 0
+
+
+def test_labels_given_by_the_container_are_used() -> None:
+    c = config({"match": {"labels": {"team": "build"}}, "policies": ["a"]})
+    assert route_for(container(metadata="", labels={"team": "build"}), c).route_index == 0
+
+
+@pytest.mark.parametrize(("globs", "annotations", "hit"), [
+    ({"io.kubernetes.pod.namespace": "ci"}, {"io.kubernetes.pod.namespace": "ci"}, True),
+    ({"io.kubernetes.pod.namespace": "ci"}, {"io.kubernetes.pod.namespace": "prod"}, False),
+    ({"io.kubernetes.pod.namespace": "*"}, {}, False),          # missing key: no match
+    ({"io.kubernetes.pod.namespace": "*"}, {"other": "ci"}, False),
+    ({"a": "1", "b": "2*"}, {"a": "1", "b": "22", "c": "x"}, True),
+    ({"a": "1", "b": "2*"}, {"a": "1"}, False),
+])
+def test_annotations(globs: dict[str, str], annotations: dict[str, str], hit: bool) -> None:
+    c = config({"match": {"annotations": globs}, "policies": ["a"]})
+    assert route_for(container(annotations=annotations), c).route_index == (0 if hit else None)
+
+
+def test_all_conditions_must_hold() -> None:
+    c = config({"match": {"container": "ci-*", "labels": {"team": "build"},
+                          "metadata": "*env=ci*", "annotations": {"ns": "ci"}},
+                "policies": ["a"]})
+    meta = "team=build\nenv=ci"
+    good = container("ci-1", meta, annotations={"ns": "ci"})
+    assert route_for(good, c).route_index == 0
+    for bad in (container("web-1", meta, annotations={"ns": "ci"}),
+                container("ci-1", "team=web\nenv=ci", annotations={"ns": "ci"}),
+                container("ci-1", "team=build\nenv=prod", annotations={"ns": "ci"}),
+                container("ci-1", meta, annotations={"ns": "prod"}),
+                container("ci-1", meta)):
+        assert route_for(bad, c).route_index is None
+
+
+def test_first_match_wins() -> None:
+    c = config(
+        {"match": {"container": "db-*"}, "policies": ["c"]},
+        {"match": {"container": "ci-*"}, "policies": ["a"]},
+        {"match": {"container": "ci-1*"}, "policies": ["b"]},
+        {"match": {"metadata": "*"}, "policies": ["b", "c"], "mode": "shadow"},
+    )
+    assert route_for(container("ci-10"), c) == RouteChoice(("a",), "enforce", 1)
+    assert route_for(container("db-1"), c) == RouteChoice(("c",), "enforce", 0)
+    assert route_for(container("web"), c) == RouteChoice(("b", "c"), "shadow", 3)
+
+
+def test_shadow_mode_and_empty_chain() -> None:
+    c = config({"match": {"container": "learn-*"}, "policies": [], "mode": "shadow"})
+    assert route_for(container("learn-1"), c) == RouteChoice((), "shadow", 0)
+
+
+def test_matches_directly() -> None:
+    m = RouteMatch(container="a*", labels=MappingProxyType({"k": "v"}))
+    assert matches(m, Container(id="ab", metadata="k=v"))
+    assert not matches(m, Container(id="ab", metadata="k=w"))
+    assert not matches(m, Container(id="b", metadata="k=v"))
