@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Debian, as root):
+#   ./dev.sh serve   install what is needed, then run the daemon with the example config
+#   ./dev.sh test    install what is needed, then lint, type-check and run the whole suite
+# Extra arguments go to the daemon or to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Debian packages: the real container runtimes and a static busybox for test rootfs,
+# strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
+# prometheus for `systemd-analyze verify` and `promtool check metrics`.
+DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv)
+
+setup() {
+    local missing=() pkg
+    for pkg in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        local sudo=()
+        [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+        echo "dev.sh: installing ${missing[*]}" >&2
+        "${sudo[@]}" apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+            --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [[ ! -x .venv/bin/python ]]; then
+        python3 -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+}
+
+case "${1:-}" in
+    serve)
+        shift
+        setup
+        exec .venv/bin/seccomp-supervisor serve --config systemd/seccomp-supervisor.toml "$@"
+        ;;
+    test)
+        shift
+        setup
+        .venv/bin/ruff check supervisor tests policies
+        .venv/bin/mypy
+        exec .venv/bin/python -m pytest "$@"
+        ;;
+    *)
+        echo "usage: $0 serve [daemon args] | test [pytest args]" >&2
+        exit 2
+        ;;
+esac
