@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -85,7 +86,16 @@ class Daemon:
         config = self.state.config
         if sock is None:
             sock = bind_socket(config.listen.socket, config.listen.socket_mode)
-        with sock, self._metrics_server(config):
+            # A socket we bound is ours to remove: a runtime that starts a container
+            # after we stopped then gets "no such file" at once instead of a refusal.
+            bound_path: str | None = config.listen.socket
+        else:
+            bound_path = None
+        with contextlib.ExitStack() as cleanup:
+            if bound_path is not None:
+                cleanup.callback(_unlink_quietly, bound_path)
+            cleanup.enter_context(sock)
+            cleanup.enter_context(self._metrics_server(config))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -182,6 +192,11 @@ class Daemon:
         self.recorder.audit = config.audit.decisions
         log.info("reloaded %s: policies %s", config.file, ", ".join(policies) or "(none)")
         return True
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _sock_name(sock: Any) -> str:

@@ -127,6 +127,7 @@ def test_serve_as_a_process_stops_on_sigterm(tmp_path: Path) -> None:
         assert (sock.parent.stat().st_mode & 0o777) == 0o700
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+        assert not sock.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
