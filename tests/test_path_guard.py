@@ -1,0 +1,136 @@
+"""The `path_guard` policy against real calls in forked children (supervisor.testing)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor.errors import ConfigError
+from supervisor.policy import PolicySet
+from supervisor.testing import load, run_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH_GUARD = ROOT / "policies" / "path_guard.py"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path, PolicySet]:
+    guarded = tmp_path / "guarded"
+    free = tmp_path / "free"
+    guarded.mkdir()
+    free.mkdir()
+    return guarded, free, load(PATH_GUARD, prefixes=[str(guarded)])
+
+
+def test_mkdir_under_a_prefix_is_denied_and_elsewhere_allowed_unchecked(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    guarded, free, policy = tree
+    denied = run_policy(policy, lambda: os.mkdir(guarded / "sub"))
+    assert denied.errno == errno.EACCES
+    assert not (guarded / "sub").exists()
+    assert denied.decided() == ["deny"]
+    allowed = run_policy(policy, lambda: os.mkdir(free / "sub"))
+    assert allowed.errno == 0 and (free / "sub").is_dir()
+    [seen] = allowed.decisions
+    assert seen.kind == "allow" and seen.decision.unchecked  # a path was read: advisory
+    # The prefix itself is guarded, a sibling with the same name start is not.
+    assert run_policy(policy, lambda: os.rmdir(guarded)).errno == errno.EACCES
+    assert run_policy(policy, lambda: os.mkdir(f"{guarded}-not")).errno == 0
+
+
+def test_relative_and_dotdot_paths_are_resolved_against_the_callers_cwd(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    guarded, free, policy = tree
+
+    def sneaky() -> None:
+        os.chdir(free)
+        os.mkdir("../guarded/./x/..//y")
+
+    assert run_policy(policy, sneaky).errno == errno.EACCES
+    assert not (guarded / "y").exists()
+
+    def dirfd() -> None:
+        fd = os.open(guarded, os.O_RDONLY | os.O_DIRECTORY)
+        os.mkdir("z", dir_fd=fd)
+
+    assert run_policy(policy, dirfd).errno == errno.EACCES
+    assert not (guarded / "z").exists()
+
+
+def test_writing_opens_are_denied_read_only_opens_decided_on_flags(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    guarded, _free, policy = tree
+    (guarded / "file").write_text("keep")
+
+    def write() -> None:
+        with open(guarded / "file", "w") as f:
+            f.write("lost")
+
+    assert run_policy(policy, write).errno == errno.EACCES
+    assert (guarded / "file").read_text() == "keep"
+    read = run_policy(policy, lambda: (guarded / "file").read_text())
+    assert read.value == "keep"
+    assert [s.decision.unchecked for s in read.decisions if s.syscall == "openat"] == [False]
+    create = run_policy(policy, lambda: os.close(os.open(guarded / "new", os.O_CREAT)))
+    assert create.errno == errno.EACCES and not (guarded / "new").exists()
+
+
+def test_unlink_and_rename_in_either_direction_are_denied(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    guarded, free, policy = tree
+    (guarded / "g").write_text("")
+    (free / "f").write_text("")
+    assert run_policy(policy, lambda: os.unlink(guarded / "g")).errno == errno.EACCES
+    assert run_policy(policy, lambda: os.rename(guarded / "g", free / "g")).errno == \
+        errno.EACCES
+    assert run_policy(policy, lambda: os.rename(free / "f", guarded / "f")).errno == \
+        errno.EACCES
+    assert (guarded / "g").exists() and (free / "f").exists()
+    assert run_policy(policy, lambda: os.rename(free / "f", free / "f2")).errno == 0
+    assert run_policy(policy, lambda: os.unlink(free / "f2")).errno == 0
+
+
+def test_paths_are_seen_in_the_callers_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    policy = load(PATH_GUARD, prefixes=["/etc"], errno="EROFS")
+
+    def in_chroot() -> list[int]:
+        os.chroot(root)
+        os.chdir("/etc")
+        results = []
+        for path in ("/etc/a", "b", "../etc/c", "/tmp/../etc/d"):
+            try:
+                os.mkdir(path)
+                results.append(0)
+            except OSError as exc:
+                results.append(exc.errno or -1)
+        return results
+
+    trial = run_policy(policy, in_chroot)
+    assert trial.value == [errno.EROFS] * 4
+    assert list((root / "etc").iterdir()) == []
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"prefixes": ["etc"]}, "policy[0].options.prefixes[0]"),
+    ({"prefixes": ["/etc", 3]}, "policy[0].options.prefixes[1]"),
+    ({"prefixes": "/etc"}, "policy[0].options.prefixes"),
+    ({"errno": "EWHATEVER"}, "policy[0].options.errno"),
+    ({"prefix": ["/etc"]}, "policy[0].options.prefix"),
+])
+def test_options_are_validated_naming_the_key(options: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(PATH_GUARD, **options)
+    assert info.value.key == key
+
+
+def test_without_prefixes_nothing_is_read(tmp_path: Path) -> None:
+    check: Callable[[], None] = lambda: os.mkdir(tmp_path / "x")  # noqa: E731
+    trial = run_policy(load(PATH_GUARD), check)
+    assert trial.errno == 0
+    assert [s.decision.unchecked for s in trial.decisions] == [False]
