@@ -40,47 +40,61 @@ Choices of our own:
   ones are added.
 * Filter attributes that only change how libseccomp would *load* the filter (NNP, TSYNC,
   LOG, SSB) are not set: the program is exported and loaded by
-  :func:`supervisor.bpf.install_filter` with the bits of :func:`filter_flags`.
+  :func:`supervisor.bpf.install_filter` with the bits of :func:`filter_flags`, which adds
+  ``NEW_LISTENER`` for notify rules and ``WAIT_KILLABLE_RECV`` where the kernel has it.
 * A whole OCI ``config.json`` is accepted too: its ``linux.seccomp`` object is read.
   Docker's own profile format (``archMap``, ``includes``/``excludes``) is refused with a
   message saying so: ignoring those keys would change what the profile allows.
 * ``listenerPath`` is not required when there are notify rules: ``seccomp-supervisor run``
   hands the listener over itself.
 
-runc's ``-ENOSYS`` stub (answer calls newer than every call the profile names with
-ENOSYS instead of the default errno, so libc falls back) is not built.
+runc's ``-ENOSYS`` stub is built (:func:`compile_profile`): when the default action is
+not allow-like, a call numbered above every call the filter knows in its architecture gets
+ENOSYS instead of the default errno, so libc falls back to an older call. The whole
+program is checked against the kernel's 4096-instruction limit before anything loads it.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import errno
+import functools
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pyseccomp
 
-from . import abi, bpf
+from . import abi, bpf, bpfprog
 from .errors import ProfileError
 
 __all__ = [
+    "ALLOW_LIKE_ACTIONS",
     "Action",
     "ArgRule",
+    "BuiltProgram",
+    "Finding",
     "Operator",
     "Profile",
     "SyscallRule",
     "build_filter",
     "build_program",
+    "check_profile",
+    "compile_profile",
+    "describe_action",
+    "describe_conditions",
     "dump_profile",
+    "filter_architectures",
     "filter_flags",
     "load_profile",
     "notify_profile",
     "parse_profile",
+    "stub_limits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -266,12 +280,20 @@ class Profile:
 
 def _problems(profile: Profile) -> Iterator[tuple[str, str]]:
     """(location, reason) for every invalid value, in document order."""
-    yield from _action_problems("defaultAction", profile.default_action)
-    if profile.default_action == Action.NOTIFY:
-        yield "defaultAction", _DEFAULT_NOTIFY_REASON
-    yield from _errno_problems(
-        "defaultErrnoRet", profile.default_action, profile.default_errno_ret
-    )
+    yield from _top_problems(profile)
+    for i, rule in enumerate(profile.syscalls):
+        yield from _rule_problems(f"syscalls[{i}]", rule)
+
+
+def _top_problems(profile: Profile | _Draft) -> Iterator[tuple[str, str]]:
+    """The problems of the values outside ``syscalls``."""
+    if profile.default_action is not None:  # None: already reported by the parser
+        yield from _action_problems("defaultAction", profile.default_action)
+        if profile.default_action == Action.NOTIFY:
+            yield "defaultAction", _DEFAULT_NOTIFY_REASON
+        yield from _errno_problems(
+            "defaultErrnoRet", profile.default_action, profile.default_errno_ret
+        )
     for i, arch in enumerate(profile.architectures):
         if arch not in BUILT_ARCHITECTURES and arch not in FOREIGN_ARCHITECTURES:
             yield f"architectures[{i}]", (
@@ -285,8 +307,6 @@ def _problems(profile: Profile) -> Iterator[tuple[str, str]]:
             )
     if profile.listener_metadata is not None and not profile.listener_path:
         yield "listenerMetadata", "must not be set without listenerPath (runtime-spec)"
-    for i, rule in enumerate(profile.syscalls):
-        yield from _rule_problems(f"syscalls[{i}]", rule)
 
 
 def _rule_problems(loc: str, rule: SyscallRule) -> Iterator[tuple[str, str]]:
@@ -722,31 +742,461 @@ def _add_rule(flt: Any, rule: SyscallRule, where: str, default: int, warn: Warn)
                 ) from exc
 
 
+# Default actions after which runc adds no -ENOSYS stub: a call the profile does not name
+# already runs (or is logged, or a tracer decides), so libc never needs a fallback.
+ALLOW_LIKE_ACTIONS: Final[frozenset[Action]] = frozenset({Action.ALLOW, Action.LOG,
+                                                          Action.TRACE})
+_ARCH_X86_64_TOKEN: Final = pyseccomp.Arch.X86_64
+
+
+@dataclass(frozen=True)
+class BuiltProgram:
+    """The program :func:`compile_profile` made: ``stub_length`` instructions of the
+    ``-ENOSYS`` stub (0: none), then ``filter_length`` of libseccomp's program.
+    ``limits`` is what the stub was made from (None when the default action is allow-like).
+    """
+
+    program: bytes
+    stub_length: int
+    filter_length: int
+    limits: bpfprog.StubLimits | None
+
+    @property
+    def length(self) -> int:
+        """Instructions in the whole program."""
+        return self.stub_length + self.filter_length
+
+    @property
+    def instructions(self) -> list[bpfprog.Insn]:
+        return bpfprog.decode(self.program)
+
+
+def stub_limits(profile: Profile, filter_program: bytes) -> bpfprog.StubLimits:
+    """The largest system call number per architecture of ``profile``'s filter.
+
+    For each architecture in the filter (x86_64, the native one, always; x86 and x32 when
+    the profile lists them), the largest of: the numbers of every name the profile gives
+    (any action, as runc counts them), and every number libseccomp's ``filter_program``
+    tests (:func:`supervisor.bpfprog.nr_comparisons`: this catches the numbers libseccomp
+    rewrites a name to, such as the direct ``socket`` call on x86 that runc's name-only
+    count misses). So a call above the limit is one the filter gives its default action to.
+    """
+    tested = bpfprog.nr_comparisons(bpfprog.decode(filter_program))
+    in_64 = tested.get(abi.AUDIT_ARCH_X86_64, set())
+    numbers: dict[str, set[int]] = {
+        "x86_64": {k for k in in_64 if k < abi.X32_SYSCALL_BIT},
+        "x32": {k for k in in_64 if abi.X32_SYSCALL_BIT <= k < 2 * abi.X32_SYSCALL_BIT},
+        "x86": {k for k in tested.get(abi.AUDIT_ARCH_I386, set()) if k < 0x80000000},
+    }
+    tokens = {"x86_64": _ARCH_X86_64_TOKEN, "x86": pyseccomp.Arch.X86,
+              "x32": pyseccomp.Arch.X32}
+    for rule in profile.syscalls:
+        for name in rule.names:
+            for arch, token in tokens.items():
+                nr = _resolve_in(token, name)
+                if nr is not None:
+                    numbers[arch].add(nr)
+    return bpfprog.StubLimits(
+        x86_64=max(numbers["x86_64"], default=None),
+        x86=max(numbers["x86"], default=None),
+        x32=max(numbers["x32"], default=None),
+        has_x86="SCMP_ARCH_X86" in profile.architectures,
+        has_x32="SCMP_ARCH_X32" in profile.architectures,
+    )
+
+
+def _resolve_in(token: int, name: str) -> int | None:
+    """``name``'s number in one architecture; None if unknown there or only a libseccomp
+    pseudo number (negative)."""
+    try:
+        nr = int(pyseccomp.resolve_syscall(token, name))
+    except (OSError, ValueError):
+        return None
+    return nr if nr >= 0 else None
+
+
+def compile_profile(profile: Profile, *, warn: Warn = _log_warning) -> BuiltProgram:
+    """The whole program for ``profile``: libseccomp's filter (:func:`build_filter`)
+    exported as BPF, behind runc's ``-ENOSYS`` stub when the default action is not
+    allow-like (allow, log, trace), checked against the kernel's size limit.
+
+    The stub answers a call numbered above every call the filter knows in its architecture
+    (:func:`stub_limits`; x32 apart from x86_64) with ENOSYS instead of the default action,
+    so libc falls back to an older call (``clone3`` → ``clone``, ``faccessat2`` →
+    ``faccessat``...) instead of failing with the default errno.
+
+    Raises :class:`ProfileError` as :func:`build_filter` does, and if the program is
+    longer than the kernel's 4096 instructions (the message gives the count and names the
+    profile): the kernel would refuse it with a bare EINVAL.
+    """
+    filter_program = bpf.export_program(build_filter(profile, warn=warn))
+    filter_length = len(filter_program) // bpfprog.INSN.size
+    stub: list[bpfprog.Insn] = []
+    limits = None
+    if profile.default_action not in ALLOW_LIKE_ACTIONS:
+        limits = stub_limits(profile, filter_program)
+        stub = bpfprog.enosys_stub(limits)
+    total = len(stub) + filter_length
+    if total > bpfprog.BPF_MAXINSNS:
+        stub_part = f" and {len(stub)} of the -ENOSYS stub" if stub else ""
+        raise ProfileError(
+            f"{profile.source}: the filter is {total} BPF instructions long "
+            f"({filter_length} from libseccomp{stub_part}); the kernel accepts at most "
+            f"{bpfprog.BPF_MAXINSNS}: use fewer argument conditions or split the rules")
+    return BuiltProgram(bpfprog.encode(stub) + filter_program, len(stub), filter_length,
+                        limits)
+
+
 def build_program(profile: Profile, *, warn: Warn = _log_warning) -> bytes:
-    """The raw BPF program (struct sock_filter[]) of :func:`build_filter`; load it with
+    """The raw BPF program (struct sock_filter[]) of :func:`compile_profile`; load it with
     :func:`supervisor.bpf.install_filter` and the bits of :func:`filter_flags`.
 
-    Raises :class:`ProfileError` as :func:`build_filter` does.
+    Raises :class:`ProfileError` as :func:`compile_profile` does (size limit included).
     """
-    return bpf.export_program(build_filter(profile, warn=warn))
+    return compile_profile(profile, warn=warn).program
 
 
-def filter_flags(profile: Profile) -> int:
+def filter_flags(profile: Profile, *, supported: int | None = None,
+                 wait_killable: bool = True) -> int:
     """The seccomp(2) flag bits to install ``profile``'s program with.
 
-    The profile's ``flags``, plus ``NEW_LISTENER`` when it has notify rules. Kernel rules
-    applied here (both checked on this kernel, where breaking them is EINVAL):
-    ``TSYNC`` with ``NEW_LISTENER`` needs ``TSYNC_ESRCH`` (added, as libseccomp does);
-    ``WAIT_KILLABLE_RECV`` needs ``NEW_LISTENER`` (dropped when there is no notify rule,
-    where it would mean nothing anyway). Never raises: the profile is already valid.
+    The profile's ``flags``, plus ``NEW_LISTENER`` when it has notify rules, and then
+    ``WAIT_KILLABLE_RECV`` too when ``wait_killable`` and the kernel has it (Linux 5.19):
+    a non-fatal signal to the target after the supervisor received its call no longer
+    withdraws the notification and restarts the call under a new id, so a decision with
+    side effects is not made twice. Kernel rules applied here (both checked on this
+    kernel, where breaking them is EINVAL): ``TSYNC`` with ``NEW_LISTENER`` needs
+    ``TSYNC_ESRCH`` (added, as libseccomp does); ``WAIT_KILLABLE_RECV`` needs
+    ``NEW_LISTENER`` (dropped when there is no notify rule, where it would mean nothing;
+    libseccomp does the same).
+
+    ``supported`` is the flag bits the kernel accepts (default: probed once with
+    :func:`supervisor.bpf.supported_filter_flags`). Raises :class:`ProfileError` naming
+    each flag the kernel does not support.
     """
+    if supported is None:
+        supported = bpf.supported_filter_flags()
     bits = 0
     for flag in profile.flags:
         bits |= FILTER_FLAGS[flag]
     if profile.has_notify:
         bits |= abi.SECCOMP_FILTER_FLAG_NEW_LISTENER
+        if wait_killable and supported & abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV:
+            bits |= abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
         if bits & abi.SECCOMP_FILTER_FLAG_TSYNC:
             bits |= abi.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     else:
         bits &= ~abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    problems = bpf.flag_problems(bits, supported)
+    if problems:
+        raise ProfileError(f"{profile.source}: flags: {'; '.join(problems)}")
     return bits
+
+
+# ---------------------------------------------------------------------------------------
+# Checking (``seccomp-supervisor profile check``)
+
+Severity = Literal["error", "warning", "note"]
+_SEVERITY_ORDER: Final[Mapping[str, int]] = {"error": 0, "warning": 1, "note": 2}
+# Architectures whose names libseccomp can resolve: to tell "a typo" from "another
+# machine's call".
+_ALL_LIBSECCOMP_ARCHES: Final = tuple(
+    token for name, token in vars(pyseccomp.Arch).items()
+    if name.isupper() and name != "NATIVE" and isinstance(token, int)
+)
+_FILTER_ARCH_TOKENS: Final[Mapping[str, int]] = {
+    "x86_64": pyseccomp.Arch.X86_64, "x86": pyseccomp.Arch.X86, "x32": pyseccomp.Arch.X32,
+}
+_ARCH_OF_NAME: Final[Mapping[str, str]] = {
+    "SCMP_ARCH_NATIVE": "x86_64", "SCMP_ARCH_X86_64": "x86_64", "SCMP_ARCH_X86": "x86",
+    "SCMP_ARCH_X32": "x32",
+}
+_RANGE_OPS: Final = frozenset({Operator.LT, Operator.LE, Operator.GT, Operator.GE,
+                               Operator.NE})
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """The top-level values of a profile that failed to parse as a whole."""
+
+    default_action: Action | None
+    default_errno_ret: int | None
+    architectures: tuple[str, ...]
+    flags: tuple[str, ...]
+    listener_path: str | None
+    listener_metadata: str | None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem :func:`check_profile` found. ``location`` is a JSON path in the profile
+    (empty for the whole program)."""
+
+    severity: Severity
+    location: str
+    message: str
+    source: str = "<profile>"
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.location}" if self.location else self.source
+        return f"{where}: {self.severity}: {self.message}"
+
+
+def filter_architectures(architectures: Iterable[str]) -> tuple[str, ...]:
+    """The architectures of the x86 family a filter for ``architectures`` holds, in
+    ``x86_64, x86, x32`` order: x86_64 (native) always, the others when listed."""
+    listed = {_ARCH_OF_NAME[a] for a in architectures if a in _ARCH_OF_NAME}
+    return tuple(a for a in ("x86_64", "x86", "x32") if a == "x86_64" or a in listed)
+
+
+@functools.cache
+def known_syscall_names() -> frozenset[str]:
+    """Every system call name libseccomp knows on x86_64, x86 or x32."""
+    names: set[str] = set()
+    for arch, token in _FILTER_ARCH_TOKENS.items():
+        base = abi.X32_SYSCALL_BIT if arch == "x32" else 0
+        for nr in range(1024):
+            try:
+                name = pyseccomp.resolve_syscall(token, base + nr)
+            except (OSError, ValueError):
+                continue
+            if name:
+                names.add(name.decode() if isinstance(name, bytes) else str(name))
+    return frozenset(names)
+
+
+def _known_on_some_arch(name: str) -> bool:
+    for token in _ALL_LIBSECCOMP_ARCHES:
+        try:
+            if int(pyseccomp.resolve_syscall(token, name)) >= 0:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def check_profile(data: Mapping[str, Any] | str | bytes, source: str = "<profile>", *,
+                  supported: int | None = None) -> list[Finding]:
+    """Every problem of a profile (or OCI ``config.json``), most serious first, then in
+    document order. Unlike :func:`parse_profile` it does not stop at the first one.
+
+    errors (the runtime, libseccomp or the kernel would refuse the profile): invalid
+    JSON, unknown keys, wrong types, unknown actions, operators, architectures or flags,
+    errno values out of range or on actions that take none, ``SCMP_ACT_NOTIFY`` on
+    ``write`` or as the default action, rules libseccomp refuses, a program over the
+    kernel's 4096 instructions, flags this kernel lacks (``supported``: the kernel's flag
+    bits, probed when None).
+
+    warnings (accepted, but probably not what the author meant): a system call name
+    libseccomp knows on no architecture (skipped when building; a close name is
+    suggested), or on none of this profile's architectures; an argument index compared
+    more than once in an entry (the conditions are then ORed, explained); the same call
+    in several entries with different actions (the one the program applies is named);
+    ``SCMP_ACT_ERRNO`` with ``errnoRet`` 0 (the call "succeeds" without running).
+
+    notes: a name that exists on only some of the profile's architectures; an entry whose
+    action equals the default (it changes nothing and is skipped).
+
+    Never raises for a bad profile.
+    """
+    found: list[Finding] = []
+
+    def add(severity: Severity, location: str, message: str) -> None:
+        found.append(Finding(severity, location, message, source))
+
+    def done() -> list[Finding]:
+        return sorted(found, key=lambda f: (_SEVERITY_ORDER[f.severity],
+                                            _document_order(f.location)))
+
+    obj: object = data
+    if isinstance(data, str | bytes | bytearray):
+        try:
+            obj = _decode_json(data, source)
+        except ProfileError as exc:
+            add("error", "", str(exc).removeprefix(f"{source}: "))
+            return done()
+    try:
+        if isinstance(obj, Mapping) and ("ociVersion" in obj or "linux" in obj):
+            obj = _mapping(obj.get("linux"), "linux").get("seccomp")
+            if obj is None:
+                raise _Invalid("linux.seccomp", "missing: this config has no seccomp profile")
+            source = f"{source} (linux.seccomp)"
+        top = _mapping(obj, "(top level)")
+    except _Invalid as exc:
+        add("error", exc.location, exc.reason)
+        return done()
+
+    for key in top:
+        try:
+            _check_keys({key: None}, "", _PROFILE_KEYS)
+        except _Invalid as exc:
+            add("error", exc.location, exc.reason)
+
+    def field_value(key: str, parse: Callable[[object, str], Any], empty: Any) -> Any:
+        try:
+            return parse(top.get(key), key)
+        except _Invalid as exc:
+            add("error", exc.location, exc.reason)
+            return empty
+
+    default_action: Action | None = None
+    if "defaultAction" not in top:
+        add("error", "defaultAction", "missing (required)")
+    else:
+        default_action = field_value("defaultAction", _action, None)
+    draft = _Draft(
+        default_action=default_action,
+        default_errno_ret=field_value("defaultErrnoRet", _optional_int, None),
+        architectures=tuple(field_value("architectures", _strings, [])),
+        flags=tuple(field_value("flags", _strings, [])),
+        listener_path=field_value("listenerPath", _optional_str, None),
+        listener_metadata=field_value("listenerMetadata", _optional_str, None),
+    )
+    rules: list[tuple[int, SyscallRule]] = []
+    for i, item in enumerate(field_value("syscalls", _sequence, ())):
+        try:
+            rules.append((i, _parse_rule(item, f"syscalls[{i}]")))
+        except _Invalid as exc:
+            add("error", exc.location, exc.reason)
+    for location, reason in _top_problems(draft):
+        add("error", location, reason)
+    for i, rule in rules:
+        for location, reason in _rule_problems(f"syscalls[{i}]", rule):
+            add("error", location, reason)
+    if any(f.severity == "error" for f in found) or default_action is None:
+        return done()
+
+    profile = Profile(
+        default_action=default_action, default_errno_ret=draft.default_errno_ret,
+        architectures=draft.architectures, flags=draft.flags,
+        listener_path=draft.listener_path, listener_metadata=draft.listener_metadata,
+        syscalls=tuple(rule for _, rule in rules), source=source)
+    built: BuiltProgram | None = None
+    try:
+        built = compile_profile(profile, warn=lambda _message: None)
+    except ProfileError as exc:
+        add("error", "", str(exc).removeprefix(f"{source}: "))
+    try:
+        filter_flags(profile, supported=supported)
+    except ProfileError as exc:
+        add("error", "", str(exc).removeprefix(f"{source}: "))
+    _check_names(profile, add)
+    _check_rules(profile, built, add)
+    return done()
+
+
+def _document_order(location: str) -> tuple[int, tuple[int, ...]]:
+    """Sort key: top-level keys in the runtime-spec's order, then array indices."""
+    head = re.split(r"[.\[]", location, maxsplit=1)[0]
+    rank = _PROFILE_KEYS.index(head) if head in _PROFILE_KEYS else -1
+    return rank, tuple(int(n) for n in re.findall(r"\[(\d+)\]", location))
+
+
+def _check_names(profile: Profile, add: Callable[[Severity, str, str], None]) -> None:
+    arches = filter_architectures(profile.architectures)
+    for i, rule in enumerate(profile.syscalls):
+        for j, name in enumerate(rule.names):
+            loc = f"syscalls[{i}].names[{j}]"
+            present = [a for a in arches
+                       if _resolve_in(_FILTER_ARCH_TOKENS[a], name) is not None]
+            if present == list(arches):
+                continue
+            if not present:
+                if _known_on_some_arch(name):
+                    add("warning", loc, f"{name!r} exists on none of this profile's "
+                        f"architectures ({', '.join(arches)}): the entry does nothing "
+                        "for it here")
+                    continue
+                close = difflib.get_close_matches(name, known_syscall_names(), n=1,
+                                                  cutoff=0.75)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                add("warning", loc, f"unknown system call {name!r}: libseccomp knows it "
+                    "on no architecture, so the filter skips it (as runc does)" + hint)
+                continue
+            missing = [a for a in arches if a not in present]
+            add("note", loc, f"{name!r} exists on {', '.join(present)} but not on "
+                f"{', '.join(missing)}")
+
+
+def _check_rules(profile: Profile, built: BuiltProgram | None,
+                 add: Callable[[Severity, str, str], None]) -> None:
+    default = _action_code(profile.default_action, profile.default_errno_ret)
+    entries: dict[str, list[tuple[int, SyscallRule]]] = {}
+    for i, rule in enumerate(profile.syscalls):
+        loc = f"syscalls[{i}]"
+        code = _action_code(rule.action, rule.errno_ret)
+        if code == default:
+            add("note", f"{loc}.action", f"{describe_action(rule.action, rule.errno_ret)} "
+                "is the default action: this entry changes nothing and is skipped")
+        if rule.action == Action.ERRNO and rule.errno_ret == 0:
+            add("warning", f"{loc}.errnoRet", "SCMP_ACT_ERRNO with errnoRet 0 makes the "
+                "call return 0 without running: callers will think it succeeded")
+        indices = [arg.index for arg in rule.args]
+        repeated = sorted({k for k in indices if indices.count(k) > 1})
+        if repeated:
+            conditions = " OR ".join(_describe_condition(a) for a in rule.args)
+            ranges = any(a.op in _RANGE_OPS for a in rule.args if a.index in repeated)
+            others = sorted(set(indices) - set(repeated))
+            why = (f"argument {', '.join(map(str, repeated))} is compared more than once; "
+                   "libseccomp compares an argument at most once per rule, so each "
+                   f"condition becomes a rule of its own (as runc does) and "
+                   f"{describe_action(rule.action, rule.errno_ret)} applies when ANY "
+                   f"holds: {conditions}")
+            if others:
+                why += (f"; the conditions on argument {', '.join(map(str, others))} are "
+                        "no longer required together with them")
+            if ranges:
+                why += ("; ORed bounds match almost every value: an entry cannot hold a "
+                        "range (list the values, or use SCMP_CMP_MASKED_EQ)")
+            add("warning", f"{loc}.args", why)
+        if code != default:
+            for name in rule.names:
+                entries.setdefault(name, []).append((i, rule))
+    if built is None:
+        return
+    insns = built.instructions
+    for name, uses in entries.items():
+        actions = {(r.action, r.errno_ret if r.action in (Action.ERRNO, Action.TRACE)
+                    else None) for _, r in uses}
+        if len(actions) < 2:
+            continue
+        nr = _resolve_in(_ARCH_X86_64_TOKEN, name)
+        effective = ""
+        if nr is not None:
+            result = bpfprog.run(insns, bpfprog.pack_data(nr, abi.AUDIT_ARCH_X86_64))
+            effective = (f"; on x86_64 the filter gives {bpfprog.action_name(result.value)}"
+                         + (" with zero arguments" if result.reads_args else ""))
+        where = ", ".join(f"syscalls[{i}] ({describe_action(r.action, r.errno_ret)}"
+                          f"{' with conditions' if r.args else ''})" for i, r in uses)
+        add("warning", f"syscalls[{uses[-1][0]}].names", f"{name!r} has different actions "
+            f"in {where}: the filter applies one of them (libseccomp keeps the first "
+            f"unconditional rule of a call and drops later ones){effective}")
+
+
+def describe_action(action: Action, errno_ret: int | None = None) -> str:
+    """``SCMP_ACT_ERRNO(EPERM)``, ``SCMP_ACT_TRACE(1)``, ``SCMP_ACT_ALLOW``..."""
+    if action in (Action.ERRNO, Action.TRACE):
+        data = errno.EPERM if errno_ret is None else errno_ret
+        text = errno.errorcode.get(data, str(data)) if action == Action.ERRNO else str(data)
+        return f"{action}({text})"
+    return str(action)
+
+
+_OP_SYMBOLS: Final[Mapping[Operator, str]] = {
+    Operator.NE: "!=", Operator.LT: "<", Operator.LE: "<=", Operator.EQ: "==",
+    Operator.GE: ">=", Operator.GT: ">",
+}
+
+
+def _describe_condition(arg: ArgRule) -> str:
+    if arg.op == Operator.MASKED_EQ:
+        return f"(args[{arg.index}] & {arg.value:#x}) == {arg.value_two:#x}"
+    return f"args[{arg.index}] {_OP_SYMBOLS[arg.op]} {arg.value}"
+
+
+def describe_conditions(rule: SyscallRule) -> str:
+    """The conditions of an entry as text: ``args[0] == 1 AND args[1] > 2`` (OR when an
+    index repeats, as built); empty when there are none."""
+    indices = [arg.index for arg in rule.args]
+    joiner = " OR " if len(set(indices)) != len(indices) else " AND "
+    return joiner.join(_describe_condition(arg) for arg in rule.args)

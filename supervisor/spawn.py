@@ -66,11 +66,21 @@ def spawn_filtered(
 
     The child's listener is returned only when ``flags`` holds NEW_LISTENER (else -1).
 
-    Raises :class:`SpawnError` if the command is not found or the kernel refuses the
-    filter. The returned child is running; its filtered calls wait for a supervisor.
+    Raises :class:`SpawnError` if the command is not found, ``flags`` holds a flag this
+    kernel refuses (checked before anything starts; the message names the flag), the
+    program is not 1..4096 whole instructions, or the kernel refuses the filter. The
+    returned child is running; its filtered calls wait for a supervisor.
     """
     if not argv:
         raise SpawnError("no command given")
+    try:
+        bpf.check_filter_flags(flags)
+    except bpf.FilterFlagError as exc:
+        raise SpawnError(f"filter flags {bpf.describe_flags(flags)}: {exc}") from exc
+    count, rest = divmod(len(program), bpf.BPF_INSTRUCTION_SIZE)
+    if rest or not 0 < count <= bpf.BPF_MAXINSNS:
+        raise SpawnError(f"the BPF program is {len(program)} bytes: the kernel takes 1 to "
+                         f"{bpf.BPF_MAXINSNS} instructions of {bpf.BPF_INSTRUCTION_SIZE}")
     path = argv[0] if "/" in argv[0] else shutil.which(argv[0])
     if path is None:
         raise SpawnError(f"{argv[0]}: command not found")
