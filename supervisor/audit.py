@@ -1,25 +1,192 @@
 """Where decisions go after the kernel has its answer: metrics and the JSON audit trail.
 
 The audit trail is one JSON object per line on a text stream (stdout under systemd, so the
-journal keeps it). Which decisions are written is configured: ``all``, ``deny`` (denies
-and handler errors) or ``none``.
+journal keeps it)::
+
+    {"time":1717000000.123456,"container":"web-1","runtime_pid":4242,"tid":4250,
+     "id":"0x6c1d0f4e2a9b0001","syscall":"chmod","args":["0x7ffd...","0x9ed",...],
+     "decision":"deny","errno":1,"policy":"hardening","reason":"setuid bit",
+     "latency_us":41.3}
+
+``errno`` (deny) or ``value`` (returns) says the answer; ``error`` is set when the answer
+is the configured ``on_error`` (``exception``, ``deadline``, ``refused``, ``memory``);
+``shadow`` when the route is in shadow mode. Which decisions are written is configured
+(``[audit] decisions``): ``all``, ``deny`` (denies and handler errors) or ``none``.
+
+**Rate limit.** A container repeating the same event cannot flood the journal: at most
+``rate_limit`` identical lines per container per second are written. Lines are identical
+when container, system call, decision, answer, policy, reason and error are (time, thread,
+notification id, arguments and latency vary between repeats of one event). When such a
+second ends with lines held back, one summary line reports them::
+
+    {"time":...,"container":"web-1","runtime_pid":4242,"syscall":"chmod",
+     "decision":"deny","errno":1,"policy":"hardening","reason":"setuid bit",
+     "suppressed":4711,"window_seconds":1.0}
+
+and ``seccomp_supervisor_audit_lines_suppressed_total`` counts them.
+
+**Off the hot path.** :meth:`Recorder.decided` runs after the answer went to the kernel,
+before the session reads the next notification. It updates the metrics (cached label
+children) and, for a line to write, appends a tuple to a list; formatting, rate limiting
+and writing happen in :meth:`Recorder.run_writer`, a task of the daemon. Without that task
+(tests of single sessions) lines are written at once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
-from collections.abc import Sequence
-from typing import IO, Literal
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Final, Literal
 
+import trio
 from prometheus_client import Counter, Histogram
 
 from .decide import Outcome
 from .metrics import Metrics
 from .policy import Container
 
+__all__ = ["AuditLevel", "RateLimiter", "Recorder", "audit_line", "summary_line"]
+
+log = logging.getLogger("supervisor.audit")
+
 AuditLevel = Literal["all", "deny", "none"]
+
+WINDOW: Final = 1.0
+# Lines waiting for the writer task; beyond this they are dropped (and counted as
+# suppressed) rather than growing without bound while a busy loop starves the writer.
+MAX_PENDING: Final = 65536
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    written: int
+    suppressed: int
+    sample: Any
+
+
+class RateLimiter:
+    """At most ``limit`` events per key per ``window`` seconds (0 = no limit). Pure: the
+    caller passes the time. Fixed windows per key, starting at the key's first event."""
+
+    def __init__(self, limit: int, window: float = WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._windows: dict[Hashable, _Window] = {}
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def admit(self, key: Hashable, now: float, sample: Any = None
+              ) -> tuple[bool, tuple[Any, int] | None]:
+        """``(write, report)``: whether this event may be written, and, if the key's
+        previous window ended with suppressed events, ``(sample, count)`` of that window
+        to report first (``sample`` is what was passed with its first event)."""
+        if self.limit <= 0:
+            return True, None
+        w = self._windows.get(key)
+        if w is None or now - w.start >= self.window:
+            report = (w.sample, w.suppressed) if w is not None and w.suppressed else None
+            self._windows[key] = _Window(now, 1, 0, sample)
+            return True, report
+        if w.written < self.limit:
+            w.written += 1
+            return True, None
+        w.suppressed += 1
+        return False, None
+
+    def expire(self, now: float) -> list[tuple[Any, int]]:
+        """Forget every window that ended by ``now``; ``(sample, count)`` of those that
+        held events back."""
+        ended = [key for key, w in self._windows.items() if now - w.start >= self.window]
+        reports = []
+        for key in ended:
+            w = self._windows.pop(key)
+            if w.suppressed:
+                reports.append((w.sample, w.suppressed))
+        return reports
+
+    def flush(self) -> list[tuple[Any, int]]:
+        """Forget every window; ``(sample, count)`` of those that held events back."""
+        reports = [(w.sample, w.suppressed) for w in self._windows.values() if w.suppressed]
+        self._windows.clear()
+        return reports
+
+
+# (time, container, tid, notification id, syscall, args, outcome, latency, shadow)
+_Entry = tuple[float, Container, int, int, str, Sequence[int], Outcome, float, bool]
+
+
+def _identity(container: Container, syscall: str, outcome: Outcome) -> dict[str, Any]:
+    decision = outcome.decision
+    fields: dict[str, Any] = {"container": container.id, "runtime_pid": container.pid,
+                              "syscall": syscall, "decision": decision.kind}
+    if decision.kind == "deny":
+        fields["errno"] = decision.errno
+    elif decision.kind == "returns":
+        fields["value"] = decision.value
+    fields["policy"] = outcome.policy
+    fields["reason"] = outcome.detail or decision.reason
+    if outcome.error is not None:
+        fields["error"] = outcome.error
+    return fields
+
+
+def audit_line(entry: _Entry) -> dict[str, Any]:
+    """The JSON object of one decision."""
+    when, container, tid, notif_id, syscall, args, outcome, latency, shadow = entry
+    decision = outcome.decision
+    line: dict[str, Any] = {
+        "time": round(when, 6),
+        "container": container.id,
+        "runtime_pid": container.pid,
+        "tid": tid,
+        "id": f"{notif_id:#x}",
+        "syscall": syscall,
+        "args": [f"{a:#x}" for a in args],
+        "decision": decision.kind,
+    }
+    if decision.kind == "deny":
+        line["errno"] = decision.errno
+    elif decision.kind == "returns":
+        line["value"] = decision.value
+    line["policy"] = outcome.policy
+    line["reason"] = outcome.detail or decision.reason
+    line["latency_us"] = round(latency * 1e6, 1)
+    if outcome.error is not None:
+        line["error"] = outcome.error
+    if shadow:
+        line["shadow"] = True
+    return line
+
+
+def summary_line(sample: _Entry, suppressed: int, now: float,
+                 window: float = WINDOW) -> dict[str, Any]:
+    """The line that reports ``suppressed`` lines like ``sample`` held back."""
+    _when, container, _tid, _id, syscall, _args, outcome, _latency, shadow = sample
+    line = {"time": round(now, 6), **_identity(container, syscall, outcome),
+            "suppressed": suppressed, "window_seconds": window}
+    if shadow:
+        line["shadow"] = True
+    return line
+
+
+def _key(entry: _Entry) -> Hashable:
+    _when, container, _tid, _id, syscall, _args, outcome, _latency, shadow = entry
+    decision = outcome.decision
+    return (container.id, container.pid, syscall, decision.kind, decision.errno,
+            decision.value, outcome.policy, outcome.detail or decision.reason,
+            outcome.error, shadow)
+
+
+# --------------------------------------------------------------------------- recorder
 
 
 class Recorder:
@@ -27,12 +194,24 @@ class Recorder:
     call per notification."""
 
     def __init__(self, metrics: Metrics | None, *, audit: AuditLevel = "deny",
-                 stream: IO[str] | None = None) -> None:
+                 stream: IO[str] | None = None, rate_limit: int = 0) -> None:
         self.metrics = metrics
         self.audit = audit
         self.stream = stream if stream is not None else sys.stdout
+        self.limiter = RateLimiter(rate_limit)
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._histograms: dict[str, Histogram] = {}
+        self._pending: list[_Entry] = []
+        self._wakeup: trio.Event | None = None  # set while run_writer runs
+        self._write_failed = False
+
+    @property
+    def rate_limit(self) -> int:
+        return self.limiter.limit
+
+    @rate_limit.setter
+    def rate_limit(self, value: int) -> None:
+        self.limiter.limit = value
 
     def gone(self, stage: str) -> None:
         if self.metrics is not None:
@@ -59,26 +238,83 @@ class Recorder:
         if self.audit == "none" or (
                 self.audit == "deny" and decision.kind != "deny" and outcome.error is None):
             return
-        line = {
-            "time": round(time.time(), 6),
-            "container": container.id,
-            "runtime_pid": container.pid,
-            "tid": tid,
-            "id": f"{notif_id:#x}",
-            "syscall": syscall,
-            "args": [f"{a:#x}" for a in args],
-            "decision": decision.kind,
-            "policy": outcome.policy,
-            "reason": outcome.detail or decision.reason,
-            "latency_us": round(latency * 1e6, 1),
-        }
-        if decision.kind == "deny":
-            line["errno"] = decision.errno
-        elif decision.kind == "returns":
-            line["value"] = decision.value
-        if outcome.error is not None:
-            line["error"] = outcome.error
-        if shadow:
-            line["shadow"] = True
-        self.stream.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self.stream.flush()
+        entry = (time.time(), container, tid, notif_id, syscall, args, outcome, latency,
+                 shadow)
+        wakeup = self._wakeup
+        if wakeup is None:
+            self._write([entry])
+            return
+        pending = self._pending
+        if len(pending) >= MAX_PENDING:
+            if self.metrics is not None:
+                self.metrics.audit_suppressed.inc()
+            return
+        pending.append(entry)
+        if len(pending) == 1:
+            wakeup.set()
+
+    def flush(self) -> None:
+        """Write every pending line now."""
+        batch, self._pending = self._pending, []
+        if batch:
+            self._write(batch)
+
+    async def run_writer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """Write pending lines as the loop has time, and the summaries of rate-limit
+        windows as they end; until cancelled, then write what is left."""
+        self._wakeup = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                # Wake for new lines, or when a window may have ended with lines held back.
+                with trio.move_on_after(WINDOW if len(self.limiter) else float("inf")):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                self.flush()
+                self._report(self.limiter.expire(time.time()))
+        finally:
+            self._wakeup = None
+            self.flush()
+            self._report(self.limiter.flush())
+
+    def _write(self, batch: Sequence[_Entry]) -> None:
+        out: list[str] = []
+        limiter = self.limiter
+        suppressed = 0
+        for entry in batch:
+            if limiter.limit > 0:
+                write, report = limiter.admit(_key(entry), entry[0], entry)
+                if report is not None:
+                    out.append(_dumps(summary_line(report[0], report[1], entry[0],
+                                                   limiter.window)))
+                if not write:
+                    suppressed += 1
+                    continue
+            out.append(_dumps(audit_line(entry)))
+        if suppressed and self.metrics is not None:
+            self.metrics.audit_suppressed.inc(suppressed)
+        if out:
+            self._emit("".join(out))
+
+    def _report(self, reports: list[tuple[Any, int]]) -> None:
+        if reports:
+            now = time.time()
+            self._emit("".join(_dumps(summary_line(sample, count, now, self.limiter.window))
+                               for sample, count in reports))
+
+    def _emit(self, text: str) -> None:
+        # A closed or broken stdout must not take the daemon down with it.
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:
+            if not self._write_failed:
+                log.error("cannot write the audit trail: %s", exc)
+            self._write_failed = True
+        else:
+            self._write_failed = False
+
+
+def _dumps(line: dict[str, Any]) -> str:
+    return json.dumps(line, separators=(",", ":")) + "\n"

@@ -7,7 +7,19 @@ syscall, policy, decision, stage, kind, result; never a pid or a container id.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from . import __version__
 
 # 10 µs .. 10 s: the fastest answers are tens of microseconds, the deadline is seconds.
 DECISION_BUCKETS = (
@@ -17,11 +29,24 @@ DECISION_BUCKETS = (
 
 
 class Metrics:
-    """The supervisor's metric families, registered on ``registry``."""
+    """The supervisor's metric families, registered on ``registry``.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    With ``process=True`` the registry also gets prometheus-client's ``process_*``
+    (CPU, memory, open fds, start time) and ``python_info`` collectors, as the default
+    registry has them; the daemon asks for them, tests of single sessions do not.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, process: bool = False) -> None:
         self.registry = registry
         ns = "seccomp_supervisor"
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.build_info = Info(
+            "build", "The running seccomp-supervisor: version and Python.", namespace=ns,
+            registry=registry)
+        self.build_info.info({"version": __version__,
+                              "python": platform.python_version()})
         self.notifications = Counter(
             "notifications", "Notifications answered, by system call, deciding policy and "
             "decision kind.", ["syscall", "policy", "decision"], namespace=ns,
@@ -42,5 +67,9 @@ class Metrics:
             namespace=ns, registry=registry)
         self.inflight = Gauge(
             "inflight", "Asynchronous decisions under way.", namespace=ns, registry=registry)
+        self.audit_suppressed = Counter(
+            "audit_lines_suppressed", "Audit lines not written because a container "
+            "repeated the same line more than [audit] rate_limit times in a second.",
+            namespace=ns, registry=registry)
         for stage in ("recv", "send", "id_valid", "addfd"):
             self.gone.labels(stage)

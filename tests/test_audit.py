@@ -1,0 +1,167 @@
+"""The audit trail: one JSON line per decision, the per-container rate limit of identical
+lines with the suppressed counts reported, and [audit] decisions = all | deny | none."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from supervisor.audit import RateLimiter, Recorder
+from supervisor.decide import Outcome
+from supervisor.metrics import Metrics
+from supervisor.policy import Container, allow, deny, returns
+
+from .daemon_harness import running_daemon
+
+DENY_MKDIR = """
+[defaults]
+policies = []
+unhandled = "deny:EACCES"
+
+[audit]
+decisions = "deny"
+rate_limit = 3
+"""
+MKDIR = ["--notify", "mkdir", "--notify", "mkdirat"]
+
+
+def records(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines]
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_rate_limiter_windows_and_reports() -> None:
+    limiter = RateLimiter(2, window=1.0)
+    assert limiter.admit("k", 10.0, "s1") == (True, None)
+    assert limiter.admit("k", 10.1, "s2") == (True, None)
+    assert limiter.admit("k", 10.2, "s3") == (False, None)
+    assert limiter.admit("k", 10.9, "s4") == (False, None)
+    assert limiter.admit("other", 10.9) == (True, None)  # keys are independent
+    # The next event after the window reports the held-back count of the old window.
+    assert limiter.admit("k", 11.0, "s5") == (True, ("s1", 2))
+    assert limiter.admit("k", 11.1) == (True, None)
+    assert limiter.admit("k", 11.2) == (False, None)
+    assert limiter.expire(11.5) == []          # both windows still open
+    assert len(limiter) == 2
+    assert limiter.expire(12.0) == [("s5", 1)]  # "other" ends without a report
+    assert len(limiter) == 0
+    unlimited = RateLimiter(0)
+    assert all(unlimited.admit("k", 1.0)[0] for _ in range(100))
+
+
+def _decide(recorder: Recorder, container: Container, outcome: Outcome,
+            args: tuple[int, ...] = (0x7FFD0000, 0o755, 0, 0, 0, 0), tid: int = 7) -> None:
+    recorder.decided(container, 0xABC, tid, "mkdir", args, outcome, 42e-6)
+
+
+def test_line_fields_and_levels() -> None:
+    ctr = Container(id="web-1", pid=4242)
+    out = io.StringIO()
+    rec = Recorder(Metrics(CollectorRegistry()), audit="deny", stream=out)
+    _decide(rec, ctr, Outcome(deny(errno.EACCES, reason="no"), "p"))
+    _decide(rec, ctr, Outcome(allow(), "p"))
+    _decide(rec, ctr, Outcome(returns(5), "p"))
+    _decide(rec, ctr, Outcome(deny(errno.EPERM), "p", "deadline", "deadline 2s"))
+    lines = records(out.getvalue().splitlines())
+    assert [r["decision"] for r in lines] == ["deny", "deny"]  # denies and errors only
+    first = lines[0]
+    assert first["container"] == "web-1" and first["runtime_pid"] == 4242
+    assert first["tid"] == 7 and first["id"] == "0xabc"
+    assert first["args"] == ["0x7ffd0000", "0x1ed", "0x0", "0x0", "0x0", "0x0"]
+    assert first["errno"] == errno.EACCES and first["policy"] == "p"
+    assert first["reason"] == "no" and first["latency_us"] == 42.0
+    assert isinstance(first["time"], float) and "error" not in first
+    assert lines[1]["error"] == "deadline" and lines[1]["reason"] == "deadline 2s"
+
+    out = io.StringIO()
+    rec = Recorder(None, audit="all", stream=out)
+    _decide(rec, ctr, Outcome(allow(), "p"))
+    _decide(rec, ctr, Outcome(returns(5), "p"))
+    assert [(r["decision"], r.get("value")) for r in records(out.getvalue().splitlines())] \
+        == [("allow", None), ("returns", 5)]
+
+    out = io.StringIO()
+    rec = Recorder(None, audit="none", stream=out)
+    _decide(rec, ctr, Outcome(deny(1), "p"))
+    assert out.getvalue() == ""
+
+
+def test_identical_means_same_event_per_container() -> None:
+    """Args and thread differ between repeats; other containers have their own budget."""
+    out = io.StringIO()
+    metrics = Metrics(CollectorRegistry())
+    rec = Recorder(metrics, audit="deny", stream=out, rate_limit=2)
+    a, b = Container(id="a", pid=1), Container(id="b", pid=2)
+    for i in range(5):
+        _decide(rec, a, Outcome(deny(13), "p"), args=(0x1000 + i, 0, 0, 0, 0, 0), tid=i)
+    for _ in range(2):
+        _decide(rec, b, Outcome(deny(13), "p"))
+    _decide(rec, a, Outcome(deny(1), "p"))  # another answer: another line
+    lines = records(out.getvalue().splitlines())
+    assert [r["container"] for r in lines] == ["a", "a", "b", "b", "a"]
+    assert metrics.registry.get_sample_value(
+        "seccomp_supervisor_audit_lines_suppressed_total") == 3
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+async def test_deny_lines_of_a_real_process_are_rate_limited(tmp_path: Path) -> None:
+    target = tmp_path / "nope"
+    script = f"for i in $(seq 20); do mkdir {target} 2>/dev/null; done; echo done"
+    async with running_daemon(tmp_path, DENY_MKDIR) as d:
+        result = await d.run([*MKDIR, "--id", "noisy-1", "--", "sh", "-c", script])
+        assert result.returncode == 0 and result.stdout == b"done\n", result.stderr
+        assert not target.exists()
+        # The summary comes from the writer when the window ends, without new lines.
+        with trio.fail_after(5):
+            while not any("suppressed" in r for r in records(d.audit_lines())):
+                await trio.sleep(0.05)
+        lines = records(d.audit_lines())
+        suppressed_metric = d.metric("seccomp_supervisor_audit_lines_suppressed_total")
+
+    denies = [r for r in lines if "suppressed" not in r]
+    summaries = [r for r in lines if "suppressed" in r]
+    for r in denies:
+        assert r["container"] == "noisy-1" and r["syscall"] in ("mkdir", "mkdirat")
+        assert r["decision"] == "deny" and r["errno"] == errno.EACCES
+        assert r["policy"] == "-" and r["runtime_pid"] > 0 and r["tid"] > 0
+        assert all(a.startswith("0x") for a in r["args"]) and len(r["args"]) == 6
+        assert r["latency_us"] > 0
+    # 20 identical denies: at most 3 lines per second, the rest counted and reported.
+    assert 3 <= len(denies) < 20
+    assert len(denies) + sum(s["suppressed"] for s in summaries) == 20
+    assert sum(s["suppressed"] for s in summaries) == suppressed_metric
+    summary = summaries[0]
+    assert summary["container"] == "noisy-1" and summary["errno"] == errno.EACCES
+    assert summary["window_seconds"] == 1.0 and summary["decision"] == "deny"
+
+
+async def test_decisions_all_and_none(tmp_path: Path) -> None:
+    allow_all = """
+[defaults]
+policies = []
+unhandled = "allow"
+
+[audit]
+decisions = "{level}"
+"""
+    for level, expected in (("all", 1), ("none", 0)):
+        (tmp_path / level).mkdir()
+        async with running_daemon(tmp_path / level, allow_all.format(level=level)) as d:
+            made = tmp_path / level / "made"
+            result = await d.run([*MKDIR, "--", "mkdir", str(made)])
+            assert result.returncode == 0 and made.is_dir()
+            lines = records(d.audit_lines())
+        assert len(lines) == expected
+        if expected:
+            assert lines[0]["decision"] == "allow" and lines[0]["syscall"] in ("mkdir",
+                                                                                "mkdirat")
