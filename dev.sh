@@ -9,7 +9,9 @@ cd "$(dirname "$0")"
 # Debian packages: the real container runtimes and a static busybox for test rootfs,
 # strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
 # prometheus for `systemd-analyze verify` and `promtool check metrics`.
-DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv)
+# (promtool comes only in the package prometheus, which on a host booted with systemd
+# also enables the Prometheus server on :9090; `systemctl disable --now prometheus`.)
+DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus)
 
 setup() {
     local missing=() pkg

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", help="notify socket path (overrides [listen] socket)")
     serve.add_argument("--policy", action="append", default=[], metavar="FILE",
                        help="add a policy file to the default chain (repeatable)")
+    serve.add_argument("--takeover", action="store_true",
+                       help="take the containers and the notify socket of the daemon "
+                            "running on [listen] control_socket, which then exits (a "
+                            "restart without systemd); starts afresh if none runs")
 
     run = sub.add_parser(
         "run", help="run a command under a notify filter served by the daemon",
@@ -55,6 +59,32 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config and load its policies")
     check.add_argument("--config", help="TOML config (default: the embedded default)")
+
+    status = sub.add_parser(
+        "status", help="show what the running daemon serves",
+        description="Ask the daemon on its control socket for the containers it serves.")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--config", help="TOML config whose [listen] control_socket to use")
+    where.add_argument("--control", metavar="PATH", help="the control socket")
+
+    record = sub.add_parser(
+        "record", help="run a command and write an OCI profile of the calls it made",
+        description="Run CMD under a filter that notifies every system call, answer each "
+                    "one CONTINUE while recording it, and write a profile that allows what "
+                    "was seen (default SCMP_ACT_ERRNO). write, read, close, execve and "
+                    "exit_group are always allowed: the launcher needs them after the filter "
+                    "is in place, and write cannot be notified.")
+    record.add_argument("--out", required=True, metavar="PROFILE.json",
+                        help="where to write the profile")
+    record.add_argument("--base", metavar="BASE.json",
+                        help="profile to merge into (its default action must be "
+                             "SCMP_ACT_ERRNO; its conditional rules win)")
+    record.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    from .profile_cli import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
     return parser
 
 
@@ -72,9 +102,12 @@ def load_everything(config_path: str | None, socket: str | None = None,
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
     import trio
 
     from .daemon import Daemon
+    from .takeover import TakeoverError
 
     def loader() -> tuple[Config, Mapping[str, PolicySet]]:
         return load_everything(args.config, args.socket, args.policy)
@@ -85,8 +118,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return EXIT_USAGE
     daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None)
+    takeover = config.listen.control_socket if args.takeover else None
     try:
-        trio.run(daemon.run)
+        trio.run(functools.partial(daemon.run, takeover=takeover))
+    except TakeoverError as exc:
+        print(f"seccomp-supervisor: takeover failed, the running daemon serves on: {exc}",
+              file=sys.stderr)
+        return 1
     except KernelMismatchError as exc:
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return 1
@@ -107,13 +145,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         profile = load_profile(args.profile) if args.profile else notify_profile(args.notify)
+        if not profile.has_notify:
+            raise ProfileError(f"{profile.source}: no SCMP_ACT_NOTIFY rule: there would be "
+                               "nothing for the supervisor to answer")
         program = build_program(profile)
+        flags = filter_flags(profile)  # ProfileError if the kernel lacks a flag
     except (ProfileError, OSError) as exc:
         print(f"seccomp-supervisor run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return run(cmd, program, socket_path=args.socket, metadata=args.metadata,
-                   container_id=args.container_id, flags=filter_flags(profile))
+                   container_id=args.container_id, flags=flags)
     except (LaunchError, OSError) as exc:
         print(f"seccomp-supervisor run: {exc}", file=sys.stderr)
         return 126
@@ -139,13 +181,75 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from .learn import load_base, record
+    from .spawn import SpawnError
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("seccomp-supervisor record: no command given (use: record --out P -- CMD ARGS)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        base = load_base(args.base) if args.base else None
+    except ProfileError as exc:
+        print(f"seccomp-supervisor record: --base: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = record(cmd, args.out, base=base)
+    except SpawnError as exc:
+        print(f"seccomp-supervisor record: {exc}", file=sys.stderr)
+        return 126
+    except OSError as exc:
+        print(f"seccomp-supervisor record: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    allowed = sum(len(rule.names) for rule in result.profile.syscalls
+                  if rule.action == "SCMP_ACT_ALLOW")
+    log.info("recorded %d notifications of %d system calls; %s allows %d",
+             result.recording.total, len(result.recording.names()), args.out, allowed)
+    return result.status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import ControlError, format_status, request
+
+    path = args.control
+    if path is None:
+        try:
+            config = load_config(args.config) if args.config else default_config()
+        except ConfigError as exc:
+            print(f"seccomp-supervisor status: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        path = config.listen.control_socket
+    try:
+        result, _fds = request(path, "status")
+    except (OSError, ControlError) as exc:
+        print(f"seccomp-supervisor status: {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(format_status(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if args.command == "status":
+        return cmd_status(args)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "record":
+        return cmd_record(args)
+    if args.command == "profile":
+        from .profile_cli import main as profile_main
+
+        return profile_main(args)
     return cmd_check(args)
 
 

@@ -63,6 +63,8 @@ MIN_MESSAGE: Final = 1024
 MAX_MESSAGE: Final = 64 * 1024 * 1024
 # uid_t is 32 bits and (uid_t)-1 means "no uid".
 MAX_UID: Final = 2**32 - 2
+# [defaults] rate / rate_burst: far above what one process can answer.
+MAX_RATE: Final = 10_000_000
 
 POLICY_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -112,6 +114,17 @@ class Defaults:
     on_error: Decision
     deadline: float
     max_inflight: int
+    # Back-pressure (supervisor/ratelimit.py): notifications per second per container
+    # (0 = no limit), how many may be saved up, and the answer when the bucket is empty.
+    rate: float = 0.0
+    rate_burst: int = 0
+    rate_exceeded: Decision = dataclasses.field(
+        default_factory=lambda: parse_decision("deny:EAGAIN"))
+
+    @property
+    def burst(self) -> int:
+        """``rate_burst``, or one second's worth of ``rate`` (at least 1) when it is 0."""
+        return self.rate_burst or max(1, math.ceil(self.rate))
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +383,8 @@ _TOP_KEYS: Final = ("listen", "metrics", "defaults", "policy", "route", "audit")
 _LISTEN_KEYS: Final = ("socket", "socket_mode", "allowed_uids", "max_handoffs",
                        "handoff_timeout", "max_message", "control_socket")
 _METRICS_KEYS: Final = ("listen",)
-_DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_inflight")
+_DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_inflight",
+                          "rate", "rate_burst", "rate_exceeded")
 _POLICY_KEYS: Final = ("name", "path", "entry_point", "options")
 _ROUTE_KEYS: Final = ("match", "policies", "mode")
 _MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations")
@@ -558,7 +572,21 @@ class _Parser:
             deadline=self.get(t, "defaults", "deadline", 2.0, self.duration),
             max_inflight=self.get(t, "defaults", "max_inflight", 64,
                                   lambda k, v: self.integer(k, v, minimum=1)),
+            rate=self.get(t, "defaults", "rate", 0.0, self.rate),
+            rate_burst=self.get(t, "defaults", "rate_burst", 0,
+                                lambda k, v: self.integer(k, v, minimum=0,
+                                                          maximum=MAX_RATE)),
+            rate_exceeded=self.get(t, "defaults", "rate_exceeded",
+                                   parse_decision("deny:EAGAIN"), self.decision),
         )
+
+    def rate(self, key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected notifications per second (a number, 0 = no "
+                                 f"limit), got {_describe(value)}")
+        if not (math.isfinite(value) and 0 <= value <= MAX_RATE):
+            raise self.fail(key, f"must be within 0..{MAX_RATE} (0 = no limit), got {value!r}")
+        return float(value)
 
     def policy(self, index: int, value: object, names: dict[str, int]) -> PolicyConfig:
         key = f"policy[{index}]"

@@ -4,9 +4,22 @@ Everything that decides lives elsewhere; this module only wires it together:
 
 * a handoff from the listener is routed (:func:`supervisor.router.route_for`), turned into
   a :class:`~supervisor.session.Session` and started in the daemon's nursery;
-* SIGHUP reloads the config and the policies; a broken new config is refused, logged and
-  the old one stays. New sessions use the new chain; running sessions keep theirs;
-* SIGTERM / SIGINT stop accepting and end the sessions.
+* SIGHUP reloads the config and the policies; a broken new config is refused, logged,
+  counted and the old one stays. New sessions use the new chain; running sessions are
+  routed again and use theirs from their next notification on;
+* SIGTERM / SIGINT stop gracefully: stop accepting, stop receiving, let the decisions
+  under way finish (bounded by the deadline), exit; a second signal stops at once;
+* restarts (issue 7): every session goes into systemd's fd store when it starts
+  (:mod:`supervisor.fdstore`) and comes back from ``LISTEN_FDS`` on the next start;
+  without systemd, ``serve --takeover`` takes the sessions of the running daemon over
+  its control socket (:mod:`supervisor.takeover`).
+
+systemd (:mod:`supervisor.systemd`): the notify socket comes from socket activation when
+systemd passes one (``LISTEN_FDS``, the fd named ``notify``), else it is bound here;
+``READY=1`` is sent only once it listens (and the control socket and ``/metrics`` are up),
+``STATUS=`` says how many containers are served, ``RELOADING=1`` / ``READY=1`` frame a
+SIGHUP reload, ``STOPPING=1`` starts a stop, and ``WATCHDOG=1`` is sent from the event loop
+at half the ``WatchdogSec=`` interval, so a stuck loop gets the service restarted.
 """
 
 from __future__ import annotations
@@ -15,27 +28,40 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
-from . import bpf
+from . import __version__, bpf, systemd
 from .audit import Recorder
 from .config import Config
+from .control import ControlRequest, ControlServer
 from .decide import Chain
-from .errors import ConfigError
+from .errors import ConfigError, ProfileError
+from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import Metrics
-from .notifyfd import NotifyFd
-from .policy import PolicySet
-from .router import route_for
+from .notifyfd import NotifyFd, is_seccomp_listener
+from .policy import Container, PolicySet
+from .router import (
+    TRACE_ANNOTATION,
+    RouteChoice,
+    TraceAnnotationError,
+    TraceRequest,
+    route_for,
+    trace_request,
+)
 from .session import Session, SessionSettings
+from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
 log = logging.getLogger("supervisor.daemon")
 
@@ -66,52 +92,219 @@ class Daemon:
 
     def __init__(self, config: Config, policies: Mapping[str, PolicySet], *,
                  registry: CollectorRegistry | None = None, loader: Loader | None = None,
-                 audit_stream: IO[str] | None = None) -> None:
+                 audit_stream: IO[str] | None = None,
+                 notifier: systemd.Notifier | None = None) -> None:
         self.state = DaemonState(config, policies)
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, process=True)
         self.loader = loader
         self.recorder = Recorder(self.metrics, audit=config.audit.decisions,
-                                 stream=audit_stream if audit_stream is not None else sys.stdout)
+                                 stream=audit_stream if audit_stream is not None else sys.stdout,
+                                 rate_limit=config.audit.rate_limit)
+        self.notifier = notifier if notifier is not None else systemd.Notifier.from_environ()
+        self.control = ControlServer({"status": self._status_command})
+        self.started_at = time.time()
+        self.socket_activated = False
+        self.notify_socket = ""
+        # Fds systemd passed that are not the notify socket (e.g. notify fds from the fd
+        # store after a restart): left open for whoever claims them.
+        self.inherited_fds: list[systemd.ListenFd] = []
+        self.ended_notifications = 0
         self.sessions: set[Session] = set()
         self.reloads_failed = 0
         self.metrics_address: tuple[Any, ...] | None = None
         self._nursery: trio.Nursery | None = None
+        # Reliability (issue 7): reload, graceful stop, fd store, takeover.
+        self.reloads = Counter(
+            "reloads", "Config and policy reloads (SIGHUP), by result (ok, failed).",
+            ["result"], namespace="seccomp_supervisor", registry=self.registry)
+        self.restored = Counter(
+            "sessions_restored", "Sessions taken over from a previous process, by source "
+            "(fdstore, takeover).", ["source"], namespace="seccomp_supervisor",
+            registry=self.registry)
+        for label in ("ok", "failed"):
+            self.reloads.labels(label)
+        for label in ("fdstore", "takeover"):
+            self.restored.labels(label)
+        self.fdstore = FdStore(self.notifier)
+        self.stopping = False
+        self._gate: AcceptGate | None = None
+        self._ended: dict[Session, trio.Event] = {}
+        self._stored_names: dict[Session, str] = {}
+        self._handed: dict[int, tuple[NotifyFd, str | None]] = {}
+        self._keep_socket_file = False
+        # Learn mode by annotation (io.containers.trace-syscall): those sessions keep
+        # their chain across reloads; (container id, output) pairs written already.
+        self._traced: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._traces_written: set[tuple[str, str]] = set()
 
     async def run(self, *, sock: trio.socket.SocketType | None = None,
+                  takeover: str | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or cancellation). ``sock`` is a listening socket to
-        use instead of binding ``[listen] socket`` (socket activation, tests)."""
+        use instead of binding ``[listen] socket`` (socket activation, tests).
+
+        ``takeover`` is the control socket of a running daemon to take the sessions and
+        the notify socket of first (``serve --takeover``; nothing to take over if no
+        daemon listens there). Raises TakeoverError if a takeover broke off (the old
+        daemon then serves on)."""
         bpf.check_kernel_abi()
         config = self.state.config
+        taken = None
+        if takeover is not None and sock is None:
+            taken = await self._request_takeover(takeover)
+            if taken is not None and taken.listen_fd >= 0:
+                sock = trio.socket.from_stdlib_socket(socket.socket(fileno=taken.listen_fd))
+                taken.listen_fd = -1
+        bound_path: str | None = None
+        if sock is None:
+            sock = self._activated_socket()
         if sock is None:
             sock = bind_socket(config.listen.socket, config.listen.socket_mode)
             # A socket we bound is ours to remove: a runtime that starts a container
             # after we stopped then gets "no such file" at once instead of a refusal.
-            bound_path: str | None = config.listen.socket
-        else:
-            bound_path = None
+            bound_path = config.listen.socket
+        elif taken is not None and _sock_name(sock) == config.listen.socket:
+            bound_path = config.listen.socket  # bound by the daemon we took over from
+        self.notify_socket = _sock_name(sock)
+        notifier = self.notifier
         with contextlib.ExitStack() as cleanup:
             if bound_path is not None:
-                cleanup.callback(_unlink_quietly, bound_path)
+                cleanup.callback(self._unlink_socket_file, bound_path)
             cleanup.enter_context(sock)
-            cleanup.enter_context(self._metrics_server(config))
+            cleanup.callback(self._close_handed)
+            if taken is None:
+                cleanup.enter_context(self._metrics_server(config))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                                signal.SIGHUP) as signals:
+                    await nursery.start(self.recorder.run_writer)
+                    self.register_handover(nursery)
+                    if taken is not None:
+                        # Serve the containers first; /metrics and the control socket
+                        # only once the old daemon let go of them.
+                        self._adopt_taken(taken)
+                        with trio.move_on_after(10):
+                            await _wait_for_exit(taken.old_pid)
+                        try:
+                            cleanup.enter_context(self._metrics_server(config))
+                        except OSError as exc:
+                            log.error("metrics on %s: %s", config.metrics.listen, exc)
+                    else:
+                        self._restore_stored_sessions()
                     await nursery.start(self._serve, sock)
-                    log.info("serving on %s with policies %s", _sock_name(sock),
+                    await nursery.start(self._serve_control, config.listen.control_socket)
+                    if notifier.watchdog_interval is not None:
+                        nursery.start_soon(self._watchdog, notifier.watchdog_interval)
+                    log.info("serving on %s with policies %s", self.notify_socket,
                              ", ".join(self.state.policies) or "(none)")
+                    # Only now: the notify socket listens, so runtimes may connect.
+                    notifier.ready(self._status_text())
                     task_status.started()
                     async for signum in signals:
                         if signum == signal.SIGHUP:
+                            notifier.reloading()
                             self.reload()
-                        else:
+                            notifier.ready(self._status_text())
+                        elif not self.stopping:
                             log.info("%s: stopping", signal.Signals(signum).name)
+                            notifier.stopping(f"stopping: {len(self.sessions)} containers")
+                            nursery.start_soon(self.stop_gracefully)
+                        else:
+                            log.warning("%s again: stopping at once",
+                                        signal.Signals(signum).name)
                             nursery.cancel_scope.cancel()
                             break
         self._nursery = None
+
+    def _activated_socket(self) -> trio.socket.SocketType | None:
+        """The notify socket systemd passed (socket activation), or None. The other fds
+        passed are kept in :attr:`inherited_fds`."""
+        try:
+            fds = systemd.take_listen_fds()
+        except ValueError as exc:
+            log.error("ignoring the fds systemd passed: %s", exc)
+            return None
+        if not fds:
+            return None
+        chosen = systemd.pick_listen_fd(fds, "notify")
+        self.inherited_fds = [item for item in fds if item is not chosen]
+        if self.inherited_fds:
+            log.info("systemd passed %d other fds: %s", len(self.inherited_fds),
+                     ", ".join(sorted({item.name for item in self.inherited_fds})))
+        if chosen is None:
+            log.warning("systemd passed no fd named 'notify': binding the socket myself")
+            return None
+        if not systemd.is_listening_unix_stream(chosen.fd):
+            log.error("fd %d (%s) from systemd is not a listening unix stream socket; "
+                      "binding the socket myself", chosen.fd, chosen.name)
+            self.inherited_fds.append(chosen)
+            return None
+        self.socket_activated = True
+        log.info("using the notify socket passed by systemd (fd %d, %s)", chosen.fd,
+                 chosen.name)
+        return trio.socket.from_stdlib_socket(socket.socket(fileno=chosen.fd))
+
+    async def _serve_control(self, path: str,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        """The control socket; a failure to bind it is logged, not fatal: the containers
+        matter more than ``status``."""
+        try:
+            await self.control.serve(path, task_status=task_status)
+        except OSError as exc:
+            log.error("control socket %s: %s; `status` will not work", path, exc)
+            task_status.started()
+
+    async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` at half the interval, from the event loop: it stops when the
+        loop is stuck, and systemd restarts the service."""
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval / 2)
+
+    def _status_text(self) -> str:
+        n = len(self.sessions)
+        return f"serving {n} container{'' if n == 1 else 's'} on {self.notify_socket}"
+
+    def status(self) -> dict[str, Any]:
+        """What ``seccomp-supervisor status`` shows (JSON-serialisable)."""
+        now = trio.current_time()
+        sessions = []
+        for session in sorted(self.sessions, key=lambda s: s.started):
+            c = session.container
+            stats = session.stats
+            sessions.append({
+                "container": c.id, "runtime_pid": c.pid, "status": c.status,
+                "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
+                "annotations": dict(c.annotations),
+                "policies": list(session.chain.names), "mode": session.settings.mode,
+                "notifications": stats.notifications, "answered": stats.answered,
+                "gone": stats.gone, "decisions": dict(stats.decisions),
+                "inflight": session.inflight,
+                "age_seconds": round(now - session.started, 3),
+            })
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "notify_socket": self.notify_socket,
+            "socket_activated": self.socket_activated,
+            "control_socket": self.state.config.listen.control_socket,
+            "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+                        if self.metrics_address else ""),
+            "config": self.state.config.file,
+            "policies": list(self.state.policies),
+            "audit": self.recorder.audit,
+            "inflight": sum(s.inflight for s in self.sessions),
+            "notifications": self.ended_notifications
+            + sum(s.stats.notifications for s in self.sessions),
+            "sessions": sessions,
+        }
+
+    async def _status_command(self, request: ControlRequest) -> dict[str, Any]:
+        return self.status()
 
     @contextlib.contextmanager
     def _metrics_server(self, config: Config) -> Iterator[None]:
@@ -136,67 +329,384 @@ class Daemon:
         limits = ListenerLimits(
             allowed_uids=frozenset(listen.allowed_uids), max_message=listen.max_message,
             timeout=listen.handoff_timeout, max_handoffs=listen.max_handoffs)
-        await serve_handoffs(sock, self.on_handoff, limits=limits, metrics=self.metrics,
-                             task_status=task_status)
+        # The gate lets a graceful stop or a handover stop accepting while the handoffs
+        # being read are finished (serve_handoffs only ever calls accept() on it).
+        self._gate = AcceptGate(sock)
+        await serve_handoffs(cast(trio.socket.SocketType, self._gate), self.on_handoff,
+                             limits=limits, metrics=self.metrics, task_status=task_status)
 
     async def on_handoff(self, handoff: Handoff) -> None:
         """Route a validated handoff and start its session. Takes ownership of it."""
         try:
-            state = self.state
-            choice = route_for(handoff.container, state.config)
-            defaults = state.config.defaults
-            settings = SessionSettings(
-                unhandled=defaults.unhandled, on_error=defaults.on_error,
-                deadline=defaults.deadline, max_inflight=defaults.max_inflight,
-                mode=choice.mode)
-            chain = state.chain(choice.policies)
-            assert self._nursery is not None
-            session = Session(NotifyFd(handoff.take_fd()), handoff.container, chain,
-                              settings, self.recorder)
+            notify = NotifyFd(handoff.take_fd())
         finally:
             handoff.close()
-        log.info("container %s (pid %d): session with policies [%s]%s",
-                 session.container.id, session.container.pid, ", ".join(chain.names),
-                 " in shadow mode" if settings.mode == "shadow" else "")
+        self.start_session(notify, handoff.container)
+
+    def _settings(self, choice: RouteChoice) -> SessionSettings:
+        defaults = self.state.config.defaults
+        return SessionSettings(
+            unhandled=defaults.unhandled, on_error=defaults.on_error,
+            deadline=defaults.deadline, max_inflight=defaults.max_inflight,
+            mode=choice.mode, rate=defaults.rate, rate_burst=defaults.burst,
+            rate_exceeded=defaults.rate_exceeded)
+
+    def start_session(self, notify: NotifyFd, container: Container, *,
+                      stored_as: str | None = None, source: str = "handoff") -> Session:
+        """Route ``container`` and serve ``notify`` (owned by the session from now on).
+        ``stored_as``: the fd-store name it already has (restored after a restart);
+        otherwise it is put into the fd store under a new name (under systemd)."""
+        state = self.state
+        choice = route_for(container, state.config)
+        chain = state.chain(choice.policies)
+        traced = self._trace_route(container)
+        if traced is not None:
+            chain, choice = traced
+        settings = self._settings(choice)
+        try:
+            session = Session(notify, container, chain, settings, self.recorder)
+        except BaseException:
+            notify.close()
+            raise
+        if traced is not None:
+            self._traced.add(session)
+        if stored_as is None and self.fdstore.enabled:
+            name = new_session_name()
+            if self.fdstore.store(name, notify.fileno(), container, chain.names,
+                                  settings.mode):
+                stored_as = name
+        if stored_as is not None:
+            self._stored_names[session] = stored_as
+        log.info("container %s (pid %d): session with policies [%s]%s%s",
+                 container.id, container.pid, ", ".join(chain.names),
+                 " in shadow mode" if settings.mode == "shadow" else "",
+                 "" if source == "handoff" else f" ({source})")
+        # Registered now, not when its task first runs: a stop or a handover that starts
+        # before then must see it.
+        self.sessions.add(session)
+        self._ended[session] = trio.Event()
+        assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
+        return session
+
+    def _trace_route(self, container: Container) -> tuple[Chain, RouteChoice] | None:
+        """Learn mode for a container annotated ``io.containers.trace-syscall`` (podman's
+        OCI hook convention): its own recording policy writing to the annotation's output,
+        merged into its base profile. None (normal routing, with an error logged) when it
+        has no such annotation, the annotation is invalid, no policy named ``learn`` is
+        configured (that is what enables the route), the output is outside that policy's
+        ``directory``, or the base is not a readable ``SCMP_ACT_ERRNO`` profile."""
+        try:
+            request = trace_request(container)
+            if request is None:
+                return None
+            learn = self.state.policies.get("learn")
+            if learn is None:
+                raise TraceAnnotationError(
+                    "no policy named 'learn' is configured: the route is off")
+            policy = _trace_policy(container.id, request, str(learn.options["directory"]),
+                                   self._traces_written)
+        except (TraceAnnotationError, ProfileError) as exc:
+            log.error("container %s: annotation %s ignored, routed as usual: %s",
+                      container.id, TRACE_ANNOTATION, exc)
+            return None
+        log.info("container %s: learn mode by annotation: writing %s%s", container.id,
+                 request.output, f" (base {request.base})" if request.base else "")
+        return Chain([("trace-syscall", policy)]), RouteChoice(("trace-syscall",), "enforce",
+                                                               None)
 
     async def _run_session(self, session: Session) -> None:
         self.sessions.add(session)
         self.metrics.sessions.inc()
+        self.notifier.status(self._status_text())
+        target_gone = False
         try:
             await session.run()
+            target_gone = not session.reading_stopped
         except Exception:
             # A bug in a session must not take the other containers down with it.
             log.exception("session of container %s failed", session.container.id)
         finally:
             self.sessions.discard(session)
             self.metrics.sessions.dec()
-            log.info("container %s: session ended (%d notifications)",
-                     session.container.id, session.stats.notifications)
+            self.ended_notifications += session.stats.notifications
+            self.notifier.status(self._status_text())
+            name = self._stored_names.pop(session, None)
+            if session.keep_fd:
+                # Paused for a handover: the fd lives on in _handed until the commit.
+                self._handed[session.notify.fileno()] = (session.notify, name)
+            elif name is not None and target_gone:
+                self.fdstore.remove(name)
+            ended = self._ended.pop(session, None)
+            if ended is not None:
+                ended.set()
+            log.info("container %s: session %s (%d notifications)",
+                     session.container.id,
+                     "paused for a handover" if session.keep_fd else "ended",
+                     session.stats.notifications)
+
+    # -- graceful stop, restarts (issue 7) -----------------------------------------------
+
+    async def _stop_intake(self) -> None:
+        """Accept no more handoffs; wait until the ones being read have their session."""
+        if self._gate is not None:
+            self._gate.close()
+            with trio.move_on_after(self.state.config.listen.handoff_timeout + 1):
+                await self._gate.wait_idle()
+
+    async def _stop_sessions(self, *, keep_fd: bool) -> list[Session]:
+        """Stop reading on every session and wait until each has answered what it
+        received (bounded by the deadline). Returns the sessions that ended."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.stop_reading(keep_fd=keep_fd)
+        events = [self._ended[s] for s in sessions if s in self._ended]
+        with trio.move_on_after(self.state.config.defaults.deadline + 2):
+            for event in events:
+                await event.wait()
+        late = [s for s in sessions if s in self.sessions]
+        if late:
+            log.error("%d sessions did not finish their decisions in time",
+                      len(late))
+        return [s for s in sessions if s not in self.sessions]
+
+    async def stop_gracefully(self) -> None:
+        """SIGTERM: stop accepting, stop receiving, let every decision under way finish
+        (bounded by the deadline), then end the daemon. Notify fds kept in systemd's fd
+        store stay there for the next start; without it they are closed, and the
+        containers' notified calls get ENOSYS from then on."""
+        if self.stopping:
+            return
+        self.stopping = True
+        await self._stop_intake()
+        stopped = await self._stop_sessions(keep_fd=False)
+        log.info("stopped: %d sessions finished their decisions%s", len(stopped),
+                 "; their fds stay in systemd's fd store" if self.fdstore.enabled else "")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _restore_stored_sessions(self) -> None:
+        """Serve again the sessions systemd kept in its fd store (see fdstore.py)."""
+        groups, others = group_listen_fds(self.inherited_fds)
+        self.inherited_fds = others
+        for group in groups:
+            restored = restore_group(group)
+            if restored is None:
+                self.fdstore.remove(group.name)
+                continue
+            if restored.error:
+                log.error("fd store: session %s: %s; served as %s with its route",
+                          group.name, restored.error, restored.container.id)
+            self.start_session(NotifyFd(restored.notify_fd), restored.container,
+                               stored_as=restored.name, source="from the fd store")
+            self.restored.labels("fdstore").inc()
+        if groups:
+            log.info("fd store: serving %d sessions again", len(groups))
+
+    async def _request_takeover(self, path: str) -> Any:
+        """Take everything from the daemon at ``path`` (None if none listens there)."""
+        try:
+            taken = await take_over(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            log.info("takeover: no daemon on %s (%s): starting afresh", path, exc.strerror)
+            return None
+        except OSError as exc:
+            raise TakeoverError(f"cannot reach {path}: {exc}") from None
+        log.info("takeover: %d sessions%s from pid %d", len(taken.sessions),
+                 " and the notify socket" if taken.listen_fd >= 0 else "", taken.old_pid)
+        return taken
+
+    def _adopt_taken(self, taken: Any) -> None:
+        for fd, container in taken.sessions:
+            if not is_seccomp_listener(fd):
+                log.error("takeover: fd for container %s is not a seccomp listener",
+                          container.id)
+                os.close(fd)
+                continue
+            self.start_session(NotifyFd(fd), container, source="taken over")
+            self.restored.labels("takeover").inc()
+        for fd, reason in taken.invalid:
+            log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
+                      fd, reason)
+        taken.sessions = []
+
+    def register_handover(self, nursery: trio.Nursery) -> Handover:
+        """Offer the ``takeover*`` control commands (see takeover.py)."""
+        handover = Handover(self, nursery)
+        handover.register(self.control.register)
+        return handover
+
+    async def pause_for_handover(self) -> tuple[int, list[HandedSession]]:
+        await self._stop_intake()
+        stopped = await self._stop_sessions(keep_fd=True)
+        handed: list[HandedSession] = []
+        for session in stopped:
+            entry = self._handed.get(session.notify.fileno())
+            if entry is None or entry[0].closed:
+                continue
+            handed.append(HandedSession(entry[0].fileno(), session.container,
+                                        session.chain.names, session.settings.mode))
+        listen_fd = self._gate.fileno() if self._gate is not None else -1
+        return listen_fd, handed
+
+    def resume_after_handover(self, sessions: list[HandedSession]) -> None:
+        for item in sessions:
+            entry = self._handed.pop(item.notify_fd, None)
+            if entry is None:
+                continue
+            notify, name = entry
+            self.start_session(notify, item.container, stored_as=name, source="resumed")
+        if self._gate is not None and not self.stopping:
+            self._gate.reopen()
+
+    def finish_handover(self) -> None:
+        self.stopping = True
+        self._keep_socket_file = True  # the new daemon listens on it now
+        self._close_handed()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _close_handed(self) -> None:
+        for notify, _name in self._handed.values():
+            notify.close()
+        self._handed.clear()
+
+    def _unlink_socket_file(self, path: str) -> None:
+        if not self._keep_socket_file:
+            _unlink_quietly(path)
 
     def reload(self) -> bool:
-        """Re-read config and policies; keep the old ones if the new ones are broken."""
+        """Re-read config and policies; keep the old ones if the new ones are broken.
+
+        Atomic: the new config and every policy are loaded first; only then, in one step
+        of the event loop, the new state replaces the old and every running session is
+        routed again with it (new chain and settings from its next notification on;
+        decisions under way finish with the chain they started with)."""
         if self.loader is None:
             log.warning("SIGHUP: no config file to reload")
             return False
         try:
             config, policies = self.loader()
-        except ConfigError as exc:
+            new_state = DaemonState(config, policies)
+            routes = []
+            for session in self.sessions:
+                if session in self._traced:  # learn mode by annotation: keep recording
+                    routes.append((session, session.chain,
+                                   RouteChoice(session.chain.names, "enforce", None)))
+                    continue
+                choice = route_for(session.container, config)
+                routes.append((session, new_state.chain(choice.policies), choice))
+        except Exception as exc:
             self.reloads_failed += 1
-            log.error("reload refused, keeping the running config: %s", exc)
+            self.reloads.labels("failed").inc()
+            log.error("reload refused, keeping the running config: %s", exc,
+                      exc_info=not isinstance(exc, ConfigError))
             return False
         old = self.state.config
         if (config.listen != old.listen) or (config.metrics != old.metrics):
             log.warning("reload: [listen] and [metrics] changes take effect on restart")
-        self.state = DaemonState(config, policies)
+        self.state = new_state
         self.recorder.audit = config.audit.decisions
-        log.info("reloaded %s: policies %s", config.file, ", ".join(policies) or "(none)")
+        self.recorder.rate_limit = config.audit.rate_limit
+        for session, chain, choice in routes:
+            before = session.chain.names
+            session.rebind(chain, self._settings(choice))
+            if chain.names != before:
+                log.info("container %s: policies [%s] -> [%s]", session.container.id,
+                         ", ".join(before), ", ".join(chain.names))
+        self.reloads.labels("ok").inc()
+        log.info("reloaded %s: policies %s; %d running sessions routed again", config.file,
+                 ", ".join(policies) or "(none)", len(routes))
         return True
+
+
+def _trace_policy(container_id: str, request: TraceRequest, directory: str,
+                  written: set[tuple[str, str]]) -> PolicySet:
+    """A recording policy for one traced container session: every notified call it can
+    name is counted and answered CONTINUE; when the session ends the profile (the calls
+    seen, the launcher's handoff calls, merged into ``request.base``; merged into the
+    earlier file when this container already wrote it, e.g. ``runc exec`` sessions) is
+    written atomically to ``request.output``.
+
+    The daemon runs as root and the annotation comes from whoever creates the container
+    (a Kubernetes pod annotation reaches it through CRI-O), so the output must lie inside
+    ``directory`` (checked here on the path, and again on the real path of its parent
+    when writing). Raises TraceAnnotationError for an output outside it and ProfileError
+    for a base that is not a readable SCMP_ACT_ERRNO profile."""
+    from .learn import (
+        HANDOFF_SYSCALLS,
+        UNRECORDABLE,
+        Recording,
+        known_syscalls,
+        load_base,
+        merge_profile,
+        write_profile,
+    )
+    from .policy import Decision, Notification, allow
+    from .profile import load_profile
+
+    root = os.path.normpath(directory)
+    output = os.path.normpath(request.output)
+    if os.path.commonpath([root, output]) != root or output == root:
+        raise TraceAnnotationError(
+            f"the output {request.output} is outside the learn policy's directory {root}")
+    base = load_base(request.base) if request.base else None
+    recording = Recording()
+    policy = PolicySet("trace-syscall", description=f"learn mode into {output}")
+    answer = allow(reason="trace-syscall annotation")
+
+    @policy.on(*sorted(known_syscalls() - set(UNRECORDABLE)))
+    def observe(n: Notification) -> Decision:
+        recording.add(n.arch, n.syscall)
+        return answer
+
+    @policy.on_session_end
+    def write(container: Container) -> None:
+        real_root = os.path.realpath(root)
+        parent = os.path.realpath(os.path.dirname(output))
+        if os.path.commonpath([real_root, parent]) != real_root:
+            log.error("container %s: not writing %s: its directory resolves to %s, "
+                      "outside %s", container_id, output, parent, real_root)
+            return
+        key = (container_id, output)
+        merged_into = base
+        if key in written and os.path.exists(output):
+            try:
+                merged_into = load_profile(output)
+            except ProfileError as exc:
+                log.warning("container %s: %s is no longer a valid profile, replacing "
+                            "it: %s", container_id, output, exc)
+        try:
+            profile = merge_profile(merged_into, recording.names() | set(HANDOFF_SYSCALLS),
+                                    recording.architectures())
+            write_profile(output, profile)
+        except (OSError, ProfileError) as exc:
+            log.error("container %s: cannot write the traced profile %s: %s",
+                      container_id, output, exc)
+            return
+        written.add(key)
+        log.info("container %s: %d notifications of %d system calls; wrote %s",
+                 container_id, recording.total, len(recording.names()), output)
+
+    return policy
 
 
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+async def _wait_for_exit(pid: int) -> None:
+    """Wait until process ``pid`` has exited (bound it with a cancel scope)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
 
 
 def _sock_name(sock: Any) -> str:

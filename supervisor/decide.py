@@ -28,12 +28,15 @@ class Link:
     is_async: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """What a chain decided, and who decided it.
+    """What a chain decided, and who decided it. Treat it as immutable.
 
     ``error`` is set when the decision is the configured ``on_error`` answer (or, for
     ``memory``, the errno of a failed target memory read); ``detail`` says why.
+
+    Not ``frozen``: one is made per notification, and a frozen dataclass's ``__init__``
+    (``object.__setattr__`` per field) costs four times as much.
     """
 
     decision: Decision

@@ -1,9 +1,14 @@
-"""The owner of one seccomp listener fd, and the only caller of the notify ioctls.
+"""The owner of one seccomp listener fd, the only caller of the notify ioctls, and the
+poller that tells sessions when their fd has something to read.
 
 Facts this relies on (verified on the target kernel, DESIGN.md §4):
 
 * RECV ignores O_NONBLOCK: with nothing pending it blocks the calling thread, and so the
-  whole event loop. It is only called after poll() with a zero timeout showed POLLIN.
+  whole event loop. It is only called once poll/epoll showed POLLIN, at most once per
+  POLLIN seen, by the fd's only reader. That cannot block: POLLIN means a notification
+  in state INIT exists, which means the kernel's count of receivable requests is >= 1;
+  only RECV decrements that count, and a notification withdrawn meanwhile (the target
+  got a signal or died) keeps its count, so RECV then returns ENOENT at once.
 * RECV needs a zeroed ``struct seccomp_notif`` every time; otherwise EINVAL, forever.
 * POLLHUP means no task uses the filter any more; it stays set (RECV then gives ENOENT at
   once), so the owner must close the fd and stop, or it spins.
@@ -18,9 +23,12 @@ import fcntl
 import os
 import select
 import struct
-from typing import Final
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Final, NamedTuple, Protocol
 
 import trio
+from trio.lowlevel import RunVar
 
 from . import abi
 from .errors import NotificationGone
@@ -40,8 +48,7 @@ class NotifyFd:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buf = bytearray(abi.NOTIF_SIZE)
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
+        self._poll: select.poll | None = None  # made by poll_now(), which sessions don't use
 
     def __repr__(self) -> str:
         return f"<NotifyFd {self._fd}>"
@@ -59,6 +66,9 @@ class NotifyFd:
 
     def poll_now(self) -> int:
         """The fd's poll events right now (zero timeout): POLLIN, POLLHUP... or 0."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
         for _fd, events in self._poll.poll(0):
             return events
         return 0
@@ -66,7 +76,8 @@ class NotifyFd:
     def recv(self) -> tuple[int, ...] | None:
         """Receive one notification; None when it was withdrawn meanwhile (ENOENT).
 
-        Only call after :meth:`poll_now` showed POLLIN. Returns the unpacked
+        Only call once per POLLIN seen (from :meth:`poll_now` or the :class:`Poller`),
+        from the fd's one reader. Returns the unpacked
         ``seccomp_notif`` fields (id, pid, flags, nr, arch, ip, args0..args5).
         """
         buf = self._buf
@@ -134,7 +145,8 @@ class NotifyFd:
         unless another process holds a copy of the listener."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            self._poll.unregister(fd)
+            if self._poll is not None:
+                self._poll.unregister(fd)
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
 
@@ -145,3 +157,174 @@ def is_seccomp_listener(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify"
     except OSError:
         return False
+
+
+class Reader(Protocol):
+    """What the :class:`Poller` calls. ``on_ready`` gets the fd's epoll events and does at
+    most one RECV per call; it should not raise: if it does, the fd is unregistered and
+    ``on_failure`` gets the exception. It returns a :class:`Suspended` coroutine when work
+    it started in this task has to wait for something."""
+
+    def on_ready(self, events: int) -> Suspended | None: ...
+
+    def on_failure(self, exc: Exception) -> None: ...
+
+
+class Suspended(NamedTuple):
+    """A coroutine that suspended (yielded ``trap`` to trio) in the poller task, which must
+    now carry it on: nothing else may run in that task before ``trap`` reaches trio.
+
+    ``deadline`` (trio time) cancels it; then ``on_deadline()`` is called. ``done(exc)``
+    is called at the end in any case, with the exception it raised, if any.
+    """
+
+    coro: Coroutine[Any, Any, None]
+    trap: Any
+    deadline: float
+    on_deadline: Callable[[], None]
+    done: Callable[[Exception | None], None]
+
+
+@types.coroutine
+def _carry_on(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+    """What ``await coro`` would do from the point where ``coro`` yielded ``trap``: pass
+    trap and reply between trio and the coroutine until it returns. (The trap belongs to
+    this task: the coroutine ran in it; trap values cannot move to another task.)"""
+    while True:
+        try:
+            reply = yield trap
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                trap = coro.send(reply)
+            except StopIteration:
+                return
+
+
+class Poller:
+    """One epoll set for the notify fds of a trio run, and the one task that waits on it.
+
+    trio's ``wait_readable`` costs a one-shot epoll_ctl re-arm and a pass of the scheduler
+    for every wake-up of every fd. Here one wake-up serves every fd that is ready, and an
+    fd that is busy again by the time its answer went out is served again without
+    sleeping. The set is level-triggered, so each round (``epoll.poll(0)``) reports every
+    fd with a notification pending, once: each gets one RECV per round, and a busy
+    container cannot starve the others. After :data:`ROUNDS_PER_YIELD` rounds without
+    sleeping the task lets the rest of the daemon run (a trio checkpoint).
+
+    When a callback returns a :class:`Suspended` decision (an async handler waits for
+    something), this task carries that decision on to its end and a new task, started at
+    once, takes over the set: events of the round not handled yet are reported again to
+    the new task (level-triggered), so none is lost and none is read twice.
+
+    Sessions register their fd with :meth:`register` and unregister it before closing it.
+    Everything runs in the trio thread; the callbacks run synchronously in this task.
+    """
+
+    MAX_EVENTS: Final = 512
+    ROUNDS_PER_YIELD: Final = 32
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Reader] = {}
+        self._current: trio.lowlevel.Task | None = None  # the task polling the set
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def register(self, fd: int, reader: Reader) -> None:
+        if fd in self._readers:
+            raise ValueError(f"fd {fd} is already registered")
+        self._epoll.register(fd, select.EPOLLIN)
+        self._readers[fd] = reader
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd`` (no-op if it is not registered). Call before closing it."""
+        if self._readers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed: the kernel dropped it from the set
+
+    async def run(self) -> None:
+        """Serve the registered fds until cancelled (then close the epoll fd), or until a
+        callback's decision suspended: then carry that on and leave the set to a
+        successor task."""
+        task = self._current = trio.lowlevel.current_task()
+        epoll = self._epoll
+        readers = self._readers
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
+        max_events = self.MAX_EVENTS
+        suspended: Suspended | None = None
+        # Entered once per task; it gets a deadline only when this task ends up carrying
+        # a suspended decision (see the end), so the fast path never touches it.
+        with trio.CancelScope() as scope:
+            try:
+                while suspended is None:
+                    await wait_readable(epoll.fileno())
+                    rounds = 0
+                    while suspended is None:
+                        events = epoll.poll(0, max_events)
+                        if not events:
+                            break
+                        # No await in here: an fd unregistered (and maybe closed and its
+                        # number reused) by a callback of this round is skipped, not read.
+                        for fd, mask in events:
+                            reader = readers.get(fd)
+                            if reader is None:
+                                continue
+                            try:
+                                suspended = reader.on_ready(mask)
+                            except Exception as exc:
+                                self.unregister(fd)
+                                reader.on_failure(exc)
+                            if suspended is not None:
+                                break
+                        rounds += 1
+                        if rounds >= self.ROUNDS_PER_YIELD and suspended is None:
+                            rounds = 0
+                            await checkpoint()
+            finally:
+                if self._current is task and suspended is None:
+                    trio.lowlevel.notify_closing(epoll.fileno())
+                    epoll.close()
+            # A decision's coroutine is suspended in this task: hand the set over first,
+            # then carry the decision on under its deadline.
+            scope.deadline = suspended.deadline
+            trio.lowlevel.spawn_system_task(self.run, name="seccomp-supervisor notify poller")
+            failure: Exception | None = None
+            try:
+                await _carry_on(suspended.coro, suspended.trap)
+            except Exception as exc:
+                failure = exc
+        assert suspended is not None  # the loop above only ends (not raising) with one
+        try:
+            if scope.cancelled_caught:
+                suspended.on_deadline()
+        except Exception as exc:
+            failure = failure or exc
+        suspended.done(failure)
+
+
+_POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")
+
+
+def current_poller() -> Poller:
+    """The :class:`Poller` of the running trio run, started on first use as a system task
+    (it lives as long as the run, so every session of a daemon shares it)."""
+    try:
+        return _POLLER.get()
+    except LookupError:
+        pass
+    poller = Poller()
+    trio.lowlevel.spawn_system_task(poller.run, name="seccomp-supervisor notify poller")
+    _POLLER.set(poller)
+    return poller

@@ -7,14 +7,25 @@ All conditions present in a match must hold; each is an :func:`fnmatch.fnmatchca
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Final
 
 from .config import Config, RouteMatch, RouteMode
+from .errors import SupervisorError
 from .policy import Container
 
-__all__ = ["RouteChoice", "matches", "parse_labels", "route_for"]
+__all__ = ["TRACE_ANNOTATION", "RouteChoice", "TraceAnnotationError", "TraceRequest",
+           "matches", "parse_labels", "parse_trace_annotation", "route_for",
+           "trace_request"]
+
+# podman's OCI hook convention (oci-seccomp-bpf-hook): trace the container's system calls
+# and write a profile. Value: "of:/abs/out.json" or "of:/abs/out.json;if:/abs/in.json".
+TRACE_ANNOTATION: Final = "io.containers.trace-syscall"
+_OUTPUT_PREFIX: Final = "of:"
+_INPUT_PREFIX: Final = "if:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +89,59 @@ def _all_match(globs: Mapping[str, str], values: Mapping[str, str]) -> bool:
         if value is None or not fnmatchcase(value, glob):
             return False
     return True
+
+
+class TraceAnnotationError(SupervisorError):
+    """The ``io.containers.trace-syscall`` annotation of a container is invalid (the
+    container's creator is at fault); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """A parsed trace annotation: write the learned profile to ``output``, merged into
+    the profile at ``base`` (None: no base)."""
+
+    output: str
+    base: str | None = None
+
+
+def parse_trace_annotation(value: str) -> TraceRequest:
+    """Parse an ``io.containers.trace-syscall`` value as podman's hook does.
+
+    At most one ``;``; every part starts with ``of:`` (output) or ``if:`` (base profile),
+    the path after it is stripped of surrounding blanks and must be absolute; ``of:`` is
+    required. Stricter than the hook: a prefix given twice is refused (the hook keeps the
+    last), and so are paths with ``..`` components or NUL characters. Whether the base is
+    a readable profile is checked by the caller (that is I/O). Pure; raises
+    :class:`TraceAnnotationError`.
+    """
+    parts = value.split(";")
+    if len(parts) > 2:
+        raise TraceAnnotationError(f"more than one ';' in {value!r}")
+    found: dict[str, str] = {}
+    for part in parts:
+        prefix = part[:3]
+        if prefix not in (_OUTPUT_PREFIX, _INPUT_PREFIX):
+            raise TraceAnnotationError(
+                f"{part!r} must start with {_OUTPUT_PREFIX!r} (output file) or "
+                f"{_INPUT_PREFIX!r} (input profile)")
+        what = "output file" if prefix == _OUTPUT_PREFIX else "input profile"
+        if prefix in found:
+            raise TraceAnnotationError(f"{what} ({prefix!r}) given twice in {value!r}")
+        path = part[3:].strip()
+        if not posixpath.isabs(path):
+            raise TraceAnnotationError(f"the {what} path must be absolute: {path!r}")
+        if "\0" in path or ".." in path.split("/"):
+            raise TraceAnnotationError(f"the {what} path {path!r} contains '..' or NUL")
+        found[prefix] = path
+    if _OUTPUT_PREFIX not in found:
+        raise TraceAnnotationError(
+            f"an output file ({_OUTPUT_PREFIX!r}) is required in {value!r}")
+    return TraceRequest(found[_OUTPUT_PREFIX], found.get(_INPUT_PREFIX))
+
+
+def trace_request(container: Container) -> TraceRequest | None:
+    """The container's trace request, None when it has no ``io.containers.trace-syscall``
+    annotation. Raises :class:`TraceAnnotationError` for an invalid one."""
+    value = container.annotations.get(TRACE_ANNOTATION)
+    return None if value is None else parse_trace_annotation(value)

@@ -1,13 +1,22 @@
 """One session per listener fd: receive notifications, ask the chain, answer the kernel.
 
-The hot loop (:meth:`Session.run`) is the only reader of its fd. It waits until the fd is
-readable, then drains every pending notification:
+The hot loop is :meth:`supervisor.notifyfd.Poller.run`: one task and one epoll set for
+every session of the daemon. Each round it calls :meth:`Session.on_ready` once for every
+fd with a notification pending, which receives exactly one notification and, synchronously
+and without allocating anything the chain does not use:
 
 * a call no policy handles gets the ``unhandled`` answer at once;
 * plain-function handlers are run inline: the answer goes out before the next RECV;
-* the first coroutine handler moves the rest of the chain into its own task, bounded by
-  ``max_inflight`` and by the deadline, so a slow handler for one thread never delays the
-  answer to another.
+* from the first coroutine handler on, the rest of the chain runs under the deadline,
+  bounded by ``max_inflight``. It starts inline: a coroutine that finishes without
+  suspending (no real I/O) costs no task and no scheduler pass. One that does suspend is
+  carried on by the poller task it started in, and a new poller task takes over reading
+  (see :meth:`supervisor.notifyfd.Poller.run`), so a slow handler for one thread never
+  delays the answer to another. When every slot is taken, the notification is parked and
+  the fd leaves the poller until the session's own task got a slot for it.
+
+:meth:`Session.run` itself only waits: for POLLHUP (the filter has no task left), a
+failure, a parked notification, cancellation or :meth:`Session.stop_reading`.
 
 Every notification gets exactly one answer unless the kernel withdrew it (ENOENT), which
 is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``.
@@ -19,6 +28,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -27,8 +37,9 @@ from .audit import Recorder
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
 from .memory import TargetMemory
-from .notifyfd import POLL_END, POLLIN, NotifyFd
+from .notifyfd import POLL_END, POLLIN, NotifyFd, Poller, Suspended, current_poller
 from .policy import Container, Decision, Notification, deny, response_fields
+from .ratelimit import RATE_POLICY, TokenBucket
 from .syscalls import arch_name, syscall_name
 
 log = logging.getLogger("supervisor.session")
@@ -41,6 +52,10 @@ class SessionSettings:
     deadline: float = 2.0
     max_inflight: int = 64
     mode: Mode = "enforce"
+    # Back-pressure (supervisor/ratelimit.py): calls per second, 0 = no limit.
+    rate: float = 0.0
+    rate_burst: int = 1
+    rate_exceeded: Decision = field(default_factory=lambda: deny(11, reason="rate limit"))
 
 
 @dataclass(slots=True)
@@ -53,6 +68,8 @@ class SessionStats:
 
 # What the hot loop caches per (arch, nr): the call's name, arch name and handlers.
 _Route = tuple[str, str, tuple[Link, ...]]
+# A received notification waiting for an async slot: (notification, links, index, received).
+_Parked = tuple[Notification, tuple[Link, ...], int, float]
 
 
 class Session:
@@ -73,44 +90,169 @@ class Session:
         self._slots = trio.Semaphore(settings.max_inflight)
         self._routes: dict[tuple[int, int], _Route] = {}
         self._nursery: trio.Nursery | None = None
+        # Reliability hooks (issue 7; see stop_reading / rebind): kept out of the per-call
+        # path except for one None check of the bucket.
+        self.bucket: TokenBucket | None = _bucket(settings, None)
+        self._reading = trio.CancelScope()
+        self.keep_fd = False
+        # The poller side (see _serve): where the fd is registered, and what wakes run().
+        self._poller: Poller | None = None
+        self._polled_fd = -1
+        self._wake: trio.Event | None = None
+        self._ended = False
+        self._failed: Exception | None = None
+        self._parked: _Parked | None = None
+        # Async decisions that suspended and are carried on by a retired poller task (not
+        # in our nursery): stop_reading() waits for them too.
+        self._carried = 0
+        self._carried_done: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.container.id!r} fd={self.notify.fileno()}>"
 
     async def run(self) -> None:
-        """Serve until POLLHUP; then cancel what is in flight and close the fd."""
+        """Serve until POLLHUP; then cancel what is in flight and close the fd.
+
+        After :meth:`stop_reading`, it returns once every notification already received
+        has its answer (each is bounded by the deadline); the fd stays open if
+        ``keep_fd`` was asked for, and the caller owns ``self.notify`` from then on.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._read_loop()
-                nursery.cancel_scope.cancel()
+                with self._reading:
+                    await self._serve()
+                if self._parked is not None:
+                    await self._start_parked()  # received: it must be answered
+                if not self._reading.cancel_called:
+                    nursery.cancel_scope.cancel()
+                else:
+                    while self._carried:  # every received notification gets its answer
+                        self._carried_done = trio.Event()
+                        await self._carried_done.wait()
         finally:
+            self._unpoll()
             self._nursery = None
-            self.notify.close()
-            for _name, policy_set in self.chain.policies:
+            # keep_fd: handed over, the container lives on: no close, no session-end hooks.
+            if not self.keep_fd:
+                self.notify.close()
+                for _name, policy_set in self.chain.policies:
+                    try:
+                        policy_set.session_ended(self.container)
+                    except Exception:
+                        log.exception("session-end hook of policy %s failed", _name)
+
+    async def _serve(self) -> None:
+        """Wait while the poller serves the fd; return at POLLHUP, raise what failed."""
+        self._poller = current_poller()
+        try:
+            self._repoll()
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._parked is not None:
+                    await self._start_parked()
+                    self._repoll()
+                    continue
+                if self._ended:
+                    log.debug("session %s: filter has no task left", self.container.id)
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+        finally:
+            # Before the nursery closes: nothing may start an async decision after that.
+            self._unpoll()
+
+    def _repoll(self) -> None:
+        fd = self.notify.fileno()
+        if self._poller is not None and self._polled_fd < 0 and fd >= 0:
+            self._poller.register(fd, self)
+            self._polled_fd = fd
+
+    def _unpoll(self) -> None:
+        if self._polled_fd >= 0:
+            assert self._poller is not None
+            self._poller.unregister(self._polled_fd)
+            self._polled_fd = -1
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def on_ready(self, events: int) -> Suspended | None:
+        """Called by the poller: the fd is readable. Receives one notification (RECV
+        cannot block here, see :mod:`supervisor.notifyfd`) and decides it, or starts its
+        async decision (returned if it suspended); or, at POLLHUP, ends the session."""
+        if events & POLLIN:
+            raw = self.notify.recv()
+            if raw is not None:
+                return self._dispatch(raw)
+            self.stats.gone += 1
+            self.recorder.gone("recv")
+        elif events & POLL_END:
+            self._unpoll()
+            self._ended = True
+            self._wake_up()
+        return None
+
+    def carried(self, exc: Exception | None) -> None:
+        """Called by the poller task that carried a suspended decision to its end."""
+        self._carried -= 1
+        if self._carried == 0 and self._carried_done is not None:
+            self._carried_done.set()
+        if exc is not None:
+            self.on_failure(exc)
+
+    def on_failure(self, exc: Exception) -> None:
+        """Called by the poller when :meth:`on_ready` raised: :meth:`run` raises it."""
+        self._unpoll()
+        self._failed = exc
+        self._wake_up()
+
+    async def _start_parked(self) -> None:
+        """Start the async decision of the parked notification once a slot is free."""
+        assert self._parked is not None
+        n, links, index, received = self._parked
+        # Shielded: this notification was received, so it must be answered even if
+        # stop_reading() or a cancellation comes meanwhile. A slot is freed within the
+        # deadline.
+        with trio.CancelScope(shield=True):
+            await self._slots.acquire()
+        self._parked = None
+        self.inflight += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._decide_async, n, links, index, received)
+
+    def stop_reading(self, *, keep_fd: bool = False) -> None:
+        """Receive no more notifications: the ones still pending wait in the kernel for
+        whoever reads this filter next. :meth:`run` returns once the ones already received
+        are answered. With ``keep_fd`` the fd is left open for the caller (a takeover)."""
+        self.keep_fd = keep_fd
+        self._unpoll()
+        self._reading.cancel()
+
+    @property
+    def reading_stopped(self) -> bool:
+        """True once :meth:`stop_reading` was called."""
+        return self._reading.cancel_called
+
+    def rebind(self, chain: Chain, settings: SessionSettings) -> None:
+        """Use ``chain`` and ``settings`` from the next notification on (a reload routed
+        this container again). Decisions under way finish with the chain they started
+        with. ``max_inflight`` keeps the value the session started with. Policies that
+        leave the chain get their session-end hook."""
+        old = self.chain
+        self.chain = chain
+        self.bucket = _bucket(settings, self.bucket)
+        self.settings = settings
+        self._routes = {}
+        kept = {id(policy_set) for _name, policy_set in chain.policies}
+        for name, policy_set in old.policies:
+            if id(policy_set) not in kept:
                 try:
                     policy_set.session_ended(self.container)
                 except Exception:
-                    log.exception("session-end hook of policy %s failed", _name)
-
-    async def _read_loop(self) -> None:
-        notify = self.notify
-        while True:
-            await notify.wait_readable()
-            while True:
-                events = notify.poll_now()
-                if events & POLLIN:
-                    raw = notify.recv()
-                    if raw is None:
-                        self.stats.gone += 1
-                        self.recorder.gone("recv")
-                        continue
-                    await self._dispatch(raw)
-                elif events & POLL_END:
-                    log.debug("session %s: filter has no task left", self.container.id)
-                    return
-                else:
-                    break
+                    log.exception("session-end hook of policy %s failed", name)
 
     def _route(self, arch: int, nr: int) -> _Route:
         route = self._routes.get((arch, nr))
@@ -120,16 +262,21 @@ class Session:
                 name, arch_name(arch, nr), self.chain.links(name))
         return route
 
-    async def _dispatch(self, raw: tuple[int, ...]) -> None:
+    def _dispatch(self, raw: tuple[int, ...]) -> Suspended | None:
         received = trio.current_time()
-        notif_id, tid, arch, nr = raw[0], raw[1], raw[4], raw[3]
+        notif_id, tid, nr, arch = raw[0], raw[1], raw[3], raw[4]
         args = raw[6:12]
         self.stats.notifications += 1
-        syscall, arch_label, links = self._route(arch, nr)
+        route = self._routes.get((arch, nr))
+        syscall, arch_label, links = route if route is not None else self._route(arch, nr)
+        if self.bucket is not None and not self.bucket.take(received):
+            self._answer(notif_id, tid, syscall, args, received,
+                         Outcome(self.settings.rate_exceeded, RATE_POLICY))
+            return None
         if not links:
             self._answer(notif_id, tid, syscall, args, received,
                          Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-            return
+            return None
         n = Notification(id=notif_id, pid=tid, nr=nr, arch=arch_label, syscall=syscall,
                          args=args, container=self.container, memory=self.memory)
         for index, link in enumerate(links):
@@ -137,22 +284,46 @@ class Session:
                 try:
                     self._slots.acquire_nowait()
                 except trio.WouldBlock:
-                    await self._slots.acquire()
-                self.inflight += 1
-                assert self._nursery is not None
-                self._nursery.start_soon(self._decide_async, n, links, index, received)
-                return
+                    # Every slot is taken: park it and stop reading until run() got one.
+                    self._parked = (n, links, index, received)
+                    self._unpoll()
+                    self._wake_up()
+                    return None
+                return self._start_async(n, links, index, received)
             try:
                 outcome = self._run_sync(n, link)
             except NotificationGone as gone:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
-                return
+                return None
             if outcome is not None:
                 self._answer(notif_id, tid, syscall, args, received, outcome)
-                return
+                return None
         self._answer(notif_id, tid, syscall, args, received,
                      Outcome(self.settings.unhandled, UNHANDLED_POLICY))
+        return None
+
+    def _start_async(self, n: Notification, links: tuple[Link, ...], index: int,
+                     received: float) -> Suspended | None:
+        """Run the rest of the chain inline, as far as it goes without suspending; the
+        caller holds a slot for it. Returns the suspended decision for the poller task to
+        carry on (it must await it at once), or None when it is answered already.
+
+        A trio task per notification would cost more than the rest of the decision, and
+        most coroutine handlers finish without waiting for anything.
+        """
+        self.inflight += 1
+        current = [UNHANDLED_POLICY]
+        coro = self._decide(n, links, index, received, current)
+        try:
+            trap = coro.send(None)
+        except StopIteration:
+            return None
+        self._carried += 1
+        # The deadline's cancel scope is set up only now: entering one costs more than a
+        # whole inline decision.
+        return Suspended(coro, trap, received + self.settings.deadline,
+                         partial(self._deadline_missed, n, received, current), self.carried)
 
     def _run_sync(self, n: Notification, link: Link) -> Outcome | None:
         try:
@@ -164,19 +335,13 @@ class Session:
             return self._failure(link.policy, n, exc)
         return None if decision is None else Outcome(decision, link.policy)
 
-    async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
-                            received: float) -> None:
+    async def _decide(self, n: Notification, links: Sequence[Link], start: int,
+                      received: float, current: list[str]) -> None:
+        """Ask the chain from ``links[start]`` on and answer; release the slot. The
+        deadline is the caller's: its cancellation goes through (``current[0]`` names the
+        policy being asked)."""
         try:
-            outcome: Outcome | None = None
-            current = [UNHANDLED_POLICY]
-            with trio.move_on_at(received + self.settings.deadline) as scope:
-                outcome = await self._run_chain(n, links, start, current)
-            if scope.cancelled_caught:
-                policy = current[0]
-                log.warning("container %s: %s handler of policy %s missed its %.3gs deadline",
-                            self.container.id, n.syscall, policy, self.settings.deadline)
-                outcome = Outcome(self.settings.on_error, policy, "deadline",
-                                  f"deadline {self.settings.deadline}s")
+            outcome = await self._run_chain(n, links, start, current)
             if outcome is None:
                 outcome = Outcome(self.settings.unhandled, UNHANDLED_POLICY)
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
@@ -186,6 +351,28 @@ class Session:
         finally:
             self.inflight -= 1
             self._slots.release()
+
+    async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
+                            received: float) -> None:
+        """:meth:`_decide` as a task of its own, under the deadline."""
+        current = [UNHANDLED_POLICY]
+        with trio.move_on_at(received + self.settings.deadline) as scope:
+            await self._decide(n, links, start, received, current)
+        if scope.cancelled_caught:
+            self._deadline_missed(n, received, current)
+
+    def _deadline_missed(self, n: Notification, received: float, current: list[str]) -> None:
+        """The chain overran the deadline: answer ``on_error``."""
+        policy = current[0]
+        log.warning("container %s: %s handler of policy %s missed its %.3gs deadline",
+                    self.container.id, n.syscall, policy, self.settings.deadline)
+        try:
+            self._answer(n.id, n.pid, n.syscall, n.args, received,
+                         Outcome(self.settings.on_error, policy, "deadline",
+                                 f"deadline {self.settings.deadline}s"))
+        except NotificationGone as gone:
+            self.stats.gone += 1
+            self.recorder.gone(gone.stage)
 
     async def _run_chain(self, n: Notification, links: Sequence[Link], start: int,
                          current: list[str]) -> Outcome | None:
@@ -251,6 +438,16 @@ class Session:
         self.stats.decisions[label] = self.stats.decisions.get(label, 0) + 1
         self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
                               trio.current_time() - received, shadow=shadow)
+
+
+def _bucket(settings: SessionSettings, old: TokenBucket | None) -> TokenBucket | None:
+    """The token bucket for ``settings`` (None without a rate); ``old`` if its limits are
+    the same, so a reload does not refill it."""
+    if settings.rate <= 0:
+        return None
+    if old is not None and old.same_limits(settings.rate, settings.rate_burst):
+        return old
+    return TokenBucket(settings.rate, max(1, settings.rate_burst), trio.current_time())
 
 
 def _close_quietly(fd: int) -> None:

@@ -47,7 +47,12 @@ class RunningDaemon:
                 capture_stdout=True, capture_stderr=True, check=check)
 
     def audit_lines(self) -> list[str]:
+        self.daemon.recorder.flush()  # lines wait for the writer task; write them now
         return [line for line in self.audit.getvalue().splitlines() if line]
+
+    @property
+    def control_path(self) -> str:
+        return self.daemon.state.config.listen.control_socket
 
 
 def write_config(tmp_path: Path, text: str, *, metrics: bool = False) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +138,6 @@ def test_record_follows_children_and_passes_the_exit_status_through(tmp_path: Pa
     assert "wait4" in names and {"clone", "clone3", "vfork", "fork"} & names
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_handoff_syscalls_are_exactly_what_the_launcher_makes_after_the_filter(
         tmp_path: Path) -> None:
     """The calls the spawn helper makes between seccomp() and execve() are what a learned

@@ -1,0 +1,12 @@
+"""Benchmark policy: getppid fails with EPERM, decided inline (a plain function)."""
+
+import errno
+
+from supervisor.policy import Notification, PolicySet, deny
+
+policy = PolicySet("bench-sync")
+
+
+@policy.on("getppid")
+def no_getppid(n: Notification) -> object:
+    return deny(errno.EPERM, reason="benchmark")  # built per call, as policies do

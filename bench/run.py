@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""Benchmark: what one notified system call costs under seccomp-supervisor.
+
+    .venv/bin/python bench/run.py                 # one run, table and ratios
+    .venv/bin/python bench/run.py --repeat 3      # three runs and the spread
+    .venv/bin/python bench/run.py --k 1,100 --only sync,"C epoll"
+    .venv/bin/python bench/run.py --quick         # seconds; what the smoke test runs
+
+K concurrent targets (bench/target.c) each install a notify filter for getppid(2), hand
+their listener fd to the supervisor under test exactly as runc does (the JSON state and
+SCM_RIGHTS on its socket), then time every call and check every answer (EPERM).
+
+Supervisors under test, each started fresh for every row and round:
+
+* ``sync``: ``seccomp-supervisor serve`` with a plain-function policy (decided inline);
+* ``async``: the same with a coroutine policy (a task per notification);
+* ``C blk`` / ``C epoll``: the C reference supervisor of ``../shared/bench`` (a thread
+  per fd blocking in RECV / one epoll loop), when that folder exists. It answers EPERM
+  too, so the same target checks it.
+
+Columns: p50/p99 latency of one call as the target sees it (with K > 1 it includes
+queueing behind the other targets); calls/s over the timed phase; supervisor CPU per
+call from ``/proc/PID/stat`` (utime + stime, all threads) around the timed phase; RSS
+(VmRSS) of the supervisor once all K sessions are up and idle, and at the end.
+Ratios compare rows of the same run only: the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+SHARED = Path(os.environ.get("SHARED_BENCH", REPO.parent / "shared" / "bench"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Calls per row (split over the K targets and the rounds).
+DEFAULT_CALLS = {1: 40_000, 10: 80_000, 100: 120_000, 1000: 120_000}
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    name: str
+    kind: str  # "ours" or "c"
+    args: tuple[str, ...]  # for "ours": policy file; for "c": sup_c options
+    tree: str = str(REPO)  # for "ours": the directory holding the supervisor package
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the daemon
+
+
+SUPERVISORS = (
+    Supervisor("C blk", "c", ("--loop", "blocking")),
+    Supervisor("C epoll", "c", ("--loop", "epoll")),
+    Supervisor("sync", "ours", ("sync_deny.py",)),
+    Supervisor("async", "ours", ("async_deny.py",)),
+)
+
+
+class RowFailed(Exception):
+    pass
+
+
+@dataclass
+class Sample:
+    """One round of one row."""
+
+    latencies: array.array  # type: ignore[type-arg]
+    wrong: int
+    wall: float  # first start .. last end, seconds
+    cpu_ticks: int
+    sys_ticks: int
+    rss_idle_kb: int
+    rss_end_kb: int
+
+
+@dataclass
+class Row:
+    sup: str
+    k: int
+    rounds: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    def summary(self) -> dict[str, object]:
+        if self.error:
+            return {"sup": self.sup, "k": self.k, "error": self.error}
+        lat = sorted(x for r in self.rounds for x in r.latencies)
+        calls = len(lat)
+        wall = sum(r.wall for r in self.rounds)
+        ticks = sum(r.cpu_ticks for r in self.rounds)
+        sys_ticks = sum(r.sys_ticks for r in self.rounds)
+        return {
+            "sup": self.sup, "k": self.k, "calls": calls,
+            "p50_us": lat[calls // 2] / 1e3,
+            "p99_us": lat[min(calls - 1, calls * 99 // 100)] / 1e3,
+            "calls_per_s": calls / wall,
+            "cpu_us_per_call": ticks / CLK_TCK / calls * 1e6,
+            "sys_share": sys_ticks / ticks if ticks else 0.0,
+            "rss_idle_mb": max(r.rss_idle_kb for r in self.rounds) / 1024,
+            "rss_end_mb": max(r.rss_end_kb for r in self.rounds) / 1024,
+            "wrong": sum(r.wrong for r in self.rounds),
+        }
+
+
+# --------------------------------------------------------------------------- build
+
+def build(out: Path) -> tuple[Path, Path | None]:
+    """Compile our target, and the C reference supervisor if ../shared/bench exists."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "bench-target"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(target),
+                    str(BENCH / "target.c")], check=True)
+    reference = None
+    source = SHARED / "src" / "sup_c.c"
+    if source.exists():
+        reference = out / "sup_c"
+        subprocess.run(["gcc", "-O2", "-pthread", "-I", str(source.parent), "-o",
+                        str(reference), str(source)], check=True)
+    return target, reference
+
+
+def daemon_config(tmp: Path, policy: str, audit: str) -> Path:
+    text = f"""\
+[listen]
+socket = "{tmp}/notify.sock"
+control_socket = "{tmp}/control.sock"
+max_handoffs = 64
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[defaults]
+policies = ["bench"]
+deadline = "2s"
+max_inflight = 64
+
+[[policy]]
+name = "bench"
+path = "{BENCH / "policies" / policy}"
+
+[audit]
+decisions = "{audit}"
+"""
+    path = tmp / "config.toml"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- /proc
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of every thread of ``pid`` so far, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- one row
+
+@dataclass
+class Options:
+    target: Path
+    reference: Path | None
+    audit: str
+    python: str
+    timeout: float
+    profile: Path | None = None
+
+
+def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: object
+                     ) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(tmp / "notify.sock")
+    if sup.kind == "c":
+        assert opts.reference is not None
+        argv = [str(opts.reference), *sup.args, "--sock", sock]
+    else:
+        config = daemon_config(tmp, sup.args[0], opts.audit)
+        argv = [opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
+                "--config", str(config)]
+        if opts.profile is not None:
+            out = opts.profile / f"{sup.name}-{time.monotonic_ns()}.prof"
+            argv[1:1] = ["-m", "cProfile", "-o", str(out)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = sup.tree + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(sup.env)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            env=env, cwd=str(tmp))
+    deadline = time.monotonic() + opts.timeout
+    while not os.path.exists(sock):
+        if proc.poll() is not None:
+            raise RowFailed(f"{sup.name} exited with {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise RowFailed(f"{sup.name} did not create {sock}")
+        time.sleep(0.01)
+    return proc, sock
+
+
+def collect(fd: int, count: int, procs: list[subprocess.Popen[bytes]], deadline: float,
+            what: str) -> None:
+    """Read ``count`` bytes from pipe ``fd`` (one per target) while checking that no
+    process of ``procs`` died."""
+    got = 0
+    while got < count:
+        for p in procs:
+            if p.poll() is not None:
+                raise RowFailed(f"{p.args[0]} exited with {p.returncode} waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RowFailed(f"timeout waiting for {what} ({got}/{count})")
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                raise RowFailed(f"pipe closed waiting for {what}")
+            got += len(data)
+
+
+def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sample:
+    per_target = max(1, calls // k)
+    warmup = 50
+    for stale in tmp.iterdir():
+        if stale.is_file() or stale.is_socket():
+            stale.unlink()
+    log = open(tmp / "supervisor.log", "w+b")  # noqa: SIM115 - closed in finally
+    pipes = {name: os.pipe() for name in ("ready", "go", "done", "exit")}
+    keep = {"ready": 0, "go": 1, "done": 0, "exit": 1}  # our end of each pipe
+    targets: list[subprocess.Popen[bytes]] = []
+    supervisor = None
+    deadline = time.monotonic() + opts.timeout
+    try:
+        supervisor, sock = start_supervisor(sup, opts, tmp, log)
+        child_fds = [pipes[name][1 - keep[name]] for name in pipes]
+        for i in range(k):
+            targets.append(subprocess.Popen(
+                [str(opts.target), sock, str(i), str(per_target), str(warmup),
+                 str(tmp / f"t{i}.out"), *(str(fd) for fd in child_fds)],
+                pass_fds=child_fds, stdin=subprocess.DEVNULL))
+        for fd in child_fds:
+            os.close(fd)
+        procs = [supervisor, *targets]
+        collect(pipes["ready"][0], k, procs, deadline, "every session to be served")
+        rss_idle = rss_kb(supervisor.pid)
+        cpu0 = cpu_ticks(supervisor.pid)
+        os.close(pipes["go"][1])
+        pipes["go"] = (-1, -1)
+        collect(pipes["done"][0], k, procs, deadline, "the timed calls")
+        cpu1 = cpu_ticks(supervisor.pid)
+        rss_end = rss_kb(supervisor.pid)
+        os.close(pipes["exit"][1])
+        pipes["exit"] = (-1, -1)
+        for t in targets:
+            if t.wait(timeout=max(1.0, deadline - time.monotonic())) != 0:
+                raise RowFailed(f"target exited with {t.returncode}")
+    finally:
+        for r, w in pipes.values():
+            for fd in (r, w):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+        for t in targets:
+            if t.poll() is None:
+                t.kill()
+                t.wait()
+        if supervisor is not None and supervisor.poll() is None:
+            supervisor.send_signal(signal.SIGTERM)
+            try:
+                supervisor.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                supervisor.kill()
+                supervisor.wait()
+        log.seek(0)
+        text = log.read().decode(errors="replace").strip()
+        log.close()
+        if text:
+            print(f"    [{sup.name} K={k}] supervisor output: {text[-800:]}", file=sys.stderr)
+
+    latencies: array.array[int] = array.array("I")
+    wrong = 0
+    starts, ends = [], []
+    for i in range(k):
+        with open(tmp / f"t{i}.out", "rb") as f:
+            n, bad, t0, t1 = (int(x) for x in f.readline().split())
+            chunk = array.array("I")
+            chunk.frombytes(f.read(n * 4))
+        if len(chunk) != n:
+            raise RowFailed(f"target {i}: short result file")
+        latencies.extend(chunk)
+        wrong += bad
+        starts.append(t0)
+        ends.append(t1)
+    return Sample(latencies, wrong, (max(ends) - min(starts)) / 1e9,
+                  sum(cpu1) - sum(cpu0), cpu1[1] - cpu0[1], rss_idle, rss_end)
+
+
+# --------------------------------------------------------------------------- output
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def find(rows: list[dict[str, object]], sup: str, k: int) -> dict[str, object] | None:
+    for r in rows:
+        if r["sup"] == sup and r["k"] == k and "error" not in r:
+            return r
+    return None
+
+
+def verdicts(rows: list[dict[str, object]]) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, value, target, met) for each target of issue 6."""
+
+    def val(sup: str, k: int, key: str) -> float | None:
+        r = find(rows, sup, k)
+        return None if r is None else float(r[key])  # type: ignore[arg-type]
+
+    out: list[tuple[str, float | None, str, bool | None]] = []
+
+    def check(what: str, value: float | None, target: str, ok: bool | None) -> None:
+        out.append((what, value, target, None if value is None else ok))
+
+    for name in ("sync", "async"):
+        v = ratio(val(name, 1, "p50_us"), val("C blk", 1, "p50_us"))
+        check(f"K=1 p50 {name} / C blk", v, "<= 1.2", v is not None and v <= 1.2)
+    for name, limit in (("sync", 0.6), ("async", 0.4)):
+        v = ratio(val(name, 100, "calls_per_s"), val("C epoll", 100, "calls_per_s"))
+        check(f"K=100 calls/s {name} / C epoll", v, f">= {limit}", v is not None and v >= limit)
+    for k in (1, 100):
+        v = val("sync", k, "cpu_us_per_call")
+        check(f"K={k} sync supervisor CPU us/call", v, "<= 10", v is not None and v <= 10)
+    v = val("sync", 1000, "rss_idle_mb")
+    check("K=1000 idle sessions, daemon RSS MB", v, "<= 64", v is not None and v <= 64)
+    for name in ("sync", "async"):
+        v = ratio(val(name, 1000, "calls_per_s"), val(name, 100, "calls_per_s"))
+        check(f"calls/s K=1000 / K=100, {name}", v, ">= 0.8 (no cliff)",
+              v is not None and v >= 0.8)
+    return out
+
+
+def print_table(rows: list[dict[str, object]], title: str) -> None:
+    print(f"\n{title}")
+    head = (f"{'supervisor':<14} {'K':>5} {'calls':>7} {'p50 us':>7} {'p99 us':>8} "
+            f"{'calls/s':>8} {'CPU us':>7} {'sys%':>4} {'RSS idle':>8} {'RSS end':>8} {'wrong':>5} "
+            f"{'x C blk p50':>11} {'C epoll thru/':>13}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['sup']:<14} {r['k']:>5}  FAILED: {r['error']}")
+            continue
+        blk = find(rows, "C blk", int(r["k"]))  # type: ignore[call-overload]
+        epoll = find(rows, "C epoll", int(r["k"]))  # type: ignore[call-overload]
+        xp = ratio(r["p50_us"], blk["p50_us"]) if blk else None  # type: ignore[arg-type]
+        xt = ratio(r["calls_per_s"], epoll["calls_per_s"]) if epoll else None  # type: ignore[arg-type]
+        print(f"{r['sup']:<14} {r['k']:>5} {r['calls']:>7} {r['p50_us']:>7.1f} "
+              f"{r['p99_us']:>8.1f} {r['calls_per_s']:>8.0f} {r['cpu_us_per_call']:>7.2f} "
+              f"{100 * r['sys_share']:>4.0f} "
+              f"{r['rss_idle_mb']:>7.1f}M {r['rss_end_mb']:>7.1f}M {r['wrong']:>5} "
+              f"{'-' if xp is None else f'{xp:.2f}':>11} "
+              f"{'-' if xt is None else f'{xt:.2f}':>13}")
+    print("x C blk p50 = p50 / p50 of C blk at the same K (lower is better); "
+          "C epoll thru/ = calls/s / calls/s of C epoll (higher is better).\n"
+          "CPU us = supervisor CPU per call (utime+stime from /proc/PID/stat, 10 ms ticks); "
+          "sys% = its kernel share.")
+    print("\nIssue 6 targets (this run):")
+    for what, value, target, ok in verdicts(rows):
+        shown = "n/a" if value is None else f"{value:.2f}"
+        mark = "-" if ok is None else ("met" if ok else "NOT met")
+        print(f"  {what:<40} {shown:>8}   target {target:<18} {mark}")
+
+
+def print_spread(runs: list[list[dict[str, object]]]) -> None:
+    print(f"\nSpread over {len(runs)} runs (min / median / max)")
+    for what, _value, target, _ok in verdicts(runs[0]):
+        values = [v for run in runs for w, v, _t, _o in verdicts(run) if w == what
+                  and v is not None]
+        if values:
+            print(f"  {what:<40} {min(values):8.2f} {statistics.median(values):8.2f} "
+                  f"{max(values):8.2f}   target {target}")
+    print()
+    keys = [(r["sup"], r["k"]) for r in runs[0]]
+    print(f"{'supervisor':<14} {'K':>5} {'p50 us':>22} {'calls/s':>26} {'CPU us/call':>20}")
+    for sup, k in keys:
+        per = [find(run, sup, k) for run in runs]  # type: ignore[arg-type]
+        got = [r for r in per if r is not None]
+        if not got:
+            continue
+
+        def mmm(key: str, fmt: str, got: list[dict[str, object]] = got) -> str:
+            vals = [float(r[key]) for r in got]  # type: ignore[arg-type]
+            return "/".join(format(v, fmt) for v in (min(vals), statistics.median(vals),
+                                                      max(vals)))
+        print(f"{sup:<14} {k:>5} {mmm('p50_us', '.1f'):>22} {mmm('calls_per_s', '.0f'):>26} "
+              f"{mmm('cpu_us_per_call', '.2f'):>20}")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", default="1,10,100,1000", help="concurrent targets, comma separated")
+    ap.add_argument("--only", help="supervisors to run, comma separated names "
+                                   "(C blk, C epoll, sync, async)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply the calls per row")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per run; each row gets 1/rounds of its calls")
+    ap.add_argument("--repeat", type=int, default=1, help="full runs (spread if > 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few seconds: K=1,4, tiny call counts, one round")
+    ap.add_argument("--audit", default="none", choices=("none", "deny", "all"),
+                    help="[audit] decisions of the daemon (default none: every call is a "
+                         "deny, so 'deny' writes one audit line per call)")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                    help="also run sync and async rows (named sync@NAME, async@NAME) with "
+                         "the supervisor package found in DIR, e.g. a copy of an older "
+                         "version: before/after figures from one run")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=V;VAR=V",
+                    help="also run sync and async rows (sync%%NAME, async%%NAME) with these "
+                         "environment variables set for the daemon (experiments)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the C reference even if ../shared/bench exists")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that runs the daemon (default: this one)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run the daemon under cProfile, one .prof file per row in DIR")
+    ap.add_argument("--json", help="write every row of every run to this file")
+    ap.add_argument("--timeout", type=float, default=120, help="per row and round, seconds")
+    ap.add_argument("--out", default=os.environ.get(
+        "BENCH_OUT", os.path.join(tempfile.gettempdir(), "seccomp-supervisor-bench")),
+        help="build directory")
+    args = ap.parse_args(argv)
+
+    ks = [int(x) for x in args.k.split(",")]
+    rounds = args.rounds
+    calls = {k: int(DEFAULT_CALLS.get(k, 100_000) * args.scale) for k in ks}
+    if args.quick:
+        ks = [1, 4] if args.k == ap.get_default("k") else ks
+        rounds = 1
+        calls = {k: 400 for k in ks}
+    target, reference = build(Path(args.out))
+    if args.no_reference:
+        reference = None
+    sups = [s for s in SUPERVISORS if s.kind == "ours" or reference is not None]
+    for spec in args.variant:
+        label, _, assignments = spec.partition("=")
+        env = tuple(tuple(a.split("=", 1)) for a in assignments.split(";") if a)
+        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, env)  # type: ignore[arg-type]
+                 for s in SUPERVISORS if s.kind == "ours"]
+    for spec in args.compare:
+        label, _, tree = spec.partition("=")
+        if not label or not (Path(tree) / "supervisor" / "__init__.py").exists():
+            ap.error(f"--compare {spec!r}: want NAME=DIR with DIR/supervisor/")
+        sups += [Supervisor(f"{s.name}@{label}", "ours", s.args, str(Path(tree).resolve()))
+                 for s in SUPERVISORS if s.kind == "ours"]
+    if args.only:
+        wanted = {s.strip() for s in args.only.split(",")}
+        sups = [s for s in sups if s.name in wanted or s.name.split("@")[0].split("%")[0] in wanted]
+    opts = Options(target, reference, args.audit, args.python, args.timeout,
+                   Path(args.profile) if args.profile else None)
+    if opts.profile is not None:
+        opts.profile.mkdir(parents=True, exist_ok=True)
+    print(f"seccomp-supervisor benchmark: kernel {os.uname().release}, {os.cpu_count()} CPUs, "
+          f"python {sys.version.split()[0]}, audit={args.audit}; C reference: "
+          f"{reference if reference else 'none (../shared/bench not found)'}")
+    runs: list[list[dict[str, object]]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ssbench-", dir="/dev/shm"
+                                if os.path.isdir("/dev/shm") else None))
+    try:
+        for rep in range(args.repeat):
+            t0 = time.monotonic()
+            table = {(s.name, k): Row(s.name, k) for k in ks for s in sups}
+            # Interleaved rounds: slow drifts of a shared machine hit every row alike.
+            for _ in range(rounds):
+                for k in ks:
+                    for s in sups:
+                        row = table[(s.name, k)]
+                        if row.error:
+                            continue
+                        try:
+                            row.rounds.append(run_row(s, k, calls[k] // rounds, opts, tmp))
+                        except (RowFailed, OSError, subprocess.SubprocessError) as exc:
+                            row.error = str(exc)
+            rows = [row.summary() for row in table.values()]
+            runs.append(rows)
+            print_table(rows, f"Run {rep + 1}/{args.repeat} ({time.monotonic() - t0:.0f} s, "
+                              f"{rounds} interleaved rounds)")
+            sys.stdout.flush()
+        if args.repeat > 1:
+            print_spread(runs)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"runs": runs, "targets": [
+                verdicts(rows) for rows in runs]}, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failed = any("error" in r for rows in runs for r in rows)
+    wrong = any(r.get("wrong") for rows in runs for r in rows)
+    return 1 if failed or wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+/*
+ * bench/target.c - one benchmark target: makes notified system calls and
+ * times each one.  Written for bench/run.py; see bench/README.md.
+ *
+ *   bench-target SOCK ID CALLS WARMUP OUT READY_FD GO_FD DONE_FD EXIT_FD
+ *
+ * 1. Installs a seccomp filter that sends getppid(2) to user space
+ *    (SECCOMP_RET_USER_NOTIF, NEW_LISTENER) and allows everything else.
+ * 2. Acts as the container runtime: connects to SOCK and sends, in one
+ *    sendmsg, the JSON state runc sends to a seccomp agent with the listener
+ *    fd as SCM_RIGHTS, then closes the socket and its own copy of the fd.
+ * 3. WARMUP calls (not timed).  The first one blocks until the supervisor
+ *    serves the fd, so the harness knows every session is up.
+ * 4. Writes one byte to READY_FD, reads GO_FD until EOF (the harness closes
+ *    it once every target is ready: all targets start together).
+ * 5. CALLS timed calls, clock_gettime(CLOCK_MONOTONIC) before and after
+ *    each.  Every answer is checked: the supervisor must make getppid fail
+ *    with EPERM; anything else is counted as wrong.
+ * 6. Writes OUT: the header line
+ *        "<calls> <wrong> <start_ns> <end_ns>\n"
+ *    followed by CALLS native uint32 latencies in ns.
+ * 7. Writes one byte to DONE_FD and reads EXIT_FD until EOF, so the
+ *    supervisor still holds every session while the harness samples it.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static void fail(const char *what)
+{
+	fprintf(stderr, "bench-target: %s: %s\n", what, strerror(errno));
+	exit(3);
+}
+
+static uint64_t monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int notify_filter(void)
+{
+	struct sock_filter code[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 3),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { sizeof(code) / sizeof(code[0]), code };
+	long fd;
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+		fail("PR_SET_NO_NEW_PRIVS");
+	fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+		     SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+	if (fd < 0)
+		fail("seccomp(SET_MODE_FILTER)");
+	return (int)fd;
+}
+
+/* What runc does with linux.seccomp.listenerPath: one connection, one
+ * sendmsg carrying the state document and the listener fd. */
+static void hand_over(const char *path, const char *id, int listener)
+{
+	struct sockaddr_un addr = { .sun_family = AF_UNIX };
+	char doc[512];
+	int len = snprintf(doc, sizeof(doc),
+		"{\"ociVersion\":\"1.0.2\",\"fds\":[\"seccompFd\"],\"pid\":%d,"
+		"\"metadata\":\"bench=1\",\"state\":{\"ociVersion\":\"1.0.2\","
+		"\"id\":\"bench-%s\",\"status\":\"creating\",\"pid\":%d,"
+		"\"bundle\":\"/tmp\"}}", (int)getpid(), id, (int)getpid());
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} control;
+	struct iovec iov = { doc, (size_t)len };
+	struct msghdr msg = {
+		.msg_iov = &iov, .msg_iovlen = 1,
+		.msg_control = control.buf, .msg_controllen = sizeof(control.buf),
+	};
+	struct cmsghdr *cmsg;
+	int sock;
+
+	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path);
+	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (sock < 0)
+		fail("socket");
+	/* The socket file may exist a moment before listen(): retry for 10 s. */
+	for (int tries = 0; connect(sock, (struct sockaddr *)&addr, sizeof(addr)) != 0;
+	     tries++) {
+		if ((errno != ECONNREFUSED && errno != ENOENT && errno != EINTR) ||
+		    tries == 1000)
+			fail("connect to the supervisor");
+		usleep(10000);
+	}
+	memset(&control, 0, sizeof(control));
+	cmsg = CMSG_FIRSTHDR(&msg);
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
+	if (sendmsg(sock, &msg, MSG_NOSIGNAL) != len)
+		fail("sendmsg");
+	close(sock);
+	close(listener);
+}
+
+static void drain_until_eof(int fd)
+{
+	char c;
+
+	for (;;) {
+		ssize_t n = read(fd, &c, 1);
+
+		if (n == 0 || (n < 0 && errno != EINTR))
+			return;
+	}
+}
+
+static void put_byte(int fd)
+{
+	if (write(fd, "x", 1) != 1)
+		fail("write to the harness");
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 10) {
+		fprintf(stderr, "usage: bench-target SOCK ID CALLS WARMUP OUT "
+				"READY_FD GO_FD DONE_FD EXIT_FD\n");
+		return 2;
+	}
+	const char *sock = argv[1], *id = argv[2], *out = argv[5];
+	long calls = atol(argv[3]), warmup = atol(argv[4]);
+	int ready = atoi(argv[6]), go = atoi(argv[7]);
+	int done = atoi(argv[8]), quit = atoi(argv[9]);
+	uint32_t *lat;
+	uint64_t wrong = 0, start, end;
+	FILE *f;
+
+	if (calls < 1 || warmup < 1)
+		return 2;
+	lat = calloc((size_t)calls, sizeof(*lat));	/* touched before timing */
+	if (!lat)
+		fail("calloc");
+
+	hand_over(sock, id, notify_filter());
+	for (long i = 0; i < warmup; i++)
+		syscall(SYS_getppid);
+	put_byte(ready);
+	drain_until_eof(go);
+
+	start = monotonic_ns();
+	for (long i = 0; i < calls; i++) {
+		uint64_t t0 = monotonic_ns();
+		long rc = syscall(SYS_getppid);
+		int err = errno;
+		uint64_t t1 = monotonic_ns();
+
+		lat[i] = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
+		if (rc != -1 || err != EPERM)
+			wrong++;
+	}
+	end = monotonic_ns();
+
+	f = fopen(out, "wb");
+	if (!f)
+		fail("open OUT");
+	fprintf(f, "%ld %llu %llu %llu\n", calls, (unsigned long long)wrong,
+		(unsigned long long)start, (unsigned long long)end);
+	if (fwrite(lat, sizeof(*lat), (size_t)calls, f) != (size_t)calls || fclose(f))
+		fail("write OUT");
+	put_byte(done);
+	drain_until_eof(quit);
+	return 0;
+}

@@ -1,0 +1,34 @@
+"""The benchmark (bench/run.py) at a tiny scale, so it cannot rot: real targets, the real
+daemon with a sync and an async policy, every answer checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_run_answers_every_call(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json", str(out),
+         "--out", str(tmp_path / "build")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["runs"][0]
+    by_name = {(r["sup"], r["k"]): r for r in rows}
+    for sup in ("sync", "async"):
+        for k in (1, 4):
+            row = by_name[(sup, k)]
+            assert "error" not in row, row
+            assert row["calls"] == (400 // k) * k
+            assert row["wrong"] == 0
+            assert row["p50_us"] > 0 and row["calls_per_s"] > 0
+            assert row["rss_idle_mb"] > 1
+    if (REPO.parent / "shared" / "bench" / "src" / "sup_c.c").exists():
+        assert by_name[("C blk", 1)]["wrong"] == 0
+        assert by_name[("C epoll", 4)]["wrong"] == 0
+    assert "Issue 6 targets" in proc.stdout
