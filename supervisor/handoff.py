@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from .errors import HandoffError
+from .jsontypes import json_type
 from .notifyfd import is_seccomp_listener
 from .policy import Container
 from .router import parse_labels
@@ -115,7 +116,7 @@ def parse_state(data: bytes, fd_count: int) -> ProcessState:
     except ValueError as exc:  # JSONDecodeError, and int() refusing a huge number
         raise HandoffError(f"message is not JSON: {_first_line(exc)}") from None
     if not isinstance(top, dict):
-        raise HandoffError(f"message is {_describe(top)}, not a JSON object")
+        raise HandoffError(f"message is {json_type(top)}, not a JSON object")
 
     oci_version = _string(top, "ociVersion", "ociVersion")
     fds = _fd_names(top)
@@ -129,7 +130,7 @@ def parse_state(data: bytes, fd_count: int) -> ProcessState:
     if state is _MISSING:
         raise HandoffError("state: missing")
     if not isinstance(state, dict):
-        raise HandoffError(f"state: expected an object, got {_describe(state)}")
+        raise HandoffError(f"state: expected an object, got {json_type(state)}")
     _string(state, "ociVersion", "state.ociVersion")
     container_id = _string(state, "id", "state.id")
     status = _string(state, "status", "state.status")
@@ -177,7 +178,7 @@ def _string(obj: dict[str, Any], key: str, where: str, *, required: bool = True,
             raise HandoffError(f"{where}: missing")
         return ""
     if not isinstance(value, str):
-        raise HandoffError(f"{where}: expected a string, got {_describe(value)}")
+        raise HandoffError(f"{where}: expected a string, got {json_type(value)}")
     if not value and not allow_empty:
         raise HandoffError(f"{where}: empty string")
     return value
@@ -190,7 +191,7 @@ def _pid(obj: dict[str, Any], key: str, where: str, *, required: bool) -> int:
             raise HandoffError(f"{where}: missing")
         return 0
     if type(value) is not int:
-        raise HandoffError(f"{where}: expected an integer, got {_describe(value)}")
+        raise HandoffError(f"{where}: expected an integer, got {json_type(value)}")
     if not 0 <= value <= _MAX_PID:
         raise HandoffError(f"{where}: {value} is not a pid")
     return value
@@ -201,10 +202,10 @@ def _fd_names(top: dict[str, Any]) -> tuple[str, ...]:
     if names is _MISSING:
         raise HandoffError("fds: missing")
     if not isinstance(names, list):
-        raise HandoffError(f"fds: expected an array, got {_describe(names)}")
+        raise HandoffError(f"fds: expected an array, got {json_type(names)}")
     for i, name in enumerate(names):
         if not isinstance(name, str):
-            raise HandoffError(f"fds[{i}]: expected a string, got {_describe(name)}")
+            raise HandoffError(f"fds[{i}]: expected a string, got {json_type(name)}")
     count = names.count(SECCOMP_FD_NAME)
     if count != 1:
         raise HandoffError(f"fds: {SECCOMP_FD_NAME!r} must appear exactly once, not {count} "
@@ -217,28 +218,12 @@ def _annotations(state: dict[str, Any]) -> Mapping[str, str]:
     if value is _MISSING:
         return MappingProxyType({})
     if not isinstance(value, dict):
-        raise HandoffError(f"state.annotations: expected an object, got {_describe(value)}")
+        raise HandoffError(f"state.annotations: expected an object, got {json_type(value)}")
     for key, item in value.items():
         if not isinstance(item, str):
             raise HandoffError(
-                f"state.annotations[{_short(key)}]: expected a string, got {_describe(item)}")
+                f"state.annotations[{_short(key)}]: expected a string, got {json_type(item)}")
     return MappingProxyType(dict(value))
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _short(text: str, limit: int = 60) -> str:

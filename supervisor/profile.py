@@ -72,6 +72,7 @@ import pyseccomp
 
 from . import abi, bpf, bpfprog
 from .errors import ProfileError
+from .jsontypes import json_type
 
 __all__ = [
     "ALLOW_LIKE_ACTIONS",
@@ -539,7 +540,7 @@ def _action(value: object, loc: str) -> Action:
 
 def _mapping(value: object, loc: str) -> Mapping[Any, Any]:
     if not isinstance(value, Mapping):
-        raise _Invalid(loc, f"must be an object, not {_json_type(value)}")
+        raise _Invalid(loc, f"must be an object, not {json_type(value)}")
     return value
 
 
@@ -548,7 +549,7 @@ def _sequence(value: object, loc: str) -> Sequence[object]:
     if value is None:
         return ()
     if not isinstance(value, list | tuple):
-        raise _Invalid(loc, f"must be an array, not {_json_type(value)}")
+        raise _Invalid(loc, f"must be an array, not {json_type(value)}")
     return value
 
 
@@ -558,7 +559,7 @@ def _strings(value: object, loc: str) -> list[str]:
 
 def _string(value: object, loc: str) -> str:
     if not isinstance(value, str):
-        raise _Invalid(loc, f"must be a string, not {_json_type(value)}")
+        raise _Invalid(loc, f"must be a string, not {json_type(value)}")
     return value
 
 
@@ -568,31 +569,13 @@ def _optional_str(value: object, loc: str) -> str | None:
 
 def _int(value: object, loc: str) -> int:
     if not _is_int(value):
-        raise _Invalid(loc, f"must be an integer, not {_json_type(value)}")
+        raise _Invalid(loc, f"must be an integer, not {json_type(value)}")
     assert isinstance(value, int)
     return value
 
 
 def _optional_int(value: object, loc: str) -> int | None:
     return None if value is None else _int(value, loc)
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return type(value).__name__
 
 
 # ---------------------------------------------------------------------------------------
