@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +39,7 @@ from .soak import (
     start_target,
     wait_file,
 )
+from .systemd_user import UserManager, run_user_manager
 
 # --------------------------------------------------------------------------- session state
 
@@ -426,68 +425,13 @@ def test_a_runc_container_calling_in_a_loop_across_a_takeover(tmp_path: Path) ->
 # --------------------------------------------------------------------------- systemd
 
 
-@dataclass
-class UserManager:
-    """A real systemd (``systemd --user``) in a private mount namespace, with a unit
-    running the daemon; ``systemctl --user`` talks to it over its private socket."""
-
-    env: dict[str, str]
-    unit: str = "seccomp-supervisor-test.service"
-
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["systemctl", "--user", *args], env=self.env,
-                                capture_output=True, text=True, timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"systemctl --user {' '.join(args)}: {result.stderr}")
-        return result
-
-    def show(self, *props: str) -> dict[str, str]:
-        out = self.ctl("show", *(f"--property={p}" for p in props), self.unit).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def wait_for(self, prop: str, check: Callable[[str], bool], timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.show(prop)[prop]
-            if check(value):
-                return value
-            assert time.monotonic() < deadline, f"{prop}={value}"
-            time.sleep(0.05)
-
-
 @pytest.fixture
 def user_manager(tmp_path: Path) -> Iterator[UserManager]:
-    # dev.sh installs the systemd package; a missing binary is a setup bug, not a skip.
-    assert shutil.which("systemd") and shutil.which("unshare"), "systemd/unshare missing"
+    """A real ``systemd --user`` (tests/systemd_user.py) with a unit running the daemon."""
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
-    env.pop("NOTIFY_SOCKET", None)
-    # systemd --user only runs on a system "booted with systemd": give it that view
-    # (/run/systemd/system) in a mount namespace of its own.
-    with open(tmp_path / "manager.log", "wb") as log:
-        manager = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system && "
-             "exec systemd --user"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while not (xdg / "systemd" / "private").exists():
-            assert manager.poll() is None, (tmp_path / "manager.log").read_text()
-            assert time.monotonic() < deadline, "systemd --user did not start"
-            time.sleep(0.02)
-        yield UserManager(env)
-    finally:
-        subprocess.run(["systemctl", "--user", "stop", UserManager.unit], env=env,
-                       capture_output=True, timeout=60)
-        subprocess.run(["systemctl", "--user", "exit"], env=env, capture_output=True,
-                       timeout=30)
-        try:
-            manager.wait(20)
-        except subprocess.TimeoutExpired:
-            manager.kill()
-            manager.wait()
+    with run_user_manager(xdg, tmp_path / "manager.log") as m:
+        yield m
 
 
 def install_unit(m: UserManager, d: DaemonProcess) -> None:

@@ -1,0 +1,378 @@
+"""The shipped unit's sandbox, for real: systemd/seccomp-supervisor.service and .socket
+run under a real ``systemd --user`` (tests/systemd_user.py; as root, so
+CapabilityBoundingSet, ProtectSystem, SystemCallFilter... all apply) with every hardening
+line as shipped. Only ExecStart (this checkout's ``python -m supervisor serve --config``),
+StandardOutput/StandardError (files: there is no journald here) and the socket unit's
+ListenStream are rewritten; the config is systemd/seccomp-supervisor.toml with the paths
+moved and path_guard and devices added.
+
+The daemon's config and $XDG_RUNTIME_DIR (so its RuntimeDirectory) live in a directory
+under /run, not in pytest's tmp_path: the unit has PrivateTmp=yes, so the daemon cannot
+see /tmp -- as in production, where the config is in /etc and the sockets in
+/run/seccomp-supervisor. The callers (``seccomp-supervisor run`` processes), the files
+they touch and the logs are in tmp_path.
+
+The last test reverts, one at a time, the unit changes this test led to (and drops
+CAP_SYS_PTRACE), and shows what each breaks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .systemd_user import UserManager, run_user_manager
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+SERVICE = "seccomp-supervisor.service"
+SOCKET = "seccomp-supervisor.socket"
+CLI = [sys.executable, "-m", "supervisor"]
+# linux/capability.h
+CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
+        "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8,
+        "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+        "CAP_IPC_LOCK": 14, "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17,
+        "CAP_SYS_CHROOT": 18, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21,
+        "CAP_SYS_RESOURCE": 24, "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29}
+NOBODY = 65534
+
+
+def unit_settings(text: str) -> list[tuple[str, str]]:
+    """(key, value) of every setting line, in order (comments and sections left out)."""
+    return [(k.strip(), v.strip()) for k, _, v in
+            (line.partition("=") for line in text.splitlines()
+             if "=" in line and not line.lstrip().startswith(("#", ";", "[")))]
+
+
+def rewrite(text: str, replacements: dict[str, str]) -> str:
+    """``text`` with the value of each setting in ``replacements`` replaced; each must
+    occur exactly once."""
+    lines = text.splitlines(keepends=True)
+    for key, value in replacements.items():
+        hits = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        assert len(hits) == 1, f"{key}= occurs {len(hits)} times in the shipped unit"
+        lines[hits[0]] = f"{key}={value}\n"
+    return "".join(lines)
+
+
+def shipped_config(state: Path, guarded: Path) -> str:
+    """systemd/seccomp-supervisor.toml, with the sockets in ``state``, /metrics on a free
+    port, every decision audited, and path_guard and devices after hardening."""
+    text = (UNITS / "seccomp-supervisor.toml").read_text()
+    edits = {
+        'socket = "/run/seccomp-supervisor/notify.sock"':
+            f'socket = "{state}/notify.sock"\ncontrol_socket = "{state}/control.sock"',
+        'listen = "127.0.0.1:9469"': 'listen = "127.0.0.1:0"',
+        'policies = ["hardening"]': 'policies = ["hardening", "path_guard", "devices"]',
+        'path = "../policies/hardening.py"': f'path = "{ROOT}/policies/hardening.py"',
+        'decisions = "deny"': 'decisions = "all"',
+    }
+    for old, new in edits.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text + f"""
+[[policy]]
+name = "path_guard"
+path = "{ROOT}/policies/path_guard.py"
+options = {{ prefixes = ["{guarded}"] }}
+
+[[policy]]
+name = "devices"
+path = "{ROOT}/policies/devices.py"
+"""
+
+
+@dataclass
+class Service:
+    m: UserManager
+    runtime: Path        # RuntimeDirectory= ($XDG_RUNTIME_DIR/seccomp-supervisor)
+    files: Path          # pytest's tmp_path: logs, and where the callers work
+    shipped: str
+    installed: str
+
+    @property
+    def socket(self) -> str:
+        return str(self.runtime / "notify.sock")
+
+    @property
+    def pid(self) -> int:
+        return int(self.m.show("MainPID")["MainPID"])
+
+    def log(self) -> str:
+        try:
+            return (self.files / "daemon.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no daemon.log)"
+
+    def audit(self, container: str, count: int = 1) -> list[dict[str, object]]:
+        """The audit lines (all decisions) of ``container``, once there are ``count``:
+        the daemon writes them from a task of their own, after answering."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = (self.files / "audit.log").read_text().split("\n")[:-1]  # complete
+            found = [a for a in (json.loads(x) for x in lines if x.startswith("{"))
+                     if a["container"] == container]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def run(self, container: str, notify: list[str],
+            cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        """``seccomp-supervisor run`` (the real CLI) against the unit's socket."""
+        args = [*CLI, "run", "--socket", self.socket, "--id", container]
+        for name in notify:
+            args += ["--notify", name]
+        return subprocess.run([*args, "--", *cmd], capture_output=True, text=True,
+                              timeout=30, cwd=self.files)
+
+    def status(self) -> str:
+        return (f"{self.m.ctl('status', SERVICE, check=False).stdout}\n--- daemon log\n"
+                f"{self.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    files = tmp_path_factory.mktemp("unit-hardening")
+    # Not under /tmp: PrivateTmp=yes hides it from the daemon (see the module docstring).
+    base = Path(tempfile.mkdtemp(prefix="seccomp-supervisor-test-", dir="/run"))
+    try:
+        xdg = base / "xdg"
+        xdg.mkdir(mode=0o700)
+        runtime = xdg / "seccomp-supervisor"   # RuntimeDirectory= of a user manager
+        config = base / "config.toml"
+        config.write_text(shipped_config(runtime, files / "guarded"))
+        shipped = (UNITS / SERVICE).read_text()
+        installed = rewrite(shipped, {
+            "ExecStart": f"{sys.executable} -m supervisor serve --config {config}",
+            # Opened by the manager before the sandbox is set up: may be in /tmp.
+            "StandardOutput": f"append:{files}/audit.log",
+            "StandardError": f"append:{files}/daemon.log",
+        })
+        sock = rewrite((UNITS / SOCKET).read_text(),
+                       {"ListenStream": f"{runtime}/notify.sock"})
+        with run_user_manager(xdg, files / "manager.log", SERVICE, (SOCKET,)) as m:
+            m.unit_dir.mkdir(parents=True)
+            (m.unit_dir / SERVICE).write_text(installed)
+            (m.unit_dir / SOCKET).write_text(sock)
+            m.ctl("daemon-reload")
+            s = Service(m, runtime, files, shipped, installed)
+            # Type=notify: `start` returns once the daemon sent READY=1 (or failed).
+            started = m.ctl("start", SERVICE, check=False)
+            assert started.returncode == 0, f"{started.stderr}\n{s.status()}"
+            yield s
+            m.ctl("stop", SERVICE, SOCKET)
+            result = m.show("Result", "ExecMainStatus", "ActiveState")
+            assert result == {"Result": "success", "ExecMainStatus": "0",
+                              "ActiveState": "inactive"}, (result, s.log()[-3000:])
+    finally:
+        shutil.rmtree(base)
+
+
+def test_only_exec_and_output_paths_differ_from_the_shipped_unit(service: Service) -> None:
+    shipped = unit_settings(service.shipped)
+    installed = unit_settings(service.installed)
+    assert [k for k, _ in shipped] == [k for k, _ in installed]
+    changed = {k for (k, a), (_, b) in zip(shipped, installed, strict=True) if a != b}
+    assert changed == {"ExecStart", "StandardOutput", "StandardError"}
+    # The manager loaded it as written: the hardening shows in its own view of the unit.
+    props = service.m.show("ProtectSystem", "PrivateTmp", "NoNewPrivileges",
+                           "CapabilityBoundingSet", "RestrictAddressFamilies")
+    assert props["ProtectSystem"] == "strict" and props["PrivateTmp"] == "yes"
+    assert props["NoNewPrivileges"] == "yes"
+    assert set(props["CapabilityBoundingSet"].lower().split()) == set(
+        dict(shipped)["CapabilityBoundingSet"].lower().split())
+
+
+def test_ready_and_a_call_denied_by_the_hardening_policy(service: Service) -> None:
+    m = service.m
+    props = m.show("ActiveState", "SubState", "StatusText", "Type")
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", props
+    assert props["StatusText"].startswith("serving 0 containers on"), props
+    assert "using the notify socket passed by systemd (fd 3, notify)" in service.log()
+    target = service.files / "setuid-me"
+    target.write_text("")
+    target.chmod(0o755)
+    done = service.run("setuid", ["chmod", "fchmodat", "fchmodat2"],
+                       ["chmod", "u+s", str(target)])
+    assert done.returncode == 1, done
+    assert "Operation not permitted" in done.stderr
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    [line] = service.audit("setuid")
+    assert line["policy"] == "hardening" and line["decision"] == "deny", line
+    assert line["errno"] == errno.EPERM, line
+    # /metrics (AF_INET under RestrictAddressFamilies) counts it.
+    url = re.findall(r"metrics on (http://\S+/metrics)", service.log())[-1]
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert re.search(r'seccomp_supervisor_notifications_total\{[^}]*decision="deny"'
+                     r'[^}]*policy="hardening"[^}]*\} 1\.0', text), text
+
+
+def test_path_guard_reads_target_memory(service: Service) -> None:
+    """path_guard reads the path from the caller's memory (process_vm_readv, or
+    /proc/<tid>/mem): both need ptrace access to a root caller, i.e. CAP_SYS_PTRACE."""
+    guarded = service.files / "guarded"
+    guarded.mkdir()
+    denied = service.run("guard-1", ["mkdir", "mkdirat"], ["mkdir", str(guarded / "sub")])
+    assert denied.returncode == 1 and "Permission denied" in denied.stderr, denied
+    assert not (guarded / "sub").exists()
+    [line] = service.audit("guard-1")
+    assert line["policy"] == "path_guard" and line["errno"] == errno.EACCES, line
+    assert line["reason"] == f"{line['syscall']} {guarded}/sub is under a guarded prefix"
+    allowed = service.run("guard-2", ["mkdir", "mkdirat"],
+                          ["mkdir", str(service.files / "free")])
+    assert allowed.returncode == 0, (allowed, service.log()[-2000:])
+    assert (service.files / "free").is_dir()
+    [line] = service.audit("guard-2")
+    assert line["reason"] == "path not guarded (advisory check)", line
+
+
+def _mknod_as(uid: int, directory: Path, name: str) -> list[str]:
+    """A command that enters ``directory`` (its parents may be closed to ``uid``),
+    becomes ``uid`` and makes the character device 1:3 ``name`` there (a relative path:
+    the daemon resolves it against the caller's working directory)."""
+    return [sys.executable, "-c",
+            "import os, sys; os.chdir(sys.argv[1]); "
+            f"os.setgroups([]); os.setgid({uid}); os.setuid({uid}); "
+            "os.mknod(sys.argv[2], 0o20666, os.makedev(1, 3))", str(directory), name]
+
+
+def test_devices_emulates_mknod(service: Service) -> None:
+    """The daemon creates the node in the caller's mount namespace, as the caller: a
+    helper that setns()es (CAP_SYS_ADMIN, CAP_SYS_CHROOT), chroot()s to the caller's root,
+    takes its groups and fsuid/fsgid and keeps CAP_MKNOD."""
+    x = service.files / "x"
+    x.mkdir()
+    done = service.run("mknod-root", ["mknod", "mknodat"],
+                       ["mknod", str(x / "null"), "c", "1", "3"])
+    assert done.returncode == 0, (done, service.log()[-2000:])
+    st = (x / "null").lstat()
+    assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+    [line] = service.audit("mknod-root")
+    assert line["policy"] == "devices" and line["decision"] == "returns", line
+    assert line["reason"] == f"created {x}/null (char 1:3) for the caller", line
+    # A caller that may not mknod itself (nobody, no CAP_MKNOD): the node exists only if
+    # the daemon made it, and it belongs to the caller only if the fsuid/fsgid switch
+    # worked under the bounding set.
+    mine = service.files / "nobody"
+    mine.mkdir()
+    os.chown(mine, NOBODY, NOBODY)
+    done = service.run("mknod-nobody", ["mknod", "mknodat"], _mknod_as(NOBODY, mine, "null"))
+    assert done.returncode == 0, (done, service.log()[-2000:])
+    st = (mine / "null").lstat()
+    assert stat.S_ISCHR(st.st_mode) and os.minor(st.st_rdev) == 3
+    assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
+    # Control: without the daemon, the kernel refuses nobody.
+    refused = subprocess.run(_mknod_as(NOBODY, mine, "null2"), capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def test_the_sandbox_applies_to_the_main_process(service: Service) -> None:
+    pid = service.pid
+    status = _status(pid)
+    wanted = dict(unit_settings(service.shipped))["CapabilityBoundingSet"].split()
+    assert int(status["CapBnd"], 16) == sum(1 << CAPS[c] for c in wanted), status["CapBnd"]
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16)  # root keeps them all
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"                # SystemCallFilter: a filter is installed
+    assert int(status["Seccomp_filters"]) >= 1
+    # ProtectSystem=strict: /usr read-only in the daemon's mount namespace (reached
+    # through /proc/PID/root); PrivateTmp=yes: its /tmp is not ours.
+    assert os.statvfs(f"/proc/{pid}/root/usr").f_flag & os.ST_RDONLY
+    assert os.statvfs(f"/proc/{pid}/root/etc").f_flag & os.ST_RDONLY
+    assert not os.statvfs(f"/proc/{pid}/root{service.runtime}").f_flag & os.ST_RDONLY
+    ours, theirs = os.stat("/tmp"), os.stat(f"/proc/{pid}/root/tmp")
+    assert (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino)
+
+
+@contextmanager
+def drop_in(service: Service, setting: str) -> Iterator[None]:
+    """The unit restarted with one more ``[Service]`` line (a drop-in); restored (and
+    restarted) on exit."""
+    m = service.m
+    directory = m.unit_dir / f"{SERVICE}.d"
+    directory.mkdir(exist_ok=True)
+    conf = directory / "test.conf"
+    conf.write_text(f"[Service]\n{setting}\n")
+    try:
+        m.ctl("daemon-reload")
+        m.ctl("restart", SERVICE)
+        yield
+    finally:
+        conf.unlink()
+        m.ctl("daemon-reload")
+        m.ctl("restart", SERVICE)
+
+
+def _mknod_root(service: Service, name: str) -> subprocess.CompletedProcess[str]:
+    where = service.files / name
+    where.mkdir()
+    return service.run(name, ["mknod", "mknodat"],
+                       ["mknod", str(where / "null"), "c", "1", "3"])
+
+
+def _mknod_nobody(service: Service, name: str) -> subprocess.CompletedProcess[str]:
+    where = service.files / name
+    where.mkdir()
+    os.chown(where, NOBODY, NOBODY)
+    return service.run(name, ["mknod", "mknodat"], _mknod_as(NOBODY, where, "null"))
+
+
+def _guarded_mkdir(service: Service, name: str) -> subprocess.CompletedProcess[str]:
+    (service.files / "guarded").mkdir(exist_ok=True)
+    return service.run(name, ["mkdir", "mkdirat"],
+                       ["mkdir", str(service.files / "guarded" / name)])
+
+
+# The unit as it was before this test ran the daemon under it, one setting at a time, and
+# without CAP_SYS_PTRACE: what breaks, and the errno the caller sees.
+REVERTED = {
+    "RestrictSUIDSGID=yes": (_mknod_root, errno.ENOSYS),        # openat2 in the helper
+    "SystemCallFilter=~chroot": (_mknod_root, errno.EPERM),      # chroot in the helper
+    "CapabilityBoundingSet=~CAP_SETGID": (_mknod_root, errno.EPERM),   # setgroups
+    "CapabilityBoundingSet=~CAP_SETUID": (_mknod_nobody, errno.EACCES),  # setfsuid
+    "CapabilityBoundingSet=~CAP_SYS_PTRACE": (_guarded_mkdir, errno.EPERM),  # on_error
+}
+
+
+@pytest.mark.parametrize("setting", list(REVERTED))
+def test_each_setting_the_daemon_needs(service: Service, setting: str) -> None:
+    """The checks above can fail: with one of the settings reverted, the call they make
+    fails for the caller (the daemon's answer, in the audit log)."""
+    check, err = REVERTED[setting]
+    name = "revert-" + re.sub(r"[^a-z]+", "-", setting.lower()).strip("-")
+    with drop_in(service, setting):
+        done = check(service, name)
+        assert done.returncode != 0, done
+        assert os.strerror(err) in done.stderr, done.stderr
+        [line] = service.audit(name)
+        assert line["decision"] == "deny" and line["errno"] == err, line
+        if "PTRACE" in setting:  # neither way of reading the path was allowed
+            assert "Permission denied: '/proc/" in str(line["reason"]), line
+    # And back as shipped, the same call works (or is denied by the policy itself).
+    done = check(service, name + "-again")
+    assert done.returncode == (1 if check is _guarded_mkdir else 0), done
+    if check is _guarded_mkdir:
+        assert "Permission denied" in done.stderr
