@@ -27,8 +27,9 @@ and ``seccomp_supervisor_audit_lines_suppressed_total`` counts them.
 
 **Off the hot path.** :meth:`Recorder.decided` runs after the answer went to the kernel,
 before the session reads the next notification. It updates the metrics (cached label
-children) and, for a line to write, appends a tuple to a list; formatting, rate limiting
-and writing happen in :meth:`Recorder.run_writer`, a task of the daemon. Without that task
+children, plain numbers) and, for a line the audit level wants, asks the rate limit;
+only a line it admits is queued (a tuple appended to a list): formatting and writing
+happen in :meth:`Recorder.run_writer`, a task of the daemon. Without that task
 (tests of single sessions) lines are written at once.
 """
 
@@ -38,15 +39,15 @@ import json
 import logging
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final, Literal
 
 import trio
-from prometheus_client import Counter, Histogram
 
 from .decide import Outcome
-from .metrics import Metrics
+from .metrics import CounterChild, HistogramChild, Metrics
 from .policy import Container
 
 __all__ = ["AuditLevel", "RateLimiter", "Recorder", "audit_line", "summary_line"]
@@ -190,8 +191,8 @@ def _key(entry: _Entry) -> Hashable:
 
 
 class Recorder:
-    """Counts and logs decisions. Label children are cached: ``labels()`` is too slow to
-    call per notification."""
+    """Counts and logs decisions. Metric children are cached per label set: ``labels()``
+    is too slow to call per notification."""
 
     def __init__(self, metrics: Metrics | None, *, audit: AuditLevel = "deny",
                  stream: IO[str] | None = None, rate_limit: int = 0) -> None:
@@ -199,9 +200,12 @@ class Recorder:
         self.audit = audit
         self.stream = stream if stream is not None else sys.stdout
         self.limiter = RateLimiter(rate_limit)
-        self._counters: dict[tuple[str, str, str], Counter] = {}
-        self._histograms: dict[str, Histogram] = {}
-        self._pending: list[_Entry] = []
+        self._counters: dict[tuple[str, str, str], CounterChild] = {}
+        self._histograms: dict[str, HistogramChild] = {}
+        self._suppressed = metrics.audit_suppressed.labels() if metrics is not None else None
+        # Lines admitted by the rate limit, each with the summary of the window that
+        # ended before it (if that window held lines back), for the writer to format.
+        self._pending: list[tuple[_Entry, tuple[_Entry, int] | None]] = []
         self._wakeup: trio.Event | None = None  # set while run_writer runs
         self._write_failed = False
 
@@ -220,38 +224,58 @@ class Recorder:
     def decided(self, container: Container, notif_id: int, tid: int, syscall: str,
                 args: Sequence[int], outcome: Outcome, latency: float, *,
                 shadow: bool = False) -> None:
-        """Record one answered notification (``latency`` in seconds)."""
+        """Record one answered notification (``latency`` in seconds).
+
+        Per notification: a counter and a histogram bump (plain numbers, see
+        :mod:`supervisor.metrics`); for a line the audit level wants, the rate-limit
+        check; only a line it lets through is queued, and formatted by the writer.
+        """
         decision = outcome.decision
         if self.metrics is not None:
-            key = (syscall, outcome.policy, decision.kind)
-            counter = self._counters.get(key)
+            counter = self._counters.get((syscall, outcome.policy, decision.kind))
             if counter is None:
-                counter = self._counters[key] = self.metrics.notifications.labels(*key)
-            counter.inc()
+                counter = self._child(syscall, outcome.policy, decision.kind)
+            counter.value += 1
             histogram = self._histograms.get(syscall)
             if histogram is None:
                 histogram = self._histograms[syscall] = (
                     self.metrics.decision_seconds.labels(syscall))
-            histogram.observe(latency)
+            histogram.counts[bisect_left(histogram.bounds, latency)] += 1
+            histogram.sum += latency
             if outcome.error is not None and outcome.error != "memory":
                 self.metrics.handler_errors.labels(outcome.policy, outcome.error).inc()
-        if self.audit == "none" or (
-                self.audit == "deny" and decision.kind != "deny" and outcome.error is None):
+        audit = self.audit
+        if audit == "none" or (
+                audit == "deny" and decision.kind != "deny" and outcome.error is None):
             return
-        entry = (time.time(), container, tid, notif_id, syscall, args, outcome, latency,
-                 shadow)
+        now = time.time()
+        entry = (now, container, tid, notif_id, syscall, args, outcome, latency, shadow)
+        report = None
+        limiter = self.limiter
+        if limiter.limit > 0:
+            admitted, report = limiter.admit(_key(entry), now, entry)
+            if not admitted:
+                if self._suppressed is not None:
+                    self._suppressed.value += 1
+                return
         wakeup = self._wakeup
         if wakeup is None:
-            self._write([entry])
+            self._write([(entry, report)])
             return
         pending = self._pending
         if len(pending) >= MAX_PENDING:
-            if self.metrics is not None:
-                self.metrics.audit_suppressed.inc()
+            if self._suppressed is not None:
+                self._suppressed.value += 1
             return
-        pending.append(entry)
+        pending.append((entry, report))
         if len(pending) == 1:
             wakeup.set()
+
+    def _child(self, syscall: str, policy: str, kind: str) -> CounterChild:
+        assert self.metrics is not None
+        child = self._counters[(syscall, policy, kind)] = self.metrics.notifications.labels(
+            syscall, policy, kind)
+        return child
 
     def flush(self) -> None:
         """Write every pending line now."""
@@ -278,22 +302,13 @@ class Recorder:
             self.flush()
             self._report(self.limiter.flush())
 
-    def _write(self, batch: Sequence[_Entry]) -> None:
+    def _write(self, batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
         out: list[str] = []
-        limiter = self.limiter
-        suppressed = 0
-        for entry in batch:
-            if limiter.limit > 0:
-                write, report = limiter.admit(_key(entry), entry[0], entry)
-                if report is not None:
-                    out.append(_dumps(summary_line(report[0], report[1], entry[0],
-                                                   limiter.window)))
-                if not write:
-                    suppressed += 1
-                    continue
+        window = self.limiter.window
+        for entry, report in batch:
+            if report is not None:
+                out.append(_dumps(summary_line(report[0], report[1], entry[0], window)))
             out.append(_dumps(audit_line(entry)))
-        if suppressed and self.metrics is not None:
-            self.metrics.audit_suppressed.inc(suppressed)
         if out:
             self._emit("".join(out))
 

@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from time import perf_counter
 
 import trio
 
@@ -38,7 +39,14 @@ from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
 from .memory import TargetMemory
 from .notifyfd import POLL_END, POLLIN, NotifyFd, Poller, Suspended, current_poller
-from .policy import Container, Decision, Notification, deny, response_fields
+from .policy import (
+    Container,
+    Decision,
+    Notification,
+    deny,
+    make_notification,
+    response_fields,
+)
 from .ratelimit import RATE_POLICY, TokenBucket
 from .syscalls import arch_name, syscall_name
 
@@ -69,6 +77,8 @@ class SessionStats:
 # What the hot loop caches per (arch, nr): the call's name, arch name and handlers.
 _Route = tuple[str, str, tuple[Link, ...]]
 # A received notification waiting for an async slot: (notification, links, index, received).
+# ``received`` is always a perf_counter() reading (see _deadline): reading trio's clock
+# costs four times as much, and the hot loop reads the time twice per notification.
 _Parked = tuple[Notification, tuple[Link, ...], int, float]
 
 
@@ -87,12 +97,17 @@ class Session:
         self.stats = SessionStats()
         self.inflight = 0
         self.started = trio.current_time()
-        self._slots = trio.Semaphore(settings.max_inflight)
+        # Async decisions under way are bounded by max_inflight: ``inflight`` counts them
+        # (a plain int: a trio.Semaphore costs more than the rest of an inline decision);
+        # a parked notification waits for _slot_freed.
+        self._max_inflight = settings.max_inflight
+        self._slot_freed: trio.Event | None = None
         self._routes: dict[tuple[int, int], _Route] = {}
         self._nursery: trio.Nursery | None = None
         # Reliability hooks (issue 7; see stop_reading / rebind): kept out of the per-call
         # path except for one None check of the bucket.
         self.bucket: TokenBucket | None = _bucket(settings, None)
+        self._shadow = settings.mode == "shadow"
         self._reading = trio.CancelScope()
         self.keep_fd = False
         # The poller side (see _serve): where the fd is registered, and what wakes run().
@@ -182,17 +197,70 @@ class Session:
     def on_ready(self, events: int) -> Suspended | None:
         """Called by the poller: the fd is readable. Receives one notification (RECV
         cannot block here, see :mod:`supervisor.notifyfd`) and decides it, or starts its
-        async decision (returned if it suspended); or, at POLLHUP, ends the session."""
-        if events & POLLIN:
-            raw = self.notify.recv()
-            if raw is not None:
-                return self._dispatch(raw)
+        async decision (returned if it suspended); or, at POLLHUP, ends the session.
+
+        This is the hot loop's body, run once per notification: everything a sync
+        decision needs is inline here and in :meth:`_answer` (no task, no trio call, no
+        object the handler does not see but the Notification and the Outcome).
+        """
+        if not events & POLLIN:
+            if events & POLL_END:
+                self._unpoll()
+                self._ended = True
+                self._wake_up()
+            return None
+        raw = self.notify.recv()
+        if raw is None:
             self.stats.gone += 1
             self.recorder.gone("recv")
-        elif events & POLL_END:
-            self._unpoll()
-            self._ended = True
-            self._wake_up()
+            return None
+        received = perf_counter()
+        self.stats.notifications += 1
+        notif_id, tid, nr, arch = raw[0], raw[1], raw[3], raw[4]
+        route = self._routes.get((arch, nr))
+        syscall, arch_label, links = route if route is not None else self._route(arch, nr)
+        args = raw[6:12]
+        if self.bucket is not None and not self.bucket.take(received):
+            self._answer(notif_id, tid, syscall, args, received,
+                         Outcome(self.settings.rate_exceeded, RATE_POLICY))
+            return None
+        if not links:
+            self._answer(notif_id, tid, syscall, args, received,
+                         Outcome(self.settings.unhandled, UNHANDLED_POLICY))
+            return None
+        n = make_notification(notif_id, tid, nr, arch_label, syscall, args, self.container,
+                              self.memory)
+        for index, link in enumerate(links):
+            if link.is_async:
+                if self.inflight >= self._max_inflight:
+                    # Every slot is taken: park it and stop reading until run() got one.
+                    self._parked = (n, links, index, received)
+                    self._unpoll()
+                    self._wake_up()
+                    return None
+                return self._start_async(n, links, index, received)
+            # A plain-function handler, inline (what _run_sync does, without its call).
+            try:
+                result = link.func(n)
+                # Only an allow() needs check_result's memory-read rule; anything but a
+                # Decision gets its refusal there too.
+                if result is not None and (result.__class__ is not Decision
+                                           or result.kind == "allow"):
+                    result = check_result(result, link.policy, read_memory=n.read_memory)
+            except NotificationGone as gone:
+                self.stats.gone += 1
+                self.recorder.gone(gone.stage)
+                return None
+            except Exception as exc:
+                self._answer(notif_id, tid, syscall, args, received,
+                             self._failure(link.policy, n, exc))
+                return None
+            if result is not None:
+                self._answer(notif_id, tid, syscall, args, received,
+                             Outcome(result, link.policy))
+                return None
+        self._answer(notif_id, tid, syscall, args, received,
+                     Outcome(self.settings.unhandled, UNHANDLED_POLICY))
         return None
 
     def carried(self, exc: Exception | None) -> None:
@@ -217,7 +285,9 @@ class Session:
         # stop_reading() or a cancellation comes meanwhile. A slot is freed within the
         # deadline.
         with trio.CancelScope(shield=True):
-            await self._slots.acquire()
+            while self.inflight >= self._max_inflight:
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
         self._parked = None
         self.inflight += 1
         assert self._nursery is not None
@@ -245,6 +315,7 @@ class Session:
         self.chain = chain
         self.bucket = _bucket(settings, self.bucket)
         self.settings = settings
+        self._shadow = settings.mode == "shadow"
         self._routes = {}
         kept = {id(policy_set) for _name, policy_set in chain.policies}
         for name, policy_set in old.policies:
@@ -261,47 +332,6 @@ class Session:
             route = self._routes[(arch, nr)] = (
                 name, arch_name(arch, nr), self.chain.links(name))
         return route
-
-    def _dispatch(self, raw: tuple[int, ...]) -> Suspended | None:
-        received = trio.current_time()
-        notif_id, tid, nr, arch = raw[0], raw[1], raw[3], raw[4]
-        args = raw[6:12]
-        self.stats.notifications += 1
-        route = self._routes.get((arch, nr))
-        syscall, arch_label, links = route if route is not None else self._route(arch, nr)
-        if self.bucket is not None and not self.bucket.take(received):
-            self._answer(notif_id, tid, syscall, args, received,
-                         Outcome(self.settings.rate_exceeded, RATE_POLICY))
-            return None
-        if not links:
-            self._answer(notif_id, tid, syscall, args, received,
-                         Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-            return None
-        n = Notification(id=notif_id, pid=tid, nr=nr, arch=arch_label, syscall=syscall,
-                         args=args, container=self.container, memory=self.memory)
-        for index, link in enumerate(links):
-            if link.is_async:
-                try:
-                    self._slots.acquire_nowait()
-                except trio.WouldBlock:
-                    # Every slot is taken: park it and stop reading until run() got one.
-                    self._parked = (n, links, index, received)
-                    self._unpoll()
-                    self._wake_up()
-                    return None
-                return self._start_async(n, links, index, received)
-            try:
-                outcome = self._run_sync(n, link)
-            except NotificationGone as gone:
-                self.stats.gone += 1
-                self.recorder.gone(gone.stage)
-                return None
-            if outcome is not None:
-                self._answer(notif_id, tid, syscall, args, received, outcome)
-                return None
-        self._answer(notif_id, tid, syscall, args, received,
-                     Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-        return None
 
     def _start_async(self, n: Notification, links: tuple[Link, ...], index: int,
                      received: float) -> Suspended | None:
@@ -322,7 +352,7 @@ class Session:
         self._carried += 1
         # The deadline's cancel scope is set up only now: entering one costs more than a
         # whole inline decision.
-        return Suspended(coro, trap, received + self.settings.deadline,
+        return Suspended(coro, trap, self._deadline(received),
                          partial(self._deadline_missed, n, received, current), self.carried)
 
     def _run_sync(self, n: Notification, link: Link) -> Outcome | None:
@@ -337,11 +367,28 @@ class Session:
 
     async def _decide(self, n: Notification, links: Sequence[Link], start: int,
                       received: float, current: list[str]) -> None:
-        """Ask the chain from ``links[start]`` on and answer; release the slot. The
-        deadline is the caller's: its cancellation goes through (``current[0]`` names the
-        policy being asked)."""
+        """Ask the chain from ``links[start]`` on and answer; free the slot. The deadline
+        is the caller's: its cancellation goes through (``current[0]`` names the policy
+        being asked)."""
         try:
-            outcome = await self._run_chain(n, links, start, current)
+            outcome = None
+            for link in links[start:]:
+                current[0] = link.policy  # names the policy that overran, on a deadline
+                if not link.is_async:
+                    outcome = self._run_sync(n, link)
+                else:
+                    try:
+                        result = await link.func(n)  # type: ignore[misc]
+                        decision = check_result(result, link.policy,
+                                                read_memory=n.read_memory)
+                    except NotificationGone:
+                        raise
+                    except Exception as exc:
+                        outcome = self._failure(link.policy, n, exc)
+                    else:
+                        outcome = None if decision is None else Outcome(decision, link.policy)
+                if outcome is not None:
+                    break
             if outcome is None:
                 outcome = Outcome(self.settings.unhandled, UNHANDLED_POLICY)
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
@@ -350,16 +397,23 @@ class Session:
             self.recorder.gone(gone.stage)
         finally:
             self.inflight -= 1
-            self._slots.release()
+            if self._slot_freed is not None:
+                self._slot_freed.set()
+                self._slot_freed = None
 
     async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
                             received: float) -> None:
         """:meth:`_decide` as a task of its own, under the deadline."""
         current = [UNHANDLED_POLICY]
-        with trio.move_on_at(received + self.settings.deadline) as scope:
+        with trio.move_on_at(self._deadline(received)) as scope:
             await self._decide(n, links, start, received, current)
         if scope.cancelled_caught:
             self._deadline_missed(n, received, current)
+
+    def _deadline(self, received: float) -> float:
+        """The trio time by which a notification received at ``received`` (perf_counter)
+        must be answered."""
+        return trio.current_time() + self.settings.deadline - (perf_counter() - received)
 
     def _deadline_missed(self, n: Notification, received: float, current: list[str]) -> None:
         """The chain overran the deadline: answer ``on_error``."""
@@ -373,25 +427,6 @@ class Session:
         except NotificationGone as gone:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
-
-    async def _run_chain(self, n: Notification, links: Sequence[Link], start: int,
-                         current: list[str]) -> Outcome | None:
-        for link in links[start:]:
-            current[0] = link.policy  # names the policy that overran, on a deadline
-            if not link.is_async:
-                outcome = self._run_sync(n, link)
-            else:
-                try:
-                    result = await link.func(n)  # type: ignore[misc]
-                    decision = check_result(result, link.policy, read_memory=n.read_memory)
-                except NotificationGone:
-                    raise
-                except Exception as exc:
-                    return self._failure(link.policy, n, exc)
-                outcome = None if decision is None else Outcome(decision, link.policy)
-            if outcome is not None:
-                return outcome
-        return None
 
     def _failure(self, policy: str, n: Notification, exc: Exception) -> Outcome:
         if isinstance(exc, TargetMemoryError):
@@ -408,13 +443,43 @@ class Session:
                 received: float, outcome: Outcome) -> None:
         """Give the kernel its one answer to ``notif_id`` and record it."""
         decision = outcome.decision
-        shadow = self.settings.mode == "shadow"
+        response = decision._response  # (val, error, flags); None for inject_fd
+        if response is None or self._shadow:
+            self._answer_special(notif_id, tid, syscall, args, received, outcome)
+            return
+        stats = self.stats
+        try:
+            self.notify.send(notif_id, response[0], response[1], response[2])
+        except NotificationGone as gone:
+            stats.gone += 1
+            self.recorder.gone(gone.stage)
+            return
+        # What _answered() does, inline: this is the common case.
+        stats.answered += 1
+        kind = decision.kind
+        stats.decisions[kind] = stats.decisions.get(kind, 0) + 1
+        self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
+                              perf_counter() - received)
+
+    def _answered(self, notif_id: int, tid: int, syscall: str, args: Sequence[int],
+                  received: float, outcome: Outcome, shadow: bool) -> None:
+        stats = self.stats
+        stats.answered += 1
+        kind = outcome.decision.kind
+        stats.decisions[kind] = stats.decisions.get(kind, 0) + 1
+        self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
+                              perf_counter() - received, shadow=shadow)
+
+    def _answer_special(self, notif_id: int, tid: int, syscall: str, args: Sequence[int],
+                        received: float, outcome: Outcome) -> None:
+        """:meth:`_answer` in shadow mode (every call goes on: CONTINUE) or for an
+        inject_fd (ADDFD, and the fd is ours to close)."""
+        decision = outcome.decision
+        shadow = self._shadow
         owned_fd = decision.fd if decision.kind == "inject_fd" else -1
         try:
-            if shadow or decision.kind != "inject_fd":
-                val, error, flags = ((0, 0, abi.USER_NOTIF_FLAG_CONTINUE) if shadow
-                                     else response_fields(decision))
-                self.notify.send(notif_id, val, error, flags)
+            if shadow:
+                self.notify.send(notif_id, 0, 0, abi.USER_NOTIF_FLAG_CONTINUE)
             else:
                 try:
                     self.notify.send_fd(notif_id, decision.fd, cloexec=decision.cloexec)
@@ -423,8 +488,7 @@ class Session:
                     # still waits, so it gets the on_error answer instead.
                     outcome = Outcome(self.settings.on_error, outcome.policy, "exception",
                                       f"inject_fd failed: {exc.strerror}")
-                    decision = outcome.decision
-                    val, error, flags = response_fields(decision)
+                    val, error, flags = response_fields(outcome.decision)
                     self.notify.send(notif_id, val, error, flags)
         except NotificationGone as gone:
             self.stats.gone += 1
@@ -433,11 +497,7 @@ class Session:
         finally:
             if owned_fd >= 0:
                 _close_quietly(owned_fd)
-        self.stats.answered += 1
-        label = decision.kind
-        self.stats.decisions[label] = self.stats.decisions.get(label, 0) + 1
-        self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
-                              trio.current_time() - received, shadow=shadow)
+        self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
 
 
 def _bucket(settings: SessionSettings, old: TokenBucket | None) -> TokenBucket | None:
@@ -447,7 +507,7 @@ def _bucket(settings: SessionSettings, old: TokenBucket | None) -> TokenBucket |
         return None
     if old is not None and old.same_limits(settings.rate, settings.rate_burst):
         return old
-    return TokenBucket(settings.rate, max(1, settings.rate_burst), trio.current_time())
+    return TokenBucket(settings.rate, max(1, settings.rate_burst), perf_counter())
 
 
 def _close_quietly(fd: int) -> None:
