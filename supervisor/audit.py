@@ -221,6 +221,11 @@ class Recorder:
         if self.metrics is not None:
             self.metrics.gone.labels(stage).inc()
 
+    def handler_error(self, policy: str, kind: str) -> None:
+        """Count an error that has no decision of its own to record."""
+        if self.metrics is not None:
+            self.metrics.handler_errors.labels(policy, kind).inc()
+
     def decided(self, container: Container, notif_id: int, tid: int, syscall: str,
                 args: Sequence[int], outcome: Outcome, latency: float, *,
                 shadow: bool = False) -> None:

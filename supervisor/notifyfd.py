@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
@@ -41,6 +42,7 @@ _pack_resp_into: Final = abi.NOTIF_RESP.pack_into
 _ioctl: Final = fcntl.ioctl
 _RECV: Final = abi.IOCTL_NOTIF_RECV
 _SEND: Final = abi.IOCTL_NOTIF_SEND
+_ALL_SIGNALS: Final = signal.valid_signals()
 
 
 class NotifyFd:
@@ -118,12 +120,21 @@ class NotifyFd:
         # The kernel returns the new fd number as the ioctl's result; a mutable buffer
         # makes fcntl.ioctl hand back that result instead of a copy of the argument.
         buf = bytearray(abi.pack_addfd(notif_id, srcfd, cloexec=cloexec, send=True))
+        # With ADDFD_FLAG_SEND the kernel marks the call answered *before* it waits for
+        # the target to install the fd. A signal to this thread during that wait makes
+        # the kernel drop the fd, and the target's call then returns 0: its stdin
+        # (tests/test_session.py shows it with a signal storm). Signals stay pending
+        # for the few microseconds of the wait; a target that dies or is frozen
+        # releases it with ESRCH.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         try:
             return int(fcntl.ioctl(self._fd, abi.IOCTL_NOTIF_ADDFD, buf, True))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise NotificationGone("addfd") from None
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def id_valid(self, notif_id: int) -> bool:
         """True while the kernel still waits for an answer to ``notif_id``."""

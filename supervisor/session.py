@@ -24,12 +24,14 @@ is routine and only counted. Whatever goes wrong in a handler becomes ``on_error
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from time import perf_counter
+from typing import Final
 
 import trio
 
@@ -484,6 +486,15 @@ class Session:
                 try:
                     self.notify.send_fd(notif_id, decision.fd, cloexec=decision.cloexec)
                 except OSError as exc:
+                    if exc.errno in _ADDFD_ALREADY_ANSWERED:
+                        # The kernel took ADDFD|SEND as the answer and then lost the
+                        # fd: the call is answered (it returned 0), a second answer is
+                        # impossible. Count it; never end the session over it.
+                        log.error("container %s: inject_fd for %s (tid %d) was "
+                                  "interrupted after the kernel took it as the answer: %s",
+                                  self.container.id, syscall, tid, exc.strerror)
+                        self.recorder.handler_error(outcome.policy, "inject_lost")
+                        return
                     # ADDFD failed before answering (bad fd, target out of fds): the call
                     # still waits, so it gets the on_error answer instead.
                     outcome = Outcome(self.settings.on_error, outcome.policy, "exception",
@@ -498,6 +509,12 @@ class Session:
             if owned_fd >= 0:
                 _close_quietly(owned_fd)
         self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
+
+
+# ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR
+# (a signal during its wait; send_fd blocks signals, so only as a safety net) and
+# EINPROGRESS (the same ioctl restarted after the interruption).
+_ADDFD_ALREADY_ANSWERED: Final = frozenset({errno.EINTR, errno.EINPROGRESS})
 
 
 def _bucket(settings: SessionSettings, old: TokenBucket | None) -> TokenBucket | None:

@@ -55,6 +55,17 @@ def main(argv):
         flags = __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFD)
         os.close(fd)
         return {"fd": fd, "data": data, "cloexec": bool(flags & 1)}
+    if cmd == "open-raw":
+        # open(2) itself (the loader and Python use openat): COUNT times, counting the
+        # answers that are not a fresh fd above stdio.
+        bad = []
+        for _ in range(int(argv[2])):
+            fd = libc.syscall(ctypes.c_long(2), argv[1].encode(), 0)
+            if fd <= 2:
+                bad.append(fd)
+            else:
+                os.close(fd)
+        return {"bad": bad}
     if cmd == "threads":
         count = int(argv[1])
         results = [None] * count
