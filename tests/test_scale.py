@@ -86,8 +86,8 @@ async def test_fifty_containers_at_once(tmp_path: Path) -> None:
             lines = done.stdout.decode().splitlines()
             assert lines[:ROUNDS] == EXPECTED, (cid, lines, done.stderr)
             # A missing line with exit 0 means cat's openat returned 0 (read stdin) instead
-            # of the injected fd: an ADDFD|SEND interrupted in the daemon (see the report
-            # of issue 3: SIGCHLD during the ioctl; the session then dies on EINPROGRESS).
+            # of the injected fd: an ADDFD|SEND interrupted by a signal in the daemon
+            # (NotifyFd.send_fd blocks signals for that; see test_session's storm test).
             assert len(lines) == ROUNDS + 1, ("inject answered with 0?", cid, lines,
                                               done.stderr)
             assert lines[ROUNDS].startswith("tag=containers ") and f"id={cid} " in lines[ROUNDS]
