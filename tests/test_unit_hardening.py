@@ -146,6 +146,13 @@ class Service:
                 f"{self.log()[-3000:]}")
 
 
+def checkout_paths_under_private_tmp() -> list[str]:
+    """This checkout and this interpreter's environment, where PrivateTmp= hides them."""
+    paths = {str(ROOT), sys.prefix, os.path.realpath(sys.executable)}
+    return sorted(p for p in paths if Path(p).is_relative_to("/tmp")
+                  or Path(p).is_relative_to("/var/tmp"))
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     files = tmp_path_factory.mktemp("unit-hardening")
@@ -170,6 +177,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             m.unit_dir.mkdir(parents=True)
             (m.unit_dir / SERVICE).write_text(installed)
             (m.unit_dir / SOCKET).write_text(sock)
+            hidden = checkout_paths_under_private_tmp()
+            if hidden:
+                # A checkout in /tmp (CI clones there) is hidden by PrivateTmp=yes like
+                # any file there; an installed daemon lives in /usr or /opt instead.
+                (m.unit_dir / f"{SERVICE}.d").mkdir()
+                (m.unit_dir / f"{SERVICE}.d" / "checkout.conf").write_text(
+                    "[Service]\n" + "".join(f"BindReadOnlyPaths={p}\n" for p in hidden))
             m.ctl("daemon-reload")
             s = Service(m, runtime, files, shipped, installed)
             # Type=notify: `start` returns once the daemon sent READY=1 (or failed).
