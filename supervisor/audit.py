@@ -202,6 +202,9 @@ class Recorder:
         self.limiter = RateLimiter(rate_limit)
         self._counters: dict[tuple[str, str, str], CounterChild] = {}
         self._histograms: dict[str, HistogramChild] = {}
+        # The children of the last (syscall, outcome) recorded: sessions reuse an Outcome
+        # while a handler returns the same Decision, so this skips both lookups.
+        self._last: tuple[str, Outcome, CounterChild, HistogramChild] | None = None
         self._suppressed = metrics.audit_suppressed.labels() if metrics is not None else None
         # Lines admitted by the rate limit, each with the summary of the window that
         # ended before it (if that window held lines back), for the writer to format.
@@ -237,14 +240,12 @@ class Recorder:
         """
         decision = outcome.decision
         if self.metrics is not None:
-            counter = self._counters.get((syscall, outcome.policy, decision.kind))
-            if counter is None:
-                counter = self._child(syscall, outcome.policy, decision.kind)
+            last = self._last
+            if last is not None and last[1] is outcome and last[0] is syscall:
+                counter, histogram = last[2], last[3]
+            else:
+                counter, histogram = self._children(syscall, outcome)
             counter.value += 1
-            histogram = self._histograms.get(syscall)
-            if histogram is None:
-                histogram = self._histograms[syscall] = (
-                    self.metrics.decision_seconds.labels(syscall))
             histogram.counts[bisect_left(histogram.bounds, latency)] += 1
             histogram.sum += latency
             if outcome.error is not None and outcome.error != "memory":
@@ -275,6 +276,21 @@ class Recorder:
         pending.append((entry, report))
         if len(pending) == 1:
             wakeup.set()
+
+    def _children(self, syscall: str, outcome: Outcome
+                  ) -> tuple[CounterChild, HistogramChild]:
+        """The counter and histogram children :meth:`decided` bumps for this pair."""
+        assert self.metrics is not None
+        kind = outcome.decision.kind
+        counter = self._counters.get((syscall, outcome.policy, kind))
+        if counter is None:
+            counter = self._child(syscall, outcome.policy, kind)
+        histogram = self._histograms.get(syscall)
+        if histogram is None:
+            histogram = self._histograms[syscall] = (
+                self.metrics.decision_seconds.labels(syscall))
+        self._last = (syscall, outcome, counter, histogram)
+        return counter, histogram
 
     def _child(self, syscall: str, policy: str, kind: str) -> CounterChild:
         assert self.metrics is not None

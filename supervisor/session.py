@@ -105,6 +105,10 @@ class Session:
         self._max_inflight = settings.max_inflight
         self._slot_freed: trio.Event | None = None
         self._routes: dict[tuple[int, int], _Route] = {}
+        # The Outcome of the last inline decision, reused while handlers return the same
+        # Decision object (deny() and returns() hand out cached ones): one allocation
+        # less per notification. Outcomes are never changed once made.
+        self._last_outcome = Outcome(settings.unhandled, UNHANDLED_POLICY)
         self._nursery: trio.Nursery | None = None
         # Reliability hooks (issue 7; see stop_reading / rebind): kept out of the per-call
         # path except for one None check of the bucket.
@@ -232,7 +236,9 @@ class Session:
             return None
         n = make_notification(notif_id, tid, nr, arch_label, syscall, args, self.container,
                               self.memory)
-        for index, link in enumerate(links):
+        index = -1  # not enumerate(): that is an object per notification
+        for link in links:
+            index += 1
             if link.is_async:
                 if self.inflight >= self._max_inflight:
                     # Every slot is taken: park it and stop reading until run() got one.
@@ -258,8 +264,10 @@ class Session:
                              self._failure(link.policy, n, exc))
                 return None
             if result is not None:
-                self._answer(notif_id, tid, syscall, args, received,
-                             Outcome(result, link.policy))
+                outcome = self._last_outcome
+                if outcome.decision is not result or outcome.policy is not link.policy:
+                    outcome = self._last_outcome = Outcome(result, link.policy)
+                self._answer(notif_id, tid, syscall, args, received, outcome)
                 return None
         self._answer(notif_id, tid, syscall, args, received,
                      Outcome(self.settings.unhandled, UNHANDLED_POLICY))

@@ -290,6 +290,34 @@ async def test_inject_fd_survives_a_signal_storm_at_the_supervisor() -> None:
                          policy="p", decision="inject_fd") == 3000
 
 
+async def test_alternating_decisions_are_each_counted_as_themselves() -> None:
+    """The session reuses its last Outcome and the recorder its last metric children
+    while decisions repeat; alternating ones must not be counted under the other."""
+    policy = PolicySet("p")
+    seen = []
+
+    @policy.on("getppid")
+    def alternate(n: Notification) -> object:
+        seen.append(1)
+        return deny(errno.EPERM) if len(seen) % 3 else returns(7)
+
+    async with serve_target(policy, ["getppid"], "getppid", "30") as served:
+        out = await served.target.result()
+    results = out["results"]
+    assert isinstance(results, list)
+    # python3 itself may call getppid before the target's loop: only count the loop.
+    loop = len(seen) - 30
+    expected = [((loop + i + 1) % 3 != 0) for i in range(30)]
+    assert [r["rc"] == -1 and r["errno"] == errno.EPERM for r in results] == expected
+    assert [r["rc"] == 7 for r in results] == [not e for e in expected]
+    denies = served.metric("seccomp_supervisor_notifications_total", syscall="getppid",
+                           policy="p", decision="deny")
+    returned = served.metric("seccomp_supervisor_notifications_total", syscall="getppid",
+                             policy="p", decision="returns")
+    assert (denies, returned) == (sum(1 for i in range(len(seen)) if (i + 1) % 3),
+                                  sum(1 for i in range(len(seen)) if (i + 1) % 3 == 0))
+
+
 async def test_allow_after_memory_read_is_refused_unless_unchecked() -> None:
     policy = PolicySet("p")
 
