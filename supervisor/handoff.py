@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from .errors import HandoffError
-from .jsontypes import json_type
+from .jsontypes import DuplicateKeyError, json_type, unique_keys
 from .notifyfd import is_seccomp_listener
 from .policy import Container
 from .router import parse_labels
@@ -110,9 +110,11 @@ def parse_state(data: bytes, fd_count: int) -> ProcessState:
     except UnicodeDecodeError as exc:
         raise HandoffError(f"message is not UTF-8 (bad byte at offset {exc.start})") from None
     try:
-        top = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        top = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_no_constant)
     except RecursionError:
         raise HandoffError("message is nested too deeply") from None
+    except DuplicateKeyError as exc:
+        raise HandoffError(str(exc)) from None
     except ValueError as exc:  # JSONDecodeError, and int() refusing a huge number
         raise HandoffError(f"message is not JSON: {_first_line(exc)}") from None
     if not isinstance(top, dict):
@@ -153,17 +155,6 @@ def parse_state(data: bytes, fd_count: int) -> ProcessState:
 
 
 _MISSING: Final[Any] = object()
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two parsers that keep different copies of a repeated key would see different
-    # messages; refuse instead of picking one.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise HandoffError(f"key {_short(key)} appears twice in one object")
-        result[key] = value
-    return result
 
 
 def _no_constant(name: str) -> Any:

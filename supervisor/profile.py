@@ -72,7 +72,7 @@ import pyseccomp
 
 from . import abi, bpf, bpfprog
 from .errors import ProfileError
-from .jsontypes import json_type
+from .jsontypes import json_type, unique_keys
 
 __all__ = [
     "ALLOW_LIKE_ACTIONS",
@@ -385,10 +385,6 @@ class _Invalid(Exception):
         self.reason = reason
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
 _PROFILE_KEYS: Final = (
     "defaultAction", "defaultErrnoRet", "architectures", "flags", "listenerPath",
     "listenerMetadata", "syscalls",
@@ -446,22 +442,13 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
 
 def _decode_json(text: str | bytes | bytearray, source: str) -> object:
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise ProfileError(
             f"{source}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     except (ValueError, RecursionError) as exc:  # bad encoding, duplicate key, deep nesting
         raise ProfileError(f"{source}: invalid JSON: {exc}") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"duplicate key {key!r} in an object")
-        out[key] = value
-    return out
 
 
 def _parse_fields(obj: object) -> dict[str, Any]:
