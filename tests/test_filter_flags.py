@@ -154,35 +154,44 @@ def test_spec_allow_keeps_speculative_store_bypass_as_it_was() -> None:
         assert allowed == before
 
 
-def _kmsg_audit_lines(pid: int) -> list[str]:
-    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    lines = []
-    try:
+class KernelLog:
+    """Records of /dev/kmsg written after this object was made: an earlier test run
+    may have logged for a pid the kernel has since reused."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        os.lseek(self.fd, 0, os.SEEK_END)  # kmsg: skip every record logged so far
+        self.records: list[str] = []
+
+    def audit_lines(self, pid: int) -> list[str]:
         while True:
             try:
-                record = os.read(fd, 8192).decode(errors="replace")
+                self.records.append(os.read(self.fd, 8192).decode(errors="replace"))
             except BlockingIOError:
                 break
             except BrokenPipeError:  # a record was overwritten while we read: go on
                 continue
-            if f" pid={pid} " in record and "type=1326" in record:
-                lines.append(record)
-    finally:
-        os.close(fd)
-    return lines
+        return [r for r in self.records if f" pid={pid} " in r and "type=1326" in r]
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def test_log_flag_logs_the_errno_action() -> None:
     """SECCOMP_FILTER_FLAG_LOG: the ERRNO answer to getpriority (syscall 140) shows up as
     an audit record (type 1326, code 0x50000) in the kernel log; without it, not."""
-    quiet = install(0)
-    logged = install(LOG)
-    deadline = time.monotonic() + 3
-    while not _kmsg_audit_lines(logged["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    [record] = _kmsg_audit_lines(logged["pid"])
-    assert " syscall=140 " in record and "code=0x50000" in record
-    assert _kmsg_audit_lines(quiet["pid"]) == []
+    kmsg = KernelLog()
+    try:
+        quiet = install(0)
+        logged = install(LOG)
+        deadline = time.monotonic() + 3
+        while not kmsg.audit_lines(logged["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [record] = kmsg.audit_lines(logged["pid"])
+        assert " syscall=140 " in record and "code=0x50000" in record
+        assert kmsg.audit_lines(quiet["pid"]) == []
+    finally:
+        kmsg.close()
 
 
 def test_profile_flags_the_kernel_lacks_are_named() -> None:
