@@ -26,7 +26,7 @@ import signal
 import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import trio
 from trio.lowlevel import RunVar
@@ -43,6 +43,7 @@ _ioctl: Final = fcntl.ioctl
 _RECV: Final = abi.IOCTL_NOTIF_RECV
 _SEND: Final = abi.IOCTL_NOTIF_SEND
 _ALL_SIGNALS: Final = signal.valid_signals()
+T = TypeVar("T")
 
 
 class NotifyFd:
@@ -216,10 +217,11 @@ class Suspended(NamedTuple):
 
 
 @types.coroutine
-def _carry_on(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+def carry_on(coro: Coroutine[Any, Any, T], trap: Any) -> Generator[Any, Any, T]:
     """What ``await coro`` would do from the point where ``coro`` yielded ``trap``: pass
-    trap and reply between trio and the coroutine until it returns. (The trap belongs to
-    this task: the coroutine ran in it; trap values cannot move to another task.)"""
+    trap and reply between trio and the coroutine until it returns, and return its
+    value. (The trap belongs to this task: the coroutine ran in it; trap values cannot
+    move to another task.)"""
     while True:
         try:
             reply = yield trap
@@ -229,13 +231,13 @@ def _carry_on(coro: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any,
         except BaseException as exc:
             try:
                 trap = coro.throw(exc)
-            except StopIteration:
-                return
+            except StopIteration as finished:
+                return finished.value  # type: ignore[no-any-return]
         else:
             try:
                 trap = coro.send(reply)
-            except StopIteration:
-                return
+            except StopIteration as finished:
+                return finished.value  # type: ignore[no-any-return]
 
 
 class Poller:
@@ -348,7 +350,7 @@ class Poller:
             trio.lowlevel.spawn_system_task(self.run, name="seccomp-supervisor notify poller")
             failure: Exception | None = None
             try:
-                await _carry_on(suspended.coro, suspended.trap)
+                await carry_on(suspended.coro, suspended.trap)
             except Exception as exc:
                 failure = exc
         assert suspended is not None  # the loop above only ends (not raising) with one

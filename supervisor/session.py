@@ -27,11 +27,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from time import perf_counter
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -40,7 +40,15 @@ from .audit import Recorder
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
 from .memory import TargetMemory
-from .notifyfd import POLL_END, POLLIN, NotifyFd, Poller, Suspended, current_poller
+from .notifyfd import (
+    POLL_END,
+    POLLIN,
+    NotifyFd,
+    Poller,
+    Suspended,
+    carry_on,
+    current_poller,
+)
 from .policy import (
     Container,
     Decision,
@@ -239,17 +247,27 @@ class Session:
         index = -1  # not enumerate(): that is an object per notification
         for link in links:
             index += 1
-            if link.is_async:
-                if self.inflight >= self._max_inflight:
-                    # Every slot is taken: park it and stop reading until run() got one.
-                    self._parked = (n, links, index, received)
-                    self._unpoll()
-                    self._wake_up()
-                    return None
-                return self._start_async(n, links, index, received)
-            # A plain-function handler, inline (what _run_sync does, without its call).
             try:
-                result = link.func(n)
+                if link.is_async:
+                    if self.inflight >= self._max_inflight:
+                        # Every slot is taken: park it and stop reading until run() got
+                        # one.
+                        self._parked = (n, links, index, received)
+                        self._unpoll()
+                        self._wake_up()
+                        return None
+                    # Its first step, inline: most coroutine handlers finish without
+                    # waiting for anything, and then cost no task and no deadline scope.
+                    # (is_async: func is a coroutine function)
+                    coro: Coroutine[Any, Any, object] = link.func(n)  # type: ignore[assignment]
+                    try:
+                        trap = coro.send(None)
+                    except StopIteration as finished:
+                        result = finished.value
+                    else:
+                        return self._suspend(n, links, index, received, coro, trap)
+                else:
+                    result = link.func(n)
                 # Only an allow() needs check_result's memory-read rule; anything but a
                 # Decision gets its refusal there too.
                 if result is not None and (result.__class__ is not Decision
@@ -343,26 +361,23 @@ class Session:
                 name, arch_name(arch, nr), self.chain.links(name))
         return route
 
-    def _start_async(self, n: Notification, links: tuple[Link, ...], index: int,
-                     received: float) -> Suspended | None:
-        """Run the rest of the chain inline, as far as it goes without suspending; the
-        caller holds a slot for it. Returns the suspended decision for the poller task to
-        carry on (it must await it at once), or None when it is answered already.
+    def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,
+                 received: float, coro: Coroutine[Any, Any, object], trap: Any) -> Suspended:
+        """The coroutine handler of ``links[index]`` suspended (yielded ``trap`` to trio)
+        in its inline first step: take a slot for it (the caller checked there is one)
+        and return the rest of the decision, suspended at that same trap, for the poller
+        task to carry on under the deadline.
 
         A trio task per notification would cost more than the rest of the decision, and
-        most coroutine handlers finish without waiting for anything.
+        the deadline's cancel scope is only set up now: entering one costs more than a
+        whole inline decision.
         """
         self.inflight += 1
-        current = [UNHANDLED_POLICY]
-        coro = self._decide(n, links, index, received, current)
-        try:
-            trap = coro.send(None)
-        except StopIteration:
-            return None
         self._carried += 1
-        # The deadline's cancel scope is set up only now: entering one costs more than a
-        # whole inline decision.
-        return Suspended(coro, trap, self._deadline(received),
+        current = [links[index].policy]
+        rest = self._decide(n, links, index, received, current, (coro, trap))
+        rest.send(None)  # runs up to the handler's trap, and yields it again
+        return Suspended(rest, trap, self._deadline(received),
                          partial(self._deadline_missed, n, received, current), self.carried)
 
     def _run_sync(self, n: Notification, link: Link) -> Outcome | None:
@@ -376,10 +391,13 @@ class Session:
         return None if decision is None else Outcome(decision, link.policy)
 
     async def _decide(self, n: Notification, links: Sequence[Link], start: int,
-                      received: float, current: list[str]) -> None:
+                      received: float, current: list[str],
+                      started: tuple[Coroutine[Any, Any, object], Any] | None = None
+                      ) -> None:
         """Ask the chain from ``links[start]`` on and answer; free the slot. The deadline
         is the caller's: its cancellation goes through (``current[0]`` names the policy
-        being asked)."""
+        being asked). ``started``: the coroutine of ``links[start]``'s handler, already
+        suspended at the trap given with it (see :meth:`_suspend`)."""
         try:
             outcome = None
             for link in links[start:]:
@@ -388,7 +406,11 @@ class Session:
                     outcome = self._run_sync(n, link)
                 else:
                     try:
-                        result = await link.func(n)  # type: ignore[misc]
+                        if started is not None:
+                            result = await carry_on(*started)
+                            started = None
+                        else:
+                            result = await link.func(n)  # type: ignore[misc]
                         decision = check_result(result, link.policy,
                                                 read_memory=n.read_memory)
                     except NotificationGone:

@@ -87,6 +87,80 @@ async def test_none_passes_to_the_next_policy_in_the_chain() -> None:
                          syscall="getppid", policy="second", decision="returns") == 1
 
 
+async def test_chain_goes_on_after_coroutine_handlers_that_waited() -> None:
+    """A coroutine handler that suspends is carried on by the poller; the chain then
+    continues with the next policy, async or not."""
+    first, second, third = PolicySet("first"), PolicySet("second"), PolicySet("third")
+
+    @first.on("getppid")
+    async def waits_then_passes(n: Notification) -> None:
+        await trio.lowlevel.checkpoint()
+        return None
+
+    @second.on("getppid")
+    async def passes_at_once(n: Notification) -> None:
+        return None
+
+    @third.on("getppid")
+    def decides(n: Notification) -> object:
+        return returns(11)
+
+    async with serve_target([first, second, third], ["getppid"], "getppid", "3") as served:
+        out = await served.target.result()
+    assert out["results"] == [{"rc": 11, "errno": 0}] * 3
+    assert served.metric("seccomp_supervisor_notifications_total",
+                         syscall="getppid", policy="third", decision="returns") == 3
+
+
+async def test_coroutine_handlers_mixing_inline_and_waiting_answers_are_counted() -> None:
+    """Decisions of coroutine handlers that finish inline and of ones that wait, from two
+    policies, each answered and counted as itself (the session reuses Outcomes)."""
+    first, second = PolicySet("first"), PolicySet("second")
+    seen = []
+
+    @first.on("getppid")
+    async def sometimes(n: Notification) -> object:
+        seen.append(1)
+        if len(seen) % 2:
+            await trio.lowlevel.checkpoint()
+        if len(seen) % 3 == 0:
+            return None  # to the second policy
+        return deny(errno.EPERM)
+
+    @second.on("getppid")
+    async def otherwise(n: Notification) -> object:
+        return returns(7)
+
+    async with serve_target([first, second], ["getppid"], "getppid", "30") as served:
+        out = await served.target.result()
+    results = out["results"]
+    assert isinstance(results, list)
+    loop = len(seen) - 30  # python3 itself may call getppid before the target's loop
+    expected = [{"rc": 7, "errno": 0} if (loop + i + 1) % 3 == 0
+                else {"rc": -1, "errno": errno.EPERM} for i in range(30)]
+    assert results == expected
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="getppid",
+                         policy="second", decision="returns") == len(seen) // 3
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="getppid",
+                         policy="first", decision="deny") == len(seen) - len(seen) // 3
+
+
+async def test_exception_after_waiting_becomes_on_error() -> None:
+    policy = PolicySet("p")
+
+    @policy.on("getppid")
+    async def boom(n: Notification) -> object:
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("policy bug")
+
+    settings = SessionSettings(on_error=deny(errno.EPERM))
+    async with serve_target(policy, ["getppid"], "getppid", settings=settings) as served:
+        out = await served.target.result()
+    assert out["results"] == [{"rc": -1, "errno": errno.EPERM}]
+    assert served.metric("seccomp_supervisor_handler_errors_total",
+                         policy="p", kind="exception") == 1
+
+
 async def test_exception_becomes_on_error() -> None:
     policy = PolicySet("p")
 
