@@ -47,8 +47,9 @@ from typing import IO, Any, Final, Literal
 import trio
 
 from .decide import Outcome
-from .metrics import CounterChild, HistogramChild, Metrics
+from .metrics import UNNAMED_SYSCALL_LABEL, CounterChild, HistogramChild, Metrics
 from .policy import Container
+from .syscalls import is_unnamed
 
 __all__ = ["AuditLevel", "RateLimiter", "Recorder", "audit_line", "summary_line"]
 
@@ -282,13 +283,15 @@ class Recorder:
         """The counter and histogram children :meth:`decided` bumps for this pair."""
         assert self.metrics is not None
         kind = outcome.decision.kind
-        counter = self._counters.get((syscall, outcome.policy, kind))
+        # The syscall label stays bounded: calls without a name share one.
+        label = UNNAMED_SYSCALL_LABEL if is_unnamed(syscall) else syscall
+        counter = self._counters.get((label, outcome.policy, kind))
         if counter is None:
-            counter = self._child(syscall, outcome.policy, kind)
-        histogram = self._histograms.get(syscall)
+            counter = self._child(label, outcome.policy, kind)
+        histogram = self._histograms.get(label)
         if histogram is None:
-            histogram = self._histograms[syscall] = (
-                self.metrics.decision_seconds.labels(syscall))
+            histogram = self._histograms[label] = (
+                self.metrics.decision_seconds.labels(label))
         self._last = (syscall, outcome, counter, histogram)
         return counter, histogram
 

@@ -11,6 +11,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Final
 
 import prometheus_client.metrics
 from prometheus_client import (
@@ -27,6 +28,11 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+
+# The syscall label of every call libseccomp has no name for (``nr_<n>`` elsewhere):
+# a filter may notify any of 2**32 numbers, and a label value per number would let one
+# container grow every scrape without bound.
+UNNAMED_SYSCALL_LABEL: Final = "unknown"
 
 # 10 µs .. 10 s: the fastest answers are tens of microseconds, the deadline is seconds.
 DECISION_BUCKETS = (

@@ -58,7 +58,7 @@ from .policy import (
     response_fields,
 )
 from .ratelimit import RATE_POLICY, TokenBucket
-from .syscalls import arch_name, syscall_name
+from .syscalls import arch_name, is_unnamed, syscall_name
 
 log = logging.getLogger("supervisor.session")
 
@@ -357,8 +357,11 @@ class Session:
         route = self._routes.get((arch, nr))
         if route is None:
             name = syscall_name(arch, nr)
-            route = self._routes[(arch, nr)] = (
-                name, arch_name(arch, nr), self.chain.links(name))
+            route = (name, arch_name(arch, nr), self.chain.links(name))
+            # Numbers without a name are not cached: a filter may notify all 2**32 of
+            # them, named ones are a few hundred per arch.
+            if not is_unnamed(name):
+                self._routes[(arch, nr)] = route
         return route
 
     def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,

@@ -29,6 +29,12 @@ def arch_name(audit_arch: int, nr: int) -> str:
     return f"{audit_arch:#x}"
 
 
+def is_unnamed(name: str) -> bool:
+    """True for a :func:`syscall_name` of a number libseccomp has no name for
+    (``nr_<n>``): there are 2**32 of those, so nothing may be kept per such name."""
+    return name.startswith("nr_")
+
+
 @functools.lru_cache(maxsize=4096)
 def syscall_name(audit_arch: int, nr: int) -> str:
     """Name of call ``nr`` in ``audit_arch``; ``"nr_<n>"`` when libseccomp has none."""

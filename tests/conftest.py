@@ -55,8 +55,10 @@ class Target:
         return data
 
 
-def start_target(syscalls: Iterable[str], *args: str) -> Target:
-    child = spawn.spawn_filtered([sys.executable, TARGET, *args], notify_program(syscalls),
+def start_target(syscalls: Iterable[str], *args: str, program: bytes | None = None) -> Target:
+    """``target.py ARGS`` under a filter notifying ``syscalls`` (or under ``program``)."""
+    child = spawn.spawn_filtered([sys.executable, TARGET, *args],
+                                 program if program is not None else notify_program(syscalls),
                                  stdout=subprocess.PIPE)
     return Target(child)
 
@@ -76,12 +78,15 @@ class Served:
 @asynccontextmanager
 async def serve_target(policy: PolicySet | list[PolicySet], syscalls: Iterable[str],
                        *args: str, settings: SessionSettings | None = None,
-                       container: Container | None = None) -> AsyncIterator[Served]:
-    """Start ``target.py ARGS`` under a filter notifying ``syscalls`` and serve it with
-    a session running ``policy``. Kills the target and ends the session on exit."""
+                       container: Container | None = None,
+                       program: bytes | None = None) -> AsyncIterator[Served]:
+    """Start ``target.py ARGS`` under a filter notifying ``syscalls`` (or under BPF
+    ``program``) and serve it with a session running ``policy``. Kills the target and
+    ends the session on exit."""
     policies = policy if isinstance(policy, list) else [policy]
     registry = CollectorRegistry()
-    target = await trio.to_thread.run_sync(lambda: start_target(syscalls, *args))
+    target = await trio.to_thread.run_sync(
+        lambda: start_target(syscalls, *args, program=program))
     session = Session(
         NotifyFd(target.child.take_listener()),
         container or Container(id="test", pid=target.pid),

@@ -33,6 +33,11 @@ def main(argv):
     if cmd == "getppid":
         out = [getppid_raw() for _ in range(int(argv[1]) if len(argv) > 1 else 1)]
         return {"results": out}
+    if cmd == "numbers":
+        # syscall(n) for every n in [first, first + count): numbers no kernel knows.
+        first, count = int(argv[1]), int(argv[2])
+        return {"errnos": sorted({call(libc.syscall, ctypes.c_long(n))["errno"]
+                                  for n in range(first, first + count)})}
     if cmd == "mkdir":
         return call(libc.mkdir, argv[1].encode(), 0o755)
     if cmd == "mkdir-null":

@@ -12,6 +12,8 @@ import time
 
 import trio
 
+from supervisor import abi, bpfprog
+from supervisor.bpfprog import ABS, JEQ, JGE, JMP, LD, RET, Insn, K, W
 from supervisor.policy import Notification, PolicySet, allow, deny, inject_fd, returns
 from supervisor.session import SessionSettings
 
@@ -534,3 +536,35 @@ async def test_shadow_mode_logs_but_continues() -> None:
     assert out["results"] == [{"rc": os.getpid(), "errno": 0}]
     assert served.metric("seccomp_supervisor_notifications_total",
                          syscall="getppid", policy="p", decision="deny") == 1
+
+
+def _notify_numbers_from(first: int) -> bytes:
+    """BPF: notify every x86_64 call numbered ``first`` or more, allow the rest."""
+    return bpfprog.encode([
+        Insn(LD | W | ABS, 0, 0, bpfprog.OFF_ARCH),
+        Insn(JMP | JEQ | K, 1, 0, abi.AUDIT_ARCH_X86_64),
+        Insn(RET | K, 0, 0, bpfprog.RET_ALLOW),
+        Insn(LD | W | ABS, 0, 0, bpfprog.OFF_NR),
+        Insn(JMP | JGE | K, 0, 1, first),
+        Insn(RET | K, 0, 0, bpfprog.RET_USER_NOTIF),
+        Insn(RET | K, 0, 0, bpfprog.RET_ALLOW),
+    ])
+
+
+async def test_numbers_no_kernel_knows_cannot_grow_the_daemon() -> None:
+    """A container whose filter notifies arbitrary numbers (crun accepts NOTIFY as the
+    default action) may call thousands of them: each is answered, but the route cache
+    and the metric labels stay bounded."""
+    policy = PolicySet("p")
+    count = 3000
+    async with serve_target(policy, [], "numbers", "100000", str(count),
+                            program=_notify_numbers_from(100000)) as served:
+        out = await served.target.result()
+        routes = len(served.session._routes)
+    assert out["errnos"] == [errno.ENOSYS]  # the unhandled answer, every time
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="unknown",
+                         policy="-", decision="deny") == count
+    labels = {sample.labels.get("syscall")
+              for family in served.registry.collect() for sample in family.samples}
+    assert len(labels) < 10, sorted(filter(None, labels))[:20]
+    assert routes < 10
