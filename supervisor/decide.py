@@ -12,6 +12,7 @@ from typing import Literal
 
 from .errors import PolicyError
 from .policy import Decision, Handler, PolicySet
+from .syscalls import arch_name, is_unnamed, syscall_name
 
 ErrorKind = Literal["exception", "deadline", "refused", "memory"]
 Mode = Literal["enforce", "shadow"]
@@ -45,8 +46,17 @@ class Outcome:
     detail: str = ""
 
 
+# What a notified (audit arch, number) pair resolves to in a chain: the call's name, the
+# arch's name and the handlers to ask.
+Route = tuple[str, str, tuple[Link, ...]]
+
+
 class Chain:
-    """The handlers of an ordered list of policies, looked up by system call name."""
+    """The handlers of an ordered list of policies, looked up by system call name.
+
+    ``routes`` caches :meth:`route` for every session that uses this chain (sessions of
+    containers with the same policies share one chain): the hot loop reads it directly.
+    """
 
     def __init__(self, policies: Iterable[tuple[str, PolicySet]]) -> None:
         self.policies: tuple[tuple[str, PolicySet], ...] = tuple(policies)
@@ -58,6 +68,7 @@ class Chain:
                 assert entry is not None
                 table.setdefault(syscall, []).append(Link(name, entry.func, entry.is_async))
         self._table = {syscall: tuple(links) for syscall, links in table.items()}
+        self.routes: dict[tuple[int, int], Route] = {}
 
     @property
     def syscalls(self) -> frozenset[str]:
@@ -65,6 +76,18 @@ class Chain:
 
     def links(self, syscall: str) -> tuple[Link, ...]:
         return self._table.get(syscall, ())
+
+    def route(self, arch: int, nr: int) -> Route:
+        """Name, arch name and handlers of call ``nr`` made in audit arch ``arch``."""
+        route = self.routes.get((arch, nr))
+        if route is None:
+            name = syscall_name(arch, nr)
+            route = (name, arch_name(arch, nr), self.links(name))
+            # Numbers without a name are not cached: a filter may notify all 2**32 of
+            # them, named ones are a few hundred per arch.
+            if not is_unnamed(name):
+                self.routes[(arch, nr)] = route
+        return route
 
 
 def check_result(result: object, policy: str, *, read_memory: bool) -> Decision | None:

@@ -58,7 +58,6 @@ from .policy import (
     response_fields,
 )
 from .ratelimit import RATE_POLICY, TokenBucket
-from .syscalls import arch_name, is_unnamed, syscall_name
 
 log = logging.getLogger("supervisor.session")
 
@@ -84,8 +83,6 @@ class SessionStats:
     decisions: dict[str, int] = field(default_factory=dict)
 
 
-# What the hot loop caches per (arch, nr): the call's name, arch name and handlers.
-_Route = tuple[str, str, tuple[Link, ...]]
 # A received notification waiting for an async slot: (notification, links, index, received).
 # ``received`` is always a perf_counter() reading (see _deadline): reading trio's clock
 # costs four times as much, and the hot loop reads the time twice per notification.
@@ -112,7 +109,7 @@ class Session:
         # a parked notification waits for _slot_freed.
         self._max_inflight = settings.max_inflight
         self._slot_freed: trio.Event | None = None
-        self._routes: dict[tuple[int, int], _Route] = {}
+        self._routes = chain.routes  # shared with the other sessions of the chain
         # The Outcome of the last inline decision, reused while handlers return the same
         # Decision object (deny() and returns() hand out cached ones): one allocation
         # less per notification. Outcomes are never changed once made.
@@ -232,7 +229,7 @@ class Session:
         self.stats.notifications += 1
         notif_id, tid, nr, arch = raw[0], raw[1], raw[3], raw[4]
         route = self._routes.get((arch, nr))
-        syscall, arch_label, links = route if route is not None else self._route(arch, nr)
+        syscall, arch_label, links = route if route is not None else self.chain.route(arch, nr)
         args = raw[6:12]
         if self.bucket is not None and not self.bucket.take(received):
             self._answer(notif_id, tid, syscall, args, received,
@@ -344,7 +341,7 @@ class Session:
         self.bucket = _bucket(settings, self.bucket)
         self.settings = settings
         self._shadow = settings.mode == "shadow"
-        self._routes = {}
+        self._routes = chain.routes
         kept = {id(policy_set) for _name, policy_set in chain.policies}
         for name, policy_set in old.policies:
             if id(policy_set) not in kept:
@@ -352,17 +349,6 @@ class Session:
                     policy_set.session_ended(self.container)
                 except Exception:
                     log.exception("session-end hook of policy %s failed", name)
-
-    def _route(self, arch: int, nr: int) -> _Route:
-        route = self._routes.get((arch, nr))
-        if route is None:
-            name = syscall_name(arch, nr)
-            route = (name, arch_name(arch, nr), self.chain.links(name))
-            # Numbers without a name are not cached: a filter may notify all 2**32 of
-            # them, named ones are a few hundred per arch.
-            if not is_unnamed(name):
-                self._routes[(arch, nr)] = route
-        return route
 
     def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,
                  received: float, coro: Coroutine[Any, Any, object], trap: Any) -> Suspended:
