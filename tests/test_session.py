@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 
+import pytest
 import trio
 
 from supervisor import abi, bpfprog
@@ -147,27 +148,16 @@ async def test_coroutine_handlers_mixing_inline_and_waiting_answers_are_counted(
                          policy="first", decision="deny") == len(seen) - len(seen) // 3
 
 
-async def test_exception_after_waiting_becomes_on_error() -> None:
+@pytest.mark.parametrize("waits", [False, True], ids=["inline", "after-waiting"])
+async def test_exception_becomes_on_error(waits: bool) -> None:
+    """Raised in the handler's inline first step, or after it suspended (carried on by
+    the poller)."""
     policy = PolicySet("p")
 
     @policy.on("getppid")
     async def boom(n: Notification) -> object:
-        await trio.lowlevel.checkpoint()
-        raise RuntimeError("policy bug")
-
-    settings = SessionSettings(on_error=deny(errno.EPERM))
-    async with serve_target(policy, ["getppid"], "getppid", settings=settings) as served:
-        out = await served.target.result()
-    assert out["results"] == [{"rc": -1, "errno": errno.EPERM}]
-    assert served.metric("seccomp_supervisor_handler_errors_total",
-                         policy="p", kind="exception") == 1
-
-
-async def test_exception_becomes_on_error() -> None:
-    policy = PolicySet("p")
-
-    @policy.on("getppid")
-    async def boom(n: Notification) -> object:
+        if waits:
+            await trio.lowlevel.checkpoint()
         raise RuntimeError("policy bug")
 
     settings = SessionSettings(on_error=deny(errno.EPERM))
