@@ -203,9 +203,9 @@ class Recorder:
         self.limiter = RateLimiter(rate_limit)
         self._counters: dict[tuple[str, str, str], CounterChild] = {}
         self._histograms: dict[str, HistogramChild] = {}
-        # The children of the last (syscall, outcome) recorded: sessions reuse an Outcome
-        # while a handler returns the same Decision, so this skips both lookups.
-        self._last: tuple[str, Outcome, CounterChild, HistogramChild] | None = None
+        # The children of the last (syscall, policy, kind) recorded, and the Outcome that
+        # had them: while decisions repeat, this skips both lookups.
+        self._last: tuple[str, Outcome, str, str, CounterChild, HistogramChild] | None = None
         self._suppressed = metrics.audit_suppressed.labels() if metrics is not None else None
         # Lines admitted by the rate limit, each with the summary of the window that
         # ended before it (if that window held lines back), for the writer to format.
@@ -241,9 +241,14 @@ class Recorder:
         """
         decision = outcome.decision
         if self.metrics is not None:
+            # Compared by identity: a session reuses its Outcome while its handler repeats
+            # a decision; across sessions, call names come from the chains' route
+            # caches, policy names from the chains, and kinds are literals.
             last = self._last
-            if last is not None and last[1] is outcome and last[0] is syscall:
-                counter, histogram = last[2], last[3]
+            if last is not None and last[0] is syscall and (
+                    last[1] is outcome
+                    or (last[2] is outcome.policy and last[3] is decision.kind)):
+                counter, histogram = last[4], last[5]
             else:
                 counter, histogram = self._children(syscall, outcome)
             counter.value += 1
@@ -281,25 +286,26 @@ class Recorder:
     def _children(self, syscall: str, outcome: Outcome
                   ) -> tuple[CounterChild, HistogramChild]:
         """The counter and histogram children :meth:`decided` bumps for this pair."""
-        assert self.metrics is not None
-        kind = outcome.decision.kind
-        # The syscall label stays bounded: calls without a name share one.
-        label = UNNAMED_SYSCALL_LABEL if is_unnamed(syscall) else syscall
-        counter = self._counters.get((label, outcome.policy, kind))
-        if counter is None:
-            counter = self._child(label, outcome.policy, kind)
-        histogram = self._histograms.get(label)
-        if histogram is None:
-            histogram = self._histograms[label] = (
-                self.metrics.decision_seconds.labels(label))
-        self._last = (syscall, outcome, counter, histogram)
+        policy, kind = outcome.policy, outcome.decision.kind
+        counter = self._counters.get((syscall, policy, kind))
+        histogram = self._histograms.get(syscall)
+        if counter is None or histogram is None:
+            counter, histogram = self._new_children(syscall, policy, kind)
+        self._last = (syscall, outcome, policy, kind, counter, histogram)
         return counter, histogram
 
-    def _child(self, syscall: str, policy: str, kind: str) -> CounterChild:
+    def _new_children(self, syscall: str, policy: str, kind: str
+                      ) -> tuple[CounterChild, HistogramChild]:
         assert self.metrics is not None
-        child = self._counters[(syscall, policy, kind)] = self.metrics.notifications.labels(
-            syscall, policy, kind)
-        return child
+        # The syscall label stays bounded: calls without a name share one, and are not
+        # cached by name (prometheus-client hands out the same children again).
+        label = UNNAMED_SYSCALL_LABEL if is_unnamed(syscall) else syscall
+        counter = self.metrics.notifications.labels(label, policy, kind)
+        histogram = self.metrics.decision_seconds.labels(label)
+        if label is syscall:
+            self._counters[(syscall, policy, kind)] = counter
+            self._histograms[syscall] = histogram
+        return counter, histogram
 
     def flush(self) -> None:
         """Write every pending line now."""

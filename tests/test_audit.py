@@ -114,6 +114,37 @@ def test_identical_means_same_event_per_container() -> None:
 # --------------------------------------------------------------------------- the daemon
 
 
+def test_interleaved_sessions_are_counted_under_their_own_labels() -> None:
+    """The recorder reuses the metric children of the last (syscall, policy, kind); with
+    many sessions interleaved (each with its own Outcomes, all sharing call names) every
+    decision must still land under its own labels."""
+    registry = CollectorRegistry()
+    recorder = Recorder(Metrics(registry), audit="none")
+    syscall = "getppid"
+    outcomes = {
+        "a-deny": Outcome(deny(errno.EPERM), "a"), "a-deny-2": Outcome(deny(errno.EPERM), "a"),
+        "b-deny": Outcome(deny(errno.EPERM), "b"), "a-returns": Outcome(returns(1), "a"),
+    }
+    order = ["a-deny", "a-deny-2", "b-deny", "a-deny", "a-returns", "a-returns", "b-deny",
+             "a-deny-2", "a-returns", "b-deny"] * 3
+    container = Container("c")
+    for i, key in enumerate(order):
+        recorder.decided(container, i, 1, syscall, (0,) * 6, outcomes[key], 1e-5)
+    recorder.decided(container, 99, 1, "nr_123456", (0,) * 6, outcomes["b-deny"], 1e-5)
+
+    def count(syscall: str, policy: str, decision: str) -> float:
+        value = registry.get_sample_value("seccomp_supervisor_notifications_total", {
+            "syscall": syscall, "policy": policy, "decision": decision})
+        return value or 0.0
+
+    assert count("getppid", "a", "deny") == 12
+    assert count("getppid", "b", "deny") == 9
+    assert count("getppid", "a", "returns") == 9
+    assert count("unknown", "b", "deny") == 1
+    assert registry.get_sample_value("seccomp_supervisor_decision_seconds_count",
+                                     {"syscall": "getppid"}) == 30
+
+
 async def test_deny_lines_of_a_real_process_are_rate_limited(tmp_path: Path) -> None:
     target = tmp_path / "nope"
     script = f"for i in $(seq 20); do mkdir {target} 2>/dev/null; done; echo done"
