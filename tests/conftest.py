@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,26 @@ TARGET = str(TESTS / "target.py")
 def notify_program(names: Iterable[str]) -> bytes:
     """BPF that notifies ``names`` and allows every other call."""
     return build_program(notify_profile(list(names)))
+
+
+@contextmanager
+def sleeping_target(seconds: int = 60) -> Iterator[spawn.FilteredChild]:
+    """A real ``sleep`` under a filter that notifies a call it never makes (swapon): a
+    real seccomp listener fd to hand over (``listener_fd``, or ``take_listener()`` to own
+    it). Killed on exit."""
+    child = spawn.spawn_filtered(["sleep", str(seconds)], notify_program(["swapon"]))
+    try:
+        yield child
+    finally:
+        child.close()
+        child.process.kill()
+        child.process.wait()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[spawn.FilteredChild]:
+    with sleeping_target() as child:
+        yield child
 
 
 def open_fds() -> set[int]:

@@ -33,9 +33,9 @@ from supervisor.handoff import (
     build_state_message,
     parse_state,
 )
-from supervisor.profile import build_program, notify_profile
-from supervisor.spawn import FilteredChild, spawn_filtered
+from supervisor.spawn import FilteredChild
 
+from .conftest import sleeping_target
 from .daemon_harness import write_config
 
 PEER = PeerCredentials(pid=1, uid=0, gid=0)
@@ -141,13 +141,9 @@ def test_framing_does_not_depend_on_how_bytes_are_split(head: bytes, tail: bytes
 
 @pytest.fixture(scope="module")
 def sleeper() -> Iterator[FilteredChild]:
-    child = spawn_filtered(["sleep", "120"], build_program(notify_profile(["swapon"])))
-    try:
+    """conftest's ``sleeper``, once for the module: Hypothesis runs many examples."""
+    with sleeping_target(120) as child:
         yield child
-    finally:
-        child.close()
-        child.process.kill()
-        child.process.wait()
 
 
 def _open_kind(kind: str, listener: int) -> int:

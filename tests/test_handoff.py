@@ -6,15 +6,12 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
-import pyseccomp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import bpf
 from supervisor.errors import HandoffError
 from supervisor.handoff import (
     BadFdError,
@@ -25,7 +22,7 @@ from supervisor.handoff import (
     build_state_message,
     parse_state,
 )
-from supervisor.spawn import FilteredChild, spawn_filtered
+from supervisor.spawn import FilteredChild
 
 # Sent by runc 1.1.5 (Debian 1.1.5+ds1) for `runc run capt1` with listenerMetadata
 # "team=build\nenv=ci" and two annotations; captured on this machine.
@@ -70,24 +67,6 @@ def is_open(fd: int) -> bool:
         assert exc.errno == errno.EBADF
         return False
     return True
-
-
-def notify_program(*names: str) -> bytes:
-    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for name in names:
-        flt.add_rule(pyseccomp.NOTIFY, name)
-    return bpf.export_program(flt)
-
-
-@pytest.fixture
-def sleeper() -> Iterator[FilteredChild]:
-    child = spawn_filtered(["sleep", "5"], notify_program("getppid"))
-    try:
-        yield child
-    finally:
-        child.close()
-        child.process.kill()
-        child.process.wait()
 
 
 # --------------------------------------------------------------------------- parse_state

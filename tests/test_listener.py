@@ -14,36 +14,27 @@ import socket
 import stat
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyseccomp
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from supervisor import bpf
 from supervisor.handoff import Handoff, build_state_message
 from supervisor.listener import RESULTS, ListenerLimits, bind_socket, serve_handoffs
 from supervisor.metrics import Metrics
-from supervisor.spawn import FilteredChild, spawn_filtered
+from supervisor.spawn import FilteredChild
 
 # ioctl(SIOCOUTQ) on a unix socket: bytes sent that the peer has not read yet.
 SIOCOUTQ = 0x5411
 HANDOFFS = "seccomp_supervisor_handoffs_total"
-
-
-def notify_program(*names: str) -> bytes:
-    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for name in names:
-        flt.add_rule(pyseccomp.NOTIFY, name)
-    return bpf.export_program(flt)
 
 
 def fd_count() -> int:
@@ -52,17 +43,6 @@ def fd_count() -> int:
 
 def state_message(pid: int = 4242, container_id: str = "ctr-1", **kw: Any) -> bytes:
     return build_state_message(pid=pid, container_id=container_id, bundle="/b", **kw)
-
-
-@pytest.fixture
-def sleeper() -> Iterator[FilteredChild]:
-    child = spawn_filtered(["sleep", "10"], notify_program("getppid"))
-    try:
-        yield child
-    finally:
-        child.close()
-        child.process.kill()
-        child.process.wait()
 
 
 @dataclass

@@ -22,8 +22,7 @@ import pytest
 import trio
 
 from supervisor.handoff import build_state_message
-from supervisor.profile import build_program, notify_profile
-from supervisor.spawn import FilteredChild, spawn_filtered
+from supervisor.spawn import FilteredChild
 
 from .daemon_harness import RunningDaemon, running_daemon
 
@@ -74,19 +73,6 @@ async def wait_sessions(d: RunningDaemon, n: int, timeout: float = 10) -> None:
 def message(pid: int, metadata: str = "") -> bytes:
     return build_state_message(pid=pid, container_id="hostile", bundle="/b",
                                metadata=metadata)
-
-
-@pytest.fixture
-def sleeper() -> Iterator[FilteredChild]:
-    """A real process under a filter that notifies a call it never makes: a real seccomp
-    listener fd to hand over (``sleeper.listener_fd``, owned by the fixture)."""
-    child = spawn_filtered(["sleep", "60"], build_program(notify_profile(["swapon"])))
-    try:
-        yield child
-    finally:
-        child.close()
-        child.process.kill()
-        child.process.wait()
 
 
 def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
