@@ -401,9 +401,7 @@ async def container(runtime: Runtime, bundle: str | os.PathLike[str],
     The delete runs shielded from cancellation (a failing test's cancelled scope must
     not leave a container behind); if even that fails it is retried synchronously.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    ctr = Container(runtime, Path(bundle), id)
+    ctr = _new_container(runtime, bundle, id)
     try:
         yield ctr
     finally:
@@ -418,10 +416,14 @@ async def container(runtime: Runtime, bundle: str | os.PathLike[str],
 def sync_container(runtime: Runtime, bundle: str | os.PathLike[str],
                    id: str) -> Iterator[Container]:
     """Like :func:`container` without trio: use the ``*_sync`` methods."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    ctr = Container(runtime, Path(bundle), id)
+    ctr = _new_container(runtime, bundle, id)
     try:
         yield ctr
     finally:
         ctr.delete_sync()
+
+
+def _new_container(runtime: Runtime, bundle: str | os.PathLike[str], id: str) -> Container:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    return Container(runtime, Path(bundle), id)
