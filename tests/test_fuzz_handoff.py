@@ -8,7 +8,6 @@ kind, and random connections to a real ``seccomp-supervisor serve`` process.)
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
@@ -37,6 +36,7 @@ from supervisor.spawn import FilteredChild
 
 from .conftest import sleeping_target
 from .daemon_harness import write_config
+from .sockets import rights
 
 PEER = PeerCredentials(pid=1, uid=0, gid=0)
 SEED_MESSAGES = [
@@ -259,11 +259,6 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
         server.stop()
 
 
-def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
-        else []
-
-
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=3000) | st.sampled_from(SEED_MESSAGES).flatmap(
@@ -284,7 +279,7 @@ def test_random_connections_leave_the_serving_daemon_unchanged(
             sock.connect(serve_process.socket)
             try:
                 first, rest = data[:split], data[split:]
-                sock.sendmsg([first], _rights(fds))
+                sock.sendmsg([first], rights(fds))
                 if rest:
                     sock.sendall(rest)
                 if shutdown:

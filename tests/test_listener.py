@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import json
@@ -12,7 +11,6 @@ import resource
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,13 +30,9 @@ from supervisor.listener import RESULTS, ListenerLimits, bind_socket, serve_hand
 from supervisor.metrics import Metrics
 from supervisor.spawn import FilteredChild
 
-# ioctl(SIOCOUTQ) on a unix socket: bytes sent that the peer has not read yet.
-SIOCOUTQ = 0x5411
+from .sockets import fd_count, rights, send, wait_closed
+
 HANDOFFS = "seccomp_supervisor_handoffs_total"
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def state_message(pid: int = 4242, container_id: str = "ctr-1", **kw: Any) -> bytes:
@@ -87,50 +81,6 @@ async def serving(tmp_path: Path, on_handoff: Callable[[Handoff], Awaitable[obje
         sock.close()
         for handoff in server.handoffs:
             handoff.close()
-
-
-def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
-    if not fds:
-        return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-async def drained(sock: trio.socket.SocketType) -> None:
-    """Wait until the server has read everything sent so far."""
-    with trio.fail_after(5):
-        while struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]:
-            await trio.sleep(0.002)
-
-
-async def wait_closed(sock: trio.socket.SocketType) -> None:
-    """Wait until the server closed its end."""
-    with trio.fail_after(10):
-        try:
-            while await sock.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
-
-
-async def send(path: str, *parts: tuple[bytes, list[int]], shutdown: bool = True,
-               drain: bool = False) -> None:
-    """Connect, send each part (data, fds) in its own sendmsg, wait for the server to
-    close. With ``drain``, each part is read by the server before the next is sent."""
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        await sock.connect(path)
-        try:
-            for data, fds in parts:
-                view = memoryview(data)
-                sent = await sock.sendmsg([view], rights(fds))
-                while sent < len(view):
-                    sent += await sock.send(view[sent:])
-                if drain:
-                    await drained(sock)
-            if shutdown:
-                sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server hung up on us: what several tests want
-        await wait_closed(sock)
 
 
 # --------------------------------------------------------------------------- accepted

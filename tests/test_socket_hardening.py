@@ -6,7 +6,6 @@ process's fds: every count below is taken with all client sockets closed.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -24,7 +23,9 @@ import trio
 from supervisor.handoff import build_state_message
 from supervisor.spawn import FilteredChild
 
+from .conftest import open_fds
 from .daemon_harness import RunningDaemon, running_daemon
+from .sockets import fd_count, rights, send, wait_closed
 
 HANDOFFS = "seccomp_supervisor_handoffs_total"
 RESULTS = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd")
@@ -46,14 +47,6 @@ def listen_table(socket_path: str = "{tmp}/sock/notify.sock", **keys: object) ->
     return "\n".join(lines) + "\n" + POLICY
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
 def counts(d: RunningDaemon) -> dict[str, float]:
     return {r: d.metric(HANDOFFS, result=r) for r in RESULTS}
 
@@ -73,41 +66,6 @@ async def wait_sessions(d: RunningDaemon, n: int, timeout: float = 10) -> None:
 def message(pid: int, metadata: str = "") -> bytes:
     return build_state_message(pid=pid, container_id="hostile", bundle="/b",
                                metadata=metadata)
-
-
-def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
-        else []
-
-
-async def wait_closed(sock: trio.socket.SocketType, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        try:
-            while await sock.recv(4096):
-                pass
-        except ConnectionResetError:
-            pass
-
-
-async def send(path: str, *parts: tuple[bytes, list[int]], shutdown: bool = True,
-               pause: float = 0.0) -> None:
-    """Connect, send each (data, fds) part in its own sendmsg (``pause`` s apart), then
-    wait until the daemon hangs up."""
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        await sock.connect(path)
-        try:
-            for i, (data, fds) in enumerate(parts):
-                if i and pause:
-                    await trio.sleep(pause)
-                view = memoryview(data)
-                sent = await sock.sendmsg([view], rights(fds))
-                while sent < len(view):
-                    sent += await sock.send(view[sent:])
-            if shutdown:
-                sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        await wait_closed(sock)
 
 
 @contextlib.contextmanager
