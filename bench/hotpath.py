@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 class _FakeNotify:
     """RECV returns the same getppid notification; SEND drops the answer."""
 
-    def __init__(self, raw: tuple[int, ...]) -> None:
+    def __init__(self, raw: tuple[int, int, int, int, tuple[int, ...]]) -> None:
         self.raw = raw
         self.sent = 0
 
@@ -39,7 +39,7 @@ class _FakeNotify:
     def closed(self) -> bool:
         return False
 
-    def recv(self) -> tuple[int, ...]:
+    def recv(self) -> tuple[int, int, int, int, tuple[int, ...]]:
         return self.raw
 
     def send(self, notif_id: int, val: int, error: int, flags: int) -> None:
@@ -70,8 +70,8 @@ def measure(policy_file: str, audit: str, calls: int, sessions: int = 1) -> floa
             chain = Chain([("bench", policy)])
             fakes, ready = [], []
             for i in range(sessions):  # served round-robin, as K busy containers are
-                # id, pid, flags, nr (getppid on x86_64), arch (AUDIT_ARCH_X86_64), ip, args
-                fake = _FakeNotify((1, 2 + i, 0, 110, 0xC000003E, 0, 0, 0, 0, 0, 0, 0))
+                # id, pid, nr (getppid on x86_64), arch (AUDIT_ARCH_X86_64), args
+                fake = _FakeNotify((1, 2 + i, 110, 0xC000003E, (0, 0, 0, 0, 0, 0)))
                 session = Session(fake, Container(f"bench-{i}"),  # type: ignore[arg-type]
                                   chain, SessionSettings(), recorder)
                 session._nursery = nursery

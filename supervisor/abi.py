@@ -13,6 +13,12 @@ from typing import Final, NamedTuple
 # struct seccomp_notif { u64 id; u32 pid; u32 flags; struct seccomp_data data; }
 # struct seccomp_data  { s32 nr; u32 arch; u64 instruction_pointer; u64 args[6]; }
 NOTIF: Final = struct.Struct("<QIIiIQ6Q")
+# The same bytes in the two parts the hot loop reads: id, pid, nr and arch (flags and the
+# instruction pointer skipped; the kernel defines no flag for seccomp_notif), then args.
+# Unpacking only these makes four fewer integer objects per notification.
+NOTIF_HEAD: Final = struct.Struct("<QI4xiI")
+NOTIF_ARGS: Final = struct.Struct("<6Q")
+NOTIF_ARGS_OFFSET: Final = 32
 # struct seccomp_notif_resp { u64 id; s64 val; s32 error; u32 flags; }
 NOTIF_RESP: Final = struct.Struct("<QqiI")
 # struct seccomp_notif_addfd { u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }

@@ -68,7 +68,9 @@ class Chain:
                 assert entry is not None
                 table.setdefault(syscall, []).append(Link(name, entry.func, entry.is_async))
         self._table = {syscall: tuple(links) for syscall, links in table.items()}
-        self.routes: dict[tuple[int, int], Route] = {}
+        # audit arch -> call number -> route; two plain int lookups cost less than
+        # building and hashing an (arch, nr) key per notification.
+        self.routes: dict[int, dict[int, Route]] = {}
 
     @property
     def syscalls(self) -> frozenset[str]:
@@ -79,14 +81,15 @@ class Chain:
 
     def route(self, arch: int, nr: int) -> Route:
         """Name, arch name and handlers of call ``nr`` made in audit arch ``arch``."""
-        route = self.routes.get((arch, nr))
+        by_nr = self.routes.get(arch)
+        route = by_nr.get(nr) if by_nr is not None else None
         if route is None:
             name = syscall_name(arch, nr)
             route = (name, arch_name(arch, nr), self.links(name))
             # Numbers without a name are not cached: a filter may notify all 2**32 of
             # them, named ones are a few hundred per arch.
             if not is_unnamed(name):
-                self.routes[(arch, nr)] = route
+                self.routes.setdefault(arch, {})[nr] = route
         return route
 
 

@@ -37,13 +37,19 @@ from .errors import NotificationGone
 POLLIN: Final = select.POLLIN
 POLL_END: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
 _ZERO_NOTIF: Final = bytes(abi.NOTIF_SIZE)
-_unpack_notif: Final = abi.NOTIF.unpack
+_unpack_head: Final = abi.NOTIF_HEAD.unpack_from
+_unpack_args: Final = abi.NOTIF_ARGS.unpack_from
+_ARGS_OFFSET: Final = abi.NOTIF_ARGS_OFFSET
 _pack_resp_into: Final = abi.NOTIF_RESP.pack_into
 _ioctl: Final = fcntl.ioctl
 _RECV: Final = abi.IOCTL_NOTIF_RECV
 _SEND: Final = abi.IOCTL_NOTIF_SEND
 _ALL_SIGNALS: Final = signal.valid_signals()
 T = TypeVar("T")
+
+# What NotifyFd.recv() returns: id, pid, nr, arch, args (a plain tuple: the hot loop
+# unpacks it at once, and a NamedTuple costs a Python-level constructor call).
+RecvResult = tuple[int, int, int, int, tuple[int, ...]]
 
 
 class NotifyFd:
@@ -87,12 +93,12 @@ class NotifyFd:
             return events
         return 0
 
-    def recv(self) -> tuple[int, ...] | None:
+    def recv(self) -> RecvResult | None:
         """Receive one notification; None when it was withdrawn meanwhile (ENOENT).
 
         Only call once per POLLIN seen (from :meth:`poll_now` or the :class:`Poller`),
-        from the fd's one reader. Returns the unpacked
-        ``seccomp_notif`` fields (id, pid, flags, nr, arch, ip, args0..args5).
+        from the fd's one reader. Returns the ``seccomp_notif`` fields the supervisor
+        uses: ``(id, pid, nr, arch, args)``, ``args`` the six call arguments.
         """
         buf = self._buf
         self._view[:] = _ZERO_NOTIF
@@ -102,7 +108,8 @@ class NotifyFd:
             if exc.errno == errno.ENOENT:
                 return None
             raise
-        return _unpack_notif(buf)
+        notif_id, pid, nr, arch = _unpack_head(buf)
+        return notif_id, pid, nr, arch, _unpack_args(buf, _ARGS_OFFSET)
 
     def send(self, notif_id: int, val: int, error: int, flags: int) -> None:
         """Answer a notification. Raises NotificationGone("send") on ENOENT."""

@@ -227,10 +227,11 @@ class Session:
             return None
         received = perf_counter()
         self.stats.notifications += 1
-        notif_id, tid, nr, arch = raw[0], raw[1], raw[3], raw[4]
-        route = self._routes.get((arch, nr))
-        syscall, arch_label, links = route if route is not None else self.chain.route(arch, nr)
-        args = raw[6:12]
+        notif_id, tid, nr, arch, args = raw
+        try:
+            syscall, arch_label, links = self._routes[arch][nr]
+        except KeyError:  # the chain's first call of this number (or one with no name)
+            syscall, arch_label, links = self.chain.route(arch, nr)
         if self.bucket is not None and not self.bucket.take(received):
             self._answer(notif_id, tid, syscall, args, received,
                          Outcome(self.settings.rate_exceeded, RATE_POLICY))

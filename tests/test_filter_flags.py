@@ -19,7 +19,7 @@ import pytest
 
 from supervisor import abi, bpf, spawn
 from supervisor.errors import ProfileError
-from supervisor.notifyfd import NotifyFd
+from supervisor.notifyfd import NotifyFd, RecvResult
 from supervisor.profile import build_program, filter_flags, notify_profile, parse_profile
 
 from .conftest import TARGET
@@ -225,7 +225,7 @@ def test_unknown_flag_name_in_a_profile() -> None:
 # --- WAIT_KILLABLE_RECV: what it changes ------------------------------------------------
 
 
-def _next_notification(notify: NotifyFd, timeout: float = 10) -> tuple[int, ...]:
+def _next_notification(notify: NotifyFd, timeout: float = 10) -> RecvResult:
     deadline = time.monotonic() + timeout
     while True:
         ready, _, _ = select.select([notify.fileno()], [], [], max(0, deadline - time.monotonic()))
@@ -258,7 +258,8 @@ def test_wait_killable_recv_keeps_a_received_call_across_a_signal(
         else:
             assert not notify.id_valid(first[0])
             again = _next_notification(notify)
-            assert again[0] != first[0] and again[3] == first[3]  # same nr, new id
+            notif_id, _pid, nr, _arch, _args = again
+            assert notif_id != first[0] and nr == first[2]  # same call, new id
             answered = again[0]
         notify.send(answered, 0, -errno.EXDEV, 0)
         out, _ = child.process.communicate(timeout=20)

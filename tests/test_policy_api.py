@@ -147,3 +147,14 @@ def test_notification_roundtrip() -> None:
     raw = abi.RawNotification(2**64 - 1, 42, 0, 83, abi.AUDIT_ARCH_X86_64, 0x1000,
                               (1, 2, 3, 4, 5, 2**64 - 1))
     assert abi.unpack_notification(abi.pack_notification(raw)) == raw
+
+
+def test_the_hot_loops_partial_unpack_reads_the_same_fields() -> None:
+    """NotifyFd.recv() unpacks only id, pid, nr, arch and args, at their own offsets."""
+    raw = abi.RawNotification(2**64 - 2, 4242, 0xFFFFFFFF, -7, abi.AUDIT_ARCH_I386,
+                              2**64 - 3, (11, 12, 13, 14, 15, 2**64 - 1))
+    buf = abi.pack_notification(raw)
+    assert abi.NOTIF_HEAD.size + 8 == abi.NOTIF_ARGS_OFFSET  # then the 8-byte ip
+    assert abi.NOTIF_ARGS_OFFSET + abi.NOTIF_ARGS.size == abi.NOTIF_SIZE
+    assert abi.NOTIF_HEAD.unpack_from(buf) == (raw.id, raw.pid, raw.nr, raw.arch)
+    assert abi.NOTIF_ARGS.unpack_from(buf, abi.NOTIF_ARGS_OFFSET) == raw.args
