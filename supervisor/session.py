@@ -77,10 +77,13 @@ class SessionSettings:
 
 @dataclass(slots=True)
 class SessionStats:
-    notifications: int = 0
-    answered: int = 0
-    gone: int = 0
-    decisions: dict[str, int] = field(default_factory=dict)
+    notifications: int = 0  # received
+    gone: int = 0  # withdrawn by the kernel before their answer
+    decisions: dict[str, int] = field(default_factory=dict)  # answers given, by kind
+
+    @property
+    def answered(self) -> int:
+        return sum(self.decisions.values())
 
 
 # A received notification waiting for an async slot: (notification, links, index, received).
@@ -477,7 +480,6 @@ class Session:
             self.recorder.gone(gone.stage)
             return
         # What _answered() does, inline: this is the common case.
-        stats.answered += 1
         kind = decision.kind
         stats.decisions[kind] = stats.decisions.get(kind, 0) + 1
         self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
@@ -486,7 +488,6 @@ class Session:
     def _answered(self, notif_id: int, tid: int, syscall: str, args: Sequence[int],
                   received: float, outcome: Outcome, shadow: bool) -> None:
         stats = self.stats
-        stats.answered += 1
         kind = outcome.decision.kind
         stats.decisions[kind] = stats.decisions.get(kind, 0) + 1
         self.recorder.decided(self.container, notif_id, tid, syscall, args, outcome,
