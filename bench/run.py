@@ -13,15 +13,16 @@ SCM_RIGHTS on its socket), then time every call and check every answer (EPERM).
 Supervisors under test, each started fresh for every row and round:
 
 * ``sync``: ``seccomp-supervisor serve`` with a plain-function policy (decided inline);
-* ``async``: the same with a coroutine policy (a task per notification);
+* ``async``: the same with a coroutine policy (its first step run inline; a handler that
+  waits for something is carried on under the deadline);
 * ``C blk`` / ``C epoll``: the C reference supervisor of ``../shared/bench`` (a thread
   per fd blocking in RECV / one epoll loop), when that folder exists. It answers EPERM
   too, so the same target checks it.
 
 Columns: p50/p99 latency of one call as the target sees it (with K > 1 it includes
 queueing behind the other targets); calls/s over the timed phase; supervisor CPU per
-call from ``/proc/PID/stat`` (utime + stime, all threads) around the timed phase; RSS
-(VmRSS) of the supervisor once all K sessions are up and idle, and at the end.
+call, the run time of all its threads (``/proc/PID/task/*/schedstat``) over the timed
+phase; RSS (VmRSS) of the supervisor once all K sessions are up and idle, and at the end.
 Ratios compare rows of the same run only: the machine is noisy.
 """
 

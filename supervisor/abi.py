@@ -2,7 +2,7 @@
 
 Constants, struct layouts and ioctl numbers only; pack and unpack are pure functions.
 Every number here was checked on the target kernel (see DESIGN.md §4); the layout sizes
-are checked again at start by :func:`supervisor.notifyfd.check_kernel_abi`.
+are checked again at start by :func:`supervisor.bpf.check_kernel_abi`.
 """
 
 from __future__ import annotations
