@@ -59,6 +59,7 @@ class Supervisor:
     args: tuple[str, ...]  # for "ours": policy file; for "c": sup_c options
     tree: str = str(REPO)  # for "ours": the directory holding the supervisor package
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the daemon
+    python: str = ""  # for "ours": the interpreter, if not --python's
 
 
 SUPERVISORS = (
@@ -210,7 +211,7 @@ def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: object
         argv = [str(opts.reference), *sup.args, "--sock", sock]
     else:
         config = daemon_config(tmp, sup.args[0], opts.audit)
-        argv = [opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
+        argv = [sup.python or opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
                 "--config", str(config)]
         if opts.profile is not None:
             out = opts.profile / f"{sup.name}-{time.monotonic_ns()}.prof"
@@ -464,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=V;VAR=V",
                     help="also run sync and async rows (sync%%NAME, async%%NAME) with these "
                          "environment variables set for the daemon (experiments)")
+    ap.add_argument("--interpreter", action="append", default=[], metavar="NAME=PYTHON",
+                    help="also run sync and async rows (sync%%NAME, async%%NAME) with the "
+                         "daemon run by PYTHON (which must have its dependencies), e.g. "
+                         "the distribution's build of CPython against another")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the C reference even if ../shared/bench exists")
     ap.add_argument("--python", default=sys.executable,
@@ -492,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         label, _, assignments = spec.partition("=")
         env = tuple(tuple(a.split("=", 1)) for a in assignments.split(";") if a)
         sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, env)  # type: ignore[arg-type]
+                 for s in SUPERVISORS if s.kind == "ours"]
+    for spec in args.interpreter:
+        label, _, python = spec.partition("=")
+        if not label or not os.access(python, os.X_OK):
+            ap.error(f"--interpreter {spec!r}: want NAME=PYTHON with PYTHON executable")
+        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, python=python)
                  for s in SUPERVISORS if s.kind == "ours"]
     for spec in args.compare:
         label, _, tree = spec.partition("=")
