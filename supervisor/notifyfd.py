@@ -226,6 +226,22 @@ class Suspended(NamedTuple):
     done: Callable[[Exception | None], None]
 
 
+def first_step(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Run ``coro`` up to where it first waits: ``(True, its return value)`` if it
+    finished without waiting, else ``(False, the trap it yielded to trio)``, to be passed
+    to :func:`carry_on` in this same task.
+
+    A function of its own for speed: the return value comes with a StopIteration, and on
+    CPython 3.11 before 3.11.7 an exception costs time in proportion to how far into the
+    catching function it was raised (gh-109181; Debian 12 ships 3.11.2). Caught here, that
+    is a few bytecodes; caught in the hot loop, it was 10,000 instructions.
+    """
+    try:
+        return False, coro.send(None)
+    except StopIteration as finished:
+        return True, finished.value
+
+
 @types.coroutine
 def carry_on(coro: Coroutine[Any, Any, T], trap: Any) -> Generator[Any, Any, T]:
     """What ``await coro`` would do from the point where ``coro`` yielded ``trap``: pass

@@ -48,6 +48,7 @@ from .notifyfd import (
     Suspended,
     carry_on,
     current_poller,
+    first_step,
 )
 from .policy import (
     Container,
@@ -261,12 +262,9 @@ class Session:
                     # waiting for anything, and then cost no task and no deadline scope.
                     # (is_async: func is a coroutine function)
                     coro: Coroutine[Any, Any, object] = link.func(n)  # type: ignore[assignment]
-                    try:
-                        trap = coro.send(None)
-                    except StopIteration as finished:
-                        result = finished.value
-                    else:
-                        return self._suspend(n, links, index, received, coro, trap)
+                    finished, result = first_step(coro)
+                    if not finished:  # result is the trap it waits at
+                        return self._suspend(n, links, index, received, coro, result)
                 else:
                     result = link.func(n)
                 # Only an allow() needs check_result's memory-read rule; anything but a

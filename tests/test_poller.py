@@ -7,7 +7,7 @@ import os
 
 import trio
 
-from supervisor.notifyfd import Poller, Suspended, current_poller
+from supervisor.notifyfd import Poller, Suspended, carry_on, current_poller, first_step
 
 
 class _AlwaysReady:
@@ -56,3 +56,37 @@ async def test_busy_fds_leave_room_for_the_rest_of_the_daemon() -> None:
     # overshoot EVENTS_PER_YIELD (256) by two, and trio's scheduler may run the poller
     # twice between two runs of this task (it shuffles each batch).
     assert max(between) <= 1024, between
+
+
+async def test_first_step_then_carry_on_run_a_coroutine_as_await_would() -> None:
+    """first_step runs a coroutine up to its first wait (or to its end); carry_on, in the
+    same task, takes it from that wait to its return value, exceptions included."""
+
+    async def finishes_at_once() -> str:
+        return "done"
+
+    async def waits(ticks: int) -> int:
+        for _ in range(ticks):
+            await trio.lowlevel.checkpoint()
+        return ticks
+
+    async def waits_then_fails() -> None:
+        await trio.lowlevel.checkpoint()
+        raise KeyError("late")
+
+    assert first_step(finishes_at_once()) == (True, "done")
+
+    coro = waits(3)
+    finished, trap = first_step(coro)
+    assert not finished
+    assert await carry_on(coro, trap) == 3
+
+    failing = waits_then_fails()
+    finished, trap = first_step(failing)
+    assert not finished
+    try:
+        await carry_on(failing, trap)
+    except KeyError as exc:
+        assert exc.args == ("late",)
+    else:
+        raise AssertionError("carry_on lost the coroutine's exception")
