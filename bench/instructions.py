@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Instructions per notification of the real daemon, counted by callgrind.
+
+    .venv/bin/python bench/instructions.py                  # K=1, sync policy
+    .venv/bin/python bench/instructions.py --k 100 --sup async
+    .venv/bin/python bench/instructions.py --tree /tmp/old  # another copy of the package
+
+Runs one ``bench/run.py`` row twice, with the daemon under ``valgrind --tool=callgrind``,
+at two call counts, and prints the difference of the two instruction totals divided by
+the difference of the calls: what one more notification costs in user space (the
+interpreter, the ioctl and epoll calls' C code, libc), with start-up and shutdown
+cancelled out. Unlike times on a shared VM, the count barely moves from run to run
+(a few hundred instructions), so it shows changes of 1-2%. Kernel time is not in it.
+
+valgrind does not know seccomp(2), so the daemon's start-up check of the kernel's struct
+sizes would fail under it; a ``sitecustomize`` in a temporary directory answers that
+check with our own sizes (only in the daemon started here). ``--keep DIR`` keeps both
+callgrind files for ``callgrind_annotate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+SITECUSTOMIZE = """\
+# Written by bench/instructions.py: valgrind does not know seccomp(2).
+import supervisor.abi as _abi
+import supervisor.bpf as _bpf
+_bpf.notif_sizes = lambda: (_abi.NOTIF_SIZE, _abi.NOTIF_RESP_SIZE, _abi.SECCOMP_DATA_SIZE)
+"""
+
+WRAPPER = """\
+#!/bin/sh
+export PYTHONPATH="$PYTHONPATH:{site}"
+exec valgrind --tool=callgrind --callgrind-out-file={out}/callgrind.%p {python} "$@"
+"""
+
+
+def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path) -> int:
+    for old in out.glob("callgrind.*"):
+        old.unlink()
+    done = subprocess.run(
+        [sys.executable, str(run_py), "--k", str(k), "--only", sup, "--rounds", "1",
+         "--scale", str(scale), "--python", str(wrapper), "--timeout", "900",
+         "--no-reference"],
+        capture_output=True, text=True)
+    files = list(out.glob("callgrind.*"))
+    if done.returncode != 0 or len(files) != 1 or "FAILED" in done.stdout:
+        sys.exit(f"bench row failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    match = re.search(r"^summary: (\d+)$", files[0].read_text(errors="replace"), re.M)
+    if match is None:
+        sys.exit(f"no summary line in {files[0]}")
+    return int(match.group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=1, help="concurrent targets")
+    ap.add_argument("--sup", default="sync", choices=("sync", "async"))
+    ap.add_argument("--tree", help="directory holding the supervisor package (and bench/)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
+    ap.add_argument("--keep", metavar="DIR", help="keep the two callgrind files here")
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    run_py = (Path(args.tree).resolve() / "bench" if args.tree else BENCH) / "run.py"
+    # run.py's row sizes: DEFAULT_CALLS[k] * scale calls, split over the k targets.
+    small, large = 0.05, 0.25
+    with tempfile.TemporaryDirectory(prefix="ssbench-cg-") as tmp:
+        tmpdir = Path(tmp)
+        site = tmpdir / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        wrapper = tmpdir / "python"
+        wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python))
+        wrapper.chmod(0o755)
+        sys.path.insert(0, str(run_py.parent))
+        from run import DEFAULT_CALLS  # type: ignore[import-not-found]
+
+        calls = {scale: int(DEFAULT_CALLS.get(args.k, 100_000) * scale) // args.k * args.k
+                 for scale in (small, large)}
+        totals = {}
+        for scale in (small, large):
+            totals[scale] = count(run_py, args.k, args.sup, scale, wrapper, tmpdir)
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                for f in tmpdir.glob("callgrind.*"):
+                    shutil.copy(f, Path(args.keep) / f"callgrind.{calls[scale]}-calls")
+    per_call = (totals[large] - totals[small]) / (calls[large] - calls[small])
+    print(f"{args.sup} K={args.k}: {per_call:,.0f} instructions per notification "
+          f"({calls[small]} and {calls[large]} calls: {totals[small]:,} and "
+          f"{totals[large]:,})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
