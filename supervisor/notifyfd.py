@@ -297,7 +297,7 @@ class Poller:
 
     # Events per epoll round. select.epoll.poll() allocates the kernel's event array per
     # call: up to 42 (12 bytes each, 512 bytes) come from Python's small-object allocator,
-    # more from malloc, which cost 400 instructions per round (callgrind), more than the
+    # more from malloc, which cost ~600 instructions per round (callgrind), more than the
     # extra rounds save: a round of 32 events takes about 0.3 ms to serve anyway. The set
     # is level-triggered and the kernel moves reported fds to the end of its ready list,
     # so fds past the first 32 are served in the next rounds, in turn.
