@@ -47,7 +47,7 @@ case "${1:-}" in
     test)
         shift
         setup
-        .venv/bin/ruff check supervisor tests policies
+        .venv/bin/ruff check supervisor tests policies bench
         .venv/bin/mypy
         exec .venv/bin/python -m pytest "$@"
         ;;

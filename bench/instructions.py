@@ -85,7 +85,7 @@ def main() -> int:
         wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python))
         wrapper.chmod(0o755)
         sys.path.insert(0, str(run_py.parent))
-        from run import DEFAULT_CALLS  # type: ignore[import-not-found]
+        from run import DEFAULT_CALLS
 
         calls = {scale: int(DEFAULT_CALLS.get(args.k, 100_000) * scale) // args.k * args.k
                  for scale in (small, large)}

@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -203,7 +204,7 @@ class Options:
     profile: Path | None = None
 
 
-def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: object
+def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: IO[bytes]
                      ) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(tmp / "notify.sock")
     if sup.kind == "c":
@@ -239,7 +240,7 @@ def collect(fd: int, count: int, procs: list[subprocess.Popen[bytes]], deadline:
     while got < count:
         for p in procs:
             if p.poll() is not None:
-                raise RowFailed(f"{p.args[0]} exited with {p.returncode} waiting for {what}")
+                raise RowFailed(f"{p.args!r} exited with {p.returncode} waiting for {what}")
         if time.monotonic() > deadline:
             raise RowFailed(f"timeout waiting for {what} ({got}/{count})")
         ready, _, _ = select.select([fd], [], [], 0.05)
@@ -400,7 +401,7 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
         print(f"{r['sup']:<14} {r['k']:>5} {r['calls']:>7} {r['p50_us']:>7.1f} "
               f"{r['p99_us']:>8.1f} {r['calls_per_s']:>8.0f} {r['cpu_us_per_call']:>7.2f} "
               f"{r['tick_cpu_us_per_call']:>6.1f} "
-              f"{100 * r['sys_share']:>4.0f} "
+              f"{100 * float(r['sys_share']):>4.0f} "  # type: ignore[arg-type]
               f"{r['rss_idle_mb']:>7.1f}M {r['rss_end_mb']:>7.1f}M {r['wrong']:>5} "
               f"{'-' if xp is None else f'{xp:.2f}':>11} "
               f"{'-' if xt is None else f'{xt:.2f}':>13}")
@@ -495,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     sups = [s for s in SUPERVISORS if s.kind == "ours" or reference is not None]
     for spec in args.variant:
         label, _, assignments = spec.partition("=")
-        env = tuple(tuple(a.split("=", 1)) for a in assignments.split(";") if a)
-        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, env)  # type: ignore[arg-type]
+        env = tuple((name, value) for name, _, value in
+                    (a.partition("=") for a in assignments.split(";") if a))
+        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, env)
                  for s in SUPERVISORS if s.kind == "ours"]
     for spec in args.interpreter:
         label, _, python = spec.partition("=")
