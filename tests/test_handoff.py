@@ -24,6 +24,8 @@ from supervisor.handoff import (
 )
 from supervisor.spawn import FilteredChild
 
+from .sockets import fd_count
+
 # Sent by runc 1.1.5 (Debian 1.1.5+ds1) for `runc run capt1` with listenerMetadata
 # "team=build\nenv=ci" and two annotations; captured on this machine.
 RUNC_MESSAGE = (
@@ -54,10 +56,6 @@ def message(**changes: Any) -> bytes:
         else:
             target[name] = value
     return json.dumps(top).encode()
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def is_open(fd: int) -> bool:
@@ -334,7 +332,7 @@ def test_assembler_finds_the_end_of_any_object(value: dict[str, Any],
 
 
 def test_accept_keeps_only_the_listener(sleeper: FilteredChild) -> None:
-    baseline = open_fd_count()
+    baseline = fd_count()
     extra_r, extra_w = os.pipe()
     listener = sleeper.take_listener()
     data = message(pid=sleeper.pid, fds=["pidFd", "seccompFd", "log"])
@@ -350,7 +348,7 @@ def test_accept_keeps_only_the_listener(sleeper: FilteredChild) -> None:
     finally:
         handoff.close()
     assert not is_open(listener)
-    assert open_fd_count() == baseline - 1  # the listener taken from the child
+    assert fd_count() == baseline - 1  # the listener taken from the child
 
 
 def _other_fds() -> list[tuple[str, int]]:
@@ -364,7 +362,7 @@ def _other_fds() -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("kind", ["pipe", "memfd", "socket", "file"])
 def test_wrong_fd_type_is_refused_and_closed(kind: str) -> None:
-    baseline = open_fd_count()
+    baseline = fd_count()
     candidates = _other_fds()
     fd = dict(candidates)[kind]
     for name, other in candidates:
@@ -373,17 +371,17 @@ def test_wrong_fd_type_is_refused_and_closed(kind: str) -> None:
     with pytest.raises(BadFdError, match="not a seccomp listener"):
         accept_handoff(RUNC_MESSAGE, [fd], PEER)
     assert not is_open(fd)
-    assert open_fd_count() == baseline
+    assert fd_count() == baseline
 
 
 def test_invalid_message_closes_every_fd(sleeper: FilteredChild) -> None:
     listener = sleeper.take_listener()
     r, w = os.pipe()
-    baseline = open_fd_count() - 3
+    baseline = fd_count() - 3
     with pytest.raises(HandoffError):
         accept_handoff(b'{"not": "a state"}', [listener, r, w], PEER)
     assert not any(is_open(fd) for fd in (listener, r, w))
-    assert open_fd_count() == baseline
+    assert fd_count() == baseline
 
 
 def test_fd_count_mismatch_closes_every_fd(sleeper: FilteredChild) -> None:
