@@ -40,9 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -494,24 +494,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_reference:
         reference = None
     sups = [s for s in SUPERVISORS if s.kind == "ours" or reference is not None]
+    def ours(suffix: str, **changes: Any) -> list[Supervisor]:
+        """The sync and async rows again, named NAME+suffix, with these fields changed."""
+        return [replace(s, name=f"{s.name}{suffix}", **changes)
+                for s in SUPERVISORS if s.kind == "ours"]
+
     for spec in args.variant:
         label, _, assignments = spec.partition("=")
-        env = tuple((name, value) for name, _, value in
-                    (a.partition("=") for a in assignments.split(";") if a))
-        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, env)
-                 for s in SUPERVISORS if s.kind == "ours"]
+        sups += ours(f"%{label}", env=tuple(
+            (name, value) for name, _, value in
+            (a.partition("=") for a in assignments.split(";") if a)))
     for spec in args.interpreter:
         label, _, python = spec.partition("=")
         if not label or not os.access(python, os.X_OK):
             ap.error(f"--interpreter {spec!r}: want NAME=PYTHON with PYTHON executable")
-        sups += [Supervisor(f"{s.name}%{label}", "ours", s.args, s.tree, python=python)
-                 for s in SUPERVISORS if s.kind == "ours"]
+        sups += ours(f"%{label}", python=python)
     for spec in args.compare:
         label, _, tree = spec.partition("=")
         if not label or not (Path(tree) / "supervisor" / "__init__.py").exists():
             ap.error(f"--compare {spec!r}: want NAME=DIR with DIR/supervisor/")
-        sups += [Supervisor(f"{s.name}@{label}", "ours", s.args, str(Path(tree).resolve()))
-                 for s in SUPERVISORS if s.kind == "ours"]
+        sups += ours(f"@{label}", tree=str(Path(tree).resolve()))
     if args.only:
         wanted = {s.strip() for s in args.only.split(",")}
         sups = [s for s in sups if s.name in wanted or s.name.split("@")[0].split("%")[0] in wanted]
