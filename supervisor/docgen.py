@@ -358,9 +358,8 @@ def metric_families() -> list[MetricFamily]:
     # The registry has no public list of its collectors; labels are known only to each
     # collector (a family without children exports no sample to read them from).
     for collector in list(daemon.registry._collector_to_names):
-        names: Sequence[str] = (getattr(collector, "_labelnames", None)
-                                or getattr(collector, "labelnames", ()))
-        labels = tuple(names)
+        names = getattr(collector, "_labelnames", None) or getattr(collector, "labelnames", None)
+        labels = tuple(str(name) for name in names or ())
         for metric in collector.describe() if hasattr(collector, "describe") else ():
             families.append(_family(metric.name, metric.type, metric.documentation, labels))
         if not hasattr(collector, "describe"):
