@@ -50,10 +50,12 @@ from supervisor.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 RUN_LANGUAGES = {"python", "toml", "sh", "console"}
-SANDBOX_LANGUAGES = {"sh", "console"}
+# Output and data: shown, not run. Any other language (bash, shell, py...) is refused, so
+# no example hides from this test behind another name.
+DATA_LANGUAGES = {"text", "json"}
 
-_FENCE = re.compile(r"^```([A-Za-z0-9_-]*)\s*$")
-_MARKER = re.compile(r"^<!-- example: (.*?) -->$")
+_FENCE = re.compile(r"^( *)```(.*)$")
+_MARKER = re.compile(r"^ *<!-- example: (.*?) -->$")
 
 
 @dataclass
@@ -70,17 +72,19 @@ class Block:
 
 
 def blocks(page: Path) -> Iterator[Block]:
+    """Every fenced block, also those indented in a list item (the indent is removed)."""
     lines = page.read_text("utf-8").splitlines()
     i = 0
     while i < len(lines):
         fence = _FENCE.match(lines[i])
-        if not fence or fence[1] == "":
+        if not fence:
             i += 1
             continue
+        indent, language = fence[1], fence[2].strip()
         marker = _MARKER.match(lines[i - 1]) if i else None
-        end = next(j for j in range(i + 1, len(lines)) if lines[j] == "```")
-        yield Block(page, i + 1, fence[1], "\n".join(lines[i + 1:end]) + "\n",
-                    marker[1] if marker else "")
+        end = next(j for j in range(i + 1, len(lines)) if lines[j] == indent + "```")
+        text = "\n".join(line.removeprefix(indent) for line in lines[i + 1:end]) + "\n"
+        yield Block(page, i + 1, language, text, marker[1] if marker else "")
         i = end + 1
 
 
@@ -89,8 +93,13 @@ ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
 
 def test_every_example_block_runs_or_says_why_not() -> None:
     """An unmarked block in a language we run is run; a marker must be one we know and a
-    'not run' must give its reason."""
+    'not run' must give its reason; every block names a language we know."""
     for block in ALL_BLOCKS:
+        if block.language.startswith("{"):  # a MyST directive ({toctree}), not code
+            continue
+        assert block.language in RUN_LANGUAGES | DATA_LANGUAGES, (
+            f"{block.name}: block language {block.language!r}: use one of "
+            f"{sorted(RUN_LANGUAGES)} (run by this test) or {sorted(DATA_LANGUAGES)}")
         marker = block.marker
         if not marker:
             continue

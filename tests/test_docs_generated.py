@@ -95,19 +95,28 @@ def test_man_page_renders_without_warnings(page: Path) -> None:
 
 
 def test_pip_install_puts_the_man_pages_where_man_finds_them(tmp_path: Path) -> None:
-    prefix = tmp_path / "prefix"
+    """Build the wheel (offline, with this environment's setuptools) and install it into
+    a fresh venv: man(1) finds the pages from that venv's bin on PATH."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--no-deps", "--no-build-isolation", "--no-index", "--prefix", str(prefix),
+        [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+         "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "wheel"),
          str(ROOT)], check=True, capture_output=True, timeout=300)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # pip --python installs into that venv, not into ours
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q",
+         "--disable-pip-version-check", "--no-deps", "--no-index",
+         *map(str, (tmp_path / "wheel").glob("*.whl"))],
+        check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "MANPATH"}
-    env["PATH"] = f"{prefix / 'bin'}:{env['PATH']}"  # man maps PREFIX/bin to PREFIX/share/man
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"  # man maps PREFIX/bin to PREFIX/share/man
     found = subprocess.run(["man", "-w", "seccomp-supervisor", "seccomp-supervisor.toml"],
                            env=env, capture_output=True, text=True, check=True)
-    assert found.stdout.split() == [str(prefix / "share/man/man8/seccomp-supervisor.8"),
-                                    str(prefix / "share/man/man5/seccomp-supervisor.toml.5")]
+    assert found.stdout.split() == [str(venv / "share/man/man8/seccomp-supervisor.8"),
+                                    str(venv / "share/man/man5/seccomp-supervisor.toml.5")]
     for page in MAN_PAGES:
-        installed = prefix / "share/man" / f"man{page[-1]}" / Path(page).name
+        installed = venv / "share/man" / f"man{page[-1]}" / Path(page).name
         assert installed.read_text() == (ROOT / page).read_text()
 
 
