@@ -36,7 +36,7 @@ setup() {
     if [[ ! -x .venv/bin/python ]]; then
         # The distribution's python3, the one python3-venv is for: Debian builds it with
         # PGO and LTO, and the daemon spends less CPU per notification on it than on a
-        # plain source build such as pyenv's (README, Performance). Else python3 on PATH.
+        # plain source build such as pyenv's (docs/performance.md). Else python3 on PATH.
         local python=/usr/bin/python3
         [[ -x $python ]] || python=python3
         "$python" -m venv .venv
