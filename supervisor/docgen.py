@@ -441,6 +441,23 @@ _MAN8_SIGNALS: Final = [
     "as a whole and the running one stays.",
 ]
 
+_MAN8_EXIT: Final = [
+    ".TP", ".B 0", "Success; \\fBserve\\fR: a graceful stop.",
+    ".TP", ".B 1",
+    "\\fBcheck\\fR, \\fBprofile check\\fR: problems found; \\fBserve\\fR: the socket or "
+    "the metrics address cannot be bound, or a takeover broke off (the old daemon serves "
+    "on); \\fBstatus\\fR: no daemon answers; \\fBrecord\\fR: the profile cannot be "
+    "written.",
+    ".TP", ".B 2",
+    "Usage errors and an invalid configuration or profile (\\fBserve\\fR, \\fBrun\\fR, "
+    "\\fBrecord\\fR); \\fBprofile check\\fR: the file cannot be read.",
+    ".TP", ".B 126",
+    "\\fBrun\\fR, \\fBrecord\\fR: the command could not be started under its filter, or "
+    "the supervisor is not reachable.",
+    ".PP",
+    "Otherwise \\fBrun\\fR and \\fBrecord\\fR exit with the status of the command.",
+]
+
 _MAN8_FILES: Final = [
     ".TP", ".I /etc/seccomp\\-supervisor/config.toml",
     "The configuration of the packaged systemd unit; see "
@@ -478,7 +495,8 @@ def man8(commands: Sequence[Command]) -> str:
             continue
         for option in command.options:
             out += [".TP", f".B {_roff(option.invocation)}", _roff(option.help or "")]
-    out += [".SH SIGNALS", *_MAN8_SIGNALS, ".SH FILES", *_MAN8_FILES,
+    out += [".SH EXIT STATUS", *_MAN8_EXIT, ".SH SIGNALS", *_MAN8_SIGNALS,
+            ".SH FILES", *_MAN8_FILES,
             ".SH SEE ALSO",
             "\\fBseccomp\\-supervisor.toml\\fR(5), \\fBseccomp\\fR(2), \\fBseccomp_unotify\\fR(2), "
             "\\fBrunc\\fR(8), \\fBcrun\\fR(1); the documentation in the source tree's "
