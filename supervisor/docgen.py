@@ -122,7 +122,8 @@ def parse_default_toml(text: str) -> ConfigDoc:
     # The file's first line is its title ("seccomp-supervisor: the built-in configuration.").
     if lines and lines[0].startswith("#"):
         lines = lines[1:]
-    for raw in lines:
+    rest = iter(lines)
+    for raw in rest:
         line = raw.strip()
         if line.startswith("#"):
             pending.append(_uncomment(raw))
@@ -140,12 +141,23 @@ def parse_default_toml(text: str) -> ConfigDoc:
         key = _KEY_RE.fullmatch(line)
         if key is None or not tables:
             raise ValueError(f"default.toml: cannot document line {raw!r}")
-        tables[-1].keys.append(ConfigKey(tables[-1].name, key[1], key[2].strip(), pending))
+        value = key[2].strip()
+        while not _complete(value):  # an array or table written over several lines
+            value += " " + next(rest).strip()
+        tables[-1].keys.append(ConfigKey(tables[-1].name, key[1], value, pending))
         pending = []
     if pending:
         free_block(pending)
     tomllib.loads(text)  # the file itself must stay valid
     return ConfigDoc(intro, tables)
+
+
+def _complete(value: str) -> bool:
+    try:
+        tomllib.loads(f"v = {value}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
 
 
 def _blocks(lines: Sequence[str]) -> Iterator[tuple[str, list[str]]]:

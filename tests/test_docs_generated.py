@@ -57,6 +57,17 @@ def test_every_config_key_is_documented_with_its_default() -> None:
     assert arrays == {"[policy]", "[route]"}
 
 
+def test_config_model_reads_multi_line_values_and_trailing_comments() -> None:
+    doc = docgen.parse_default_toml(
+        "# Title.\n# Intro.\n\n[listen]\n# The uids.\nallowed_uids = [\n    0,\n    1000,\n]\n"
+        "# Where.\nsocket = \"/run/x.sock\"  # a trailing comment stays in the default\n")
+    assert doc.intro == ["Intro."]
+    keys = {k.name: k for k in doc.tables[0].keys}
+    assert keys["allowed_uids"].default == "[ 0, 1000, ]"
+    assert keys["allowed_uids"].doc == ["The uids."]
+    assert keys["socket"].doc == ["Where."]
+
+
 def test_cli_reference_has_every_command_and_option() -> None:
     from supervisor.cli import _parser
 
