@@ -67,7 +67,7 @@ case "${1:-}" in
     docs)
         shift
         port=8000
-        if [[ ${1:-} == --port ]]; then port=$2; fi
+        if [[ ${1:-} == --port ]]; then port=${2:?"--port needs a number"}; fi
         setup test,docs
         build_docs
         echo "dev.sh: serving docs/_build/html on http://127.0.0.1:$port/" >&2
