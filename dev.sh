@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Debian, as root):
 #   ./dev.sh serve   install what is needed, then run the daemon with the example config
-#   ./dev.sh test    install what is needed, then lint, type-check and run the whole suite
+#   ./dev.sh test    install what is needed, then lint, type-check, build the docs (strict)
+#                    and run the whole suite
+#   ./dev.sh docs    build the docs and serve them on http://127.0.0.1:8000/ [--port N]
 # Extra arguments go to the daemon or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 # Debian packages: the real container runtimes and a static busybox for test rootfs,
 # strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
-# prometheus for `systemd-analyze verify` and `promtool check metrics`.
+# prometheus for `systemd-analyze verify` and `promtool check metrics`; curl and iproute2
+# for the documentation's examples (tests/test_docs_examples.py), groff-base and man-db to
+# render the man pages.
 # (promtool comes only in the package prometheus, which on a host booted with systemd
 # also enables the Prometheus server on :9090; `systemctl disable --now prometheus`.)
-DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus)
+DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
+              curl iproute2 groff-base man-db)
 
+# setup EXTRAS: the Python package and the extras of pyproject.toml it needs ("test,docs").
 setup() {
-    local missing=() pkg
+    local extras=$1 missing=() pkg
     for pkg in "${DEB_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
             || missing+=("$pkg")
@@ -30,29 +36,46 @@ setup() {
     if [[ ! -x .venv/bin/python ]]; then
         # The distribution's python3, the one python3-venv is for: Debian builds it with
         # PGO and LTO, and the daemon spends less CPU per notification on it than on a
-        # plain source build such as pyenv's (README, Performance). Else python3 on PATH.
+        # plain source build such as pyenv's (docs/performance.md). Else python3 on PATH.
         local python=/usr/bin/python3
         [[ -x $python ]] || python=python3
         "$python" -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+}
+
+# The documentation site, from docs/ into docs/_build/html. -W: any warning (a broken
+# link or cross-reference, a missing page) fails the build.
+build_docs() {
+    .venv/bin/sphinx-build -q -W --keep-going -n -b html docs docs/_build/html
 }
 
 case "${1:-}" in
     serve)
         shift
-        setup
+        setup test
         exec .venv/bin/seccomp-supervisor serve --config systemd/seccomp-supervisor.toml "$@"
         ;;
     test)
         shift
-        setup
-        .venv/bin/ruff check supervisor tests policies bench
+        setup test,docs
+        .venv/bin/ruff check supervisor tests policies bench docs
         .venv/bin/mypy
+        build_docs
         exec .venv/bin/python -m pytest "$@"
         ;;
+    docs)
+        shift
+        port=8000
+        if [[ ${1:-} == --port ]]; then port=${2:?"--port needs a number"}; fi
+        setup test,docs
+        build_docs
+        echo "dev.sh: serving docs/_build/html on http://127.0.0.1:$port/" >&2
+        exec .venv/bin/python -m http.server --bind 127.0.0.1 --directory docs/_build/html \
+            "$port"
+        ;;
     *)
-        echo "usage: $0 serve [daemon args] | test [pytest args]" >&2
+        echo "usage: $0 serve [daemon args] | test [pytest args] | docs [--port N]" >&2
         exit 2
         ;;
 esac

@@ -105,7 +105,7 @@ def test_no_handoff_is_accepted_once_stopping(tmp_path: Path) -> None:
             assert slow.result(20)["rc"] == 1501
             assert d.process.wait(20) == 0
             # Its handoff died with the listening socket: the listener fd in the queued
-            # message was released, so the filter answers ENOSYS (see README).
+            # message was released, so the filter answers ENOSYS (see docs/restarts.md).
             result = late.result(20)
         finally:
             slow.kill()

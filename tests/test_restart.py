@@ -447,7 +447,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m supervisor serve --config {d.config}
 WorkingDirectory={Path(__file__).resolve().parent.parent}
-# Two fds per container (the notify fd and its state): see README, "reliability".
+# Two fds per container (the notify fd and its state): see docs/restarts.md.
 FileDescriptorStoreMax=64
 Restart=always
 RestartSec=100ms
@@ -487,7 +487,7 @@ def test_systemd_restart_and_crash_keep_containers_served(
             window.write_text(f"{begin} {time.monotonic()}")
             time.sleep(0.3)
             # 2. A crash: the daemon is SIGKILLed while no call is in flight (see
-            # README: a call received but not answered at a crash stays blocked).
+            # docs/restarts.md: a call received but not answered at a crash stays blocked).
             hold.touch()
             for i in range(n):
                 wait_file(f"{hold}.held-{i}")

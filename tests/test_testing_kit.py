@@ -1,5 +1,5 @@
-"""supervisor.testing, the README's "Writing a policy" walkthrough, and `check` over a
-config that uses every shipped policy."""
+"""supervisor.testing, the "Writing a policy" walkthrough of docs/policies/writing.md, and
+`check` over a config that uses every shipped policy."""
 
 from __future__ import annotations
 
@@ -23,13 +23,16 @@ from .daemon_harness import CLI
 ROOT = Path(__file__).resolve().parent.parent
 
 
+WALKTHROUGH = ROOT / "docs" / "policies" / "writing.md"
+
+
 def readme_block(first_line: str) -> str:
-    """The fenced python block of README.md that starts with ``first_line``."""
-    text = (ROOT / "README.md").read_text()
+    """The fenced python block of the walkthrough that starts with ``first_line``."""
+    text = WALKTHROUGH.read_text()
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         if block.startswith(first_line + "\n"):
             return str(block)
-    raise AssertionError(f"README.md has no python block starting with {first_line!r}")
+    raise AssertionError(f"{WALKTHROUGH} has no python block starting with {first_line!r}")
 
 
 def test_the_readme_walkthrough_runs_as_written(tmp_path: Path,
@@ -37,7 +40,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path,
     (tmp_path / "no_world_writable.py").write_text(readme_block("# no_world_writable.py"))
     test_file = tmp_path / "test_no_world_writable.py"
     test_file.write_text(readme_block("# test_no_world_writable.py"))
-    monkeypatch.chdir(tmp_path)  # the README loads the policy by a relative path
+    monkeypatch.chdir(tmp_path)  # the walkthrough loads the policy by a relative path
     tests = runpy.run_path(str(test_file))
     names = [name for name in tests if name.startswith("test_")]
     assert names == ["test_world_writable_dirs_need_the_sticky_bit", "test_lock_files_stay"]
