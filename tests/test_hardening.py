@@ -44,7 +44,8 @@ def test_plain_modes_and_fchmod_are_allowed(tmp_path: Path) -> None:
 
     trial = run_policy(load(HARDENING), both)
     assert trial.errno == errno.EPERM  # the last fchmod
-    assert trial.decided() == ["allow", "allow", "deny"]
+    assert trial.decided("chmod", "fchmod") == ["allow", "allow", "deny"]
+    assert trial.decided("openat") == ["allow"]  # O_RDONLY: the mode is not used
     assert stat.S_IMODE(victim.stat().st_mode) == 0o640
 
 

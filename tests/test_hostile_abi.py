@@ -23,12 +23,15 @@ import errno
 import mmap
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from supervisor.config import load_config
+from supervisor.plugins import load_policies
 from supervisor.policy import (
     Container,
     Decision,
@@ -37,6 +40,7 @@ from supervisor.policy import (
     allow,
     deny,
 )
+from supervisor.router import route_for
 from supervisor.syscalls import syscall_number
 from supervisor.testing import load, run_policy
 
@@ -236,3 +240,218 @@ def test_i386_emulated_mknod_uses_the_path_the_kernel_would(
     assert trial.decided("mknod") == ["returns"]
     assert not decoy.exists()
     assert stat.S_ISCHR(real.lstat().st_mode) and real.lstat().st_rdev == os.makedev(1, 3)
+
+
+def test_x86_64_32_bit_arguments_with_garbage_upper_halves(tmp_path: Path) -> None:
+    """int flags and umode_t mode with their upper halves set: decided on the bits the
+    kernel uses, exactly (allow, not unchecked)."""
+    setuid, plain, victim = tmp_path / "setuid", tmp_path / "plain", tmp_path / "victim"
+    victim.write_text("")
+    victim.chmod(0o644)
+    creating = GARBAGE | os.O_CREAT | os.O_WRONLY
+
+    def calls() -> list[int]:
+        results = []
+        for args in ((x86_64("open"), bytes(setuid), creating, GARBAGE | SETUID),
+                     (x86_64("chmod"), bytes(victim), GARBAGE | SETUID),
+                     (x86_64("open"), bytes(plain), creating, GARBAGE | 0o640)):
+            try:
+                fd = path_call(args[0], Path(args[1].decode()), *args[2:])
+                if args[0] == x86_64("open"):
+                    os.close(fd)
+                results.append(0)
+            except OSError as exc:
+                results.append(exc.errno or -1)
+        return results
+
+    trial = run_policy(load(HARDENING), calls)
+    assert trial.value == [errno.EPERM, errno.EPERM, 0], trial
+    assert not setuid.exists()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert plain.exists() and not plain.stat().st_mode & 0o6000
+    assert [(s.kind, s.decision.unchecked) for s in trial.decisions] == [
+        ("deny", False), ("deny", False), ("allow", False)]
+
+
+def test_i386_set_id_modes_with_garbage_upper_halves_are_refused(
+        tmp_path: Path, int80: Int80) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("")
+    victim.chmod(0o644)
+    made = tmp_path / "made"
+
+    def calls() -> list[int]:
+        results = []
+        for nr, path, b, c in (
+                (i386("chmod"), victim, GARBAGE | SETUID, 0),
+                (i386("open"), made, GARBAGE | os.O_CREAT | os.O_WRONLY, GARBAGE | SETUID),
+                (i386("creat"), made, GARBAGE | SETUID, 0)):
+            low = decoy_pair(bytes(path), bytes(path))  # an i386 pointer: below 4 GiB
+            rc = int80(nr, low, b, c)
+            results.append(-rc if rc < 0 else 0)
+        return results
+
+    trial = run_policy(load(HARDENING), calls)
+    assert trial.value == [errno.EPERM] * 3, trial
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not made.exists()
+
+
+# --- item 12: every call that creates a file with a mode, or changes one -------------------
+
+AT_FDCWD = -100 & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def path_call(nr: int, path: Path, *args: int, dirfd: int | None = None) -> int:
+    """``syscall(nr, [dirfd,] path, args...)`` with the path in a buffer kept alive
+    until the call returned."""
+    name = ctypes.create_string_buffer(bytes(path))
+    before = () if dirfd is None else (dirfd,)
+    return raw_syscall(nr, *before, ctypes.addressof(name), *args)
+
+
+def open_how(flags: int, mode: int, resolve: int = 0) -> ctypes.Array[ctypes.c_char]:
+    """A struct open_how { u64 flags; u64 mode; u64 resolve; } in our memory."""
+    return ctypes.create_string_buffer(struct.pack("<QQQ", flags, mode, resolve), 24)
+
+
+def openat2(path: Path, flags: int, mode: int) -> int:
+    how = open_how(flags, mode)
+    return path_call(x86_64("openat2"), path, ctypes.addressof(how), 24, dirfd=AT_FDCWD)
+
+
+def close_fd(fd: int) -> None:
+    os.close(fd)
+
+
+def fchmod_setuid(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fchmod(fd, SETUID)
+    finally:
+        os.close(fd)
+
+
+# How each call makes `path` (or, for O_TMPFILE, an unnamed file in its parent) set-uid.
+SETID_CALLS: dict[str, Callable[[Path], object]] = {
+    "openat O_CREAT": lambda p: close_fd(os.open(p, os.O_CREAT | os.O_WRONLY, SETUID)),
+    "openat O_CREAT setgid": lambda p: close_fd(os.open(p, os.O_CREAT | os.O_WRONLY,
+                                                        0o2755)),
+    "openat O_TMPFILE": lambda p: close_fd(os.open(p.parent, os.O_TMPFILE | os.O_WRONLY,
+                                                   SETUID)),
+    "open O_CREAT": lambda p: close_fd(path_call(x86_64("open"), p,
+                                                 os.O_CREAT | os.O_WRONLY, SETUID)),
+    "creat": lambda p: close_fd(path_call(x86_64("creat"), p, SETUID)),
+    "mknod S_IFREG": lambda p: path_call(x86_64("mknod"), p, stat.S_IFREG | SETUID, 0),
+    "mknodat type 0": lambda p: os.mknod(p, SETUID),
+    "fchmod": fchmod_setuid,
+    "fchmodat2": lambda p: path_call(x86_64("fchmodat2"), p, SETUID, 0, dirfd=AT_FDCWD),
+    "openat2 O_CREAT": lambda p: close_fd(openat2(p, os.O_CREAT | os.O_WRONLY, SETUID)),
+}
+
+
+@pytest.mark.parametrize("call", sorted(SETID_CALLS))
+def test_every_call_that_sets_a_mode_refuses_set_id_bits(tmp_path: Path, call: str) -> None:
+    path = tmp_path / "f"
+    if call.startswith("fchmod"):
+        path.write_text("")
+        path.chmod(0o644)
+    trial = run_policy(load(HARDENING), lambda: SETID_CALLS[call](path))
+    expected = errno.ENOSYS if call.startswith("openat2") else errno.EPERM
+    assert trial.errno == expected, trial
+    assert [s.kind for s in trial.decisions if s.policy == "hardening"][-1:] == ["deny"]
+    if path.exists():
+        assert not path.stat().st_mode & 0o6000
+
+
+def test_modes_without_set_id_bits_are_allowed_on_registers_alone(tmp_path: Path) -> None:
+    existing = tmp_path / "existing"
+    existing.write_text("keep")
+
+    def calls() -> int:
+        os.close(os.open(tmp_path / "a", os.O_CREAT | os.O_WRONLY, 0o755))
+        # The sticky bit is not a privilege.
+        os.close(path_call(x86_64("creat"), tmp_path / "b", 0o1777))
+        # Without O_CREAT or O_TMPFILE the kernel ignores the mode register entirely.
+        os.close(path_call(x86_64("open"), existing, os.O_RDONLY, SETUID))
+        try:
+            os.mknod(tmp_path / "fifo", stat.S_IFIFO | 0o600)
+        except OSError as exc:
+            return exc.errno or -1
+        return 0
+
+    trial = run_policy(load(HARDENING), calls)
+    assert trial.value == errno.ENOSYS, trial
+    kinds = [(s.syscall, s.kind, s.decision.unchecked) for s in trial.decisions
+             if s.syscall in ("open", "openat", "creat", "mknodat")]
+    assert ("openat", "allow", False) in kinds
+    assert ("creat", "allow", False) in kinds and ("open", "allow", False) in kinds
+    # hardening alone passes a FIFO on (as before): unhandled answers it.
+    assert ("mknodat", "deny", False) in kinds
+
+
+def test_openat2_check_mode_reads_open_how(tmp_path: Path) -> None:
+    """`openat2 = "check"`: set-id modes refused after reading struct open_how; the
+    rest is an advisory allow (another thread can rewrite the struct after the read)."""
+    policy = load(HARDENING, openat2="check")
+
+    def calls() -> list[int]:
+        results = []
+        for name, flags, mode in (("setuid", os.O_CREAT | os.O_WRONLY, SETUID),
+                                  ("plain", os.O_CREAT | os.O_WRONLY, 0o644),
+                                  ("plain", os.O_RDONLY, 0)):
+            try:
+                os.close(openat2(tmp_path / name, flags, mode))
+                results.append(0)
+            except OSError as exc:
+                results.append(exc.errno or -1)
+        return results
+
+    trial = run_policy(policy, calls)
+    assert trial.value == [errno.EPERM, 0, 0], trial
+    assert not (tmp_path / "setuid").exists()
+    assert [(s.kind, s.decision.unchecked) for s in trial.decisions
+            if s.syscall == "openat2"] == [("deny", False), ("allow", True), ("allow", True)]
+
+
+def test_mkdir_cannot_set_set_id_bits_so_hardening_leaves_it_alone(tmp_path: Path) -> None:
+    """The kernel fact behind not watching mkdir/mkdirat: vfs_mkdir keeps only the
+    permission and sticky bits of the mode (a directory's setgid bit comes from its
+    parent, which only a chmod -- refused -- or the image could have set)."""
+    trial = run_policy(load(HARDENING), lambda: os.mkdir(tmp_path / "d", 0o6755))
+    assert trial.errno == 0 and trial.decisions == []
+    assert not (tmp_path / "d").stat().st_mode & 0o6000
+
+
+def test_the_example_system_route_refuses_set_id_files_outside_guarded_paths(
+        tmp_path: Path) -> None:
+    """policies/all.toml's system route chains devices and path_guard, which allow what
+    they do not refuse: hardening must be asked before them."""
+    config = load_config(ROOT / "policies" / "all.toml")
+    policies = load_policies(config)
+    choice = route_for(Container(id="c", metadata="kind=system",
+                                 labels={"kind": "system"}), config)
+    chain = [policies[name] for name in choice.policies]
+    null = tmp_path / "null"
+    victim = tmp_path / "victim"
+    victim.write_text("")
+
+    def calls() -> list[int]:
+        results = []
+        for call in (lambda: SETID_CALLS["openat O_CREAT"](tmp_path / "a"),
+                     lambda: SETID_CALLS["mknod S_IFREG"](tmp_path / "b"),
+                     lambda: os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+                     lambda: os.chmod(victim, 0o600),
+                     lambda: os.close(os.open(tmp_path / "c", os.O_CREAT, 0o644))):
+            try:
+                call()
+                results.append(0)
+            except OSError as exc:
+                results.append(exc.errno or -1)
+        return results
+
+    trial = run_policy(chain, calls)
+    assert trial.value == [errno.EPERM, errno.EPERM, 0, 0, 0], trial
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert null.lstat().st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
