@@ -99,14 +99,26 @@ _OPEN_ARGS: dict[str, tuple[int | None, int]] = {
 _MKNOD_MODE = {"mknod": 1, "mknodat": 2}
 
 
+# From the options, set by _check_options (every loaded copy of this file has its own):
+# the mode bits refused, and the answers to calls hardening has no objection to (None:
+# pass them on). Module globals, not policy.options lookups: these run per call.
+_refused_bits = _SETID_BITS
+_no_setid: Decision | None = allow(reason="no setuid/setgid bits")
+_creates_nothing: Decision | None = allow(reason="creates nothing: the mode is not used")
+
+
 @policy.configure
 def _check_options(options: Mapping[str, Any]) -> None:
+    global _refused_bits, _no_setid, _creates_nothing
     if options["openat2"] not in ("enosys", "check"):
         raise ValueError(f"options.openat2: expected \"enosys\" or \"check\", "
                          f"got {options['openat2']!r}")
     if options["answer"] not in ("allow", "pass"):
         raise ValueError(f"options.answer: expected \"allow\" or \"pass\", "
                          f"got {options['answer']!r}")
+    _refused_bits = 0 if options["allow_setid_bits"] else _SETID_BITS
+    _no_setid = _no_objection("no setuid/setgid bits")
+    _creates_nothing = _no_objection("creates nothing: the mode is not used")
 
 
 def _no_objection(reason: str, *, unchecked: bool = False) -> Decision | None:
@@ -115,26 +127,24 @@ def _no_objection(reason: str, *, unchecked: bool = False) -> Decision | None:
     return allow(reason=reason, unchecked=unchecked)
 
 
-def _setid(n: Notification, mode: int) -> Decision | None:
-    """EPERM if ``mode`` (a decoded umode_t) has set-id bits that are not allowed."""
-    if mode & _SETID_BITS and not policy.options["allow_setid_bits"]:
-        return deny(errno.EPERM, reason=f"{n.syscall} sets setuid/setgid bits "
-                                        f"({mode & 0o7777:04o})")
-    return None
+def _refuse(n: Notification, mode: int) -> Decision:
+    return deny(errno.EPERM, reason=f"{n.syscall} sets setuid/setgid bits "
+                                    f"({mode & 0o7777:04o})")
 
 
 @policy.on(*_CHMOD_MODE)
 def no_setid_chmod(n: Notification) -> Decision | None:
-    return _setid(n, n.mode(_CHMOD_MODE[n.syscall])) or _no_objection(
-        "no setuid/setgid bits")
+    mode = n.mode(_CHMOD_MODE[n.syscall])
+    return _refuse(n, mode) if mode & _refused_bits else _no_setid
 
 
 @policy.on(*_OPEN_ARGS)
 def no_setid_create(n: Notification) -> Decision | None:
     flags_arg, mode_arg = _OPEN_ARGS[n.syscall]
     if flags_arg is not None and not n.flags(flags_arg) & _USES_MODE:
-        return _no_objection("creates nothing: the mode is not used")
-    return _setid(n, n.mode(mode_arg)) or _no_objection("no setuid/setgid bits")
+        return _creates_nothing
+    mode = n.mode(mode_arg)
+    return _refuse(n, mode) if mode & _refused_bits else _no_setid
 
 
 @policy.on("openat2")
@@ -162,7 +172,9 @@ def no_block_devices_or_setid_nodes(n: Notification) -> Decision | None:
     mode = n.mode(_MKNOD_MODE[n.syscall])
     if stat.S_ISBLK(mode):
         return deny(errno.EPERM, reason="block device node")
-    return _setid(n, mode)  # else: not hardening's business, the next policy decides
+    if mode & _refused_bits:
+        return _refuse(n, mode)
+    return None  # not hardening's business: the next policy of the chain decides
 
 
 @policy.on("add_key", "request_key", "keyctl")

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import abi
 from supervisor.config import load_config
+from supervisor.emulate import signed_fd
 from supervisor.plugins import load_policies
 from supervisor.policy import (
     Container,
@@ -214,11 +216,23 @@ def test_accessors_decode_each_abi_as_the_kernel_does() -> None:
         assert n.flags(2) == os.O_CREAT
         assert n.mode(3) == SETUID  # umode_t: 16 bits
         assert n.pointer(1) == n.ulong(1) == (0x1000 if arch == "x86" else high)
+    # The accessors inline abi.arg_*, the decoders emulate's helpers use: the same bits.
+    samples = (0, 1, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, GARBAGE | 0o104755,
+               0xFFFF_FFFF_FFFF_FF9C, 0xFFFF_FFFF_FFFF_FFFF)
+    for arch in ("x86_64", "x32", "x86"):
+        n = notification(arch, *samples[:6])
+        n2 = notification(arch, *samples[2:])
+        for m in (n, n2):
+            for i, raw in enumerate(m.args):
+                assert m.int32(i) == m.fd(i) == abi.arg_s32(raw) == signed_fd(raw)
+                assert m.uint32(i) == m.flags(i) == abi.arg_u32(raw)
+                assert m.mode(i) == abi.arg_umode(raw)
+                assert m.pointer(i) == abi.arg_pointer(raw, arch)
     n = notification("0x28", 1)
     with pytest.raises(ValueError):
         n.pointer(0)
     assert n.fd(0) == 1  # an int is 32 bits in every Linux ABI
-    for bad in (-1, 6, True):
+    for bad in (-1, 6):
         with pytest.raises(ValueError):
             n.mode(bad)
 
