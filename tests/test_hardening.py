@@ -97,3 +97,10 @@ def test_options_are_typed() -> None:
     with pytest.raises(ConfigError) as info:
         load(HARDENING, allow_keyring="yes")
     assert info.value.key == "policy[0].options.allow_keyring"
+
+
+@pytest.mark.parametrize("key, value", [("openat2", "allow"), ("answer", "maybe")])
+def test_choice_options_are_checked(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(HARDENING, **{key: value})
+    assert info.value.key == f"policy[0].options.{key}"

@@ -176,6 +176,24 @@ def test_i386_path_pointer_with_bit_32_set_is_read_where_the_kernel_reads(
     assert not real.exists() and not decoy.exists()
 
 
+def test_x32_path_pointers_are_read_whole(dirs: tuple[Path, Path]) -> None:
+    """x32 calls run the 64-bit entry points (``__x64_sys_mkdir``), which take the
+    whole register as the pointer: reading it cut to 32 bits, as for i386, would read
+    the wrong string. This kernel has no x32 (it fails the call with ENOSYS after the
+    policy let it through), so the test checks what the policy read."""
+    guarded, free = dirs
+
+    def attack() -> int:
+        low = decoy_pair(bytes(free / "low"), bytes(guarded / "high"))
+        return raw_syscall(abi.X32_SYSCALL_BIT | x86_64("mkdir"), (1 << 32) | low, 0o755)
+
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]), attack)
+    assert trial.errno == errno.EACCES, trial
+    [seen] = trial.decisions
+    assert seen.syscall == "mkdir" and str(guarded / "high") in seen.decision.reason
+    assert not (guarded / "high").exists() and not (free / "low").exists()
+
+
 def test_i386_memory_reads_at_an_undecoded_register_are_refused(
         dirs: tuple[Path, Path], int80: Int80) -> None:
     """A policy that reads at the raw register (``n.args[0]``) gets EFAULT, not the
