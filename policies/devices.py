@@ -35,7 +35,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor.emulate import decode_dev, mknod_as_caller, signed_fd
+from supervisor.emulate import AT_FDCWD, decode_dev, mknod_as_caller
 from supervisor.policy import Decision, Notification, PolicySet, allow, deny, returns
 
 CAP_MKNOD = 27
@@ -77,17 +77,17 @@ def _check_options(options: Mapping[str, Any]) -> None:
 @policy.on("mknod", "mknodat")
 async def make_device(n: Notification) -> Decision:
     at = n.syscall == "mknodat"
-    mode = n.args[2 if at else 1] & 0xFFFF
+    mode = n.mode(2 if at else 1)
     kind = stat.S_IFMT(mode)
     if kind not in (stat.S_IFCHR, stat.S_IFBLK):
         return allow(reason="not a device node")  # decided on the mode register only
-    major, minor = decode_dev(n.args[3 if at else 2])
+    major, minor = decode_dev(n.uint32(3 if at else 2))
     if kind == stat.S_IFBLK:
         return deny(errno.EPERM, reason=f"block device {major}:{minor}")
     if (major, minor) not in _allowed:
         return deny(errno.EPERM, reason=f"character device {major}:{minor} not allowed")
     path = (await n.read_path(1 if at else 0)).encode("utf-8", "surrogateescape")
-    dirfd = signed_fd(n.args[0]) if at else -100
+    dirfd = n.fd(0) if at else AT_FDCWD
     if policy.options["require_cap_mknod"]:
         from supervisor.emulate import open_caller
 

@@ -41,7 +41,7 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor.emulate import AT_FDCWD, signed_fd
+from supervisor.emulate import AT_FDCWD
 from supervisor.errors import NotificationGone
 from supervisor.policy import Decision, Notification, PolicySet, allow, deny
 
@@ -124,14 +124,14 @@ async def guard(n: Notification) -> Decision:
     prefixes: tuple[str, ...] = _state["prefixes"]
     flags_arg = _FLAGS_ARG.get(n.syscall)
     if flags_arg is not None:
-        flags = n.args[flags_arg]
+        flags = n.flags(flags_arg)
         if flags & O_ACCMODE == os.O_RDONLY and not flags & _WRITE_FLAGS:
             return allow(reason="read-only open")  # decided on the flags register only
     if not prefixes:
         return allow(reason="no guarded prefix")
     for dirfd_arg, path_arg in _PATHS[n.syscall]:
         raw = await n.read_path(path_arg)
-        dirfd = AT_FDCWD if dirfd_arg is None else signed_fd(n.args[dirfd_arg])
+        dirfd = AT_FDCWD if dirfd_arg is None else n.fd(dirfd_arg)
         try:
             path = _resolve(n, raw, dirfd)
         except LookupError as exc:

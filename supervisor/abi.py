@@ -61,6 +61,48 @@ AUDIT_ARCH_I386: Final = 0x40000003
 # x32 system calls arrive with arch X86_64 and this bit set in nr.
 X32_SYSCALL_BIT: Final = 0x40000000
 
+# Argument decoding. seccomp_data.args holds whole 64-bit registers, but the kernel's
+# entry points (arch/x86/include/asm/syscall_wrapper.h) use only part of them, and a
+# decision must be made on the bits the kernel uses (checked on this kernel):
+# * i386 calls (int $0x80, also from a 64-bit process) take (unsigned int)regs->bx...:
+#   every argument, pointers included, is the low 32 bits; seccomp_data.args still holds
+#   the full 64-bit register, upper half and all.
+# * x86_64 and x32 calls take the full registers, and the syscall wrappers cast each one
+#   to its C type: an int / unsigned int is the low 32 bits, a umode_t the low 16, a
+#   pointer or long all 64 (x32 calls run the 64-bit entry points, or compat ones that
+#   keep `__user *` arguments 64 bits wide).
+U32_MASK: Final = 0xFFFF_FFFF
+UMODE_MASK: Final = 0xFFFF
+# Pointer (and unsigned long) width per arch name (supervisor.syscalls.arch_name).
+POINTER_MASKS: Final = {"x86_64": 0xFFFF_FFFF_FFFF_FFFF, "x32": 0xFFFF_FFFF_FFFF_FFFF,
+                        "x86": U32_MASK}
+
+
+def arg_u32(raw: int) -> int:
+    """An ``unsigned int`` argument as the kernel reads it: the low 32 bits."""
+    return raw & U32_MASK
+
+
+def arg_s32(raw: int) -> int:
+    """An ``int`` argument (an fd, AT_FDCWD = -100) as the kernel reads it."""
+    value = raw & U32_MASK
+    return value - (1 << 32) if value & 0x8000_0000 else value
+
+
+def arg_umode(raw: int) -> int:
+    """A ``umode_t`` argument (mode of open, chmod, mknod...): the low 16 bits."""
+    return raw & UMODE_MASK
+
+
+def arg_pointer(raw: int, arch: str) -> int:
+    """The address a pointer (or ``unsigned long``) argument of a call made in ``arch``
+    holds for the kernel. Raises ValueError for an arch whose width is not known."""
+    mask = POINTER_MASKS.get(arch)
+    if mask is None:
+        raise ValueError(f"cannot decode the arguments of a call in arch {arch}")
+    return raw & mask
+
+
 # Errno values from 512 up are kernel-internal (ERESTARTSYS...) and must never reach a task.
 MAX_ERRNO_EXCLUSIVE: Final = 512
 # Return values in -4095..-1 are read by libc as errors; a "value" there is really a deny.

@@ -25,6 +25,7 @@ from typing import Final
 
 import trio
 
+from . import abi
 from .errors import NotificationGone, TargetMemoryError
 from .policy import Notification
 
@@ -95,8 +96,9 @@ def parse_status(text: str) -> Credentials:
 
 def decode_dev(raw: int) -> tuple[int, int]:
     """(major, minor) of the ``dev`` argument of mknod/mknodat, as the kernel decodes it
-    (``new_decode_dev`` of the low 32 bits: 12-bit major, 20-bit minor)."""
-    dev = raw & 0xFFFFFFFF
+    (``new_decode_dev`` of the ``unsigned int``, the low 32 bits in every ABI: 12-bit
+    major, 20-bit minor). ``raw`` may be the register or ``n.uint32(i)``."""
+    dev = abi.arg_u32(raw)
     return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
 
 
@@ -106,9 +108,9 @@ def encode_dev(major: int, minor: int) -> int:
 
 
 def signed_fd(raw: int) -> int:
-    """A dirfd argument (an ``int`` in a 64-bit register) as the kernel reads it."""
-    value = raw & 0xFFFFFFFF
-    return value - (1 << 32) if value & 0x80000000 else value
+    """A dirfd argument (an ``int`` in a register) as the kernel reads it; the same as
+    ``Notification.fd(i)``, which handlers should prefer."""
+    return abi.arg_s32(raw)
 
 
 @dataclass

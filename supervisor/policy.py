@@ -9,7 +9,7 @@ A policy is a :class:`PolicySet` whose handlers are registered per system call n
 
     @policy.on("chmod", "fchmodat")
     def no_setuid(n: Notification):
-        mode = n.args[1] if n.syscall == "chmod" else n.args[2]
+        mode = n.mode(1) if n.syscall == "chmod" else n.mode(2)
         if mode & 0o6000:
             return deny(errno.EPERM, reason="setuid bit")
         return allow()          # decided on register values only: CONTINUE is safe
@@ -17,6 +17,13 @@ A policy is a :class:`PolicySet` whose handlers are registered per system call n
 A handler is a plain function (decided inline, the fast path) or a coroutine function
 (run as a task under the deadline; needed to read target memory). It returns a
 :class:`Decision`, or ``None`` to let the next policy of the chain decide.
+
+Read arguments with the typed accessors of :class:`Notification` (``n.mode(1)``,
+``n.flags(2)``, ``n.fd(0)``, ``n.pointer(0)``, ``await n.read_path(0)``), not from
+``n.args``: those are raw registers, and the kernel uses only part of them (the low 32
+bits of every argument of an i386 call, pointers included; the low 32 bits of an ``int``
+and the low 16 of a ``umode_t`` in every ABI). A decision on bits the kernel ignores is
+a decision on attacker-chosen garbage.
 """
 
 from __future__ import annotations
@@ -270,7 +277,28 @@ class Notification:
     """One notified system call, as a handler sees it.
 
     ``pid`` is the calling thread's TID in the supervisor's pid namespace (0 when that
-    thread is not visible from here). ``args`` are the six raw register values.
+    thread is not visible from here). ``arch`` is the ABI the call was made in:
+    ``"x86_64"``, ``"x86"`` (i386: a 32-bit program, or a 64-bit one using ``int
+    $0x80``) or ``"x32"``; ``syscall`` is its name in that ABI.
+
+    ``args`` are the six raw register values, as the kernel reports them: **not** the
+    arguments. Decode argument ``i`` (0-based) with the accessor of its C type, as the
+    kernel does before using it:
+
+    * ``pointer(i)``: a ``T *`` (32 bits in an i386 call, 64 otherwise);
+    * ``ulong(i)``: an ``unsigned long`` or ``size_t`` (as wide as a pointer);
+    * ``int32(i)`` / ``uint32(i)``: an ``int`` / ``unsigned int`` (low 32 bits);
+    * ``fd(i)``: an fd or dirfd (an ``int``; ``AT_FDCWD`` is -100);
+    * ``flags(i)``: ``int`` or ``unsigned int`` flags (``open``'s ``O_*``...);
+    * ``mode(i)``: a ``umode_t`` (low 16 bits: file type and permission bits).
+
+    The argument *positions* are the handler's business: they are the same in the
+    three ABIs for most calls, but not all (i386 ``clone`` swaps ``tls`` and
+    ``child_tid``; ``socketcall`` and ``ipc`` multiplex).
+
+    Memory reads (:meth:`read_path`, :meth:`read_bytes`, :meth:`read_cstring`) take the
+    decoded pointer; an i386 call's kernel never starts a read at 4 GiB or above, so such
+    a read is refused (EFAULT).
     """
 
     __slots__ = ("_memory", "_read_memory", "arch", "args", "container", "id", "nr", "pid",
@@ -313,30 +341,95 @@ class Notification:
         self._read_memory = True
         return self._memory
 
+    # Typed argument accessors, decoding as abi.arg_* do (inlined: a function call per
+    # argument costs twice the decoding). Decoded on demand, not per notification: most
+    # handlers look at one or two arguments, many at none.
+
+    def pointer(self, i: int) -> int:
+        """Argument ``i`` (0..5) as an address the kernel uses: the low 32 bits for an
+        i386 call, the whole register for x86_64 and x32. Raises ValueError for a bad
+        index, or an arch whose width is unknown (a filter never notifies one)."""
+        if 0 <= i < 6:
+            mask = _POINTER_MASKS.get(self.arch)
+            if mask is not None:
+                return self.args[i] & mask
+            raise ValueError(f"cannot decode the arguments of a call in arch {self.arch}")
+        raise _bad_index(i)
+
+    def ulong(self, i: int) -> int:
+        """Argument ``i`` as an ``unsigned long`` or ``size_t`` (``mount``'s flags, a
+        length): as wide as :meth:`pointer`."""
+        return self.pointer(i)
+
+    def int32(self, i: int) -> int:
+        """Argument ``i`` (0..5) as an ``int``: the low 32 bits, signed."""
+        if 0 <= i < 6:
+            value: int = self.args[i] & _U32
+            return value - 0x1_0000_0000 if value & 0x8000_0000 else value
+        raise _bad_index(i)
+
+    def uint32(self, i: int) -> int:
+        """Argument ``i`` (0..5) as an ``unsigned int``: the low 32 bits."""
+        if 0 <= i < 6:
+            return self.args[i] & _U32
+        raise _bad_index(i)
+
+    def fd(self, i: int) -> int:
+        """Argument ``i`` (0..5) as an fd or dirfd (an ``int``): ``AT_FDCWD`` is -100."""
+        if 0 <= i < 6:
+            value: int = self.args[i] & _U32
+            return value - 0x1_0000_0000 if value & 0x8000_0000 else value
+        raise _bad_index(i)
+
+    def flags(self, i: int) -> int:
+        """Argument ``i`` (0..5) as ``int`` or ``unsigned int`` flags (``open``'s
+        ``O_*``, ``fchmodat2``'s ``AT_*``), unsigned: the low 32 bits."""
+        if 0 <= i < 6:
+            return self.args[i] & _U32
+        raise _bad_index(i)
+
+    def mode(self, i: int) -> int:
+        """Argument ``i`` (0..5) as a ``umode_t`` (``open``, ``creat``, ``chmod``,
+        ``mknod``, ``mkdir``...): the low 16 bits, file type and permission bits."""
+        if 0 <= i < 6:
+            return self.args[i] & _UMODE
+        raise _bad_index(i)
+
+    def _address(self, address: int) -> int:
+        # A compat (i386) call reaches user memory only through 32-bit values (registers
+        # cut to 32 bits, compat_ptr() of 32-bit struct fields): an address from 4 GiB up
+        # is not one its kernel reads, it is an undecoded register.
+        if address > abi.U32_MASK and self.arch == "x86":
+            raise TargetMemoryError(
+                14, f"address {address:#x} is beyond 4 GiB: not one an i386 call's "
+                    "kernel reads (decode pointer arguments with pointer(i))")
+        return address
+
     async def read_bytes(self, address: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``address`` of the target.
 
         Race-checked: the notification is still pending after the read, so the bytes are
         the ones this call passed. Raises :class:`TargetMemoryError` (errno EFAULT) for an
-        unmapped address, and ``NotificationGone`` if the call was abandoned.
+        unmapped address, or an address from 4 GiB up in an i386 call, and
+        ``NotificationGone`` if the call was abandoned.
         """
-        return await self._require_memory().read_bytes(self.id, self.pid, address, length)
+        return await self._require_memory().read_bytes(self.id, self.pid,
+                                                       self._address(address), length)
 
     async def read_cstring(self, address: int, *, limit: int = 4096) -> bytes:
         """Read a NUL-terminated string at ``address`` (without the NUL), page by page.
 
-        Raises :class:`TargetMemoryError` with EFAULT (NULL, unmapped) or ENAMETOOLONG
-        (no NUL within ``limit`` bytes).
+        Raises :class:`TargetMemoryError` with EFAULT (NULL, unmapped, from 4 GiB up in
+        an i386 call) or ENAMETOOLONG (no NUL within ``limit`` bytes).
         """
-        return await self._require_memory().read_cstring(self.id, self.pid, address, limit)
+        return await self._require_memory().read_cstring(self.id, self.pid,
+                                                         self._address(address), limit)
 
     async def read_path(self, arg: int) -> str:
-        """Read the path passed in argument number ``arg`` (0-based), at most 4096 bytes
-        with its NUL, as the kernel's getname() would. Undecodable bytes are kept with
-        ``surrogateescape``."""
-        if not 0 <= arg < 6:
-            raise ValueError(f"argument index {arg} is not in 0..5")
-        raw = await self.read_cstring(self.args[arg], limit=4096)
+        """Read the path passed in argument number ``arg`` (0-based) at the address the
+        kernel uses (:meth:`pointer`), at most 4096 bytes with its NUL, as the kernel's
+        getname() would. Undecodable bytes are kept with ``surrogateescape``."""
+        raw = await self.read_cstring(self.pointer(arg), limit=4096)
         return raw.decode("utf-8", "surrogateescape")
 
     def still_valid(self) -> bool:
@@ -355,6 +448,15 @@ class Notification:
             raise TargetMemoryError(3, "this notification has no live target")
         return self._memory
 
+
+
+_U32: Final = abi.U32_MASK
+_UMODE: Final = abi.UMODE_MASK
+_POINTER_MASKS: Final = abi.POINTER_MASKS
+
+
+def _bad_index(i: object) -> ValueError:
+    return ValueError(f"argument index {i!r} is not in 0..5")
 
 
 _new_object = object.__new__

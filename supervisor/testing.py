@@ -21,12 +21,15 @@ root or ``no_new_privs`` (set in the child) and a kernel with seccomp user notif
 The child is killed if it outlives ``timeout``.
 
 ``write`` is never notified (the child writes its listener's number to the parent right
-after installing the filter); every other call the policy handles is.
+after installing the filter); every other call the policy handles is, in each of the
+three x86 ABIs (:data:`ARCHITECTURES`: x86_64, i386 through ``int $0x80``, x32), as
+container profiles list them: a policy must be right for a call made in any of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import select
@@ -47,7 +50,12 @@ from .policy import Container, Decision, PolicySet, deny
 from .profile import build_program, notify_profile
 from .session import Session, SessionSettings
 
-__all__ = ["Seen", "Trial", "arun_policy", "load", "run_policy"]
+__all__ = ["ARCHITECTURES", "Seen", "Trial", "arun_policy", "load", "run_policy"]
+
+# The ABIs whose calls the child's filter notifies. Docker's and Podman's default
+# profiles list these three, so a container can make its calls in any of them; a
+# filter listing only x86_64 would kill the child at its first i386 call instead.
+ARCHITECTURES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +165,8 @@ async def arun_policy(
                          "number to the parent after installing the filter")
     if not names:
         raise ValueError("no system call to notify: the policies handle none")
-    program = build_program(notify_profile(names))
+    program = build_program(dataclasses.replace(notify_profile(names),
+                                                architectures=ARCHITECTURES))
     settings = SessionSettings(
         unhandled=unhandled or deny(38, reason="unhandled"),
         on_error=on_error or deny(1, reason="handler error"),

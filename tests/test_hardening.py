@@ -44,7 +44,8 @@ def test_plain_modes_and_fchmod_are_allowed(tmp_path: Path) -> None:
 
     trial = run_policy(load(HARDENING), both)
     assert trial.errno == errno.EPERM  # the last fchmod
-    assert trial.decided() == ["allow", "allow", "deny"]
+    assert trial.decided("chmod", "fchmod") == ["allow", "allow", "deny"]
+    assert trial.decided("openat") == ["allow"]  # O_RDONLY: the mode is not used
     assert stat.S_IMODE(victim.stat().st_mode) == 0o640
 
 
@@ -96,3 +97,10 @@ def test_options_are_typed() -> None:
     with pytest.raises(ConfigError) as info:
         load(HARDENING, allow_keyring="yes")
     assert info.value.key == "policy[0].options.allow_keyring"
+
+
+@pytest.mark.parametrize("key, value", [("openat2", "allow"), ("answer", "maybe")])
+def test_choice_options_are_checked(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(HARDENING, **{key: value})
+    assert info.value.key == f"policy[0].options.{key}"
