@@ -8,10 +8,12 @@ cd "$(dirname "$0")"
 
 # Debian packages: the real container runtimes and a static busybox for test rootfs,
 # strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
-# prometheus for `systemd-analyze verify` and `promtool check metrics`.
+# prometheus for `systemd-analyze verify`, `promtool` and the dashboard's queries against a
+# real Prometheus server, tmux to test `seccomp-supervisor top` in a real terminal.
 # (promtool comes only in the package prometheus, which on a host booted with systemd
 # also enables the Prometheus server on :9090; `systemctl disable --now prometheus`.)
-DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus)
+DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
+              tmux)
 
 setup() {
     local missing=() pkg
