@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 # prometheus for `systemd-analyze verify`, `promtool` and the dashboard's queries against a
 # real Prometheus server, tmux to test `seccomp-supervisor top` in a real terminal.
 # (promtool comes only in the package prometheus, which on a host booted with systemd
-# also enables the Prometheus server on :9090; `systemctl disable --now prometheus`.)
+# also enables the Prometheus server on :9090: setup() disables it when it installs the
+# package; the tests start their own server on loopback.)
 DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
               tmux)
 
@@ -28,6 +29,9 @@ setup() {
         "${sudo[@]}" apt-get update -qq
         DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
             --no-install-recommends "${missing[@]}" >/dev/null
+        if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+            "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+        fi
     fi
     if [[ ! -x .venv/bin/python ]]; then
         # The distribution's python3, the one python3-venv is for: Debian builds it with
