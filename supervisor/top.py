@@ -333,9 +333,13 @@ def run_curses(path: str, interval: float, sort: str) -> None:
             if dirty:
                 height, width = screen.getmaxyx()
                 screen.erase()
-                for y, text in enumerate(poller.lines(current, width - 1, interval)[:height]):
-                    attr = curses.A_REVERSE if y == 3 else curses.A_NORMAL
-                    screen.addnstr(y, 0, text, width - 1, attr)
+                try:
+                    for y, text in enumerate(
+                            poller.lines(current, max(1, width - 1), interval)[:height]):
+                        attr = curses.A_REVERSE if y == 3 else curses.A_NORMAL
+                        screen.addnstr(y, 0, text, max(1, width - 1), attr)
+                except curses.error:
+                    pass  # the terminal shrank under us: KEY_RESIZE comes next
                 screen.refresh()
                 dirty = False
             key = screen.getch()
