@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-from .control import printable
-
 __all__ = [
     "SORT_KEYS",
     "ContainerRow",
@@ -226,6 +224,10 @@ def render(status: Mapping[str, Any] | None, rows: Sequence[ContainerRow], *,
     """The screen: the daemon and its totals, the refresh and sort order, the keys (or
     the error of the last poll; blank for neither), the table header and one line per
     row (in the order given). Every line is printable ASCII, at most ``width`` long."""
+    # Here, not at the top: the CLI imports this module to build its parser, and the
+    # control module brings trio with it.
+    from .control import printable
+
     status = status or {}
     known = [r for r in rows if r.calls_per_second is not None]
     calls = sum(r.calls_per_second or 0.0 for r in known)

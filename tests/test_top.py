@@ -327,3 +327,13 @@ def test_top_in_a_real_terminal(tmp_path: Path) -> None:
 def _tmux_alive(tmux: Tmux) -> bool:
     return subprocess.run([*tmux.base, "has-session"], capture_output=True,
                           timeout=10).returncode == 0
+
+
+def test_the_cli_parser_does_not_import_trio() -> None:
+    """Every `seccomp-supervisor` command builds the parser, `top`'s included: that must
+    not cost every command the import of trio (170 ms)."""
+    code = ("import sys, supervisor.cli\nsupervisor.cli._parser()\n"
+            "assert 'trio' not in sys.modules, 'trio imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
