@@ -10,13 +10,15 @@ cd "$(dirname "$0")"
 
 # Debian packages: the real container runtimes and a static busybox for test rootfs,
 # strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
-# prometheus for `systemd-analyze verify` and `promtool check metrics`; curl and iproute2
-# for the documentation's examples (tests/test_docs_examples.py), groff-base and man-db to
-# render the man pages.
+# prometheus for `systemd-analyze verify`, `promtool` and the dashboard's queries against a
+# real Prometheus server; tmux to test `seccomp-supervisor top` in a real terminal; curl
+# and iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base
+# and man-db to render the man pages.
 # (promtool comes only in the package prometheus, which on a host booted with systemd
-# also enables the Prometheus server on :9090; `systemctl disable --now prometheus`.)
+# also enables the Prometheus server on :9090: setup() disables it when it installs the
+# package; the tests start their own server on loopback.)
 DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
-              curl iproute2 groff-base man-db)
+              tmux curl iproute2 groff-base man-db)
 
 # setup EXTRAS: the Python package and the extras of pyproject.toml it needs ("test,docs").
 setup() {
@@ -32,6 +34,9 @@ setup() {
         "${sudo[@]}" apt-get update -qq
         DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
             --no-install-recommends "${missing[@]}" >/dev/null
+        if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+            "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+        fi
     fi
     if [[ ! -x .venv/bin/python ]]; then
         # The distribution's python3, the one python3-venv is for: Debian builds it with

@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     from .profile_cli import add_parser as add_profile_parser
 
     add_profile_parser(sub)
+    from .top import add_parser as add_top_parser
+
+    add_top_parser(sub)
     return parser
 
 
@@ -247,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "record":
         return cmd_record(args)
+    if args.command == "top":
+        from .top import main as top_main
+
+        return top_main(args)
     if args.command == "profile":
         from .profile_cli import main as profile_main
 

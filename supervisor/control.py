@@ -59,6 +59,7 @@ __all__ = [
     "encode_request",
     "format_status",
     "parse_request",
+    "printable",
     "request",
 ]
 
@@ -150,6 +151,28 @@ def decode_reply(line: bytes) -> dict[str, Any]:
     return result
 
 
+def printable(text: object) -> str:
+    """``text`` as printable ASCII for a terminal: a backslash and every character that is
+    not printable ASCII (control characters such as ESC and newline, bidi overrides, any
+    non-ASCII) are written as Python escapes (``\\x1b``, ``\\x0a``, ``\\u202e``), so a
+    string a container's creator chose (its id, its metadata) cannot move the cursor,
+    clear the screen or otherwise act on the terminal it is shown on."""
+    out = []
+    for char in str(text):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
@@ -168,11 +191,12 @@ def format_status(status: Mapping[str, Any]) -> str:
     """The human view of a ``status`` result: a header and one row per session."""
     sessions = list(status.get("sessions", []))
     head = [
-        f"seccomp-supervisor {status.get('version', '?')}, pid {status.get('pid', '?')}, "
+        f"seccomp-supervisor {printable(status.get('version', '?'))}, "
+        f"pid {printable(status.get('pid', '?'))}, "
         f"up {_duration(float(status.get('uptime_seconds', 0)))}",
-        f"notify socket: {status.get('notify_socket', '?')}"
+        f"notify socket: {printable(status.get('notify_socket', '?'))}"
         + (" (socket activation)" if status.get("socket_activated") else ""),
-        f"metrics: {status.get('metrics') or 'off'}",
+        f"metrics: {printable(status.get('metrics') or 'off')}",
         f"sessions: {len(sessions)}   in flight: {status.get('inflight', 0)}   "
         f"notifications: {status.get('notifications', 0)}",
     ]
@@ -183,17 +207,18 @@ def format_status(status: Mapping[str, Any]) -> str:
     rows = []
     for s in sessions:
         decisions = s.get("decisions", {})
+        # The container id and metadata come from whoever created the container.
         rows.append((
-            str(s.get("container", "")),
-            str(s.get("runtime_pid", "")),
-            ",".join(s.get("policies", [])) or "-",
-            str(s.get("mode", "")),
+            printable(s.get("container", "")),
+            printable(s.get("runtime_pid", "")),
+            ",".join(printable(p) for p in s.get("policies", [])) or "-",
+            printable(s.get("mode", "")),
             str(s.get("notifications", 0)),
             " ".join(f"{k}={v}" for k, v in sorted(decisions.items())) or "-",
             str(s.get("gone", 0)),
             str(s.get("inflight", 0)),
             _duration(float(s.get("age_seconds", 0))),
-            " ".join(str(s.get("metadata", "")).split()) or "-",
+            printable(" ".join(str(s.get("metadata", "")).split())) or "-",
         ))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = [*head, ""]

@@ -49,7 +49,7 @@ from .errors import ConfigError, ProfileError
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .listener import ListenerLimits, bind_socket, serve_handoffs
-from .metrics import Metrics
+from .metrics import DECISION_BUCKETS, Metrics
 from .notifyfd import NotifyFd, is_seccomp_listener
 from .policy import Container, PolicySet
 from .router import (
@@ -276,6 +276,7 @@ class Daemon:
             c = session.container
             stats = session.stats
             sessions.append({
+                "session": session.serial,
                 "container": c.id, "runtime_pid": c.pid, "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
                 "annotations": dict(c.annotations),
@@ -284,6 +285,7 @@ class Daemon:
                 "gone": stats.gone, "decisions": dict(stats.decisions),
                 "inflight": session.inflight,
                 "age_seconds": round(now - session.started, 3),
+                "latency_counts": list(stats.latency),
             })
         return {
             "version": __version__,
@@ -300,6 +302,9 @@ class Daemon:
             "inflight": sum(s.inflight for s in self.sessions),
             "notifications": self.ended_notifications
             + sum(s.stats.notifications for s in self.sessions),
+            # The upper bounds of each session's latency_counts (seconds; one more count,
+            # for +Inf).
+            "latency_bounds": list(DECISION_BUCKETS),
             "sessions": sessions,
         }
 

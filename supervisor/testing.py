@@ -97,8 +97,10 @@ class _Capture(Recorder):
 
     def decided(self, container: Container, notif_id: int, tid: int, syscall: str,
                 args: Sequence[int], outcome: Outcome, latency: float, *,
-                shadow: bool = False) -> None:
+                shadow: bool = False) -> int:
         self.seen.append(Seen(syscall, outcome.decision, outcome.policy, outcome.error))
+        return super().decided(container, notif_id, tid, syscall, args, outcome, latency,
+                               shadow=shadow)
 
 
 def load(path: str | os.PathLike[str], *, name: str | None = None,
