@@ -2,8 +2,8 @@
 
 The blocks of ``docs/**/*.md`` and ``README.md`` are taken in page order; each page gets
 a work directory of its own, shared by its blocks (a policy file written by one block is
-what the next block tests), with ``.venv``, ``policies``, ``systemd`` and ``bench``
-linking to this tree. How a block runs depends on its language:
+what the next block tests), with ``.venv``, ``policies``, ``systemd``, ``bench`` and
+``deploy`` linking to this tree. How a block runs depends on its language:
 
 - ``python``: a block whose first line is ``# NAME.py`` is written to NAME.py; a
   ``test_*.py`` file then runs under pytest, any other named file is loaded with
@@ -53,6 +53,9 @@ RUN_LANGUAGES = {"python", "toml", "sh", "console"}
 # Output and data: shown, not run. Any other language (bash, shell, py...) is refused, so
 # no example hides from this test behind another name.
 DATA_LANGUAGES = {"text", "json"}
+# Written to a file by a ``file NAME`` marker, for a later block to use (e.g. a Prometheus
+# config that a console block checks with promtool).
+FILE_LANGUAGES = {"yaml"}
 
 _FENCE = re.compile(r"^( *)```(.*)$")
 _MARKER = re.compile(r"^ *<!-- example: (.*?) -->$")
@@ -99,7 +102,8 @@ def block_problems(found: list[Block]) -> list[str]:
     for block in found:
         if block.language.startswith("{"):  # a MyST directive ({toctree}), not code
             continue
-        if block.language not in RUN_LANGUAGES | DATA_LANGUAGES:
+        known = RUN_LANGUAGES | DATA_LANGUAGES | (FILE_LANGUAGES if block.marker else set())
+        if block.language not in known:
             problems.append(f"{block.name}: block language {block.language!r}: use one of "
                             f"{sorted(RUN_LANGUAGES)} (run by this test) or "
                             f"{sorted(DATA_LANGUAGES)}")
@@ -193,7 +197,7 @@ def _workdir(base: Path, page: Path) -> Path:
     if not work.exists():
         work.mkdir()
         (work / ".venv").symlink_to(Path(sys.prefix))
-        for name in ("policies", "systemd", "bench"):
+        for name in ("policies", "systemd", "bench", "deploy"):
             (work / name).symlink_to(ROOT / name)
     return work
 
