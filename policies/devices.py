@@ -35,7 +35,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor.emulate import decode_dev, mknod_as_caller, signed_fd
+from supervisor.emulate import EmulationBusy, decode_dev, mknod_as_caller, signed_fd
 from supervisor.policy import Decision, Notification, PolicySet, allow, deny, returns
 
 CAP_MKNOD = 27
@@ -95,8 +95,11 @@ async def make_device(n: Notification) -> Decision:
         caller.close()
         if not caller.credentials.has_capability(CAP_MKNOD):
             return deny(errno.EPERM, reason="caller lacks CAP_MKNOD")
-    result = await mknod_as_caller(n, path, mode, major, minor, dirfd)
     where = path.decode("utf-8", "replace")
+    try:
+        result = await mknod_as_caller(n, path, mode, major, minor, dirfd)
+    except EmulationBusy as busy:
+        return deny(busy.errno, reason=f"emulated mknod {where}: {busy}")
     if result:
         return deny(result, reason=f"emulated mknod {where} {major}:{minor} failed")
     return returns(0, reason=f"created {where} (char {major}:{minor}) for the caller")
