@@ -549,6 +549,12 @@ def _send_error(reply_fd: int, text: str) -> None:
         os.write(reply_fd, encode_reply(Reply(error=text)))
 
 
+def _peer_closed(fd: int) -> bool:
+    one = select.poll()
+    one.register(fd, 0)
+    return bool(one.poll(0))
+
+
 def _kill(child: _Child) -> None:
     with contextlib.suppress(OSError):
         _check(_syscall(SYS_PIDFD_SEND_SIGNAL, child.pidfd, signal.SIGKILL, None, 0),
@@ -638,6 +644,9 @@ class _Server:
         except ValueError as exc:
             _send_error(fds[0], f"bad request: {exc}")
             _close(fds)
+            return True
+        if _peer_closed(fds[0]):
+            _close(fds)  # the daemon gave up on it while it waited here
             return True
         spare = self.spare
         if spare is not None:

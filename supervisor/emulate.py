@@ -46,6 +46,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,6 +392,9 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
+# Containers' entries (semaphore and bucket) are kept until there are this many; then
+# the idle ones whose bucket is full again are dropped.
+_MAX_IDLE_ENTRIES: Final = 256
 
 
 # --------------------------------------------------------------------------- the helper
@@ -403,6 +407,8 @@ class _Slots:
     semaphore: trio.Semaphore
     bucket: TokenBucket | None
     users: int = 0
+    # time.monotonic() from which the bucket is full again (forgetting the entry loses nothing)
+    refilled_at: float = 0.0
 
 
 @dataclass
@@ -419,7 +425,7 @@ class EmulationHelper:
     _proc: subprocess.Popen[bytes] | None = None
     _sock: socket.socket | None = None
     _total: trio.Semaphore | None = None
-    _containers: dict[str, _Slots] = field(default_factory=dict)
+    _containers: dict[tuple[str, Limits], _Slots] = field(default_factory=dict)
     hello: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
 
@@ -491,10 +497,16 @@ class EmulationHelper:
             log.info("emulation helper pid %d: capabilities effective %#x",
                      self.hello["pid"], self.hello["effective"])
 
-    def _slots(self, key: str, limits: Limits) -> _Slots:
+    def _slots(self, container: str, limits: Limits) -> _Slots:
+        key = (container, limits)
         slots = self._containers.get(key)
         if slots is None:
-            bucket = (TokenBucket(limits.rate, max(1, limits.burst), trio.current_time())
+            if len(self._containers) >= _MAX_IDLE_ENTRIES:
+                now = time.monotonic()
+                for idle in [k for k, v in self._containers.items()
+                             if v.users == 0 and v.refilled_at <= now]:
+                    del self._containers[idle]
+            bucket = (TokenBucket(limits.rate, max(1, limits.burst), time.monotonic())
                       if limits.rate > 0 else None)
             slots = self._containers[key] = _Slots(trio.Semaphore(limits.per_container),
                                                    bucket)
@@ -505,7 +517,7 @@ class EmulationHelper:
         """Carry out ``request`` for the container ``key``. The fds are lent (the helper
         gets copies). Raises EmulationBusy (over the rate) or EmulationError."""
         slots = self._slots(key, limits)
-        if slots.bucket is not None and not slots.bucket.take(trio.current_time()):
+        if slots.bucket is not None and not slots.bucket.take(time.monotonic()):
             raise EmulationBusy(f"over the emulation rate ({limits.rate:g}/s)")
         if self._total is None:
             self._total = trio.Semaphore(self.max_children)
@@ -519,9 +531,9 @@ class EmulationHelper:
                                  f"{self.timeout:g}s") from None
         finally:
             slots.users -= 1
-            if slots.users == 0 and (slots.bucket is None or slots.bucket.tokens >=
-                                     slots.bucket.burst - 1):
-                del self._containers[key]  # idle, and its bucket (nearly) full
+            if slots.bucket is not None:
+                slots.refilled_at = time.monotonic() + (
+                    slots.bucket.burst - slots.bucket.tokens) / slots.bucket.rate
 
     async def _exchange(self, request: wire.Request, fds: list[int]) -> Result:
         self._restart_if_dead()

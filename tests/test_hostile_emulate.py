@@ -13,15 +13,30 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervisor import _emulate_helper as helper
-from supervisor.testing import load, run_policy
+from supervisor import emulate
+from supervisor.emulate import signed_fd
+from supervisor.policy import (
+    Container,
+    Decision,
+    Notification,
+    PolicySet,
+    allow,
+    deny,
+    inject_fd,
+)
+from supervisor.testing import Trial, arun_policy, load, run_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ROOT / "policies" / "devices.py"
@@ -193,3 +208,170 @@ def test_no_host_path_oracle_through_proc_root_and_dotdot(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "secret-dir",
                                                           "secret-file"]
     assert list((tmp_path / "secret-dir").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its children it has reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _our_cpu_seconds() -> float:
+    """This process, the children it reaped, and the emulation helper (with its reaped
+    children) if there is one."""
+    total = _cpu_seconds(os.getpid())
+    running = emulate._helper
+    if running is not None and running.pid:
+        total += _cpu_seconds(running.pid)
+    return total
+
+
+def test_an_emulated_mknod_costs_no_interpreter_start(public_dir: Path) -> None:
+    """Each emulated mknod started a root Python interpreter (~90 ms of CPU here), so 47
+    mknod/s from one container saturated two CPUs. Now a call costs a fork of a small
+    pre-started helper: a generous bound (a third of one interpreter start per call)
+    that the old design cannot meet."""
+    calls = 40
+    policy = load(DEVICES, emulation_rate=0.0)
+    run_policy(policy, make_chr(public_dir / "warm"))  # the helper is up
+    helper_pid = emulate.start_helper().pid
+    before = _our_cpu_seconds()
+    trial = run_policy(policy, lambda: [make_chr(public_dir / f"n{i}")()
+                                        for i in range(calls)])
+    spent = _our_cpu_seconds() - before
+    assert trial.exception == "" and trial.decided() == ["returns"] * calls, trial
+    assert emulate.start_helper().pid == helper_pid  # the same helper served them all
+    assert spent / calls < 0.030, f"{spent / calls * 1000:.1f} ms of CPU per call"
+
+
+def test_the_emulation_rate_limits_one_container(public_dir: Path) -> None:
+    """Over its emulation rate a container gets EAGAIN without the helper being asked;
+    the policy has a rate by default."""
+    assert load(DEVICES).options["emulation_rate"] > 0
+
+    def flood() -> list[int]:
+        return [attempt(make_chr(public_dir / f"n{i}")) for i in range(30)]
+
+    trial = run_policy(load(DEVICES, emulation_rate=2.0, emulation_burst=5), flood)
+    assert trial.value[:5] == [0] * 5, trial
+    assert trial.value.count(errno.EAGAIN) >= 20, trial.value
+    assert len(list(public_dir.iterdir())) == trial.value.count(0)
+
+
+def _helper_children() -> int:
+    running = emulate.start_helper()
+    path = Path(f"/proc/{running.pid}/task/{running.pid}/children")
+    return len(path.read_text().split())
+
+
+def _open_as_caller_policy() -> PolicySet:
+    """Writing opens emulated with as_caller(Open) and answered with the fd."""
+    policy = PolicySet("open-as-caller")
+
+    @policy.on("openat")
+    async def open_(n: Notification) -> Decision:
+        if n.args[2] & os.O_ACCMODE == os.O_RDONLY:
+            return allow(reason="read-only")
+        path = await n.read_cstring(n.args[1])
+        result = await emulate.as_caller(n, emulate.Open(path, n.args[2], n.args[3],
+                                                         signed_fd(n.args[0])))
+        if result.errno:
+            return deny(result.errno)
+        return inject_fd(result.take_fd())
+
+    return policy
+
+
+def test_one_container_cannot_take_the_helper_from_another(public_dir: Path) -> None:
+    """Container A opens a FIFO for writing from 8 threads: each emulated open blocks in
+    the helper until a reader comes (none does). It gets at most its per-container share
+    of the helper's children; container B's mknod is served meanwhile. When A's calls
+    overrun their deadline, their children are killed."""
+    fifo = public_dir / "fifo"
+    os.mkfifo(fifo)
+    fifo.chmod(0o666)
+    emulate.start_helper()
+    results: dict[str, object] = {}
+
+    def flood() -> list[int]:
+        out: list[int] = []
+        threads = [threading.Thread(target=lambda: out.append(
+            attempt(lambda: os.open(fifo, os.O_WRONLY))), daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return out
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def a() -> None:
+                results["a"] = await arun_policy(_open_as_caller_policy(), flood,
+                                                 container=Container(id="A"), deadline=3.0)
+            nursery.start_soon(a)
+            with trio.fail_after(10):
+                while _helper_children() < 1 + emulate.DEFAULT_LIMITS.per_container:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)
+            results["busy"] = _helper_children() - 1  # less the spare
+            results["b"] = await arun_policy(load(DEVICES), make_chr(public_dir / "null"),
+                                             container=Container(id="B"), deadline=3.0)
+            results["a_done"] = "a" in results
+
+    trio.run(main)
+    b = results["b"]
+    assert isinstance(b, Trial) and b.errno == 0 and b.decided() == ["returns"], b
+    assert results["a_done"] is False  # B was served while A's calls still waited
+    assert results["busy"] == emulate.DEFAULT_LIMITS.per_container
+    a = results["a"]
+    assert isinstance(a, Trial) and a.value == [errno.EPERM] * 8, a  # on_error, deadline
+    deadline = time.monotonic() + 10
+    while _helper_children() > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _helper_children() == 1  # A's blocked children were killed; the spare is left
+
+
+def test_a_dead_helper_is_started_again(public_dir: Path) -> None:
+    policy = load(DEVICES)
+    assert run_policy(policy, make_chr(public_dir / "a")).errno == 0
+    running = emulate.start_helper()
+    old, restarts = running.pid, running.restarts
+    os.kill(old, signal.SIGKILL)
+    trial = run_policy(policy, make_chr(public_dir / "b"))
+    assert trial.errno == 0 and trial.decided() == ["returns"], trial
+    assert running.pid != old and running.restarts == restarts + 1
+    assert (public_dir / "b").lstat().st_rdev == os.makedev(1, 3)
+
+
+def test_a_stuck_helper_costs_the_deadline_not_the_daemon(public_dir: Path) -> None:
+    """With the helper stopped, an emulated call gets on_error at its deadline; the
+    session answers other calls meanwhile; and the call abandoned is not done later."""
+    policy = load(DEVICES)
+    assert run_policy(policy, make_chr(public_dir / "warm")).errno == 0
+    running = emulate.start_helper()
+
+    def both() -> tuple[int, int, float]:
+        stuck: list[int] = []
+        thread = threading.Thread(target=lambda: stuck.append(
+            attempt(make_chr(public_dir / "late"))))
+        thread.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        other = attempt(lambda: os.mknod(public_dir / "fifo", stat.S_IFIFO | 0o600))
+        took = time.monotonic() - start
+        thread.join()
+        return stuck[0], other, took
+
+    os.kill(running.pid, signal.SIGSTOP)
+    try:
+        trial = run_policy(policy, both, deadline=1.0)
+    finally:
+        os.kill(running.pid, signal.SIGCONT)
+    stuck, other, took = trial.value
+    assert (stuck, other) == (errno.EPERM, 0), trial
+    assert took < 0.9  # answered before the stuck call's deadline
+    assert run_policy(policy, make_chr(public_dir / "after")).errno == 0
+    assert not (public_dir / "late").exists()
