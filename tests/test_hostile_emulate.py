@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import signal
 import stat
+import struct
 import tempfile
 import threading
 import time
@@ -375,3 +377,258 @@ def test_a_stuck_helper_costs_the_deadline_not_the_daemon(public_dir: Path) -> N
     assert took < 0.9  # answered before the stuck call's deadline
     assert run_policy(policy, make_chr(public_dir / "after")).errno == 0
     assert not (public_dir / "late").exists()
+
+
+# --------------------------------------------------------------------------- item 14
+
+PATH_GUARD = ROOT / "policies" / "path_guard.py"
+
+
+@pytest.fixture
+def guarded_tree(public_dir: Path) -> tuple[Path, Path]:
+    """(guarded, free): ``guarded/passwd`` holds "keep"; both reachable by any uid."""
+    guarded = public_dir / "g"
+    free = public_dir / "f"
+    guarded.mkdir(mode=0o755)
+    free.mkdir(mode=0o777)
+    free.chmod(0o777)
+    (guarded / "passwd").write_text("keep")
+    return guarded, free
+
+
+def enforcing(guarded: Path | str) -> PolicySet:
+    return load(PATH_GUARD, prefixes=[str(guarded)], mode="enforce")
+
+
+def write_open(path: str | Path, flags: int = os.O_WRONLY | os.O_CREAT) -> Callable[[], None]:
+    def run() -> None:
+        fd = os.open(path, flags, 0o644)
+        try:
+            os.write(fd, b"pwned")
+        finally:
+            os.close(fd)
+    return run
+
+
+def untouched(guarded: Path) -> None:
+    assert sorted(p.name for p in guarded.iterdir()) == ["passwd"]
+    assert (guarded / "passwd").read_text() == "keep"
+
+
+def symlink_attacks(guarded: Path, free: Path) -> Callable[[], list[int]]:
+    def attack() -> list[int]:
+        os.symlink(guarded, free / "dir-link")
+        os.symlink(guarded / "passwd", free / "file-link")
+        os.symlink(guarded / "new", free / "dangling")
+        (free / "mine").write_text("")
+        return [
+            attempt(write_open(free / "dir-link" / "new")),
+            attempt(write_open(free / "file-link", os.O_WRONLY | os.O_TRUNC)),
+            attempt(write_open(free / "dangling")),
+            attempt(lambda: os.mkdir(free / "dir-link" / "sub")),
+            attempt(lambda: os.rename(free / "mine", free / "dir-link" / "mine")),
+            attempt(lambda: os.unlink(free / "dir-link" / "passwd")),
+            attempt(lambda: os.rename(free / "dir-link" / "passwd", free / "stolen")),
+        ]
+    return attack
+
+
+def test_advisory_mode_is_fooled_by_a_symlink(guarded_tree: tuple[Path, Path]) -> None:
+    """What the advisory mode guarantees (nothing against an adversary): one symlink
+    and the check, made on the path string, is passed."""
+    guarded, free = guarded_tree
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]),
+                       symlink_attacks(guarded, free))
+    assert trial.value[:6] == [0] * 6, trial  # the 7th: passwd was unlinked by the 6th
+    assert (guarded / "new").read_text() == "pwned"
+
+
+def test_enforce_symlink_attacks_do_not_write_under_the_prefix(
+        guarded_tree: tuple[Path, Path]) -> None:
+    guarded, free = guarded_tree
+    trial = run_policy(enforcing(guarded), symlink_attacks(guarded, free))
+    assert trial.value == [errno.EACCES] * 7, trial
+    untouched(guarded)
+    assert (free / "mine").exists()
+    reasons = [s.decision.reason for s in trial.decisions if s.kind == "deny"]
+    assert reasons[0] == f"openat resolves to {guarded}/new, under a guarded prefix " \
+                         "(enforced)"
+
+
+def test_enforce_proc_self_root_and_cwd_do_not_lead_under_the_prefix(
+        guarded_tree: tuple[Path, Path]) -> None:
+    guarded, _free = guarded_tree
+
+    def attack() -> list[int]:
+        results = [attempt(write_open(f"/proc/self/root{guarded}/new")),
+                   attempt(lambda: os.mkdir(f"/proc/self/root{guarded}/sub")),
+                   attempt(write_open(f"/proc/{os.getpid()}/root{guarded}/passwd",
+                                      os.O_WRONLY | os.O_TRUNC))]
+        os.chdir(guarded)
+        results += [attempt(lambda: os.mkdir("/proc/self/cwd/sub")),
+                    attempt(write_open("/proc/thread-self/cwd/new"))]
+        return results
+
+    trial = run_policy(enforcing(guarded), attack)
+    assert trial.exception == "", trial
+    assert all(e in (errno.ELOOP, errno.EACCES) for e in trial.value), trial.value
+    untouched(guarded)
+
+
+def test_enforce_dotdot_chroot_hardlink_and_bind_mount_tricks(
+        guarded_tree: tuple[Path, Path], tmp_path: Path) -> None:
+    guarded, free = guarded_tree
+
+    def attack() -> list[int]:
+        os.chdir(free)
+        dirfd = os.open(free, os.O_RDONLY | os.O_DIRECTORY)
+        results = [attempt(lambda: os.mkdir("../g/x")),
+                   attempt(write_open("../f/../g/./new")),
+                   attempt(lambda: os.mkdir("../g/x/..//y")),
+                   attempt(lambda: os.mkdir("../g", dir_fd=dirfd)),
+                   attempt(lambda: os.rmdir(f"{guarded}/.")),
+                   ]
+        os.link(guarded / "passwd", free / "hard")  # link is not a guarded call
+        results.append(attempt(write_open(free / "hard", os.O_WRONLY | os.O_TRUNC)))
+        # Another name of the guarded directory: a bind mount in our mount namespace.
+        _ok(_libc.unshare(CLONE_NEWNS), "unshare")
+        _ok(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private")
+        (free / "mnt").mkdir()
+        _ok(_libc.mount(str(guarded).encode(), str(free / "mnt").encode(), None,
+                        0x1000, None), "bind")  # MS_BIND
+        results += [attempt(write_open(free / "mnt" / "new")),
+                    attempt(lambda: os.unlink(free / "mnt" / "passwd"))]
+        return results
+
+    trial = run_policy(enforcing(guarded), attack)
+    assert trial.exception == "", trial
+    # x does not exist: "../g/x/.." fails to resolve, as it does for the kernel.
+    assert trial.value == [errno.EACCES] * 2 + [errno.ENOENT] + [errno.EACCES] * 5, trial
+    untouched(guarded)
+
+    # In a chroot, the prefix and the symlinks are the caller's: /etc is root/etc.
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    (root / "tmp" / "e").symlink_to("/etc")
+    (root / "tmp" / "up").symlink_to("../../../../../etc")
+
+    def in_chroot() -> list[int]:
+        os.chroot(root)
+        os.chdir("/tmp")
+        return [attempt(lambda: os.mkdir("/etc/a")), attempt(lambda: os.mkdir("../../etc/b")),
+                attempt(lambda: os.mkdir("e/c")), attempt(write_open("up/d")),
+                attempt(lambda: os.mkdir("/tmp/fine"))]
+
+    trial = run_policy(enforcing("/etc"), in_chroot)
+    assert trial.value == [errno.EACCES] * 4 + [0], trial
+    assert list((root / "etc").iterdir()) == [] and (root / "tmp" / "fine").is_dir()
+
+
+def test_enforce_holds_while_a_thread_flips_the_path(guarded_tree: tuple[Path, Path]) -> None:
+    """The race of the advisory mode: another thread rewrites the path between the check
+    and the kernel's own read. Enforced, the call is done from the copy that was checked:
+    whatever the timing, nothing lands under the prefix."""
+    guarded, free = guarded_tree
+    assert len(guarded.name) == len(free.name)
+    template = f"{free}/n0000".encode()
+    flip_at = len(str(free)) - 1
+
+    def race() -> int:
+        buf = ctypes.create_string_buffer(template)
+        stop = threading.Event()
+
+        def flipper() -> None:
+            while not stop.is_set():
+                buf[flip_at] = guarded.name.encode()
+                buf[flip_at] = free.name.encode()
+
+        thread = threading.Thread(target=flipper)
+        thread.start()
+        made = 0
+        try:
+            for i in range(150):
+                buf[len(template) - 4:len(template)] = f"{i:04}".encode()
+                if i % 2:
+                    made += _libc.mkdir(buf, 0o755) == 0
+                else:
+                    fd = _libc.open(buf, os.O_WRONLY | os.O_CREAT, 0o644)
+                    if fd >= 0:
+                        made += 1
+                        os.close(fd)
+        finally:
+            stop.set()
+            thread.join()
+        return made
+
+    trial = run_policy(enforcing(guarded), race, timeout=120)
+    assert trial.exception == "", trial
+    untouched(guarded)
+    assert trial.value == len(list(free.iterdir())) > 0
+
+
+def test_enforce_honest_calls_work_as_the_caller(guarded_tree: tuple[Path, Path]) -> None:
+    """Elsewhere the calls work, done as the caller: the data written through the
+    injected fd lands in the file, O_CREAT and mkdir modes get its umask, the files
+    belong to its fsuid/fsgid, non-UTF-8 names are kept byte for byte, O_CLOEXEC is
+    the caller's."""
+    guarded, free = guarded_tree
+    own = free / "own"
+    own.mkdir()
+    os.chown(own, 1000, 1000)
+    odd = os.fsencode(own) + b"/caf\xe9-\xff"
+
+    def honest() -> dict[str, object]:
+        os.setgroups([])
+        os.setresgid(1000, 1000, 1000)
+        os.setresuid(1000, 1000, 1000)
+        os.umask(0o027)
+        fd = os.open(own / "new", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        os.write(fd, b"hello")
+        cloexec = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+        os.close(fd)
+        fd = _libc.open(os.fsencode(own / "new"), os.O_WRONLY | os.O_APPEND)  # no O_CLOEXEC
+        os.write(fd, b" world")
+        inherit = not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.close(fd)
+        os.mkdir(own / "dir", 0o777)
+        os.close(os.open(odd, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.rename(own / "dir", own / "dir2")
+        (own / "trunc").write_text("long content")
+        fd = os.open(own / "trunc", os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        os.unlink(odd)
+        refused = attempt(lambda: os.mkdir(guarded / "x"))
+        no_write = attempt(lambda: os.mkdir(free.parent / "x"))  # 0755 root's: DAC
+        return {"cloexec": cloexec, "inherit": inherit, "refused": refused,
+                "no_write": no_write}
+
+    trial = run_policy(enforcing(guarded), honest)
+    assert trial.exception == "", trial
+    assert trial.value == {"cloexec": True, "inherit": True, "refused": errno.EACCES,
+                           "no_write": errno.EACCES}
+    st = (own / "new").stat()
+    assert (own / "new").read_bytes() == b"hello world"
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o640)
+    st = (own / "dir2").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, 0o750)
+    assert (own / "trunc").read_text() == ""
+    assert not os.path.lexists(odd)
+    kinds = {s.kind for s in trial.decisions if s.syscall != "openat" or s.kind != "allow"}
+    assert kinds == {"inject_fd", "returns", "deny"}, trial.decisions
+
+
+def test_enforce_refuses_what_it_cannot_emulate(guarded_tree: tuple[Path, Path]) -> None:
+    guarded, free = guarded_tree
+    (free / "file").write_text("keep")
+
+    def calls() -> tuple[int, int]:
+        how = struct.pack("<QQQ", os.O_WRONLY | os.O_CREAT, 0o644, 0)
+        rc = _libc.syscall(437, -100, str(guarded / "new").encode(), how, len(how))
+        openat2 = ctypes.get_errno() if rc < 0 else 0
+        return openat2, attempt(lambda: os.open(free / "file", os.O_RDONLY | os.O_TRUNC))
+
+    trial = run_policy(enforcing(guarded), calls)
+    assert trial.value == (errno.ENOSYS, errno.EACCES), trial
+    assert (free / "file").read_text() == "keep"
+    untouched(guarded)
