@@ -80,6 +80,7 @@ __all__ = [
     "Unlink",
     "as_caller",
     "decode_dev",
+    "drop_helper_capabilities",
     "encode_dev",
     "identity_for",
     "mknod_as_caller",
@@ -494,8 +495,14 @@ class EmulationHelper:
                 raise EmulationError("the emulation helper exited at start")
             hello = json.loads(data)
             self.hello = {k: int(v) for k, v in hello.items()}
-            log.info("emulation helper pid %d: capabilities effective %#x",
-                     self.hello["pid"], self.hello["effective"])
+            missing = HELPER_ONLY_CAPABILITIES & ~self.hello["permitted"]
+            if missing and self.restarts:
+                log.error("the emulation helper was started again without capabilities "
+                          "%#x (the daemon dropped them): emulated calls will fail until "
+                          "the service restarts", missing)
+            else:
+                log.debug("emulation helper pid %d: capabilities %#x", self.hello["pid"],
+                          self.hello["permitted"])
 
     def _slots(self, container: str, limits: Limits) -> _Slots:
         key = (container, limits)
@@ -595,6 +602,35 @@ def start_helper(max_children: int = 16) -> EmulationHelper:
         _helper = EmulationHelper(max_children=max_children)
         _helper.start()
     return _helper
+
+
+# What only the helper uses (and why), dropped by the daemon once the helper runs:
+# setns() into a mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT, chroot()
+# CAP_SYS_CHROOT, setgroups()/setfsgid() CAP_SETGID, setfsuid() CAP_SETUID, and a device
+# node CAP_MKNOD. The daemon keeps CAP_SYS_PTRACE: reading a target's memory and opening
+# its /proc/<tid>/{root,cwd,fd/N,ns/*} are ptrace-mode access checks.
+CAP_SETGID: Final = 6
+CAP_SETUID: Final = 7
+CAP_SYS_CHROOT: Final = 18
+CAP_SYS_ADMIN: Final = 21
+HELPER_ONLY_CAPABILITIES: Final = (1 << CAP_MKNOD | 1 << CAP_SYS_ADMIN | 1 << CAP_SYS_CHROOT
+                                   | 1 << CAP_SETUID | 1 << CAP_SETGID)
+
+
+def drop_helper_capabilities() -> int:
+    """Remove :data:`HELPER_ONLY_CAPABILITIES` from this process's effective and
+    permitted sets (capabilities are per thread: call it while the process has one
+    thread, before trio starts). Returns the mask removed. Raises RuntimeError with more
+    than one thread, OSError if the kernel refuses.
+
+    Under ``NoNewPrivileges`` (the unit sets it) nothing this process executes gets them
+    back; without it, root regains its capabilities on execve (a restarted helper then
+    has them again)."""
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("capabilities are per thread: drop them before starting threads")
+    _effective, permitted = wire.capabilities()
+    wire.set_capabilities(permitted & ~HELPER_ONLY_CAPABILITIES)
+    return permitted & HELPER_ONLY_CAPABILITIES
 
 
 def stop_helper() -> None:
