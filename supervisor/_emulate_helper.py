@@ -67,6 +67,12 @@ MAX_MESSAGE: Final = 65536
 MAX_SYMLINKS: Final = 40      # the kernel's limit (ELOOP)
 MAX_DEPTH: Final = 4096       # directory levels walked up by the guard
 
+# linux/capability.h
+CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID = 0, 1, 2, 3, 4
+CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD = 6, 7, 18, 21, 27
+HELPER_CAPABILITIES: Final = sum(1 << c for c in (
+    CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD,
+    CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID))
 CLONE_NEWNS: Final = 0x00020000
 SYS_CAPGET: Final = 125
 SYS_CAPSET: Final = 126
@@ -652,7 +658,8 @@ class _Server:
         if spare is not None:
             self.spare = None
             try:
-                socket.send_fds(socket.socket(fileno=os.dup(spare.channel)), [data], fds)
+                with socket.socket(fileno=os.dup(spare.channel)) as channel:
+                    socket.send_fds(channel, [data], fds)
             except OSError as exc:
                 _send_error(fds[0], f"handing the request to a child: {exc}")
                 _kill(spare)
@@ -725,6 +732,11 @@ def main(argv: list[str]) -> None:
     # ends us by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Nothing but what acting as a caller uses (see the module docstring): setns, chroot,
+    # the caller's ids, CAP_MKNOD when a policy adds it, and the file-system capabilities
+    # a caller of ours may itself have (they are given to a child only then).
+    _effective, permitted = capabilities()
+    set_capabilities(permitted & HELPER_CAPABILITIES)
     effective, permitted = capabilities()
     sock = socket.socket(fileno=fd)
     # Hello: the capabilities we hold, so the daemon can say what will fail.
