@@ -1,12 +1,17 @@
-"""Emulated mknod: what one ``mknod`` that the ``devices`` policy carries out on the
-caller's behalf costs, as the caller sees it.
+"""Emulated calls: what one call that a policy carries out on the caller's behalf
+(``supervisor.emulate``) costs, as the caller sees it.
 
 A forked child under a NOTIFY filter (``supervisor.testing``, the session code the daemon
-uses) makes N ``mknod`` calls of ``/dev/null`` (1:3) nodes, one after the other, timing
-each with ``perf_counter_ns``; the rows print p50 and p99 per call and the whole
-machine's CPU time per call (``/proc/stat``, so other load counts too: compare rows of
-one run). The ``fifo`` row is the same call for a FIFO, which the policy lets the kernel
-run (CONTINUE): the cost of the notification alone.
+uses) makes N calls one after the other, timing each with ``perf_counter_ns``; the rows
+print p50 and p99 per call and the whole machine's CPU time per call (``/proc/stat``, so
+other load counts too: compare rows of one run). Rows:
+
+- ``emulated mknod``: ``mknod`` of ``/dev/null`` (1:3) nodes, created by the ``devices``
+  policy as the caller;
+- ``enforced open``: ``open(O_WRONLY|O_CREAT)`` of new files, done by ``path_guard`` in
+  ``mode = "enforce"`` as the caller and answered with the fd (ADDFD);
+- ``fifo (CONTINUE)``: ``mknod`` of a FIFO, which ``devices`` lets the kernel run: the
+  cost of the notification alone.
 
     .venv/bin/python bench/emulate.py [--calls 300] [--json FILE]
 
@@ -42,21 +47,33 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
 
-def row(name: str, kind: int, calls: int) -> dict[str, object]:
+def make(kind: str, path: Path) -> None:
+    if kind == "open":
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    elif kind == "chr":
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    else:
+        os.mknod(path, stat.S_IFIFO | 0o666)
+
+
+def row(name: str, kind: str, calls: int) -> dict[str, object]:
     where = Path(tempfile.mkdtemp(prefix="bench-emulate-", dir="/tmp"))
     try:
         def many() -> list[int]:
             times = []
             for i in range(calls):
                 t0 = time.perf_counter_ns()
-                os.mknod(where / f"n{i}", kind | 0o666, os.makedev(1, 3) if
-                         kind == stat.S_IFCHR else 0)
+                make(kind, where / f"n{i}")
                 times.append(time.perf_counter_ns() - t0)
             return times
 
-        policy = load(ROOT / "policies" / "devices.py")
-        run_policy(policy, lambda: os.mknod(where / "warm", kind | 0o666,
-                                            os.makedev(1, 3) if kind == stat.S_IFCHR else 0))
+        if kind == "open":
+            (where / "guarded").mkdir()
+            policy = load(ROOT / "policies" / "path_guard.py", mode="enforce",
+                          prefixes=[str(where / "guarded")], emulation_rate=0.0)
+        else:
+            policy = load(ROOT / "policies" / "devices.py", emulation_rate=0.0)
+        run_policy(policy, lambda: make(kind, where / "warm"))
         before = busy_jiffies()
         trial = run_policy(policy, many, timeout=600)
         jiffies = busy_jiffies() - before
@@ -76,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args(argv)
-    rows = [row("emulated mknod", stat.S_IFCHR, args.calls),
-            row("fifo (CONTINUE)", stat.S_IFIFO, args.calls)]
+    rows = [row("emulated mknod", "chr", args.calls),
+            row("enforced open", "open", args.calls),
+            row("fifo (CONTINUE)", "fifo", args.calls)]
     print(f"{'row':<18}{'calls':>7}{'p50 us':>10}{'p99 us':>10}{'CPU us/call':>13}")
     for r in rows:
         print(f"{r['row']:<18}{r['calls']:>7}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}"

@@ -169,6 +169,19 @@ def test_user_namespaced_root_acts_as_its_host_uid_without_its_namespace_capabil
     assert (st.st_uid, st.st_gid, st.st_rdev) == (host_uid, host_uid, os.makedev(1, 3))
 
 
+def test_paths_are_bytes_end_to_end(public_dir: Path) -> None:
+    """A name that is not UTF-8 is made byte for byte, relative to a dirfd."""
+    name = b"null-\xff\xfe-caf\xe9"
+
+    def odd() -> None:
+        fd = os.open(public_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.mknod(name, CHR | 0o600, os.makedev(1, 3), dir_fd=fd)
+
+    trial = run_policy(load(DEVICES), odd)
+    assert trial.errno == 0 and trial.decided() == ["returns"], trial
+    assert os.listdir(os.fsencode(public_dir)) == [name]
+
+
 # --------------------------------------------------------------------------- item 8
 
 
