@@ -546,8 +546,9 @@ class _Child:
 
 def _close(fds: list[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _send_error(reply_fd: int, text: str) -> None:

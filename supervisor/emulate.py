@@ -423,12 +423,12 @@ class EmulationHelper:
     max_children: int = 16
     timeout: float = 10.0
     python: str = sys.executable
-    _proc: subprocess.Popen[bytes] | None = None
-    _sock: socket.socket | None = None
-    _total: trio.Semaphore | None = None
-    _containers: dict[tuple[str, Limits], _Slots] = field(default_factory=dict)
-    hello: dict[str, int] = field(default_factory=dict)
-    restarts: int = 0
+    hello: dict[str, int] = field(default_factory=dict, init=False)  # its first message
+    restarts: int = field(default=0, init=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _sock: socket.socket | None = field(default=None, init=False)
+    _total: trio.Semaphore | None = field(default=None, init=False)
+    _containers: dict[tuple[str, Limits], _Slots] = field(default_factory=dict, init=False)
 
     @property
     def pid(self) -> int:
