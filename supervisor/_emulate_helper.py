@@ -349,14 +349,19 @@ class Guard:
         """Where ``fd`` is, seen from our root (the kernel's d_path)."""
         return os.readlink(str(fd).encode(), dir_fd=self.proc_fd)
 
-    def check(self, dirfd: int, name: bytes) -> bytes:
+    def check(self, dirfd: int, name: bytes, *, moving: bool = False) -> bytes:
         """Raise :class:`Refused` if ``name`` in the directory ``dirfd`` is, or is under,
         a guarded directory; return its resolved path. The directory is judged by what
         it *is*: its path as the kernel knows it, and every directory from it up to our
         root compared by (device, inode) with the guarded ones (a bind mount or another
-        name of a guarded directory is caught too)."""
+        name of a guarded directory is caught too). ``moving`` (a name to be renamed or
+        removed): it may not be a parent of a guarded directory either, else the guarded
+        directory would leave the guarded path (and the next request would not find it
+        there to guard)."""
         full = posixpath.normpath(self.path_of(dirfd) + b"/" + name)
         if _under(full, self.paths):
+            raise Refused(full)
+        if moving and any(_under(p, frozenset([full])) for p in self.paths):
             raise Refused(full)
         current = dirfd
         st = os.fstat(dirfd)
@@ -481,8 +486,8 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
                                                     for t in request.targets)
         try:
             if guard is not None:
-                guard.check(old_dir, old_name)
-                guard.check(new_dir, new_name)
+                guard.check(old_dir, old_name, moving=True)
+                guard.check(new_dir, new_name, moving=True)  # RENAME_EXCHANGE moves it
             _check(_syscall(SYS_RENAMEAT2, old_dir, ctypes.c_char_p(old_name), new_dir,
                                  ctypes.c_char_p(new_name), request.flags), "renameat2")
         finally:
@@ -492,7 +497,7 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
     dirfd, name = _in_dir(request.targets[0], bases)
     try:
         if guard is not None:
-            guard.check(dirfd, name)
+            guard.check(dirfd, name, moving=op == "unlink")
         if op == "mknod":
             os.mknod(name, request.mode, request.dev, dir_fd=dirfd)
         elif op == "mkdir":

@@ -645,3 +645,33 @@ def test_enforce_refuses_what_it_cannot_emulate(guarded_tree: tuple[Path, Path])
     assert trial.value == (errno.ENOSYS, errno.EACCES), trial
     assert (free / "file").read_text() == "keep"
     untouched(guarded)
+
+
+def test_enforce_an_ancestor_of_the_prefix_cannot_be_moved_away(public_dir: Path) -> None:
+    """Renaming a parent of the guarded directory (or swapping it), or the symlink the
+    configured prefix goes through, would take the guarded directory out of the guarded
+    path, and the next call would find nothing to guard there."""
+    parent = public_dir / "srv"
+    guarded = parent / "data"
+    guarded.mkdir(parents=True)
+    (public_dir / "other").mkdir()
+    os.symlink(parent, public_dir / "link")
+
+    def attack() -> list[int]:
+        results = [attempt(lambda: os.rename(parent, public_dir / "moved")),
+                   attempt(lambda: os.rename(public_dir / "link", public_dir / "l2"))]
+        renameat2 = _libc.renameat2 if hasattr(_libc, "renameat2") else None
+        if renameat2 is not None:  # RENAME_EXCHANGE with another directory
+            rc = renameat2(-100, os.fsencode(public_dir / "other"), -100,
+                           os.fsencode(parent), 2)
+            results.append(ctypes.get_errno() if rc < 0 else 0)
+        for where in (public_dir / "moved" / "data", public_dir / "other" / "data"):
+            results.append(attempt(write_open(where / "new")))
+        return results
+
+    prefix = public_dir / "link" / "data"  # through the symlink: resolves to `guarded`
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(prefix)], mode="enforce",
+                            errno="EROFS"), attack)
+    assert trial.exception == "", trial
+    assert trial.value[:3] == [errno.EROFS] * 3, trial.value
+    assert list(guarded.iterdir()) == [] and parent.is_dir()
