@@ -9,7 +9,9 @@ cannot create device nodes, yet system containers and image builds expect to cre
   overlayfs whiteout ``0:0``) is **created by the supervisor on the container's behalf**
   (:func:`supervisor.emulate.mknod_as_caller`): in the caller's mount namespace, under its
   root, relative to its working directory or dirfd, with its fsuid/fsgid, groups and
-  umask, and without following a symlink (or a ``/proc`` magic link) out of its root.
+  umask, its own effective capabilities (none if it is in another user namespace) plus
+  CAP_MKNOD and nothing else, and without following a symlink (or a ``/proc`` magic
+  link) out of its root.
   The caller gets 0 or the errno the creation failed with (EEXIST, EACCES, ENOENT...);
 * every other character device, and every block device → EPERM;
 * FIFOs, sockets and regular files need no privilege: they are decided on the mode

@@ -149,7 +149,6 @@ class Daemon:
         daemon listens there). Raises TakeoverError if a takeover broke off (the old
         daemon then serves on)."""
         bpf.check_kernel_abi()
-        emulate.start_helper()  # `serve` started it already, before dropping capabilities
         config = self.state.config
         taken = None
         if takeover is not None and sock is None:
@@ -170,6 +169,7 @@ class Daemon:
         self.notify_socket = _sock_name(sock)
         notifier = self.notifier
         with contextlib.ExitStack() as cleanup:
+            emulate.start_helper()  # `serve` started it already, before dropping capabilities
             cleanup.callback(emulate.stop_helper)
             if bound_path is not None:
                 cleanup.callback(self._unlink_socket_file, bound_path)
