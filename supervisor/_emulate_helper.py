@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import posixpath
+import re
 import select
 import signal
 import socket
@@ -61,7 +62,7 @@ __all__ = [
     "split_last",
 ]
 
-OPS: Final = ("mknod", "mkdir", "unlink", "rename", "open")
+OPS: Final = ("mknod", "mkdir", "unlink", "rename", "open", "reopen")
 MAX_FDS: Final = 8            # reply, mnt, root and at most 5 bases
 MAX_MESSAGE: Final = 65536
 MAX_SYMLINKS: Final = 40      # the kernel's limit (ELOOP)
@@ -140,6 +141,9 @@ class Reply:
     guarded: bytes | None = None
     error: str = ""
     has_fd: bool = False
+    # The open named one of the caller's own fds (/proc/self/fd/N, /dev/stdout...): the
+    # daemon opens it from /proc/<tid>/fd/N and asks again with op "reopen".
+    reopen: int = -1
 
 
 def _int(value: object, what: str, low: int = -(2**63), high: int = 2**64) -> int:
@@ -200,8 +204,8 @@ def decode_request(data: bytes, bases: int) -> Request:
 
 def encode_reply(reply: Reply) -> bytes:
     return json.dumps({"errno": reply.errno, "error": reply.error, "fd": reply.has_fd,
-                       "guarded": None if reply.guarded is None else reply.guarded.hex()},
-                      separators=(",", ":")).encode()
+                       "guarded": None if reply.guarded is None else reply.guarded.hex(),
+                       "reopen": reply.reopen}, separators=(",", ":")).encode()
 
 
 def decode_reply(data: bytes) -> Reply:
@@ -215,7 +219,7 @@ def decode_reply(data: bytes) -> Reply:
         raise ValueError("malformed reply")
     return Reply(_int(obj.get("errno"), "errno", 0, 4096),
                  None if guarded is None else bytes.fromhex(guarded), error,
-                 bool(obj.get("fd")))
+                 bool(obj.get("fd")), _int(obj.get("reopen", -1), "reopen", -1, 2**31))
 
 
 def split_last(path: bytes) -> tuple[bytes, bytes]:
@@ -244,6 +248,7 @@ _syscall = _libc.syscall
 _setns = _libc.setns
 _setfsuid = _libc.setfsuid
 _setfsgid = _libc.setfsgid
+_fstatfs = _libc.fstatfs
 
 
 def _check(rc: int, what: str) -> int:
@@ -400,10 +405,34 @@ def _in_dir(target: Target, bases: list[int]) -> tuple[int, bytes]:
     return _open_dir(head, bases[target.base] if target.base >= 0 else AT_FDCWD), name
 
 
+class Reopen(Exception):
+    """The path names the caller's own fd ``number``: see :attr:`Reply.reopen`."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
+# How the caller names one of its own fds: /dev/stdout is a symlink to /proc/self/fd/1.
+_OWN_FD: Final = re.compile(rb"/(?:proc/(?:self|thread-self)|dev)/fd/([0-9]{1,9})")
+PROC_SUPER_MAGIC: Final = 0x9FA0
+
+
+def _on_procfs(fd: int) -> bool:
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type comes first
+    _check(_fstatfs(fd, buf), "fstatfs")
+    f_type: int = struct.unpack_from("<q", buf.raw)[0]
+    return f_type == PROC_SUPER_MAGIC
+
+
 def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
     """The open of ``request`` as the kernel would do it for the caller, but with every
     symlink of the last component followed here, one step at a time, so the directory
-    the file is finally opened in is the one checked. Returns the fd."""
+    the file is finally opened in is the one checked. Returns the fd.
+
+    Raises :class:`Reopen` for a path that names one of the caller's fds, and EACCES
+    for anything else in a procfs: its files answer for the process that opens them
+    (this child, in the supervisor's pid and network namespaces), not for the caller."""
     flags = request.flags & ~os.O_CLOEXEC
     target = request.targets[0]
     base = bases[target.base] if target.base >= 0 else AT_FDCWD
@@ -411,6 +440,8 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
         # An unnamed file in the directory ``path``: that directory is what is checked.
         dirfd = _open_dir(target.path, base)
         try:
+            if _on_procfs(dirfd):
+                raise OSError(errno.EACCES, "not emulated in /proc")
             if guard is not None:
                 guard.check(dirfd, b".")
             return os.open(b".", flags | os.O_CLOEXEC | os.O_NOCTTY, request.mode,
@@ -426,9 +457,14 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
     owned = -1  # the directory of the last relative symlink followed: ours to close
     try:
         while True:
+            own = _OWN_FD.fullmatch(path)
+            if own is not None:
+                raise Reopen(int(own.group(1)))
             head, name = split_last(path)
             dirfd = _open_dir(head, base)
             try:
+                if _on_procfs(dirfd):
+                    raise OSError(errno.EACCES, "not emulated in /proc")
                 if guard is not None:
                     guard.check(dirfd, name)
                 if name.endswith(b"/") or name in (b".", b".."):
@@ -476,11 +512,29 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
     return fd
 
 
+def _reopen(request: Request, fd: int, guard: Guard | None) -> int:
+    """Open again, as the caller, the file its fd refers to (``fd``: an O_PATH fd of
+    ours on it, from the daemon). Guarded, only what has no place in a directory tree
+    (pipes, sockets, character devices) is reopened: a regular file's directory cannot
+    be known from its fd."""
+    st = os.fstat(fd)
+    if guard is not None and not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)
+                                  or stat.S_ISCHR(st.st_mode)):
+        raise Refused(guard.path_of(fd) + b" (reopened through /proc/self/fd)")
+    flags = request.flags & ~os.O_CLOEXEC | os.O_CLOEXEC | os.O_NOCTTY
+    return os.open(str(fd).encode(), flags, request.mode, dir_fd=_PROC_FD[0])
+
+
+_PROC_FD = [-1]  # the child's /proc/self/fd, opened before it leaves our mount namespace
+
+
 def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
     """Carry out ``request``; the opened fd for an open, else -1."""
     op = request.op
     if op == "open":
         return _open(request, bases, guard)
+    if op == "reopen":
+        return _reopen(request, bases[0], guard)
     if op == "rename":
         (old_dir, old_name), (new_dir, new_name) = (_in_dir(t, bases)
                                                     for t in request.targets)
@@ -517,7 +571,8 @@ def _child(request: Request, fds: list[int], permitted: int) -> None:
     fd = -1
     try:
         # Ours, before leaving our mount namespace: the caller's /proc is not trusted.
-        proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        proc_fd = _PROC_FD[0] = os.open("/proc/self/fd",
+                                        os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         _check(_setns(mnt, CLONE_NEWNS), "setns")
         os.fchdir(root)
         os.chroot(".")
@@ -527,6 +582,8 @@ def _child(request: Request, fds: list[int], permitted: int) -> None:
         reply = Reply(has_fd=fd >= 0)
     except Refused as refused:
         reply = Reply(errno.EACCES, guarded=refused.path)
+    except Reopen as reopen:
+        reply = Reply(reopen=reopen.number)
     except OSError as exc:
         reply = Reply(exc.errno or errno.EIO)
     except Exception as exc:

@@ -371,6 +371,7 @@ class Result:
     errno: int
     fd: int = -1
     guarded: bytes | None = None
+    reopen: int = -1  # internal: the open named the caller's fd N (see as_caller)
 
     def take_fd(self) -> int:
         """The opened fd; the caller owns it from now on."""
@@ -588,7 +589,7 @@ class EmulationHelper:
             for one in fds:
                 os.close(one)
             raise
-        return Result(reply.errno, fd, reply.guarded)
+        return Result(reply.errno, fd, reply.guarded, reply.reopen)
 
 
 _helper: EmulationHelper | None = None
@@ -658,10 +659,41 @@ async def as_caller(n: Notification, op: Operation, *, add_capabilities: int = 0
     try:
         identity = identity_for(caller.credentials, add_capabilities)
         request, bases = _request(op, caller.bases, identity, tuple(guard))
-        return await start_helper().call(n.container.id, request, caller.mnt_fd,
-                                         caller.root_fd, bases, limits)
+        helper = start_helper()
+        result = await helper.call(n.container.id, request, caller.mnt_fd, caller.root_fd,
+                                   bases, limits)
+        if result.reopen < 0 or not isinstance(op, Open):
+            return result
+        # The path named one of the caller's own fds (/dev/stdout is a symlink to
+        # /proc/self/fd/1): the helper cannot follow that in the caller's /proc (it
+        # would be its own), so we open the file from /proc/<tid>/fd/N and the helper
+        # opens it again, as the caller.
+        own = _open_callers_fd(n, result.reopen)
+        if own < 0:
+            return Result(errno.ENOENT)
+        try:
+            again = wire.Request("reopen", (wire.Target(b"fd", 0),), identity,
+                                 op.mode & 0o7777, 0, op.flags & 0xFFFFFFFF, tuple(guard))
+            return await helper.call(n.container.id, again, caller.mnt_fd, caller.root_fd,
+                                     [own], limits)
+        finally:
+            os.close(own)
     finally:
         caller.close()
+
+
+def _open_callers_fd(n: Notification, number: int) -> int:
+    """An O_PATH fd on the file the caller of ``n`` has open as ``number``, race-checked;
+    -1 if it has no such fd."""
+    try:
+        fd = os.open(f"/proc/{n.pid}/fd/{number}", os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if not n.still_valid():  # the fd table read was the caller's
+        if fd >= 0:
+            os.close(fd)
+        raise NotificationGone("id_valid")
+    return fd
 
 
 async def mknod_as_caller(n: Notification, path: bytes, mode: int, major: int, minor: int,

@@ -675,3 +675,40 @@ def test_enforce_an_ancestor_of_the_prefix_cannot_be_moved_away(public_dir: Path
     assert trial.exception == "", trial
     assert trial.value[:3] == [errno.EROFS] * 3, trial.value
     assert list(guarded.iterdir()) == [] and parent.is_dir()
+
+
+def test_enforce_proc_files_are_the_callers_or_refused(
+        guarded_tree: tuple[Path, Path]) -> None:
+    """The helper is in the supervisor's pid and network namespaces: a /proc file it
+    opened would be its own (/proc/self/...) or the host's (/proc/sys/net/...), not the
+    caller's. So opens in a procfs are refused, except the caller's own fds named
+    through /proc/self/fd/N or a symlink to it (/dev/stdout): those are opened again
+    from /proc/<tid>/fd/N, as the caller, if they are pipes, sockets or character
+    devices (a regular file's directory cannot be checked)."""
+    guarded, free = guarded_tree
+
+    def calls() -> dict[str, object]:
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 7)
+        os.symlink("/proc/self/fd/7", free / "stdout-like")
+        results: dict[str, object] = {}
+        results["comm"] = attempt(write_open("/proc/self/comm", os.O_WRONLY))
+        for name in ("/proc/self/fd/7", free / "stdout-like"):
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b"through %s;" % os.fsencode(name))
+            os.close(fd)
+        os.close(7)
+        os.close(write_end)
+        results["pipe"] = os.read(read_end, 1000)
+        kept = os.open(guarded / "passwd", os.O_RDONLY)
+        results["reopen"] = attempt(write_open(f"/proc/self/fd/{kept}",
+                                               os.O_WRONLY | os.O_TRUNC))
+        return results
+
+    trial = run_policy(enforcing(guarded), calls)
+    assert trial.exception == "", trial
+    assert trial.value == {
+        "comm": errno.EACCES,
+        "pipe": f"through /proc/self/fd/7;through {free}/stdout-like;".encode(),
+        "reopen": errno.EACCES}, trial.value
+    untouched(guarded)
