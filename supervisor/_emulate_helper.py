@@ -415,14 +415,18 @@ class Reopen(Exception):
 
 # How the caller names one of its own fds: /dev/stdout is a symlink to /proc/self/fd/1.
 _OWN_FD: Final = re.compile(rb"/(?:proc/(?:self|thread-self)|dev)/fd/([0-9]{1,9})")
-PROC_SUPER_MAGIC: Final = 0x9FA0
+# File systems whose files answer for the namespaces of the process that opens them:
+# procfs (/proc/self, /proc/sys/net: our pid and network namespaces), cgroup v1 and v2
+# (an open file keeps its opener's cgroup namespace for later permission checks).
+OPENER_RELATIVE_FS: Final = frozenset({0x9FA0, 0x27E0EB, 0x63677270})
 
 
 def _on_procfs(fd: int) -> bool:
+    """True if ``fd`` is on one of :data:`OPENER_RELATIVE_FS`."""
     buf = ctypes.create_string_buffer(128)  # struct statfs; f_type comes first
     _check(_fstatfs(fd, buf), "fstatfs")
     f_type: int = struct.unpack_from("<q", buf.raw)[0]
-    return f_type == PROC_SUPER_MAGIC
+    return f_type in OPENER_RELATIVE_FS
 
 
 def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
@@ -431,8 +435,9 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
     the file is finally opened in is the one checked. Returns the fd.
 
     Raises :class:`Reopen` for a path that names one of the caller's fds, and EACCES
-    for anything else in a procfs: its files answer for the process that opens them
-    (this child, in the supervisor's pid and network namespaces), not for the caller."""
+    for anything else in a procfs or cgroupfs: their files answer for the process that
+    opens them (this child, in the supervisor's pid, network and cgroup namespaces),
+    not for the caller."""
     flags = request.flags & ~os.O_CLOEXEC
     target = request.targets[0]
     base = bases[target.base] if target.base >= 0 else AT_FDCWD
@@ -441,7 +446,7 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
         dirfd = _open_dir(target.path, base)
         try:
             if _on_procfs(dirfd):
-                raise OSError(errno.EACCES, "not emulated in /proc")
+                raise OSError(errno.EACCES, "not emulated in /proc or a cgroupfs")
             if guard is not None:
                 guard.check(dirfd, b".")
             return os.open(b".", flags | os.O_CLOEXEC | os.O_NOCTTY, request.mode,
@@ -464,7 +469,7 @@ def _open(request: Request, bases: list[int], guard: Guard | None) -> int:
             dirfd = _open_dir(head, base)
             try:
                 if _on_procfs(dirfd):
-                    raise OSError(errno.EACCES, "not emulated in /proc")
+                    raise OSError(errno.EACCES, "not emulated in /proc or a cgroupfs")
                 if guard is not None:
                     guard.check(dirfd, name)
                 if name.endswith(b"/") or name in (b".", b".."):
