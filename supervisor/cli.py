@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import emulate
 
     # The helper that acts as callers starts with our capabilities; then the daemon
-    # keeps only what answering needs (see emulate.HELPER_ONLY_CAPABILITIES).
+    # drops what only the helper needs (see emulate.DAEMON_DROPS).
     try:
         emulate.start_helper()
         emulate.drop_helper_capabilities()

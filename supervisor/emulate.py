@@ -605,21 +605,26 @@ def start_helper(max_children: int = 16) -> EmulationHelper:
     return _helper
 
 
-# What only the helper uses (and why), dropped by the daemon once the helper runs:
-# setns() into a mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT, chroot()
-# CAP_SYS_CHROOT, setgroups()/setfsgid() CAP_SETGID, setfsuid() CAP_SETUID, and a device
-# node CAP_MKNOD. The daemon keeps CAP_SYS_PTRACE: reading a target's memory and opening
-# its /proc/<tid>/{root,cwd,fd/N,ns/*} are ptrace-mode access checks.
+# What the helper needs (and why), dropped by the daemon once the helper runs: setns()
+# into a mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT, chroot() CAP_SYS_CHROOT,
+# setgroups()/setfsgid() CAP_SETGID, setfsuid() CAP_SETUID, and a device node
+# CAP_MKNOD (each verified: without it every emulated call failed with EPERM). The
+# helper also keeps the file-system capabilities a caller may have itself
+# (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID; given to a child only
+# when the caller has them), which the daemon does not use either. The daemon keeps
+# CAP_SYS_PTRACE: reading a target's memory and opening its
+# /proc/<tid>/{root,cwd,fd/N,ns/*} are ptrace-mode access checks.
 CAP_SETGID: Final = 6
 CAP_SETUID: Final = 7
 CAP_SYS_CHROOT: Final = 18
 CAP_SYS_ADMIN: Final = 21
 HELPER_ONLY_CAPABILITIES: Final = (1 << CAP_MKNOD | 1 << CAP_SYS_ADMIN | 1 << CAP_SYS_CHROOT
                                    | 1 << CAP_SETUID | 1 << CAP_SETGID)
+DAEMON_DROPS: Final = wire.HELPER_CAPABILITIES
 
 
 def drop_helper_capabilities() -> int:
-    """Remove :data:`HELPER_ONLY_CAPABILITIES` from this process's effective and
+    """Remove :data:`DAEMON_DROPS` from this process's effective and
     permitted sets (capabilities are per thread: call it while the process has one
     thread, before trio starts). Returns the mask removed. Raises RuntimeError with more
     than one thread, OSError if the kernel refuses.
@@ -630,8 +635,8 @@ def drop_helper_capabilities() -> int:
     if len(os.listdir("/proc/self/task")) != 1:
         raise RuntimeError("capabilities are per thread: drop them before starting threads")
     _effective, permitted = wire.capabilities()
-    wire.set_capabilities(permitted & ~HELPER_ONLY_CAPABILITIES)
-    return permitted & HELPER_ONLY_CAPABILITIES
+    wire.set_capabilities(permitted & ~DAEMON_DROPS)
+    return permitted & DAEMON_DROPS
 
 
 def stop_helper() -> None:

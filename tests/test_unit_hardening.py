@@ -95,6 +95,15 @@ options = {{ prefixes = ["{guarded}"] }}
 [[policy]]
 name = "devices"
 path = "{ROOT}/policies/devices.py"
+
+[[policy]]
+name = "guard_enforced"
+path = "{ROOT}/policies/path_guard.py"
+options = {{ prefixes = ["{guarded}"], mode = "enforce" }}
+
+[[route]]
+match = {{ container = "enforce-*" }}
+policies = ["hardening", "guard_enforced", "devices"]
 """
 
 
@@ -255,6 +264,35 @@ def test_path_guard_reads_target_memory(service: Service) -> None:
     assert (service.files / "free").is_dir()
     [line] = service.audit("guard-2")
     assert line["reason"] == "path not guarded (advisory check)", line
+
+
+GUARDED_CALLS = ["open", "openat", "creat", "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat",
+                 "rename", "renameat", "renameat2"]
+
+
+def test_path_guard_enforce_runs_in_the_helper(service: Service) -> None:
+    """Enforced, path_guard's calls are made by the emulation helper (setns, chroot,
+    openat2, renameat2, fstatfs, capset... under the unit's SystemCallFilter and with the
+    capabilities the daemon left it); honest calls work, a symlink into the guarded
+    directory does not lead there."""
+    guarded = service.files / "guarded"
+    guarded.mkdir(exist_ok=True)
+    free = service.files / "enforced"
+    free.mkdir()
+    script = (f"mkdir {free}/d && echo data > {free}/d/f && mv {free}/d/f {free}/d/g && "
+              f"cat {free}/d/g && rm {free}/d/g && rmdir {free}/d && "
+              f"ln -s {guarded} {free}/link && "
+              f"(echo x > {free}/link/pwn; mkdir {free}/link/sub; echo refused=$?)")
+    done = service.run("enforce-1", GUARDED_CALLS, ["sh", "-c", script])
+    assert done.returncode == 0, (done, service.log()[-2000:])
+    assert done.stdout.split() == ["data", "refused=1"], done
+    assert "Permission denied" in done.stderr
+    assert not (guarded / "pwn").exists() and not (guarded / "sub").exists()
+    assert sorted(p.name for p in free.iterdir()) == ["link"]
+    lines = service.audit("enforce-1", 8)
+    decided = {(str(a["policy"]), str(a["decision"])) for a in lines}
+    assert {("guard_enforced", "inject_fd"), ("guard_enforced", "returns"),
+            ("guard_enforced", "deny")} <= decided, decided
 
 
 def _mknod_as(uid: int, directory: Path, name: str) -> list[str]:
