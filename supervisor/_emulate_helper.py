@@ -1,31 +1,37 @@
 """The emulation helper: a small fork server that does file-system calls as a caller.
 
 Standard library only, single-threaded. The daemon starts it once (``python -I -S -c``,
-before it drops the capabilities only this process needs) with one end of a
-``SOCK_SEQPACKET`` socketpair as fd 3, and sends it one message per call to carry out:
-a JSON :class:`Request` plus, in ``SCM_RIGHTS``, the fds ``[reply, mnt, root, *bases]``
+before it drops the capabilities only this process needs; the helper itself keeps only
+:data:`HELPER_CAPABILITIES`) with one end of a ``SOCK_SEQPACKET`` socketpair (its number
+on the command line), and sends it one message per call to carry out: a JSON
+:class:`Request` plus, in ``SCM_RIGHTS``, the fds ``[reply, mnt, root, *bases]``
 (``reply``: one end of a fresh socketpair for the answer; ``mnt``, ``root``: the
 caller's ``/proc/<tid>/ns/mnt`` and ``/proc/<tid>/root``; ``bases``: the directories its
-relative paths start from, its cwd or dirfd). For each message it forks one child that
+relative paths start from, its cwd or dirfd). Each request is handed to one child,
+forked for it (a *spare* is forked ahead of time, so the request does not wait for the
+fork), that
 
-1. enters the caller's mount namespace and ``chroot``\\ s to its root (``..`` and
+1. enters the caller's mount namespace and chroots to its root (``..`` and
    absolute symlinks then stop there, as for the caller);
 2. becomes the caller for the file system: its groups, fsgid and fsuid, then exactly
    :attr:`Identity.capabilities` in its effective *and* permitted sets (nothing else
    survives, whatever the fsuid: the caller's own permission checks apply), its umask;
 3. resolves the parent directory of every path with ``openat2(RESOLVE_NO_MAGICLINKS)``
-   (a ``/proc/PID/root`` or ``/proc/PID/fd/N`` link cannot lead out of the caller's root;
-   the last component is never followed by the resolution), checks it against the
-   guarded directories if the request has any (:class:`Guard`), and does the call on
-   that directory fd;
+   (a ``/proc/PID/root`` or ``/proc/PID/fd/N`` link cannot lead out of the caller's
+   root; the last component is never followed by the resolution), checks it against
+   the guarded directories if the request has any (:class:`Guard`), and does the call
+   on that directory fd. An open follows a symlink in the last component itself, one
+   step at a time; it refuses procfs and cgroupfs files (they would be this child's,
+   which is in the supervisor's other namespaces) and hands a path that names one of
+   the caller's own fds back to the daemon (:attr:`Reply.reopen`);
 4. sends ``{"errno": N}`` (0: done), plus the opened fd for an ``open``, on ``reply``
    and exits.
 
 The server itself does nothing but fork, reap and kill: at most ``max_children`` at a
-time (it stops reading requests meanwhile); a child whose ``reply`` peer was closed (the
-daemon gave up on it) is killed; when the daemon's end closes, every child is killed and
-the server exits. Every fd it receives is closed by it on every path (the child has its
-own copies).
+time (it stops reading requests meanwhile); a request whose ``reply`` peer was closed
+before it started (the daemon gave up on it) is dropped, and a child whose peer closes
+is killed; when the daemon's end closes, every child is killed and the server exits.
+Every fd it receives is closed by it on every path (the child has its own copies).
 """
 
 from __future__ import annotations

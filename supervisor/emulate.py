@@ -30,9 +30,16 @@ dirfd for relative paths; its fsuid, fsgid and groups (as seen from the supervis
 user namespace: root of a user-namespaced container mapped to host uid 100000 acts as
 100000); its umask; and as capabilities its effective set *if it is in the supervisor's
 user namespace* (its capabilities in a child user namespace do not hold for host
-objects, so it gets none), plus only those the policy adds (CAP_MKNOD for a device node).
-Not applied: the caller's LSM labels (AppArmor, SELinux), its seccomp filters and its
-resource limits.
+objects, so it gets none), plus only those the policy adds (CAP_MKNOD for a device node),
+all limited to what the helper holds (never more than the caller). Not applied: the
+caller's other namespaces (pid, network, cgroup...: so opens in procfs and cgroupfs are
+refused, except the caller's own fds named as ``/proc/self/fd/N``, which are opened
+again from ``/proc/<tid>/fd/N``), its LSM labels (AppArmor, SELinux), its seccomp
+filters and its resource limits.
+
+A call that overran its deadline got ``on_error``; the helper drops it if it had not
+started and kills its child otherwise, but a child that had already done the call
+before the kill leaves it done.
 """
 
 from __future__ import annotations
