@@ -436,6 +436,8 @@ class EmulationHelper:
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _sock: socket.socket | None = field(default=None, init=False)
     _total: trio.Semaphore | None = field(default=None, init=False)
+    # One task at a time waits on the shared socket (trio allows one waiter per fd).
+    _sending: trio.Lock = field(default_factory=trio.Lock, init=False)
     _containers: dict[tuple[str, Limits], _Slots] = field(default_factory=dict, init=False)
 
     @property
@@ -554,7 +556,6 @@ class EmulationHelper:
         self._restart_if_dead()
         sock = self._sock
         assert sock is not None
-        await self._read_hello(sock)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours:
             try:
@@ -562,17 +563,24 @@ class EmulationHelper:
                 payload = wire.encode_request(request)
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                               array.array("i", [theirs.fileno(), *fds]))]
-                while True:
-                    try:
-                        sock.sendmsg([payload], ancillary)
-                        break
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                    except OSError as exc:  # EPIPE, ECONNRESET: it died just now
-                        raise EmulationError(f"the emulation helper is gone: {exc}") from None
+                async with self._sending:
+                    await self._read_hello(sock)
+                    await self._send(sock, payload, ancillary)
             finally:
                 theirs.close()
             return await self._receive(ours)
+
+    @staticmethod
+    async def _send(sock: socket.socket, payload: bytes,
+                    ancillary: list[tuple[int, int, array.array[int]]]) -> None:
+        while True:
+            try:
+                sock.sendmsg([payload], ancillary)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:  # EPIPE, ECONNRESET: it died just now
+                raise EmulationError(f"the emulation helper is gone: {exc}") from None
 
     async def _receive(self, sock: socket.socket) -> Result:
         while True:

@@ -282,7 +282,7 @@ def _helper_children() -> int:
     return len(path.read_text().split())
 
 
-def _open_as_caller_policy() -> PolicySet:
+def _open_as_caller_policy(limits: emulate.Limits = emulate.DEFAULT_LIMITS) -> PolicySet:
     """Writing opens emulated with as_caller(Open) and answered with the fd."""
     policy = PolicySet("open-as-caller")
 
@@ -292,7 +292,8 @@ def _open_as_caller_policy() -> PolicySet:
             return allow(reason="read-only")
         path = await n.read_cstring(n.args[1])
         result = await emulate.as_caller(n, emulate.Open(path, n.args[2], n.args[3],
-                                                         signed_fd(n.args[0])))
+                                                         signed_fd(n.args[0])),
+                                         limits=limits)
         if result.errno:
             return deny(result.errno)
         return inject_fd(result.take_fd())
@@ -347,6 +348,48 @@ def test_one_container_cannot_take_the_helper_from_another(public_dir: Path) -> 
     while _helper_children() > 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _helper_children() == 1  # A's blocked children were killed; the spare is left
+
+
+def test_the_helper_runs_at_most_max_children(public_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the per-container limits, the helper never has more than its
+    ``max_children`` calls in progress: the others wait (here: until their deadline)."""
+    fifo = public_dir / "fifo"
+    os.mkfifo(fifo)
+    emulate.stop_helper()
+    small = emulate.EmulationHelper(max_children=3)
+    small.start()
+    monkeypatch.setattr(emulate, "_helper", small)
+    seen: list[int] = []
+
+    def flood() -> list[int]:
+        out: list[int] = []
+        threads = [threading.Thread(target=lambda: out.append(
+            attempt(lambda: os.open(fifo, os.O_WRONLY))), daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return out
+
+    async def main() -> Trial:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    seen.append(_helper_children())
+                    await trio.sleep(0.02)
+            nursery.start_soon(watch)
+            trial = await arun_policy(_open_as_caller_policy(emulate.Limits(per_container=8)),
+                                      flood, deadline=1.5)
+            nursery.cancel_scope.cancel()
+        return trial
+
+    try:
+        trial = trio.run(main)
+    finally:
+        emulate.stop_helper()
+    assert trial.value == [errno.EPERM] * 8, trial
+    assert max(seen) == 3, seen  # three busy children (no spare while all are taken)
 
 
 def test_a_dead_helper_is_started_again(public_dir: Path) -> None:
