@@ -24,8 +24,9 @@ Options: ``allow`` (list of ``"MAJOR:MINOR"`` strings), ``require_cap_mknod`` (b
 default false: when true, only callers whose effective capabilities include CAP_MKNOD,
 e.g. root in a user-namespaced container, get nodes; others get EPERM);
 ``emulation_rate`` (nodes per second per container, default 100; 0: no limit) and
-``emulation_burst`` (default 100): over them a call gets EAGAIN without being tried, so one
-container cannot keep the emulation helper from the others.
+``emulation_burst`` (default 100): over them a call waits for its turn if that comes
+before its deadline, else gets EAGAIN without being tried, so one container cannot keep
+the emulation helper from the others.
 
 Limits: a node on a ``nodev`` mount is created but cannot be opened (as for the
 container's own nodes); if the call is interrupted and restarted by a signal after the

@@ -51,7 +51,8 @@ excepted (decided on the flags register).
 Options: ``prefixes`` (list of absolute paths, required to be non-empty for the guard to
 do anything), ``errno`` (an errno name, default ``"EACCES"``), ``mode`` (``"advisory"``,
 the default, or ``"enforce"``), ``emulation_rate``/``emulation_burst`` (enforce: guarded
-calls emulated per second per container, default 100 and 100; over them EAGAIN).
+calls emulated per second per container, default 100 and 100; over them a call waits
+for its turn within its deadline, else gets EAGAIN).
 """
 
 from __future__ import annotations

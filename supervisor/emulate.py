@@ -19,11 +19,12 @@ server, one child per call. The daemon starts it at its own start
 that runs policies without a daemon (``supervisor.testing``) gets one on first use. The
 helper is shared by every container, so each call is bounded here, before it reaches the
 helper: per container a token bucket (``rate``/``burst``) and a cap on calls in flight
-(``per_container``), and in total ``max_children``. A call over the rate raises
-:class:`EmulationBusy` at once; one over a cap waits for a slot, inside the handler's
-deadline. The daemon never blocks on the helper: every exchange is a non-blocking
-socket operation awaited in trio, under the deadline and a timeout of its own. A helper
-that died is started again on the next call.
+(``per_container``), and in total ``max_children``. A call over the rate waits for its
+token if that comes before the handler's deadline (the container is slowed down to its
+rate), else raises :class:`EmulationBusy` at once; one over a cap waits for a slot,
+inside the handler's deadline. The daemon never blocks on the helper: every exchange is
+a non-blocking socket operation awaited in trio, under the deadline and a timeout of its
+own. A helper that died is started again on the next call.
 
 "As the caller" means: the caller's mount namespace and root; its working directory or
 dirfd for relative paths; its fsuid, fsgid and groups (as seen from the supervisor's
@@ -534,15 +535,16 @@ class EmulationHelper:
         """Carry out ``request`` for the container ``key``. The fds are lent (the helper
         gets copies). Raises EmulationBusy (over the rate) or EmulationError."""
         slots = self._slots(key, limits)
-        if slots.bucket is not None and not slots.bucket.take(time.monotonic()):
-            raise EmulationBusy(f"over the emulation rate ({limits.rate:g}/s)")
         if self._total is None:
             self._total = trio.Semaphore(self.max_children)
         slots.users += 1
         try:
             with trio.fail_after(self.timeout):
-                async with slots.semaphore, self._total:
-                    return await self._exchange(request, [mnt_fd, root_fd, *bases])
+                async with slots.semaphore:
+                    if slots.bucket is not None:
+                        await _take_token(slots.bucket, limits)
+                    async with self._total:
+                        return await self._exchange(request, [mnt_fd, root_fd, *bases])
         except trio.TooSlowError:
             raise EmulationError(f"the emulation helper did not answer within "
                                  f"{self.timeout:g}s") from None
@@ -605,6 +607,16 @@ class EmulationHelper:
                 os.close(one)
             raise
         return Result(reply.errno, fd, reply.guarded, reply.reopen)
+
+
+async def _take_token(bucket: TokenBucket, limits: Limits) -> None:
+    """Take a token, waiting for it if it comes before the caller's deadline (the
+    container is slowed down to its rate); else raise EmulationBusy."""
+    while not bucket.take(time.monotonic()):
+        wait = (1.0 - bucket.tokens) / bucket.rate
+        if trio.current_time() + wait > trio.current_effective_deadline():
+            raise EmulationBusy(f"over the emulation rate ({limits.rate:g}/s)")
+        await trio.sleep(wait)
 
 
 _helper: EmulationHelper | None = None

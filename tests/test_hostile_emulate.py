@@ -263,17 +263,27 @@ def test_an_emulated_mknod_costs_no_interpreter_start(public_dir: Path) -> None:
 
 
 def test_the_emulation_rate_limits_one_container(public_dir: Path) -> None:
-    """Over its emulation rate a container gets EAGAIN without the helper being asked;
-    the policy has a rate by default."""
+    """Over its emulation rate a container is slowed down to it; a call that could not
+    get its turn before its deadline gets EAGAIN without the helper being asked. The
+    policy has a rate by default."""
     assert load(DEVICES).options["emulation_rate"] > 0
 
-    def flood() -> list[int]:
-        return [attempt(make_chr(public_dir / f"n{i}")) for i in range(30)]
+    def flood(prefix: str) -> Callable[[], tuple[list[int], float]]:
+        def run() -> tuple[list[int], float]:
+            start = time.monotonic()
+            errors = [attempt(make_chr(public_dir / f"{prefix}{i}")) for i in range(30)]
+            return errors, time.monotonic() - start
+        return run
 
-    trial = run_policy(load(DEVICES, emulation_rate=2.0, emulation_burst=5), flood)
-    assert trial.value[:5] == [0] * 5, trial
-    assert trial.value.count(errno.EAGAIN) >= 20, trial.value
-    assert len(list(public_dir.iterdir())) == trial.value.count(0)
+    slowed = run_policy(load(DEVICES, emulation_rate=20.0, emulation_burst=5), flood("s"))
+    errors, took = slowed.value
+    assert errors == [0] * 30, slowed
+    assert took >= 25 / 20 * 0.9  # 25 calls past the burst, at 20 per second
+    refused = run_policy(load(DEVICES, emulation_rate=2.0, emulation_burst=5), flood("r"),
+                         deadline=0.3)
+    errors, _ = refused.value
+    assert errors[:5] == [0] * 5 and errors.count(errno.EAGAIN) >= 20, errors
+    assert len(list(public_dir.iterdir())) == 30 + errors.count(0)
 
 
 def _helper_children() -> int:
