@@ -9,7 +9,9 @@ cannot create device nodes, yet system containers and image builds expect to cre
   overlayfs whiteout ``0:0``) is **created by the supervisor on the container's behalf**
   (:func:`supervisor.emulate.mknod_as_caller`): in the caller's mount namespace, under its
   root, relative to its working directory or dirfd, with its fsuid/fsgid, groups and
-  umask, and without following a symlink (or a ``/proc`` magic link) out of its root.
+  umask, its own effective capabilities (none if it is in another user namespace) plus
+  CAP_MKNOD and nothing else, and without following a symlink (or a ``/proc`` magic
+  link) out of its root.
   The caller gets 0 or the errno the creation failed with (EEXIST, EACCES, ENOENT...);
 * every other character device, and every block device → EPERM;
 * FIFOs, sockets and regular files need no privilege: they are decided on the mode
@@ -20,7 +22,11 @@ swaps the path after the check changes nothing (no CONTINUE after the read).
 
 Options: ``allow`` (list of ``"MAJOR:MINOR"`` strings), ``require_cap_mknod`` (bool,
 default false: when true, only callers whose effective capabilities include CAP_MKNOD,
-e.g. root in a user-namespaced container, get nodes; others get EPERM).
+e.g. root in a user-namespaced container, get nodes; others get EPERM);
+``emulation_rate`` (nodes per second per container, default 100; 0: no limit) and
+``emulation_burst`` (default 100): over them a call waits for its turn if that comes
+before its deadline, else gets EAGAIN without being tried, so one container cannot keep
+the emulation helper from the others.
 
 Limits: a node on a ``nodev`` mount is created but cannot be opened (as for the
 container's own nodes); if the call is interrupted and restarted by a signal after the
@@ -35,7 +41,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor.emulate import AT_FDCWD, decode_dev, mknod_as_caller
+from supervisor.emulate import AT_FDCWD, EmulationBusy, Limits, decode_dev, mknod_as_caller
 from supervisor.policy import Decision, Notification, PolicySet, allow, deny, returns
 
 CAP_MKNOD = 27
@@ -43,12 +49,14 @@ DEFAULT_ALLOW = ["1:3", "1:5", "1:7", "1:8", "1:9", "5:0", "0:0"]
 
 policy = PolicySet(
     "devices",
-    defaults={"allow": list(DEFAULT_ALLOW), "require_cap_mknod": False},
+    defaults={"allow": list(DEFAULT_ALLOW), "require_cap_mknod": False,
+              "emulation_rate": 100.0, "emulation_burst": 100},
     description="create allowlisted character devices on the container's behalf",
 )
 
 _DEV_RE = re.compile(r"([0-9]{1,4}):([0-9]{1,7})")
 _allowed: set[tuple[int, int]] = set()
+_limits: list[Limits] = [Limits()]
 
 
 def parse_devices(values: list[Any]) -> set[tuple[int, int]]:
@@ -70,8 +78,14 @@ def parse_devices(values: list[Any]) -> set[tuple[int, int]]:
 @policy.configure
 def _check_options(options: Mapping[str, Any]) -> None:
     devices = parse_devices(options["allow"])
+    rate, burst = options["emulation_rate"], options["emulation_burst"]
+    if not 0 <= rate < 1e6:
+        raise ValueError(f"options.emulation_rate: must be >= 0 (0: no limit), got {rate!r}")
+    if not 1 <= burst <= 1_000_000:
+        raise ValueError(f"options.emulation_burst: must be in 1..1000000, got {burst!r}")
     _allowed.clear()
     _allowed.update(devices)
+    _limits[0] = Limits(rate=float(rate), burst=burst)
 
 
 @policy.on("mknod", "mknodat")
@@ -86,7 +100,7 @@ async def make_device(n: Notification) -> Decision:
         return deny(errno.EPERM, reason=f"block device {major}:{minor}")
     if (major, minor) not in _allowed:
         return deny(errno.EPERM, reason=f"character device {major}:{minor} not allowed")
-    path = (await n.read_path(1 if at else 0)).encode("utf-8", "surrogateescape")
+    path = await n.read_cstring(n.pointer(1 if at else 0), limit=4096)  # bytes, as passed
     dirfd = n.fd(0) if at else AT_FDCWD
     if policy.options["require_cap_mknod"]:
         from supervisor.emulate import open_caller
@@ -95,8 +109,12 @@ async def make_device(n: Notification) -> Decision:
         caller.close()
         if not caller.credentials.has_capability(CAP_MKNOD):
             return deny(errno.EPERM, reason="caller lacks CAP_MKNOD")
-    result = await mknod_as_caller(n, path, mode, major, minor, dirfd)
     where = path.decode("utf-8", "replace")
+    try:
+        result = await mknod_as_caller(n, path, mode, major, minor, dirfd,
+                                       limits=_limits[0])
+    except EmulationBusy as busy:
+        return deny(busy.errno, reason=f"emulated mknod {where}: {busy}")
     if result:
         return deny(result, reason=f"emulated mknod {where} {major}:{minor} failed")
     return returns(0, reason=f"created {where} (char {major}:{minor}) for the caller")

@@ -123,6 +123,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None)
     takeover = config.listen.control_socket if args.takeover else None
+    from . import emulate
+
+    # The helper that acts as callers starts with our capabilities; then the daemon
+    # drops what only the helper needs (see emulate.DAEMON_DROPS).
+    try:
+        emulate.start_helper()
+        emulate.drop_helper_capabilities()
+    except (OSError, RuntimeError) as exc:
+        print(f"seccomp-supervisor: the emulation helper: {exc}", file=sys.stderr)
+        return 1
     try:
         trio.run(functools.partial(daemon.run, takeover=takeover))
     except TakeoverError as exc:

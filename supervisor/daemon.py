@@ -40,7 +40,7 @@ import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from . import __version__, bpf, systemd
+from . import __version__, bpf, emulate, systemd
 from .audit import Recorder
 from .config import Config
 from .control import ControlRequest, ControlServer
@@ -169,6 +169,8 @@ class Daemon:
         self.notify_socket = _sock_name(sock)
         notifier = self.notifier
         with contextlib.ExitStack() as cleanup:
+            emulate.start_helper()  # `serve` started it already, before dropping capabilities
+            cleanup.callback(emulate.stop_helper)
             if bound_path is not None:
                 cleanup.callback(self._unlink_socket_file, bound_path)
             cleanup.enter_context(sock)

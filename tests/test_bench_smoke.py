@@ -32,3 +32,14 @@ def test_bench_quick_run_answers_every_call(tmp_path: Path) -> None:
         assert by_name[("C blk", 1)]["wrong"] == 0
         assert by_name[("C epoll", 4)]["wrong"] == 0
     assert "Issue 6 targets" in proc.stdout
+
+
+def test_bench_emulate_runs(tmp_path: Path) -> None:
+    """bench/emulate.py at a tiny scale: every row made its calls."""
+    out = tmp_path / "emulate.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "emulate.py"), "--calls", "5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["row"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"emulated mknod", "enforced open", "fifo (CONTINUE)"}
+    assert all(r["calls"] == 5 and r["p50_us"] > 0 for r in rows.values())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.emulate import decode_dev, encode_dev, parse_status, signed_fd
+from supervisor.emulate import decode_dev, encode_dev, parse_status, signed_fd, stop_helper
 from supervisor.errors import ConfigError
 from supervisor.testing import Trial, load, run_policy
 
@@ -51,6 +51,7 @@ def test_an_allowlisted_device_is_created_with_the_callers_umask_and_gid(
     assert (st.st_uid, st.st_gid) == (0, 4321)
     with open(node, "w") as f:  # usable: it is /dev/null
         f.write("discarded")
+    stop_helper()  # started on first use; its socket is the one fd it keeps
     assert fd_baseline() == set()
 
 

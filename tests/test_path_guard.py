@@ -122,6 +122,8 @@ def test_paths_are_seen_in_the_callers_root(tmp_path: Path) -> None:
     ({"prefixes": "/etc"}, "policy[0].options.prefixes"),
     ({"errno": "EWHATEVER"}, "policy[0].options.errno"),
     ({"prefix": ["/etc"]}, "policy[0].options.prefix"),
+    ({"mode": "strict"}, "policy[0].options.mode"),
+    ({"emulation_rate": -1.0}, "policy[0].options.emulation_rate"),
 ])
 def test_options_are_validated_naming_the_key(options: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as info:
