@@ -814,8 +814,11 @@ def main(argv: list[str]) -> None:
     effective, permitted = capabilities()
     sock = socket.socket(fileno=fd)
     # Hello: the capabilities we hold, so the daemon can say what will fail.
-    sock.send(json.dumps({"pid": os.getpid(), "effective": effective,
-                          "permitted": permitted}).encode())
+    try:
+        sock.send(json.dumps({"pid": os.getpid(), "effective": effective,
+                              "permitted": permitted}).encode())
+    except OSError:
+        return  # the daemon is gone already (e.g. it could not bind its socket)
     # Forked children share our pages until they write them: what they all use is made
     # ready here (a first use in the child costs copy-on-write faults), and the collector
     # is left off.
