@@ -47,6 +47,7 @@ import trio
 
 from .handoff import PeerCredentials
 from .listener import bind_socket
+from .logfmt import escape
 
 __all__ = [
     "MAX_LINE",
@@ -67,6 +68,8 @@ log = logging.getLogger("supervisor.control")
 MAX_LINE: Final = 64 * 1024
 MAX_REPLY_FDS: Final = 253  # SCM_MAX_FD
 _IDLE_TIMEOUT: Final = 30.0
+# Longest cell of the ``status`` table, in characters (after escaping).
+_MAX_CELL: Final = 100
 _MAX_CONNECTIONS: Final = 16
 _UCRED: Final = struct.Struct("iII")
 _FD_SIZE: Final = array.array("i").itemsize
@@ -178,12 +181,14 @@ def format_status(status: Mapping[str, Any]) -> str:
     ]
     if not sessions:
         return "\n".join([*head, "", "no containers are being served"]) + "\n"
+    # Ids, metadata and policy names come from containers' creators and plugins: escaped
+    # and cut, so they can neither add lines nor reach the terminal as escape sequences.
     columns = ("CONTAINER", "PID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
                "INFLIGHT", "AGE", "METADATA")
     rows = []
     for s in sessions:
         decisions = s.get("decisions", {})
-        rows.append((
+        rows.append(tuple(escape(cell, _MAX_CELL) for cell in (
             str(s.get("container", "")),
             str(s.get("runtime_pid", "")),
             ",".join(s.get("policies", [])) or "-",
@@ -194,7 +199,7 @@ def format_status(status: Mapping[str, Any]) -> str:
             str(s.get("inflight", 0)),
             _duration(float(s.get("age_seconds", 0))),
             " ".join(str(s.get("metadata", "")).split()) or "-",
-        ))
+        )))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = [*head, ""]
     for row in (columns, *rows):
