@@ -100,7 +100,9 @@ class Daemon:
         self.loader = loader
         self.recorder = Recorder(self.metrics, audit=config.audit.decisions,
                                  stream=audit_stream if audit_stream is not None else sys.stdout,
-                                 rate_limit=config.audit.rate_limit)
+                                 rate_limit=config.audit.rate_limit,
+                                 container_bytes=config.audit.container_bytes,
+                                 max_line=config.audit.max_line)
         self.notifier = notifier if notifier is not None else systemd.Notifier.from_environ()
         self.control = ControlServer({"status": self._status_command})
         self.started_at = time.time()
@@ -608,6 +610,8 @@ class Daemon:
         self.state = new_state
         self.recorder.audit = config.audit.decisions
         self.recorder.rate_limit = config.audit.rate_limit
+        self.recorder.container_bytes = config.audit.container_bytes
+        self.recorder.max_line = config.audit.max_line
         for session, chain, choice in routes:
             before = session.chain.names
             session.rebind(chain, self._settings(choice))

@@ -7,6 +7,7 @@ One test per attack; each failed before its fix (see the commit that added it)."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,13 +19,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from supervisor.audit import Recorder
 from supervisor.control import format_status
+from supervisor.decide import Outcome
 from supervisor.handoff import build_state_message
 from supervisor.launcher import hand_over
+from supervisor.learn import known_syscalls
+from supervisor.metrics import Metrics
+from supervisor.policy import Container, deny
 from supervisor.router import TRACE_ANNOTATION
 
 from .conftest import start_target
-from .daemon_harness import CLI, write_config
+from .daemon_harness import CLI, running_daemon, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,3 +164,126 @@ def test_log_formatter_keeps_tracebacks_off_the_audit_stream(tmp_path: Path) -> 
     for line in lines:
         assert not line.startswith("{"), line
         assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", line), repr(line)
+
+
+# --------------------------------------------------------------------------- item 11
+
+GUARD = f"""
+[defaults]
+policies = ["path_guard"]
+
+[audit]
+decisions = "deny"
+rate_limit = 5
+
+[[policy]]
+name = "path_guard"
+path = "{ROOT}/policies/path_guard.py"
+options = {{ prefixes = ["{{tmp}}/guarded"] }}
+"""
+
+
+async def test_unique_paths_do_not_escape_the_audit_rate_limit(tmp_path: Path) -> None:
+    """A container denied ``mkdir`` on 400 distinct long paths under a guarded prefix:
+    the reason names each path, but the limit counts lines per container, call, decision
+    and policy, so at most ``rate_limit`` lines a second are written, each at most
+    ``max_line`` bytes, and every other one is counted in a summary and the metric."""
+    calls = 400
+    script = ("import os, sys\n"
+              f"for i in range({calls}):\n"
+              "    try:\n"
+              "        os.mkdir(sys.argv[1] + '/' + str(i) + 'x' * 240 + ('/' + 'y' * 250) * 14)\n"
+              "    except PermissionError:\n"
+              "        pass\n"
+              "    else:\n"
+              "        sys.exit('created')\n")
+    guarded = tmp_path / "guarded"
+    guarded.mkdir()
+    async with running_daemon(tmp_path, GUARD) as d:
+        started = time.monotonic()
+        done = await d.run(["--notify", "mkdir", "--id", "noisy", "--", sys.executable,
+                            "-c", script, str(guarded)])
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        d.daemon.recorder.flush()
+        d.daemon.recorder._report(d.daemon.recorder.limiter.flush())
+        text = d.audit.getvalue()
+        suppressed_metric = d.metric("seccomp_supervisor_audit_lines_suppressed_total")
+    lines = [json.loads(line) for line in text.splitlines()]
+    denies = [r for r in lines if "suppressed" not in r]
+    summaries = [r for r in lines if "suppressed" in r]
+    assert all(r["container"] == "noisy" and r["syscall"] == "mkdir" for r in lines)
+    windows = int(elapsed) + 2
+    assert 1 <= len(denies) <= 5 * windows, (len(denies), elapsed)
+    assert len(denies) + sum(s["suppressed"] for s in summaries) == calls
+    assert sum(s["suppressed"] for s in summaries) == suppressed_metric
+    assert max(len(line) + 1 for line in text.splitlines()) <= 4096
+    assert "more]" in denies[0]["reason"]  # cut, with the marker
+    assert len(text) <= 64 * 1024 * windows
+
+
+def _deny_lines(recorder: Recorder, container: Container, syscalls: list[str],
+                reason: str, repeats: int) -> None:
+    for _ in range(repeats):
+        for name in syscalls:
+            recorder.decided(container, 1, 2, name, (0,) * 6,
+                             Outcome(deny(1, reason=reason), "p"), 1e-5)
+
+
+def test_audit_bytes_per_container_are_capped() -> None:
+    """Distinct system calls are distinct rate-limit keys: a container that makes 300
+    of them denied, each three times with a 3 KB reason, still gets at most the byte
+    budget per window (the default, 64 KiB), and one summary line says how many lines
+    it lost; another container keeps its own budget."""
+    out = io.StringIO()
+    metrics = Metrics(CollectorRegistry())
+    recorder = Recorder(metrics, audit="deny", stream=out, rate_limit=10)
+    names = sorted(known_syscalls())[:300]
+    noisy, quiet = Container("noisy", pid=10), Container("quiet", pid=11)
+    _deny_lines(recorder, noisy, names, "r" * 3000, 3)
+    _deny_lines(recorder, quiet, names[:2], "fine", 1)
+    recorder._report(recorder.limiter.flush())
+    recorder.flush_budgets()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    written = {c: sum(len(json.dumps(r, separators=(",", ":"))) + 1 for r in lines
+                      if r["container"] == c and "suppressed" not in r)
+               for c in ("noisy", "quiet")}
+    assert written["noisy"] <= 64 * 1024
+    assert len([r for r in lines if r["container"] == "quiet"]) == 2
+    lost = [r for r in lines if r["container"] == "noisy" and "suppressed" in r]
+    shown = len([r for r in lines if r["container"] == "noisy" and "suppressed" not in r])
+    assert len(lost) == 1 and lost[0]["byte_budget"] == 64 * 1024
+    assert shown + lost[0]["suppressed"] == 900
+    assert metrics.registry.get_sample_value(
+        "seccomp_supervisor_audit_lines_suppressed_total") == 900 - shown
+
+
+def test_audit_lines_are_capped_and_stay_one_line_of_json() -> None:
+    """A 100,000-character id and reason full of newlines, U+2028 and non-ASCII: the
+    audit line is at most ``max_line`` bytes (4096 by default), ASCII, one line, valid
+    JSON, and says where it was cut."""
+    out = io.StringIO()
+    recorder = Recorder(None, audit="deny", stream=out)
+    long = ("\n\u2028é" + FORGED) * 1500
+    _deny_lines(recorder, Container(long, pid=1), ["mkdir"], long, 1)
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert len(text) <= 4096 and text.isascii()
+    record = json.loads(text)
+    assert record["container"].startswith("\n\u2028é{")
+    assert record["reason"].endswith("more]") and record["container"].endswith("more]")
+
+
+@given(container=st.text(max_size=3000), reason=st.text(max_size=6000),
+       policy=st.text(max_size=300), max_line=st.integers(1024, 6000))
+@settings(max_examples=200, deadline=None)
+def test_any_audit_line_fits_max_line(container: str, reason: str, policy: str,
+                                      max_line: int) -> None:
+    out = io.StringIO()
+    recorder = Recorder(None, audit="deny", stream=out, max_line=max_line)
+    recorder.decided(Container(container, pid=1), 1, 2, "mkdir", (2**64 - 1,) * 6,
+                     Outcome(deny(1, reason=reason), policy), 1e-5)
+    text = out.getvalue()
+    assert len(text) <= max_line and text.isascii() and text.count("\n") == 1
+    record = json.loads(text)
+    assert record["container"] == container or record["container"].endswith("more]")
