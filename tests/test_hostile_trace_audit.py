@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,22 +21,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from supervisor import safefile
 from supervisor.audit import Recorder
-from supervisor.control import format_status
+from supervisor.control import format_status, request
 from supervisor.decide import Outcome
 from supervisor.handoff import build_state_message
 from supervisor.launcher import hand_over
-from supervisor.learn import known_syscalls
+from supervisor.learn import known_syscalls, learning_profile
 from supervisor.metrics import Metrics
 from supervisor.policy import Container, deny
+from supervisor.profile import Action, load_profile
 from supervisor.router import TRACE_ANNOTATION
 
-from .conftest import start_target
-from .daemon_harness import CLI, running_daemon, write_config
+from .conftest import sleeping_target, start_target
+from .daemon_harness import CLI, RunningDaemon, running_daemon, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +69,7 @@ def serve_process(tmp_path: Path, config_text: str) -> Iterator[subprocess.Popen
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -287,3 +293,134 @@ def test_any_audit_line_fits_max_line(container: str, reason: str, policy: str,
     assert len(text) <= max_line and text.isascii() and text.count("\n") == 1
     record = json.loads(text)
     assert record["container"] == container or record["container"].endswith("more]")
+
+
+# --------------------------------------------------------------------------- items 1, 2
+
+
+def learn_config(tmp_path: Path, options: str = "") -> str:
+    return f"""
+[defaults]
+policies = []
+unhandled = "allow"
+
+[[policy]]
+name = "learn"
+path = "{ROOT}/policies/learn.py"
+options = {{ directory = "{tmp_path}/learned"{options} }}
+"""
+
+
+def status_of(control: str, timeout: float = 5.0) -> dict[str, object]:
+    """The daemon's ``status``; raises TimeoutError (socket.timeout) if its event loop
+    does not answer in time."""
+    result, _fds = request(control, "status", timeout=timeout)
+    return result
+
+
+@pytest.mark.parametrize("base", ["fifo", "/dev/ptmx"])
+def test_trace_base_cannot_freeze_the_event_loop(tmp_path: Path, base: str) -> None:
+    """``if:`` naming a FIFO or ``/dev/ptmx``: the daemon never opens or reads it on its
+    event loop (it used to block there for good: every container's calls and
+    ``status`` hung). It still serves, and the annotation is refused."""
+    if base == "fifo":
+        base = str(tmp_path / "fifo")
+        os.mkfifo(base)
+    (tmp_path / "learned").mkdir()
+    with serve_process(tmp_path, learn_config(tmp_path)), sleeping_target() as child:
+        message = build_state_message(
+            pid=child.pid, container_id="prober", bundle="/b",
+            annotations={TRACE_ANNOTATION: f"of:{tmp_path}/learned/x.json;if:{base}"})
+        hand_over(str(tmp_path / "sock" / "notify.sock"), child.take_listener(), message)
+        deadline = time.monotonic() + 10
+        while "prober" not in (tmp_path / "stderr").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        status = status_of(str(tmp_path / "sock" / "control.sock"))
+        assert [s["container"] for s in status["sessions"]] == ["prober"]  # type: ignore
+    assert "annotation io.containers.trace-syscall ignored" in (
+        tmp_path / "stderr").read_text()
+
+
+def test_learn_accumulate_does_not_follow_a_planted_symlink_to_a_fifo(
+        tmp_path: Path) -> None:
+    """The learn policy merges the container's existing profile file: one replaced by a
+    symlink to a FIFO is neither followed nor opened blocking; the daemon stays
+    responsive and writes a regular file in its place. The FIFO is left alone."""
+    learned = tmp_path / "learned"
+    learned.mkdir()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (learned / "planted.json").symlink_to(fifo)
+    learning = tmp_path / "learning.json"
+    learning.write_text(json.dumps(learning_profile().to_dict()))
+    config = learn_config(tmp_path).replace('policies = []', 'policies = ["learn"]')
+    with serve_process(tmp_path, config):
+        done = subprocess.run(
+            [*CLI, "run", "--socket", str(tmp_path / "sock" / "notify.sock"), "--profile",
+             str(learning), "--id", "planted", "--", "true"],
+            capture_output=True, timeout=30, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 10
+        while (learned / "planted.json").is_symlink():
+            assert time.monotonic() < deadline, "the profile was not written"
+            time.sleep(0.05)
+        status_of(str(tmp_path / "sock" / "control.sock"))
+    assert (learned / "planted.json").is_file()
+    assert load_profile(learned / "planted.json").default_action == Action.ERRNO
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+async def test_trace_output_cannot_replace_a_learned_profile(tmp_path: Path) -> None:
+    """``of:`` naming the profile the learn policy wrote for another container: refused
+    (trace outputs live in their own directory), the victim's file is untouched."""
+    learned = tmp_path / "learned"
+    learned.mkdir()
+    victim = learned / "victim.json"
+    victim.write_text(json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}))
+    before = victim.read_bytes()
+    async with running_daemon(tmp_path, learn_config(tmp_path)) as d:
+        attacker = Container("attacker", annotations={TRACE_ANNOTATION: f"of:{victim}"})
+        assert d.daemon._trace_route(attacker) is None
+    assert victim.read_bytes() == before
+
+
+async def test_trace_output_of_another_traced_container_is_not_replaced(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two containers name the same ``of:`` file: the first to end creates it, the
+    second is refused (it never merges into or replaces a file it did not create), also
+    after a restart (the daemon keeps no record, so an existing file is never taken)."""
+    traced = tmp_path / "learned" / "traced"
+    traced.mkdir(parents=True)
+    shared = traced / "shared.json"
+    annotation = {TRACE_ANNOTATION: f"of:{shared}"}
+
+    async def end_session(d: RunningDaemon, container: Container) -> None:
+        got = d.daemon._trace_route(container)
+        assert got is not None
+        for _name, policy in got[0].policies:
+            policy.session_ended(container)
+        await settle(d)
+
+    async with running_daemon(tmp_path, learn_config(tmp_path)) as d:
+        await end_session(d, Container("first", annotations=annotation))
+        owner = shared.stat()
+        with caplog.at_level(logging.ERROR):
+            await end_session(d, Container("second", annotations=annotation))
+        assert "second" in caplog.text and "not written" in caplog.text
+        assert shared.stat().st_ino == owner.st_ino
+        await end_session(d, Container("first", annotations=annotation))  # its own
+        assert shared.stat().st_ino != owner.st_ino
+        owner = shared.stat()
+    (tmp_path / "again").mkdir()
+    async with running_daemon(tmp_path / "again", learn_config(tmp_path)) as d:
+        await end_session(d, Container("first", annotations=annotation))
+    assert shared.stat().st_ino == owner.st_ino
+    assert sorted(p.name for p in traced.iterdir()) == ["shared.json"]  # no temp left
+
+
+async def settle(d: RunningDaemon) -> None:
+    """Wait for the daemon's file work (off the event loop) to finish."""
+    with trio.fail_after(10):
+        await safefile.drain()
