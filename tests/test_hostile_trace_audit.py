@@ -424,3 +424,61 @@ async def settle(d: RunningDaemon) -> None:
     """Wait for the daemon's file work (off the event loop) to finish."""
     with trio.fail_after(10):
         await safefile.drain()
+
+
+async def test_a_file_job_that_hangs_is_given_up_and_the_loop_runs_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What an NFS or FUSE file system that stops answering does to a profile write,
+    played by a FIFO opened blocking: the job is given up after its time, logged, and
+    the event loop never waited for it; its thread ends when the open returns."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    def stuck() -> None:
+        with open(fifo, "rb") as f:  # blocks until a writer opens it
+            f.read()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        with caplog.at_level(logging.ERROR, logger="supervisor.safefile"):
+            safefile.submit("stuck job", stuck, timeout=0.3)
+            with trio.fail_after(5):
+                await safefile.drain()
+        assert "stuck job: gave up after 0.3 s" in caplog.text
+        assert ticks >= 10  # the loop ran all along
+        # Let the abandoned thread go.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (', trace_directory = "{tmp}/learned"',
+     "options.trace_directory: must not be the same directory as options.directory"),
+    (', base_directory = "{tmp}/learned/"',
+     "options.base_directory: must not be the same directory as options.directory"),
+    (', base_directory = "{tmp}/learned/traced"',
+     "options.base_directory: must not be the same directory as options.trace_directory"),
+    (', trace_directory = "t"', "options.trace_directory: must be an absolute path"),
+])
+def test_learn_and_trace_namespaces_cannot_overlap(tmp_path: Path, options: str,
+                                                   message: str) -> None:
+    """The learn policy's files, trace outputs and trace bases live in three distinct
+    directories: a base read from the other two would let one container's trace read
+    another container's profile; a trace output among the learn policy's files could
+    replace one."""
+    from supervisor.cli import load_everything
+    from supervisor.errors import ConfigError
+
+    path = write_config(tmp_path, learn_config(tmp_path, options.replace(
+        "{tmp}", str(tmp_path))))
+    with pytest.raises(ConfigError) as info:
+        load_everything(str(path))
+    assert message in str(info.value)
