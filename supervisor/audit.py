@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from bisect import bisect_left
@@ -84,6 +85,10 @@ MAX_LINE: Final = 4096
 # A cut string ends with "...[N more]": at most this many characters for N < 10**12.
 _MARKER_ROOM: Final = 24
 _MAX_ROUNDS: Final = 8
+# A Python string holds a surrogate code point only when it came from invalid input (a
+# "\ud800" escape in the runtime's JSON): json.dumps writes it as a lone surrogate
+# escape, which strict JSON readers refuse. Written as U+FFFD instead.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # Lines waiting for the writer task; beyond this they are dropped (and counted as
 # suppressed) rather than growing without bound while a busy loop starves the writer.
 MAX_PENDING: Final = 65536
@@ -485,6 +490,10 @@ def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
     at most ``max_line`` bytes with its newline (0: no cap): the longest strings are cut
     to a common length and marked ``...[N more]`` until it fits."""
     text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+    if "\\ud" in text:  # a surrogate code point, maybe a lone one (see _SURROGATE)
+        line = {key: _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+                for key, value in line.items()}
+        text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
     if max_line <= 0 or len(text) <= max_line:
         return text
     cut = dict(line)

@@ -265,18 +265,18 @@ def test_audit_bytes_per_container_are_capped() -> None:
 
 
 def test_audit_lines_are_capped_and_stay_one_line_of_json() -> None:
-    """A 100,000-character id and reason full of newlines, U+2028 and non-ASCII: the
-    audit line is at most ``max_line`` bytes (4096 by default), ASCII, one line, valid
-    JSON, and says where it was cut."""
+    """A 100,000-character id and reason full of newlines, U+2028, non-ASCII and lone
+    surrogates: the audit line is at most ``max_line`` bytes (4096 by default), ASCII,
+    one line, valid JSON (no lone surrogate escape), and says where it was cut."""
     out = io.StringIO()
     recorder = Recorder(None, audit="deny", stream=out)
-    long = ("\n\u2028é" + FORGED) * 1500
+    long = ("\n\u2028é\ud800" + FORGED) * 1500
     _deny_lines(recorder, Container(long, pid=1), ["mkdir"], long, 1)
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")
     assert len(text) <= 4096 and text.isascii()
     record = json.loads(text)
-    assert record["container"].startswith("\n\u2028é{")
+    assert record["container"].startswith("\n\u2028é\ufffd{")  # a lone surrogate: U+FFFD
     assert record["reason"].endswith("more]") and record["container"].endswith("more]")
 
 
