@@ -3,7 +3,9 @@ metadata, annotations, the trace annotation's files) and what a container does (
 system calls it makes, the paths in them) must not read or write host files, reach
 another container's profile, forge a log or audit line, or flood the journal.
 
-One test per attack; each failed before its fix (see the commit that added it)."""
+One test per attack; each attack test failed against the code before its fix. Three
+tests pin the new mechanisms themselves (the byte budget, a hung file job, the
+directory rules): they could not run before, the options or functions did not exist."""
 
 from __future__ import annotations
 
