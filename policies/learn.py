@@ -13,9 +13,27 @@ learning profile (every known call except ``write`` notified, see
 :func:`supervisor.learn.learning_profile`). What cannot be recorded -- ``write`` and the
 launcher's handoff calls -- is allowed through the ``always_allow`` option.
 
+Files (see :mod:`supervisor.safefile`): the previous file is read and the new one written
+in a worker thread, never on the event loop; the file must be a regular file of at most
+1 MiB (a symlink, FIFO or device in its place is not followed or opened, and is replaced);
+the new file replaces the old one atomically (rename, which never follows a symlink).
+
+Who owns which file: this policy writes ``DIRECTORY/<safe id>.json``, one name per
+container id (:func:`supervisor.learn.profile_file_name` never gives two ids one name);
+the ``io.containers.trace-syscall`` route writes only in ``trace_directory`` (its own
+directory, never ``directory``) and never replaces a file it did not create for the same
+container since the daemon started; its ``if:`` bases are read only from
+``base_directory``, which must be neither of the two (a base from them would let one
+container read another's profile).
+
 Options:
 
 * ``directory`` (absolute path): where profiles are written; created when needed;
+* ``trace_directory`` (absolute path or "", default ``DIRECTORY/traced``): the only
+  directory an ``io.containers.trace-syscall`` annotation's ``of:`` file may be in
+  (directly, no subdirectory);
+* ``base_directory`` (absolute path or "", default ""): the only directory an
+  annotation's ``if:`` base profile may be in (directly); "" refuses every ``if:``;
 * ``base`` (absolute path or ""): a profile to merge into; its default action must be
   SCMP_ACT_ERRNO, and its conditional and non-allow rules win over what was observed;
 * ``always_allow`` (list of names): allowed in every profile, default
@@ -38,13 +56,16 @@ from supervisor.learn import (
     UNRECORDABLE,
     Recording,
     known_syscalls,
+    learn_directories,
     load_base,
     merge_profile,
     profile_file_name,
-    write_profile,
+    read_profile_in,
 )
+from supervisor.logfmt import escape
 from supervisor.policy import Container, Decision, Notification, PolicySet, allow
-from supervisor.profile import Profile, load_profile
+from supervisor.profile import Profile, dump_profile
+from supervisor.safefile import FileRefused, submit, write_file
 
 log = logging.getLogger("supervisor.policy.learn")
 
@@ -52,6 +73,8 @@ policy = PolicySet(
     "learn",
     defaults={
         "directory": "/var/lib/seccomp-supervisor/learned",
+        "trace_directory": "",
+        "base_directory": "",
         "base": "",
         "always_allow": list(HANDOFF_SYSCALLS),
         "accumulate": True,
@@ -71,6 +94,21 @@ def _check_options(options: Mapping[str, Any]) -> None:
     directory = options["directory"]
     if not directory or not os.path.isabs(directory):
         raise ValueError(f"options.directory: must be an absolute path, got {directory!r}")
+    _, trace_directory, base_directory = learn_directories(options)
+    for key in ("trace_directory", "base_directory"):
+        if options[key] and not os.path.isabs(options[key]):
+            raise ValueError(f"options.{key}: must be an absolute path or \"\", "
+                             f"got {options[key]!r}")
+    taken = {os.path.normpath(directory): "directory"}
+    for key, path in (("trace_directory", trace_directory),
+                      ("base_directory", base_directory)):
+        if not path:
+            continue
+        other = taken.get(os.path.normpath(path))
+        if other is not None:
+            raise ValueError(f"options.{key}: must not be the same directory as "
+                             f"options.{other} ({path})")
+        taken[os.path.normpath(path)] = key
     base = options["base"]
     _base[0] = None
     if base:
@@ -104,20 +142,35 @@ def write_learned_profile(container: Container) -> None:
     if recording is None:
         return  # this session saw nothing (or another session already wrote it all)
     options = policy.options
-    path = os.path.join(options["directory"], profile_file_name(container.id))
+    directory = str(options["directory"])
+    name = profile_file_name(container.id)
+    path = os.path.join(directory, name)
     base = _base[0]
-    if options["accumulate"] and os.path.exists(path):
-        try:
-            base = load_profile(path)
-        except ProfileError as exc:
-            log.warning("learn: %s is not a valid profile, replacing it: %s", path, exc)
+    accumulate = bool(options["accumulate"])
     names = recording.names() | set(options["always_allow"])
-    try:
-        profile = merge_profile(base, names, recording.architectures())
-        write_profile(path, profile)
-    except (OSError, ProfileError) as exc:
-        log.error("learn: cannot write the profile of container %s to %s: %s",
-                  container.id, path, exc)
-        return
-    log.info("learn: container %s: %d notifications of %d system calls; wrote %s",
-             container.id, recording.total, len(recording.names()), path)
+    architectures = recording.architectures()
+
+    def write() -> None:  # in a worker thread
+        merged_into = base
+        if accumulate:
+            try:
+                merged_into = read_profile_in(directory, name)
+            except FileNotFoundError:
+                pass
+            except (FileRefused, ProfileError, OSError) as exc:
+                log.warning("learn: %s is not a readable profile, replacing it: %s", path,
+                            escape(str(exc), 300))
+        try:
+            profile = merge_profile(merged_into, names, architectures)
+            write_file(directory, name, dump_profile(profile).encode())
+        except (OSError, ProfileError) as exc:
+            log.error("learn: cannot write the profile of container %s to %s: %s",
+                      container.id, path, escape(str(exc), 300))
+            return
+        log.info("learn: container %s: %d notifications of %d system calls; wrote %s",
+                 container.id, recording.total, len(recording.names()), path)
+
+    # The same file's writes one after the other (sessions of one container can end
+    # together).
+    submit(f"learn: container {container.id}: {path}", write,
+           key=("learn", directory, name))

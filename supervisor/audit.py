@@ -13,17 +13,36 @@ is the configured ``on_error`` (``exception``, ``deadline``, ``refused``, ``memo
 ``shadow`` when the route is in shadow mode. Which decisions are written is configured
 (``[audit] decisions``): ``all``, ``deny`` (denies and handler errors) or ``none``.
 
-**Rate limit.** A container repeating the same event cannot flood the journal: at most
-``rate_limit`` identical lines per container per second are written. Lines are identical
-when container, system call, decision, answer, policy, reason and error are (time, thread,
-notification id, arguments and latency vary between repeats of one event). When such a
-second ends with lines held back, one summary line reports them::
+**Rate limit.** A container cannot flood the journal, whatever it calls with whatever
+arguments:
+
+* at most ``rate_limit`` lines per second per container, system call, decision kind
+  (allow, deny, returns...), handler error and policy. The reason and the answer's
+  errno or value are not part of the key: a reason may name a path or an argument the
+  container chose, and would make every line unique. Calls libseccomp has no name for
+  share one key. When such a second ends with lines held back, one summary line (with
+  the fields of the first line of that second) reports them::
 
     {"time":...,"container":"web-1","runtime_pid":4242,"syscall":"chmod",
      "decision":"deny","errno":1,"policy":"hardening","reason":"setuid bit",
      "suppressed":4711,"window_seconds":1.0}
 
-and ``seccomp_supervisor_audit_lines_suppressed_total`` counts them.
+* at most ``container_bytes`` bytes of lines (summaries included) per container per
+  second; the lines beyond are dropped and, when the second ends, one line reports
+  them (it is the only line written past the budget)::
+
+    {"time":...,"container":"web-1","runtime_pid":4242,"suppressed":120,
+     "window_seconds":1.0,"byte_budget":65536}
+
+* every line is at most ``max_line`` bytes: the longest strings (container id, reason,
+  policy...) are cut and end with ``...[N more]`` (N characters cut).
+
+``seccomp_supervisor_audit_lines_suppressed_total`` counts every line held back.
+
+**One line of JSON, always.** Lines are written with ``json.dumps`` and its default
+``ensure_ascii=True``: control characters, U+2028/U+2029 and every other non-ASCII
+character are escaped, so no string a container's creator controls (its id, a reason
+naming a path) can end a line or be read as a line break by a log reader.
 
 **Off the hot path.** :meth:`Recorder.decided` runs after the answer went to the kernel,
 before the session reads the next notification. It updates the metrics (cached label
@@ -37,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from bisect import bisect_left
@@ -57,16 +77,30 @@ from .metrics import (
 from .policy import Container
 from .syscalls import is_unnamed
 
-__all__ = ["AuditLevel", "RateLimiter", "Recorder", "audit_line", "summary_line"]
+__all__ = ["CONTAINER_BYTES", "MAX_LINE", "AuditLevel", "RateLimiter", "Recorder",
+           "audit_line", "budget_line", "summary_line"]
 
 log = logging.getLogger("supervisor.audit")
 
 AuditLevel = Literal["all", "deny", "none"]
 
 WINDOW: Final = 1.0
+#: Defaults of ``[audit] container_bytes`` and ``[audit] max_line``.
+CONTAINER_BYTES: Final = 65536
+MAX_LINE: Final = 4096
+# A cut string ends with "...[N more]": at most this many characters for N < 10**12.
+_MARKER_ROOM: Final = 24
+_MAX_ROUNDS: Final = 8
+# A Python string holds a surrogate code point only when it came from invalid input (a
+# "\ud800" escape in the runtime's JSON): json.dumps writes it as a lone surrogate
+# escape, which strict JSON readers refuse. Written as U+FFFD instead.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # Lines waiting for the writer task; beyond this they are dropped (and counted as
 # suppressed) rather than growing without bound while a busy loop starves the writer.
 MAX_PENDING: Final = 65536
+# The rate-limit key of every call libseccomp has no name for (2**32 numbers: nothing may
+# be kept per number, see supervisor.syscalls.is_unnamed).
+_UNNAMED_KEY: Final = "nr_*"
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -91,6 +125,16 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._windows)
+
+    def held_back(self, key: Hashable, now: float) -> bool:
+        """True (and the event counted as suppressed) if ``key``'s window is open and
+        full: the cheap test :meth:`Recorder.decided` makes before building a sample.
+        False means: ask :meth:`admit`."""
+        w = self._windows.get(key)
+        if w is not None and w.written >= self.limit and now - w.start < self.window:
+            w.suppressed += 1
+            return True
+        return False
 
     def admit(self, key: Hashable, now: float, sample: Any = None
               ) -> tuple[bool, tuple[Any, int] | None]:
@@ -186,12 +230,21 @@ def summary_line(sample: _Entry, suppressed: int, now: float,
     return line
 
 
-def _key(entry: _Entry) -> Hashable:
-    _when, container, _tid, _id, syscall, _args, outcome, _latency, shadow = entry
-    decision = outcome.decision
-    return (container.id, container.pid, syscall, decision.kind, decision.errno,
-            decision.value, outcome.policy, outcome.detail or decision.reason,
-            outcome.error, shadow)
+def budget_line(container: Container, suppressed: int, now: float, window: float,
+                budget: int) -> dict[str, Any]:
+    """The line that reports ``suppressed`` lines of ``container`` dropped because its
+    byte budget for the window was spent."""
+    return {"time": round(now, 6), "container": container.id,
+            "runtime_pid": container.pid, "suppressed": suppressed,
+            "window_seconds": window, "byte_budget": budget}
+
+
+@dataclass(slots=True)
+class _Budget:
+    start: float
+    used: int
+    dropped: int
+    container: Container
 
 
 # --------------------------------------------------------------------------- recorder
@@ -202,11 +255,17 @@ class Recorder:
     is too slow to call per notification."""
 
     def __init__(self, metrics: Metrics | None, *, audit: AuditLevel = "deny",
-                 stream: IO[str] | None = None, rate_limit: int = 0) -> None:
+                 stream: IO[str] | None = None, rate_limit: int = 0,
+                 container_bytes: int = CONTAINER_BYTES, max_line: int = MAX_LINE) -> None:
         self.metrics = metrics
         self.audit = audit
         self.stream = stream if stream is not None else sys.stdout
         self.limiter = RateLimiter(rate_limit)
+        # Bytes per container per window (0: no budget) and per line (0: no cap); the
+        # writer applies both, off the hot path.
+        self.container_bytes = container_bytes
+        self.max_line = max_line
+        self._budgets: dict[tuple[str, int], _Budget] = {}
         self._counters: dict[tuple[str, str, str], CounterChild] = {}
         self._histograms: dict[str, HistogramChild] = {}
         # The children of the last (syscall, policy, kind) recorded, and the Outcome that
@@ -273,15 +332,25 @@ class Recorder:
                 audit == "deny" and decision.kind != "deny" and outcome.error is None):
             return bucket
         now = time.time()
-        entry = (now, container, tid, notif_id, syscall, args, outcome, latency, shadow)
         report = None
         limiter = self.limiter
         if limiter.limit > 0:
-            admitted, report = limiter.admit(_key(entry), now, entry)
+            # Not the reason, errno or value: those may carry what the container chose.
+            key = (container.id, container.pid,
+                   _UNNAMED_KEY if syscall.startswith("nr_") else syscall,
+                   decision.kind, outcome.error, outcome.policy, shadow)
+            if limiter.held_back(key, now):
+                if self._suppressed is not None:
+                    self._suppressed.value += 1
+                return bucket
+            entry = (now, container, tid, notif_id, syscall, args, outcome, latency, shadow)
+            admitted, report = limiter.admit(key, now, entry)
             if not admitted:
                 if self._suppressed is not None:
                     self._suppressed.value += 1
                 return bucket
+        else:
+            entry = (now, container, tid, notif_id, syscall, args, outcome, latency, shadow)
         wakeup = self._wakeup
         if wakeup is None:
             self._write([(entry, report)])
@@ -335,31 +404,86 @@ class Recorder:
         try:
             while True:
                 # Wake for new lines, or when a window may have ended with lines held back.
-                with trio.move_on_after(WINDOW if len(self.limiter) else float("inf")):
+                pending_windows = len(self.limiter) or self._budgets
+                with trio.move_on_after(WINDOW if pending_windows else float("inf")):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 self.flush()
-                self._report(self.limiter.expire(time.time()))
+                now = time.time()
+                self._report(self.limiter.expire(now))
+                self._expire_budgets(now)
         finally:
             self._wakeup = None
             self.flush()
             self._report(self.limiter.flush())
+            self.flush_budgets()
 
     def _write(self, batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
         out: list[str] = []
         window = self.limiter.window
+        now = time.time()
         for entry, report in batch:
             if report is not None:
-                out.append(_dumps(summary_line(report[0], report[1], entry[0], window)))
-            out.append(_dumps(audit_line(entry)))
+                sample, count = report
+                self._add(out, summary_line(sample, count, entry[0], window), sample[1],
+                          now, count, counted=True)
+            self._add(out, audit_line(entry), entry[1], now, 1, counted=False)
         if out:
             self._emit("".join(out))
 
     def _report(self, reports: list[tuple[Any, int]]) -> None:
         if reports:
             now = time.time()
-            self._emit("".join(_dumps(summary_line(sample, count, now, self.limiter.window))
-                               for sample, count in reports))
+            out: list[str] = []
+            for sample, count in reports:
+                self._add(out, summary_line(sample, count, now, self.limiter.window),
+                          sample[1], now, count, counted=True)
+            if out:
+                self._emit("".join(out))
+
+    def _add(self, out: list[str], line: dict[str, Any], container: Container,
+             now: float, lines: int, *, counted: bool) -> None:
+        """Append ``line`` (standing for ``lines`` lines: 1, or a summary's count) to
+        ``out`` if ``container``'s byte budget allows; else count it as dropped (in the
+        metric too unless ``counted`` already)."""
+        text = _dumps(line, self.max_line)
+        budget = self.container_bytes
+        if budget > 0:
+            key = (container.id, container.pid)
+            b = self._budgets.get(key)
+            if b is None or now - b.start >= WINDOW:
+                if b is not None and b.dropped:
+                    out.append(self._budget_text(b, now))
+                b = self._budgets[key] = _Budget(now, 0, 0, container)
+            if b.used + len(text) > budget:
+                b.dropped += lines
+                if not counted and self._suppressed is not None:
+                    self._suppressed.value += lines
+                return
+            b.used += len(text)
+        out.append(text)
+
+    def _budget_text(self, b: _Budget, now: float) -> str:
+        return _dumps(budget_line(b.container, b.dropped, now, WINDOW,
+                                  self.container_bytes), self.max_line)
+
+    def _expire_budgets(self, now: float) -> None:
+        ended = [key for key, b in self._budgets.items() if now - b.start >= WINDOW]
+        out = []
+        for key in ended:
+            b = self._budgets.pop(key)
+            if b.dropped:
+                out.append(self._budget_text(b, now))
+        if out:
+            self._emit("".join(out))
+
+    def flush_budgets(self) -> None:
+        """Forget every byte budget, writing the lines that report what they dropped."""
+        now = time.time()
+        out = [self._budget_text(b, now) for b in self._budgets.values() if b.dropped]
+        self._budgets.clear()
+        if out:
+            self._emit("".join(out))
 
     def _emit(self, text: str) -> None:
         # A closed or broken stdout must not take the daemon down with it.
@@ -374,5 +498,68 @@ class Recorder:
             self._write_failed = False
 
 
-def _dumps(line: dict[str, Any]) -> str:
-    return json.dumps(line, separators=(",", ":")) + "\n"
+def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
+    """``line`` as one line of ASCII JSON (``ensure_ascii``: see the module docstring),
+    at most ``max_line`` bytes with its newline (0: no cap): the longest strings are cut
+    to a common length and marked ``...[N more]`` until it fits."""
+    text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+    if "\\ud" in text:  # a surrogate code point, maybe a lone one (see _SURROGATE)
+        line = {key: _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+                for key, value in line.items()}
+        text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+    if max_line <= 0 or len(text) <= max_line:
+        return text
+    cut = dict(line)
+    for _ in range(_MAX_ROUNDS):
+        if len(text) <= max_line:
+            return text
+        sizes = {key: _json_size(value) for key, value in cut.items()
+                 if isinstance(value, str) and value}
+        if not sizes:
+            break  # only numbers and arrays left: fixed size, far below any max_line
+        # Water-filling: the largest cap C with sum(min(size, C)) <= what strings may take.
+        room = sum(sizes.values()) - (len(text) - max_line) - _MARKER_ROOM * len(sizes)
+        cap = _water_level(sorted(sizes.values()), max(0, room))
+        for key, size in sizes.items():
+            if size > cap:
+                value = cut[key]
+                original = line[key]
+                keep = _prefix_within(value, max(0, cap - _MARKER_ROOM))
+                if keep >= len(value):
+                    keep = len(value) - 1  # always progress
+                lost = len(original) - keep
+                cut[key] = f"{original[:keep]}...[{lost} more]"
+        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+    if len(text) > max_line:  # not reached in practice: every string gives way
+        cut = {key: f"...[{len(value)} more]" if isinstance(value, str) else value
+               for key, value in line.items()}
+        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+    return text
+
+
+def _json_size(value: str) -> int:
+    """Bytes of ``value`` as a JSON string, without its quotes."""
+    return len(json.dumps(value, ensure_ascii=True)) - 2
+
+
+def _water_level(sizes: list[int], room: int) -> int:
+    """The largest C with ``sum(min(s, C) for s in sizes) <= room`` (``sizes`` sorted)."""
+    left = len(sizes)
+    for size in sizes:
+        if size * left > room:
+            return room // left
+        room -= size
+        left -= 1
+    return sizes[-1] if sizes else 0
+
+
+def _prefix_within(value: str, limit: int) -> int:
+    """Length of the longest prefix of ``value`` whose JSON form (no quotes) takes at
+    most ``limit`` bytes (about: a shorter one is fine)."""
+    n = min(len(value), limit)  # every character takes at least one byte
+    while n > 0:
+        size = _json_size(value[:n])
+        if size <= limit:
+            break
+        n = n * limit // size  # < n, since size > limit
+    return n

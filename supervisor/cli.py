@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 
 from . import __version__
 from .config import Config, add_policy_files, default_config, load_config, with_socket
@@ -19,10 +21,27 @@ EXIT_USAGE = 2
 
 
 def _setup_logging(level: str) -> None:
+    """Log to stderr, every record escaped by :class:`~supervisor.logfmt.OneLineFormatter`:
+    under systemd stderr shares the journal stream with the JSON audit trail on stdout,
+    and logged strings come from containers' creators (see supervisor/logfmt.py)."""
+    from .logfmt import OneLineFormatter
+
     # Under systemd the journal stamps each line itself.
     fmt = ("%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM")
            else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler],
+                        force=True)
+    # An exception nothing caught would otherwise be printed raw by the interpreter.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda args: _log_uncaught(
+        args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    logging.getLogger("supervisor").critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -178,11 +178,15 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
-    """``[audit]``: which decisions get an audit line, and at most ``rate_limit`` identical
-    lines per second per container (0 = no limit)."""
+    """``[audit]``: which decisions get an audit line; at most ``rate_limit`` lines per
+    second per container, system call, decision and policy (0 = no limit), at most
+    ``container_bytes`` bytes per second per container (0 = no limit), and at most
+    ``max_line`` bytes per line (see supervisor/audit.py)."""
 
     decisions: AuditDecisions = "deny"
     rate_limit: int = 10
+    container_bytes: int = 65536
+    max_line: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +392,7 @@ _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_i
 _POLICY_KEYS: Final = ("name", "path", "entry_point", "options")
 _ROUTE_KEYS: Final = ("match", "policies", "mode")
 _MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations")
-_AUDIT_KEYS: Final = ("decisions", "rate_limit")
+_AUDIT_KEYS: Final = ("decisions", "rate_limit", "container_bytes", "max_line")
 
 _MISSING: Final = object()
 T = TypeVar("T")
@@ -678,7 +682,20 @@ class _Parser:
                                self.audit_decisions),
             rate_limit=self.get(t, "audit", "rate_limit", 10,
                                 lambda k, v: self.integer(k, v, minimum=0)),
+            container_bytes=self.get(t, "audit", "container_bytes", 65536,
+                                     self.audit_bytes),
+            # A line's fixed fields (numbers, arguments) take about 400 bytes.
+            max_line=self.get(t, "audit", "max_line", 4096,
+                              lambda k, v: self.integer(k, v, minimum=1024,
+                                                        maximum=1 << 20)),
         )
+
+    def audit_bytes(self, key: str, value: object) -> int:
+        """0 (no budget), or enough for a few lines."""
+        n = self.integer(key, value, minimum=0)
+        if 0 < n < 4096:
+            raise self.fail(key, f"must be 0 (no limit) or >= 4096, got {n}")
+        return n
 
     def audit_decisions(self, key: str, value: object) -> AuditDecisions:
         if value == "all":

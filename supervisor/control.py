@@ -68,6 +68,8 @@ log = logging.getLogger("supervisor.control")
 MAX_LINE: Final = 64 * 1024
 MAX_REPLY_FDS: Final = 253  # SCM_MAX_FD
 _IDLE_TIMEOUT: Final = 30.0
+# Longest cell of the ``status`` table, in characters (after escaping).
+_MAX_CELL: Final = 100
 _MAX_CONNECTIONS: Final = 16
 _UCRED: Final = struct.Struct("iII")
 _FD_SIZE: Final = array.array("i").itemsize
@@ -173,6 +175,14 @@ def printable(text: object) -> str:
     return "".join(out)
 
 
+def _cell(text: object) -> str:
+    """A cell of the status table: :func:`printable`, cut at :data:`_MAX_CELL`."""
+    out = printable(text)
+    if len(out) > _MAX_CELL:
+        out = f"{out[:_MAX_CELL]}...[{len(out) - _MAX_CELL} more]"
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
@@ -202,6 +212,8 @@ def format_status(status: Mapping[str, Any]) -> str:
     ]
     if not sessions:
         return "\n".join([*head, "", "no containers are being served"]) + "\n"
+    # Ids, metadata and policy names come from containers' creators and plugins: escaped
+    # and cut, so they can neither add lines nor reach the terminal as escape sequences.
     columns = ("CONTAINER", "PID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
                "INFLIGHT", "AGE", "METADATA")
     rows = []
@@ -209,16 +221,16 @@ def format_status(status: Mapping[str, Any]) -> str:
         decisions = s.get("decisions", {})
         # The container id and metadata come from whoever created the container.
         rows.append((
-            printable(s.get("container", "")),
-            printable(s.get("runtime_pid", "")),
-            ",".join(printable(p) for p in s.get("policies", [])) or "-",
-            printable(s.get("mode", "")),
+            _cell(s.get("container", "")),
+            _cell(s.get("runtime_pid", "")),
+            _cell(",".join(str(p) for p in s.get("policies", []))) or "-",
+            _cell(s.get("mode", "")),
             str(s.get("notifications", 0)),
             " ".join(f"{k}={v}" for k, v in sorted(decisions.items())) or "-",
             str(s.get("gone", 0)),
             str(s.get("inflight", 0)),
             _duration(float(s.get("age_seconds", 0))),
-            printable(" ".join(str(s.get("metadata", "")).split())) or "-",
+            _cell(" ".join(str(s.get("metadata", "")).split())) or "-",
         ))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = [*head, ""]

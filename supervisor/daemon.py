@@ -48,6 +48,7 @@ from .decide import Chain
 from .errors import ConfigError, ProfileError
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
+from .learn import learn_directories
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
 from .notifyfd import NotifyFd, is_seccomp_listener
@@ -60,6 +61,7 @@ from .router import (
     route_for,
     trace_request,
 )
+from .safefile import FILE_TIMEOUT, FileRefused, drain
 from .session import Session, SessionSettings
 from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
@@ -100,7 +102,9 @@ class Daemon:
         self.loader = loader
         self.recorder = Recorder(self.metrics, audit=config.audit.decisions,
                                  stream=audit_stream if audit_stream is not None else sys.stdout,
-                                 rate_limit=config.audit.rate_limit)
+                                 rate_limit=config.audit.rate_limit,
+                                 container_bytes=config.audit.container_bytes,
+                                 max_line=config.audit.max_line)
         self.notifier = notifier if notifier is not None else systemd.Notifier.from_environ()
         self.control = ControlServer({"status": self._status_command})
         self.started_at = time.time()
@@ -136,7 +140,7 @@ class Daemon:
         # Learn mode by annotation (io.containers.trace-syscall): those sessions keep
         # their chain across reloads; (container id, output) pairs written already.
         self._traced: weakref.WeakSet[Session] = weakref.WeakSet()
-        self._traces_written: set[tuple[str, str]] = set()
+        self._traces_written: set[tuple[str, str, str]] = set()
 
     async def run(self, *, sock: trio.socket.SocketType | None = None,
                   takeover: str | None = None,
@@ -218,6 +222,9 @@ class Daemon:
                                         signal.Signals(signum).name)
                             nursery.cancel_scope.cancel()
                             break
+            # Profiles still being written by session-end hooks (worker threads).
+            with trio.CancelScope(shield=True), trio.move_on_after(FILE_TIMEOUT):
+                await drain()
         self._nursery = None
 
     def _activated_socket(self) -> trio.socket.SocketType | None:
@@ -401,8 +408,10 @@ class Daemon:
         OCI hook convention): its own recording policy writing to the annotation's output,
         merged into its base profile. None (normal routing, with an error logged) when it
         has no such annotation, the annotation is invalid, no policy named ``learn`` is
-        configured (that is what enables the route), the output is outside that policy's
-        ``directory``, or the base is not a readable ``SCMP_ACT_ERRNO`` profile."""
+        configured (that is what enables the route), the output is not a plain file name
+        directly in that policy's ``trace_directory``, or a base is named that is not one
+        directly in its ``base_directory``. Pure checks: no file is touched here (the base
+        is read when the profile is written, off the event loop)."""
         try:
             request = trace_request(container)
             if request is None:
@@ -411,9 +420,10 @@ class Daemon:
             if learn is None:
                 raise TraceAnnotationError(
                     "no policy named 'learn' is configured: the route is off")
-            policy = _trace_policy(container.id, request, str(learn.options["directory"]),
+            _directory, trace_directory, base_directory = learn_directories(learn.options)
+            policy = _trace_policy(container.id, request, trace_directory, base_directory,
                                    self._traces_written)
-        except (TraceAnnotationError, ProfileError) as exc:
+        except (TraceAnnotationError, FileRefused) as exc:
             log.error("container %s: annotation %s ignored, routed as usual: %s",
                       container.id, TRACE_ANNOTATION, exc)
             return None
@@ -615,6 +625,8 @@ class Daemon:
         self.state = new_state
         self.recorder.audit = config.audit.decisions
         self.recorder.rate_limit = config.audit.rate_limit
+        self.recorder.container_bytes = config.audit.container_bytes
+        self.recorder.max_line = config.audit.max_line
         for session, chain, choice in routes:
             before = session.chain.names
             session.rebind(chain, self._settings(choice))
@@ -627,37 +639,50 @@ class Daemon:
         return True
 
 
-def _trace_policy(container_id: str, request: TraceRequest, directory: str,
-                  written: set[tuple[str, str]]) -> PolicySet:
+def _trace_policy(container_id: str, request: TraceRequest, trace_directory: str,
+                  base_directory: str, written: set[tuple[str, str, str]]) -> PolicySet:
     """A recording policy for one traced container session: every notified call it can
     name is counted and answered CONTINUE; when the session ends the profile (the calls
-    seen, the launcher's handoff calls, merged into ``request.base``; merged into the
-    earlier file when this container already wrote it, e.g. ``runc exec`` sessions) is
-    written atomically to ``request.output``.
+    seen and the launcher's handoff calls, merged into ``request.base``) is written
+    atomically to ``request.output``, in a worker thread (:mod:`supervisor.safefile`).
 
     The daemon runs as root and the annotation comes from whoever creates the container
-    (a Kubernetes pod annotation reaches it through CRI-O), so the output must lie inside
-    ``directory`` (checked here on the path, and again on the real path of its parent
-    when writing). Raises TraceAnnotationError for an output outside it and ProfileError
-    for a base that is not a readable SCMP_ACT_ERRNO profile."""
+    (a Kubernetes pod annotation reaches it through CRI-O), so:
+
+    * the output must be a plain file name directly in ``trace_directory``, the base one
+      directly in ``base_directory`` (no base may be named when that is ""); both are
+      opened relative to their directory, never through a symlink; the base must be a
+      regular file of at most 1 MiB;
+    * the output is created exclusively (``link``, which fails if the name exists): a
+      file this daemon did not write for ``container_id`` is never merged into or
+      replaced. ``written`` remembers ``(trace_directory, name, container id)`` of the
+      files it did write (in memory: after a restart an existing file is refused), so a
+      later session of the same container (``runc exec``) merges into its own file.
+
+    Raises TraceAnnotationError or FileRefused (pure checks, no I/O)."""
     from .learn import (
         HANDOFF_SYSCALLS,
         UNRECORDABLE,
         Recording,
+        check_base,
         known_syscalls,
-        load_base,
         merge_profile,
-        write_profile,
+        read_profile_in,
     )
+    from .logfmt import escape
     from .policy import Decision, Notification, allow
-    from .profile import load_profile
+    from .profile import dump_profile
+    from .safefile import name_in, submit, write_file
 
-    root = os.path.normpath(directory)
-    output = os.path.normpath(request.output)
-    if os.path.commonpath([root, output]) != root or output == root:
-        raise TraceAnnotationError(
-            f"the output {request.output} is outside the learn policy's directory {root}")
-    base = load_base(request.base) if request.base else None
+    output_name = name_in(trace_directory, request.output, "output")
+    base_name = None
+    if request.base is not None:
+        if not base_directory:
+            raise TraceAnnotationError(
+                "an input profile ('if:') is refused: the learn policy has no "
+                "base_directory")
+        base_name = name_in(base_directory, request.base, "input profile")
+    output = os.path.join(trace_directory, output_name)
     recording = Recording()
     policy = PolicySet("trace-syscall", description=f"learn mode into {output}")
     answer = allow(reason="trace-syscall annotation")
@@ -669,31 +694,46 @@ def _trace_policy(container_id: str, request: TraceRequest, directory: str,
 
     @policy.on_session_end
     def write(container: Container) -> None:
-        real_root = os.path.realpath(root)
-        parent = os.path.realpath(os.path.dirname(output))
-        if os.path.commonpath([real_root, parent]) != real_root:
-            log.error("container %s: not writing %s: its directory resolves to %s, "
-                      "outside %s", container_id, output, parent, real_root)
-            return
-        key = (container_id, output)
-        merged_into = base
-        if key in written and os.path.exists(output):
+        names = recording.names() | set(HANDOFF_SYSCALLS)
+        architectures = recording.architectures()
+        total, seen = recording.total, len(recording.names())
+        owner = (trace_directory, output_name, container_id)
+
+        def job() -> None:  # in a worker thread, one at a time per output file
             try:
-                merged_into = load_profile(output)
-            except ProfileError as exc:
-                log.warning("container %s: %s is no longer a valid profile, replacing "
-                            "it: %s", container_id, output, exc)
-        try:
-            profile = merge_profile(merged_into, recording.names() | set(HANDOFF_SYSCALLS),
-                                    recording.architectures())
-            write_profile(output, profile)
-        except (OSError, ProfileError) as exc:
-            log.error("container %s: cannot write the traced profile %s: %s",
-                      container_id, output, exc)
-            return
-        written.add(key)
-        log.info("container %s: %d notifications of %d system calls; wrote %s",
-                 container_id, recording.total, len(recording.names()), output)
+                base = None
+                if base_name is not None:
+                    base = read_profile_in(base_directory, base_name)
+                    check_base(base)
+                merged_into = base
+                owned = owner in written
+                if owned:
+                    try:
+                        merged_into = read_profile_in(trace_directory, output_name)
+                    except FileNotFoundError:
+                        owned = False  # removed since: create it again
+                    except (FileRefused, ProfileError, OSError) as exc:
+                        log.warning("container %s: %s is no longer a readable profile, "
+                                    "replacing it: %s", container_id, output,
+                                    escape(str(exc), 300))
+                profile = merge_profile(merged_into, names, architectures)
+                write_file(trace_directory, output_name, dump_profile(profile).encode(),
+                           exclusive=not owned)
+            except FileExistsError:
+                log.error("container %s: %s not written: the file exists and this daemon "
+                          "did not write it for this container (remove it to trace into "
+                          "it again)", container_id, output)
+                return
+            except (FileRefused, ProfileError, OSError) as exc:
+                log.error("container %s: traced profile %s not written: %s", container_id,
+                          output, escape(str(exc), 300))
+                return
+            written.add(owner)
+            log.info("container %s: %d notifications of %d system calls; wrote %s",
+                     container_id, total, seen, output)
+
+        submit(f"container {container_id}: traced profile {output}", job,
+               key=("trace", trace_directory, output_name))
 
     return policy
 

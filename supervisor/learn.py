@@ -50,20 +50,24 @@ from typing import Final
 import pyseccomp
 
 from .errors import ProfileError
-from .profile import Action, Profile, SyscallRule, load_profile
+from .profile import Action, Profile, SyscallRule, load_profile, parse_profile
+from .safefile import MAX_PROFILE_BYTES, read_file
 
 __all__ = [
     "ARCH_PROFILE_NAMES",
     "HANDOFF_SYSCALLS",
+    "TRACE_SUBDIRECTORY",
     "UNRECORDABLE",
     "RecordResult",
     "Recording",
     "check_base",
     "known_syscalls",
+    "learn_directories",
     "learning_profile",
     "load_base",
     "merge_profile",
     "profile_file_name",
+    "read_profile_in",
     "record",
     "write_profile",
 ]
@@ -165,10 +169,51 @@ def check_base(base: Profile) -> None:
 
 
 def load_base(path: str | os.PathLike[str]) -> Profile:
-    """Read a base profile and :func:`check_base` it. Raises ProfileError."""
+    """Read a base profile and :func:`check_base` it. Raises ProfileError.
+
+    For an operator's file (``record --base``, the learn policy's ``base`` option); a
+    file a container's creator names is read with :func:`read_profile_in`."""
     base = load_profile(path)
     check_base(base)
     return base
+
+
+def read_profile_in(directory: str, name: str) -> Profile:
+    """Parse the profile file ``name`` directly in ``directory``, read with
+    :func:`supervisor.safefile.read_file` (a regular file, no symlink, at most
+    :data:`~supervisor.safefile.MAX_PROFILE_BYTES`). Blocking: for a worker thread.
+
+    Raises FileNotFoundError, :class:`~supervisor.safefile.FileRefused`, ProfileError
+    or OSError; a ProfileError's message says where the file is wrong but quotes
+    nothing from it (whoever named the file may not read it)."""
+    data = read_file(directory, name, MAX_PROFILE_BYTES)
+    try:
+        return parse_profile(data, os.path.join(directory, name))
+    except ProfileError as exc:
+        raise ProfileError(_without_quotes(str(exc))) from None
+
+
+def _without_quotes(message: str) -> str:
+    """``message`` cut before its first quoted value (profile errors quote what they
+    found with repr or JSON quotes)."""
+    cut = min((i for i in (message.find("'"), message.find('"')) if i >= 0), default=-1)
+    if cut < 0:
+        return message
+    return f"{message[:cut].rstrip()} (the file's values not shown)"
+
+
+TRACE_SUBDIRECTORY: Final = "traced"
+
+
+def learn_directories(options: Mapping[str, object]) -> tuple[str, str, str]:
+    """``(directory, trace_directory, base_directory)`` of the learn policy's options:
+    where it writes ``<container id>.json``, where ``io.containers.trace-syscall``
+    outputs may be (``trace_directory``, default ``DIRECTORY/traced``), and where their
+    ``if:`` bases may be (``base_directory``, "" when none may be). Pure."""
+    directory = str(options["directory"])
+    trace = str(options.get("trace_directory") or "") or os.path.join(directory,
+                                                                      TRACE_SUBDIRECTORY)
+    return directory, trace, str(options.get("base_directory") or "")
 
 
 def _unconditional_allow(rule: SyscallRule) -> bool:

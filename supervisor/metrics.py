@@ -214,8 +214,9 @@ class Metrics:
         self.inflight = Gauge(
             "inflight", "Asynchronous decisions under way.", namespace=ns, registry=registry)
         self.audit_suppressed = FastCounter(
-            f"{ns}_audit_lines_suppressed", "Audit lines not written because a container "
-            "repeated the same line more than [audit] rate_limit times in a second.",
+            f"{ns}_audit_lines_suppressed", "Audit lines not written: over [audit] rate_limit "
+            "(per container, system call, decision and policy) or over [audit] "
+            "container_bytes in a second.",
             [], registry=registry)
         for stage in ("recv", "send", "id_valid", "addfd"):
             self.gone.labels(stage)

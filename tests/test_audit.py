@@ -95,7 +95,8 @@ def test_line_fields_and_levels() -> None:
 
 
 def test_identical_means_same_event_per_container() -> None:
-    """Args and thread differ between repeats; other containers have their own budget."""
+    """Args, thread and errno differ between repeats; other containers have their own
+    budget; another policy is another key."""
     out = io.StringIO()
     metrics = Metrics(CollectorRegistry())
     rec = Recorder(metrics, audit="deny", stream=out, rate_limit=2)
@@ -104,11 +105,12 @@ def test_identical_means_same_event_per_container() -> None:
         _decide(rec, a, Outcome(deny(13), "p"), args=(0x1000 + i, 0, 0, 0, 0, 0), tid=i)
     for _ in range(2):
         _decide(rec, b, Outcome(deny(13), "p"))
-    _decide(rec, a, Outcome(deny(1), "p"))  # another answer: another line
+    _decide(rec, a, Outcome(deny(1), "p"))  # another errno: the same key, held back
+    _decide(rec, a, Outcome(deny(1), "q"))  # another policy: another line
     lines = records(out.getvalue().splitlines())
     assert [r["container"] for r in lines] == ["a", "a", "b", "b", "a"]
     assert metrics.registry.get_sample_value(
-        "seccomp_supervisor_audit_lines_suppressed_total") == 3
+        "seccomp_supervisor_audit_lines_suppressed_total") == 4
 
 
 # --------------------------------------------------------------------------- the daemon

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from supervisor.router import (
     parse_trace_annotation,
     trace_request,
 )
+from supervisor.safefile import drain
 
 from .daemon_harness import running_daemon
 
@@ -82,7 +84,7 @@ path = "{ROOT}/policies/hardening.py"
 [[policy]]
 name = "learn"
 path = "{ROOT}/policies/learn.py"
-options = {{ directory = "{{tmp}}/learned" }}
+options = {{ directory = "{{tmp}}/learned", base_directory = "{{tmp}}/bases" }}
 """
 NO_LEARN = CONFIG.split("[[policy]]\nname = \"learn\"")[0]
 
@@ -101,11 +103,14 @@ def annotated(value: str) -> Container:
 
 
 async def test_route_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    base = tmp_path / "base.json"
+    """Routing only checks names (no file is read on the event loop): the output must
+    be directly in the learn policy's trace_directory, the base directly in its
+    base_directory."""
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    base = bases / "base.json"
     base.write_text(json.dumps(BASE))
-    allow_base = tmp_path / "allow.json"
-    allow_base.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW"}))
-    out = f"{tmp_path}/learned/sub/out.json"
+    out = f"{tmp_path}/learned/traced/out.json"
     async with running_daemon(tmp_path, CONFIG) as d:
         route = d.daemon._trace_route
         got = route(annotated(f"of:{out};if:{base}"))
@@ -117,10 +122,14 @@ async def test_route_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         assert route(Container("plain")) is None
         refused = {
             "of:x.json": "the output file path must be absolute",
-            f"of:{tmp_path}/elsewhere.json": "is outside the learn policy's directory",
-            f"of:{tmp_path}/learned": "is outside the learn policy's directory",
-            f"of:{out};if:{tmp_path}/missing.json": "cannot read the profile",
-            f"of:{out};if:{allow_base}": "a base for learn mode must deny by default",
+            f"of:{tmp_path}/elsewhere.json": "is not directly in",
+            f"of:{tmp_path}/learned/out.json": "is not directly in",  # the learn policy's
+            f"of:{tmp_path}/learned/traced": "is not directly in",
+            f"of:{tmp_path}/learned/traced/sub/out.json": "is not directly in",
+            f"of:{tmp_path}/learned/traced/.hidden": "is not a plain file name",
+            f"of:{out};if:/dev/zero": "is not directly in",
+            f"of:{out};if:/etc/shadow": "is not directly in",
+            f"of:{out};if:{tmp_path}/learned/traced/out.json": "is not directly in",
         }
         for value, reason in refused.items():
             caplog.clear()
@@ -137,23 +146,81 @@ async def test_route_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         with caplog.at_level(logging.ERROR, logger="supervisor.daemon"):
             assert d.daemon._trace_route(annotated(f"of:{out}")) is None
         assert "no policy named 'learn' is configured" in caplog.text
-
-
-async def test_output_whose_directory_escapes_by_symlink_is_not_written(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "learned").mkdir()
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (tmp_path / "learned" / "link").symlink_to(outside)
-    async with running_daemon(tmp_path, CONFIG) as d:
-        got = d.daemon._trace_route(annotated(f"of:{tmp_path}/learned/link/out.json"))
-        assert got is not None
-        chain, _ = got
+    no_bases = CONFIG.replace(', base_directory = "{tmp}/bases"', "")
+    (tmp_path / "nb").mkdir()
+    async with running_daemon(tmp_path / "nb", no_bases) as d:
+        caplog.clear()
         with caplog.at_level(logging.ERROR, logger="supervisor.daemon"):
-            for _name, policy in chain.policies:
-                policy.session_ended(annotated(""))
-    assert list(outside.iterdir()) == []
-    assert "outside" in caplog.text and "not writing" in caplog.text
+            assert d.daemon._trace_route(annotated(
+                f"of:{tmp_path}/nb/learned/traced/o.json;if:{base}")) is None
+        assert "the learn policy has no base_directory" in caplog.text
+
+
+async def test_bad_bases_and_outputs_are_refused_when_writing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """In its directories, a base must be a regular file (not a symlink, FIFO or
+    directory) of at most 1 MiB denying by default, and an output's name must not be
+    taken by a symlink: each is refused when the session ends, nothing is written
+    and no message shows what a file contains."""
+    bases = tmp_path / "bases"
+    bases.mkdir()
+    (bases / "good.json").write_text(json.dumps(BASE))
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(BASE))
+    (bases / "link.json").symlink_to(outside)
+    os.mkfifo(bases / "fifo.json")
+    (bases / "dir.json").mkdir()
+    (bases / "big.json").write_text('{"SECRET": "' + "Z" * (2 << 20) + '"}')
+    (bases / "allow.json").write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW"}))
+    (bases / "secret.json").write_text('{"defaultAction": "SECRET-VALUE"}')
+    traced = tmp_path / "learned" / "traced"
+    traced.mkdir(parents=True)
+    (traced / "taken.json").symlink_to(outside)
+    cases = {
+        "link": "is a symlink: not followed",
+        "fifo": "is not a regular file",
+        "dir": "is not a regular file",
+        "big": "is larger than 1048576 bytes",
+        "allow": "a base for learn mode must deny by default",
+        "secret": "defaultAction",
+    }
+    async with running_daemon(tmp_path, CONFIG) as d:
+        for name, reason in cases.items():
+            caplog.clear()
+            container = annotated(f"of:{traced}/{name}.out;if:{bases}/{name}.json")
+            got = d.daemon._trace_route(container)
+            assert got is not None
+            with caplog.at_level(logging.ERROR):
+                for _name, policy in got[0].policies:
+                    policy.session_ended(container)
+                with trio.fail_after(10):
+                    await drain()
+            assert f"traced profile {traced}/{name}.out not written" in caplog.text
+            assert reason in caplog.text, (name, caplog.text)
+            assert "ZZZ" not in caplog.text and "SECRET-VALUE" not in caplog.text
+            assert not (traced / f"{name}.out").exists()
+        caplog.clear()
+        container = annotated(f"of:{traced}/taken.json;if:{bases}/good.json")
+        got = d.daemon._trace_route(container)
+        assert got is not None
+        with caplog.at_level(logging.ERROR):
+            for _name, policy in got[0].policies:
+                policy.session_ended(container)
+            with trio.fail_after(10):
+                await drain()
+        assert "the file exists and this daemon did not write it" in caplog.text
+        assert (traced / "taken.json").is_symlink()
+        container = annotated(f"of:{traced}/good.out;if:{bases}/good.json")
+        got = d.daemon._trace_route(container)
+        assert got is not None
+        for _name, policy in got[0].policies:
+            policy.session_ended(container)
+        with trio.fail_after(10):
+            await drain()
+    assert load_profile(traced / "good.out").syscalls[1:] == load_profile(
+        bases / "good.json").syscalls
+    assert outside.read_text() == json.dumps(BASE)
+    assert sorted(p.name for p in traced.iterdir()) == ["good.out", "taken.json"]
 
 
 # --- runc --------------------------------------------------------------------------------------
@@ -179,9 +246,10 @@ async def test_container_annotated_for_tracing_writes_its_profile(
     the runtime then runs the same command under it."""
     from .runtime import container, oci_config, unique_id
 
-    base = tmp_path / "base.json"
+    (tmp_path / "bases").mkdir()
+    base = tmp_path / "bases" / "base.json"
     base.write_text(json.dumps(BASE))
-    out = tmp_path / "learned" / "web.json"
+    out = tmp_path / "learned" / "traced" / "web.json"
     names = sorted(known_syscalls() - {"write"})
     script = "ls -l / >/dev/null && mkdir /tmp/x && echo listed"
     async with running_daemon(tmp_path, CONFIG) as d:
@@ -197,7 +265,8 @@ async def test_container_annotated_for_tracing_writes_its_profile(
         await wait_for(out)
         # The normal chain (hardening) never saw it; nothing went to the learn policy's
         # own directory file either.
-        assert [p.name for p in (tmp_path / "learned").iterdir()] == ["web.json"]
+        assert [p.name for p in (tmp_path / "learned").iterdir()] == ["traced"]
+        assert [p.name for p in out.parent.iterdir()] == ["web.json"]
     learned = load_profile(out)
     assert learned.default_action == Action.ERRNO
     assert {"execve", "getdents64", "newfstatat"} <= allowed(learned)
