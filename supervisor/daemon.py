@@ -60,6 +60,7 @@ from .router import (
     route_for,
     trace_request,
 )
+from .served import KcmpUnavailable, ServedListeners
 from .session import Session, SessionSettings
 from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
@@ -126,6 +127,15 @@ class Daemon:
             self.reloads.labels(label)
         for label in ("fdstore", "takeover"):
             self.restored.labels(label)
+        # A listener served twice freezes the loop (see served.py): every path that
+        # starts a session (handoff, fd store, takeover, resume) claims it here first.
+        self.served = ServedListeners()
+        self.refused = Counter(
+            "listeners_refused", "Listeners not served, by reason (already_served: the "
+            "same listener is served by another session).", ["reason"],
+            namespace="seccomp_supervisor", registry=self.registry)
+        self.refused.labels("already_served")
+        self._kcmp_warned = False
         self.fdstore = FdStore(self.notifier)
         self.stopping = False
         self._gate: AcceptGate | None = None
@@ -352,10 +362,16 @@ class Daemon:
             rate_exceeded=defaults.rate_exceeded)
 
     def start_session(self, notify: NotifyFd, container: Container, *,
-                      stored_as: str | None = None, source: str = "handoff") -> Session:
+                      stored_as: str | None = None,
+                      source: str = "handoff") -> Session | None:
         """Route ``container`` and serve ``notify`` (owned by the session from now on).
         ``stored_as``: the fd-store name it already has (restored after a restart);
-        otherwise it is put into the fd store under a new name (under systemd)."""
+        otherwise it is put into the fd store under a new name (under systemd).
+
+        None (``notify`` closed, an fd-store entry removed, counted) when the same
+        listener is served already: two readers of one filter would block the loop."""
+        if self._already_served(notify, container, stored_as, source):
+            return None
         state = self.state
         choice = route_for(container, state.config)
         chain = state.chain(choice.policies)
@@ -388,6 +404,34 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
         return session
+
+    def _already_served(self, notify: NotifyFd, container: Container,
+                        stored_as: str | None, source: str) -> bool:
+        """Claim ``notify``'s listener; True (and ``notify`` closed) if another
+        session serves it already."""
+        try:
+            other = self.served.claim(notify)
+        except KcmpUnavailable as exc:
+            if not self._kcmp_warned:
+                self._kcmp_warned = True
+                log.error("cannot tell whether a listener is served twice (%s); serving "
+                          "without that check: a runtime that hands one listener over "
+                          "twice can stall the daemon", exc)
+            return False
+        if other is None:
+            return False
+        owner = next((s.container.id for s in self.sessions if s.notify is other), None)
+        if owner is None:
+            owner = next((f"{name} (paused for a handover)"
+                          for n, name in self._handed.values() if n is other), "?")
+        log.error("container %r (pid %d, %s): refused: its seccomp listener is already "
+                  "served, by container %r; the same listener was handed over twice",
+                  container.id, container.pid, source, owner)
+        self.refused.labels("already_served").inc()
+        notify.close()
+        if stored_as is not None:
+            self.fdstore.remove(stored_as)
+        return True
 
     def _trace_route(self, container: Container) -> tuple[Chain, RouteChoice] | None:
         """Learn mode for a container annotated ``io.containers.trace-syscall`` (podman's
@@ -497,9 +541,9 @@ class Daemon:
             if restored.error:
                 log.error("fd store: session %s: %s; served as %s with its route",
                           group.name, restored.error, restored.container.id)
-            self.start_session(NotifyFd(restored.notify_fd), restored.container,
-                               stored_as=restored.name, source="from the fd store")
-            self.restored.labels("fdstore").inc()
+            if self.start_session(NotifyFd(restored.notify_fd), restored.container,
+                                  stored_as=restored.name, source="from the fd store"):
+                self.restored.labels("fdstore").inc()
         if groups:
             log.info("fd store: serving %d sessions again", len(groups))
 
@@ -523,8 +567,8 @@ class Daemon:
                           container.id)
                 os.close(fd)
                 continue
-            self.start_session(NotifyFd(fd), container, source="taken over")
-            self.restored.labels("takeover").inc()
+            if self.start_session(NotifyFd(fd), container, source="taken over"):
+                self.restored.labels("takeover").inc()
         for fd, reason in taken.invalid:
             log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
                       fd, reason)
