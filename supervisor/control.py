@@ -67,7 +67,9 @@ log = logging.getLogger("supervisor.control")
 MAX_LINE: Final = 64 * 1024
 MAX_REPLY_FDS: Final = 253  # SCM_MAX_FD
 _IDLE_TIMEOUT: Final = 30.0
-_MAX_CONNECTIONS: Final = 16
+#: Control connections served at once (more wait in the listen backlog, holding no fd).
+MAX_CONNECTIONS: Final = 16
+_MAX_CONNECTIONS: Final = MAX_CONNECTIONS
 _UCRED: Final = struct.Struct("iII")
 _FD_SIZE: Final = array.array("i").itemsize
 
@@ -315,20 +317,21 @@ async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
 
 async def _read_line(conn: trio.socket.SocketType, buffer: bytearray) -> bytes | None:
     """The next line (without newline), None at EOF. A line over MAX_LINE (OSError) or a
-    silent peer (TooSlowError) ends the connection."""
-    while True:
-        end = buffer.find(b"\n")
-        if end >= 0:
-            line = bytes(buffer[:end])
-            del buffer[:end + 1]
-            return line
-        if len(buffer) > MAX_LINE:
-            raise OSError("request line too long")
-        with trio.fail_after(_IDLE_TIMEOUT):
+    line not complete within _IDLE_TIMEOUT (TooSlowError: a silent peer, or one that
+    drips a byte at a time) ends the connection."""
+    with trio.fail_after(_IDLE_TIMEOUT):
+        while True:
+            end = buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
+                return line
+            if len(buffer) > MAX_LINE:
+                raise OSError("request line too long")
             chunk = await conn.recv(65536)
-        if not chunk:
-            return None
-        buffer.extend(chunk)
+            if not chunk:
+                return None
+            buffer.extend(chunk)
 
 
 # --------------------------------------------------------------------------- client

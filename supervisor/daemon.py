@@ -32,22 +32,24 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
-import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from . import __version__, bpf, systemd
 from .audit import Recorder
 from .config import Config
+from .control import MAX_CONNECTIONS as CONTROL_MAX_CONNECTIONS
 from .control import ControlRequest, ControlServer
 from .decide import Chain
 from .errors import ConfigError, ProfileError
+from .fdbudget import fd_budget, raise_nofile_limit
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
+from .httpmetrics import MetricsServer, bind_tcp
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import Metrics
 from .notifyfd import NotifyFd, is_seccomp_listener
@@ -65,6 +67,9 @@ from .session import Session, SessionSettings
 from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
 log = logging.getLogger("supervisor.daemon")
+
+#: Fewer fds than this left for sessions after the caps gets a warning at start.
+MIN_SESSION_FDS = 256
 
 Loader = Callable[[], tuple[Config, Mapping[str, PolicySet]]]
 
@@ -114,6 +119,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self.reloads_failed = 0
         self.metrics_address: tuple[Any, ...] | None = None
+        self.metrics_server = MetricsServer(self.registry)
         self._nursery: trio.Nursery | None = None
         # Reliability (issue 7): reload, graceful stop, fd store, takeover.
         self.reloads = Counter(
@@ -160,6 +166,7 @@ class Daemon:
         daemon then serves on)."""
         bpf.check_kernel_abi()
         config = self.state.config
+        self._plan_fds(config)
         taken = None
         if takeover is not None and sock is None:
             taken = await self._request_takeover(takeover)
@@ -183,8 +190,11 @@ class Daemon:
                 cleanup.callback(self._unlink_socket_file, bound_path)
             cleanup.enter_context(sock)
             cleanup.callback(self._close_handed)
+            metrics_sock = None
             if taken is None:
-                cleanup.enter_context(self._metrics_server(config))
+                metrics_sock = self._bind_metrics(config)
+                if metrics_sock is not None:
+                    cleanup.enter_context(metrics_sock)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -198,11 +208,15 @@ class Daemon:
                         with trio.move_on_after(10):
                             await _wait_for_exit(taken.old_pid)
                         try:
-                            cleanup.enter_context(self._metrics_server(config))
+                            metrics_sock = self._bind_metrics(config)
+                            if metrics_sock is not None:
+                                cleanup.enter_context(metrics_sock)
                         except OSError as exc:
                             log.error("metrics on %s: %s", config.metrics.listen, exc)
                     else:
                         self._restore_stored_sessions()
+                    if metrics_sock is not None:
+                        await nursery.start(self.metrics_server.serve, metrics_sock)
                     await nursery.start(self._serve, sock)
                     await nursery.start(self._serve_control, config.listen.control_socket)
                     if notifier.watchdog_interval is not None:
@@ -316,22 +330,29 @@ class Daemon:
     async def _status_command(self, request: ControlRequest) -> dict[str, Any]:
         return self.status()
 
-    @contextlib.contextmanager
-    def _metrics_server(self, config: Config) -> Iterator[None]:
-        """prometheus-client's own exporter, in its own thread, on ``[metrics] listen``."""
+    def _plan_fds(self, config: Config) -> None:
+        """Raise the soft fd limit to the hard one and say what it is set aside for
+        (see fdbudget.py); warn when too little is left for containers."""
+        budget = fd_budget(raise_nofile_limit(), max_handoffs=config.listen.max_handoffs,
+                           max_fds=ListenerLimits().max_fds,
+                           control_connections=CONTROL_MAX_CONNECTIONS,
+                           metrics_connections=(self.metrics_server.limits.max_connections
+                                                if config.metrics.enabled else 0))
+        if budget.sessions < MIN_SESSION_FDS:
+            log.warning("%s: too few; raise LimitNOFILE= (ulimit -n) or lower "
+                        "[listen] max_handoffs", budget.describe())
+        else:
+            log.info("%s", budget.describe())
+
+    def _bind_metrics(self, config: Config) -> trio.socket.SocketType | None:
+        """The listening socket of ``[metrics] listen`` (None if disabled). Raises
+        OSError."""
         if not config.metrics.enabled:
-            yield
-            return
-        server, thread = prometheus_client.start_http_server(
-            config.metrics.port, config.metrics.host, registry=self.registry)
-        self.metrics_address = server.server_address
-        log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
-        try:
-            yield
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+            return None
+        sock = bind_tcp(config.metrics.host, config.metrics.port)
+        self.metrics_address = sock.getsockname()
+        log.info("metrics on http://%s:%d/metrics", *self.metrics_address[:2])
+        return sock
 
     async def _serve(self, sock: trio.socket.SocketType,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

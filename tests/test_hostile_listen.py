@@ -207,3 +207,164 @@ async def test_served_listeners_tell_files_apart_not_fd_numbers() -> None:
         assert served.claim(fresh) is None
         for n in (fresh, *others):
             n.close()
+
+
+# --------------------------------------------------------------------------- item 6
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+def scrape(url: str, timeout: float = 10) -> tuple[float, str]:
+    import urllib.request
+
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return time.monotonic() - started, text
+
+
+def test_idle_and_slow_metrics_connections_take_no_threads_and_few_fds(
+        tmp_path: Path) -> None:
+    """249 idle connections and a few that drip their request a byte at a time. Before:
+    a thread and an fd each (prometheus-client's exporter). Now: at most
+    max_connections fds, no thread; a scrape still answers and a container is still
+    served."""
+    import resource
+    import threading
+    from urllib.parse import urlsplit
+
+    with daemon_process(tmp_path, config_text(tmp_path)) as d:
+        d.start()
+        url = d.metrics_url()
+        parts = urlsplit(url)
+        address = (parts.hostname, parts.port)
+        scrape(url)
+        base_threads, base_fds = threads_of(d.pid), d.fd_count()
+        # A tight fd limit, as a daemon under a low LimitNOFILE= would have.
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (base_fds + 150, base_fds + 150))
+        idle = []
+        stop = threading.Event()
+        dripping = [socket.create_connection(address) for _ in range(5)]
+
+        def drip() -> None:
+            while not stop.wait(0.2):
+                for sock in dripping:
+                    try:
+                        sock.send(b"X")
+                    except OSError:
+                        pass
+
+        dripper = threading.Thread(target=drip)
+        try:
+            for sock in dripping:
+                sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            dripper.start()
+            for _ in range(249):
+                idle.append(socket.create_connection(address, timeout=5))
+            time.sleep(0.5)
+            seconds, text = scrape(url)
+            assert "seccomp_supervisor_handoffs_total" in text
+            assert seconds < 5, seconds
+            assert threads_of(d.pid) <= base_threads + 2
+            assert d.fd_count() <= base_fds + 16 + 4
+            served_one_call(d)
+            # The slow ones are cut off by the request deadline (10 s) at the latest.
+            deadline = time.monotonic() + 20
+            for sock in dripping:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    while sock.recv(4096):
+                        pass
+                except ConnectionResetError:
+                    pass
+        finally:
+            stop.set()
+            if dripper.is_alive():
+                dripper.join()
+            for sock in idle + dripping:
+                sock.close()
+
+
+async def test_metrics_server_speaks_prometheus_and_refuses_garbage() -> None:
+    """prometheus-client answers (text or OpenMetrics by Accept, gzip by
+    Accept-Encoding); a bad request line, an oversized head and a silent client get an
+    error and a closed connection; when every slot is taken by clients that have not
+    sent their request, the oldest is closed for a new one."""
+    import gzip
+
+    import trio
+    from prometheus_client import CollectorRegistry, Counter
+
+    from supervisor.httpmetrics import HttpLimits, MetricsServer, bind_tcp
+
+    registry = CollectorRegistry()
+    Counter("probe", "A probe.", registry=registry).inc(3)
+    server = MetricsServer(registry, HttpLimits(max_connections=3, header_timeout=0.5,
+                                                request_deadline=1.0))
+    sock = bind_tcp("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    async def exchange(data: bytes, *, hold: float = 0.0) -> bytes:
+        conn = trio.socket.socket()
+        with conn:
+            await conn.connect(("127.0.0.1", port))
+            await conn.send(data)
+            if hold:
+                await trio.sleep(hold)
+            out = b""
+            with trio.fail_after(5):
+                while chunk := await conn.recv(65536):
+                    out += chunk
+            return out
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, sock)
+        text = await exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert text.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Content-Type: text/plain; version=0.0.4" in text
+        assert b"probe_total 3.0" in text
+        om = await exchange(b"GET /metrics HTTP/1.1\r\n"
+                            b"Accept: application/openmetrics-text; version=1.0.0\r\n\r\n")
+        assert b"application/openmetrics-text" in om and om.rstrip().endswith(b"# EOF")
+        zipped = await exchange(b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\n")
+        head, _, body = zipped.partition(b"\r\n\r\n")
+        assert b"Content-Encoding: gzip" in head and b"probe_total" in gzip.decompress(body)
+        head_only = await exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert head_only.startswith(b"HTTP/1.1 200") and head_only.endswith(b"\r\n\r\n")
+        assert (await exchange(b"\x16\x03\x01garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        big = b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 10000 + b"\r\n\r\n"
+        assert (await exchange(big)).startswith(b"HTTP/1.1 431")
+        assert (await exchange(b"GET /metrics HTTP/1.1\r\n")).startswith(b"HTTP/1.1 408")
+        # Three silent clients take every slot; a scraper still gets its answer.
+        silent = []
+        for _ in range(3):
+            conn = trio.socket.socket()
+            await conn.connect(("127.0.0.1", port))
+            silent.append(conn)
+        await trio.sleep(0.05)
+        assert server.connections == 3
+        answer = await exchange(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert b"probe_total 3.0" in answer
+        assert server.evicted >= 1 and server.connections <= 3
+        for conn in silent:
+            conn.close()
+        nursery.cancel_scope.cancel()
+    sock.close()
+
+
+def test_fd_budget_sets_aside_the_caps_and_warns_when_little_is_left() -> None:
+    from supervisor.fdbudget import DAEMON_MARGIN, fd_budget
+
+    budget = fd_budget(1024, max_handoffs=64, max_fds=16, control_connections=16,
+                       metrics_connections=16)
+    assert budget.handoffs == 64 * 17
+    assert budget.sessions == 1024 - 64 * 17 - 32 - DAEMON_MARGIN < 0
+    assert "0 left for containers" in budget.describe()
+    assert fd_budget(65536, max_handoffs=64, max_fds=16, control_connections=16,
+                     metrics_connections=16).sessions == 65536 - 1088 - 32 - DAEMON_MARGIN
