@@ -180,7 +180,7 @@ def format_status(status: Mapping[str, Any]) -> str:
     ]
     if not sessions:
         return "\n".join([*head, "", "no containers are being served"]) + "\n"
-    columns = ("CONTAINER", "PID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
+    columns = ("CONTAINER", "PID", "PEER_UID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
                "INFLIGHT", "AGE", "METADATA")
     rows = []
     for s in sessions:
@@ -188,6 +188,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         rows.append((
             str(s.get("container", "")),
             str(s.get("runtime_pid", "")),
+            "-" if s.get("peer_uid") is None else str(s.get("peer_uid")),
             ",".join(s.get("policies", [])) or "-",
             str(s.get("mode", "")),
             str(s.get("notifications", 0)),

@@ -59,6 +59,7 @@ from .router import (
     RouteChoice,
     TraceAnnotationError,
     TraceRequest,
+    check_trace_permitted,
     route_for,
     trace_request,
 )
@@ -300,7 +301,8 @@ class Daemon:
             c = session.container
             stats = session.stats
             sessions.append({
-                "container": c.id, "runtime_pid": c.pid, "status": c.status,
+                "container": c.id, "runtime_pid": c.pid, "peer_uid": c.peer_uid,
+                "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
                 "annotations": dict(c.annotations),
                 "policies": list(session.chain.names), "mode": session.settings.mode,
@@ -465,6 +467,7 @@ class Daemon:
             request = trace_request(container)
             if request is None:
                 return None
+            check_trace_permitted(container, self.state.config.trace_annotation)
             learn = self.state.policies.get("learn")
             if learn is None:
                 raise TraceAnnotationError(

@@ -368,3 +368,279 @@ def test_fd_budget_sets_aside_the_caps_and_warns_when_little_is_left() -> None:
     assert "0 left for containers" in budget.describe()
     assert fd_budget(65536, max_handoffs=64, max_fds=16, control_connections=16,
                      metrics_connections=16).sessions == 65536 - 1088 - 32 - DAEMON_MARGIN
+
+
+# --------------------------------------------------------------------------- item 13
+
+NOBODY = 65534
+UID_POLICY = '''
+from supervisor.policy import PolicySet, returns
+
+policy = PolicySet("by-uid")
+
+
+@policy.on("getpgid")
+def answer(n):
+    return returns(1000 + n.args[0])
+'''
+SEND_AS_OTHER_UID = r'''
+import array, socket, sys
+path, fd, message = sys.argv[1], int(sys.argv[2]), sys.stdin.buffer.read()
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    s.settimeout(5)
+    s.connect(path)
+    s.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    s.shutdown(socket.SHUT_WR)
+    s.recv(1)
+'''
+
+
+@contextmanager
+def world_reachable_dir() -> Iterator[Path]:
+    """A directory in /tmp that other uids may traverse (pytest's tmp_path is 0700)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="hostile-listen-", dir="/tmp"))
+    try:
+        path.chmod(0o711)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_peer_uid_routes_match_the_kernel_uid_only() -> None:
+    """Pure routing: peer_uid is tested against the uid SO_PEERCRED gave; a container
+    whose peer uid is unknown (None) matches no peer_uid route; every condition holds."""
+    from supervisor.config import parse_config
+    from supervisor.policy import Container
+    from supervisor.router import route_for
+
+    config = parse_config({
+        "listen": {"allowed_uids": [0, 1000, 1001]},
+        "policy": [{"name": "a", "path": "/a.py"}, {"name": "b", "path": "/b.py"}],
+        "defaults": {"policies": ["a"]},
+        "route": [
+            {"match": {"peer_uid": [1000], "labels": {"team": "x"}}, "policies": ["b"]},
+            {"match": {"peer_uid": [1001, 0]}, "policies": ["a", "b"]},
+        ]}, "/etc/c.toml")
+
+    def route(**kw: object) -> int | None:
+        return route_for(Container("c", **kw), config).route_index  # type: ignore[arg-type]
+
+    assert route(peer_uid=1000, metadata="team=x") == 0
+    assert route(peer_uid=1000, metadata="team=y") is None
+    assert route(peer_uid=1001, metadata="team=x") == 1
+    assert route(peer_uid=0) == 1
+    assert route(peer_uid=None, metadata="team=x") is None
+    assert route(peer_uid=4242, metadata="team=x") is None
+
+
+def test_bad_peer_uid_is_refused_with_file_key_and_reason() -> None:
+    import pytest
+
+    from supervisor.config import parse_config
+    from supervisor.errors import ConfigError
+
+    base = {"listen": {"allowed_uids": [0, 1000]},
+            "policy": [{"name": "a", "path": "/a.py"}]}
+    cases: list[tuple[object, str, str]] = [
+        ("0", "route[0].match.peer_uid", "expected an array of uids"),
+        ([], "route[0].match.peer_uid", "empty"),
+        ([-1], "route[0].match.peer_uid[0]", "must be >= 0"),
+        ([2**32], "route[0].match.peer_uid[0]", "must be <= 4294967294"),
+        ([True], "route[0].match.peer_uid[0]", "expected an integer"),
+        ([0, 0], "route[0].match.peer_uid[1]", "listed twice"),
+        ([1000, 7], "route[0].match.peer_uid[1]", "not in listen.allowed_uids"),
+        ([0.5], "route[0].match.peer_uid[0]", "expected an integer"),
+    ]
+    for value, key, reason in cases:
+        data = {**base, "route": [{"match": {"peer_uid": value}, "policies": ["a"]}]}
+        with pytest.raises(ConfigError) as info:
+            parse_config(data, "/etc/c.toml")
+        assert (info.value.file, info.value.key) == ("/etc/c.toml", key), value
+        assert reason in info.value.reason, (value, info.value.reason)
+    for table, key, reason in [
+        ({"enabled": "yes"}, "trace_annotation.enabled", "expected true or false"),
+        ({"enabled": True, "peer_uid": []}, "trace_annotation.peer_uid", "empty"),
+        ({"enabled": True, "peer_uid": [5]}, "trace_annotation.peer_uid[0]",
+         "not in listen.allowed_uids"),
+        ({"peer": [0]}, "trace_annotation.peer", "unknown key"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_config({**base, "trace_annotation": table}, "/etc/c.toml")
+        assert info.value.key == key and reason in info.value.reason, info.value
+
+
+def test_check_warns_about_loose_routes_on_creator_controlled_fields(tmp_path: Path) -> None:
+    """An annotation that selects a shadow or shorter chain is the creator's choice:
+    `check` warns (exit 0) and says why and what to do; peer_uid silences it."""
+    import subprocess
+
+    from .soak import CLI, ROOT
+
+    (tmp_path / "a.py").write_text("from supervisor.policy import PolicySet\n"
+                                   "policy = PolicySet('a')\n")
+    (tmp_path / "b.py").write_text("from supervisor.policy import PolicySet\n"
+                                   "policy = PolicySet('b')\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f"""
+[listen]
+allowed_uids = [0, 1000]
+[defaults]
+policies = ["a"]
+[trace_annotation]
+enabled = true
+[[policy]]
+name = "a"
+path = "{tmp_path}/a.py"
+[[policy]]
+name = "b"
+path = "{tmp_path}/b.py"
+[[route]]
+match = {{ annotations = {{ "io.example/trial" = "yes" }} }}
+policies = ["a"]
+mode = "shadow"
+[[route]]
+match = {{ labels = {{ team = "x" }} }}
+policies = ["b"]
+[[route]]
+match = {{ container = "ci-*" }}
+policies = ["b", "a"]
+[[route]]
+match = {{ container = "ok-*" }}
+policies = ["a", "b"]
+[[route]]
+match = {{ peer_uid = [1000], container = "trial-*" }}
+policies = []
+""")
+    done = subprocess.run([*CLI, "check", "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    warned = [line for line in lines if "warning" in line]
+    assert [line.split(":")[1].strip() for line in warned] == [
+        "route[0]", "route[1]", "route[2]", "trace_annotation"]
+    assert "(annotations)" in warned[0] and "shadow mode" in warned[0]
+    assert "lacks 'a'" in warned[1] and "Add match.peer_uid" in warned[1]
+    assert "'b' is asked before 'a'" in warned[2]
+    assert "uid 0 may switch it to learn mode" in warned[3]
+    assert lines[-1] == f"{config}: OK"
+
+
+async def test_handoff_from_an_unprivileged_uid_is_routed_by_peer_uid(
+        tmp_path: Path) -> None:
+    """A real handoff over a real unix socket from a process running as uid 65534:
+    routed by `peer_uid`, the uid shows in the status and travels into the session state
+    (fd store, takeover); the same container handed over by root gets the default."""
+    import trio
+
+    from supervisor.fdstore import container_from_state, session_state
+
+    from .daemon_harness import running_daemon
+    from .soak import POLICY
+
+    with world_reachable_dir() as shared:
+        (tmp_path / "echo.py").write_text(POLICY)
+        (tmp_path / "uid.py").write_text(UID_POLICY)
+        config = f"""
+[listen]
+socket = "{shared}/notify.sock"
+socket_mode = "0666"
+allowed_uids = [0, {NOBODY}]
+control_socket = "{tmp_path}/control.sock"
+[defaults]
+policies = ["echo"]
+[[policy]]
+name = "echo"
+path = "{tmp_path}/echo.py"
+[[policy]]
+name = "by-uid"
+path = "{tmp_path}/uid.py"
+[[route]]
+match = {{ peer_uid = [{NOBODY}] }}
+policies = ["by-uid"]
+"""
+        async with running_daemon(tmp_path, config) as d:
+            for uid, expected in ((NOBODY, 1000 + 9), (0, 9 * 3 + 1)):
+                go, out = tmp_path / f"go-{uid}", tmp_path / f"out-{uid}"
+                with filtered(call_on_signal_program(go, out, 9)) as child:
+                    message = build_state_message(pid=child.pid, container_id=f"c-{uid}",
+                                                  bundle="/")
+                    await trio.run_process(
+                        ["/usr/bin/python3", "-c", SEND_AS_OTHER_UID, d.socket_path,
+                         str(child.listener_fd)],
+                        stdin=message, user=uid, pass_fds=[child.listener_fd],
+                        cwd="/")
+                    with trio.fail_after(10):
+                        while not any(s.container.id == f"c-{uid}"
+                                      for s in d.daemon.sessions):
+                            await trio.sleep(0.01)
+                    [session] = [s for s in d.daemon.sessions
+                                 if s.container.id == f"c-{uid}"]
+                    assert session.container.peer_uid == uid
+                    [row] = [r for r in d.daemon.status()["sessions"]
+                             if r["container"] == f"c-{uid}"]
+                    assert row["peer_uid"] == uid
+                    state = json.loads(json.dumps(session_state(session.container)))
+                    assert container_from_state(state).peer_uid == uid
+                    go.touch()
+                    text = await trio.to_thread.run_sync(wait_for, out)
+                    assert int(text) == expected, (uid, text)
+
+
+async def test_trace_annotation_needs_the_operator_and_an_allowed_peer_uid(
+        tmp_path: Path) -> None:
+    """A creator's annotation used to switch its container to learn mode (every call
+    answered CONTINUE) as soon as a `learn` policy was configured. Now it is ignored
+    (routed as usual, logged) unless [trace_annotation] enabled, and then only for the
+    peer uids listed there."""
+    from supervisor.policy import Container
+    from supervisor.router import TRACE_ANNOTATION
+
+    from .daemon_harness import running_daemon
+    from .soak import ROOT
+
+    learn = f"""
+[listen]
+socket = "{tmp_path}/sock/notify.sock"
+control_socket = "{tmp_path}/sock/control.sock"
+allowed_uids = [0, {NOBODY}]
+{{trace}}
+[[policy]]
+name = "learn"
+path = "{ROOT}/policies/learn.py"
+options = {{{{ directory = "{tmp_path}/learned" }}}}
+"""
+
+    def annotated(uid: int) -> Container:
+        return Container("traced", peer_uid=uid,
+                         annotations={TRACE_ANNOTATION: f"of:{tmp_path}/learned/x.json"})
+
+    async with running_daemon(tmp_path, learn.format(trace="")) as d:
+        assert d.daemon._trace_route(annotated(0)) is None
+    enabled = "[trace_annotation]\nenabled = true\npeer_uid = [0]\n"
+    async with running_daemon(tmp_path, learn.format(trace=enabled)) as d:
+        assert d.daemon._trace_route(annotated(NOBODY)) is None
+        got = d.daemon._trace_route(annotated(0))
+        assert got is not None and got[0].names == ("trace-syscall",)
+
+
+def test_session_state_refuses_a_forged_peer_uid() -> None:
+    """The fd store and takeover rebuild the container from its state: a peer_uid that
+    is not a uid is refused (the session is then served under a placeholder with no
+    peer uid, which matches no peer_uid route); an old state without it is unknown."""
+    import pytest
+
+    from supervisor.fdstore import container_from_state, session_state
+    from supervisor.policy import Container
+
+    state = session_state(Container("c", peer_uid=1000))
+    assert container_from_state(state).peer_uid == 1000
+    for bad in ("1000", -1, True, 2**32, 1.5):
+        forged = {**state, "container": {**state["container"], "peer_uid": bad}}
+        with pytest.raises(ValueError, match="peer_uid"):
+            container_from_state(forged)
+    old = {**state, "container": {k: v for k, v in state["container"].items()
+                                  if k != "peer_uid"}}
+    assert container_from_state(old).peer_uid is None
