@@ -139,9 +139,11 @@ class Daemon:
         self.served = ServedListeners()
         self.refused = Counter(
             "listeners_refused", "Listeners not served, by reason (already_served: the "
-            "same listener is served by another session).", ["reason"],
+            "same listener is served by another session; read_elsewhere: another process "
+            "reads it too, the session was ended).", ["reason"],
             namespace="seccomp_supervisor", registry=self.registry)
-        self.refused.labels("already_served")
+        for label in ("already_served", "read_elsewhere"):
+            self.refused.labels(label)
         self._kcmp_warned = False
         self.fdstore = FdStore(self.notifier)
         self.stopping = False
@@ -495,6 +497,8 @@ class Daemon:
             # A bug in a session must not take the other containers down with it.
             log.exception("session of container %s failed", session.container.id)
         finally:
+            if session.read_elsewhere:
+                self.refused.labels("read_elsewhere").inc()
             self.sessions.discard(session)
             self.metrics.sessions.dec()
             self.ended_notifications += session.stats.notifications

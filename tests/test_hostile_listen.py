@@ -644,3 +644,48 @@ def test_session_state_refuses_a_forged_peer_uid() -> None:
     old = {**state, "container": {k: v for k, v in state["container"].items()
                                   if k != "peer_uid"}}
     assert container_from_state(old).peer_uid is None
+
+
+# --------------------------------------------------------------------------- item 5, deeper
+
+
+@contextmanager
+def alarm_after(seconds: float) -> Iterator[None]:
+    """A safety net for tests of a RECV that blocks: SIGALRM interrupts it after
+    ``seconds`` (EINTR), so a missing fix fails the test instead of hanging it."""
+    import signal
+
+    old = signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+async def test_a_recv_on_stale_readiness_is_cut_short_and_ends_the_session() -> None:
+    """Whoever hands a listener over may keep a copy and RECV on it: then our RECV after
+    POLLIN finds the notification taken and blocks the event loop until the filter's
+    next call (measured: ~0.3% of RECVs with such a reader). Here the stale POLLIN is
+    given to the session directly: before, on_ready blocked until the test's alarm;
+    now the watchdog interrupts the RECV and the session ends."""
+    import select
+
+    import trio
+
+    from supervisor.policy import PolicySet
+
+    from .conftest import serve_target
+
+    async with serve_target(PolicySet("p"), ["swapon"], "sleep", "30") as served:
+        await trio.sleep(0.05)  # the poller (and its RECV watchdog) runs
+        started = time.monotonic()
+        with alarm_after(3):
+            assert served.session.on_ready(select.POLLIN) is None
+        stalled = time.monotonic() - started
+        assert stalled < 1.0, stalled
+        with trio.fail_after(5):
+            await served.done.wait()
+        assert served.session.read_elsewhere
+        assert served.session.notify.closed
