@@ -63,7 +63,7 @@ from .router import (
     route_for,
     trace_request,
 )
-from .served import KcmpUnavailable, ServedListeners
+from .served import KcmpUnavailable, ServedListeners, kcmp_problem
 from .session import Session, SessionSettings
 from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
@@ -170,6 +170,13 @@ class Daemon:
         bpf.check_kernel_abi()
         config = self.state.config
         self._plan_fds(config)
+        problem = kcmp_problem()
+        if problem is not None:
+            self._kcmp_warned = True
+            log.error("cannot tell whether a listener is served twice (%s): one handed "
+                      "over twice is served twice until a RECV blocks; the RECV watchdog "
+                      "then interrupts it (the loop stalls up to 0.2 s) and ends that "
+                      "session", problem)
         taken = None
         if takeover is not None and sock is None:
             taken = await self._request_takeover(takeover)
@@ -440,8 +447,7 @@ class Daemon:
             if not self._kcmp_warned:
                 self._kcmp_warned = True
                 log.error("cannot tell whether a listener is served twice (%s); serving "
-                          "without that check: a runtime that hands one listener over "
-                          "twice can stall the daemon", exc)
+                          "without that check", exc)
             return False
         if other is None:
             return False

@@ -38,6 +38,8 @@ __all__ = ["HttpLimits", "HttpRequest", "MetricsServer", "bind_tcp", "parse_requ
 
 log = logging.getLogger("supervisor.metrics")
 
+_BACKOFF_FIRST: Final = 0.05
+_BACKOFF_MAX: Final = 2.0
 _REASONS: Final = {400: "Bad Request", 408: "Request Timeout",
                    431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
@@ -178,6 +180,7 @@ class MetricsServer:
     async def serve(self, sock: trio.socket.SocketType,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and answer until cancelled. The caller owns ``sock``."""
+        delay = _BACKOFF_FIRST
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -186,9 +189,13 @@ class MetricsServer:
                 try:
                     conn, _ = await sock.accept()
                 except OSError as exc:
-                    log.warning("metrics: accept failed: %s", exc.strerror)
-                    await trio.sleep(0.1)
+                    # EMFILE and the like: the connection waits in the backlog.
+                    log.warning("metrics: accept failed (%s); retrying in %.2f s",
+                                exc.strerror, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
                     continue
+                delay = _BACKOFF_FIRST
                 entry = _Connection()
                 self._open.append(entry)
                 nursery.start_soon(self._connection, conn, entry)

@@ -28,7 +28,7 @@ from typing import Final
 
 from .notifyfd import NotifyFd
 
-__all__ = ["KcmpUnavailable", "ServedListeners", "same_file_order"]
+__all__ = ["KcmpUnavailable", "ServedListeners", "kcmp_problem", "same_file_order"]
 
 SYS_KCMP: Final = 312  # x86_64
 KCMP_FILE: Final = 0
@@ -59,6 +59,24 @@ def same_file_order(fd1: int, fd2: int) -> int:
         raise OSError(err, os.strerror(err))
     # kcmp: 0 equal, 1 "less than", 2 "greater than", 3 not ordered (other types).
     return 0 if result == 0 else (-1 if result == 1 else 1)
+
+
+def kcmp_problem() -> str | None:
+    """Why kcmp(KCMP_FILE) cannot be used here, or None when it works (probed on a
+    file of our own)."""
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dup = os.dup(fd)
+        try:
+            if same_file_order(fd, dup) != 0:
+                return "kcmp says an fd and its dup are different files"
+        finally:
+            os.close(dup)
+    except KcmpUnavailable as exc:
+        return str(exc)
+    finally:
+        os.close(fd)
+    return None
 
 
 class ServedListeners:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -689,3 +690,54 @@ async def test_a_recv_on_stale_readiness_is_cut_short_and_ends_the_session() -> 
             await served.done.wait()
         assert served.session.read_elsewhere
         assert served.session.notify.closed
+
+
+def test_peer_uid_survives_a_takeover(tmp_path: Path) -> None:
+    """`serve --takeover`: the new daemon rebuilds each container from its session state
+    and routes it again; the peer uid comes with it, so a peer_uid route still holds."""
+    import signal
+
+    from .soak import POLICY
+
+    (tmp_path / "echo.py").write_text(POLICY)
+    (tmp_path / "uid.py").write_text(UID_POLICY)
+    go, out = tmp_path / "go", tmp_path / "out"
+    with world_reachable_dir() as shared:
+        notify = f"{shared}/notify.sock"
+        text = f"""
+[listen]
+socket = "{notify}"
+socket_mode = "0666"
+allowed_uids = [0, {NOBODY}]
+control_socket = "{tmp_path}/sock/control.sock"
+[defaults]
+policies = ["echo"]
+[[policy]]
+name = "echo"
+path = "{tmp_path}/echo.py"
+[[policy]]
+name = "by-uid"
+path = "{tmp_path}/uid.py"
+[[route]]
+match = {{ peer_uid = [{NOBODY}] }}
+policies = ["by-uid"]
+"""
+        with daemon_process(tmp_path, text) as d, \
+                filtered(call_on_signal_program(go, out, 4)) as child:
+            d.start()
+            subprocess.run(["/usr/bin/python3", "-c", SEND_AS_OTHER_UID, notify,
+                            str(child.listener_fd)], check=True, timeout=30, cwd="/",
+                           input=build_state_message(pid=child.pid, container_id="kept",
+                                                     bundle="/"),
+                           user=NOBODY, pass_fds=[child.listener_fd])
+            d.wait_sessions(1)
+            old = d.process
+            new = d.start("--takeover")
+            assert old.wait(20) == 0, d.log_text()[-3000:]
+            [row] = status(d)["sessions"]  # type: ignore[misc]
+            assert (row["container"], row["peer_uid"], row["policies"]) == \
+                ("kept", NOBODY, ["by-uid"])
+            go.touch()
+            assert wait_for(out) == str(1000 + 4)
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(20) == 0
