@@ -453,7 +453,7 @@ class Daemon:
             return False
         owner = next((s.container.id for s in self.sessions if s.notify is other), None)
         if owner is None:
-            owner = next((f"{name} (paused for a handover)"
+            owner = next((f"{name or 'a session'} (paused for a handover)"
                           for n, name in self._handed.values() if n is other), "?")
         log.error("container %r (pid %d, %s): refused: its seccomp listener is already "
                   "served, by container %r; the same listener was handed over twice",
