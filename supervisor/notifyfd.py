@@ -77,12 +77,13 @@ class _RecvWatch:
     and again when it ends, so it is odd while one runs (two attribute increments are
     all the hot path pays)."""
 
-    __slots__ = ("calls", "interrupted", "thread")
+    __slots__ = ("calls", "interrupted", "thread", "warned")
 
     def __init__(self) -> None:
         self.calls = 0
         self.interrupted = 0
         self.thread = 0
+        self.warned = False
 
     def run(self, interval: float) -> None:
         seen = 0
@@ -499,7 +500,8 @@ def current_poller() -> Poller:
     poller = Poller()
     trio.lowlevel.spawn_system_task(poller.run, name="seccomp-supervisor notify poller")
     _POLLER.set(poller)
-    if not watch_recv():
+    if not watch_recv() and not _WATCH.warned:
+        _WATCH.warned = True
         log.warning("the notify poller does not run in the main thread: a RECV that "
                     "blocks (a listener read by another process) is not interrupted")
     return poller
