@@ -301,7 +301,7 @@ class Session:
         kept a copy after the handoff). Its notifications cannot all be ours to answer
         and each such RECV stalls the loop: end the session (the fd is closed; the
         other reader keeps serving its filter)."""
-        log.error("container %s (pid %d): a RECV on its listener blocked: another "
+        log.error("container %r (pid %d): a RECV on its listener blocked: another "
                   "process reads the same listener (a copy kept after the handoff); not "
                   "serving it any more", self.container.id, self.container.pid)
         self.read_elsewhere = True
