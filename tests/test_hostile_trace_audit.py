@@ -306,6 +306,9 @@ def learn_config(tmp_path: Path, options: str = "") -> str:
 policies = []
 unhandled = "allow"
 
+[trace_annotation]
+enabled = true
+
 [[policy]]
 name = "learn"
 path = "{ROOT}/policies/learn.py"
@@ -383,7 +386,8 @@ async def test_trace_output_cannot_replace_a_learned_profile(tmp_path: Path) -> 
         {"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}))
     before = victim.read_bytes()
     async with running_daemon(tmp_path, learn_config(tmp_path)) as d:
-        attacker = Container("attacker", annotations={TRACE_ANNOTATION: f"of:{victim}"})
+        attacker = Container("attacker", annotations={TRACE_ANNOTATION: f"of:{victim}"},
+                             peer_uid=0)
         assert d.daemon._trace_route(attacker) is None
     assert victim.read_bytes() == before
 
@@ -406,18 +410,18 @@ async def test_trace_output_of_another_traced_container_is_not_replaced(
         await settle(d)
 
     async with running_daemon(tmp_path, learn_config(tmp_path)) as d:
-        await end_session(d, Container("first", annotations=annotation))
+        await end_session(d, Container("first", annotations=annotation, peer_uid=0))
         owner = shared.stat()
         with caplog.at_level(logging.ERROR):
-            await end_session(d, Container("second", annotations=annotation))
+            await end_session(d, Container("second", annotations=annotation, peer_uid=0))
         assert "second" in caplog.text and "not written" in caplog.text
         assert shared.stat().st_ino == owner.st_ino
-        await end_session(d, Container("first", annotations=annotation))  # its own
+        await end_session(d, Container("first", annotations=annotation, peer_uid=0))  # its own
         assert shared.stat().st_ino != owner.st_ino
         owner = shared.stat()
     (tmp_path / "again").mkdir()
     async with running_daemon(tmp_path / "again", learn_config(tmp_path)) as d:
-        await end_session(d, Container("first", annotations=annotation))
+        await end_session(d, Container("first", annotations=annotation, peer_uid=0))
     assert shared.stat().st_ino == owner.st_ino
     assert sorted(p.name for p in traced.iterdir()) == ["shared.json"]  # no temp left
 
