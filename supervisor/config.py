@@ -114,6 +114,10 @@ class Defaults:
     on_error: Decision
     deadline: float
     max_inflight: int
+    # True when the file sets `unhandled` itself: it then wins over the `unhandled` a
+    # policy of the chain declares (PolicySet(unhandled=...)). The embedded default
+    # config counts as not setting it.
+    unhandled_set: bool = False
     # Back-pressure (supervisor/ratelimit.py): notifications per second per container
     # (0 = no limit), how many may be saved up, and the answer when the bucket is empty.
     rate: float = 0.0
@@ -237,7 +241,10 @@ def default_config() -> Config:
     ``serve`` without ``--config``. Raises ConfigError only if the package is broken."""
     resource = importlib.resources.files(__package__ or "supervisor").joinpath("default.toml")
     file = str(resource)
-    return parse_config(_parse_toml(resource.read_bytes(), file), file)
+    config = parse_config(_parse_toml(resource.read_bytes(), file), file)
+    # It shows every key with its default value; none of them is the operator's choice.
+    return dataclasses.replace(
+        config, defaults=dataclasses.replace(config.defaults, unhandled_set=False))
 
 
 def parse_config(data: Mapping[str, Any], file: str) -> Config:
@@ -578,6 +585,7 @@ class _Parser:
                                                           maximum=MAX_RATE)),
             rate_exceeded=self.get(t, "defaults", "rate_exceeded",
                                    parse_decision("deny:EAGAIN"), self.decision),
+            unhandled_set="unhandled" in t,
         )
 
     def rate(self, key: str, value: object) -> float:

@@ -348,10 +348,12 @@ class Daemon:
             handoff.close()
         self.start_session(notify, handoff.container)
 
-    def _settings(self, choice: RouteChoice) -> SessionSettings:
+    def _settings(self, choice: RouteChoice, chain: Chain) -> SessionSettings:
         defaults = self.state.config.defaults
         return SessionSettings(
-            unhandled=defaults.unhandled, on_error=defaults.on_error,
+            unhandled=chain.session_unhandled(
+                defaults.unhandled, configured_explicitly=defaults.unhandled_set),
+            on_error=defaults.on_error,
             deadline=defaults.deadline, max_inflight=defaults.max_inflight,
             mode=choice.mode, rate=defaults.rate, rate_burst=defaults.burst,
             rate_exceeded=defaults.rate_exceeded)
@@ -367,7 +369,7 @@ class Daemon:
         traced = self._trace_route(container)
         if traced is not None:
             chain, choice = traced
-        settings = self._settings(choice)
+        settings = self._settings(choice, chain)
         try:
             session = Session(notify, container, chain, settings, self.recorder)
         except BaseException:
@@ -615,7 +617,7 @@ class Daemon:
         self.recorder.rate_limit = config.audit.rate_limit
         for session, chain, choice in routes:
             before = session.chain.names
-            session.rebind(chain, self._settings(choice))
+            session.rebind(chain, self._settings(choice, chain))
             if chain.names != before:
                 log.info("container %s: policies [%s] -> [%s]", session.container.id,
                          ", ".join(before), ", ".join(chain.names))
