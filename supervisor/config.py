@@ -41,12 +41,15 @@ __all__ = [
     "Route",
     "RouteMatch",
     "add_policy_files",
+    "control_socket_for",
     "default_config",
     "load_config",
     "parse_config",
     "parse_duration",
     "read_toml",
     "validate_config",
+    "with_control_socket",
+    "with_metrics",
     "with_socket",
 ]
 
@@ -367,6 +370,39 @@ def with_socket(config: Config, socket: str) -> Config:
     """
     checked = _socket_path("<command line>", "--socket", socket)
     return dataclasses.replace(config, listen=dataclasses.replace(config.listen, socket=checked))
+
+
+def control_socket_for(socket: str) -> str:
+    """The control socket of a daemon given only ``serve --socket SOCKET``: beside it,
+    ``NAME.sock`` → ``NAME.control.sock``, any other name gets ``.control`` appended.
+    Pure; the length is checked by :func:`with_control_socket`."""
+    base = socket[:-len(".sock")] if socket.endswith(".sock") else socket
+    return f"{base}.control.sock" if base != socket else f"{socket}.control"
+
+
+def with_control_socket(config: Config, path: str, *,
+                        key: str = "--control-socket") -> Config:
+    """A copy of ``config`` with ``path`` as its control socket (``serve
+    --control-socket PATH``). Raises ConfigError (file ``<command line>``, ``key``) for
+    an unusable path, or one equal to the notify socket."""
+    checked = _socket_path("<command line>", key, path)
+    if checked == config.listen.socket:
+        raise ConfigError("<command line>", key,
+                          f"{checked} is the notify socket; the control socket needs "
+                          f"its own path")
+    return dataclasses.replace(config, listen=dataclasses.replace(
+        config.listen, control_socket=checked))
+
+
+def with_metrics(config: Config, listen: str) -> Config:
+    """A copy of ``config`` serving ``/metrics`` on ``listen`` (``HOST:PORT``,
+    ``[IPv6]:PORT``), or not at all for ``off`` (``serve --metrics``). Raises ConfigError
+    (file ``<command line>``, key ``--metrics``)."""
+    if listen in ("off", ""):
+        return dataclasses.replace(config, metrics=MetricsConfig(listen="", host="", port=0))
+    host, port = _host_port("<command line>", "--metrics", listen)
+    return dataclasses.replace(config, metrics=MetricsConfig(listen=listen, host=host,
+                                                              port=port))
 
 
 # --------------------------------------------------------------------------- the parser

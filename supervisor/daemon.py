@@ -139,10 +139,12 @@ class Daemon:
         self._traces_written: set[tuple[str, str]] = set()
 
     async def run(self, *, sock: trio.socket.SocketType | None = None,
-                  takeover: str | None = None,
+                  sock_file: str | None = None, takeover: str | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or cancellation). ``sock`` is a listening socket to
-        use instead of binding ``[listen] socket`` (socket activation, tests).
+        use instead of binding ``[listen] socket`` (socket activation, tests, the one
+        ``serve`` binds before loading the daemon); ``sock_file``, its file, which is
+        then removed at exit as if the daemon had bound it.
 
         ``takeover`` is the control socket of a running daemon to take the sessions and
         the notify socket of first (``serve --takeover``; nothing to take over if no
@@ -156,7 +158,7 @@ class Daemon:
             if taken is not None and taken.listen_fd >= 0:
                 sock = trio.socket.from_stdlib_socket(socket.socket(fileno=taken.listen_fd))
                 taken.listen_fd = -1
-        bound_path: str | None = None
+        bound_path = sock_file if sock is not None else None
         if sock is None:
             sock = self._activated_socket()
         if sock is None:
@@ -317,8 +319,12 @@ class Daemon:
         if not config.metrics.enabled:
             yield
             return
-        server, thread = prometheus_client.start_http_server(
-            config.metrics.port, config.metrics.host, registry=self.registry)
+        try:
+            server, thread = prometheus_client.start_http_server(
+                config.metrics.port, config.metrics.host, registry=self.registry)
+        except OSError as exc:  # name the address: "Address already in use" alone does not
+            raise OSError(exc.errno, f"[metrics] listen {config.metrics.listen}: "
+                                     f"{exc.strerror}") from None
         self.metrics_address = server.server_address
         log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
         try:
