@@ -32,3 +32,12 @@ def test_bench_quick_run_answers_every_call(tmp_path: Path) -> None:
         assert by_name[("C blk", 1)]["wrong"] == 0
         assert by_name[("C epoll", 4)]["wrong"] == 0
     assert "Issue 6 targets" in proc.stdout
+
+
+def test_listen_time_bench_runs() -> None:
+    """bench/listen_time.py at two runs: it starts the daemon, connects, sees it ready."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "listen_time.py"), "--runs", "2"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("listen  median") and "\nready   median" in proc.stdout
