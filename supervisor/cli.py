@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -174,6 +175,15 @@ def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return EXIT_USAGE
     control = config.listen.control_socket
+    notify = config.listen.socket
+    if not args.takeover and prebound is None and not os.environ.get("LISTEN_FDS") \
+            and in_use(notify):
+        # What binding it would say, before the control socket (the same daemon has
+        # both): the notify socket is the one that matters.
+        print(f"seccomp-supervisor: [Errno {errno.EADDRINUSE}] another process is "
+              f"listening on this socket: {notify!r}", file=sys.stderr)
+        notifier.cleanup()
+        return 1
     if not args.takeover and in_use(control):
         # Another daemon answers there: `status` and `--takeover` would reach it.
         print(f"seccomp-supervisor: control socket {control}: another process is listening "
