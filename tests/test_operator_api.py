@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from supervisor._start import _serve_socket, prebind
 from supervisor.abi import AUDIT_ARCH_X86_64
@@ -26,6 +27,9 @@ from supervisor.policy import Notification, PolicySet, allow, deny, returns
 from supervisor.testing import run_policy
 
 from .daemon_harness import CLI, running_daemon
+from .runtime import container, make_bundle, unique_id
+
+RUNC_AGENT = Path(__file__).resolve().parent.parent / "examples" / "runc_agent" / "agent.py"
 
 # --------------------------------------------------------------------------- item 1
 
@@ -297,6 +301,72 @@ def test_a_runtime_connecting_while_the_daemon_loads_is_served(tmp_path: Path) -
     finally:
         os.close(ready_r)
         stop(daemon)
+
+
+@pytest.mark.runtime
+async def test_runc_started_while_the_agent_loads_is_served(tmp_path: Path) -> None:
+    """runc's test helpers start their agent in the background and use it at once: a
+    container started while the agent example still loads (its import blocks on a FIFO)
+    hands its listener over and is served once loading is done."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    slow = tmp_path / "agent.py"
+    slow.write_text(f"open({str(fifo)!r}).read()  # blocks until the test writes\n"
+                    + RUNC_AGENT.read_text())
+    sock = str(tmp_path / "seccomp-agent.socket")
+    daemon = await trio.lowlevel.open_process(
+        [*CLI, "serve", "--socket", sock, "--policy", str(slow)], stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(20):
+            while not await trio.to_thread.run_sync(_connectable, sock):
+                assert daemon.poll() is None, "the daemon exited"
+                await trio.sleep(0.005)
+        bundle = make_bundle(
+            tmp_path / "bundle",
+            ["sh", "-c", "touch /tmp/f; chmod 777 /tmp/f; echo chmod=$?; "
+                         "mkdir /tmp/d && echo mkdir=ok"],
+            notify=["chmod", "fchmod", "fchmodat", "mkdir", "mkdirat"],
+            listener_path=sock, metadata="bar")
+        results: list[subprocess.CompletedProcess[bytes]] = []
+        async with container("runc", bundle, unique_id("opapi")) as ctr:
+            async def run() -> None:
+                results.append(await ctr.run(timeout=60))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await trio.sleep(0.5)  # runc has connected and waits: nothing answers yet
+                assert not results and daemon.poll() is None
+                fifo.write_text("go")
+        done = results[0]
+        out = done.stdout.decode() + done.stderr.decode()
+        assert done.returncode == 0, out
+        assert "No medium found" in out and "chmod=1" in out and "mkdir=ok" in out
+    finally:
+        with trio.CancelScope(shield=True):
+            daemon.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await daemon.wait()
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+
+
+def _connectable(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    finally:
+        probe.close()
+
+
+def test_a_config_error_leaves_no_socket_behind(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    done = run_cli("serve", "--socket", str(sock), "--policy", str(tmp_path / "none.py"))
+    assert done.returncode == 2 and b"cannot load" in done.stderr
+    assert not sock.exists()
 
 
 def test_pid_file_and_ready_fd(tmp_path: Path) -> None:
