@@ -5,9 +5,10 @@ socket is accepted on (connections made earlier waited in its backlog), and the 
 socket and ``/metrics`` are up. That is the moment systemd gets ``READY=1``; at the same
 moment, once per process:
 
-* ``--pid-file PATH``: the pid is written to a temporary file in PATH's directory and
-  renamed over PATH, so a reader never sees a partial file. At exit PATH is removed if
-  it still holds our pid (a daemon that took over since then wrote its own).
+* ``--pid-file PATH``: the pid is written to a new temporary file (random name) in
+  PATH's directory and renamed over PATH, so a reader never sees a partial file. At
+  exit PATH is removed if it still holds our pid (a daemon that took over since then
+  wrote its own).
 * ``--ready-fd N`` (s6's ``notification-fd``, runit/daemontools style): a newline is
   written to fd N, which is then closed. The fd is made close-on-exec at start, so no
   child of the daemon inherits it and holds the reader's pipe open.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 
 from . import systemd
@@ -97,19 +99,22 @@ class ReadinessNotifier(systemd.Notifier):
         if not self.pid_file:
             return
         directory, name = os.path.split(self.pid_file)
-        temporary = os.path.join(directory, f".{name}.{self._pid}.tmp")
+        temporary = ""
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644)
+            # A new file with a random name (O_EXCL): in a directory others can write
+            # to, a name we could predict could be theirs, and so would the pid file.
+            fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
             try:
+                os.fchmod(fd, 0o644)
                 os.write(fd, f"{self._pid}\n".encode())
             finally:
                 os.close(fd)
             os.rename(temporary, self.pid_file)
         except OSError as exc:
             log.error("cannot write the pid file %s: %s", self.pid_file, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            if temporary:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
 
     def _signal_fd(self) -> None:
         if self.ready_fd < 0:
