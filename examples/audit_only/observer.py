@@ -4,12 +4,11 @@ A first step before enforcing anything: put a policy in front of a workload that
 watches. Every notified call continues (CONTINUE: the kernel runs it as if nothing had
 looked), and when a container's session ends one log line sums up its calls, e.g.::
 
-    container web-1: 1423 notified calls: openat=1201 mkdir=12 connect=210
+    container 'web-1': 1423 notified calls: openat=1201 connect=210 mkdir=12
 
-The fallback is the whole policy: it gets every notified call, whatever its name (a
-number libseccomp has no name for comes as ``nr_<n>``), so what is observed is decided
-by the container's profile alone (which calls it marks ``SCMP_ACT_NOTIFY``), not by a
-list kept here. Nothing is read from the caller's memory, so the observer costs one
+The fallback is the whole policy: it gets every notified call, whatever its name, so
+what is observed is decided by the container's profile alone (which calls it marks
+``SCMP_ACT_NOTIFY``), not by a list kept here. Nothing is read from the caller's memory, so the observer costs one
 Python call per notification and cannot be shown one thing while the kernel runs
 another.
 
@@ -18,8 +17,9 @@ For one audit line per call as well, run it with a config that says
 
     seccomp-supervisor serve --socket /run/seccomp-observer.sock --policy observer.py
 
-Counts are kept per running container (a few hundred names at most per container) and
-dropped when its session ends.
+Counts are kept per running container (a few hundred names at most per container:
+numbers without a name are counted together as ``nr_*``) and dropped when its session
+ends.
 """
 
 import logging
@@ -40,7 +40,9 @@ def observe(n: Notification):
     counter = calls.get(n.container.id)
     if counter is None:
         counter = calls[n.container.id] = Counter()
-    counter[n.syscall] += 1
+    # Numbers without a name are counted as one: there are 2**32 of them, and a
+    # container must not make this table grow without bound.
+    counter["nr_*" if n.syscall.startswith("nr_") else n.syscall] += 1
     return ANSWER
 
 
