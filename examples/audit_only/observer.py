@@ -8,9 +8,9 @@ looked), and when a container's session ends one log line sums up its calls, e.g
 
 The fallback is the whole policy: it gets every notified call, whatever its name, so
 what is observed is decided by the container's profile alone (which calls it marks
-``SCMP_ACT_NOTIFY``), not by a list kept here. Nothing is read from the caller's memory, so the observer costs one
-Python call per notification and cannot be shown one thing while the kernel runs
-another.
+``SCMP_ACT_NOTIFY``), not by a list kept here. Nothing is read from the caller's
+memory, so the observer costs one Python call per notification and cannot be shown one
+thing while the kernel runs another.
 
 For one audit line per call as well, run it with a config that says
 ``[audit] decisions = "all"`` (the line escapes every string). Run it::
