@@ -64,7 +64,7 @@ case "${1:-}" in
     test)
         shift
         setup test,docs
-        .venv/bin/ruff check supervisor tests policies bench docs
+        .venv/bin/ruff check supervisor tests policies bench docs examples
         .venv/bin/mypy
         build_docs
         exec .venv/bin/python -m pytest "$@"

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import threading
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, add_policy_files, default_config, load_config, with_socket
+from .config import (
+    Config,
+    add_policy_files,
+    control_socket_for,
+    default_config,
+    load_config,
+    with_control_socket,
+    with_metrics,
+    with_socket,
+)
 from .errors import ConfigError, KernelMismatchError, ProfileError
 from .policy import PolicySet
+
+if TYPE_CHECKING:
+    from ._start import PreBound
 
 log = logging.getLogger("supervisor")
 
@@ -56,9 +70,24 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="TOML config (default: the embedded default)")
-    serve.add_argument("--socket", help="notify socket path (overrides [listen] socket)")
+    serve.add_argument("--socket",
+                       help="notify socket path (overrides [listen] socket); without "
+                            "--config, the control socket is derived from it "
+                            "(PATH.sock -> PATH.control.sock) and /metrics is off unless "
+                            "--metrics is given, so several daemons can run side by side")
     serve.add_argument("--policy", action="append", default=[], metavar="FILE",
                        help="add a policy file to the default chain (repeatable)")
+    serve.add_argument("--control-socket", metavar="PATH",
+                       help="control socket path (overrides [listen] control_socket)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve /metrics there, or 'off' (overrides [metrics] listen)")
+    serve.add_argument("--pid-file", metavar="PATH",
+                       help="write the daemon's pid to PATH (atomically) once it is ready, "
+                            "remove it at exit")
+    serve.add_argument("--ready-fd", type=int, metavar="N",
+                       help="write a newline to fd N and close it once the daemon is "
+                            "ready (s6/runit style readiness; READY=1 for systemd is "
+                            "sent at the same moment)")
     serve.add_argument("--takeover", action="store_true",
                        help="take the containers and the notify socket of the daemon "
                             "running on [listen] control_socket, which then exits (a "
@@ -112,36 +141,80 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_everything(config_path: str | None, socket: str | None = None,
-                    policy_files: Sequence[str] = ()) -> tuple[Config, Mapping[str, PolicySet]]:
-    """Config plus loaded policies, with command-line overrides. Raises ConfigError."""
+                    policy_files: Sequence[str] = (), *, control_socket: str | None = None,
+                    metrics: str | None = None
+                    ) -> tuple[Config, Mapping[str, PolicySet]]:
+    """Config plus loaded policies, with command-line overrides. Raises ConfigError.
+
+    ``socket`` without ``config_path`` also moves the control socket beside it
+    (:func:`~supervisor.config.control_socket_for`) and turns ``/metrics`` off: a
+    daemon started with only ``--socket`` must not collide with another one on the
+    built-in default control socket and port. ``control_socket`` and ``metrics`` (a
+    ``HOST:PORT``, or ``off``) override both.
+    """
     from .plugins import load_policies
 
     config = load_config(config_path) if config_path else default_config()
     if socket:
         config = with_socket(config, socket)
+        if not config_path:
+            config = with_control_socket(config, control_socket_for(config.listen.socket),
+                                         key="--socket")
+            config = with_metrics(config, "off")
+    if control_socket:
+        config = with_control_socket(config, control_socket)
+    if metrics is not None:
+        config = with_metrics(config, metrics)
     if policy_files:
         config = add_policy_files(config, policy_files)
     return config, load_policies(config)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int:
+    """``serve``. ``prebound``: the notify socket :mod:`supervisor._start` bound before
+    the imports; used if the config names the same path, else closed and removed."""
     import functools
 
     import trio
 
+    from ._start import in_use
     from .daemon import Daemon
+    from .readiness import ReadinessError, ReadinessNotifier
     from .takeover import TakeoverError
 
     def loader() -> tuple[Config, Mapping[str, PolicySet]]:
-        return load_everything(args.config, args.socket, args.policy)
+        return load_everything(args.config, args.socket, args.policy,
+                               control_socket=args.control_socket, metrics=args.metrics)
 
     try:
         config, policies = loader()
-    except ConfigError as exc:
+        notifier = ReadinessNotifier.from_environ(pid_file=args.pid_file,
+                                                  ready_fd=args.ready_fd)
+    except (ConfigError, ReadinessError) as exc:
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None)
-    takeover = config.listen.control_socket if args.takeover else None
+    control = config.listen.control_socket
+    notify = config.listen.socket
+    if not args.takeover and prebound is None and not os.environ.get("LISTEN_FDS") \
+            and in_use(notify):
+        # What binding it would say, before the control socket (the same daemon has
+        # both): the notify socket is the one that matters.
+        print(f"seccomp-supervisor: [Errno {errno.EADDRINUSE}] another process is "
+              f"listening on this socket: {notify!r}", file=sys.stderr)
+        notifier.cleanup()
+        return 1
+    if not args.takeover and in_use(control):
+        # Another daemon answers there: `status` and `--takeover` would reach it.
+        print(f"seccomp-supervisor: control socket {control}: another process is listening "
+              f"on it (give this daemon its own with --control-socket or [listen] "
+              f"control_socket)", file=sys.stderr)
+        notifier.cleanup()
+        return 1
+    sock = None
+    if prebound is not None and not args.takeover and \
+            os.path.abspath(prebound.path) == os.path.abspath(config.listen.socket):
+        sock = trio.socket.from_stdlib_socket(prebound.sock)
+        prebound.taken = True  # the daemon closes it and removes its file at exit
     from . import emulate
 
     # The helper that acts as callers starts with our capabilities; then the daemon
@@ -151,19 +224,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         emulate.drop_helper_capabilities()
     except (OSError, RuntimeError) as exc:
         print(f"seccomp-supervisor: the emulation helper: {exc}", file=sys.stderr)
+        notifier.cleanup()
         return 1
+    daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None,
+                    notifier=notifier)
+    takeover = control if args.takeover else None
     try:
-        trio.run(functools.partial(daemon.run, takeover=takeover))
+        trio.run(functools.partial(daemon.run, sock=sock,
+                                   sock_file=config.listen.socket if sock else None,
+                                   takeover=takeover))
     except TakeoverError as exc:
         print(f"seccomp-supervisor: takeover failed, the running daemon serves on: {exc}",
               file=sys.stderr)
         return 1
     except KernelMismatchError as exc:
+        if prebound is not None:
+            prebound.taken = False  # refused before the daemon used it
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"seccomp-supervisor: {exc}", file=sys.stderr)
         return 1
+    finally:
+        notifier.cleanup()
     return 0
 
 
@@ -274,13 +357,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prebound: PreBound | None = None) -> int:
+    """The command line. ``prebound``: see :func:`cmd_serve` (the console script's
+    :func:`supervisor._start.main` passes it; the caller closes what is not taken)."""
     args = _parser().parse_args(argv)
     _setup_logging(args.log_level)
     if args.command == "status":
         return cmd_status(args)
     if args.command == "serve":
-        return cmd_serve(args)
+        return cmd_serve(args, prebound)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "record":

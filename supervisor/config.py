@@ -42,12 +42,15 @@ __all__ = [
     "RouteMatch",
     "TraceAnnotationConfig",
     "add_policy_files",
+    "control_socket_for",
     "default_config",
     "load_config",
     "parse_config",
     "parse_duration",
     "read_toml",
     "validate_config",
+    "with_control_socket",
+    "with_metrics",
     "with_socket",
 ]
 
@@ -115,6 +118,10 @@ class Defaults:
     on_error: Decision
     deadline: float
     max_inflight: int
+    # True when the file sets `unhandled` itself: it then wins over the `unhandled` a
+    # policy of the chain declares (PolicySet(unhandled=...)). The embedded default
+    # config counts as not setting it.
+    unhandled_set: bool = False
     # Back-pressure (supervisor/ratelimit.py): notifications per second per container
     # (0 = no limit), how many may be saved up, and the answer when the bucket is empty.
     rate: float = 0.0
@@ -262,7 +269,10 @@ def default_config() -> Config:
     ``serve`` without ``--config``. Raises ConfigError only if the package is broken."""
     resource = importlib.resources.files(__package__ or "supervisor").joinpath("default.toml")
     file = str(resource)
-    return parse_config(_parse_toml(resource.read_bytes(), file), file)
+    config = parse_config(_parse_toml(resource.read_bytes(), file), file)
+    # It shows every key with its default value; none of them is the operator's choice.
+    return dataclasses.replace(
+        config, defaults=dataclasses.replace(config.defaults, unhandled_set=False))
 
 
 def parse_config(data: Mapping[str, Any], file: str) -> Config:
@@ -385,6 +395,39 @@ def with_socket(config: Config, socket: str) -> Config:
     """
     checked = _socket_path("<command line>", "--socket", socket)
     return dataclasses.replace(config, listen=dataclasses.replace(config.listen, socket=checked))
+
+
+def control_socket_for(socket: str) -> str:
+    """The control socket of a daemon given only ``serve --socket SOCKET``: beside it,
+    ``NAME.sock`` → ``NAME.control.sock``, any other name gets ``.control`` appended.
+    Pure; the length is checked by :func:`with_control_socket`."""
+    base = socket[:-len(".sock")] if socket.endswith(".sock") else socket
+    return f"{base}.control.sock" if base != socket else f"{socket}.control"
+
+
+def with_control_socket(config: Config, path: str, *,
+                        key: str = "--control-socket") -> Config:
+    """A copy of ``config`` with ``path`` as its control socket (``serve
+    --control-socket PATH``). Raises ConfigError (file ``<command line>``, ``key``) for
+    an unusable path, or one equal to the notify socket."""
+    checked = _socket_path("<command line>", key, path)
+    if checked == config.listen.socket:
+        raise ConfigError("<command line>", key,
+                          f"{checked} is the notify socket; the control socket needs "
+                          f"its own path")
+    return dataclasses.replace(config, listen=dataclasses.replace(
+        config.listen, control_socket=checked))
+
+
+def with_metrics(config: Config, listen: str) -> Config:
+    """A copy of ``config`` serving ``/metrics`` on ``listen`` (``HOST:PORT``,
+    ``[IPv6]:PORT``), or not at all for ``off`` (``serve --metrics``). Raises ConfigError
+    (file ``<command line>``, key ``--metrics``)."""
+    if listen in ("off", ""):
+        return dataclasses.replace(config, metrics=MetricsConfig(listen="", host="", port=0))
+    host, port = _host_port("<command line>", "--metrics", listen)
+    return dataclasses.replace(config, metrics=MetricsConfig(listen=listen, host=host,
+                                                              port=port))
 
 
 # --------------------------------------------------------------------------- the parser
@@ -640,6 +683,7 @@ class _Parser:
                                                           maximum=MAX_RATE)),
             rate_exceeded=self.get(t, "defaults", "rate_exceeded",
                                    parse_decision("deny:EAGAIN"), self.decision),
+            unhandled_set="unhandled" in t,
         )
 
     def rate(self, key: str, value: object) -> float:

@@ -162,10 +162,12 @@ class Daemon:
         self._traces_written: set[tuple[str, str, str]] = set()
 
     async def run(self, *, sock: trio.socket.SocketType | None = None,
-                  takeover: str | None = None,
+                  sock_file: str | None = None, takeover: str | None = None,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or cancellation). ``sock`` is a listening socket to
-        use instead of binding ``[listen] socket`` (socket activation, tests).
+        use instead of binding ``[listen] socket`` (socket activation, tests, the one
+        ``serve`` binds before loading the daemon); ``sock_file``, its file, which is
+        then removed at exit as if the daemon had bound it.
 
         ``takeover`` is the control socket of a running daemon to take the sessions and
         the notify socket of first (``serve --takeover``; nothing to take over if no
@@ -187,7 +189,7 @@ class Daemon:
             if taken is not None and taken.listen_fd >= 0:
                 sock = trio.socket.from_stdlib_socket(socket.socket(fileno=taken.listen_fd))
                 taken.listen_fd = -1
-        bound_path: str | None = None
+        bound_path = sock_file if sock is not None else None
         if sock is None:
             sock = self._activated_socket()
         if sock is None:
@@ -374,7 +376,11 @@ class Daemon:
         OSError."""
         if not config.metrics.enabled:
             return None
-        sock = bind_tcp(config.metrics.host, config.metrics.port)
+        try:
+            sock = bind_tcp(config.metrics.host, config.metrics.port)
+        except OSError as exc:  # name the address: "Address already in use" alone does not
+            raise OSError(exc.errno, f"[metrics] listen {config.metrics.listen}: "
+                                     f"{exc.strerror}") from None
         self.metrics_address = sock.getsockname()
         log.info("metrics on http://%s:%d/metrics", *self.metrics_address[:2])
         return sock
@@ -399,10 +405,12 @@ class Daemon:
             handoff.close()
         self.start_session(notify, handoff.container)
 
-    def _settings(self, choice: RouteChoice) -> SessionSettings:
+    def _settings(self, choice: RouteChoice, chain: Chain) -> SessionSettings:
         defaults = self.state.config.defaults
         return SessionSettings(
-            unhandled=defaults.unhandled, on_error=defaults.on_error,
+            unhandled=chain.session_unhandled(
+                defaults.unhandled, configured_explicitly=defaults.unhandled_set),
+            on_error=defaults.on_error,
             deadline=defaults.deadline, max_inflight=defaults.max_inflight,
             mode=choice.mode, rate=defaults.rate, rate_burst=defaults.burst,
             rate_exceeded=defaults.rate_exceeded)
@@ -424,7 +432,7 @@ class Daemon:
         traced = self._trace_route(container)
         if traced is not None:
             chain, choice = traced
-        settings = self._settings(choice)
+        settings = self._settings(choice, chain)
         try:
             session = Session(notify, container, chain, settings, self.recorder)
         except BaseException:
@@ -707,7 +715,7 @@ class Daemon:
         self.recorder.max_line = config.audit.max_line
         for session, chain, choice in routes:
             before = session.chain.names
-            session.rebind(chain, self._settings(choice))
+            session.rebind(chain, self._settings(choice, chain))
             if chain.names != before:
                 log.info("container %s: policies [%s] -> [%s]", session.container.id,
                          ", ".join(before), ", ".join(chain.names))

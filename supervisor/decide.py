@@ -68,6 +68,19 @@ class Chain:
                 assert entry is not None
                 table.setdefault(syscall, []).append(Link(name, entry.func, entry.is_async))
         self._table = {syscall: tuple(links) for syscall, links in table.items()}
+        # Fallbacks come after every handler named for the call, in chain order; they
+        # are part of each cached route, so they cost nothing per notification.
+        self._fallbacks = tuple(
+            Link(name, entry.func, entry.is_async) for name, policy_set in self.policies
+            if (entry := policy_set.fallback_handler) is not None)
+        #: ``unhandled`` of the first policy of the chain that declares one, with the
+        #: policy's name as its reason if it gave none; None if no policy does.
+        self.unhandled: Decision | None = None
+        for name, policy_set in self.policies:
+            if policy_set.unhandled is not None:
+                self.unhandled = _with_reason(policy_set.unhandled,
+                                              f"unhandled: policy {name}'s default")
+                break
         # audit arch -> call number -> route; two plain int lookups cost less than
         # building and hashing an (arch, nr) key per notification.
         self.routes: dict[int, dict[int, Route]] = {}
@@ -77,7 +90,18 @@ class Chain:
         return frozenset(self._table)
 
     def links(self, syscall: str) -> tuple[Link, ...]:
-        return self._table.get(syscall, ())
+        """The handlers asked for ``syscall``: those named for it, then the fallbacks."""
+        named = self._table.get(syscall, ())
+        return named + self._fallbacks if self._fallbacks else named
+
+    def session_unhandled(self, configured: Decision, *, configured_explicitly: bool
+                          ) -> Decision:
+        """The ``unhandled`` answer of a session on this chain: ``[defaults] unhandled``
+        when the config file sets it (``configured_explicitly``) or no policy of the
+        chain declares one, else the policy's (see :attr:`unhandled`)."""
+        if configured_explicitly or self.unhandled is None:
+            return configured
+        return self.unhandled
 
     def route(self, arch: int, nr: int) -> Route:
         """Name, arch name and handlers of call ``nr`` made in audit arch ``arch``."""
@@ -91,6 +115,13 @@ class Chain:
             if not is_unnamed(name):
                 self.routes.setdefault(arch, {})[nr] = route
         return route
+
+
+def _with_reason(decision: Decision, reason: str) -> Decision:
+    if decision.reason:
+        return decision
+    return Decision(decision.kind, errno=decision.errno, value=decision.value,
+                    unchecked=decision.unchecked, reason=reason)
 
 
 def check_result(result: object, policy: str, *, read_memory: bool) -> Decision | None:

@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Final
 
 import trio
 
+from ._start import bind_unix_listener
 from .errors import HandoffError
 from .handoff import BadFdError, Handoff, MessageAssembler, PeerCredentials, accept_handoff
 from .metrics import Metrics
@@ -94,52 +94,11 @@ def bind_socket(path: str | os.PathLike[str], mode: int = 0o600, *,
 
     Raises FileExistsError if ``path`` exists and is not a socket, OSError(EADDRINUSE)
     if a live process listens on it, and OSError for any failure to create, bind or
-    listen.
+    listen. (The work is :func:`supervisor._start.bind_unix_listener`'s, which ``serve``
+    also calls before the daemon is even imported.)
     """
-    path = os.fspath(path)
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
-    try:
-        sock.bind(path)
-        bound = True
-        os.chmod(path, mode)
-        sock.listen(backlog)
-        return trio.socket.from_stdlib_socket(sock)
-    except BaseException:
-        sock.close()
-        if bound:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.setblocking(False)
-        probe.connect(path)
-    except ConnectionRefusedError:
-        # Nobody listens: the file was left by a process that is gone.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError:
-        pass  # a listener whose backlog is full: alive
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process is listening on this socket", path)
+    sock = bind_unix_listener(os.fspath(path), mode, backlog=backlog)
+    return trio.socket.from_stdlib_socket(sock)
 
 
 async def serve_handoffs(

@@ -515,17 +515,26 @@ class PolicySet:
     ``defaults`` declares the options the policy accepts and their default values; the
     operator's ``options`` table is checked against it when the policy loads (unknown
     keys and wrong types are refused), and the result is in :attr:`options`.
+
+    ``unhandled`` is the answer this policy wants for a call that no handler of the
+    chain decides (``allow()`` for "everything else continues"; a Decision, or a
+    config-style string such as ``"allow"`` or ``"deny:ENOSYS"``). It replaces
+    ``[defaults] unhandled`` for every chain this policy is in, unless the config file
+    sets that key itself: the operator's word wins. Raises PolicyError for an
+    ``inject_fd`` or anything that is not a decision.
     """
 
     def __init__(self, name: str, *, defaults: Mapping[str, Any] | None = None,
-                 description: str = "") -> None:
+                 description: str = "", unhandled: Decision | str | None = None) -> None:
         if not name or not isinstance(name, str):
             raise PolicyError("a PolicySet needs a non-empty name")
         self.name = name
         self.description = description
         self.defaults: Mapping[str, Any] = MappingProxyType(dict(defaults or {}))
         self.options: Mapping[str, Any] = self.defaults
+        self.unhandled: Decision | None = _unhandled_decision(name, unhandled)
         self._handlers: dict[str, HandlerEntry] = {}
+        self._fallback: HandlerEntry | None = None
         self._on_configure: list[Callable[[Mapping[str, Any]], None]] = []
         self._on_session_end: list[Callable[[Container], None]] = []
 
@@ -539,6 +548,30 @@ class PolicySet:
 
     def handler_for(self, syscall: str) -> HandlerEntry | None:
         return self._handlers.get(syscall)
+
+    @property
+    def fallback_handler(self) -> HandlerEntry | None:
+        """The :meth:`fallback` handler, or None."""
+        return self._fallback
+
+    def fallback(self, func: H) -> H:
+        """Register the decorated function for every notified call this set has no
+        :meth:`on` handler for (``n.syscall`` says which; ``nr_<n>`` for a number
+        without a name). A chain asks the fallbacks after every handler registered for
+        the call by name, its other policies' included: a catch-all never takes a call
+        from a policy that handles it by name, wherever it stands in the chain.
+
+        Raises PolicyError for a second fallback or a non-callable.
+        """
+        if self._fallback is not None:
+            other = self._fallback.func
+            raise PolicyError(f"policy {self.name!r}: a fallback is already registered "
+                              f"({getattr(other, '__name__', other)})")
+        is_async = inspect.iscoroutinefunction(func)
+        if not is_async and not callable(func):
+            raise PolicyError(f"policy {self.name!r}: fallback {func!r} is not callable")
+        self._fallback = HandlerEntry("*", func, is_async)
+        return func
 
     def on(self, *syscalls: str) -> Callable[[H], H]:
         """Register the decorated function for ``syscalls`` (names, as in ``man 2``).
@@ -602,6 +635,20 @@ class PolicySet:
     def session_ended(self, container: Container) -> None:
         for hook in self._on_session_end:
             hook(container)
+
+
+def _unhandled_decision(policy: str, value: Decision | str | None) -> Decision | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_decision(value)
+        except ValueError as exc:
+            raise PolicyError(f"policy {policy!r}: unhandled={exc}") from None
+    if not isinstance(value, Decision) or value.kind == "inject_fd":
+        raise PolicyError(f"policy {policy!r}: unhandled must be allow(), deny(...) or "
+                          f"returns(...), not {value!r}")
+    return value
 
 
 def _same_kind(default: Any, value: Any) -> bool:

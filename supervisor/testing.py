@@ -151,10 +151,14 @@ async def arun_policy(
 ) -> Trial:
     """:func:`run_policy` inside a running trio loop.
 
-    ``unhandled`` (default ``deny(ENOSYS)``), ``on_error`` (default ``deny(EPERM)``),
+    ``unhandled`` (default: the one the first policy declaring one declares, else
+    ``deny(ENOSYS)``), ``on_error`` (default ``deny(EPERM)``),
     ``deadline`` and ``mode`` are the session settings the daemon takes from
     ``[defaults]`` and the route; ``container`` is what handlers see as
     ``n.container`` (default id ``"test"``).
+
+    A :meth:`~supervisor.policy.PolicySet.fallback` handles whatever is notified and
+    has no named handler: name those calls in ``syscalls``.
 
     Raises ValueError if there is nothing to notify or ``write`` is asked for. Bound it
     with ``trio.fail_after``: when cancelled, the child is killed and reaped.
@@ -169,8 +173,9 @@ async def arun_policy(
         raise ValueError("no system call to notify: the policies handle none")
     program = build_program(dataclasses.replace(notify_profile(names),
                                                 architectures=ARCHITECTURES))
+    chain = Chain((p.name, p) for p in policies)
     settings = SessionSettings(
-        unhandled=unhandled or deny(38, reason="unhandled"),
+        unhandled=unhandled or chain.unhandled or deny(38, reason="unhandled"),
         on_error=on_error or deny(1, reason="handler error"),
         deadline=deadline, mode=mode)
     pid, listener, result_r = _fork_filtered(program, func)
@@ -179,7 +184,7 @@ async def arun_policy(
     finished = False
     try:
         session = Session(NotifyFd(listener), container or Container(id="test", pid=pid),
-                          Chain((p.name, p) for p in policies), settings, capture)
+                          chain, settings, capture)
         listener = -1  # the session owns it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_all, result_r, chunks)

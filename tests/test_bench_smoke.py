@@ -43,3 +43,12 @@ def test_bench_emulate_runs(tmp_path: Path) -> None:
     rows = {r["row"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"emulated mknod", "enforced open", "fifo (CONTINUE)"}
     assert all(r["calls"] == 5 and r["p50_us"] > 0 for r in rows.values())
+
+
+def test_listen_time_bench_runs() -> None:
+    """bench/listen_time.py at two runs: it starts the daemon, connects, sees it ready."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "listen_time.py"), "--runs", "2"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("listen  median") and "\nready   median" in proc.stdout

@@ -2,8 +2,8 @@
 
 The blocks of ``docs/**/*.md`` and ``README.md`` are taken in page order; each page gets
 a work directory of its own, shared by its blocks (a policy file written by one block is
-what the next block tests), with ``.venv``, ``policies``, ``systemd``, ``bench`` and
-``deploy`` linking to this tree. How a block runs depends on its language:
+what the next block tests), with ``.venv``, ``policies``, ``systemd``, ``bench``,
+``examples`` and ``deploy`` linking to this tree. How a block runs depends on its language:
 
 - ``python``: a block whose first line is ``# NAME.py`` is written to NAME.py; a
   ``test_*.py`` file then runs under pytest, any other named file is loaded with
@@ -197,7 +197,7 @@ def _workdir(base: Path, page: Path) -> Path:
     if not work.exists():
         work.mkdir()
         (work / ".venv").symlink_to(Path(sys.prefix))
-        for name in ("policies", "systemd", "bench", "deploy"):
+        for name in ("policies", "systemd", "bench", "deploy", "examples"):
             (work / name).symlink_to(ROOT / name)
     return work
 
