@@ -31,27 +31,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runtime import busybox_rootfs, crun_argv0
+from .runtime import _hybrid_cgroups, busybox_rootfs, crun_argv0
 
 __all__ = [
     "CRUN_RECEIVER",
     "Containerd",
     "Dockerd",
+    "HostUser",
     "crun_script",
     "docker_version",
     "private_containerd",
     "private_dockerd",
+    "private_rootless_dockerd",
+    "shared_tmpdir",
+    "temporary_user",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,9 +86,19 @@ def docker_version() -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def crun_script(path: Path) -> Path:
-    """An executable ``path`` that runs crun the way tests run it on this host."""
-    path.write_text("#!/bin/sh\nexec " + shlex.join(crun_argv0()) + ' "$@"\n')
+def crun_script(path: Path, *, userns: bool = False) -> Path:
+    """An executable ``path`` that runs crun the way tests run it on this host.
+
+    ``userns``: for a crun inside a user namespace (rootless docker), where the cgroup2
+    mount cannot be unmounted (it is locked to its parent): hide it under a tmpfs
+    instead, which has the same effect on crun's cgroup detection.
+    """
+    argv = crun_argv0()
+    if userns and _hybrid_cgroups():
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs none /sys/fs/cgroup/unified && exec "$@"', "crun",
+                "crun", "--cgroup-manager=disabled"]
+    path.write_text("#!/bin/sh\nexec " + shlex.join(argv) + ' "$@"\n')
     path.chmod(0o755)
     return path
 
@@ -241,12 +257,11 @@ def private_containerd(directory: Path, *, namespace: str = "sstest") -> Iterato
 class Dockerd:
     directory: Path
     host: str
-    containerd: Containerd
+    containerd: Containerd | None   # None: rootless, dockerd runs its own inside
     namespace: str
     process: subprocess.Popen[bytes]
     cli: str
     image: str = ""
-    env: dict[str, str] = field(default_factory=dict)
 
     def docker_argv(self, args: Sequence[str]) -> list[str]:
         return [self.cli, "--host", self.host, *args]
@@ -259,6 +274,8 @@ class Dockerd:
 
     def bundle_config(self, container_id: str) -> Any:
         """The ``config.json`` dockerd (through containerd) gave the runtime."""
+        if self.containerd is None:
+            raise ValueError("the bundles of a rootless dockerd are inside its namespaces")
         return self.containerd.bundle_config(container_id, self.namespace)
 
     def remove_everything(self) -> None:
@@ -282,25 +299,60 @@ def private_dockerd(directory: Path, containerd: Containerd, *,
                     runtimes: Mapping[str, Mapping[str, Any]]) -> Iterator[Dockerd]:
     """A dockerd on ``containerd`` with ``runtimes`` (daemon.json's ``runtimes`` table)
     and the busybox rootfs imported as image ``sstest/busybox`` (``.image``)."""
+    namespace = f"{containerd.namespace}-moby"
+    argv = ["--containerd", containerd.address,
+            "--containerd-namespace", namespace,
+            "--containerd-plugins-namespace", f"{namespace}-plugins"]
+    with _dockerd(directory, argv, runtimes, containerd, namespace, user=None) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def private_rootless_dockerd(directory: Path, user: HostUser, *,
+                             runtimes: Mapping[str, Mapping[str, Any]]) -> Iterator[Dockerd]:
+    """Rootless docker: dockerd as ``user`` in rootlesskit's user and mount namespaces
+    (``--net=host``: the containers have no network anyway; ``--copy-up=/etc
+    --copy-up=/run`` as ``dockerd-rootless.sh`` does), with the containerd it starts
+    itself. ``directory`` must be reachable by ``user``: a 0755 directory of its own
+    (:func:`shared_tmpdir`). The docker CLI runs as root on the user's socket."""
+    with _dockerd(directory, [], runtimes, None, "moby", user=user) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def _dockerd(directory: Path, engine_argv: list[str], runtimes: Mapping[str, Mapping[str, Any]],
+             containerd: Containerd | None, namespace: str, *,
+             user: HostUser | None) -> Iterator[Dockerd]:
     dockerd = _require("dockerd")
     before = {d for d in _SHARED_DIRS if d.exists()}
     directory.mkdir(parents=True, exist_ok=True)
-    namespace = f"{containerd.namespace}-moby"
     config = directory / "daemon.json"
     config.write_text(json.dumps({
         "deprecated-key-path": str(directory / "key.json"),
         "runtimes": {name: dict(spec) for name, spec in runtimes.items()},
     }, indent=2))
+    config.chmod(0o644)
     host = f"unix://{directory / 'docker.sock'}"
-    argv = [dockerd, "--config-file", str(config),
-            "--containerd", containerd.address,
-            "--containerd-namespace", namespace,
-            "--containerd-plugins-namespace", f"{namespace}-plugins",
+    pidfile = directory / "docker.pid"
+    argv = [dockerd, "--config-file", str(config), *engine_argv,
             "--data-root", str(directory / "data"), "--exec-root", str(directory / "exec"),
-            "--pidfile", str(directory / "docker.pid"), "-H", host,
+            "--pidfile", str(pidfile), "-H", host,
             "--bridge=none", "--iptables=false", "--ip-masq=false",
             "--storage-driver", "overlay2",
             "--default-ulimit", "nofile=1024:1024"]
+    if user is not None:
+        home = directory / "home"
+        home.mkdir()
+        os.chown(home, user.uid, user.gid)
+        os.chown(directory, user.uid, user.gid)  # dockerd creates its directories here
+        # What dockerd-rootless.sh does in the child, without its network set-up.
+        child = ("rm -f /run/docker /run/containerd /run/xtables.lock; exec " +
+                 shlex.join(argv))
+        argv = ["runuser", "-u", user.name, "--", "env", f"HOME={home}",
+                f"XDG_RUNTIME_DIR={directory}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "rootlesskit", "--net=host", "--copy-up=/etc", "--copy-up=/run",
+                "--propagation=rslave", f"--state-dir={directory / 'rootlesskit'}",
+                "sh", "-c", child]
     log = directory / "dockerd.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
@@ -321,7 +373,70 @@ def private_dockerd(directory: Path, containerd: Containerd, *,
             if process.poll() is None:
                 d.remove_everything()
         finally:
+            if user is not None:
+                _stop_rootless(process, pidfile, directory)
             _stop(process)
             _unmount_under(directory)
             shutil.rmtree(directory, ignore_errors=True)
             _empty_dirs_created(before)
+
+
+def _stop_rootless(process: subprocess.Popen[bytes], pidfile: Path, directory: Path) -> None:
+    """Stop a rootless dockerd (rootlesskit exits with it), then whatever it left running
+    (its containerd, shims): processes whose command line names ``directory``."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(_STOP_GRACE)
+    for pid in _processes_naming(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _processes_naming(directory: Path) -> list[int]:
+    needle = str(directory).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+# --------------------------------------------------------------------------- a user
+
+
+@dataclass
+class HostUser:
+    name: str
+    uid: int
+    gid: int
+
+
+@contextlib.contextmanager
+def temporary_user(prefix: str = "sstest-rl") -> Iterator[HostUser]:
+    """A user with subordinate uid and gid ranges (``useradd`` gives a new regular user
+    ``SUB_UID_COUNT`` of each from /etc/login.defs), deleted with them on exit."""
+    name = f"{prefix}-{os.getpid()}"
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", "--user-group", name],
+                   check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        for path in ("/etc/subuid", "/etc/subgid"):
+            if not any(line.startswith(f"{name}:") for line in Path(path).read_text().splitlines()):
+                raise RuntimeError(f"useradd gave {name} no range in {path}")
+        yield HostUser(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def shared_tmpdir(prefix: str) -> Path:
+    """A new 0755 directory in /tmp (pytest's are 0700 under a 0700 parent: another user
+    cannot reach them). The caller removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
