@@ -152,6 +152,7 @@ class Containerd:
     address: str
     namespace: str
     process: subprocess.Popen[bytes]
+    user: HostUser | None = None   # rootless: containerd and ctr run as this user
 
     @property
     def state(self) -> Path:
@@ -159,14 +160,17 @@ class Containerd:
 
     @property
     def fifo_dir(self) -> Path:
+        """For ``ctr run/exec --fifo-dir`` (ctr's default is in /run/containerd)."""
         return self.directory / "fifo"
 
     @property
     def runc_root(self) -> Path:
+        """For ``ctr run --runc-root`` (the shim's default is /run/containerd/runc)."""
         return self.directory / "runc-root"
 
     def ctr_argv(self, args: Sequence[str], *, namespace: str | None = None) -> list[str]:
-        return ["ctr", "--address", self.address, "--namespace",
+        as_user = ["runuser", "-u", self.user.name, "--"] if self.user else []
+        return [*as_user, "ctr", "--address", self.address, "--namespace",
                 namespace or self.namespace, *args]
 
     def ctr(self, args: Sequence[str], *, namespace: str | None = None,
@@ -209,8 +213,16 @@ class Containerd:
 
 
 @contextlib.contextmanager
-def private_containerd(directory: Path, *, namespace: str = "sstest") -> Iterator[Containerd]:
-    """A containerd of its own in ``directory`` (see module docstring)."""
+def private_containerd(directory: Path, *, namespace: str = "sstest",
+                       user: HostUser | None = None) -> Iterator[Containerd]:
+    """A containerd of its own in ``directory`` (see module docstring), with empty
+    ``fifo_dir`` and ``runc_root`` directories for ``ctr run --fifo-dir --runc-root``.
+
+    ``user``: rootless containerd, as ``user`` in rootlesskit's user and mount namespaces
+    (``--net=host --copy-up=/etc --copy-up=/run``, like nerdctl's
+    ``containerd-rootless.sh`` without its network); ``directory`` must be reachable by
+    the user (:func:`shared_tmpdir`), and ``ctr`` runs as the user too.
+    """
     containerd = _require("containerd")
     _require("ctr")
     before = {d for d in _SHARED_DIRS if d.exists()}
@@ -226,12 +238,19 @@ def private_containerd(directory: Path, *, namespace: str = "sstest") -> Iterato
         f'[ttrpc]\naddress = "{address}.ttrpc"\n'
         '[debug]\naddress = ""\n'
         '[metrics]\naddress = ""\n')
+    config.chmod(0o644)
+    argv = [containerd, "--config", str(config)]
+    for owned in (directory, directory / "fifo", directory / "runc-root"):
+        owned.mkdir(exist_ok=True)
+        if user is not None:
+            os.chown(owned, user.uid, user.gid)
+    if user is not None:
+        argv = _rootless(user, directory, argv)
     log = directory / "containerd.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([containerd, "--config", str(config)], stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    ctd = Containerd(directory, address, namespace, process)
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    ctd = Containerd(directory, address, namespace, process, user)
     try:
         _wait_ready(process, log,
                     lambda: ctd.ctr(["version"], timeout=10).returncode == 0, "containerd")
@@ -242,12 +261,27 @@ def private_containerd(directory: Path, *, namespace: str = "sstest") -> Iterato
                 ctd.remove_everything()
         finally:
             _stop(process)
-            for pid in ctd.own_shims():
+            leftovers = ctd.own_shims() + (_processes_naming(directory) if user else [])
+            for pid in leftovers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _unmount_under(directory)
             shutil.rmtree(directory, ignore_errors=True)
             _empty_dirs_created(before)
+
+
+def _rootless(user: HostUser, directory: Path, argv: Sequence[str]) -> list[str]:
+    """``argv`` as ``user`` under rootlesskit, the way the rootless scripts of docker and
+    nerdctl start their daemons (their network set-up left out: ``--net=host``)."""
+    home = directory / "home"
+    home.mkdir(exist_ok=True)
+    os.chown(home, user.uid, user.gid)
+    child = "rm -f /run/docker /run/containerd /run/xtables.lock; exec " + shlex.join(argv)
+    return ["runuser", "-u", user.name, "--", "env", f"HOME={home}",
+            f"XDG_RUNTIME_DIR={directory}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "rootlesskit", "--net=host", "--copy-up=/etc", "--copy-up=/run",
+            "--propagation=rslave", f"--state-dir={directory / 'rootlesskit'}",
+            "sh", "-c", child]
 
 
 # --------------------------------------------------------------------------- dockerd
@@ -341,18 +375,8 @@ def _dockerd(directory: Path, engine_argv: list[str], runtimes: Mapping[str, Map
             "--storage-driver", "overlay2",
             "--default-ulimit", "nofile=1024:1024"]
     if user is not None:
-        home = directory / "home"
-        home.mkdir()
-        os.chown(home, user.uid, user.gid)
         os.chown(directory, user.uid, user.gid)  # dockerd creates its directories here
-        # What dockerd-rootless.sh does in the child, without its network set-up.
-        child = ("rm -f /run/docker /run/containerd /run/xtables.lock; exec " +
-                 shlex.join(argv))
-        argv = ["runuser", "-u", user.name, "--", "env", f"HOME={home}",
-                f"XDG_RUNTIME_DIR={directory}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                "rootlesskit", "--net=host", "--copy-up=/etc", "--copy-up=/run",
-                "--propagation=rslave", f"--state-dir={directory / 'rootlesskit'}",
-                "sh", "-c", child]
+        argv = _rootless(user, directory, argv)
     log = directory / "dockerd.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

@@ -5,16 +5,18 @@ containerd 1.6's ``ctr`` reads the profile file straight into the runtime-spec
 ``listenerMetadata`` fields it keeps: runc and crun under the containerd shim then hand
 the listener to the daemon as usual, with metadata and ``--annotation`` annotations.
 
-One containerd per module (tests/engines.py). Containers run from the shared busybox
-rootfs (``--rootfs --read-only``, a tmpfs on /tmp), with their runc state root and IO
-fifos in the test's directory; each test kills and removes its task and container
-(shielded), and the module fixture removes whatever is left.
+One containerd per module (tests/engines.py), and one rootless containerd (as a
+temporary user under rootlesskit) for the rootless tests. Containers run from the shared
+busybox rootfs (``--rootfs --read-only``, a tmpfs on /tmp), with their runc state root
+and IO fifos in the engine's directory; each test kills and removes its task and
+container (shielded), and the module fixtures remove whatever is left, then the user.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -26,7 +28,14 @@ import pytest
 import trio
 
 from .daemon_harness import RunningDaemon, running_daemon
-from .engines import Containerd, crun_script, private_containerd
+from .engines import (
+    Containerd,
+    HostUser,
+    crun_script,
+    private_containerd,
+    shared_tmpdir,
+    temporary_user,
+)
 from .runtime import RUNTIMES, busybox_rootfs, unique_id
 
 pytestmark = pytest.mark.runtime
@@ -70,8 +79,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     base = tmp_path_factory.mktemp("containerd")
     crun = crun_script(base / "crun")
     with private_containerd(base / "containerd") as containerd:
-        containerd.fifo_dir.mkdir()
-        containerd.runc_root.mkdir()
         yield Engine(containerd, crun)
 
 
@@ -142,47 +149,112 @@ async def _wait_sessions(d: RunningDaemon, n: int, timeout: float = 10) -> None:
             await trio.sleep(0.02)
 
 
+async def _serve_run_and_exec(c: Containerd, runc_binary: str, sup: RunningDaemon,
+                              profile: Path, log: Path, extra: Sequence[str] = ()
+                              ) -> None:
+    """``ctr run -d`` a container under ``profile`` that asks for each answer, then
+    ``ctr task exec`` the same; check both were routed and answered, remove the
+    container, wait for the sessions to end."""
+    script = f"cat /inject; {_answers(1)}; exec sleep 60"
+    async with _ctr_container(c, "ctd") as cid:
+        started = await _ctr(c, [
+            "run", "--detach", "--rootfs", "--read-only", "--env", "PATH=/bin",
+            "--mount", "type=tmpfs,src=tmpfs,dst=/tmp,options=rw:nosuid:nodev",
+            "--fifo-dir", str(c.fifo_dir), "--runc-root", str(c.runc_root),
+            "--runc-binary", runc_binary, "--log-uri", f"file://{log}",
+            "--seccomp", "--seccomp-profile", str(profile),
+            "--annotation", "org.example/team=build", *extra,
+            str(busybox_rootfs()), cid, "sh", "-c", script])
+        assert started.returncode == 0, started.stderr
+        seccomp = c.bundle_config(cid)["linux"]["seccomp"]
+        assert seccomp["listenerPath"] == sup.socket_path
+        assert seccomp["listenerMetadata"] == "team=build\nenv=ci"
+
+        out = await _wait_file(log, r"allow rc=\d")
+        first = _inject_line(out)
+        assert first["tag"] == "routed"
+        assert first["id"] == cid and first["status"] == "creating"
+        assert first["labels"] == "env=ci,team=build"
+        assert "deny rc=1" in out and "ret rc=0" in out and "allow rc=0" in out
+
+        execd = await _ctr(c, ["tasks", "exec", "--exec-id", "e1",
+                               "--fifo-dir", str(c.fifo_dir), cid,
+                               "sh", "-c", f"cat /inject; {_answers(2)}"])
+        assert execd.returncode == 0, execd.stderr
+        second = _inject_line(execd.stdout.decode())
+        assert second["tag"] == "routed"
+        assert second["id"] == cid and second["status"] == "running"
+        assert b"deny rc=1" in execd.stdout and b"allow rc=0" in execd.stdout
+        assert sup.metric(HANDOFFS, result="accepted") == 2
+        await _wait_sessions(sup, 1)
+    await _wait_sessions(sup, 0)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 async def test_ctr_profile_listener_path_serves_run_and_exec(tmp_path: Path, engine: Engine,
                                                              runtime: Any) -> None:
     """The profile's listenerPath and listenerMetadata reach the runtime; ``--annotation``
     reaches the state: a route on both picks the policy. ``ctr task exec`` hands over
     again; removing the task ends the sessions."""
-    c = engine.containerd
-    log = tmp_path / "out.log"
-    script = f"cat /inject; {_answers(1)}; exec sleep 60"
     async with running_daemon(tmp_path, ROUTED) as sup:
         profile = _profile(tmp_path / "profile.json", sup.socket_path)
-        async with _ctr_container(c, f"ctd-{runtime}") as cid:
-            started = await _ctr(c, [
-                "run", "--detach", "--rootfs", "--read-only", "--env", "PATH=/bin",
-                "--mount", "type=tmpfs,src=tmpfs,dst=/tmp,options=rw:nosuid:nodev",
-                "--fifo-dir", str(c.fifo_dir), "--runc-root", str(c.runc_root),
-                "--runc-binary", engine.runc_binary(runtime),
-                "--log-uri", f"file://{log}",
-                "--seccomp", "--seccomp-profile", str(profile),
-                "--annotation", "org.example/team=build",
-                str(busybox_rootfs()), cid, "sh", "-c", script])
-            assert started.returncode == 0, started.stderr
-            seccomp = c.bundle_config(cid)["linux"]["seccomp"]
-            assert seccomp["listenerPath"] == sup.socket_path
-            assert seccomp["listenerMetadata"] == "team=build\nenv=ci"
+        await _serve_run_and_exec(engine.containerd, engine.runc_binary(runtime), sup,
+                                  profile, tmp_path / "out.log")
 
-            out = await _wait_file(log, r"allow rc=\d")
-            first = _inject_line(out)
-            assert first["tag"] == "routed"
-            assert first["id"] == cid and first["status"] == "creating"
-            assert first["labels"] == "env=ci,team=build"
-            assert "deny rc=1" in out and "ret rc=0" in out and "allow rc=0" in out
 
-            execd = await _ctr(c, ["tasks", "exec", "--exec-id", "e1",
-                                   "--fifo-dir", str(c.fifo_dir), cid,
-                                   "sh", "-c", f"cat /inject; {_answers(2)}"])
-            assert execd.returncode == 0, execd.stderr
-            second = _inject_line(execd.stdout.decode())
-            assert second["tag"] == "routed"
-            assert second["id"] == cid and second["status"] == "running"
-            assert b"deny rc=1" in execd.stdout and b"allow rc=0" in execd.stdout
-            assert sup.metric(HANDOFFS, result="accepted") == 2
-            await _wait_sessions(sup, 1)
-        await _wait_sessions(sup, 0)
+# --------------------------------------------------------------------------- rootless
+
+
+@dataclass
+class Rootless:
+    containerd: Containerd
+    crun: Path
+    user: HostUser
+    base: Path       # 0755: the user reaches the profile and the daemon's socket here
+
+    def runc_binary(self, runtime: str) -> str:
+        return str(self.crun) if runtime == "crun" else "runc"
+
+
+@pytest.fixture(scope="module")
+def rootless() -> Iterator[Rootless]:
+    """containerd as a temporary user under rootlesskit (tests/engines.py)."""
+    base = shared_tmpdir("sstest-ctd-rootless-")
+    try:
+        crun = crun_script(base / "crun", userns=True)
+        with (temporary_user("sstest-rlc") as user,
+              private_containerd(base / "containerd", user=user) as containerd):
+            yield Rootless(containerd, crun, user, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_rootless_ctr_serves_run_and_exec(tmp_path: Path, rootless: Rootless,
+                                                runtime: Any) -> None:
+    """Rootless containerd: the runtime hands over from the user namespace as the user's
+    uid, the only one allowed; the socket's directory is reachable and the socket 0666.
+    ``--cgroup "" --cpu-shares 0``: an unprivileged runc cannot set ctr's default cpu
+    shares on a cgroup v1 host ("cannot set cpu limit: container could not join or create
+    cgroup")."""
+    sockets = rootless.base / unique_id("sup")
+    sockets.mkdir(mode=0o755)
+    sockets.chmod(0o755)  # the daemon keeps an existing directory's mode
+    config = ROUTED.replace("[defaults]", f"""[listen]
+socket = "{sockets / 'notify.sock'}"
+control_socket = "{sockets / 'control.sock'}"
+socket_mode = 0o666
+allowed_uids = [{rootless.user.uid}]
+
+[defaults]""", 1)
+    try:
+        async with running_daemon(tmp_path, config) as sup:
+            profile = _profile(sockets / "profile.json", sup.socket_path)
+            profile.chmod(0o644)
+            await _serve_run_and_exec(
+                rootless.containerd, rootless.runc_binary(runtime), sup, profile,
+                rootless.containerd.fifo_dir / f"{sockets.name}.log",
+                extra=["--cgroup", "", "--cpu-shares", "0"])
+            assert sup.metric(HANDOFFS, result="forbidden") == 0
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
