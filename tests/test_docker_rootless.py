@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,6 +31,7 @@ from .engines import (
     Dockerd,
     HostUser,
     crun_script,
+    docker_version,
     private_rootless_dockerd,
     shared_tmpdir,
     temporary_user,
@@ -43,6 +45,8 @@ HANDOFFS = "seccomp_supervisor_handoffs_total"
 NOTIFY = ("mkdir", "mkdirat", "openat")
 PROFILE = ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": '
            '[{"names": ["mkdir", "mkdirat", "openat"], "action": "SCMP_ACT_NOTIFY"}]}')
+# A directory in the host's /run that only appears after the rootless dockerd started.
+LATE_RECEIVER = Path(f"/run/sstest-late-{os.getpid()}") / "notify.sock"
 
 
 @dataclass
@@ -65,14 +69,19 @@ def rootless() -> Iterator[Rootless]:
         profile.chmod(0o644)
         receiver = sockets / "notify.sock"
         crun = crun_script(base / "crun", userns=True)
-        runtimes = {"crun-supervised": {
-            "path": str(CRUN_RECEIVER),
-            "runtimeArgs": [f"--receiver={receiver}", f"--crun={crun}"]}}
+
+        def wrapper(socket: Path) -> dict[str, Any]:
+            return {"path": str(CRUN_RECEIVER),
+                    "runtimeArgs": [f"--receiver={socket}", f"--crun={crun}"]}
+
+        runtimes = {"crun-supervised": wrapper(receiver), "crun-late": wrapper(LATE_RECEIVER),
+                    "crun": {"path": str(crun)}}
         with (temporary_user() as user,
               private_rootless_dockerd(base / "dockerd", user, runtimes=runtimes) as dockerd):
             yield Rootless(dockerd, user, receiver, profile)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(LATE_RECEIVER.parent, ignore_errors=True)
 
 
 def _config(r: Rootless, allowed_uids: Sequence[int]) -> str:
@@ -178,3 +187,48 @@ async def test_rootless_handoff_of_a_uid_not_allowed(tmp_path: Path,
             "'/tmp/allow-1': Function not implemented" in err), err
         assert sup.metric(HANDOFFS, result="forbidden") == 1
         assert not sup.daemon.sessions
+
+
+async def test_rootless_docker_20_10_drops_listener_path_too(tmp_path: Path,
+                                                             rootless: Rootless) -> None:
+    """The drop is dockerd's, rootless or not: runc refuses the container, crun runs it
+    with nobody holding the listener (ENOSYS)."""
+    d = rootless.dockerd
+    profile = tmp_path / "listener.json"
+    profile.write_text(PROFILE.replace('"syscalls"',
+                                       f'"listenerPath": "{rootless.receiver}", "syscalls"'))
+    # (the docker CLI runs as root: it reads the file and sends its content)
+    opts = ["--network", "none", "--security-opt", f"seccomp={profile}", d.image,
+            "sh", "-c", "mkdir /tmp/x; echo rc=$?"]
+    async with running_daemon(tmp_path, _config(rootless, [rootless.user.uid])) as sup:
+        by_runc = await _docker(d, ["run", "--rm", "--runtime", "runc", *opts])
+        by_crun = await _docker(d, ["run", "--rm", "--runtime", "crun", *opts])
+        if docker_version() >= (23, 0):
+            assert sup.metric(HANDOFFS, result="accepted") == 2
+        else:
+            assert by_runc.returncode == 125
+            assert b"listenerPath is not set" in by_runc.stderr, by_runc.stderr
+            assert b"'/tmp/x': Function not implemented" in by_crun.stderr, by_crun.stderr
+            assert sup.metric(HANDOFFS, result="accepted") == 0
+
+
+async def test_rootless_docker_sees_only_the_run_it_started_with(tmp_path: Path,
+                                                                 rootless: Rootless) -> None:
+    """rootlesskit's ``--copy-up=/run`` replaces /run with a tmpfs of symlinks to what
+    /run held when dockerd started: a directory made in /run later is not there for the
+    runtime, so the handoff fails although the socket exists on the host."""
+    d = rootless.dockerd
+    LATE_RECEIVER.parent.mkdir(mode=0o755)
+    try:
+        config = _config(rootless, [rootless.user.uid]).replace(
+            str(rootless.receiver.parent), str(LATE_RECEIVER.parent))
+        async with running_daemon(tmp_path, config) as sup:
+            assert LATE_RECEIVER.is_socket()
+            done = await _docker(d, ["run", "--rm", "--runtime", "crun-late",
+                                     "--network", "none", d.image, "true"])
+            assert done.returncode == 125
+            assert (f"open seccomp receiver: connect socket to `{LATE_RECEIVER}`: "
+                    "No such file or directory").encode() in done.stderr, done.stderr
+            assert sup.metric(HANDOFFS, result="accepted") == 0
+    finally:
+        shutil.rmtree(LATE_RECEIVER.parent, ignore_errors=True)
