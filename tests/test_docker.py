@@ -47,7 +47,11 @@ pytestmark = pytest.mark.runtime
 POLICY = Path(__file__).resolve().parent / "policies" / "containers.py"
 HANDOFFS = "seccomp_supervisor_handoffs_total"
 NOTIFY = ("mkdir", "mkdirat", "openat")
-FORWARDS_LISTENER = docker_version() >= (23, 0)
+
+
+def _forwards_listener() -> bool:
+    """Whether this dockerd passes a profile's listenerPath on (23.0 and later)."""
+    return docker_version() >= (23, 0)
 
 
 def _answers(n: int) -> str:
@@ -172,7 +176,7 @@ async def test_profile_listener_path_reaches_the_runtime_only_from_docker_23(
             seccomp = d.bundle_config(started.stdout.decode().strip())["linux"]["seccomp"]
             by_crun = await _docker(d, ["exec", name, "sh", "-c",
                                         "mkdir /tmp/deny-2; echo rc=$?"])
-        if FORWARDS_LISTENER:
+        if _forwards_listener():
             assert seccomp["listenerPath"] == sup.socket_path
             assert b"rc=1" in by_runc.stdout and b"rc=1" in by_crun.stdout
             assert b"Operation not permitted" in by_crun.stderr
@@ -214,7 +218,7 @@ async def test_crun_receiver_wrapper_serves_run_and_exec(tmp_path: Path,
             assert first["tag"] == "docker"
             assert first["id"] == cid and re.fullmatch(r"[0-9a-f]{64}", cid)
             assert first["status"] == "creating"
-            assert first["labels"] == ("team=build" if FORWARDS_LISTENER else "")
+            assert first["labels"] == ("team=build" if _forwards_listener() else "")
             assert "deny rc=1" in out and "'/tmp/deny-1': Operation not permitted" in out
             assert "ret rc=0" in out and "allow rc=0" in out
 
