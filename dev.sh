@@ -13,12 +13,15 @@ cd "$(dirname "$0")"
 # prometheus for `systemd-analyze verify`, `promtool` and the dashboard's queries against a
 # real Prometheus server; tmux to test `seccomp-supervisor top` in a real terminal; curl
 # and iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base
-# and man-db to render the man pages.
+# and man-db to render the man pages; docker.io and containerd for the engine tests
+# (tests/test_docker.py, tests/test_containerd.py), rootlesskit and uidmap for rootless
+# docker (tests/test_docker_rootless.py).
 # (promtool comes only in the package prometheus, which on a host booted with systemd
-# also enables the Prometheus server on :9090: setup() disables it when it installs the
-# package; the tests start their own server on loopback.)
+# also enables the Prometheus server on :9090; docker.io and containerd likewise enable
+# their daemons: setup() disables them when it installs the packages; the tests start
+# their own servers, on loopback or on sockets in a temporary directory.)
 DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
-              tmux curl iproute2 groff-base man-db)
+              tmux curl iproute2 groff-base man-db docker.io containerd rootlesskit uidmap)
 
 # setup EXTRAS: the Python package and the extras of pyproject.toml it needs ("test,docs").
 setup() {
@@ -34,8 +37,14 @@ setup() {
         "${sudo[@]}" apt-get update -qq
         DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
             --no-install-recommends "${missing[@]}" >/dev/null
-        if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
-            "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+        if [[ -d /run/systemd/system ]]; then
+            local units=()
+            [[ " ${missing[*]} " == *" prometheus "* ]] && units+=(prometheus.service)
+            [[ " ${missing[*]} " == *" docker.io "* ]] && units+=(docker.service docker.socket)
+            [[ " ${missing[*]} " == *" containerd "* ]] && units+=(containerd.service)
+            if ((${#units[@]})); then
+                "${sudo[@]}" systemctl disable --now "${units[@]}" >/dev/null 2>&1 || true
+            fi
         fi
     fi
     if [[ ! -x .venv/bin/python ]]; then
