@@ -25,6 +25,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import select
 import socket
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -192,12 +193,24 @@ def take_listen_fds(env: MutableMapping[str, str] | None = None) -> list[ListenF
     return fds
 
 
+#: How long a message that matters (READY, STOPPING, FDSTORE...) may wait for room in
+#: the manager's queue, in seconds. The event loop sends them, so the wait is bounded.
+SEND_TIMEOUT: Final = 0.5
+
+
 class Notifier:
     """Sends sd_notify messages. Every method is a no-op without ``$NOTIFY_SOCKET``.
 
     Sending never raises: a failure is returned as ``False`` (the manager may be gone
     during shutdown; a notification is never worth crashing for), except that
     :meth:`store_fds` raises ValueError for a bad name.
+
+    Sending never blocks for long: messages go from the event loop, and a datagram to a
+    unix socket whose reader is behind (its queue holds ``net.unix.max_dgram_qlen``
+    datagrams, 10 by default) would block until it reads. ``WATCHDOG=1`` and ``STATUS=``
+    are repeated anyway, so they are dropped when there is no room; the others wait up
+    to :data:`SEND_TIMEOUT`. The socket is connected to the manager's, so poll() can
+    tell when its queue has room again.
     """
 
     def __init__(self, address: str | bytes | None, *, watchdog: float | None = None) -> None:
@@ -222,25 +235,55 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, fields: Mapping[str, str | int], fds: Sequence[int] = ()) -> bool:
-        """One datagram with ``fields`` (and ``fds`` as ``SCM_RIGHTS``)."""
+    def send(self, fields: Mapping[str, str | int], fds: Sequence[int] = (), *,
+             wait: bool = True) -> bool:
+        """One datagram with ``fields`` (and ``fds`` as ``SCM_RIGHTS``); with ``wait``
+        it may wait up to :data:`SEND_TIMEOUT` for room in the manager's queue, without
+        it the message is dropped when there is none."""
         if self.address is None:
             return False
         message = format_message(fields)
+        ancillary = []
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        deadline = time.monotonic() + (SEND_TIMEOUT if wait else 0.0)
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            ancillary = []
-            if fds:
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                              array.array("i", fds).tobytes())]
-            # A datagram to a unix socket either goes out whole or fails; it does not
-            # block for long (systemd reads its notify socket promptly).
-            self._sock.sendmsg([message], ancillary, 0, self.address)
+            for attempt in (1, 2):
+                try:
+                    self._send_until(message, ancillary, deadline)
+                    return True
+                except (ConnectionRefusedError, ConnectionResetError, NotADirectoryError,
+                        FileNotFoundError):
+                    # The manager made its socket anew (daemon-reexec): connect again.
+                    self.close()
+                    if attempt == 2:
+                        raise
         except OSError as exc:
             self.last_error = exc
-            return False
-        return True
+        return False
+
+    def _send_until(self, message: bytes, ancillary: list[tuple[int, int, bytes]],
+                    deadline: float) -> None:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX,
+                                 socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+            try:
+                sock.connect(self.address)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+        while True:
+            try:
+                self._sock.sendmsg([message], ancillary)
+                return
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                poller = select.poll()
+                poller.register(self._sock, select.POLLOUT)
+                poller.poll(remaining * 1000)
 
     def ready(self, status: str | None = None) -> bool:
         fields: dict[str, str | int] = {"READY": 1}
@@ -250,7 +293,7 @@ class Notifier:
         return self.send(fields)
 
     def status(self, text: str) -> bool:
-        return self.send({"STATUS": text})
+        return self.send({"STATUS": text}, wait=False)
 
     def reloading(self) -> bool:
         """``RELOADING=1`` with ``MONOTONIC_USEC`` (required by ``Type=notify-reload``);
@@ -265,7 +308,7 @@ class Notifier:
         return self.send(fields)
 
     def watchdog(self) -> bool:
-        return self.send({"WATCHDOG": 1})
+        return self.send({"WATCHDOG": 1}, wait=False)
 
     def store_fds(self, name: str, fds: Sequence[int]) -> bool:
         """Put ``fds`` into the service's fd store under ``name`` (``FDSTORE=1``). systemd

@@ -9,6 +9,7 @@ does. The units are checked with ``systemd-analyze verify`` (Debian package ``sy
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import signal
 import socket
@@ -174,6 +175,29 @@ def test_notifier_abstract_socket_and_no_socket() -> None:
     gone = systemd.Notifier("/nonexistent/notify.sock")
     assert not gone.watchdog() and isinstance(gone.last_error, OSError)
     gone.close()
+
+
+def test_a_manager_that_does_not_read_cannot_block_the_notifier(tmp_path: Path) -> None:
+    """A notify socket whose reader has stopped (its queue full): WATCHDOG and STATUS,
+    sent from the event loop every few seconds, are dropped at once, and the messages
+    that matter (READY, FDSTORE...) give up after a bounded wait; nothing blocks for
+    good. A manager that comes back (a new socket at the same path) is reached again."""
+    path = tmp_path / "n.sock"
+    with _dgram_socket(path) as stalled:
+        notifier = systemd.Notifier(str(path))
+        started = time.monotonic()
+        sent = [notifier.watchdog() for _ in range(200)]
+        assert time.monotonic() - started < 1.0
+        assert sent[0] and not sent[-1]  # the queue filled up; the rest were dropped
+        started = time.monotonic()
+        assert not notifier.ready("serving")
+        assert time.monotonic() - started < systemd.SEND_TIMEOUT + 1.0
+        assert stalled.recv(4096) == b"WATCHDOG=1"
+    path.unlink()
+    with _dgram_socket(path) as again:
+        assert notifier.status("back")
+        assert again.recv(4096) == b"STATUS=back"
+    notifier.close()
 
 
 # --------------------------------------------------------------------------- the daemon
