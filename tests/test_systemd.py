@@ -9,12 +9,12 @@ does. The units are checked with ``systemd-analyze verify`` (Debian package ``sy
 from __future__ import annotations
 
 import os
-import time
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
