@@ -175,7 +175,7 @@ class Daemon:
         daemon then serves on)."""
         bpf.check_kernel_abi()
         config = self.state.config
-        self._plan_fds(config)
+        report_fds = self._plan_fds(config)
         problem = kcmp_problem()
         if problem is not None:
             self._kcmp_warned = True
@@ -213,6 +213,7 @@ class Daemon:
                 metrics_sock = self._bind_metrics(config)
                 if metrics_sock is not None:
                     cleanup.enter_context(metrics_sock)
+            report_fds()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -357,19 +358,24 @@ class Daemon:
     async def _status_command(self, request: ControlRequest) -> dict[str, Any]:
         return self.status()
 
-    def _plan_fds(self, config: Config) -> None:
-        """Raise the soft fd limit to the hard one and say what it is set aside for
-        (see fdbudget.py); warn when too little is left for containers."""
+    def _plan_fds(self, config: Config) -> Callable[[], None]:
+        """Raise the soft fd limit to the hard one; return what logs what it is set aside
+        for (see fdbudget.py), warning when too little is left for containers. Logged once
+        the sockets are bound, so a daemon that cannot start says only why."""
         budget = fd_budget(raise_nofile_limit(), max_handoffs=config.listen.max_handoffs,
                            max_fds=ListenerLimits().max_fds,
                            control_connections=CONTROL_MAX_CONNECTIONS,
                            metrics_connections=(self.metrics_server.limits.max_connections
                                                 if config.metrics.enabled else 0))
-        if budget.sessions < MIN_SESSION_FDS:
-            log.warning("%s: too few; raise LimitNOFILE= (ulimit -n) or lower "
-                        "[listen] max_handoffs", budget.describe())
-        else:
-            log.info("%s", budget.describe())
+
+        def report() -> None:
+            if budget.sessions < MIN_SESSION_FDS:
+                log.warning("%s: too few; raise LimitNOFILE= (ulimit -n) or lower "
+                            "[listen] max_handoffs", budget.describe())
+            else:
+                log.info("%s", budget.describe())
+
+        return report
 
     def _bind_metrics(self, config: Config) -> trio.socket.SocketType | None:
         """The listening socket of ``[metrics] listen`` (None if disabled). Raises

@@ -265,6 +265,7 @@ class Notifier:
     def _send_until(self, message: bytes, ancillary: list[tuple[int, int, bytes]],
                     deadline: float) -> None:
         if self._sock is None:
+            assert self.address is not None  # send() checked
             sock = socket.socket(socket.AF_UNIX,
                                  socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             try:
