@@ -28,8 +28,9 @@ are handed to it the way runc does:
   (quiet), then while it floods.
 
 Printed per kind: the neighbour's quiet and flooded p50/p99, flooded/quiet of each
-(the target: p99 flooded <= 2x quiet p99), the flood's calls/s, and the daemon's CPU
-share while it floods. Ratios are per round; the summary gives their median.
+(the target: p99 flooded <= 2x quiet p99), the flood's calls/s, and the CPUs the daemon
+and the flooders themselves used while they flooded. Ratios are per round; the summary
+gives their median.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Result:
     flooded: list[int]
     flood_calls_per_s: float
     daemon_cpu: float  # CPUs the daemon used while it was flooded
+    flood_cpu: float  # CPUs the flooders themselves used meanwhile
     wrong: int
 
     @staticmethod
@@ -82,7 +84,8 @@ class Result:
         q50, q99 = self.pct(self.quiet, 50), self.pct(self.quiet, 99)
         f50, f99 = self.pct(self.flooded, 50), self.pct(self.flooded, 99)
         return {"q50": q50, "q99": q99, "f50": f50, "f99": f99, "r50": f50 / q50,
-                "r99": f99 / q99, "flood": self.flood_calls_per_s, "cpu": self.daemon_cpu}
+                "r99": f99 / q99, "flood": self.flood_calls_per_s, "cpu": self.daemon_cpu,
+                "fcpu": self.flood_cpu}
 
 
 def build(out: Path) -> tuple[Path, Path]:
@@ -228,9 +231,11 @@ def run_kind(kind: str, tree: Tree, opts: argparse.Namespace, target: Path, floo
             pipes["go"] = (-1, -1)
         time.sleep(opts.settle)
         t0, cpu0 = time.monotonic(), cpu_ns(daemon.pid)
+        fcpu0 = sum(cpu_ns(f.pid) for f in flooders)
         flooded, bad_flooded = neighbour_phase(target, sock, "flooded", opts.calls,
                                                opts.pause_us, opts.neighbour, procs, tmp)
         t1, cpu1 = time.monotonic(), cpu_ns(daemon.pid)
+        fcpu1 = sum(cpu_ns(f.pid) for f in flooders)
         flood_start = t0 - opts.settle
         if kind == "none":
             flood_start = time.monotonic()
@@ -249,7 +254,7 @@ def run_kind(kind: str, tree: Tree, opts: argparse.Namespace, target: Path, floo
             flood_wrong += bad
         rate = flood_calls / (flood_end - flood_start) if kind != "none" else 0.0
         return Result(kind, tree.name, quiet, flooded, rate, (cpu1 - cpu0) / 1e9 / (t1 - t0),
-                      bad_quiet + bad_flooded + flood_wrong)
+                      (fcpu1 - fcpu0) / 1e9 / (t1 - t0), bad_quiet + bad_flooded + flood_wrong)
     finally:
         for r, w in pipes.values():
             for fd in (r, w):
@@ -324,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     failed = False
     head = (f"{'kind':<14} {'round':>5} {'quiet p50':>9} {'p99':>8} {'flooded p50':>11} "
-            f"{'p99':>8} {'x p50':>7} {'x p99':>7} {'flood/s':>8} {'daemon CPU':>10}")
+            f"{'p99':>8} {'x p50':>7} {'x p99':>7} {'flood/s':>8} {'daemon CPU':>10} "
+            f"{'flood CPU':>9}")
     print(head)
     print("-" * len(head))
     try:
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = res.row()
                     print(f"{label:<14} {rnd + 1:>5} {r['q50']:>9.1f} {r['q99']:>8.1f} "
                           f"{r['f50']:>11.1f} {r['f99']:>8.1f} {r['r50']:>7.2f} "
-                          f"{r['r99']:>7.2f} {r['flood']:>8.0f} {r['cpu']:>10.2f}"
+                          f"{r['r99']:>7.2f} {r['flood']:>8.0f} {r['cpu']:>10.2f} {r['fcpu']:>9.2f}"
                           + (f"  WRONG {res.wrong}" if res.wrong else ""), flush=True)
                     failed = failed or res.wrong > 0
     finally:
@@ -358,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         label = kind + (f"@{name}" if name else "")
         print(f"{label:<14} {'':>5} {med('q50'):>9.1f} {med('q99'):>8.1f} "
               f"{med('f50'):>11.1f} {med('f99'):>8.1f} {med('r50'):>7.2f} "
-              f"{med('r99'):>7.2f} {med('flood'):>8.0f} {med('cpu'):>10.2f}")
+              f"{med('r99'):>7.2f} {med('flood'):>8.0f} {med('cpu'):>10.2f} "
+              f"{med('fcpu'):>9.2f}")
     return 1 if failed else 0
 
 
