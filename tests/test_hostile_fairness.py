@@ -33,8 +33,9 @@ NR_MKDIR = 83
 ROUNDS = 3
 NEIGHBOUR_CALLS = 400
 # Median flooded/quiet of the neighbour's p50 that fails the test. Measured here (2 vCPUs
-# shared with other jobs), per round: 29-77 before the fix (medians 33-59 in 4 runs),
-# 1.8-5.7 after.
+# shared with other jobs), per round: 29-77 before the fix (medians 33-59 in 4 runs);
+# 1.8-5.7 with the shared reading thread alone; 0.9-2.0 with it niced (a callgrind run
+# beside it).
 MAX_SLOWDOWN = 10.0
 
 CONFIG = """\
@@ -161,7 +162,7 @@ def test_a_memory_reading_flood_does_not_slow_a_neighbour(tmp_path: Path) -> Non
                 flooder.kill()
         # The flood was real (it ran for about a second per round) and fully answered.
         assert flood["wrong"] == 0, flood
-        assert flood["calls"] > 300, flood
+        assert flood["calls"] > 100, flood  # 900-2,600 seen
         assert statistics.median(ratios) < MAX_SLOWDOWN, \
             f"neighbour p50 flooded/quiet per round: {[round(r, 1) for r in ratios]}"
 
