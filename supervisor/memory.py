@@ -200,9 +200,9 @@ class ReadGate:
                 # Every thread is taken: wake up when the oldest read turns slow, if it
                 # is still running then, and let it stop counting.
                 oldest = next(iter(self._running.values()), None)
-                if oldest is None:
-                    await granted.wait()
-                    break
+                if oldest is None:  # no read to wait for (should not happen): take one
+                    self._grant()
+                    continue
                 with trio.move_on_at(oldest + self.slow_after):
                     await granted.wait()
                 if not granted.is_set():
