@@ -3,9 +3,13 @@
  * times each one.  Written for bench/run.py; see bench/README.md.
  *
  *   bench-target SOCK ID CALLS WARMUP OUT READY_FD GO_FD DONE_FD EXIT_FD
+ *                [PAUSE_US [mkdir]]
  *
  * 1. Installs a seccomp filter that sends getppid(2) to user space
  *    (SECCOMP_RET_USER_NOTIF, NEW_LISTENER) and allows everything else.
+ *    With "mkdir" (bench/neighbour.py) it sends mkdir(2) too, and the timed
+ *    calls are mkdir("/guarded/neighbour"), whose answer must be EACCES
+ *    (policies/path_guard.py reads the path from our memory to decide).
  * 2. Acts as the container runtime: connects to SOCK and sends, in one
  *    sendmsg, the JSON state runc sends to a seccomp agent with the listener
  *    fd as SCM_RIGHTS, then closes the socket and its own copy of the fd.
@@ -14,8 +18,9 @@
  * 4. Writes one byte to READY_FD, reads GO_FD until EOF (the harness closes
  *    it once every target is ready: all targets start together).
  * 5. CALLS timed calls, clock_gettime(CLOCK_MONOTONIC) before and after
- *    each.  Every answer is checked: the supervisor must make getppid fail
- *    with EPERM; anything else is counted as wrong.
+ *    each, PAUSE_US microseconds apart (default 0: back to back).  Every
+ *    answer is checked: the supervisor must make getppid fail with EPERM;
+ *    anything else is counted as wrong.
  * 6. Writes OUT: the header line
  *        "<calls> <wrong> <start_ns> <end_ns>\n"
  *    followed by CALLS native uint32 latencies in ns.
@@ -53,13 +58,15 @@ static uint64_t monotonic_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int notify_filter(void)
+static int notify_filter(int with_mkdir)
 {
 	struct sock_filter code[] = {
 		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 3),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 4),
 		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 1, 0),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, with_mkdir ? SYS_mkdir : SYS_getppid,
+			 0, 1),
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
 	};
@@ -142,26 +149,28 @@ static void put_byte(int fd)
 
 int main(int argc, char **argv)
 {
-	if (argc != 10) {
+	if (argc < 10 || argc > 12) {
 		fprintf(stderr, "usage: bench-target SOCK ID CALLS WARMUP OUT "
-				"READY_FD GO_FD DONE_FD EXIT_FD\n");
+				"READY_FD GO_FD DONE_FD EXIT_FD [PAUSE_US [mkdir]]\n");
 		return 2;
 	}
 	const char *sock = argv[1], *id = argv[2], *out = argv[5];
 	long calls = atol(argv[3]), warmup = atol(argv[4]);
 	int ready = atoi(argv[6]), go = atoi(argv[7]);
 	int done = atoi(argv[8]), quit = atoi(argv[9]);
+	long pause_us = argc > 10 ? atol(argv[10]) : 0;
+	int mkdir_calls = argc > 11 && !strcmp(argv[11], "mkdir");
 	uint32_t *lat;
 	uint64_t wrong = 0, start, end;
 	FILE *f;
 
-	if (calls < 1 || warmup < 1)
+	if (calls < 1 || warmup < 1 || pause_us < 0)
 		return 2;
 	lat = calloc((size_t)calls, sizeof(*lat));	/* touched before timing */
 	if (!lat)
 		fail("calloc");
 
-	hand_over(sock, id, notify_filter());
+	hand_over(sock, id, notify_filter(mkdir_calls));
 	for (long i = 0; i < warmup; i++)
 		syscall(SYS_getppid);
 	put_byte(ready);
@@ -169,13 +178,20 @@ int main(int argc, char **argv)
 
 	start = monotonic_ns();
 	for (long i = 0; i < calls; i++) {
-		uint64_t t0 = monotonic_ns();
-		long rc = syscall(SYS_getppid);
-		int err = errno;
-		uint64_t t1 = monotonic_ns();
+		uint64_t t0, t1;
+		long rc;
+		int err;
+
+		if (pause_us)
+			usleep((useconds_t)pause_us);
+		t0 = monotonic_ns();
+		rc = mkdir_calls ? syscall(SYS_mkdir, "/guarded/neighbour", 0755)
+				 : syscall(SYS_getppid);
+		err = errno;
+		t1 = monotonic_ns();
 
 		lat[i] = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
-		if (rc != -1 || err != EPERM)
+		if (rc != -1 || err != (mkdir_calls ? EACCES : EPERM))
 			wrong++;
 	}
 	end = monotonic_ns();
