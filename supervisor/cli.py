@@ -181,6 +181,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(line)
     if problems:
         return 1
+    # Warnings (not errors): routes that whoever creates a container can choose.
+    from .config import load_config
+    from .router import route_warnings
+
+    for line in route_warnings(load_config(args.config)):
+        print(line)
     print(f"{args.config}: OK")
     return 0
 

@@ -40,6 +40,7 @@ __all__ = [
     "PolicyConfig",
     "Route",
     "RouteMatch",
+    "TraceAnnotationConfig",
     "add_policy_files",
     "default_config",
     "load_config",
@@ -156,7 +157,9 @@ class PolicyConfig:
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     """``match`` of a ``[[route]]``. Every condition present must hold (AND); ``None`` / an
-    empty mapping means "not tested". Values are :func:`fnmatch.fnmatchcase` globs."""
+    empty mapping means "not tested". Values are :func:`fnmatch.fnmatchcase` globs, but
+    ``peer_uid``: the uids (from ``SO_PEERCRED``) of which one must have handed the
+    listener over."""
 
     metadata: str | None = None
     labels: Mapping[str, str] = dataclasses.field(
@@ -164,6 +167,13 @@ class RouteMatch:
     container: str | None = None
     annotations: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
+    peer_uid: tuple[int, ...] | None = None
+
+    @property
+    def creator_controlled_only(self) -> bool:
+        """True if every condition is on something the container's creator writes
+        (metadata, labels, container id, annotations): nothing the kernel vouches for."""
+        return self.peer_uid is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +184,16 @@ class Route:
     match: RouteMatch
     policies: tuple[str, ...]
     mode: RouteMode = "enforce"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceAnnotationConfig:
+    """``[trace_annotation]``: learn mode by the ``io.containers.trace-syscall``
+    annotation (off unless ``enabled``; also needs a ``[[policy]]`` named ``learn``),
+    for containers whose listener a process of one of the ``peer_uid`` handed over."""
+
+    enabled: bool = False
+    peer_uid: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +216,7 @@ class Config:
     policies: tuple[PolicyConfig, ...]
     routes: tuple[Route, ...]
     audit: AuditConfig
+    trace_annotation: TraceAnnotationConfig = TraceAnnotationConfig()
 
     def policy_config(self, name: str) -> PolicyConfig:
         """The ``[[policy]]`` named ``name``. Raises KeyError."""
@@ -379,7 +400,8 @@ _DURATION_PART_RE: Final = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs
 _NUMBER_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _OCTAL_MODE_RE: Final = re.compile(r"(?:0o|0)?([0-7]{1,4})")
 
-_TOP_KEYS: Final = ("listen", "metrics", "defaults", "policy", "route", "audit")
+_TOP_KEYS: Final = ("listen", "metrics", "defaults", "policy", "route", "audit",
+                    "trace_annotation")
 _LISTEN_KEYS: Final = ("socket", "socket_mode", "allowed_uids", "max_handoffs",
                        "handoff_timeout", "max_message", "control_socket")
 _METRICS_KEYS: Final = ("listen",)
@@ -387,7 +409,8 @@ _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_i
                           "rate", "rate_burst", "rate_exceeded")
 _POLICY_KEYS: Final = ("name", "path", "entry_point", "options")
 _ROUTE_KEYS: Final = ("match", "policies", "mode")
-_MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations")
+_MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations", "peer_uid")
+_TRACE_KEYS: Final = ("enabled", "peer_uid")
 _AUDIT_KEYS: Final = ("decisions", "rate_limit")
 
 _MISSING: Final = object()
@@ -551,6 +574,41 @@ class _Parser:
         return tuple(self.integer(f"{key}[{i}]", uid, minimum=0, maximum=MAX_UID)
                      for i, uid in enumerate(value))
 
+    def peer_uids(self, key: str, value: object) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected an array of uids (integers), got "
+                                 f"{_describe(value)}")
+        if not value:
+            raise self.fail(key, "empty: no handoff could match; remove the key to match "
+                                 "any uid")
+        uids = tuple(self.integer(f"{key}[{i}]", uid, minimum=0, maximum=MAX_UID)
+                     for i, uid in enumerate(value))
+        for i, uid in enumerate(uids):
+            if uid in uids[:i]:
+                raise self.fail(f"{key}[{i}]", f"uid {uid} is listed twice")
+        return uids
+
+    def boolean(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def trace_annotation(self, value: object) -> TraceAnnotationConfig:
+        t = self.table("trace_annotation", value)
+        self.check_keys("trace_annotation", t, _TRACE_KEYS)
+        return TraceAnnotationConfig(
+            enabled=self.get(t, "trace_annotation", "enabled", False, self.boolean),
+            peer_uid=self.get(t, "trace_annotation", "peer_uid", (0,), self.peer_uids))
+
+    def check_peer_uids(self, key: str, uids: tuple[int, ...] | None,
+                        allowed: tuple[int, ...]) -> None:
+        for i, uid in enumerate(uids or ()):
+            if uid not in allowed:
+                raise self.fail(f"{key}[{i}]",
+                                f"uid {uid} is not in listen.allowed_uids "
+                                f"({', '.join(map(str, allowed))}): it can never hand a "
+                                f"listener over")
+
     def metrics(self, value: object) -> MetricsConfig:
         t = self.table("metrics", value)
         self.check_keys("metrics", t, _METRICS_KEYS)
@@ -660,6 +718,7 @@ class _Parser:
             labels=labels,
             container=self.get(t, key, "container", None, self.string),
             annotations=annotations,
+            peer_uid=self.get(t, key, "peer_uid", None, self.peer_uids),
         )
 
     def mode(self, key: str, value: object) -> RouteMode:
@@ -711,9 +770,14 @@ def _parse(data: Mapping[str, Any], file: str) -> _Result:
     with p.collect():
         p.check_keys("", data, _TOP_KEYS)
 
-    listen = metrics = defaults = audit = None
+    listen = metrics = defaults = audit = trace = None
     with p.collect():
         listen = p.listen(data.get("listen", {}))
+    with p.collect():
+        trace = p.trace_annotation(data.get("trace_annotation", {}))
+        if listen is not None and trace.enabled:
+            p.check_peer_uids("trace_annotation.peer_uid", trace.peer_uid,
+                              listen.allowed_uids)
     with p.collect():
         metrics = p.metrics(data.get("metrics", {}))
     with p.collect():
@@ -739,6 +803,9 @@ def _parse(data: Mapping[str, Any], file: str) -> _Result:
             route = p.route(i, entry)
             routes.append(route)
             p.check_references(f"route[{i}].policies", route.policies, names)
+            if listen is not None:
+                p.check_peer_uids(f"route[{i}].match.peer_uid", route.match.peer_uid,
+                                  listen.allowed_uids)
     if defaults is not None:
         with p.collect():
             p.check_references("defaults.policies", defaults.policies, names)
@@ -746,9 +813,10 @@ def _parse(data: Mapping[str, Any], file: str) -> _Result:
     if p.errors:
         return _Result(None, p.errors)
     assert listen is not None and metrics is not None
-    assert defaults is not None and audit is not None
+    assert defaults is not None and audit is not None and trace is not None
     config = Config(file=file, listen=listen, metrics=metrics, defaults=defaults,
-                    policies=tuple(policies), routes=tuple(routes), audit=audit)
+                    policies=tuple(policies), routes=tuple(routes), audit=audit,
+                    trace_annotation=trace)
     return _Result(config, [])
 
 

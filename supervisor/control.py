@@ -68,7 +68,9 @@ log = logging.getLogger("supervisor.control")
 MAX_LINE: Final = 64 * 1024
 MAX_REPLY_FDS: Final = 253  # SCM_MAX_FD
 _IDLE_TIMEOUT: Final = 30.0
-_MAX_CONNECTIONS: Final = 16
+#: Control connections served at once (more wait in the listen backlog, holding no fd).
+MAX_CONNECTIONS: Final = 16
+_MAX_CONNECTIONS: Final = MAX_CONNECTIONS
 _UCRED: Final = struct.Struct("iII")
 _FD_SIZE: Final = array.array("i").itemsize
 
@@ -202,7 +204,7 @@ def format_status(status: Mapping[str, Any]) -> str:
     ]
     if not sessions:
         return "\n".join([*head, "", "no containers are being served"]) + "\n"
-    columns = ("CONTAINER", "PID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
+    columns = ("CONTAINER", "PID", "PEER_UID", "POLICIES", "MODE", "NOTIF", "DECISIONS", "GONE",
                "INFLIGHT", "AGE", "METADATA")
     rows = []
     for s in sessions:
@@ -211,6 +213,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         rows.append((
             printable(s.get("container", "")),
             printable(s.get("runtime_pid", "")),
+            "-" if s.get("peer_uid") is None else printable(s.get("peer_uid")),
             ",".join(printable(p) for p in s.get("policies", [])) or "-",
             printable(s.get("mode", "")),
             str(s.get("notifications", 0)),
@@ -340,20 +343,21 @@ async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
 
 async def _read_line(conn: trio.socket.SocketType, buffer: bytearray) -> bytes | None:
     """The next line (without newline), None at EOF. A line over MAX_LINE (OSError) or a
-    silent peer (TooSlowError) ends the connection."""
-    while True:
-        end = buffer.find(b"\n")
-        if end >= 0:
-            line = bytes(buffer[:end])
-            del buffer[:end + 1]
-            return line
-        if len(buffer) > MAX_LINE:
-            raise OSError("request line too long")
-        with trio.fail_after(_IDLE_TIMEOUT):
+    line not complete within _IDLE_TIMEOUT (TooSlowError: a silent peer, or one that
+    drips a byte at a time) ends the connection."""
+    with trio.fail_after(_IDLE_TIMEOUT):
+        while True:
+            end = buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
+                return line
+            if len(buffer) > MAX_LINE:
+                raise OSError("request line too long")
             chunk = await conn.recv(65536)
-        if not chunk:
-            return None
-        buffer.extend(chunk)
+            if not chunk:
+                return None
+            buffer.extend(chunk)
 
 
 # --------------------------------------------------------------------------- client

@@ -32,22 +32,24 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
-import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from . import __version__, bpf, systemd
 from .audit import Recorder
 from .config import Config
+from .control import MAX_CONNECTIONS as CONTROL_MAX_CONNECTIONS
 from .control import ControlRequest, ControlServer
 from .decide import Chain
 from .errors import ConfigError, ProfileError
+from .fdbudget import fd_budget, raise_nofile_limit
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
+from .httpmetrics import MetricsServer, bind_tcp
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
 from .notifyfd import NotifyFd, is_seccomp_listener
@@ -57,13 +59,18 @@ from .router import (
     RouteChoice,
     TraceAnnotationError,
     TraceRequest,
+    check_trace_permitted,
     route_for,
     trace_request,
 )
+from .served import KcmpUnavailable, ServedListeners, kcmp_problem
 from .session import Session, SessionSettings
 from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_over
 
 log = logging.getLogger("supervisor.daemon")
+
+#: Fewer fds than this left for sessions after the caps gets a warning at start.
+MIN_SESSION_FDS = 256
 
 Loader = Callable[[], tuple[Config, Mapping[str, PolicySet]]]
 
@@ -113,6 +120,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self.reloads_failed = 0
         self.metrics_address: tuple[Any, ...] | None = None
+        self.metrics_server = MetricsServer(self.registry)
         self._nursery: trio.Nursery | None = None
         # Reliability (issue 7): reload, graceful stop, fd store, takeover.
         self.reloads = Counter(
@@ -126,6 +134,17 @@ class Daemon:
             self.reloads.labels(label)
         for label in ("fdstore", "takeover"):
             self.restored.labels(label)
+        # A listener served twice freezes the loop (see served.py): every path that
+        # starts a session (handoff, fd store, takeover, resume) claims it here first.
+        self.served = ServedListeners()
+        self.refused = Counter(
+            "listeners_refused", "Listeners not served, by reason (already_served: the "
+            "same listener is served by another session; read_elsewhere: another process "
+            "reads it too, the session was ended).", ["reason"],
+            namespace="seccomp_supervisor", registry=self.registry)
+        for label in ("already_served", "read_elsewhere"):
+            self.refused.labels(label)
+        self._kcmp_warned = False
         self.fdstore = FdStore(self.notifier)
         self.stopping = False
         self._gate: AcceptGate | None = None
@@ -150,6 +169,14 @@ class Daemon:
         daemon then serves on)."""
         bpf.check_kernel_abi()
         config = self.state.config
+        self._plan_fds(config)
+        problem = kcmp_problem()
+        if problem is not None:
+            self._kcmp_warned = True
+            log.error("cannot tell whether a listener is served twice (%s): one handed "
+                      "over twice is served twice until a RECV blocks; the RECV watchdog "
+                      "then interrupts it (the loop stalls up to 0.2 s) and ends that "
+                      "session", problem)
         taken = None
         if takeover is not None and sock is None:
             taken = await self._request_takeover(takeover)
@@ -173,8 +200,11 @@ class Daemon:
                 cleanup.callback(self._unlink_socket_file, bound_path)
             cleanup.enter_context(sock)
             cleanup.callback(self._close_handed)
+            metrics_sock = None
             if taken is None:
-                cleanup.enter_context(self._metrics_server(config))
+                metrics_sock = self._bind_metrics(config)
+                if metrics_sock is not None:
+                    cleanup.enter_context(metrics_sock)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -188,11 +218,15 @@ class Daemon:
                         with trio.move_on_after(10):
                             await _wait_for_exit(taken.old_pid)
                         try:
-                            cleanup.enter_context(self._metrics_server(config))
+                            metrics_sock = self._bind_metrics(config)
+                            if metrics_sock is not None:
+                                cleanup.enter_context(metrics_sock)
                         except OSError as exc:
                             log.error("metrics on %s: %s", config.metrics.listen, exc)
                     else:
                         self._restore_stored_sessions()
+                    if metrics_sock is not None:
+                        await nursery.start(self.metrics_server.serve, metrics_sock)
                     await nursery.start(self._serve, sock)
                     await nursery.start(self._serve_control, config.listen.control_socket)
                     if notifier.watchdog_interval is not None:
@@ -277,7 +311,8 @@ class Daemon:
             stats = session.stats
             sessions.append({
                 "session": session.serial,
-                "container": c.id, "runtime_pid": c.pid, "status": c.status,
+                "container": c.id, "runtime_pid": c.pid, "peer_uid": c.peer_uid,
+                "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
                 "annotations": dict(c.annotations),
                 "policies": list(session.chain.names), "mode": session.settings.mode,
@@ -311,22 +346,29 @@ class Daemon:
     async def _status_command(self, request: ControlRequest) -> dict[str, Any]:
         return self.status()
 
-    @contextlib.contextmanager
-    def _metrics_server(self, config: Config) -> Iterator[None]:
-        """prometheus-client's own exporter, in its own thread, on ``[metrics] listen``."""
+    def _plan_fds(self, config: Config) -> None:
+        """Raise the soft fd limit to the hard one and say what it is set aside for
+        (see fdbudget.py); warn when too little is left for containers."""
+        budget = fd_budget(raise_nofile_limit(), max_handoffs=config.listen.max_handoffs,
+                           max_fds=ListenerLimits().max_fds,
+                           control_connections=CONTROL_MAX_CONNECTIONS,
+                           metrics_connections=(self.metrics_server.limits.max_connections
+                                                if config.metrics.enabled else 0))
+        if budget.sessions < MIN_SESSION_FDS:
+            log.warning("%s: too few; raise LimitNOFILE= (ulimit -n) or lower "
+                        "[listen] max_handoffs", budget.describe())
+        else:
+            log.info("%s", budget.describe())
+
+    def _bind_metrics(self, config: Config) -> trio.socket.SocketType | None:
+        """The listening socket of ``[metrics] listen`` (None if disabled). Raises
+        OSError."""
         if not config.metrics.enabled:
-            yield
-            return
-        server, thread = prometheus_client.start_http_server(
-            config.metrics.port, config.metrics.host, registry=self.registry)
-        self.metrics_address = server.server_address
-        log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
-        try:
-            yield
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+            return None
+        sock = bind_tcp(config.metrics.host, config.metrics.port)
+        self.metrics_address = sock.getsockname()
+        log.info("metrics on http://%s:%d/metrics", *self.metrics_address[:2])
+        return sock
 
     async def _serve(self, sock: trio.socket.SocketType,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -357,10 +399,16 @@ class Daemon:
             rate_exceeded=defaults.rate_exceeded)
 
     def start_session(self, notify: NotifyFd, container: Container, *,
-                      stored_as: str | None = None, source: str = "handoff") -> Session:
+                      stored_as: str | None = None,
+                      source: str = "handoff") -> Session | None:
         """Route ``container`` and serve ``notify`` (owned by the session from now on).
         ``stored_as``: the fd-store name it already has (restored after a restart);
-        otherwise it is put into the fd store under a new name (under systemd)."""
+        otherwise it is put into the fd store under a new name (under systemd).
+
+        None (``notify`` closed, an fd-store entry removed, counted) when the same
+        listener is served already: two readers of one filter would block the loop."""
+        if self._already_served(notify, container, stored_as, source):
+            return None
         state = self.state
         choice = route_for(container, state.config)
         chain = state.chain(choice.policies)
@@ -394,6 +442,33 @@ class Daemon:
         self._nursery.start_soon(self._run_session, session)
         return session
 
+    def _already_served(self, notify: NotifyFd, container: Container,
+                        stored_as: str | None, source: str) -> bool:
+        """Claim ``notify``'s listener; True (and ``notify`` closed) if another
+        session serves it already."""
+        try:
+            other = self.served.claim(notify)
+        except KcmpUnavailable as exc:
+            if not self._kcmp_warned:
+                self._kcmp_warned = True
+                log.error("cannot tell whether a listener is served twice (%s); serving "
+                          "without that check", exc)
+            return False
+        if other is None:
+            return False
+        owner = next((s.container.id for s in self.sessions if s.notify is other), None)
+        if owner is None:
+            owner = next((f"{name} (paused for a handover)"
+                          for n, name in self._handed.values() if n is other), "?")
+        log.error("container %r (pid %d, %s): refused: its seccomp listener is already "
+                  "served, by container %r; the same listener was handed over twice",
+                  container.id, container.pid, source, owner)
+        self.refused.labels("already_served").inc()
+        notify.close()
+        if stored_as is not None:
+            self.fdstore.remove(stored_as)
+        return True
+
     def _trace_route(self, container: Container) -> tuple[Chain, RouteChoice] | None:
         """Learn mode for a container annotated ``io.containers.trace-syscall`` (podman's
         OCI hook convention): its own recording policy writing to the annotation's output,
@@ -405,6 +480,7 @@ class Daemon:
             request = trace_request(container)
             if request is None:
                 return None
+            check_trace_permitted(container, self.state.config.trace_annotation)
             learn = self.state.policies.get("learn")
             if learn is None:
                 raise TraceAnnotationError(
@@ -432,6 +508,8 @@ class Daemon:
             # A bug in a session must not take the other containers down with it.
             log.exception("session of container %s failed", session.container.id)
         finally:
+            if session.read_elsewhere:
+                self.refused.labels("read_elsewhere").inc()
             self.sessions.discard(session)
             self.metrics.sessions.dec()
             self.ended_notifications += session.stats.notifications
@@ -502,9 +580,9 @@ class Daemon:
             if restored.error:
                 log.error("fd store: session %s: %s; served as %s with its route",
                           group.name, restored.error, restored.container.id)
-            self.start_session(NotifyFd(restored.notify_fd), restored.container,
-                               stored_as=restored.name, source="from the fd store")
-            self.restored.labels("fdstore").inc()
+            if self.start_session(NotifyFd(restored.notify_fd), restored.container,
+                                  stored_as=restored.name, source="from the fd store"):
+                self.restored.labels("fdstore").inc()
         if groups:
             log.info("fd store: serving %d sessions again", len(groups))
 
@@ -528,8 +606,8 @@ class Daemon:
                           container.id)
                 os.close(fd)
                 continue
-            self.start_session(NotifyFd(fd), container, source="taken over")
-            self.restored.labels("takeover").inc()
+            if self.start_session(NotifyFd(fd), container, source="taken over"):
+                self.restored.labels("takeover").inc()
         for fd, reason in taken.invalid:
             log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
                       fd, reason)

@@ -80,6 +80,7 @@ def session_state(container: Container, policies: Sequence[str] = (),
             "bundle": container.bundle,
             "status": container.status,
             "runtime_version": container.runtime_version,
+            "peer_uid": container.peer_uid,
         },
         "route": {"policies": list(policies), "mode": mode},
     }
@@ -117,7 +118,12 @@ def container_from_state(state: object) -> Container:
         values[name] = MappingProxyType(dict(table))
     if not values["id"]:
         raise ValueError("container.id is empty")
-    return Container(pid=pid, **values)
+    # Absent in states written before peer_uid existed: unknown, matches no peer_uid route.
+    peer_uid = raw.get("peer_uid")
+    if peer_uid is not None and (isinstance(peer_uid, bool) or not isinstance(peer_uid, int)
+                                 or not 0 <= peer_uid < 2**32 - 1):
+        raise ValueError("container.peer_uid is not a uid")
+    return Container(pid=pid, peer_uid=peer_uid, **values)
 
 
 def decode_state(data: bytes) -> Container:

@@ -77,8 +77,9 @@ class ProcessState:
     annotations: Mapping[str, str]
     seccomp_index: int
 
-    def to_container(self) -> Container:
-        """The :class:`~supervisor.policy.Container` policies see for this process."""
+    def to_container(self, peer_uid: int | None = None) -> Container:
+        """The :class:`~supervisor.policy.Container` policies see for this process,
+        handed over by a process of uid ``peer_uid``."""
         return Container(
             id=self.container_id,
             pid=self.pid,
@@ -88,6 +89,7 @@ class ProcessState:
             bundle=self.bundle,
             status=self.status,
             runtime_version=self.oci_version,
+            peer_uid=peer_uid,
         )
 
 
@@ -438,7 +440,7 @@ def accept_handoff(data: bytes, fds: Sequence[int], peer: PeerCredentials) -> Ha
         if not is_seccomp_listener(candidate):
             raise BadFdError(f"fd {SECCOMP_FD_NAME!r} is {_fd_kind(candidate)}, not a seccomp "
                              "listener")
-        handoff = Handoff(state, state.to_container(), peer, candidate)
+        handoff = Handoff(state, state.to_container(peer.uid), peer, candidate)
         keep = candidate
         return handoff
     finally:

@@ -14,16 +14,29 @@ Facts this relies on (verified on the target kernel, DESIGN.md §4):
   once), so the owner must close the fd and stop, or it spins.
 * ENOENT from RECV, SEND, ADDFD or ID_VALID is routine: the call was withdrawn (target
   killed, signalled, stopped) or the id is stale.
+
+That one-reader rule is ours to keep only inside this process. Whoever handed a listener
+over may keep a copy and RECV on it too (verified: with a second process looping in
+RECV on its copy, ~0.3% of this process's RECVs after POLLIN blocked, each until the
+filter's next call). So a RECV that blocks is cut short: a watchdog thread
+(:func:`watch_recv`) sends the RECV's thread ``SIGURG`` (a no-op handler without
+``SA_RESTART``) when one RECV has lasted over :data:`RECV_WATCH_INTERVAL`; RECV waits in
+``down_interruptible`` and returns EINTR, which :meth:`NotifyFd.recv` raises as
+:class:`RecvBlocked`. The event loop is then stalled at most twice that interval, and
+the session ends: a listener somebody else reads cannot be served.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import signal
 import struct
+import threading
+import time
 import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
@@ -33,6 +46,8 @@ from trio.lowlevel import RunVar
 
 from . import abi
 from .errors import NotificationGone
+
+log = logging.getLogger("supervisor.notifyfd")
 
 POLLIN: Final = select.POLLIN
 POLL_END: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -46,6 +61,67 @@ _RECV: Final = abi.IOCTL_NOTIF_RECV
 _SEND: Final = abi.IOCTL_NOTIF_SEND
 _ALL_SIGNALS: Final = signal.valid_signals()
 T = TypeVar("T")
+
+#: A RECV still running after between one and two of these seconds is interrupted.
+RECV_WATCH_INTERVAL: Final = 0.1
+_WATCH_SIGNAL: Final = signal.SIGURG  # ignored by default: a stray one does nothing
+
+
+class RecvBlocked(Exception):
+    """A RECV blocked although poll had shown POLLIN: another reader (a process that kept
+    a copy of the listener) took the notification. The watchdog interrupted it."""
+
+
+class _RecvWatch:
+    """What the watchdog thread looks at: ``calls`` is incremented when a RECV begins
+    and again when it ends, so it is odd while one runs (two attribute increments are
+    all the hot path pays)."""
+
+    __slots__ = ("calls", "interrupted", "thread")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.interrupted = 0
+        self.thread = 0
+
+    def run(self, interval: float) -> None:
+        seen = 0
+        while True:
+            time.sleep(interval)
+            calls = self.calls
+            if calls & 1 and calls == seen:
+                # The same RECV was running at the last look: over `interval` already.
+                self.interrupted += 1
+                signal.pthread_kill(self.thread, _WATCH_SIGNAL)
+            seen = calls
+
+
+_WATCH: Final = _RecvWatch()
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
+def watch_recv(interval: float = RECV_WATCH_INTERVAL) -> bool:
+    """Start the watchdog that interrupts a blocked RECV (see the module docstring) for
+    RECVs made in this thread, once per process. Only the main thread may install the
+    signal handler: from another thread (or with SIGURG already handled by someone
+    else) nothing is done and False is returned."""
+    if _WATCH.thread:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(_WATCH_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN):
+        log.warning("SIGURG has a handler already: a RECV that blocks is not interrupted")
+        return False
+    # signal.signal() installs the handler without SA_RESTART: RECV returns EINTR.
+    signal.signal(_WATCH_SIGNAL, _ignore_signal)
+    _WATCH.thread = threading.get_ident()
+    threading.Thread(target=_WATCH.run, args=(interval,), daemon=True,
+                     name="seccomp-supervisor RECV watchdog").start()
+    return True
+
 
 # What NotifyFd.recv() returns: id, pid, nr, arch, args (a plain tuple: the hot loop
 # unpacks it at once, and a NamedTuple costs a Python-level constructor call).
@@ -99,15 +175,25 @@ class NotifyFd:
         Only call once per POLLIN seen (from :meth:`poll_now` or the :class:`Poller`),
         from the fd's one reader. Returns the ``seccomp_notif`` fields the supervisor
         uses: ``(id, pid, nr, arch, args)``, ``args`` the six call arguments.
+
+        Raises RecvBlocked if the RECV blocked (another process took the notification)
+        and was interrupted by a signal (the watchdog's, see :func:`watch_recv`).
         """
         buf = self._buf
         self._view[:] = _ZERO_NOTIF
+        watch = _WATCH
+        watch.calls += 1  # odd: a RECV runs (see _RecvWatch)
         try:
             _ioctl(self._fd, _RECV, buf, True)
         except OSError as exc:
+            watch.calls += 1
             if exc.errno == errno.ENOENT:
                 return None
+            if exc.errno == errno.EINTR:
+                # Only a RECV that waited can be interrupted: nothing was pending.
+                raise RecvBlocked(f"RECV on fd {self._fd} blocked") from None
             raise
+        watch.calls += 1
         notif_id, pid, nr, arch = _unpack_head(buf)
         return notif_id, pid, nr, arch, _unpack_args(buf, _ARGS_OFFSET)
 
@@ -413,4 +499,7 @@ def current_poller() -> Poller:
     poller = Poller()
     trio.lowlevel.spawn_system_task(poller.run, name="seccomp-supervisor notify poller")
     _POLLER.set(poller)
+    if not watch_recv():
+        log.warning("the notify poller does not run in the main thread: a RECV that "
+                    "blocks (a listener read by another process) is not interrupted")
     return poller

@@ -260,7 +260,10 @@ class Container:
 
     ``pid`` is the process the runtime named in its message (in the supervisor's pid
     namespace); ``metadata`` is the raw ``listenerMetadata`` string and ``labels`` its
-    ``KEY=VALUE`` lines.
+    ``KEY=VALUE`` lines. Everything but ``peer_uid`` is written by whoever creates the
+    container. ``peer_uid`` is the uid of the process that handed the listener over,
+    from the kernel (``SO_PEERCRED``): the one field the creator cannot choose (None
+    when unknown, e.g. a session stored by an older version).
     """
 
     id: str
@@ -271,6 +274,7 @@ class Container:
     bundle: str = ""
     status: str = ""
     runtime_version: str = ""
+    peer_uid: int | None = None
 
 
 class Notification:

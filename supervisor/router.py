@@ -2,7 +2,11 @@
 
 The routes of the config are tried in order; the first one whose ``match`` holds decides.
 All conditions present in a match must hold; each is an :func:`fnmatch.fnmatchcase` glob
-(``*``, ``?``, ``[...]``, case-sensitive, ``*`` also matches ``/`` and newlines).
+(``*``, ``?``, ``[...]``, case-sensitive, ``*`` also matches ``/`` and newlines), but
+``peer_uid``, a list of uids of which the handing-over process's must be one.
+
+Metadata, labels, the container id and annotations are written by whoever creates the
+container; only ``peer_uid`` comes from the kernel (``SO_PEERCRED``).
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Final
 
-from .config import Config, RouteMatch, RouteMode
+from .config import Config, Route, RouteMatch, RouteMode, TraceAnnotationConfig
 from .errors import SupervisorError
 from .policy import Container
 
 __all__ = ["TRACE_ANNOTATION", "RouteChoice", "TraceAnnotationError", "TraceRequest",
-           "matches", "parse_labels", "parse_trace_annotation", "route_for",
-           "trace_request"]
+           "check_trace_permitted", "looser_than_defaults", "matches", "parse_labels",
+           "parse_trace_annotation", "route_for", "route_warnings", "trace_request"]
 
 # podman's OCI hook convention (oci-seccomp-bpf-hook): trace the container's system calls
 # and write a profile. Value: "of:/abs/out.json" or "of:/abs/out.json;if:/abs/in.json".
@@ -61,8 +65,11 @@ def matches(match: RouteMatch, container: Container) -> bool:
     """True if every condition of ``match`` holds for ``container``.
 
     Labels are ``container.labels``, or ``parse_labels(container.metadata)`` when the
-    container carries none. A label or annotation key the container lacks does not match.
+    container carries none. A label or annotation key the container lacks does not match;
+    nor does a ``peer_uid`` condition a container whose peer uid is unknown.
     """
+    if match.peer_uid is not None and container.peer_uid not in match.peer_uid:
+        return False
     if match.metadata is not None and not fnmatchcase(container.metadata, match.metadata):
         return False
     if match.container is not None and not fnmatchcase(container.id, match.container):
@@ -81,6 +88,60 @@ def route_for(container: Container, config: Config) -> RouteChoice:
         if matches(route.match, container):
             return RouteChoice(route.policies, route.mode, route.index)
     return RouteChoice(config.defaults.policies, "enforce", None)
+
+
+def looser_than_defaults(route: Route, defaults: tuple[str, ...]) -> str | None:
+    """Why ``route``'s chain is less strict than ``[defaults].policies``, or None.
+
+    Less strict means: its decisions are not enforced (shadow mode), or a policy of the
+    default chain is missing from it, or another policy is asked before one of the
+    default chain's (the first decision wins, so that one can overrule it). A route whose
+    chain starts with the default chain, in order, in enforce mode, is at least as strict.
+    Pure."""
+    if route.mode == "shadow":
+        return "it is in shadow mode: its decisions are recorded, not enforced"
+    missing = [name for name in defaults if name not in route.policies]
+    if missing:
+        return (f"it lacks {', '.join(repr(n) for n in missing)} of "
+                f"[defaults].policies")
+    for position, name in enumerate(defaults):
+        if route.policies[position] != name:
+            first = route.policies[position]
+            return (f"{first!r} is asked before {name!r} of [defaults].policies, so its "
+                    f"decisions overrule it")
+    return None
+
+
+def route_warnings(config: Config) -> list[str]:
+    """Warnings for ``seccomp-supervisor check``: routes that match only fields the
+    container's creator writes (metadata, labels, container id, annotations) and select
+    a chain less strict than ``[defaults].policies`` (see :func:`looser_than_defaults`):
+    whoever may create a container can pick that chain. And learn mode by annotation,
+    when it is enabled. Pure."""
+    warnings = []
+    for route in config.routes:
+        if not route.match.creator_controlled_only:
+            continue
+        why = looser_than_defaults(route, config.defaults.policies)
+        if why is None:
+            continue
+        fields = [name for name in ("metadata", "labels", "container", "annotations")
+                  if getattr(route.match, name)]
+        warnings.append(
+            f"{config.file}: route[{route.index}]: warning: it matches only what the "
+            f"container's creator writes ({', '.join(fields)}) and selects a chain less "
+            f"strict than [defaults].policies ({why}); anyone who can create a container "
+            f"can choose it. Add match.peer_uid to require the uid that hands the "
+            f"listener over")
+    trace = config.trace_annotation
+    if trace.enabled:
+        warnings.append(
+            f"{config.file}: trace_annotation: warning: whoever creates a container "
+            f"handed over by uid {', '.join(map(str, trace.peer_uid))} may switch it to "
+            f"learn mode (every call answered CONTINUE) with the {TRACE_ANNOTATION} "
+            f"annotation; behind CRI-O or containerd (runtime run by root) that is anyone "
+            f"who may create a pod. Narrow trace_annotation.peer_uid, or disable it")
+    return warnings
 
 
 def _all_match(globs: Mapping[str, str], values: Mapping[str, str]) -> bool:
@@ -145,3 +206,18 @@ def trace_request(container: Container) -> TraceRequest | None:
     annotation. Raises :class:`TraceAnnotationError` for an invalid one."""
     value = container.annotations.get(TRACE_ANNOTATION)
     return None if value is None else parse_trace_annotation(value)
+
+
+def check_trace_permitted(container: Container, settings: TraceAnnotationConfig) -> None:
+    """Whether the operator lets this container choose learn mode by annotation: the
+    annotation is the creator's, and learn mode answers every call CONTINUE, so it is
+    off unless ``[trace_annotation] enabled``, and then only for listeners handed over
+    by a uid of ``[trace_annotation] peer_uid``. Pure; raises
+    :class:`TraceAnnotationError` saying why not."""
+    if not settings.enabled:
+        raise TraceAnnotationError("learn mode by annotation is off ([trace_annotation] "
+                                   "enabled = false)")
+    if container.peer_uid not in settings.peer_uid:
+        raise TraceAnnotationError(
+            f"handed over by uid {container.peer_uid}, not one of [trace_annotation] "
+            f"peer_uid ({', '.join(map(str, settings.peer_uid))})")

@@ -47,6 +47,7 @@ from .notifyfd import (
     POLLIN,
     NotifyFd,
     Poller,
+    RecvBlocked,
     Suspended,
     carry_on,
     current_poller,
@@ -134,6 +135,7 @@ class Session:
         self._shadow = settings.mode == "shadow"
         self._reading = trio.CancelScope()
         self.keep_fd = False
+        self.read_elsewhere = False  # see _read_elsewhere
         # The poller side (see _serve): where the fd is registered, and what wakes run().
         self._poller: Poller | None = None
         self._polled_fd = -1
@@ -233,7 +235,11 @@ class Session:
                 self._ended = True
                 self._wake_up()
             return None
-        raw = self.notify.recv()
+        try:
+            raw = self.notify.recv()
+        except RecvBlocked:
+            self._read_elsewhere()
+            return None
         if raw is None:
             self.stats.gone += 1
             self.recorder.gone("recv")
@@ -298,6 +304,19 @@ class Session:
         self._answer(notif_id, tid, syscall, args, received,
                      Outcome(self.settings.unhandled, UNHANDLED_POLICY))
         return None
+
+    def _read_elsewhere(self) -> None:
+        """A RECV blocked after POLLIN: another process reads this listener too (it
+        kept a copy after the handoff). Its notifications cannot all be ours to answer
+        and each such RECV stalls the loop: end the session (the fd is closed; the
+        other reader keeps serving its filter)."""
+        log.error("container %s (pid %d): a RECV on its listener blocked: another "
+                  "process reads the same listener (a copy kept after the handoff); not "
+                  "serving it any more", self.container.id, self.container.pid)
+        self.read_elsewhere = True
+        self._unpoll()
+        self._ended = True
+        self._wake_up()
 
     def carried(self, exc: Exception | None) -> None:
         """Called by the poller task that carried a suspended decision to its end."""

@@ -86,7 +86,8 @@ def test_default_toml_equals_the_built_in_defaults() -> None:
 def test_default_toml_spells_out_every_key() -> None:
     # The embedded file doubles as documentation: every key is written out.
     data = read_toml(Path(cfg.__file__).with_name("default.toml"))
-    assert set(data) == {"listen", "metrics", "defaults", "audit"}
+    assert set(data) == {"listen", "metrics", "defaults", "audit", "trace_annotation"}
+    assert tuple(data["trace_annotation"]) == cfg._TRACE_KEYS
     assert tuple(data["listen"]) == cfg._LISTEN_KEYS
     assert tuple(data["metrics"]) == cfg._METRICS_KEYS
     assert tuple(data["defaults"]) == cfg._DEFAULTS_KEYS

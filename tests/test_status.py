@@ -59,15 +59,16 @@ def test_request_and_reply_framing() -> None:
 def test_format_status_table() -> None:
     status = {"version": "1.2", "pid": 9, "uptime_seconds": 3725, "notify_socket": "/n.sock",
               "metrics": "", "inflight": 0, "notifications": 12, "sessions": [
-                  {"container": "web-1", "runtime_pid": 77, "policies": ["a", "b"],
+                  {"container": "web-1", "runtime_pid": 77, "peer_uid": 1000,
+                   "policies": ["a", "b"],
                    "mode": "enforce", "notifications": 12, "decisions": {"deny": 2, "allow": 10},
                    "gone": 0, "inflight": 0, "age_seconds": 61, "metadata": "team=x\napp=y"}]}
     text = format_status(status)
     assert "pid 9, up 1h02m05s" in text and "metrics: off" in text
     header, row = text.splitlines()[-2:]
-    assert header.split() == ["CONTAINER", "PID", "POLICIES", "MODE", "NOTIF", "DECISIONS",
-                              "GONE", "INFLIGHT", "AGE", "METADATA"]
-    assert row.split() == ["web-1", "77", "a,b", "enforce", "12", "allow=10", "deny=2", "0",
+    assert header.split() == ["CONTAINER", "PID", "PEER_UID", "POLICIES", "MODE", "NOTIF",
+                              "DECISIONS", "GONE", "INFLIGHT", "AGE", "METADATA"]
+    assert row.split() == ["web-1", "77", "1000", "a,b", "enforce", "12", "allow=10", "deny=2", "0",
                            "0", "1m01s", "team=x", "app=y"]
     assert "no containers" in format_status({"sessions": []})
 
@@ -196,10 +197,12 @@ async def test_status_shows_a_live_session(tmp_path: Path) -> None:
     assert session["policies"] == [] and session["mode"] == "enforce"
     assert session["notifications"] == 3 and session["decisions"] == {"deny": 3}
     assert session["runtime_pid"] > 0 and session["age_seconds"] >= 0
+    assert session["peer_uid"] == os.getuid()  # SO_PEERCRED of `run`
     text = table.stdout.decode()
     assert "sessions: 1" in text
     row = text.splitlines()[-1].split()
-    assert row[0] == "status-1" and row[4] == "3" and row[5] == "deny=3"
+    assert row[0] == "status-1" and row[2] == str(os.getuid())
+    assert row[5] == "3" and row[6] == "deny=3"
     assert row[-2:] == ["team=build", "app=web"]
 
 

@@ -72,6 +72,9 @@ def test_trace_request_reads_the_annotation() -> None:
 # --- the route in the daemon ------------------------------------------------------------------
 
 CONFIG = f"""
+[trace_annotation]
+enabled = true
+
 [defaults]
 policies = ["hardening"]
 
@@ -97,7 +100,7 @@ BASE: dict[str, Any] = {
 
 
 def annotated(value: str) -> Container:
-    return Container("traced-1", annotations={TRACE_ANNOTATION: value})
+    return Container("traced-1", annotations={TRACE_ANNOTATION: value}, peer_uid=0)
 
 
 async def test_route_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
