@@ -40,7 +40,14 @@ __all__ = ["RESULTS", "ListenerLimits", "bind_socket", "serve_handoffs"]
 
 logger = logging.getLogger("supervisor.listener")
 
-RESULTS: Final = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd")
+RESULTS: Final = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd",
+                  "closed_empty")
+# crun connects to the listener socket early and, when the container fails before the
+# handoff (an rlimit it may not set, a missing binary...), closes the connection without
+# writing anything: that is no malformed message, and the operator should look at the
+# runtime's error, not at the daemon.
+CLOSED_EMPTY: Final = ("the runtime closed the connection before sending anything; the "
+                       "container probably failed to start")
 
 # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _UCRED: Final = struct.Struct("iII")
@@ -218,8 +225,12 @@ async def _serve_connection(conn: trio.socket.SocketType, slots: trio.Semaphore,
             result = "accepted"
         except _Rejected as exc:
             result = exc.result
-            logger.warning("rejected a handoff from pid %d uid %d (%s): %s",
-                           peer.pid, peer.uid, result, exc.reason)
+            if result == "closed_empty":
+                logger.warning("connection from pid %d uid %d: %s", peer.pid, peer.uid,
+                               exc.reason)
+            else:
+                logger.warning("rejected a handoff from pid %d uid %d (%s): %s",
+                               peer.pid, peer.uid, result, exc.reason)
         except Exception:
             result = "invalid"
             logger.exception("error while receiving a handoff from pid %d uid %d",
@@ -264,6 +275,8 @@ async def _receive_handoff(conn: trio.socket.SocketType, peer: PeerCredentials,
                             f"({len(message)} bytes, {len(fds)} fds so far)") from None
         except OSError as exc:
             raise _Rejected("invalid", f"receive failed: {exc.strerror or exc}") from None
+        if not len(message) and not fds:
+            raise _Rejected("closed_empty", CLOSED_EMPTY)
         taken, fds = fds, []
         try:
             return accept_handoff(message.data, taken, peer)
