@@ -311,7 +311,8 @@ class Daemon:
             stats = session.stats
             sessions.append({
                 "session": session.serial,
-                "container": c.id, "runtime_pid": c.pid, "peer_uid": c.peer_uid,
+                "container": c.id, "name": c.name, "runtime_pid": c.pid,
+                "peer_uid": c.peer_uid,
                 "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
                 "annotations": dict(c.annotations),
