@@ -10,12 +10,14 @@ journal keeps it)::
 
 ``errno`` (deny) or ``value`` (returns) says the answer; ``error`` is set when the answer
 is the configured ``on_error`` (``exception``, ``deadline``, ``refused``, ``memory``);
-``shadow`` when the route is in shadow mode. Which decisions are written is configured
+``shadow`` when the route is in shadow mode; ``peer_uid`` (after ``runtime_pid``, when
+known) is the uid that handed the listener over, from the kernel: the container id is
+whatever that user's runtime sent. Which decisions are written is configured
 (``[audit] decisions``): ``all``, ``deny`` (denies and handler errors) or ``none``.
 
 **Rate limit.** A container repeating the same event cannot flood the journal: at most
 ``rate_limit`` identical lines per container per second are written. Lines are identical
-when container, system call, decision, answer, policy, reason and error are (time, thread,
+when peer uid, container, system call, decision, answer, policy, reason and error are (time, thread,
 notification id, arguments and latency vary between repeats of one event). When such a
 second ends with lines held back, one summary line reports them::
 
@@ -134,8 +136,10 @@ _Entry = tuple[float, Container, int, int, str, Sequence[int], Outcome, float, b
 
 def _identity(container: Container, syscall: str, outcome: Outcome) -> dict[str, Any]:
     decision = outcome.decision
-    fields: dict[str, Any] = {"container": container.id, "runtime_pid": container.pid,
-                              "syscall": syscall, "decision": decision.kind}
+    fields: dict[str, Any] = {"container": container.id, "runtime_pid": container.pid}
+    if container.peer_uid is not None:
+        fields["peer_uid"] = container.peer_uid
+    fields.update(syscall=syscall, decision=decision.kind)
     if decision.kind == "deny":
         fields["errno"] = decision.errno
     elif decision.kind == "returns":
@@ -155,6 +159,12 @@ def audit_line(entry: _Entry) -> dict[str, Any]:
         "time": round(when, 6),
         "container": container.id,
         "runtime_pid": container.pid,
+    }
+    # Who handed the listener over (SO_PEERCRED): the one field of the line no container
+    # creator chooses; the container id is whatever the runtime's user sent.
+    if container.peer_uid is not None:
+        line["peer_uid"] = container.peer_uid
+    line |= {
         "tid": tid,
         "id": f"{notif_id:#x}",
         "syscall": syscall,
@@ -189,7 +199,10 @@ def summary_line(sample: _Entry, suppressed: int, now: float,
 def _key(entry: _Entry) -> Hashable:
     _when, container, _tid, _id, syscall, _args, outcome, _latency, shadow = entry
     decision = outcome.decision
-    return (container.id, container.pid, syscall, decision.kind, decision.errno,
+    # peer_uid: a user who sends another user's container id (and pid) must not use up
+    # that container's budget of lines.
+    return (container.peer_uid, container.id, container.pid, syscall, decision.kind,
+            decision.errno,
             decision.value, outcome.policy, outcome.detail or decision.reason,
             outcome.error, shadow)
 

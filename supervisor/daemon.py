@@ -486,8 +486,13 @@ class Daemon:
             if learn is None:
                 raise TraceAnnotationError(
                     "no policy named 'learn' is configured: the route is off")
-            policy = _trace_policy(container.id, request, str(learn.options["directory"]),
-                                   self._traces_written)
+            from .learn import owner_directory
+
+            policy = _trace_policy(container.id, request,
+                                   owner_directory(str(learn.options["directory"]),
+                                                   container.peer_uid),
+                                   self._traces_written,
+                                   base_inside=container.peer_uid not in (0, None))
         except (TraceAnnotationError, ProfileError) as exc:
             log.error("container %s: annotation %s ignored, routed as usual: %s",
                       container.id, TRACE_ANNOTATION, exc)
@@ -705,7 +710,7 @@ class Daemon:
 
 
 def _trace_policy(container_id: str, request: TraceRequest, directory: str,
-                  written: set[tuple[str, str]]) -> PolicySet:
+                  written: set[tuple[str, str]], *, base_inside: bool = False) -> PolicySet:
     """A recording policy for one traced container session: every notified call it can
     name is counted and answered CONTINUE; when the session ends the profile (the calls
     seen, the launcher's handoff calls, merged into ``request.base``; merged into the
@@ -715,8 +720,11 @@ def _trace_policy(container_id: str, request: TraceRequest, directory: str,
     The daemon runs as root and the annotation comes from whoever creates the container
     (a Kubernetes pod annotation reaches it through CRI-O), so the output must lie inside
     ``directory`` (checked here on the path, and again on the real path of its parent
-    when writing). Raises TraceAnnotationError for an output outside it and ProfileError
-    for a base that is not a readable SCMP_ACT_ERRNO profile."""
+    when writing). ``directory`` is the handing-over user's own (see
+    :func:`supervisor.learn.owner_directory`); with ``base_inside`` (a user other than
+    root) the base must lie in it too, so no user makes the daemon read a file it could
+    not. Raises TraceAnnotationError for an output (or such a base) outside it and
+    ProfileError for a base that is not a readable SCMP_ACT_ERRNO profile."""
     from .learn import (
         HANDOFF_SYSCALLS,
         UNRECORDABLE,
@@ -734,6 +742,13 @@ def _trace_policy(container_id: str, request: TraceRequest, directory: str,
     if os.path.commonpath([root, output]) != root or output == root:
         raise TraceAnnotationError(
             f"the output {request.output} is outside the learn policy's directory {root}")
+    if base_inside and request.base:
+        real_root = os.path.realpath(root)
+        real_base = os.path.realpath(request.base)
+        if os.path.commonpath([real_root, real_base]) != real_root:
+            raise TraceAnnotationError(
+                f"the base {request.base} is outside {root}, the directory of the user "
+                f"who handed the container over")
     base = load_base(request.base) if request.base else None
     recording = Recording()
     policy = PolicySet("trace-syscall", description=f"learn mode into {output}")
