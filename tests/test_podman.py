@@ -246,3 +246,4 @@ def test_daemon_restarts_under_a_running_podman_container(tmp_path: Path, pm: Po
         assert before < n  # the loop ran across the restart
         new.send_signal(signal.SIGTERM)
         assert new.wait(20) == 0
+
