@@ -95,7 +95,11 @@ def bind_socket(path: str | os.PathLike[str], mode: int = 0o600, *,
                 backlog: int = 128) -> trio.socket.SocketType:
     """Create the listening unix socket at ``path`` with permissions ``mode``.
 
-    A missing parent directory is created with mode 0700. A socket file left by a
+    A missing parent directory is created with mode 0700, plus search permission
+    (``x``) for the group and others when ``mode`` lets them read or write the socket
+    (0660 → 0710, 0666 → 0711): a socket they may use in a directory they cannot enter
+    would be useless. (For a group other than root's, create the directory yourself:
+    setgid and owned by that group, the socket inherits it.) A socket file left by a
     process that is gone is replaced. Peers are also checked by uid, so the moment
     between ``bind`` and ``chmod`` grants nothing.
 
@@ -107,6 +111,7 @@ def bind_socket(path: str | os.PathLike[str], mode: int = 0o600, *,
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, _directory_mode(mode))
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
@@ -122,6 +127,17 @@ def bind_socket(path: str | os.PathLike[str], mode: int = 0o600, *,
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+
+
+def _directory_mode(socket_mode: int) -> int:
+    """The mode of a socket directory the daemon creates: 0700, and search permission for
+    the classes ``socket_mode`` lets in. Pure."""
+    mode = 0o700
+    if socket_mode & 0o060:
+        mode |= 0o010
+    if socket_mode & 0o006:
+        mode |= 0o001
+    return mode
 
 
 def _remove_stale_socket(path: str) -> None:

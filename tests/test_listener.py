@@ -422,6 +422,19 @@ def test_hostile_input_over_a_real_socket(tmp_path: Path, data: bytes, nfds: int
 # --------------------------------------------------------------------------- bind_socket
 
 
+@pytest.mark.parametrize(("socket_mode", "dir_mode"), [
+    (0o600, 0o700), (0o660, 0o710), (0o620, 0o710), (0o666, 0o711), (0o606, 0o701)])
+async def test_a_created_directory_lets_in_whom_the_socket_mode_does(
+        tmp_path: Path, socket_mode: int, dir_mode: int) -> None:
+    path = tmp_path / "made" / "notify.sock"
+    sock = bind_socket(path, socket_mode)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == socket_mode
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == dir_mode
+    finally:
+        sock.close()
+
+
 async def test_bind_creates_private_dir_and_socket(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "notify.sock"
     sock = bind_socket(path)
