@@ -35,6 +35,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -196,4 +197,23 @@ def podman_session(user: str = "root") -> Iterator[PodmanSession]:
             # Files of the user namespace's subordinate ids: removed from inside it.
             session.sync("unshare", "rm", "-rf", str(base / "storage"), str(base / "run"),
                          check=False)
+            # Rootless podman leaves a pause process holding its user namespace (and
+            # conmon may linger): end this session's, found by their XDG_RUNTIME_DIR.
+            _kill_session_processes(account.pw_uid, f"XDG_RUNTIME_DIR={base / 'xdg'}")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _kill_session_processes(uid: int, marker: str) -> None:
+    """SIGKILL the processes of ``uid`` whose environment holds ``marker`` (by pid)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if marker.encode() in environ:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
