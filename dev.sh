@@ -21,7 +21,33 @@ cd "$(dirname "$0")"
 # their daemons: setup() disables them when it installs the packages; the tests start
 # their own servers, on loopback or on sockets in a temporary directory.)
 DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
-              tmux curl iproute2 groff-base man-db docker.io containerd rootlesskit uidmap)
+              tmux curl iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman)
+
+# The unprivileged user of the rootless podman tests (tests/podman.py), with a fixed uid
+# so routes can name it, subordinate ids for its user namespace (newuidmap, from uidmap),
+# and the group that may reach the daemon's notify socket (docs/runtimes.md).
+ROOTLESS_USER=seccomp-rootless
+ROOTLESS_UID=2950
+HANDOFF_GROUP=seccomp-handoff
+SUBID_RANGE=2950000:65536
+
+# rootless_user: create ROOTLESS_USER, HANDOFF_GROUP and the subuid/subgid ranges when
+# they are missing (idempotent: a second run changes nothing).
+rootless_user() {
+    [[ $(id -u) -eq 0 ]] || return 0   # the tests run as root; nothing to do otherwise
+    getent group "$HANDOFF_GROUP" >/dev/null || groupadd --system "$HANDOFF_GROUP"
+    if ! getent passwd "$ROOTLESS_USER" >/dev/null; then
+        useradd --uid "$ROOTLESS_UID" --user-group --create-home \
+            --shell /usr/sbin/nologin "$ROOTLESS_USER"
+    fi
+    id -nG "$ROOTLESS_USER" | grep -qw "$HANDOFF_GROUP" \
+        || usermod --append --groups "$HANDOFF_GROUP" "$ROOTLESS_USER"
+    local file
+    for file in /etc/subuid /etc/subgid; do
+        grep -q "^$ROOTLESS_USER:" "$file" 2>/dev/null \
+            || echo "$ROOTLESS_USER:$SUBID_RANGE" >>"$file"
+    done
+}
 
 # setup EXTRAS: the Python package and the extras of pyproject.toml it needs ("test,docs").
 setup() {
@@ -56,6 +82,7 @@ setup() {
         "$python" -m venv .venv
     fi
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    rootless_user
 }
 
 # The documentation site, from docs/ into docs/_build/html. -W: any warning (a broken

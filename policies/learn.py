@@ -3,7 +3,10 @@
 Every notified call is counted per container (arch, name, count) and answered CONTINUE:
 no memory is read, so the answer is exact. When a container's session ends (its last
 process exited), the profile is written to ``DIRECTORY/<container id>.json`` (the id made
-safe for a file name, see :func:`supervisor.learn.profile_file_name`):
+safe for a file name, see :func:`supervisor.learn.profile_file_name`), or to
+``DIRECTORY/uid-UID/<container id>.json`` for a container whose listener a user other
+than root handed over (a rootless runtime: :func:`supervisor.learn.owner_directory`), so
+one user's containers never write, nor merge into, another user's profiles:
 ``defaultAction: SCMP_ACT_ERRNO``, the observed calls allowed, the architectures seen,
 merged with the ``base`` profile if one is configured, and with the previous file of the
 same container when ``accumulate`` is on (a second ``runc exec`` session, a rerun).
@@ -59,6 +62,7 @@ from supervisor.learn import (
     learn_directories,
     load_base,
     merge_profile,
+    owner_directory,
     profile_file_name,
     read_profile_in,
 )
@@ -83,8 +87,9 @@ policy = PolicySet(
     description="record each container's system calls and write an OCI profile",
 )
 
-# Per container id: what its sessions recorded since the profile was last written.
-recordings: dict[str, Recording] = {}
+# Per (peer uid, container id): what its sessions recorded since the profile was last
+# written. Ids are chosen by whoever hands over; the uid keeps two users' containers apart.
+recordings: dict[tuple[int | None, str], Recording] = {}
 _base: list[Profile | None] = [None]
 _ALLOWED = allow(reason="learn mode")
 
@@ -129,20 +134,21 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 @policy.on(*sorted(known_syscalls() - set(UNRECORDABLE)))
 def observe(n: Notification) -> Decision | None:
-    recording = recordings.get(n.container.id)
+    key = (n.container.peer_uid, n.container.id)
+    recording = recordings.get(key)
     if recording is None:
-        recording = recordings[n.container.id] = Recording()
+        recording = recordings[key] = Recording()
     recording.add(n.arch, n.syscall)
     return _ALLOWED if policy.options["answer"] == "allow" else None
 
 
 @policy.on_session_end
 def write_learned_profile(container: Container) -> None:
-    recording = recordings.pop(container.id, None)
+    recording = recordings.pop((container.peer_uid, container.id), None)
     if recording is None:
         return  # this session saw nothing (or another session already wrote it all)
     options = policy.options
-    directory = str(options["directory"])
+    directory = owner_directory(str(options["directory"]), container.peer_uid)
     name = profile_file_name(container.id)
     path = os.path.join(directory, name)
     base = _base[0]

@@ -88,7 +88,8 @@ def bind_unix_listener(path: str, mode: int = 0o600, *,
                        backlog: int = _BACKLOG) -> socket.socket:
     """Create the listening unix socket at ``path`` with permissions ``mode``.
 
-    A missing parent directory is created with mode 0700. A socket file left by a
+    A missing parent directory is created with mode 0700 plus search permission for the
+    classes ``mode`` lets in (:func:`directory_mode`). A socket file left by a
     process that is gone is replaced. Peers are also checked by uid, so the moment
     between ``bind`` and ``chmod`` grants nothing.
 
@@ -99,6 +100,7 @@ def bind_unix_listener(path: str, mode: int = 0o600, *,
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, directory_mode(mode))
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     bound = False
@@ -116,6 +118,18 @@ def bind_unix_listener(path: str, mode: int = 0o600, *,
             except OSError:
                 pass
         raise
+
+
+def directory_mode(socket_mode: int) -> int:
+    """The mode of a socket directory the daemon creates: 0700, and search permission for
+    the classes ``socket_mode`` lets in (a rootless runtime's user reaches the socket
+    through its group or others bits). Pure."""
+    mode = 0o700
+    if socket_mode & 0o060:
+        mode |= 0o010
+    if socket_mode & 0o006:
+        mode |= 0o001
+    return mode
 
 
 def unlink_if_same(path: str, identity: tuple[int, int]) -> None:

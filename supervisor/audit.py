@@ -10,18 +10,21 @@ journal keeps it)::
 
 ``errno`` (deny) or ``value`` (returns) says the answer; ``error`` is set when the answer
 is the configured ``on_error`` (``exception``, ``deadline``, ``refused``, ``memory``);
-``shadow`` when the route is in shadow mode. Which decisions are written is configured
+``shadow`` when the route is in shadow mode; ``peer_uid`` (after ``runtime_pid``, when
+known) is the uid that handed the listener over, from the kernel: the container id is
+whatever that user's runtime sent. Which decisions are written is configured
 (``[audit] decisions``): ``all``, ``deny`` (denies and handler errors) or ``none``.
 
 **Rate limit.** A container cannot flood the journal, whatever it calls with whatever
 arguments:
 
-* at most ``rate_limit`` lines per second per container, system call, decision kind
-  (allow, deny, returns...), handler error and policy. The reason and the answer's
-  errno or value are not part of the key: a reason may name a path or an argument the
-  container chose, and would make every line unique. Calls libseccomp has no name for
-  share one key. When such a second ends with lines held back, one summary line (with
-  the fields of the first line of that second) reports them::
+* at most ``rate_limit`` lines per second per container (its peer uid, id and pid: a
+  user who sends another user's container id must not spend that container's lines),
+  system call, decision kind (allow, deny, returns...), handler error and policy. The
+  reason and the answer's errno or value are not part of the key: a reason may name a
+  path or an argument the container chose, and would make every line unique. Calls
+  libseccomp has no name for share one key. When such a second ends with lines held
+  back, one summary line (with the fields of the first line of that second) reports them::
 
     {"time":...,"container":"web-1","runtime_pid":4242,"syscall":"chmod",
      "decision":"deny","errno":1,"policy":"hardening","reason":"setuid bit",
@@ -178,8 +181,10 @@ _Entry = tuple[float, Container, int, int, str, Sequence[int], Outcome, float, b
 
 def _identity(container: Container, syscall: str, outcome: Outcome) -> dict[str, Any]:
     decision = outcome.decision
-    fields: dict[str, Any] = {"container": container.id, "runtime_pid": container.pid,
-                              "syscall": syscall, "decision": decision.kind}
+    fields: dict[str, Any] = {"container": container.id, "runtime_pid": container.pid}
+    if container.peer_uid is not None:
+        fields["peer_uid"] = container.peer_uid
+    fields.update(syscall=syscall, decision=decision.kind)
     if decision.kind == "deny":
         fields["errno"] = decision.errno
     elif decision.kind == "returns":
@@ -199,6 +204,12 @@ def audit_line(entry: _Entry) -> dict[str, Any]:
         "time": round(when, 6),
         "container": container.id,
         "runtime_pid": container.pid,
+    }
+    # Who handed the listener over (SO_PEERCRED): the one field of the line no container
+    # creator chooses; the container id is whatever the runtime's user sent.
+    if container.peer_uid is not None:
+        line["peer_uid"] = container.peer_uid
+    line |= {
         "tid": tid,
         "id": f"{notif_id:#x}",
         "syscall": syscall,
@@ -265,7 +276,7 @@ class Recorder:
         # writer applies both, off the hot path.
         self.container_bytes = container_bytes
         self.max_line = max_line
-        self._budgets: dict[tuple[str, int], _Budget] = {}
+        self._budgets: dict[tuple[int | None, str, int], _Budget] = {}
         self._counters: dict[tuple[str, str, str], CounterChild] = {}
         self._histograms: dict[str, HistogramChild] = {}
         # The children of the last (syscall, policy, kind) recorded, and the Outcome that
@@ -336,7 +347,7 @@ class Recorder:
         limiter = self.limiter
         if limiter.limit > 0:
             # Not the reason, errno or value: those may carry what the container chose.
-            key = (container.id, container.pid,
+            key = (container.peer_uid, container.id, container.pid,
                    _UNNAMED_KEY if syscall.startswith("nr_") else syscall,
                    decision.kind, outcome.error, outcome.policy, shadow)
             if limiter.held_back(key, now):
@@ -449,7 +460,7 @@ class Recorder:
         text = _dumps(line, self.max_line)
         budget = self.container_bytes
         if budget > 0:
-            key = (container.id, container.pid)
+            key = (container.peer_uid, container.id, container.pid)
             b = self._budgets.get(key)
             if b is None or now - b.start >= WINDOW:
                 if b is not None and b.dropped:

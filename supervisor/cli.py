@@ -94,10 +94,14 @@ def _parser() -> argparse.ArgumentParser:
                             "restart without systemd); starts afresh if none runs")
 
     run = sub.add_parser(
-        "run", help="run a command under a notify filter served by the daemon",
+        "run", help="run a command under a seccomp filter (notify rules: served by the "
+                    "daemon)",
         description="Build a seccomp filter, start CMD under it and hand the listener to "
-                    "the supervisor at --socket, as runc does for a container.")
-    run.add_argument("--socket", required=True, help="the supervisor's notify socket")
+                    "the supervisor at --socket, as runc does for a container. A profile "
+                    "without SCMP_ACT_NOTIFY rules (one `record` wrote) is enforced by "
+                    "the kernel alone: no daemon is involved and --socket is not needed.")
+    run.add_argument("--socket", help="the supervisor's notify socket (required when the "
+                                      "filter has SCMP_ACT_NOTIFY rules)")
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--profile", help="OCI seccomp profile (JSON)")
     what.add_argument("--notify", action="append", metavar="SYSCALL",
@@ -261,9 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         profile = load_profile(args.profile) if args.profile else notify_profile(args.notify)
-        if not profile.has_notify:
-            raise ProfileError(f"{profile.source}: no SCMP_ACT_NOTIFY rule: there would be "
-                               "nothing for the supervisor to answer")
+        if profile.has_notify and args.socket is None:
+            raise ProfileError(f"{profile.source}: has SCMP_ACT_NOTIFY rules: --socket "
+                               "must name the supervisor that answers them")
         program = build_program(profile)
         flags = filter_flags(profile)  # ProfileError if the kernel lacks a flag
     except (ProfileError, OSError) as exc:

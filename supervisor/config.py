@@ -174,12 +174,14 @@ class RouteMatch:
     container: str | None = None
     annotations: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
+    container_name: str | None = None
     peer_uid: tuple[int, ...] | None = None
 
     @property
     def creator_controlled_only(self) -> bool:
         """True if every condition is on something the container's creator writes
-        (metadata, labels, container id, annotations): nothing the kernel vouches for."""
+        (metadata, labels, container id and name, annotations): nothing the kernel
+        vouches for."""
         return self.peer_uid is None
 
 
@@ -456,7 +458,8 @@ _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_i
                           "rate", "rate_burst", "rate_exceeded")
 _POLICY_KEYS: Final = ("name", "path", "entry_point", "options")
 _ROUTE_KEYS: Final = ("match", "policies", "mode")
-_MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations", "peer_uid")
+_MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations", "peer_uid",
+                      "container_name")
 _TRACE_KEYS: Final = ("enabled", "peer_uid")
 _AUDIT_KEYS: Final = ("decisions", "rate_limit", "container_bytes", "max_line")
 
@@ -766,6 +769,7 @@ class _Parser:
             labels=labels,
             container=self.get(t, key, "container", None, self.string),
             annotations=annotations,
+            container_name=self.get(t, key, "container_name", None, self.string),
             peer_uid=self.get(t, key, "peer_uid", None, self.peer_uids),
         )
 

@@ -50,7 +50,7 @@ from .fdbudget import fd_budget, raise_nofile_limit
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
-from .learn import learn_directories
+from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
 from .notifyfd import NotifyFd, is_seccomp_listener
@@ -323,7 +323,8 @@ class Daemon:
             stats = session.stats
             sessions.append({
                 "session": session.serial,
-                "container": c.id, "runtime_pid": c.pid, "peer_uid": c.peer_uid,
+                "container": c.id, "name": c.name, "runtime_pid": c.pid,
+                "peer_uid": c.peer_uid,
                 "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),
                 "annotations": dict(c.annotations),
@@ -511,8 +512,12 @@ class Daemon:
                 raise TraceAnnotationError(
                     "no policy named 'learn' is configured: the route is off")
             _directory, trace_directory, base_directory = learn_directories(learn.options)
-            policy = _trace_policy(container.id, request, trace_directory, base_directory,
-                                   self._traces_written)
+            # A user other than root traces into its own subdirectory (owner_directory):
+            # it chooses its ids and annotations freely, and must not reach root's files
+            # or another user's. Bases come only from the operator's base_directory.
+            policy = _trace_policy(container.id, request,
+                                   owner_directory(trace_directory, container.peer_uid),
+                                   base_directory, self._traces_written)
         except (TraceAnnotationError, FileRefused) as exc:
             log.error("container %s: annotation %s ignored, routed as usual: %s",
                       container.id, TRACE_ANNOTATION, exc)

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from .notifyfd import is_seccomp_listener
 from .policy import Container
+from .router import container_name
 from .systemd import ListenFd, Notifier
 
 __all__ = [
@@ -123,7 +124,9 @@ def container_from_state(state: object) -> Container:
     if peer_uid is not None and (isinstance(peer_uid, bool) or not isinstance(peer_uid, int)
                                  or not 0 <= peer_uid < 2**32 - 1):
         raise ValueError("container.peer_uid is not a uid")
-    return Container(pid=pid, peer_uid=peer_uid, **values)
+    # The name is not stored: it is a function of the annotations.
+    return Container(pid=pid, peer_uid=peer_uid, name=container_name(values["annotations"]),
+                     **values)
 
 
 def decode_state(data: bytes) -> Container:

@@ -24,7 +24,7 @@ from .errors import HandoffError
 from .jsontypes import DuplicateKeyError, json_type, unique_keys
 from .notifyfd import is_seccomp_listener
 from .policy import Container
-from .router import parse_labels
+from .router import container_name, parse_labels
 
 __all__ = [
     "SECCOMP_FD_NAME",
@@ -90,6 +90,7 @@ class ProcessState:
             status=self.status,
             runtime_version=self.oci_version,
             peer_uid=peer_uid,
+            name=container_name(self.annotations),
         )
 
 

@@ -77,16 +77,18 @@ def run(
     argv: Sequence[str],
     program: bytes,
     *,
-    socket_path: str | os.PathLike[str],
+    socket_path: str | os.PathLike[str] | None,
     metadata: str = "",
     container_id: str | None = None,
     flags: int = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER,
     timeout: float = 5.0,
 ) -> int:
-    """Run ``argv`` under the BPF ``program`` (installed with ``flags``, which must
-    include ``NEW_LISTENER``), with the supervisor at ``socket_path`` answering its
-    notified calls. Returns its exit status, or 128 + the signal number if a signal
-    killed it, as a shell does.
+    """Run ``argv`` under the BPF ``program`` (installed with ``flags``), with the
+    supervisor at ``socket_path`` answering its notified calls. Returns its exit status,
+    or 128 + the signal number if a signal killed it, as a shell does.
+
+    Without ``NEW_LISTENER`` in ``flags`` there is no listener: the kernel alone enforces
+    the program, nothing is handed over and ``socket_path`` is not used (it may be None).
 
     The state message names the command ``container_id`` (default ``run-PID``), with
     ``metadata`` as its ``listenerMetadata``, status ``creating`` and the current
@@ -99,7 +101,11 @@ def run(
     filter.
     """
     child = spawn_filtered(list(argv), program, flags=flags)
+    if child.listener_fd < 0:
+        return _wait_forwarding_signals(child.process)
     try:
+        if socket_path is None:
+            raise LaunchError("the filter notifies: a supervisor socket is needed")
         message = build_state_message(
             pid=child.pid,
             container_id=container_id or f"run-{child.pid}",

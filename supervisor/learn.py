@@ -66,6 +66,7 @@ __all__ = [
     "learning_profile",
     "load_base",
     "merge_profile",
+    "owner_directory",
     "profile_file_name",
     "read_profile_in",
     "record",
@@ -266,6 +267,17 @@ def merge_profile(base: Profile | None, names: Iterable[str],
 
 _UNSAFE_CHARS: Final = re.compile(r"[^A-Za-z0-9_.+-]")
 _MAX_NAME: Final = 200
+
+
+def owner_directory(directory: str, peer_uid: int | None) -> str:
+    """Where the profiles of containers handed over by ``peer_uid`` go under the learn
+    ``directory``: ``directory`` itself for root (uid 0; None, a session restored from an
+    older version, counts as root's), ``directory/uid-UID`` for any other uid. A rootless
+    runtime's user chooses its container ids (and annotations) freely: its own
+    subdirectory keeps it from writing, or merging into, another user's profiles. Pure."""
+    if peer_uid in (0, None):
+        return directory
+    return os.path.join(directory, f"uid-{peer_uid}")
 
 
 def profile_file_name(container_id: str) -> str:

@@ -40,7 +40,14 @@ __all__ = ["RESULTS", "ListenerLimits", "bind_socket", "serve_handoffs"]
 
 logger = logging.getLogger("supervisor.listener")
 
-RESULTS: Final = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd")
+RESULTS: Final = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd",
+                  "closed_empty")
+# crun connects to the listener socket early and, when the container fails before the
+# handoff (an rlimit it may not set, a missing binary...), closes the connection without
+# writing anything: that is no malformed message, and the operator should look at the
+# runtime's error, not at the daemon.
+CLOSED_EMPTY: Final = ("the runtime closed the connection before sending anything; the "
+                       "container probably failed to start")
 
 # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _UCRED: Final = struct.Struct("iII")
@@ -88,7 +95,11 @@ def bind_socket(path: str | os.PathLike[str], mode: int = 0o600, *,
                 backlog: int = 128) -> trio.socket.SocketType:
     """Create the listening unix socket at ``path`` with permissions ``mode``.
 
-    A missing parent directory is created with mode 0700. A socket file left by a
+    A missing parent directory is created with mode 0700, plus search permission
+    (``x``) for the group and others when ``mode`` lets them read or write the socket
+    (0660 → 0710, 0666 → 0711): a socket they may use in a directory they cannot enter
+    would be useless. (For a group other than root's, create the directory yourself:
+    setgid and owned by that group, the socket inherits it.) A socket file left by a
     process that is gone is replaced. Peers are also checked by uid, so the moment
     between ``bind`` and ``chmod`` grants nothing.
 
@@ -177,8 +188,12 @@ async def _serve_connection(conn: trio.socket.SocketType, slots: trio.Semaphore,
             result = "accepted"
         except _Rejected as exc:
             result = exc.result
-            logger.warning("rejected a handoff from pid %d uid %d (%s): %s",
-                           peer.pid, peer.uid, result, exc.reason)
+            if result == "closed_empty":
+                logger.warning("connection from pid %d uid %d: %s", peer.pid, peer.uid,
+                               exc.reason)
+            else:
+                logger.warning("rejected a handoff from pid %d uid %d (%s): %s",
+                               peer.pid, peer.uid, result, exc.reason)
         except Exception:
             result = "invalid"
             logger.exception("error while receiving a handoff from pid %d uid %d",
@@ -223,6 +238,8 @@ async def _receive_handoff(conn: trio.socket.SocketType, peer: PeerCredentials,
                             f"({len(message)} bytes, {len(fds)} fds so far)") from None
         except OSError as exc:
             raise _Rejected("invalid", f"receive failed: {exc.strerror or exc}") from None
+        if not len(message) and not fds:
+            raise _Rejected("closed_empty", CLOSED_EMPTY)
         taken, fds = fds, []
         try:
             return accept_handoff(message.data, taken, peer)

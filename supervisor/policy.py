@@ -263,7 +263,9 @@ class Container:
     ``KEY=VALUE`` lines. Everything but ``peer_uid`` is written by whoever creates the
     container. ``peer_uid`` is the uid of the process that handed the listener over,
     from the kernel (``SO_PEERCRED``): the one field the creator cannot choose (None
-    when unknown, e.g. a session stored by an older version).
+    when unknown, e.g. a session stored by an older version). ``name`` is the name the
+    user gave the container, from its annotations
+    (:func:`supervisor.router.container_name`; ``""`` when it has none).
     """
 
     id: str
@@ -275,6 +277,7 @@ class Container:
     status: str = ""
     runtime_version: str = ""
     peer_uid: int | None = None
+    name: str = ""
 
 
 class Notification:

@@ -12,6 +12,7 @@ container; only ``peer_uid`` comes from the kernel (``SO_PEERCRED``).
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -21,14 +22,25 @@ from .config import Config, Route, RouteMatch, RouteMode, TraceAnnotationConfig
 from .errors import SupervisorError
 from .policy import Container
 
-__all__ = ["TRACE_ANNOTATION", "RouteChoice", "TraceAnnotationError", "TraceRequest",
-           "check_trace_permitted", "looser_than_defaults", "matches", "parse_labels",
-           "parse_trace_annotation", "route_for", "route_warnings", "trace_request"]
+__all__ = ["CONTAINER_NAME_ANNOTATIONS", "TRACE_ANNOTATION", "RouteChoice",
+           "TraceAnnotationError", "TraceRequest", "check_trace_permitted", "container_name",
+           "looser_than_defaults", "matches", "parse_labels", "parse_trace_annotation",
+           "route_for", "route_warnings", "trace_request"]
 
 # podman's OCI hook convention (oci-seccomp-bpf-hook): trace the container's system calls
 # and write a profile. Value: "of:/abs/out.json" or "of:/abs/out.json;if:/abs/in.json".
 TRACE_ANNOTATION: Final = "io.containers.trace-syscall"
 _OUTPUT_PREFIX: Final = "of:"
+
+# Where a container's name can be read from what the runtime sends, first found wins.
+# podman 4.3.1 passes the name it was given (`--name`) to no runtime: not in the state
+# (whose id is podman's 64-hex id), not in config.json (hostname and HOSTNAME are the short
+# id); only conmon's command line and the container's /etc/hosts hold it. So with podman
+# the user passes it as an annotation: `--annotation org.seccomp-supervisor.name=NAME`.
+# Engines that annotate their containers with the name (Kubernetes CRI) add their keys.
+CONTAINER_NAME_ANNOTATIONS: Final = ("org.seccomp-supervisor.name",)
+# podman's and docker's rule for names, with Kubernetes' length limit for a DNS name.
+_CONTAINER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 _INPUT_PREFIX: Final = "if:"
 
 
@@ -61,11 +73,29 @@ def parse_labels(metadata: str) -> dict[str, str]:
     return labels
 
 
+def container_name(annotations: Mapping[str, str]) -> str:
+    """The name a container was given, from the first of
+    :data:`CONTAINER_NAME_ANNOTATIONS` it carries, normalised: surrounding blanks and one
+    leading ``/`` (docker's form) removed. ``""`` when there is none, or when it is not a
+    name (podman's and docker's rule: a letter or digit, then letters, digits, ``_``,
+    ``.``, ``-``; at most 253 characters): a value that is no name names nothing. The
+    annotation is written by whoever creates the container, like the id. Pure."""
+    for key in CONTAINER_NAME_ANNOTATIONS:
+        value = annotations.get(key)
+        if value is None:
+            continue
+        name = value.strip()
+        name = name.removeprefix("/")
+        return name if _CONTAINER_NAME.fullmatch(name) else ""
+    return ""
+
+
 def matches(match: RouteMatch, container: Container) -> bool:
     """True if every condition of ``match`` holds for ``container``.
 
     Labels are ``container.labels``, or ``parse_labels(container.metadata)`` when the
-    container carries none. A label or annotation key the container lacks does not match;
+    container carries none. A label or annotation key the container lacks does not match,
+    nor does a container without a name a ``container_name`` condition;
     nor does a ``peer_uid`` condition a container whose peer uid is unknown.
     """
     if match.peer_uid is not None and container.peer_uid not in match.peer_uid:
@@ -73,6 +103,9 @@ def matches(match: RouteMatch, container: Container) -> bool:
     if match.metadata is not None and not fnmatchcase(container.metadata, match.metadata):
         return False
     if match.container is not None and not fnmatchcase(container.id, match.container):
+        return False
+    if match.container_name is not None and not (
+            container.name and fnmatchcase(container.name, match.container_name)):
         return False
     if match.labels:
         labels = container.labels or parse_labels(container.metadata)
@@ -125,7 +158,8 @@ def route_warnings(config: Config) -> list[str]:
         why = looser_than_defaults(route, config.defaults.policies)
         if why is None:
             continue
-        fields = [name for name in ("metadata", "labels", "container", "annotations")
+        fields = [name for name in ("metadata", "labels", "container", "container_name",
+                                    "annotations")
                   if getattr(route.match, name)]
         warnings.append(
             f"{config.file}: route[{route.index}]: warning: it matches only what the "

@@ -94,6 +94,20 @@ def test_line_fields_and_levels() -> None:
     assert out.getvalue() == ""
 
 
+def test_another_user_sending_the_same_id_and_pid_has_its_own_budget() -> None:
+    """A rootless runtime's user chooses its container id and pid: flooding with another
+    user's must not use up that container's lines, and every line says whose it is."""
+    out = io.StringIO()
+    rec = Recorder(Metrics(CollectorRegistry()), audit="deny", stream=out, rate_limit=2)
+    victim = Container(id="web", pid=42, peer_uid=0)
+    forger = Container(id="web", pid=42, peer_uid=2950)
+    for _ in range(5):
+        _decide(rec, forger, Outcome(deny(13), "p"))
+    _decide(rec, victim, Outcome(deny(13), "p"))
+    lines = records(out.getvalue().splitlines())
+    assert [r["peer_uid"] for r in lines] == [2950, 2950, 0]
+
+
 def test_identical_means_same_event_per_container() -> None:
     """Args, thread and errno differ between repeats; other containers have their own
     budget; another policy is another key."""

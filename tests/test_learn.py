@@ -93,6 +93,45 @@ def test_record_ls_then_the_kernel_enforces_the_profile(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_record_then_run_profile_enforces_it_without_a_daemon(tmp_path: Path) -> None:
+    # The documented workflow: record, then `run --profile` the recorded profile. It has
+    # no NOTIFY rule, so the kernel alone enforces it; --socket names no daemon here and
+    # nothing is handed over.
+    out = tmp_path / "ls.json"
+    recorded = subprocess.run([*CLI, "record", "--out", str(out), "--", "ls", "-l", "/"],
+                              capture_output=True, timeout=60, cwd=tmp_path)
+    assert recorded.returncode == 0, recorded.stderr
+    nowhere = str(tmp_path / "no-daemon.sock")
+    ls = subprocess.run([*CLI, "run", "--socket", nowhere, "--profile", str(out), "--",
+                         "ls", "-l", "/"], capture_output=True, timeout=60)
+    assert ls.returncode == 0, ls.stderr
+    assert listed(ls.stdout) == ROOT_ENTRIES
+    target = tmp_path / "never-made"
+    mkdir = subprocess.run([*CLI, "run", "--profile", str(out), "--", "mkdir", str(target)],
+                           capture_output=True, timeout=60)
+    assert mkdir.returncode == 1
+    assert b"Operation not permitted" in mkdir.stderr
+    assert not target.exists()
+
+
+def test_run_profile_with_notify_rules_still_needs_the_daemon(tmp_path: Path) -> None:
+    profile = tmp_path / "notify.json"
+    profile.write_text(json.dumps({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_NOTIFY"}]}))
+    target = tmp_path / "never-made"
+    no_socket = subprocess.run([*CLI, "run", "--profile", str(profile), "--", "mkdir",
+                                str(target)], capture_output=True, timeout=60)
+    assert no_socket.returncode == 2
+    assert b"--socket must name the supervisor" in no_socket.stderr
+    nowhere = str(tmp_path / "no-daemon.sock")
+    down = subprocess.run([*CLI, "run", "--socket", nowhere, "--profile", str(profile),
+                           "--", "mkdir", str(target)], capture_output=True, timeout=60)
+    assert down.returncode == 126
+    assert b"is not reachable" in down.stderr
+    assert not target.exists()
+
+
 def test_record_merges_the_base_and_its_rules_win(tmp_path: Path) -> None:
     base = {
         "defaultAction": "SCMP_ACT_ERRNO",

@@ -185,10 +185,27 @@ async def test_partial_message_times_out_and_its_fds_are_closed(
         assert fd_count() == baseline
 
 
-async def test_empty_connection_is_invalid(tmp_path: Path) -> None:
+async def test_empty_connection_is_closed_empty(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    # What crun does when the container fails before the handoff: connect, then close.
     async with serving(tmp_path) as server:
-        await send(server.path)
+        with caplog.at_level(logging.WARNING, logger="supervisor.listener"):
+            await send(server.path)
+            await server.wait_total(1)
+        assert server.count("closed_empty") == 1
+        assert server.count("invalid") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the runtime closed the connection before sending anything; the container "
+               "probably failed to start" in m for m in messages), messages
+    assert not any("not JSON" in m for m in messages), messages
+
+
+async def test_blanks_then_close_is_invalid(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        await send(server.path, (b" \n", []))
+        await server.wait_total(1)
         assert server.count("invalid") == 1
+        assert server.count("closed_empty") == 0
 
 
 async def test_forbidden_uid(tmp_path: Path, sleeper: FilteredChild,
@@ -403,6 +420,19 @@ def test_hostile_input_over_a_real_socket(tmp_path: Path, data: bytes, nfds: int
 
 
 # --------------------------------------------------------------------------- bind_socket
+
+
+@pytest.mark.parametrize(("socket_mode", "dir_mode"), [
+    (0o600, 0o700), (0o660, 0o710), (0o620, 0o710), (0o666, 0o711), (0o606, 0o701)])
+async def test_a_created_directory_lets_in_whom_the_socket_mode_does(
+        tmp_path: Path, socket_mode: int, dir_mode: int) -> None:
+    path = tmp_path / "made" / "notify.sock"
+    sock = bind_socket(path, socket_mode)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == socket_mode
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == dir_mode
+    finally:
+        sock.close()
 
 
 async def test_bind_creates_private_dir_and_socket(tmp_path: Path) -> None:

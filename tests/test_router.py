@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from supervisor.config import Config, RouteMatch, parse_config
 from supervisor.policy import Container
-from supervisor.router import RouteChoice, matches, parse_labels, route_for
+from supervisor.router import RouteChoice, container_name, matches, parse_labels, route_for
 
 FILE = "/etc/seccomp-supervisor/test.toml"
 
@@ -189,3 +189,72 @@ def test_matches_directly() -> None:
     assert matches(m, Container(id="ab", metadata="k=v"))
     assert not matches(m, Container(id="ab", metadata="k=w"))
     assert not matches(m, Container(id="b", metadata="k=v"))
+
+
+# --------------------------------------------------------------------------- container_name
+
+NAME_KEY = "org.seccomp-supervisor.name"
+
+
+@pytest.mark.parametrize(("value", "name"), [
+    ("web", "web"),
+    ("  web-1.a_b \n", "web-1.a_b"),
+    ("/web", "web"),               # docker's form
+    ("//web", ""),                 # only one leading slash goes
+    ("", ""),
+    ("-web", ""),                  # must start with a letter or digit
+    ("web/1", ""),
+    ("we b", ""),
+    ("web\n2", ""),
+    ("w" * 253, "w" * 253),
+    ("w" * 254, ""),
+    ("wéb", ""),
+])
+def test_container_name_is_normalised(value: str, name: str) -> None:
+    assert container_name({NAME_KEY: value}) == name
+
+
+def test_container_name_without_the_annotation_is_empty() -> None:
+    assert container_name({}) == ""
+    assert container_name({"io.kubernetes.cri-o.Created": "x"}) == ""
+
+
+@given(st.dictionaries(st.text(max_size=30), st.text(max_size=300), max_size=5))
+def test_container_name_never_raises_and_is_a_name(annotations: dict[str, str]) -> None:
+    name = container_name(annotations)
+    assert name == "" or (len(name) <= 253 and name.isascii() and name[0].isalnum())
+
+
+def test_container_name_route() -> None:
+    cfg = config({"match": {"container_name": "web-*"}, "policies": ["a"]})
+    named = Container(id="0d8909fad7c9", name="web-1")
+    assert route_for(named, cfg) == RouteChoice(("a",), "enforce", 0)
+    assert route_for(Container(id="x", name="db"), cfg).route_index is None
+    # A container without a name does not match, not even the glob "*".
+    star = config({"match": {"container_name": "*"}, "policies": ["a"]})
+    assert route_for(Container(id="web-1"), star).route_index is None
+    assert route_for(named, star).route_index == 0
+
+
+def test_container_name_comes_from_the_handoff() -> None:
+    from supervisor.handoff import build_state_message, parse_state
+
+    data = build_state_message(pid=5, container_id="0d8909fad7c9", bundle="/b",
+                               annotations={NAME_KEY: " web "})
+    assert parse_state(data, 1).to_container(0).name == "web"
+    plain = build_state_message(pid=5, container_id="web", bundle="/b")
+    assert parse_state(plain, 1).to_container(0).name == ""
+
+
+def test_container_name_survives_the_fd_store() -> None:
+    from supervisor.fdstore import container_from_state, session_state
+
+    c = Container(id="abc", annotations=MappingProxyType({NAME_KEY: "web"}), name="web")
+    assert container_from_state(session_state(c)).name == "web"
+
+
+def test_container_name_in_config_must_be_a_string() -> None:
+    from supervisor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"route\[0\]\.match\.container_name"):
+        config({"match": {"container_name": 5}, "policies": ["a"]})

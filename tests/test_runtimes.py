@@ -413,3 +413,35 @@ async def test_what_each_runtime_sends(tmp_path: Path, runtime: Any) -> None:
             assert message["pid"] == state["pid"] == 0
             assert state["bundle"] == "."
         assert set(message) == {"ociVersion", "fds", "pid", "metadata", "state"}
+
+
+# --------------------------------------------------------------------------- a failed start
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_a_runtime_failing_before_the_handoff_is_logged_as_such(
+        tmp_path: Path, runtime: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An rlimit above fs.nr_open fails the start even with CAP_SYS_RESOURCE. crun has
+    connected by then and closes without a word; runc fails before connecting. Neither
+    is reported as a malformed message."""
+    import logging
+
+    async with running_daemon(tmp_path, '[defaults]\npolicies = []\n') as d:
+        bundle = make_bundle(tmp_path / "bundle", ["true"], notify=["mkdir"],
+                             listener_path=d.socket_path)
+        config = json.loads((bundle / "config.json").read_text())
+        config["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 1 << 30,
+                                         "soft": 1 << 30}]
+        (bundle / "config.json").write_text(json.dumps(config))
+        with caplog.at_level(logging.WARNING, logger="supervisor.listener"):
+            async with container(runtime, bundle, unique_id("closed-empty")) as c:
+                done = await c.run()
+            assert done.returncode != 0
+            await trio.sleep(0.2)
+        empty = d.metric("seccomp_supervisor_handoffs_total", result="closed_empty")
+        assert d.metric("seccomp_supervisor_handoffs_total", result="invalid") == 0
+        assert "not JSON" not in caplog.text
+        if runtime == "crun":
+            assert empty == 1
+            assert ("the runtime closed the connection before sending anything; the "
+                    "container probably failed to start") in caplog.text

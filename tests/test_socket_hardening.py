@@ -28,7 +28,8 @@ from .daemon_harness import RunningDaemon, running_daemon
 from .sockets import fd_count, rights, send, wait_closed
 
 HANDOFFS = "seccomp_supervisor_handoffs_total"
-RESULTS = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd")
+RESULTS = ("accepted", "invalid", "forbidden", "too_large", "timeout", "bad_fd",
+           "closed_empty")
 NOBODY = 65534
 
 POLICY = f"""
