@@ -9,6 +9,7 @@ does. The units are checked with ``systemd-analyze verify`` (Debian package ``sy
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -393,6 +394,42 @@ def test_systemd_analyze_verify_catches_a_typo(tmp_path: Path) -> None:
     assert "Unknown key 'WatchdogSecs'" in result.stderr
 
 
+# `systemd-analyze security` rates the shipped service at most this ("exposure", 0 to 10).
+MAX_EXPOSURE = 3.5
+
+
+def _exposure(unit: Path) -> tuple[float, list[str]]:
+    """`systemd-analyze security --offline=yes` of the unit file: the overall exposure
+    and the lines of the checks it fails (each with its share of the exposure)."""
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: install the Debian package systemd (dev.sh)"
+    result = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d)\b",
+                      result.stdout)
+    assert found, result.stdout + result.stderr
+    failed = [line.strip() for line in result.stdout.splitlines()
+              if line.lstrip().startswith("\u2717")]  # ✗
+    return float(found.group(1)), failed
+
+
+def test_systemd_analyze_security_rates_the_service_at_most_3_5() -> None:
+    exposure, failed = _exposure(UNITS / "seccomp-supervisor.service")
+    assert exposure <= MAX_EXPOSURE, "\n".join([f"exposure {exposure}:", *failed])
+
+
+def test_the_exposure_check_can_fail(tmp_path: Path) -> None:
+    """Without the namespace and IP restrictions the unit is rated above the bound."""
+    service = (UNITS / "seccomp-supervisor.service").read_text()
+    loose = "".join(line for line in service.splitlines(keepends=True)
+                    if not line.startswith(("RestrictNamespaces=", "IPAddress")))
+    assert loose != service
+    (tmp_path / "seccomp-supervisor.service").write_text(loose)
+    exposure, failed = _exposure(tmp_path / "seccomp-supervisor.service")
+    assert exposure > MAX_EXPOSURE
+    assert any(line.startswith("\u2717 RestrictNamespaces=~user") for line in failed), failed
+
+
 def test_units_say_what_the_daemon_relies_on() -> None:
     service = (UNITS / "seccomp-supervisor.service").read_text()
     sock = (UNITS / "seccomp-supervisor.socket").read_text()
@@ -407,9 +444,13 @@ def test_units_say_what_the_daemon_relies_on() -> None:
     # (tests/test_unit_hardening.py runs the daemon under the unit).
     assert caps == {"CAP_SYS_PTRACE", "CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT",
                     "CAP_SETGID", "CAP_SETUID"}
-    # Settings that would break reading target memory or entering namespaces.
-    for forbidden in ("ProtectProc", "ProcSubset", "PrivateDevices", "PrivateUsers",
-                      "RestrictNamespaces", "RestrictSUIDSGID"):
+    # Settings that would break reading target memory, mknod emulation or process_*
+    # metrics (the reasons are in the unit).
+    for forbidden in ("ProcSubset", "PrivateDevices", "PrivateUsers", "RestrictSUIDSGID"):
         assert forbidden not in settings
+    # setns() into the caller's mount namespace (mknod emulation), nothing else.
+    assert settings["RestrictNamespaces"] == "mnt"
+    # The devices policy's default allowlist is what DevicePolicy=closed allows.
+    assert settings["DevicePolicy"] == "closed"
     assert "FileDescriptorName=notify" in sock
     assert "SocketMode=0600" in sock
