@@ -458,8 +458,8 @@ def test_each_sandbox_setting_is_in_effect(service: Service) -> None:
         "list /root": EACCES,
         # MemoryDenyWriteExecute=yes
         "mmap W+X": EPERM,
-        # SystemCallFilter=~@resources
-        "sched_setaffinity": EPERM, "setpriority": EPERM,
+        # SystemCallFilter=~@resources process_vm_writev
+        "sched_setaffinity": EPERM, "setpriority": EPERM, "process_vm_writev": EPERM,
         # ProcSubset= not set: the process_* metrics read /proc/stat.
         "read /proc/stat": "ok",
     }
@@ -477,7 +477,7 @@ def test_the_probe_can_fail(service: Service) -> None:
     other = non_loopback_address()
     allowed = ("setns mnt 0", "setns net CLONE_NEWNET", "unshare user", "unshare net",
                f"connect {other}", "mknod 10:229", "list /root", "mmap W+X",
-               "sched_setaffinity", "setpriority")
+               "sched_setaffinity", "setpriority", "process_vm_writev")
     assert {k: got[k] for k in allowed} == dict.fromkeys(allowed, "ok")
 
 
