@@ -507,16 +507,41 @@ def test_devices_default_allowlist_under_device_policy(service: Service) -> None
             major, minor)
 
 
-def test_restrict_namespaces_cannot_be_tighter(service: Service) -> None:
-    """RestrictNamespaces=yes (no namespace at all) refuses the mknod helper's setns():
-    every emulated mknod fails with EPERM. mnt is the one type it needs."""
-    with drop_in(service, "RestrictNamespaces=yes"):
-        done = _mknod_root(service, "restrict-all-namespaces")
-        assert done.returncode != 0 and EPERM in done.stderr, done
-        [line] = service.audit("restrict-all-namespaces")
-        assert line["decision"] == "deny" and line["errno"] == errno.EPERM, line
-        # The helper's own failure (not a missed deadline, also EPERM).
-        assert str(line["reason"]).startswith("emulated mknod "), line
+# Tighter than shipped, one setting at a time (the "Deliberately NOT set" list of the unit,
+# and RestrictNamespaces= with no namespace at all): what breaks, and the errno the
+# caller sees.
+TOO_TIGHT = {
+    # The mknod helper's setns(fd, CLONE_NEWNS) is refused: mnt is the one type needed.
+    "RestrictNamespaces=yes": (_mknod_root, errno.EPERM),
+    # Drops CAP_MKNOD (and CAP_SYS_RAWIO) from the bounding set.
+    "PrivateDevices=yes": (_mknod_root, errno.EPERM),
+    # A user namespace of its own: no capability over the callers, no reading their memory.
+    "PrivateUsers=yes": (_guarded_mkdir, errno.EPERM),
+}
+
+
+@pytest.mark.parametrize("setting", list(TOO_TIGHT))
+def test_each_setting_that_would_be_too_tight(service: Service, setting: str) -> None:
+    check, err = TOO_TIGHT[setting]
+    name = "tight-" + re.sub(r"[^a-z]+", "-", setting.lower()).strip("-")
+    with drop_in(service, setting):
+        done = check(service, name)
+        assert done.returncode != 0 and os.strerror(err) in done.stderr, done
+        [line] = service.audit(name)
+        assert line["decision"] == "deny" and line["errno"] == err, line
+        # The daemon's own failure, not a missed deadline (also EPERM).
+        assert line.get("error") != "deadline", line
+
+
+def test_proc_subset_would_drop_the_process_metrics(service: Service) -> None:
+    """ProcSubset=pid (not set) hides /proc/stat: prometheus-client's process collector
+    then exports no process_* metric at all."""
+    with drop_in(service, "ProcSubset=pid"):
+        url = re.findall(r"metrics on (http://\S+/metrics)", service.log())[-1]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert "seccomp_supervisor_notifications_total" in text
+        assert not re.search(r"^process_", text, re.MULTILINE), text
 
 
 def test_a_target_hidden_by_protect_proc_gets_an_answer(service: Service) -> None:
