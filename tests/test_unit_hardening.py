@@ -556,3 +556,56 @@ def test_a_target_hidden_by_protect_proc_gets_an_answer(service: Service) -> Non
         [line] = service.audit("hidden-caller")
         assert line["decision"] == "deny" and line["errno"] == errno.EPERM, line
         assert "not visible" in str(line["reason"]), line
+
+
+def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> None:
+    """What the daemon does with systemd, under the shipped sandbox: a served container's
+    notify fd goes to the fd store and comes back after a restart (its next call is
+    answered by the new process), `systemctl reload` (ExecReload= runs in the sandbox
+    too) reloads, and WATCHDOG=1 arrives."""
+    m = service.m
+    work = service.files / "fdstore"
+    work.mkdir()
+    script = ("import os, sys, time\n"
+              "where = sys.argv[1]\n"
+              "os.mkdir(f'{where}/a')\n"
+              "open(f'{where}/ready', 'w').close()\n"
+              "while not os.path.exists(f'{where}/go'):\n"
+              "    time.sleep(0.02)\n"
+              "os.mkdir(f'{where}/b')\n")
+    target = subprocess.Popen(
+        [*CLI, "run", "--socket", service.socket, "--id", "fdstore", "--notify", "mkdir",
+         "--notify", "mkdirat", "--", sys.executable, "-c", script, str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=service.files)
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "ready").exists():
+            assert target.poll() is None and time.monotonic() < deadline, target.stderr
+            time.sleep(0.02)
+        m.wait_for("NFileDescriptorStore", lambda v: v != "0")
+        before = service.pid
+        reloads = service.log().count("reloaded ")
+        m.ctl("reload", SERVICE)
+        assert service.log().count("reloaded ") == reloads + 1, service.log()[-2000:]
+        restarted = time.time()
+        m.ctl("restart", SERVICE)
+        assert service.pid != before
+        assert "fd store: serving 1 sessions again" in service.log()
+        (work / "go").touch()
+        _out, err = target.communicate(timeout=30)
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.communicate()
+    assert target.returncode == 0, err
+    assert (work / "b").is_dir()
+    lines = service.audit("fdstore", 2)
+    assert [a["decision"] for a in lines] == ["allow", "allow"], lines
+    assert float(str(lines[0]["time"])) < restarted < float(str(lines[1]["time"])), lines
+    # WatchdogSec= (30 s in the unit, so a ping every 15 s): shortened to see pings.
+    with drop_in(service, "WatchdogSec=2s"):
+        pid = service.pid
+        first = m.wait_for("WatchdogTimestampMonotonic", lambda v: v not in ("", "0"))
+        m.wait_for("WatchdogTimestampMonotonic", lambda v: v != first, timeout=10)
+        time.sleep(2.5)  # longer than WatchdogSec: still the same process
+        assert service.pid == pid
