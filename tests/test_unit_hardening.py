@@ -609,3 +609,32 @@ def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> Non
         m.wait_for("WatchdogTimestampMonotonic", lambda v: v != first, timeout=10)
         time.sleep(2.5)  # longer than WatchdogSec: still the same process
         assert service.pid == pid
+
+
+def test_a_runc_container_under_the_sandbox(service: Service) -> None:
+    """A real container (its own pid and mount namespaces) served by the sandboxed
+    daemon: path_guard reads the path from the container's memory, and devices creates
+    /dev/null-like nodes in the container's mount namespace (the helper's
+    setns(CLONE_NEWNS) under RestrictNamespaces=mnt, mknod under DevicePolicy=closed)."""
+    from .runtime import oci_config, sync_container, unique_id
+
+    script = ("mknod /tmp/null c 1 3; echo mknod=$?; echo data > /tmp/null; echo write=$?;"
+              " stat -c node=%t:%T /tmp/null; mkdir /tmp/free; echo mkdir=$?")
+    config = oci_config(["sh", "-c", script], notify=["mknod", "mknodat", "mkdir", "mkdirat"],
+                        listener_path=service.socket)
+    for mount in config["mounts"]:  # a /tmp where device nodes can be opened
+        if mount["destination"] == "/tmp":
+            mount["options"] = [o for o in mount["options"] if o != "nodev"]
+    bundle = service.files / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    name = unique_id("unit-hardening")
+    with sync_container("runc", bundle, name) as ctr:
+        done = ctr.run_sync()
+    out = done.stdout.decode()
+    assert done.returncode == 0, (out, done.stderr, service.log()[-2000:])
+    lines = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert lines == {"mknod": "0", "write": "0", "node": "1:3", "mkdir": "0"}, out
+    audit = service.audit(name, 2)
+    assert {(a["policy"], a["decision"]) for a in audit} == {
+        ("devices", "returns"), ("path_guard", "allow")}, audit
