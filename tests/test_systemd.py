@@ -181,12 +181,15 @@ def test_notifier_abstract_socket_and_no_socket() -> None:
 
 
 class NotifyReceiver:
-    """The test's NOTIFY_SOCKET: collects the daemon's datagrams."""
+    """The test's NOTIFY_SOCKET: collects the daemon's datagrams as they come (see
+    :meth:`drain`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.messages: list[dict[str, str]] = []
+        self._seen = 0  # messages expect() has looked at
+        self._arrived = trio.Event()
 
     async def __aenter__(self) -> NotifyReceiver:
         await self.sock.bind(str(self.path))
@@ -195,21 +198,38 @@ class NotifyReceiver:
     async def __aexit__(self, *exc: object) -> None:
         self.sock.close()
 
+    async def drain(self) -> None:
+        """Read every datagram as it arrives. Like systemd: a receiver that reads only
+        while a test waits in expect() lets the queue fill (net.unix.max_dgram_qlen, 10:
+        one second of WATCHDOG=1 at WATCHDOG_USEC=200000), and then the daemon's next
+        sd_notify blocks -- it hung the test while the daemon had a call to answer."""
+        try:
+            while True:
+                raw = await self.sock.recv(65536)
+                self.messages.append(
+                    dict(line.split("=", 1) for line in raw.decode().split("\n")))
+                self._arrived.set()
+        except (trio.ClosedResourceError, OSError):
+            return
+
     async def expect(self, key: str, value: str | None = None, *,
                      timeout: float = 15) -> dict[str, str]:
         """The next message with ``key`` (= ``value``); earlier ones are kept too."""
         with trio.fail_after(timeout):
             while True:
-                raw = await self.sock.recv(65536)
-                fields = dict(line.split("=", 1) for line in raw.decode().split("\n"))
-                self.messages.append(fields)
-                if key in fields and (value is None or fields[key] == value):
-                    return fields
+                while self._seen < len(self.messages):
+                    fields = self.messages[self._seen]
+                    self._seen += 1
+                    if key in fields and (value is None or fields[key] == value):
+                        return fields
+                self._arrived = trio.Event()
+                await self._arrived.wait()
 
 
 @pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[NotifyReceiver]:
+async def receiver(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[NotifyReceiver]:
     async with NotifyReceiver(tmp_path / "systemd-notify.sock") as r:
+        nursery.start_soon(r.drain)
         yield r
 
 
