@@ -279,10 +279,11 @@ async def test_daemon_speaks_sd_notify(tmp_path: Path, receiver: NotifyReceiver)
                 pings += 1
             # 3 pings at 0.1 s intervals: well under the 0.2 s watchdog each.
             assert trio.current_time() - start < 2
-        result = await trio.run_process(
-            [*CLI, "run", "--socket", str(notify_sock), "--notify", "mkdir", "--notify",
-             "mkdirat", "--", "mkdir", str(tmp_path / "nope")],
-            capture_stdout=True, capture_stderr=True, check=False)
+        with trio.fail_after(30):  # a call the daemon never answers fails, not hangs
+            result = await trio.run_process(
+                [*CLI, "run", "--socket", str(notify_sock), "--notify", "mkdir", "--notify",
+                 "mkdirat", "--", "mkdir", str(tmp_path / "nope")],
+                capture_stdout=True, capture_stderr=True, check=False)
         assert result.returncode == 1 and b"Permission denied" in result.stderr
         await receiver.expect("STATUS", f"serving 1 container on {notify_sock}")
         await receiver.expect("STATUS", f"serving 0 containers on {notify_sock}")
