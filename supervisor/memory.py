@@ -309,7 +309,13 @@ class TargetMemory:
         try:
             fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotificationGone("id_valid") from None
+            # Either the thread is gone, or /proc hides it from us (hidepid=invisible,
+            # systemd's ProtectProc=, for a process we may not ptrace): the caller is
+            # still blocked then and must get an answer.
+            self._check(notif_id)
+            raise PermissionError(
+                errno.EPERM, f"/proc/{tid} is not visible to the supervisor (no ptrace "
+                "access to the caller under hidepid/ProtectProc=invisible)") from None
         reader = _Reader(tid, fd)
         try:
             self._check(notif_id)  # the file we opened belongs to the caller

@@ -13,6 +13,7 @@ On exit the units named in ``m.unit`` and ``m.also`` are stopped and the manager
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,42 @@ _BOOTED = (
     "mkdir -m 000 dir && touch reg && mkfifo fifo && mknod chr c 0 0 && mknod blk b 0 0 && "
     f"{shlex.quote(sys.executable)} -c 'import socket; socket.socket(socket.AF_UNIX)"
     ".bind(\"sock\")' && chmod 000 reg fifo chr blk sock && cd /")
+
+def _cgroup_mounts() -> list[Path]:
+    """Where the cgroup hierarchies are mounted (cgroup2, and each v1 hierarchy of a
+    "hybrid" or legacy layout), but v1 cpuset: joining a new cpuset cgroup needs its cpus
+    and mems set first."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, fs = line.partition(" - ")
+        fstype, _source, options = fs.split(" ", 2)
+        if fstype == "cgroup2" or (fstype == "cgroup" and "cpuset" not in options.split(",")):
+            found.append(Path(fields.split()[4]))
+    return found
+
+
+def _own_cgroup(name: str) -> str:
+    """Shell that moves itself into a new cgroup ``name`` at the top of every hierarchy.
+    A user manager takes the cgroup it starts in as the root of its tree: two managers
+    started in the same cgroup (tests running at the same time) would both put
+    seccomp-supervisor.service in <root>/app.slice/seccomp-supervisor.service, and kill or
+    wait for each other's processes when they stop it. The same path in every hierarchy:
+    with v1 controllers a manager realises a unit's devices cgroup only then (else
+    DevicePolicy= does nothing)."""
+    return " && ".join(f"mkdir {shlex.quote(str(m / name))} && "
+                       f"echo $$ > {shlex.quote(str(m / name / 'cgroup.procs'))}"
+                       for m in _cgroup_mounts())
+
+
+def _remove_cgroups(name: str) -> None:
+    """The cgroups ``name`` that the manager left, deepest first; a cgroup that still has
+    processes stays."""
+    for top in (m / name for m in _cgroup_mounts()):
+        for directory, _subdirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -86,10 +123,11 @@ def run_user_manager(xdg: Path, log: Path, unit: str = UserManager.unit,
     # - /run/systemd/inaccessible/{reg,dir,chr,...}: a manager running as root mounts
     #   these over what a unit may not see (ProtectKernelLogs= hides /dev/kmsg with chr).
     #   PID 1 creates them at boot.
+    cgroup = f"seccomp-supervisor-test-{secrets.token_hex(6)}"
     with open(log, "wb") as out:
         manager = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f"{_BOOTED} && exec systemd --user"],
+             f"{_own_cgroup(cgroup)} && {_BOOTED} && exec systemd --user"],
             env=env, stdout=out, stderr=subprocess.STDOUT)
     m = UserManager(env, unit, also)
     try:
@@ -109,3 +147,4 @@ def run_user_manager(xdg: Path, log: Path, unit: str = UserManager.unit,
         except subprocess.TimeoutExpired:
             manager.kill()
             manager.wait()
+        _remove_cgroups(cgroup)

@@ -9,6 +9,7 @@ does. The units are checked with ``systemd-analyze verify`` (Debian package ``sy
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -204,12 +205,15 @@ def test_a_manager_that_does_not_read_cannot_block_the_notifier(tmp_path: Path) 
 
 
 class NotifyReceiver:
-    """The test's NOTIFY_SOCKET: collects the daemon's datagrams."""
+    """The test's NOTIFY_SOCKET: collects the daemon's datagrams as they come (see
+    :meth:`drain`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.messages: list[dict[str, str]] = []
+        self._seen = 0  # messages expect() has looked at
+        self._arrived = trio.Event()
 
     async def __aenter__(self) -> NotifyReceiver:
         await self.sock.bind(str(self.path))
@@ -218,21 +222,38 @@ class NotifyReceiver:
     async def __aexit__(self, *exc: object) -> None:
         self.sock.close()
 
+    async def drain(self) -> None:
+        """Read every datagram as it arrives. Like systemd: a receiver that reads only
+        while a test waits in expect() lets the queue fill (net.unix.max_dgram_qlen, 10:
+        one second of WATCHDOG=1 at WATCHDOG_USEC=200000), and then the daemon's next
+        sd_notify blocks -- it hung the test while the daemon had a call to answer."""
+        try:
+            while True:
+                raw = await self.sock.recv(65536)
+                self.messages.append(
+                    dict(line.split("=", 1) for line in raw.decode().split("\n")))
+                self._arrived.set()
+        except (trio.ClosedResourceError, OSError):
+            return
+
     async def expect(self, key: str, value: str | None = None, *,
                      timeout: float = 15) -> dict[str, str]:
         """The next message with ``key`` (= ``value``); earlier ones are kept too."""
         with trio.fail_after(timeout):
             while True:
-                raw = await self.sock.recv(65536)
-                fields = dict(line.split("=", 1) for line in raw.decode().split("\n"))
-                self.messages.append(fields)
-                if key in fields and (value is None or fields[key] == value):
-                    return fields
+                while self._seen < len(self.messages):
+                    fields = self.messages[self._seen]
+                    self._seen += 1
+                    if key in fields and (value is None or fields[key] == value):
+                        return fields
+                self._arrived = trio.Event()
+                await self._arrived.wait()
 
 
 @pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[NotifyReceiver]:
+async def receiver(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[NotifyReceiver]:
     async with NotifyReceiver(tmp_path / "systemd-notify.sock") as r:
+        nursery.start_soon(r.drain)
         yield r
 
 
@@ -282,10 +303,11 @@ async def test_daemon_speaks_sd_notify(tmp_path: Path, receiver: NotifyReceiver)
                 pings += 1
             # 3 pings at 0.1 s intervals: well under the 0.2 s watchdog each.
             assert trio.current_time() - start < 2
-        result = await trio.run_process(
-            [*CLI, "run", "--socket", str(notify_sock), "--notify", "mkdir", "--notify",
-             "mkdirat", "--", "mkdir", str(tmp_path / "nope")],
-            capture_stdout=True, capture_stderr=True, check=False)
+        with trio.fail_after(30):  # a call the daemon never answers fails, not hangs
+            result = await trio.run_process(
+                [*CLI, "run", "--socket", str(notify_sock), "--notify", "mkdir", "--notify",
+                 "mkdirat", "--", "mkdir", str(tmp_path / "nope")],
+                capture_stdout=True, capture_stderr=True, check=False)
         assert result.returncode == 1 and b"Permission denied" in result.stderr
         await receiver.expect("STATUS", f"serving 1 container on {notify_sock}")
         await receiver.expect("STATUS", f"serving 0 containers on {notify_sock}")
@@ -417,6 +439,42 @@ def test_systemd_analyze_verify_catches_a_typo(tmp_path: Path) -> None:
     assert "Unknown key 'WatchdogSecs'" in result.stderr
 
 
+# `systemd-analyze security` rates the shipped service at most this ("exposure", 0 to 10).
+MAX_EXPOSURE = 3.5
+
+
+def _exposure(unit: Path) -> tuple[float, list[str]]:
+    """`systemd-analyze security --offline=yes` of the unit file: the overall exposure
+    and the lines of the checks it fails (each with its share of the exposure)."""
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: install the Debian package systemd (dev.sh)"
+    result = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d)\b",
+                      result.stdout)
+    assert found, result.stdout + result.stderr
+    failed = [line.strip() for line in result.stdout.splitlines()
+              if line.lstrip().startswith("\u2717")]  # ✗
+    return float(found.group(1)), failed
+
+
+def test_systemd_analyze_security_rates_the_service_at_most_3_5() -> None:
+    exposure, failed = _exposure(UNITS / "seccomp-supervisor.service")
+    assert exposure <= MAX_EXPOSURE, "\n".join([f"exposure {exposure}:", *failed])
+
+
+def test_the_exposure_check_can_fail(tmp_path: Path) -> None:
+    """Without the namespace and IP restrictions the unit is rated above the bound."""
+    service = (UNITS / "seccomp-supervisor.service").read_text()
+    loose = "".join(line for line in service.splitlines(keepends=True)
+                    if not line.startswith(("RestrictNamespaces=", "IPAddress")))
+    assert loose != service
+    (tmp_path / "seccomp-supervisor.service").write_text(loose)
+    exposure, failed = _exposure(tmp_path / "seccomp-supervisor.service")
+    assert exposure > MAX_EXPOSURE
+    assert any(line.startswith("\u2717 RestrictNamespaces=~user") for line in failed), failed
+
+
 def test_units_say_what_the_daemon_relies_on() -> None:
     service = (UNITS / "seccomp-supervisor.service").read_text()
     sock = (UNITS / "seccomp-supervisor.socket").read_text()
@@ -431,9 +489,13 @@ def test_units_say_what_the_daemon_relies_on() -> None:
     # (tests/test_unit_hardening.py runs the daemon under the unit).
     assert caps == {"CAP_SYS_PTRACE", "CAP_MKNOD", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT",
                     "CAP_SETGID", "CAP_SETUID"}
-    # Settings that would break reading target memory or entering namespaces.
-    for forbidden in ("ProtectProc", "ProcSubset", "PrivateDevices", "PrivateUsers",
-                      "RestrictNamespaces", "RestrictSUIDSGID"):
+    # Settings that would break reading target memory, mknod emulation or process_*
+    # metrics (the reasons are in the unit).
+    for forbidden in ("ProcSubset", "PrivateDevices", "PrivateUsers", "RestrictSUIDSGID"):
         assert forbidden not in settings
+    # setns() into the caller's mount namespace (mknod emulation), nothing else.
+    assert settings["RestrictNamespaces"] == "mnt"
+    # The devices policy's default allowlist is what DevicePolicy=closed allows.
+    assert settings["DevicePolicy"] == "closed"
     assert "FileDescriptorName=notify" in sock
     assert "SocketMode=0600" in sock

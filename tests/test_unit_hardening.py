@@ -12,8 +12,10 @@ see /tmp -- as in production, where the config is in /etc and the sockets in
 /run/seccomp-supervisor. The callers (``seccomp-supervisor run`` processes), the files
 they touch and the logs are in tmp_path.
 
-The last test reverts, one at a time, the unit changes this test led to (and drops
-CAP_SYS_PTRACE), and shows what each breaks.
+A probe unit with the shipped [Service] section (tests/unit_probe.py) shows that each
+sandboxing setting is in effect, and the same probe without them that the checks can
+fail. The last tests revert, one at a time, the unit changes this test led to (and drop
+CAP_SYS_PTRACE), and tighten what cannot be tighter, and show what each breaks.
 """
 
 from __future__ import annotations
@@ -162,6 +164,16 @@ def checkout_paths_under_private_tmp() -> list[str]:
                   or Path(p).is_relative_to("/var/tmp"))
 
 
+def bind_checkout(m: UserManager, unit: str) -> None:
+    """A checkout in /tmp (CI clones there) is hidden by PrivateTmp=yes like any file
+    there; an installed daemon lives in /usr or /opt instead: bind it into ``unit``."""
+    hidden = checkout_paths_under_private_tmp()
+    if hidden:
+        (m.unit_dir / f"{unit}.d").mkdir(exist_ok=True)
+        (m.unit_dir / f"{unit}.d" / "checkout.conf").write_text(
+            "[Service]\n" + "".join(f"BindReadOnlyPaths={p}\n" for p in hidden))
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     files = tmp_path_factory.mktemp("unit-hardening")
@@ -186,13 +198,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             m.unit_dir.mkdir(parents=True)
             (m.unit_dir / SERVICE).write_text(installed)
             (m.unit_dir / SOCKET).write_text(sock)
-            hidden = checkout_paths_under_private_tmp()
-            if hidden:
-                # A checkout in /tmp (CI clones there) is hidden by PrivateTmp=yes like
-                # any file there; an installed daemon lives in /usr or /opt instead.
-                (m.unit_dir / f"{SERVICE}.d").mkdir()
-                (m.unit_dir / f"{SERVICE}.d" / "checkout.conf").write_text(
-                    "[Service]\n" + "".join(f"BindReadOnlyPaths={p}\n" for p in hidden))
+            bind_checkout(m, SERVICE)
             m.ctl("daemon-reload")
             s = Service(m, runtime, files, shipped, installed)
             # Type=notify: `start` returns once the daemon sent READY=1 (or failed).
@@ -245,6 +251,8 @@ def test_ready_and_a_call_denied_by_the_hardening_policy(service: Service) -> No
         text = response.read().decode()
     assert re.search(r'seccomp_supervisor_notifications_total\{[^}]*decision="deny"'
                      r'[^}]*policy="hardening"[^}]*\} 1\.0', text), text
+    # The process collector reads /proc/stat (why ProcSubset=pid is not set).
+    assert re.search(r"^process_start_time_seconds \d", text, re.MULTILINE), text
 
 
 def test_path_guard_reads_target_memory(service: Service) -> None:
@@ -363,6 +371,10 @@ def test_the_sandbox_applies_to_the_main_process(service: Service) -> None:
     assert not os.statvfs(f"/proc/{pid}/root{service.runtime}").f_flag & os.ST_RDONLY
     ours, theirs = os.stat("/tmp"), os.stat(f"/proc/{pid}/root/tmp")
     assert (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino)
+    # ProtectProc=invisible: the daemon's /proc is mounted with hidepid=invisible.
+    proc = [line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            if line.split()[4] == "/proc"]
+    assert proc and "hidepid=invisible" in proc[-1][-1].split(","), proc
 
 
 @contextmanager
@@ -435,3 +447,239 @@ def test_each_setting_the_daemon_needs(service: Service, setting: str) -> None:
     assert done.returncode == (1 if check is _guarded_mkdir else 0), done
     if check is _guarded_mkdir:
         assert "Permission denied" in done.stderr
+
+
+# --------------------------------------------------------------------------- the sandbox
+
+PROBE = "seccomp-supervisor-probe.service"
+EPERM, EACCES = os.strerror(errno.EPERM), os.strerror(errno.EACCES)
+
+
+def non_loopback_address() -> str:
+    """An IPv4 address of this host outside 127.0.0.0/8 (IPAddressAllow=localhost)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout
+    found = [a["local"] for link in json.loads(out) for a in link.get("addr_info", [])]
+    assert found, "this host has no non-loopback IPv4 address to test IPAddressDeny= with"
+    return str(found[0])
+
+
+def run_probe(service: Service, unit_text: str, name: str) -> dict[str, str]:
+    """tests/unit_probe.py as the ExecStart of ``unit_text`` (Type=oneshot): its
+    results."""
+    m = service.m
+    out = service.files / f"{name}.json"
+    probe = (f"{sys.executable} {ROOT}/tests/unit_probe.py {service.runtime} "
+             f"{non_loopback_address()}")
+    (m.unit_dir / name).write_text(rewrite(unit_text, {
+        "ExecStart": probe, "Type": "oneshot", "StandardOutput": f"truncate:{out}",
+        "StandardError": f"append:{service.files}/{name}.log"}))
+    bind_checkout(m, name)
+    m.ctl("daemon-reload")
+    started = m.ctl("start", name, check=False)
+    assert started.returncode == 0, (started.stderr, (service.files / f"{name}.log")
+                                     .read_text(errors="replace")[-3000:])
+    result: dict[str, str] = json.loads(out.read_text())
+    return result
+
+
+def test_each_sandbox_setting_is_in_effect(service: Service) -> None:
+    """A probe with the shipped [Service] section (only ExecStart, Type and the output
+    paths changed) tries what each setting forbids, and what the daemon needs."""
+    other = non_loopback_address()
+    got = run_probe(service, service.shipped, PROBE)
+    expected = {
+        # RestrictNamespaces=mnt: the mknod helper's setns(fd, CLONE_NEWNS) passes; a
+        # setns() that does not name the type, other types and new namespaces do not.
+        "setns mnt CLONE_NEWNS": "ok", "setns mnt 0": EPERM,
+        "setns net CLONE_NEWNET": EPERM, "unshare user": EPERM, "unshare net": EPERM,
+        # IPAddressDeny=any, IPAddressAllow=localhost: /metrics on 127.0.0.1 works; the
+        # packets to another address of this very host are dropped.
+        "connect 127.0.0.1": "ok", f"connect {other}": "timeout",
+        # DevicePolicy=closed: the devices policy's defaults pass, other devices do not.
+        "mknod 1:3": "ok", "mknod 0:0": "ok", "mknod 10:229": EPERM,
+        "open /dev/null": "ok",
+        # ProtectHome=yes
+        "list /root": EACCES,
+        # MemoryDenyWriteExecute=yes
+        "mmap W+X": EPERM,
+        # SystemCallFilter=~@resources process_vm_writev
+        "sched_setaffinity": EPERM, "setpriority": EPERM, "process_vm_writev": EPERM,
+        # ProcSubset= not set: the process_* metrics read /proc/stat.
+        "read /proc/stat": "ok",
+    }
+    if Path("/home").is_dir():
+        expected["list /home"] = EACCES
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_the_probe_can_fail(service: Service) -> None:
+    """Control: the same probe without the sandbox gets all of it (so the refusals above
+    come from the unit's settings, not from this host)."""
+    bare = ("[Service]\nType=oneshot\nExecStart=x\nStandardOutput=x\nStandardError=x\n"
+            "RuntimeDirectory=seccomp-supervisor\nRuntimeDirectoryPreserve=yes\n")
+    got = run_probe(service, bare, "seccomp-supervisor-probe-bare.service")
+    other = non_loopback_address()
+    allowed = ("setns mnt 0", "setns net CLONE_NEWNET", "unshare user", "unshare net",
+               f"connect {other}", "mknod 10:229", "list /root", "mmap W+X",
+               "sched_setaffinity", "setpriority", "process_vm_writev")
+    assert {k: got[k] for k in allowed} == dict.fromkeys(allowed, "ok")
+
+
+def test_devices_default_allowlist_under_device_policy(service: Service) -> None:
+    """DevicePolicy=closed lets the daemon's helper create every device the devices
+    policy allows by default (null, zero, full, random, urandom, tty, and the overlayfs
+    whiteout 0:0): the device cgroup checks mknod too."""
+    where = service.files / "defaults"
+    where.mkdir()
+    for spec in ["1:3", "1:5", "1:7", "1:8", "1:9", "5:0", "0:0"]:
+        major, minor = map(int, spec.split(":"))
+        node = where / f"{major}-{minor}"
+        script = f"import os; os.mknod({str(node)!r}, 0o20666, os.makedev({major}, {minor}))"
+        for attempt in range(3):
+            # The helper is a new interpreter per call: on a loaded host it can miss the
+            # 2 s deadline (answered EPERM, reason "deadline"). That is not what this
+            # checks, so such a call is repeated.
+            name = f"default-{major}-{minor}-{attempt}"
+            done = service.run(name, ["mknod", "mknodat"], [sys.executable, "-c", script])
+            [line] = service.audit(name)
+            if line.get("error") != "deadline":
+                break
+        assert done.returncode == 0, (done, line)
+        assert line["decision"] == "returns", line
+        st = node.lstat()
+        assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (
+            major, minor)
+
+
+# Tighter than shipped, one setting at a time (the "Deliberately NOT set" list of the unit,
+# and RestrictNamespaces= with no namespace at all): what breaks, and the errno the
+# caller sees.
+TOO_TIGHT = {
+    # The mknod helper's setns(fd, CLONE_NEWNS) is refused: mnt is the one type needed.
+    "RestrictNamespaces=yes": (_mknod_root, errno.EPERM),
+    # Drops CAP_MKNOD (and CAP_SYS_RAWIO) from the bounding set.
+    "PrivateDevices=yes": (_mknod_root, errno.EPERM),
+    # A user namespace of its own: no capability over the callers, no reading their memory.
+    "PrivateUsers=yes": (_guarded_mkdir, errno.EPERM),
+}
+
+
+@pytest.mark.parametrize("setting", list(TOO_TIGHT))
+def test_each_setting_that_would_be_too_tight(service: Service, setting: str) -> None:
+    check, err = TOO_TIGHT[setting]
+    name = "tight-" + re.sub(r"[^a-z]+", "-", setting.lower()).strip("-")
+    with drop_in(service, setting):
+        done = check(service, name)
+        assert done.returncode != 0 and os.strerror(err) in done.stderr, done
+        [line] = service.audit(name)
+        assert line["decision"] == "deny" and line["errno"] == err, line
+        # The daemon's own failure, not a missed deadline (also EPERM).
+        assert line.get("error") != "deadline", line
+
+
+def test_proc_subset_would_drop_the_process_metrics(service: Service) -> None:
+    """ProcSubset=pid (not set) hides /proc/stat: prometheus-client's process collector
+    then exports no process_* metric at all."""
+    with drop_in(service, "ProcSubset=pid"):
+        url = re.findall(r"metrics on (http://\S+/metrics)", service.log())[-1]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert "seccomp_supervisor_notifications_total" in text
+        assert not re.search(r"^process_", text, re.MULTILINE), text
+
+
+def test_a_target_hidden_by_protect_proc_gets_an_answer(service: Service) -> None:
+    """ProtectProc=invisible hides a process the daemon may not ptrace: its /proc/<tid>
+    is missing (ENOENT), not refused. A daemon without ptrace access to a live caller
+    (here: no CAP_SYS_PTRACE, and a group other than root, which the kernel exempts from
+    hidepid) must answer it (on_error), not take it for gone and leave it blocked."""
+    with drop_in(service, "CapabilityBoundingSet=~CAP_SYS_PTRACE\nGroup=65534"):
+        assert _status(service.pid)["Gid"].split()[0] == "65534"
+        done = _guarded_mkdir(service, "hidden-caller")
+        assert done.returncode != 0 and EPERM in done.stderr, done
+        [line] = service.audit("hidden-caller")
+        assert line["decision"] == "deny" and line["errno"] == errno.EPERM, line
+        assert "not visible" in str(line["reason"]), line
+
+
+def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> None:
+    """What the daemon does with systemd, under the shipped sandbox: a served container's
+    notify fd goes to the fd store and comes back after a restart (its next call is
+    answered by the new process), `systemctl reload` (ExecReload= runs in the sandbox
+    too) reloads, and WATCHDOG=1 arrives."""
+    m = service.m
+    work = service.files / "fdstore"
+    work.mkdir()
+    script = ("import os, sys, time\n"
+              "where = sys.argv[1]\n"
+              "os.mkdir(f'{where}/a')\n"
+              "open(f'{where}/ready', 'w').close()\n"
+              "while not os.path.exists(f'{where}/go'):\n"
+              "    time.sleep(0.02)\n"
+              "os.mkdir(f'{where}/b')\n")
+    target = subprocess.Popen(
+        [*CLI, "run", "--socket", service.socket, "--id", "fdstore", "--notify", "mkdir",
+         "--notify", "mkdirat", "--", sys.executable, "-c", script, str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=service.files)
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "ready").exists():
+            assert target.poll() is None and time.monotonic() < deadline, target.stderr
+            time.sleep(0.02)
+        m.wait_for("NFileDescriptorStore", lambda v: v != "0")
+        before = service.pid
+        reloads = service.log().count("reloaded ")
+        m.ctl("reload", SERVICE)
+        assert service.log().count("reloaded ") == reloads + 1, service.log()[-2000:]
+        restarted = time.time()
+        m.ctl("restart", SERVICE)
+        assert service.pid != before
+        assert "fd store: serving 1 sessions again" in service.log()
+        (work / "go").touch()
+        _out, err = target.communicate(timeout=30)
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.communicate()
+    assert target.returncode == 0, err
+    assert (work / "b").is_dir()
+    lines = service.audit("fdstore", 2)
+    assert [a["decision"] for a in lines] == ["allow", "allow"], lines
+    assert float(str(lines[0]["time"])) < restarted < float(str(lines[1]["time"])), lines
+    # WatchdogSec= (30 s in the unit, so a ping every 15 s): shortened to see pings.
+    with drop_in(service, "WatchdogSec=2s"):
+        pid = service.pid
+        first = m.wait_for("WatchdogTimestampMonotonic", lambda v: v not in ("", "0"))
+        m.wait_for("WatchdogTimestampMonotonic", lambda v: v != first, timeout=10)
+        time.sleep(2.5)  # longer than WatchdogSec: still the same process
+        assert service.pid == pid
+
+
+def test_a_runc_container_under_the_sandbox(service: Service) -> None:
+    """A real container (its own pid and mount namespaces) served by the sandboxed
+    daemon: path_guard reads the path from the container's memory, and devices creates
+    /dev/null-like nodes in the container's mount namespace (the helper's
+    setns(CLONE_NEWNS) under RestrictNamespaces=mnt, mknod under DevicePolicy=closed)."""
+    from .runtime import oci_config, sync_container, unique_id
+
+    script = ("mknod /tmp/null c 1 3; echo mknod=$?; echo data > /tmp/null; echo write=$?;"
+              " stat -c node=%t:%T /tmp/null; mkdir /tmp/free; echo mkdir=$?")
+    config = oci_config(["sh", "-c", script], notify=["mknod", "mknodat", "mkdir", "mkdirat"],
+                        listener_path=service.socket)
+    for mount in config["mounts"]:  # a /tmp where device nodes can be opened
+        if mount["destination"] == "/tmp":
+            mount["options"] = [o for o in mount["options"] if o != "nodev"]
+    bundle = service.files / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    name = unique_id("unit-hardening")
+    with sync_container("runc", bundle, name) as ctr:
+        done = ctr.run_sync()
+    out = done.stdout.decode()
+    assert done.returncode == 0, (out, done.stderr, service.log()[-2000:])
+    lines = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert lines == {"mknod": "0", "write": "0", "node": "1:3", "mkdir": "0"}, out
+    audit = service.audit(name, 2)
+    assert {(a["policy"], a["decision"]) for a in audit} == {
+        ("devices", "returns"), ("path_guard", "allow")}, audit
