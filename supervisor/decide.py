@@ -1,7 +1,10 @@
 """Policy chains and the rules that turn handler results into decisions. No I/O.
 
 A chain is the ordered list of policies a route picked. For one system call, its handlers
-are asked in order; the first that returns a Decision decides; ``None`` passes on.
+are asked in order: the first refusal or answer of its own (``deny``, ``returns``,
+``inject_fd``) decides; ``None`` passes on; an ``allow()`` is kept while the rest of the
+chain is asked, and is the answer if none of them decides otherwise (so a permissive
+policy placed first cannot switch off the checks of the policies after it).
 """
 
 from __future__ import annotations

@@ -96,10 +96,11 @@ class SessionStats:
 
 _SERIALS: Final = itertools.count(1)
 
-# A received notification waiting for an async slot: (notification, links, index, received).
-# ``received`` is always a perf_counter() reading (see _deadline): reading trio's clock
-# costs four times as much, and the hot loop reads the time twice per notification.
-_Parked = tuple[Notification, tuple[Link, ...], int, float]
+# A received notification waiting for an async slot: (notification, links, index, received,
+# the allow of an earlier link, if any). ``received`` is always a perf_counter() reading
+# (see _deadline): reading trio's clock costs four times as much, and the hot loop reads
+# the time twice per notification.
+_Parked = tuple[Notification, tuple[Link, ...], int, float, "Outcome | None"]
 
 
 class Session:
@@ -262,14 +263,20 @@ class Session:
         n = make_notification(notif_id, tid, nr, arch_label, syscall, args, self.container,
                               self.memory)
         index = -1  # not enumerate(): that is an object per notification
+        # An allow() does not end the chain: every later handler for the call is asked
+        # too, and the first refusal or answer of its own wins (a permissive policy first
+        # in a chain must not switch off the checks of the ones after it). The allow is
+        # the answer when none of them decides otherwise.
+        allowed: Outcome | None = None
         for link in links:
             index += 1
+            n._read_memory = False  # the memory-read rule is per handler
             try:
                 if link.is_async:
                     if self.inflight >= self._max_inflight:
                         # Every slot is taken: park it and stop reading until run() got
                         # one.
-                        self._parked = (n, links, index, received)
+                        self._parked = (n, links, index, received, allowed)
                         self._unpoll()
                         self._wake_up()
                         return None
@@ -279,7 +286,8 @@ class Session:
                     coro: Coroutine[Any, Any, object] = link.func(n)  # type: ignore[assignment]
                     finished, result = first_step(coro)
                     if not finished:  # result is the trap it waits at
-                        return self._suspend(n, links, index, received, coro, result)
+                        return self._suspend(n, links, index, received, coro, result,
+                                             allowed)
                 else:
                     result = link.func(n)
                 # Only an allow() needs check_result's memory-read rule; anything but a
@@ -299,10 +307,14 @@ class Session:
                 outcome = self._last_outcome
                 if outcome.decision is not result or outcome.policy is not link.policy:
                     outcome = self._last_outcome = Outcome(result, link.policy)
+                if result.kind == "allow":
+                    allowed = outcome
+                    continue
                 self._answer(notif_id, tid, syscall, args, received, outcome)
                 return None
         self._answer(notif_id, tid, syscall, args, received,
-                     Outcome(self.settings.unhandled, UNHANDLED_POLICY))
+                     allowed if allowed is not None
+                     else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
         return None
 
     def _read_elsewhere(self) -> None:
@@ -335,7 +347,7 @@ class Session:
     async def _start_parked(self) -> None:
         """Start the async decision of the parked notification once a slot is free."""
         assert self._parked is not None
-        n, links, index, received = self._parked
+        n, links, index, received, allowed = self._parked
         # Shielded: this notification was received, so it must be answered even if
         # stop_reading() or a cancellation comes meanwhile. A slot is freed within the
         # deadline.
@@ -346,7 +358,7 @@ class Session:
         self._parked = None
         self.inflight += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._decide_async, n, links, index, received)
+        self._nursery.start_soon(self._decide_async, n, links, index, received, allowed)
 
     def stop_reading(self, *, keep_fd: bool = False) -> None:
         """Receive no more notifications: the ones still pending wait in the kernel for
@@ -381,7 +393,8 @@ class Session:
                     log.exception("session-end hook of policy %s failed", name)
 
     def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,
-                 received: float, coro: Coroutine[Any, Any, object], trap: Any) -> Suspended:
+                 received: float, coro: Coroutine[Any, Any, object], trap: Any,
+                 allowed: Outcome | None) -> Suspended:
         """The coroutine handler of ``links[index]`` suspended (yielded ``trap`` to trio)
         in its inline first step: take a slot for it (the caller checked there is one)
         and return the rest of the decision, suspended at that same trap, for the poller
@@ -394,7 +407,7 @@ class Session:
         self.inflight += 1
         self._carried += 1
         current = [links[index].policy]
-        rest = self._decide(n, links, index, received, current, (coro, trap))
+        rest = self._decide(n, links, index, received, current, (coro, trap), allowed)
         rest.send(None)  # runs up to the handler's trap, and yields it again
         return Suspended(rest, trap, self._deadline(received),
                          partial(self._deadline_missed, n, received, current), self.carried)
@@ -411,16 +424,20 @@ class Session:
 
     async def _decide(self, n: Notification, links: Sequence[Link], start: int,
                       received: float, current: list[str],
-                      started: tuple[Coroutine[Any, Any, object], Any] | None = None
-                      ) -> None:
+                      started: tuple[Coroutine[Any, Any, object], Any] | None = None,
+                      allowed: Outcome | None = None) -> None:
         """Ask the chain from ``links[start]`` on and answer; free the slot. The deadline
         is the caller's: its cancellation goes through (``current[0]`` names the policy
         being asked). ``started``: the coroutine of ``links[start]``'s handler, already
-        suspended at the trap given with it (see :meth:`_suspend`)."""
+        suspended at the trap given with it (see :meth:`_suspend`). ``allowed``: the
+        allow of an earlier link, the answer unless a later one decides otherwise (see
+        :meth:`on_ready`)."""
         try:
             outcome = None
             for link in links[start:]:
                 current[0] = link.policy  # names the policy that overran, on a deadline
+                if started is None:
+                    n._read_memory = False  # per handler (the started one was reset)
                 if not link.is_async:
                     outcome = self._run_sync(n, link)
                 else:
@@ -439,9 +456,13 @@ class Session:
                     else:
                         outcome = None if decision is None else Outcome(decision, link.policy)
                 if outcome is not None:
+                    if outcome.decision.kind == "allow" and outcome.error is None:
+                        allowed, outcome = outcome, None
+                        continue
                     break
             if outcome is None:
-                outcome = Outcome(self.settings.unhandled, UNHANDLED_POLICY)
+                outcome = (allowed if allowed is not None
+                           else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
         except NotificationGone as gone:
             self.stats.gone += 1
@@ -453,11 +474,11 @@ class Session:
                 self._slot_freed = None
 
     async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
-                            received: float) -> None:
+                            received: float, allowed: Outcome | None = None) -> None:
         """:meth:`_decide` as a task of its own, under the deadline."""
         current = [UNHANDLED_POLICY]
         with trio.move_on_at(self._deadline(received)) as scope:
-            await self._decide(n, links, start, received, current)
+            await self._decide(n, links, start, received, current, None, allowed)
         if scope.cancelled_caught:
             self._deadline_missed(n, received, current)
 

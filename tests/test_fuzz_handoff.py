@@ -212,24 +212,18 @@ class ServeProcess:
                               "[defaults]\npolicies = []\n")
         self.socket = f"{tmp}/sock/notify.sock"
         self.log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
+        # Ready, not only listening: the socket accepts connections while the daemon is
+        # still loading (it binds first), and its fd count settles only once it is ready.
+        pid_file = tmp / "serve.pid"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--config", str(config)],
+            [sys.executable, "-m", "supervisor", "serve", "--config", str(config),
+             "--pid-file", str(pid_file)],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not self._listening():
+        while not pid_file.exists():
             assert self.proc.poll() is None, (tmp / "serve.log").read_text()
-            assert time.monotonic() < deadline, "serve did not listen on its socket"
+            assert time.monotonic() < deadline, "serve did not get ready"
             time.sleep(0.02)
-
-    def _listening(self) -> bool:
-        # bind() creates the file before listen(): probe with a connection, which the
-        # daemon then counts as one empty (invalid) handoff.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(self.socket)
-            except (FileNotFoundError, ConnectionRefusedError):
-                return False
-            return True
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

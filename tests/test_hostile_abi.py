@@ -461,8 +461,8 @@ def test_the_example_system_route_refuses_set_id_files_outside_guarded_paths(
     they do not refuse: hardening must be asked before them."""
     config = load_config(ROOT / "policies" / "all.toml")
     policies = load_policies(config)
-    choice = route_for(Container(id="c", metadata="kind=system",
-                                 labels={"kind": "system"}), config)
+    choice = route_for(Container(id="c", metadata="kind=system", labels={"kind": "system"},
+                                 peer_uid=0), config)
     chain = [policies[name] for name in choice.policies]
     null = tmp_path / "null"
     victim = tmp_path / "victim"

@@ -386,13 +386,13 @@ def test_install_filter_refuses_oversized_program() -> None:
     assert ctypes.sizeof(ctypes.c_ushort) == 2  # sock_fprog.len could not say more anyway
 
 
-def test_run_refuses_a_profile_without_notify_rules(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """Nothing would reach the daemon: refused before the command starts."""
+def test_run_without_notify_rules_needs_no_daemon(tmp_path: Path) -> None:
+    """Nothing would reach the daemon: the kernel enforces the profile alone and the
+    command runs, even when the socket names no daemon (tests/test_learn.py runs the
+    record -> run --profile workflow)."""
     path = tmp_path / "plain.json"
     path.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW"}))
     marker = tmp_path / "ran"
     assert main(["run", "--socket", str(tmp_path / "none.sock"), "--profile", str(path),
-                 "--", "touch", str(marker)]) == 2
-    assert not marker.exists()
-    assert "no SCMP_ACT_NOTIFY rule" in capsys.readouterr().err
+                 "--", "touch", str(marker)]) == 0
+    assert marker.exists()
