@@ -90,6 +90,8 @@ class ListenConfig:
     handoff_timeout: float = 5.0
     max_message: int = 65536
     control_socket: str = DEFAULT_CONTROL_SOCKET
+    max_sessions: int = 16384
+    max_sessions_per_uid: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,7 +454,8 @@ _OCTAL_MODE_RE: Final = re.compile(r"(?:0o|0)?([0-7]{1,4})")
 _TOP_KEYS: Final = ("listen", "metrics", "defaults", "policy", "route", "audit",
                     "trace_annotation")
 _LISTEN_KEYS: Final = ("socket", "socket_mode", "allowed_uids", "max_handoffs",
-                       "handoff_timeout", "max_message", "control_socket")
+                       "handoff_timeout", "max_message", "control_socket", "max_sessions",
+                       "max_sessions_per_uid")
 _METRICS_KEYS: Final = ("listen",)
 _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_inflight",
                           "rate", "rate_burst", "rate_exceeded")
@@ -593,6 +596,11 @@ class _Parser:
                                                            maximum=MAX_MESSAGE)),
             control_socket=self.get(t, "listen", "control_socket", d.control_socket,
                                     self.socket),
+            max_sessions=self.get(t, "listen", "max_sessions", d.max_sessions,
+                                  lambda k, v: self.integer(k, v, minimum=1)),
+            max_sessions_per_uid=self.get(t, "listen", "max_sessions_per_uid",
+                                          d.max_sessions_per_uid,
+                                          lambda k, v: self.integer(k, v, minimum=1)),
         )
 
     def socket(self, key: str, value: object) -> str:

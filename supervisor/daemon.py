@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from . import __version__, bpf, emulate, systemd
 from .audit import Recorder
-from .config import Config
+from .config import Config, ListenConfig
 from .control import MAX_CONNECTIONS as CONTROL_MAX_CONNECTIONS
 from .control import ControlRequest, ControlServer
 from .decide import Chain
@@ -144,9 +144,10 @@ class Daemon:
         self.refused = Counter(
             "listeners_refused", "Listeners not served, by reason (already_served: the "
             "same listener is served by another session; read_elsewhere: another process "
-            "reads it too, the session was ended).", ["reason"],
+            "reads it too, the session was ended; session_limit: [listen] max_sessions or "
+            "max_sessions_per_uid was reached).", ["reason"],
             namespace="seccomp_supervisor", registry=self.registry)
-        for label in ("already_served", "read_elsewhere"):
+        for label in ("already_served", "read_elsewhere", "session_limit"):
             self.refused.labels(label)
         self._kcmp_warned = False
         self.fdstore = FdStore(self.notifier)
@@ -405,12 +406,22 @@ class Daemon:
                              limits=limits, metrics=self.metrics, task_status=task_status)
 
     async def on_handoff(self, handoff: Handoff) -> None:
-        """Route a validated handoff and start its session. Takes ownership of it."""
+        """Route a validated handoff and start its session, unless the session limits
+        (``[listen] max_sessions``, ``max_sessions_per_uid``) are reached. Takes
+        ownership of it."""
         try:
             notify = NotifyFd(handoff.take_fd())
         finally:
             handoff.close()
-        self.start_session(notify, handoff.container)
+        container = handoff.container
+        over = session_limit(self.sessions, container.peer_uid, self.state.config.listen)
+        if over is not None:
+            log.warning("container %r (pid %d) from uid %s: refused: %s", container.id,
+                        container.pid, container.peer_uid, over)
+            self.refused.labels("session_limit").inc()
+            notify.close()
+            return
+        self.start_session(notify, container)
 
     def _settings(self, choice: RouteChoice, chain: Chain) -> SessionSettings:
         defaults = self.state.config.defaults
@@ -858,3 +869,21 @@ def _sock_name(sock: Any) -> str:
         return str(sock.getsockname())
     except OSError:
         return "?"
+
+
+def session_limit(sessions: Iterable[Session], peer_uid: int | None,
+                  listen: ListenConfig) -> str | None:
+    """Why a new session for a listener handed over by ``peer_uid`` would exceed the
+    limits of ``listen``, or None. Pure."""
+    total = 0
+    same_uid = 0
+    for session in sessions:
+        total += 1
+        if session.container.peer_uid == peer_uid:
+            same_uid += 1
+    if total >= listen.max_sessions:
+        return f"{total} containers are served ([listen] max_sessions = {listen.max_sessions})"
+    if peer_uid not in (0, None) and same_uid >= listen.max_sessions_per_uid:
+        return (f"uid {peer_uid} has {same_uid} containers served ([listen] "
+                f"max_sessions_per_uid = {listen.max_sessions_per_uid})")
+    return None

@@ -741,3 +741,60 @@ policies = ["by-uid"]
             assert wait_for(out) == str(1000 + 4)
             new.send_signal(signal.SIGTERM)
             assert new.wait(20) == 0
+
+
+async def test_one_uid_cannot_take_every_session(tmp_path: Path) -> None:
+    """A user in allowed_uids (a rootless runtime's) may hand over as many listeners as it
+    has processes: past [listen] max_sessions_per_uid the next is refused (closed,
+    counted), while root's runtime is still served, up to max_sessions."""
+    import contextlib
+
+    import trio
+
+    from .daemon_harness import running_daemon
+    from .soak import POLICY
+
+    with world_reachable_dir() as shared:
+        (tmp_path / "echo.py").write_text(POLICY)
+        config = f"""
+[listen]
+socket = "{shared}/notify.sock"
+socket_mode = "0666"
+allowed_uids = [0, {NOBODY}]
+control_socket = "{tmp_path}/control.sock"
+max_sessions = 3
+max_sessions_per_uid = 2
+[defaults]
+policies = ["echo"]
+[[policy]]
+name = "echo"
+path = "{tmp_path}/echo.py"
+"""
+        async with running_daemon(tmp_path, config) as d:
+            def refused() -> float | None:
+                return d.daemon.registry.get_sample_value(
+                    "seccomp_supervisor_listeners_refused_total", {"reason": "session_limit"})
+
+            async def send_as(uid: int, name: str, child: FilteredChild) -> None:
+                message = build_state_message(pid=child.pid, container_id=name, bundle="/")
+                await trio.run_process(
+                    ["/usr/bin/python3", "-c", SEND_AS_OTHER_UID, d.socket_path,
+                     str(child.listener_fd)],
+                    stdin=message, user=uid, pass_fds=[child.listener_fd], cwd="/")
+
+            async def settle(sessions: int, refusals: float) -> None:
+                with trio.fail_after(10):
+                    while (len(d.daemon.sessions), refused()) != (sessions, refusals):
+                        await trio.sleep(0.01)
+
+            with contextlib.ExitStack() as stack:
+                children = [stack.enter_context(filtered(["/bin/sleep", "30"]))
+                            for _ in range(5)]
+                for i in range(3):  # the third is over the per-uid limit
+                    await send_as(NOBODY, f"user-{i}", children[i])
+                await settle(2, 1)
+                assert {s.container.id for s in d.daemon.sessions} == {"user-0", "user-1"}
+                await send_as(0, "root-0", children[3])  # root: only max_sessions
+                await settle(3, 1)
+                await send_as(0, "root-1", children[4])  # over max_sessions
+                await settle(3, 2)
