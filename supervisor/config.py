@@ -454,8 +454,8 @@ _OCTAL_MODE_RE: Final = re.compile(r"(?:0o|0)?([0-7]{1,4})")
 _TOP_KEYS: Final = ("listen", "metrics", "defaults", "policy", "route", "audit",
                     "trace_annotation")
 _LISTEN_KEYS: Final = ("socket", "socket_mode", "allowed_uids", "max_handoffs",
-                       "handoff_timeout", "max_message", "control_socket", "max_sessions",
-                       "max_sessions_per_uid")
+                       "handoff_timeout", "max_message", "max_sessions",
+                       "max_sessions_per_uid", "control_socket")
 _METRICS_KEYS: Final = ("listen",)
 _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_inflight",
                           "rate", "rate_burst", "rate_exceeded")
