@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import subprocess
@@ -16,11 +17,15 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import trio
 import yaml
 
 from supervisor.config import load_config
 from supervisor.policy import Container
 from supervisor.testing import load, run_policy
+
+from .daemon_harness import running_daemon
+from .runtime import container, make_bundle, unique_id
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -189,3 +194,42 @@ def test_configmap_policy_decides_on_the_pod_namespace(
     policy = load(tmp_path / "cluster.py", ptrace_namespaces=["debug"])
     pod = Container(id="c", pod_namespace=namespace, pod_name="p", name="app")
     assert run_policy(policy, _ptrace_cont_nobody, container=pod).errno == expected
+
+
+@pytest.mark.runtime
+async def test_configmap_config_and_profile_serve_a_pod_container(tmp_path: Path) -> None:
+    """What a node runs: the ConfigMap's config (paths moved into tmp_path, metrics off),
+    its policies, and a runc container whose seccomp section is the ConfigMap's
+    hardening.json and whose annotations are what CRI-O writes for a pod."""
+    (tmp_path / "etc").mkdir()
+    config_text = configmap_config(tmp_path / "etc").read_text()
+    (tmp_path / "sock").mkdir()
+    config_text = (config_text.replace("/run/seccomp-supervisor/", f"{tmp_path}/sock/")
+                   .replace('listen = "0.0.0.0:9469"', 'listen = ""')
+                   .replace('path = "cluster.py"', f'path = "{tmp_path}/etc/cluster.py"'))
+    profile = json.loads(one("ConfigMap", "seccomp-supervisor-profiles")["data"][
+        "hardening.json"])
+    async with running_daemon(tmp_path, config_text) as d:
+        profile["listenerPath"] = d.socket_path
+        bundle = make_bundle(
+            tmp_path / "bundle",
+            ["sh", "-c", "touch /tmp/f; chmod 4755 /tmp/f; echo setuid=$?; "
+                         "chmod 0755 /tmp/f; echo plain=$?; exec sleep 60"],
+            annotations={"io.kubernetes.pod.namespace": "default",
+                         "io.kubernetes.pod.name": "hardened",
+                         "io.kubernetes.container.name": "app"})
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["linux"]["seccomp"] = profile
+        (bundle / "config.json").write_text(json.dumps(spec))
+        async with container("runc", bundle, unique_id("k8s-cm")) as ctr:
+            result = await ctr.run(detach=True)
+            assert result.returncode == 0, result.stderr
+            with trio.fail_after(15):
+                while "plain=" not in ctr.output():
+                    await trio.sleep(0.02)
+            assert "setuid=1" in ctr.output() and "plain=0" in ctr.output(), ctr.output()
+            [session] = d.daemon.status()["sessions"]
+            assert (session["pod_namespace"], session["pod_name"], session["name"]) == (
+                "default", "hardened", "app")
+            assert session["policies"] == ["hardening", "cluster"]
+            assert session["labels"] == {"profile": "hardening"}
