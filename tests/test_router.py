@@ -387,3 +387,18 @@ def test_pod_keys_in_config_must_be_strings(key: str) -> None:
         config({"match": {key: ["prod"]}, "policies": ["a"]})
     assert config({"match": {key: "x"}, "policies": ["a"]}).routes[0].match == RouteMatch(
         **{key: "x"})
+
+
+def test_a_looser_pod_namespace_route_is_warned_about_unless_tied_to_a_peer_uid() -> None:
+    from supervisor.router import route_warnings
+
+    shadow = config({"match": {"pod_namespace": "dev-*"}, "policies": ["base"],
+                     "mode": "shadow"})
+    [warning] = route_warnings(shadow)
+    assert "route[0]: warning: it matches only what the container's creator writes " \
+           "(pod_namespace)" in warning
+    tied = config({"match": {"pod_namespace": "dev-*", "peer_uid": [0]},
+                   "policies": ["base"], "mode": "shadow"})
+    assert route_warnings(tied) == []
+    stricter = config({"match": {"pod_name": "web-*"}, "policies": ["base", "a"]})
+    assert route_warnings(stricter) == []
