@@ -177,12 +177,15 @@ class RouteMatch:
     annotations: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
     container_name: str | None = None
+    pod_namespace: str | None = None
+    pod_name: str | None = None
     peer_uid: tuple[int, ...] | None = None
 
     @property
     def creator_controlled_only(self) -> bool:
         """True if every condition is on something the container's creator writes
-        (metadata, labels, container id and name, annotations): nothing the kernel
+        (metadata, labels, container id and name, pod namespace and name, annotations):
+        nothing the kernel
         vouches for."""
         return self.peer_uid is None
 
@@ -462,7 +465,7 @@ _DEFAULTS_KEYS: Final = ("policies", "unhandled", "on_error", "deadline", "max_i
 _POLICY_KEYS: Final = ("name", "path", "entry_point", "options")
 _ROUTE_KEYS: Final = ("match", "policies", "mode")
 _MATCH_KEYS: Final = ("metadata", "labels", "container", "annotations", "peer_uid",
-                      "container_name")
+                      "container_name", "pod_namespace", "pod_name")
 _TRACE_KEYS: Final = ("enabled", "peer_uid")
 _AUDIT_KEYS: Final = ("decisions", "rate_limit", "container_bytes", "max_line")
 
@@ -778,6 +781,8 @@ class _Parser:
             container=self.get(t, key, "container", None, self.string),
             annotations=annotations,
             container_name=self.get(t, key, "container_name", None, self.string),
+            pod_namespace=self.get(t, key, "pod_namespace", None, self.string),
+            pod_name=self.get(t, key, "pod_name", None, self.string),
             peer_uid=self.get(t, key, "peer_uid", None, self.peer_uids),
         )
 

@@ -325,6 +325,7 @@ class Daemon:
             sessions.append({
                 "session": session.serial,
                 "container": c.id, "name": c.name, "runtime_pid": c.pid,
+                "pod_namespace": c.pod_namespace, "pod_name": c.pod_name,
                 "peer_uid": c.peer_uid,
                 "status": c.status,
                 "bundle": c.bundle, "metadata": c.metadata, "labels": dict(c.labels),

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .notifyfd import is_seccomp_listener
 from .policy import Container
-from .router import container_name
+from .router import container_name, pod_name, pod_namespace
 from .systemd import ListenFd, Notifier
 
 __all__ = [
@@ -124,8 +124,11 @@ def container_from_state(state: object) -> Container:
     if peer_uid is not None and (isinstance(peer_uid, bool) or not isinstance(peer_uid, int)
                                  or not 0 <= peer_uid < 2**32 - 1):
         raise ValueError("container.peer_uid is not a uid")
-    # The name is not stored: it is a function of the annotations.
-    return Container(pid=pid, peer_uid=peer_uid, name=container_name(values["annotations"]),
+    # Name, pod namespace and pod name are not stored: they are functions of the
+    # annotations, recomputed by this version's rules.
+    annotations = values["annotations"]
+    return Container(pid=pid, peer_uid=peer_uid, name=container_name(annotations),
+                     pod_namespace=pod_namespace(annotations), pod_name=pod_name(annotations),
                      **values)
 
 

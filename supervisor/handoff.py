@@ -24,7 +24,7 @@ from .errors import HandoffError
 from .jsontypes import DuplicateKeyError, json_type, unique_keys
 from .notifyfd import is_seccomp_listener
 from .policy import Container
-from .router import container_name, parse_labels
+from .router import container_name, parse_labels, pod_name, pod_namespace
 
 __all__ = [
     "SECCOMP_FD_NAME",
@@ -91,6 +91,8 @@ class ProcessState:
             runtime_version=self.oci_version,
             peer_uid=peer_uid,
             name=container_name(self.annotations),
+            pod_namespace=pod_namespace(self.annotations),
+            pod_name=pod_name(self.annotations),
         )
 
 

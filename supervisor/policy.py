@@ -266,6 +266,10 @@ class Container:
     when unknown, e.g. a session stored by an older version). ``name`` is the name the
     user gave the container, from its annotations
     (:func:`supervisor.router.container_name`; ``""`` when it has none).
+    ``pod_namespace`` and ``pod_name`` are those of its Kubernetes pod, from the CRI
+    runtime's annotations, the same for containerd and CRI-O
+    (:func:`supervisor.router.pod_namespace`, :func:`supervisor.router.pod_name`; ``""``
+    outside Kubernetes).
     """
 
     id: str
@@ -278,6 +282,8 @@ class Container:
     runtime_version: str = ""
     peer_uid: int | None = None
     name: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
 
 
 class Notification:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Final
@@ -22,25 +22,40 @@ from .config import Config, Route, RouteMatch, RouteMode, TraceAnnotationConfig
 from .errors import SupervisorError
 from .policy import Container
 
-__all__ = ["CONTAINER_NAME_ANNOTATIONS", "TRACE_ANNOTATION", "RouteChoice",
-           "TraceAnnotationError", "TraceRequest", "check_trace_permitted", "container_name",
-           "looser_than_defaults", "matches", "parse_labels", "parse_trace_annotation",
-           "route_for", "route_warnings", "trace_request"]
+__all__ = ["CONTAINER_NAME_ANNOTATIONS", "POD_NAMESPACE_ANNOTATIONS", "POD_NAME_ANNOTATIONS",
+           "TRACE_ANNOTATION", "RouteChoice", "TraceAnnotationError", "TraceRequest",
+           "check_trace_permitted", "container_name", "looser_than_defaults", "matches",
+           "parse_labels", "parse_trace_annotation", "pod_name", "pod_namespace", "route_for",
+           "route_warnings", "trace_request"]
 
 # podman's OCI hook convention (oci-seccomp-bpf-hook): trace the container's system calls
 # and write a profile. Value: "of:/abs/out.json" or "of:/abs/out.json;if:/abs/in.json".
 TRACE_ANNOTATION: Final = "io.containers.trace-syscall"
 _OUTPUT_PREFIX: Final = "of:"
 
-# Where a container's name can be read from what the runtime sends, first found wins.
+# Where a container's name can be read from what the runtime sends.
 # podman 4.3.1 passes the name it was given (`--name`) to no runtime: not in the state
 # (whose id is podman's 64-hex id), not in config.json (hostname and HOSTNAME are the short
 # id); only conmon's command line and the container's /etc/hosts hold it. So with podman
 # the user passes it as an annotation: `--annotation org.seccomp-supervisor.name=NAME`.
-# Engines that annotate their containers with the name (Kubernetes CRI) add their keys.
-CONTAINER_NAME_ANNOTATIONS: Final = ("org.seccomp-supervisor.name",)
+# Behind Kubernetes the CRI runtime writes the pod's container name: containerd's CRI
+# plugin as io.kubernetes.cri.container-name, CRI-O (copying the kubelet's container
+# labels into the annotations) as io.kubernetes.container.name.
+CONTAINER_NAME_ANNOTATIONS: Final = ("io.kubernetes.cri.container-name",
+                                     "io.kubernetes.container.name",
+                                     "org.seccomp-supervisor.name")
+# The pod's namespace and name: containerd's CRI plugin, then CRI-O's (kubelet labels).
+POD_NAMESPACE_ANNOTATIONS: Final = ("io.kubernetes.cri.sandbox-namespace",
+                                    "io.kubernetes.pod.namespace")
+POD_NAME_ANNOTATIONS: Final = ("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name")
 # podman's and docker's rule for names, with Kubernetes' length limit for a DNS name.
 _CONTAINER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+# Kubernetes' rules (k8s.io/apimachinery validation): a namespace is a DNS-1123 label, a
+# pod name a DNS-1123 subdomain. Checked with fullmatch, so "$" cannot let a "\n" in.
+_DNS1123_LABEL: Final = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_POD_NAMESPACE: Final = re.compile(_DNS1123_LABEL)
+_POD_NAME: Final = re.compile(rf"(?=.{{1,253}}\Z){_DNS1123_LABEL}(?:\.{_DNS1123_LABEL})*",
+                              re.DOTALL)
 _INPUT_PREFIX: Final = "if:"
 
 
@@ -73,21 +88,63 @@ def parse_labels(metadata: str) -> dict[str, str]:
     return labels
 
 
-def container_name(annotations: Mapping[str, str]) -> str:
-    """The name a container was given, from the first of
-    :data:`CONTAINER_NAME_ANNOTATIONS` it carries, normalised: surrounding blanks and one
-    leading ``/`` (docker's form) removed. ``""`` when there is none, or when it is not a
-    name (podman's and docker's rule: a letter or digit, then letters, digits, ``_``,
-    ``.``, ``-``; at most 253 characters): a value that is no name names nothing. The
-    annotation is written by whoever creates the container, like the id. Pure."""
-    for key in CONTAINER_NAME_ANNOTATIONS:
+def _agreed(annotations: Mapping[str, str], keys: tuple[str, ...],
+            normalise: Callable[[str], str]) -> str:
+    """The one value the ``keys`` of ``annotations`` that are present agree on, each
+    normalised by ``normalise`` (which returns ``""`` for a value that is no valid name);
+    ``""`` when none is present, when one is not valid, or when two disagree. Behind a
+    CRI runtime only one runtime's keys are written by the runtime itself; the others can
+    only come from the pod's creator (a pod annotation passed through), so a conflict
+    names nothing rather than letting either side win."""
+    found = ""
+    for key in keys:
         value = annotations.get(key)
         if value is None:
             continue
-        name = value.strip()
-        name = name.removeprefix("/")
-        return name if _CONTAINER_NAME.fullmatch(name) else ""
-    return ""
+        value = normalise(value)
+        if not value or (found and value != found):
+            return ""
+        found = value
+    return found
+
+
+def _normal_container_name(value: str) -> str:
+    name = value.strip().removeprefix("/")
+    return name if _CONTAINER_NAME.fullmatch(name) else ""
+
+
+def _exact(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    return lambda value: value if pattern.fullmatch(value) else ""
+
+
+def container_name(annotations: Mapping[str, str]) -> str:
+    """The name a container was given, from :data:`CONTAINER_NAME_ANNOTATIONS`
+    (containerd's and CRI-O's keys for the name in the pod spec, podman users'
+    ``org.seccomp-supervisor.name``), normalised: surrounding blanks and one leading
+    ``/`` (docker's form) removed. ``""`` when there is none, when a value is not a name
+    (podman's and docker's rule: a letter or digit, then letters, digits, ``_``, ``.``,
+    ``-``; at most 253 characters: a value that is no name names nothing), or when two
+    of the keys disagree. The annotations are written by whoever creates the container,
+    like the id. Pure."""
+    return _agreed(annotations, CONTAINER_NAME_ANNOTATIONS, _normal_container_name)
+
+
+def pod_namespace(annotations: Mapping[str, str]) -> str:
+    """The Kubernetes namespace of the container's pod, from
+    :data:`POD_NAMESPACE_ANNOTATIONS` (containerd's ``io.kubernetes.cri.sandbox-namespace``,
+    CRI-O's ``io.kubernetes.pod.namespace``): ``""`` when there is none, when the value is
+    not a namespace name (a DNS-1123 label: at most 63 of ``a-z0-9-``, starting and ending
+    with a letter or digit; nothing is stripped or folded), or when both keys are present
+    and disagree. Pure."""
+    return _agreed(annotations, POD_NAMESPACE_ANNOTATIONS, _exact(_POD_NAMESPACE))
+
+
+def pod_name(annotations: Mapping[str, str]) -> str:
+    """The name of the container's pod, from :data:`POD_NAME_ANNOTATIONS`
+    (containerd's ``io.kubernetes.cri.sandbox-name``, CRI-O's ``io.kubernetes.pod.name``),
+    under the rules of :func:`pod_namespace` but for a DNS-1123 subdomain (dot-separated
+    labels, at most 253 characters). Pure."""
+    return _agreed(annotations, POD_NAME_ANNOTATIONS, _exact(_POD_NAME))
 
 
 def matches(match: RouteMatch, container: Container) -> bool:
@@ -95,7 +152,8 @@ def matches(match: RouteMatch, container: Container) -> bool:
 
     Labels are ``container.labels``, or ``parse_labels(container.metadata)`` when the
     container carries none. A label or annotation key the container lacks does not match,
-    nor does a container without a name a ``container_name`` condition;
+    nor does a container without a name a ``container_name`` condition (nor one without
+    a pod namespace or pod name a ``pod_namespace`` or ``pod_name`` one);
     nor does a ``peer_uid`` condition a container whose peer uid is unknown.
     """
     if match.peer_uid is not None and container.peer_uid not in match.peer_uid:
@@ -106,6 +164,13 @@ def matches(match: RouteMatch, container: Container) -> bool:
         return False
     if match.container_name is not None and not (
             container.name and fnmatchcase(container.name, match.container_name)):
+        return False
+    if match.pod_namespace is not None and not (
+            container.pod_namespace
+            and fnmatchcase(container.pod_namespace, match.pod_namespace)):
+        return False
+    if match.pod_name is not None and not (
+            container.pod_name and fnmatchcase(container.pod_name, match.pod_name)):
         return False
     if match.labels:
         labels = container.labels or parse_labels(container.metadata)
@@ -159,7 +224,7 @@ def route_warnings(config: Config) -> list[str]:
         if why is None:
             continue
         fields = [name for name in ("metadata", "labels", "container", "container_name",
-                                    "annotations")
+                                    "pod_namespace", "pod_name", "annotations")
                   if getattr(route.match, name)]
         warnings.append(
             f"{config.file}: route[{route.index}]: warning: it matches only what the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -11,7 +13,15 @@ from hypothesis import strategies as st
 
 from supervisor.config import Config, RouteMatch, parse_config
 from supervisor.policy import Container
-from supervisor.router import RouteChoice, container_name, matches, parse_labels, route_for
+from supervisor.router import (
+    RouteChoice,
+    container_name,
+    matches,
+    parse_labels,
+    pod_name,
+    pod_namespace,
+    route_for,
+)
 
 FILE = "/etc/seccomp-supervisor/test.toml"
 
@@ -258,3 +268,137 @@ def test_container_name_in_config_must_be_a_string() -> None:
 
     with pytest.raises(ConfigError, match=r"route\[0\]\.match\.container_name"):
         config({"match": {"container_name": 5}, "policies": ["a"]})
+
+
+# --------------------------------------------------------------------------- pods
+
+CONTAINERD = {"io.kubernetes.cri.sandbox-namespace": "prod",
+              "io.kubernetes.cri.sandbox-name": "web-7d4b9c-x2x9k",
+              "io.kubernetes.cri.container-name": "nginx"}
+CRIO = {"io.kubernetes.pod.namespace": "prod",
+        "io.kubernetes.pod.name": "web-7d4b9c-x2x9k",
+        "io.kubernetes.container.name": "nginx"}
+
+
+@pytest.mark.parametrize("annotations", [CONTAINERD, CRIO, {**CONTAINERD, **CRIO}],
+                         ids=["containerd", "cri-o", "both-agree"])
+def test_pod_fields_are_the_same_whichever_runtime(annotations: dict[str, str]) -> None:
+    assert pod_namespace(annotations) == "prod"
+    assert pod_name(annotations) == "web-7d4b9c-x2x9k"
+    assert container_name(annotations) == "nginx"
+
+
+@pytest.mark.parametrize(("containerd_key", "crio_key", "getter"), [
+    ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace", pod_namespace),
+    ("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name", pod_name),
+    ("io.kubernetes.cri.container-name", "io.kubernetes.container.name", container_name),
+])
+def test_disagreeing_runtime_keys_name_nothing(
+        containerd_key: str, crio_key: str, getter: Callable[[Mapping[str, str]], str]) -> None:
+    # One runtime writes its own keys last; the other runtime's keys can only come from
+    # the pod's author (a passed-through pod annotation). Neither side wins a conflict.
+    assert getter({containerd_key: "prod", crio_key: "kube-system"}) == ""
+    assert getter({crio_key: "kube-system", containerd_key: "prod"}) == ""
+    # ...nor may an invalid value on one key be ignored in favour of the other.
+    assert getter({containerd_key: "prod", crio_key: "Prod!"}) == ""
+
+
+def test_name_annotations_must_agree_with_podmans() -> None:
+    assert container_name({"io.kubernetes.container.name": "a", NAME_KEY: "a"}) == "a"
+    assert container_name({"io.kubernetes.container.name": "a", NAME_KEY: "b"}) == ""
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("prod", True), ("kube-system", True), ("a", True), ("0", True), ("a" * 63, True),
+    ("a" * 64, False), ("", False), ("Prod", False), ("-prod", False), ("prod-", False),
+    ("pr.od", False), ("prod\n", False), (" prod", False), ("pröd", False), ("prod_1", False),
+])
+def test_pod_namespace_is_a_dns1123_label(value: str, ok: bool) -> None:
+    for key in ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"):
+        assert pod_namespace({key: value}) == (value if ok else "")
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("web", True), ("web-1.example.com", True), ("a" * 63 + "." + "b" * 63, True),
+    (".".join(["a" * 63] * 3 + ["a" * 61]), True),  # 253 characters, four labels
+    ("a." * 126 + "a", True), ("a." * 126 + "ab", False),  # 253 vs 254 characters
+    ("a" * 64, False), ("web..1", False), (".web", False), ("web.", False),
+    ("Web", False), ("web\n", False), ("web_1", False), ("", False),
+])
+def test_pod_name_is_a_dns1123_subdomain(value: str, ok: bool) -> None:
+    for key in ("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"):
+        assert pod_name({key: value}) == (value if ok else "")
+
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@given(st.dictionaries(st.sampled_from(["io.kubernetes.cri.sandbox-namespace",
+                                        "io.kubernetes.pod.namespace",
+                                        "io.kubernetes.cri.sandbox-name",
+                                        "io.kubernetes.pod.name", "x"]),
+                       st.text(max_size=300) | st.from_regex(_DNS1123_LABEL, fullmatch=True),
+                       max_size=5))
+def test_pod_fields_never_raise_and_are_kubernetes_names(annotations: dict[str, str]) -> None:
+    namespace = pod_namespace(annotations)
+    assert namespace == "" or (len(namespace) <= 63 and _DNS1123_LABEL.fullmatch(namespace))
+    name = pod_name(annotations)
+    assert name == "" or (len(name) <= 253 and all(
+        len(part) <= 63 and _DNS1123_LABEL.fullmatch(part) for part in name.split(".")))
+    # A value is only ever one of the annotations' values, unchanged.
+    assert namespace == "" or namespace in annotations.values()
+    assert name == "" or name in annotations.values()
+
+
+def test_pod_routes() -> None:
+    cfg = config({"match": {"pod_namespace": "prod-*", "pod_name": "web-*"},
+                  "policies": ["a"]},
+                 {"match": {"pod_namespace": "*"}, "policies": ["b"]})
+    web = Container(id="1", pod_namespace="prod-eu", pod_name="web-0", name="nginx")
+    assert route_for(web, cfg) == RouteChoice(("a",), "enforce", 0)
+    assert route_for(Container(id="2", pod_namespace="prod-eu", pod_name="db-0"),
+                     cfg).route_index == 1
+    # Outside Kubernetes there is no namespace: not even "*" matches.
+    assert route_for(Container(id="3", pod_name="web-0"), cfg).route_index is None
+
+
+def test_pod_fields_come_from_the_handoff_and_survive_the_fd_store() -> None:
+    from supervisor.fdstore import container_from_state, session_state
+    from supervisor.handoff import build_state_message, parse_state
+
+    for written in (CONTAINERD, CRIO):
+        data = build_state_message(pid=5, container_id="0d8909fad7c9", bundle="/b",
+                                   annotations=written)
+        c = parse_state(data, 1).to_container(0)
+        assert (c.pod_namespace, c.pod_name, c.name) == ("prod", "web-7d4b9c-x2x9k", "nginx")
+        # Not stored: recomputed from the annotations on restore and takeover.
+        state = session_state(c)
+        assert "pod_namespace" not in state["container"]
+        restored = container_from_state(state)
+        assert (restored.pod_namespace, restored.pod_name, restored.name) == (
+            "prod", "web-7d4b9c-x2x9k", "nginx")
+
+
+@pytest.mark.parametrize("key", ["pod_namespace", "pod_name"])
+def test_pod_keys_in_config_must_be_strings(key: str) -> None:
+    from supervisor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"route\[0\]\.match\.{key}"):
+        config({"match": {key: ["prod"]}, "policies": ["a"]})
+    assert config({"match": {key: "x"}, "policies": ["a"]}).routes[0].match == RouteMatch(
+        **{key: "x"})
+
+
+def test_a_looser_pod_namespace_route_is_warned_about_unless_tied_to_a_peer_uid() -> None:
+    from supervisor.router import route_warnings
+
+    shadow = config({"match": {"pod_namespace": "dev-*"}, "policies": ["base"],
+                     "mode": "shadow"})
+    [warning] = route_warnings(shadow)
+    assert "route[0]: warning: it matches only what the container's creator writes " \
+           "(pod_namespace)" in warning
+    tied = config({"match": {"pod_namespace": "dev-*", "peer_uid": [0]},
+                   "policies": ["base"], "mode": "shadow"})
+    assert route_warnings(tied) == []
+    stricter = config({"match": {"pod_name": "web-*"}, "policies": ["base", "a"]})
+    assert route_warnings(stricter) == []

@@ -9,7 +9,8 @@ container can ask for each kind of answer and print what it got:
 * anything else    -> no decision (next policy, then ``[defaults].unhandled``)
 
 ``openat`` of ``/inject`` answers with an fd this policy opened (inject_fd): a memfd
-holding one line ``tag=T id=ID status=S pid=P caller=TID labels=K=V,...``, so ``cat
+holding one line ``tag=T id=ID status=S pid=P caller=TID labels=K=V,...
+pod=NAMESPACE/POD/CONTAINER``, so ``cat
 /inject`` in the container shows which policy answered and what the runtime sent.
 Other ``openat`` calls get CONTINUE (decided on the path: marked unchecked).
 
@@ -48,7 +49,8 @@ async def inject(n: Notification) -> Decision:
     c = n.container
     labels = ",".join(f"{k}={v}" for k, v in sorted(c.labels.items()))
     line = (f"tag={policy.options['tag']} id={c.id} status={c.status} pid={c.pid} "
-            f"caller={n.pid} labels={labels}\n")
+            f"caller={n.pid} labels={labels} "
+            f"pod={c.pod_namespace}/{c.pod_name}/{c.name}\n")
     fd = os.memfd_create("inject")
     try:
         os.write(fd, line.encode())
