@@ -36,7 +36,6 @@ node was made, the restarted call sees EEXIST.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import stat
 from collections.abc import Mapping
@@ -106,8 +105,8 @@ async def make_device(n: Notification) -> Decision:
     if policy.options["require_cap_mknod"] and \
             not caller.credentials(n).has_capability(caller.CAP_MKNOD):
         return deny(errno.EPERM, reason="caller lacks CAP_MKNOD")
+    where = path.decode("utf-8", "backslashreplace")
     # CAP_MKNOD is the one privilege added: the device was checked above.
     return await caller.mknod(n, path, mode, major, minor, dirfd=dirfd,
                               add_capabilities=1 << caller.CAP_MKNOD, limits=_limits[0],
-                              reason=f"created {os.fsdecode(path)} (char {major}:{minor}) "
-                                     "for the caller")
+                              reason=f"created {where} (char {major}:{minor}) for the caller")

@@ -90,6 +90,7 @@ __all__ = [
     "Mkdir",
     "Mknod",
     "Open",
+    "Operation",
     "Rename",
     "Result",
     "Unlink",
