@@ -578,7 +578,7 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
         if guard is not None:
             guard.check(dirfd, name, moving=op == "unlink")
         if op == "chown":
-            _chown(request, dirfd, name)
+            _chown(request, dirfd, name, guard)
         elif op == "mknod":
             os.mknod(name, request.mode, request.dev, dir_fd=dirfd)
         elif op == "mkdir":
@@ -592,13 +592,16 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
     return -1
 
 
-def _chown(request: Request, dirfd: int, name: bytes) -> None:
+def _chown(request: Request, dirfd: int, name: bytes, guard: Guard | None) -> None:
     """fchownat of ``name`` in ``dirfd``: the file is opened O_PATH first (a symlink in
     the last component followed unless AT_SYMLINK_NOFOLLOW, never a magic link), then
-    changed through that fd, so what is changed is what was resolved here."""
+    changed through that fd, so what is changed is what was resolved here. Under a
+    guard (which checked ``dirfd``) a symlink is not followed: it is refused."""
     follow = not request.flags & AT_SYMLINK_NOFOLLOW
-    fd = _openat2(dirfd, name, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+    fd = _openat2(dirfd, name, os.O_PATH | (0 if follow and guard is None else os.O_NOFOLLOW))
     try:
+        if guard is not None and follow and stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise Refused(guard.path_of(fd) + b" (a symlink: not followed under a guard)")
         if _on_procfs(fd):
             raise OSError(errno.EACCES, "not emulated in /proc or a cgroupfs")
         uid, gid = request.owner

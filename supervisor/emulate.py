@@ -1,6 +1,8 @@
 """Doing a call on a target's behalf, as the caller: one primitive, :func:`as_caller`,
 and a request type per operation (:class:`Mknod`, :class:`Mkdir`, :class:`Unlink`,
-:class:`Rename`, :class:`Open`).
+:class:`Rename`, :class:`Open`, :class:`Chown`). Policies use it through
+:mod:`supervisor.caller`, the documented API (functions that return the Decision).
+Paths are bytes, as the kernel has them.
 
 Why emulate: after a handler read a pointer argument, CONTINUE lets the kernel read it
 again, and another thread may have changed it in between (DESIGN.md §4.9). A decision that

@@ -340,3 +340,29 @@ def test_id_maps_are_parsed_and_applied() -> None:
     assert [map_id(ids, v) for v in (0, 65535, 65536, 70000, -1, 0xFFFFFFFF)] == \
         [200000, 265535, -2, 1000, 0xFFFFFFFF, 0xFFFFFFFF]
     assert map_id(IDENTITY_MAP, 1234) == 1234
+
+
+def test_a_guarded_chown_follows_no_symlink(public_dir: Path) -> None:
+    """With guarded directories, a chown whose last component is a symlink is refused
+    (where it leads is not checked), and one under a guarded directory too."""
+    guarded = public_dir / "guarded"
+    guarded.mkdir()
+    (guarded / "f").touch()
+    (public_dir / "link").symlink_to(guarded / "f")
+    results: list[bytes | None] = []
+    policy = PolicySet("guarded-chown")
+
+    @policy.on("chown")
+    async def chown(n: Notification) -> object:
+        op = caller.Chown(await n.read_path(0), n.int32(1), n.int32(2))
+        result = await caller.run(n, op, guard=[os.fsencode(guarded)])
+        results.append(result.guarded)
+        return caller.decision(op, result)
+
+    for path in (public_dir / "link", guarded / "f"):
+        assert run_policy(policy, lambda p=path: os.chown(p, USER, USER)).errno == \
+            errno.EACCES
+    assert results == [os.fsencode(public_dir / "link") + b" (a symlink: not followed "
+                                                         b"under a guard)",
+                       os.fsencode(guarded / "f")]
+    assert (guarded / "f").stat().st_uid == 0
