@@ -7,7 +7,7 @@ cannot create device nodes, yet system containers and image builds expect to cre
 * a character device on the allowlist (option ``allow``, default ``null 1:3``,
   ``zero 1:5``, ``full 1:7``, ``random 1:8``, ``urandom 1:9``, ``tty 5:0`` and the
   overlayfs whiteout ``0:0``) is **created by the supervisor on the container's behalf**
-  (:func:`supervisor.emulate.mknod_as_caller`): in the caller's mount namespace, under its
+  (:func:`supervisor.caller.mknod`): in the caller's mount namespace, under its
   root, relative to its working directory or dirfd, with its fsuid/fsgid, groups and
   umask, its own effective capabilities (none if it is in another user namespace) plus
   CAP_MKNOD and nothing else, and without following a symlink (or a ``/proc`` magic
@@ -41,10 +41,10 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor.emulate import AT_FDCWD, EmulationBusy, Limits, decode_dev, mknod_as_caller
-from supervisor.policy import Decision, Notification, PolicySet, allow, deny, returns
+from supervisor import caller
+from supervisor.emulate import decode_dev
+from supervisor.policy import Decision, Notification, PolicySet, allow, deny
 
-CAP_MKNOD = 27
 DEFAULT_ALLOW = ["1:3", "1:5", "1:7", "1:8", "1:9", "5:0", "0:0"]
 
 policy = PolicySet(
@@ -56,7 +56,7 @@ policy = PolicySet(
 
 _DEV_RE = re.compile(r"([0-9]{1,4}):([0-9]{1,7})")
 _allowed: set[tuple[int, int]] = set()
-_limits: list[Limits] = [Limits()]
+_limits: list[caller.Limits] = [caller.Limits()]
 
 
 def parse_devices(values: list[Any]) -> set[tuple[int, int]]:
@@ -85,7 +85,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
         raise ValueError(f"options.emulation_burst: must be in 1..1000000, got {burst!r}")
     _allowed.clear()
     _allowed.update(devices)
-    _limits[0] = Limits(rate=float(rate), burst=burst)
+    _limits[0] = caller.Limits(rate=float(rate), burst=burst)
 
 
 @policy.on("mknod", "mknodat")
@@ -100,21 +100,13 @@ async def make_device(n: Notification) -> Decision:
         return deny(errno.EPERM, reason=f"block device {major}:{minor}")
     if (major, minor) not in _allowed:
         return deny(errno.EPERM, reason=f"character device {major}:{minor} not allowed")
-    path = await n.read_cstring(n.pointer(1 if at else 0), limit=4096)  # bytes, as passed
-    dirfd = n.fd(0) if at else AT_FDCWD
-    if policy.options["require_cap_mknod"]:
-        from supervisor.emulate import open_caller
-
-        caller = open_caller(n, path, dirfd)
-        caller.close()
-        if not caller.credentials.has_capability(CAP_MKNOD):
-            return deny(errno.EPERM, reason="caller lacks CAP_MKNOD")
-    where = path.decode("utf-8", "replace")
-    try:
-        result = await mknod_as_caller(n, path, mode, major, minor, dirfd,
-                                       limits=_limits[0])
-    except EmulationBusy as busy:
-        return deny(busy.errno, reason=f"emulated mknod {where}: {busy}")
-    if result:
-        return deny(result, reason=f"emulated mknod {where} {major}:{minor} failed")
-    return returns(0, reason=f"created {where} (char {major}:{minor}) for the caller")
+    path = await n.read_path(1 if at else 0)  # bytes, as passed
+    dirfd = n.fd(0) if at else caller.AT_FDCWD
+    if policy.options["require_cap_mknod"] and \
+            not caller.credentials(n).has_capability(caller.CAP_MKNOD):
+        return deny(errno.EPERM, reason="caller lacks CAP_MKNOD")
+    where = path.decode("utf-8", "backslashreplace")
+    # CAP_MKNOD is the one privilege added: the device was checked above.
+    return await caller.mknod(n, path, mode, major, minor, dirfd=dirfd,
+                              add_capabilities=1 << caller.CAP_MKNOD, limits=_limits[0],
+                              reason=f"created {where} (char {major}:{minor}) for the caller")

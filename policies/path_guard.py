@@ -30,7 +30,7 @@ Not covered: ``link``/``symlink``, ``truncate``, ``chmod``/``chown``, ``openat2`
 flags are in memory), and calls that reach a guarded file through an fd opened before.
 
 **Enforcing mode** (``mode = "enforce"``) is that emulation. The guarded calls above are
-carried out by the emulation helper as the caller (:func:`supervisor.emulate.as_caller`:
+carried out by the emulation helper as the caller (:func:`supervisor.caller.run`:
 its mount namespace, root, cwd/dirfd, fsuid/fsgid, groups, umask and capabilities) from
 the supervisor's one copy of the path, and the caller gets the result (``inject_fd`` for
 an open, ``returns(0)`` otherwise); nothing is CONTINUEd, so nothing is read twice. The
@@ -63,10 +63,10 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from supervisor import emulate
-from supervisor.emulate import AT_FDCWD, AT_REMOVEDIR, EmulationBusy, Limits
+from supervisor import caller
+from supervisor.caller import AT_FDCWD, AT_REMOVEDIR, EmulationBusy, Limits
 from supervisor.errors import NotificationGone
-from supervisor.policy import Decision, Notification, PolicySet, allow, deny, inject_fd, returns
+from supervisor.policy import Decision, Notification, PolicySet, allow, deny
 
 policy = PolicySet(
     "path_guard",
@@ -109,7 +109,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             raise ValueError(f"options.prefixes[{i}]: must be an absolute path, "
                              f"got {prefix!r}")
-        prefixes.append(posixpath.normpath(prefix))
+        prefixes.append(os.fsencode(posixpath.normpath(prefix)))  # paths are bytes
     name = options["errno"]
     number = getattr(errno, name, None) if isinstance(name, str) and name.isupper() else None
     if not isinstance(number, int) or not 0 < number < 512:
@@ -128,31 +128,36 @@ def _check_options(options: Mapping[str, Any]) -> None:
     _state["limits"] = Limits(rate=float(rate), burst=burst)
 
 
-def is_guarded(path: str, prefixes: tuple[str, ...]) -> bool:
+def _text(path: bytes) -> str:
+    """A path for a reason: what is not UTF-8 shown as ``\\xNN``."""
+    return path.decode("utf-8", "backslashreplace")
+
+
+def is_guarded(path: bytes, prefixes: tuple[bytes, ...]) -> bool:
     """True if the normalised absolute ``path`` is one of ``prefixes`` or below one."""
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+    return any(path == p or path.startswith(p.rstrip(b"/") + b"/") for p in prefixes)
 
 
-def _resolve(n: Notification, path: str, dirfd: int) -> str:
+def _resolve(n: Notification, path: bytes, dirfd: int) -> bytes:
     """``path`` as an absolute, lexically normalised path in the caller's root."""
-    if not path.startswith("/"):
+    if not path.startswith(b"/"):
         where = "cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"
         try:
-            base = os.readlink(f"/proc/{n.pid}/{where}")
-            root = os.readlink(f"/proc/{n.pid}/root")
+            base = os.readlink(os.fsencode(f"/proc/{n.pid}/{where}"))
+            root = os.readlink(os.fsencode(f"/proc/{n.pid}/root"))
         except OSError:
-            base = root = ""
+            base = root = b""
         if not n.still_valid():  # the links read above were the caller's
             raise NotificationGone("id_valid")
-        if not base.startswith("/"):
+        if not base.startswith(b"/"):
             # The fd is not open or not a path (a socket...), or the caller is not visible
             # here: refuse rather than guess (the kernel refuses the first two anyway).
             raise LookupError(f"cannot resolve the base of {path!r} ({where})")
-        if root != "/" and (base == root or base.startswith(root + "/")):
-            base = base[len(root):] or "/"
-        path = base + "/" + path
+        if root != b"/" and (base == root or base.startswith(root + b"/")):
+            base = base[len(root):] or b"/"
+        path = base + b"/" + path
     # normpath keeps a leading "//"; the kernel treats it as "/".
-    return "/" + posixpath.normpath(path).lstrip("/")
+    return b"/" + posixpath.normpath(path).lstrip(b"/")
 
 
 @policy.on("openat2")
@@ -166,7 +171,7 @@ def no_openat2(n: Notification) -> Decision | None:
 
 @policy.on(*_PATHS)
 async def guard(n: Notification) -> Decision:
-    prefixes: tuple[str, ...] = _state["prefixes"]
+    prefixes: tuple[bytes, ...] = _state["prefixes"]
     flags_arg = _FLAGS_ARG.get(n.syscall)
     if flags_arg is not None:
         flags = n.flags(flags_arg)
@@ -184,8 +189,8 @@ async def guard(n: Notification) -> Decision:
         except LookupError as exc:
             return deny(_state["errno"], reason=str(exc))
         if is_guarded(path, prefixes):
-            return deny(_state["errno"], reason=f"{n.syscall} {path} is under a guarded "
-                                                "prefix")
+            return deny(_state["errno"], reason=f"{n.syscall} {_text(path)} is under "
+                                                "a guarded prefix")
     return allow(unchecked=True, reason="path not guarded (advisory check)")
 
 
@@ -193,53 +198,47 @@ async def guard(n: Notification) -> Decision:
 _CREAT_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
 
 
-def _operation(n: Notification, paths: list[bytes]) -> emulate.Operation | int:
+def _operation(n: Notification, paths: list[bytes]) -> caller.Operation | int:
     """The emulated operation for ``n``, or the errno the kernel gives for its
     arguments."""
     name = n.syscall
     if name == "open":
-        return emulate.Open(paths[0], n.flags(1), n.mode(2) & 0o7777)
+        return caller.Open(paths[0], n.flags(1), n.mode(2) & 0o7777)
     if name == "openat":
-        return emulate.Open(paths[0], n.flags(2), n.mode(3) & 0o7777, n.fd(0))
+        return caller.Open(paths[0], n.flags(2), n.mode(3) & 0o7777, n.fd(0))
     if name == "creat":
-        return emulate.Open(paths[0], _CREAT_FLAGS, n.mode(1) & 0o7777)
+        return caller.Open(paths[0], _CREAT_FLAGS, n.mode(1) & 0o7777)
     if name == "mkdir":
-        return emulate.Mkdir(paths[0], n.mode(1) & 0o7777)
+        return caller.Mkdir(paths[0], n.mode(1) & 0o7777)
     if name == "mkdirat":
-        return emulate.Mkdir(paths[0], n.mode(2) & 0o7777, n.fd(0))
+        return caller.Mkdir(paths[0], n.mode(2) & 0o7777, n.fd(0))
     if name == "rmdir":
-        return emulate.Unlink(paths[0], flags=AT_REMOVEDIR)
+        return caller.Unlink(paths[0], flags=AT_REMOVEDIR)
     if name == "unlink":
-        return emulate.Unlink(paths[0])
+        return caller.Unlink(paths[0])
     if name == "unlinkat":
         flags = n.flags(2)
         if flags & ~AT_REMOVEDIR:
             return errno.EINVAL
-        return emulate.Unlink(paths[0], n.fd(0), flags)
+        return caller.Unlink(paths[0], n.fd(0), flags)
     if name == "rename":
-        return emulate.Rename(paths[0], paths[1])
+        return caller.Rename(paths[0], paths[1])
     flags = n.flags(4) if name == "renameat2" else 0
-    return emulate.Rename(paths[0], paths[1], n.fd(0), n.fd(2), flags)
+    return caller.Rename(paths[0], paths[1], n.fd(0), n.fd(2), flags)
 
 
-async def _enforce(n: Notification, prefixes: tuple[str, ...]) -> Decision:
+async def _enforce(n: Notification, prefixes: tuple[bytes, ...]) -> Decision:
     """Carry the call out as the caller, refusing it if it resolves under a prefix."""
-    paths = [await n.read_cstring(n.pointer(arg), limit=4096) for _, arg in _PATHS[n.syscall]]
+    paths = [await n.read_path(arg) for _, arg in _PATHS[n.syscall]]
     op = _operation(n, paths)
     if isinstance(op, int):
         return deny(op, reason=f"{n.syscall}: invalid flags")
     try:
-        result = await emulate.as_caller(n, op, guard=[os.fsencode(p) for p in prefixes],
-                                         limits=_state["limits"])
+        result = await caller.run(n, op, guard=prefixes, limits=_state["limits"])
     except EmulationBusy as busy:
         return deny(busy.errno, reason=f"{n.syscall}: {busy}")
     if result.guarded is not None:
         where = result.guarded.decode("utf-8", "backslashreplace")
         return deny(_state["errno"], reason=f"{n.syscall} resolves to {where}, under a "
                                             "guarded prefix (enforced)")
-    if result.errno:
-        return deny(result.errno, reason=f"emulated {n.syscall} failed")
-    if isinstance(op, emulate.Open):
-        return inject_fd(result.take_fd(), cloexec=bool(op.flags & os.O_CLOEXEC),
-                         reason=f"emulated {n.syscall} (enforced guard)")
-    return returns(0, reason=f"emulated {n.syscall} (enforced guard)")
+    return caller.decision(op, result, reason=f"emulated {n.syscall} (enforced guard)")

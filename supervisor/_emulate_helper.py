@@ -68,7 +68,7 @@ __all__ = [
     "split_last",
 ]
 
-OPS: Final = ("mknod", "mkdir", "unlink", "rename", "open", "reopen")
+OPS: Final = ("mknod", "mkdir", "unlink", "rename", "open", "reopen", "chown")
 MAX_FDS: Final = 8            # reply, mnt, root and at most 5 bases
 MAX_MESSAGE: Final = 65536
 MAX_SYMLINKS: Final = 40      # the kernel's limit (ELOOP)
@@ -78,7 +78,7 @@ MAX_DEPTH: Final = 4096       # directory levels walked up by the guard
 CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID = 0, 1, 2, 3, 4
 CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD = 6, 7, 18, 21, 27
 HELPER_CAPABILITIES: Final = sum(1 << c for c in (
-    CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD,
+    CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD, CAP_CHOWN,
     CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID))
 CLONE_NEWNS: Final = 0x00020000
 SYS_CAPGET: Final = 125
@@ -88,6 +88,9 @@ SYS_OPENAT2: Final = 437
 SYS_PIDFD_SEND_SIGNAL: Final = 424
 AT_FDCWD: Final = -100
 AT_REMOVEDIR: Final = 0x200
+AT_SYMLINK_NOFOLLOW: Final = 0x100
+AT_EMPTY_PATH: Final = 0x1000
+NO_ID: Final = 0xFFFFFFFF  # (uid_t)-1: chown leaves that id as it is
 RESOLVE_NO_MAGICLINKS: Final = 0x02
 LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 O_TMPFILE: Final = 0o20200000  # with O_DIRECTORY, as the kernel defines it
@@ -123,7 +126,9 @@ class Identity:
 class Request:
     """One call to carry out. ``op`` is one of :data:`OPS`; ``targets`` one path (two
     for ``rename``: old, new); ``mode``/``dev`` for mknod, mkdir and a creating open;
-    ``flags`` the open flags, AT_REMOVEDIR for unlink, the renameat2 flags for rename;
+    ``flags`` the open flags, AT_REMOVEDIR for unlink, the renameat2 flags for rename,
+    AT_SYMLINK_NOFOLLOW for chown; ``owner`` the (uid, gid) of a chown, as seen from the
+    helper's user namespace (:data:`NO_ID`: unchanged);
     ``guard``: absolute, normalised directory paths in the caller's root under which
     nothing may be created, removed, renamed or opened for writing (empty: no check)."""
 
@@ -134,6 +139,7 @@ class Request:
     dev: int = 0
     flags: int = 0
     guard: tuple[bytes, ...] = ()
+    owner: tuple[int, int] = (NO_ID, NO_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,7 @@ def encode_request(request: Request) -> bytes:
                      ident.capabilities],
         "mode": request.mode, "dev": request.dev, "flags": request.flags,
         "guard": [p.hex() for p in request.guard],
+        "owner": list(request.owner),
     }, separators=(",", ":")).encode()
 
 
@@ -202,10 +209,14 @@ def decode_request(data: bytes, bases: int) -> Request:
     guard = obj.get("guard", [])
     if not isinstance(guard, list) or not all(isinstance(p, str) for p in guard):
         raise ValueError("guard")
+    owner = obj.get("owner", [NO_ID, NO_ID])
+    if not (isinstance(owner, list) and len(owner) == 2):
+        raise ValueError("owner")
     return Request(op, tuple(targets), identity, _int(obj.get("mode"), "mode", 0, 2**32),
                    _int(obj.get("dev"), "dev", 0, 2**64), _int(obj.get("flags"), "flags", 0,
                                                                2**32),
-                   tuple(bytes.fromhex(p) for p in guard))
+                   tuple(bytes.fromhex(p) for p in guard),
+                   (_int(owner[0], "uid", 0, 2**32), _int(owner[1], "gid", 0, 2**32)))
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -255,6 +266,9 @@ _setns = _libc.setns
 _setfsuid = _libc.setfsuid
 _setfsgid = _libc.setfsgid
 _fstatfs = _libc.fstatfs
+_fchownat = _libc.fchownat
+_fchownat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                      ctypes.c_int)
 
 
 def _check(rc: int, what: str) -> int:
@@ -563,7 +577,9 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
     try:
         if guard is not None:
             guard.check(dirfd, name, moving=op == "unlink")
-        if op == "mknod":
+        if op == "chown":
+            _chown(request, dirfd, name, guard)
+        elif op == "mknod":
             os.mknod(name, request.mode, request.dev, dir_fd=dirfd)
         elif op == "mkdir":
             os.mkdir(name, request.mode, dir_fd=dirfd)
@@ -574,6 +590,24 @@ def _act(request: Request, bases: list[int], guard: Guard | None) -> int:
     finally:
         os.close(dirfd)
     return -1
+
+
+def _chown(request: Request, dirfd: int, name: bytes, guard: Guard | None) -> None:
+    """fchownat of ``name`` in ``dirfd``: the file is opened O_PATH first (a symlink in
+    the last component followed unless AT_SYMLINK_NOFOLLOW, never a magic link), then
+    changed through that fd, so what is changed is what was resolved here. Under a
+    guard (which checked ``dirfd``) a symlink is not followed: it is refused."""
+    follow = not request.flags & AT_SYMLINK_NOFOLLOW
+    fd = _openat2(dirfd, name, os.O_PATH | (0 if follow and guard is None else os.O_NOFOLLOW))
+    try:
+        if guard is not None and follow and stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise Refused(guard.path_of(fd) + b" (a symlink: not followed under a guard)")
+        if _on_procfs(fd):
+            raise OSError(errno.EACCES, "not emulated in /proc or a cgroupfs")
+        uid, gid = request.owner
+        _check(_fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")
+    finally:
+        os.close(fd)
 
 
 def _child(request: Request, fds: list[int], permitted: int) -> None:

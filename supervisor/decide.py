@@ -9,6 +9,7 @@ policy placed first cannot switch off the checks of the policies after it).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -136,6 +137,11 @@ def check_result(result: object, policy: str, *, read_memory: bool) -> Decision 
     if result is None:
         return None
     if not isinstance(result, Decision):
+        if inspect.iscoroutine(result):
+            result.close()
+            raise PolicyError(f"policy {policy!r} returned a coroutine: a handler that "
+                              "awaits (read_path, supervisor.caller...) must be an "
+                              "`async def` handler, and await it")
         raise PolicyError(f"policy {policy!r} returned {type(result).__name__}, "
                           "not a Decision or None")
     if result.kind == "allow" and read_memory and not result.unchecked:

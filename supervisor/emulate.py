@@ -1,6 +1,8 @@
 """Doing a call on a target's behalf, as the caller: one primitive, :func:`as_caller`,
 and a request type per operation (:class:`Mknod`, :class:`Mkdir`, :class:`Unlink`,
-:class:`Rename`, :class:`Open`).
+:class:`Rename`, :class:`Open`, :class:`Chown`). Policies use it through
+:mod:`supervisor.caller`, the documented API (functions that return the Decision).
+Paths are bytes, as the kernel has them.
 
 Why emulate: after a handler read a pointer argument, CONTINUE lets the kernel read it
 again, and another thread may have changed it in between (DESIGN.md §4.9). A decision that
@@ -73,8 +75,10 @@ log = logging.getLogger("supervisor.emulate")
 __all__ = [
     "AT_FDCWD",
     "AT_REMOVEDIR",
+    "AT_SYMLINK_NOFOLLOW",
     "CAP_MKNOD",
     "Caller",
+    "Chown",
     "Credentials",
     "EmulationBusy",
     "EmulationError",
@@ -92,8 +96,10 @@ __all__ = [
     "drop_helper_capabilities",
     "encode_dev",
     "identity_for",
+    "map_id",
     "mknod_as_caller",
     "open_caller",
+    "parse_id_map",
     "parse_status",
     "signed_fd",
     "start_helper",
@@ -102,6 +108,7 @@ __all__ = [
 
 AT_FDCWD: Final = -100
 AT_REMOVEDIR: Final = 0x200
+AT_SYMLINK_NOFOLLOW: Final = 0x100
 CAP_MKNOD: Final = 27
 _PACKAGE_PARENT: Final = str(Path(__file__).resolve().parent.parent)
 _BOOTSTRAP: Final = (
@@ -181,16 +188,46 @@ def signed_fd(raw: int) -> int:
     return abi.arg_s32(raw)
 
 
+IdMap = tuple[tuple[int, int, int], ...]  # (first inside, first outside, count) ranges
+IDENTITY_MAP: Final[IdMap] = ((0, 0, 2**32 - 1),)
+
+
+def parse_id_map(text: str) -> IdMap:
+    """The ranges of ``/proc/<tid>/uid_map`` (or ``gid_map``) as read from here: the
+    outside ids are in the reader's user namespace. Raises ValueError."""
+    ranges = []
+    for line in text.splitlines():
+        if line.strip():
+            inside, outside, count = (int(x) for x in line.split())
+            ranges.append((inside, outside, count))
+    return tuple(ranges)
+
+
+def map_id(ids: IdMap, value: int) -> int:
+    """An id of the caller's user namespace as seen from ours (``uid_t`` -1 stays -1,
+    as :data:`NO_ID`); -2 if it has no mapping (the kernel then says EINVAL)."""
+    value &= 0xFFFFFFFF
+    if value == wire.NO_ID:
+        return wire.NO_ID
+    for inside, outside, count in ids:
+        if inside <= value < inside + count:
+            return outside + value - inside
+    return -2
+
+
 @dataclass
 class Caller:
     """Open handles on the calling thread's mount namespace, root and the base
     directories of its relative paths (cwd or dirfds, in the order asked for; ``-1`` for
-    an absolute path), and its credentials. Owns the fds."""
+    an absolute path), and its credentials. Owns the fds. ``uid_map``/``gid_map``: its
+    user namespace's id maps, when asked for (chown names ids in that namespace)."""
 
     mnt_fd: int
     root_fd: int
     bases: list[int]
     credentials: Credentials
+    uid_map: IdMap = IDENTITY_MAP
+    gid_map: IdMap = IDENTITY_MAP
 
     @property
     def base_fd(self) -> int:
@@ -206,11 +243,11 @@ class Caller:
         self.bases = [-1 for _ in self.bases]
 
 
-def open_caller(n: Notification, path: bytes, dirfd: int = AT_FDCWD, *more: tuple[bytes, int]
-                ) -> Caller:
+def open_caller(n: Notification, path: bytes, dirfd: int = AT_FDCWD, *more: tuple[bytes, int],
+                id_maps: bool = False) -> Caller:
     """Open what is needed to act as the caller of ``n`` on ``path`` (relative to
     ``dirfd`` when it is not absolute), and on each further ``(path, dirfd)`` of
-    ``more``, race-checked.
+    ``more``, race-checked; with ``id_maps``, read its uid and gid maps too.
 
     Raises TargetMemoryError with the errno the caller gets for a bad ``dirfd`` (EBADF,
     ENOTDIR) or EPERM when the caller is not visible here; NotificationGone if the call
@@ -252,11 +289,14 @@ def open_caller(n: Notification, path: bytes, dirfd: int = AT_FDCWD, *more: tupl
                                                        "directory") from None
         user_ns = open_("ns/user", os.O_RDONLY)
         status_fd = open_("status", os.O_RDONLY)
+        map_fds = [open_(name, os.O_RDONLY) for name in ("uid_map", "gid_map")] \
+            if id_maps else []
         try:
             text = os.read(status_fd, 65536).decode("ascii", "replace")
+            maps = [os.read(fd, 65536).decode("ascii", "replace") for fd in map_fds]
             theirs = os.fstat(user_ns)
         finally:
-            for fd in (status_fd, user_ns):
+            for fd in (status_fd, user_ns, *map_fds):
                 opened.remove(fd)
                 os.close(fd)
         if not n.still_valid():  # the files opened above belong to the caller
@@ -267,7 +307,13 @@ def open_caller(n: Notification, path: bytes, dirfd: int = AT_FDCWD, *more: tupl
             credentials = Credentials(credentials.uid, credentials.gid, credentials.groups,
                                       credentials.umask, credentials.cap_effective,
                                       same_user_namespace=False)
-        return Caller(mnt_fd, root_fd, bases, credentials)
+        caller = Caller(mnt_fd, root_fd, bases, credentials)
+        if maps:
+            try:
+                caller.uid_map, caller.gid_map = (parse_id_map(m) for m in maps)
+            except ValueError:
+                raise TargetMemoryError(errno.EPERM, "unreadable id map") from None
+        return caller
     except BaseException:
         for fd in opened:
             os.close(fd)
@@ -336,7 +382,20 @@ class Open:
     dirfd: int = AT_FDCWD
 
 
-Operation = Mknod | Mkdir | Unlink | Rename | Open
+@dataclass(frozen=True, slots=True)
+class Chown:
+    """``fchownat(dirfd, path, uid, gid, flags)``: ``uid``/``gid`` as the caller named
+    them, in its user namespace (-1: unchanged); ``flags`` AT_SYMLINK_NOFOLLOW for
+    lchown."""
+
+    path: bytes
+    uid: int
+    gid: int
+    dirfd: int = AT_FDCWD
+    flags: int = 0
+
+
+Operation = Mknod | Mkdir | Unlink | Rename | Open | Chown
 
 
 def _paths(op: Operation) -> tuple[tuple[bytes, int], ...]:
@@ -346,7 +405,8 @@ def _paths(op: Operation) -> tuple[tuple[bytes, int], ...]:
 
 
 def _request(op: Operation, bases: Sequence[int], identity: wire.Identity,
-             guard: tuple[bytes, ...]) -> tuple[wire.Request, list[int]]:
+             guard: tuple[bytes, ...], owner: tuple[int, int] = (wire.NO_ID, wire.NO_ID)
+             ) -> tuple[wire.Request, list[int]]:
     """The helper's request for ``op`` and the base fds to send with it (the fds of
     ``bases`` that are not -1, in order)."""
     sent: list[int] = []
@@ -367,9 +427,11 @@ def _request(op: Operation, bases: Sequence[int], identity: wire.Identity,
         name, flags = "unlink", op.flags & AT_REMOVEDIR
     elif isinstance(op, Rename):
         name, flags = "rename", op.flags
+    elif isinstance(op, Chown):
+        name, flags = "chown", op.flags & AT_SYMLINK_NOFOLLOW
     else:
         mode, flags = op.mode & 0o7777, op.flags & 0xFFFFFFFF
-    return wire.Request(name, tuple(targets), identity, mode, dev, flags, guard), sent
+    return wire.Request(name, tuple(targets), identity, mode, dev, flags, guard, owner), sent
 
 
 @dataclass
@@ -638,8 +700,8 @@ def start_helper(max_children: int = 16) -> EmulationHelper:
 # into a mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT, chroot() CAP_SYS_CHROOT,
 # setgroups()/setfsgid() CAP_SETGID, setfsuid() CAP_SETUID, and a device node
 # CAP_MKNOD (each verified: without it every emulated call failed with EPERM). The
-# helper also keeps the file-system capabilities a caller may have itself
-# (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID; given to a child only
+# helper also keeps the file-system capabilities a caller may have itself (CAP_CHOWN,
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID; given to a child only
 # when the caller has them), which the daemon does not use either. The daemon keeps
 # CAP_SYS_PTRACE: reading a target's memory and opening its
 # /proc/<tid>/{root,cwd,fd/N,ns/*} are ptrace-mode access checks.
@@ -689,10 +751,20 @@ async def as_caller(n: Notification, op: Operation, *, add_capabilities: int = 0
     paths = _paths(op)
     if any(not path for path, _ in paths):
         return Result(errno.ENOENT)
-    caller = open_caller(n, paths[0][0], paths[0][1], *paths[1:])
+    if any(b"\0" in path for path, _ in paths):
+        return Result(errno.EINVAL)  # not a C string: no call could pass it
+    if isinstance(op, Chown) and op.flags & ~AT_SYMLINK_NOFOLLOW:
+        return Result(errno.EINVAL)  # AT_EMPTY_PATH (an fd, no path) is not emulated
+    caller = open_caller(n, paths[0][0], paths[0][1], *paths[1:],
+                         id_maps=isinstance(op, Chown))
     try:
         identity = identity_for(caller.credentials, add_capabilities)
-        request, bases = _request(op, caller.bases, identity, tuple(guard))
+        owner = (wire.NO_ID, wire.NO_ID)
+        if isinstance(op, Chown):
+            owner = (map_id(caller.uid_map, op.uid), map_id(caller.gid_map, op.gid))
+            if -2 in owner:
+                return Result(errno.EINVAL)  # an id the caller's namespace does not map
+        request, bases = _request(op, caller.bases, identity, tuple(guard), owner)
         helper = start_helper()
         result = await helper.call(n.container.id, request, caller.mnt_fd, caller.root_fd,
                                    bases, limits)

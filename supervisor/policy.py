@@ -438,12 +438,13 @@ class Notification:
         return await self._require_memory().read_cstring(self.id, self.pid,
                                                          self._address(address), limit)
 
-    async def read_path(self, arg: int) -> str:
+    async def read_path(self, arg: int) -> bytes:
         """Read the path passed in argument number ``arg`` (0-based) at the address the
         kernel uses (:meth:`pointer`), at most 4096 bytes with its NUL, as the kernel's
-        getname() would. Undecodable bytes are kept with ``surrogateescape``."""
-        raw = await self.read_cstring(self.pointer(arg), limit=4096)
-        return raw.decode("utf-8", "surrogateescape")
+        getname() would. ``bytes``, as the kernel has it (every path of the API is: a
+        name that is not UTF-8 must still work); ``os.fsdecode(path)`` for text, e.g. in
+        a reason."""
+        return await self.read_cstring(self.pointer(arg), limit=4096)
 
     def still_valid(self) -> bool:
         """True if the kernel still waits for an answer to this notification."""

@@ -302,7 +302,7 @@ async def test_inject_fd_emulates_openat(tmp_path: object) -> None:
     @policy.on("openat")
     async def emulate(n: Notification) -> object:
         path = await n.read_path(1)
-        if path == "/does/not/exist/emulated":
+        if path == b"/does/not/exist/emulated":
             return inject_fd(os.open(source, os.O_RDONLY), reason="emulated open")
         return allow(unchecked=True)
 
@@ -410,7 +410,7 @@ async def test_unchecked_allow_after_memory_read_continues() -> None:
 
     async with serve_target(policy, ["mkdir"], "mkdir", "/nonexistent/dir") as served:
         out = await served.target.result()
-    assert paths == ["/nonexistent/dir"]
+    assert paths == [b"/nonexistent/dir"]
     assert out == {"rc": -1, "errno": errno.ENOENT}  # the kernel ran it: no parent dir
 
 
@@ -486,7 +486,7 @@ async def test_read_memory_and_still_valid() -> None:
     async with serve_target(policy, ["mkdir"], "mkdir", "/abc/def") as served:
         out = await served.target.result()
     assert out == {"rc": -1, "errno": errno.EACCES}
-    assert seen == [("/abc/def", True, b"/abc")]
+    assert seen == [(b"/abc/def", True, b"/abc")]
 
 
 async def test_max_inflight_bounds_async_tasks() -> None:

@@ -60,13 +60,13 @@ def counting_policy() -> PolicySet:
     @policy.on("mkdir", "mkdirat")
     async def by_name(n: Notification) -> object:
         path = await n.read_path(0 if n.syscall == "mkdir" else 1)
-        if path.endswith("/boom"):
+        if path.endswith(b"/boom"):
             raise RuntimeError("handler bug")
-        if path.endswith("/slow"):
+        if path.endswith(b"/slow"):
             await trio.sleep(5)
-        if path.endswith("/bare"):
+        if path.endswith(b"/bare"):
             return allow()  # refused: memory was read
-        return deny(errno.EROFS, reason=path)
+        return deny(errno.EROFS, reason=os.fsdecode(path))
 
     return policy
 

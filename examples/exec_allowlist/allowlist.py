@@ -30,12 +30,13 @@ Run it (with the options above in a config file, or the defaults: only ``/bin/sh
 """
 
 import errno
+import os
 
 from supervisor.policy import Notification, PolicySet, allow, deny
 
 policy = PolicySet("exec-allowlist", defaults={"label": "app",
                                                "allowed": {"*": ["/bin/sh"]}})
-_allowed: dict[str, frozenset[str]] = {}
+_allowed: dict[str, frozenset[bytes]] = {}
 AT_FDCWD = -100
 
 
@@ -48,10 +49,10 @@ def check(options):
         relative = [p for p in paths if not p.startswith("/")]
         if relative:
             raise ValueError(f"options.allowed: {key!r}: not absolute: {relative}")
-        _allowed[key] = frozenset(paths)
+        _allowed[key] = frozenset(os.fsencode(p) for p in paths)  # paths are bytes
 
 
-def allowed_for(labels) -> frozenset[str]:
+def allowed_for(labels) -> frozenset[bytes]:
     value = labels.get(policy.options["label"])
     if value is not None and value in _allowed:
         return _allowed[value]
@@ -66,4 +67,4 @@ async def only_listed_programs(n: Notification):
     if path in allowed_for(n.container.labels):
         # The kernel reads the path again after CONTINUE: see the race caveat above.
         return allow(unchecked=True, reason="listed")
-    return deny(errno.EACCES, reason=f"not in the allowlist: {path!r}")
+    return deny(errno.EACCES, reason=f"not in the allowlist: {os.fsdecode(path)!r}")

@@ -8,17 +8,16 @@ What runc's agent does with the calls a container's profile notifies:
   (its root, working directory and credentials), and answers the call with that result;
 * every other notified call continues.
 
-Here the first and the last are the whole policy: the handlers, and ``unhandled=allow()``,
-which says "everything else continues" in the policy itself, so that
-``seccomp-supervisor serve --socket S --policy agent.py`` runs it with no config file.
+The handlers, and ``unhandled=allow()``, which says "everything else continues" in the
+policy itself, so that ``seccomp-supervisor serve --socket S --policy agent.py`` runs it
+with no config file.
 
-``mkdir`` is not emulated yet: it needs the "act as the caller" primitive (do the call
-in the caller's root, working directory, mount namespace and credentials, race-free),
-which comes with the supervisor's emulation rework. Until then ``mkdir`` continues (the
-container creates ``PATH`` itself), and ``mkdir_suffix`` only reports, in the audit
-reason, the name runc's agent would have made. Creating it from here with
-``/proc/<pid>/root/PATH`` would follow the container's symlinks as root on the host:
-exactly the bug class the emulation primitive exists to avoid.
+``mkdir`` is done by the supervisor as the caller (:func:`supervisor.caller.mkdir`): in
+its mount namespace and root, relative to its working directory, with its fsuid, fsgid,
+groups and umask, from the path the handler read (nothing is read twice); the container
+gets 0 or the errno of that mkdir. Creating it from here with ``/proc/<pid>/root/PATH``
+instead would follow the container's symlinks as root on the host. The path is bytes,
+as the kernel has it: a name that is not UTF-8 gets its suffix like any other.
 
 Run it::
 
@@ -32,6 +31,7 @@ listens on the same path by default), with ``SCMP_ACT_NOTIFY`` for ``chmod``,
 import errno
 import os
 
+from supervisor import caller
 from supervisor.policy import Notification, PolicySet, allow, deny
 
 policy = PolicySet("runc-agent", unhandled=allow(),
@@ -44,9 +44,11 @@ def no_medium(n: Notification):
 
 
 @policy.on("mkdir")
-def mkdir_suffix(n: Notification):
-    # Decided on nothing but the container's metadata: CONTINUE is exact.
-    return allow(reason=f"would create PATH-{suffix(n.container.metadata)}")
+async def mkdir_suffix(n: Notification):
+    path = await n.read_path(0)
+    made = path + b"-" + os.fsencode(suffix(n.container.metadata))
+    return await caller.mkdir(n, made, n.mode(1),
+                              reason=f"created PATH-{suffix(n.container.metadata)}")
 
 
 def suffix(metadata: str) -> str:

@@ -28,16 +28,55 @@ def test_the_chmod_family_gets_enomedium(tmp_path):
         assert trial.decided() == ["deny"]
 
 
-def test_everything_else_continues(tmp_path):
-    """mkdir (not emulated yet) and a call the agent has no handler for continue: the
-    policy's own unhandled=allow(), no config file needed."""
-    trial = run_policy(load(AGENT), lambda: (os.mkdir(tmp_path / "d"), os.rmdir(tmp_path / "d")),
-                       syscalls=["mkdir", "rmdir"],
+def test_mkdir_makes_path_metadata_as_the_container_would(tmp_path):
+    """mkdir PATH creates PATH-<metadata> as the caller: relative to its cwd, owned by
+    its fsuid/fsgid, its umask applied; a call the agent has no handler for continues
+    (the policy's own unhandled=allow(), no config file needed)."""
+    os.chmod(tmp_path, 0o777)
+
+    def as_user():
+        os.chdir(tmp_path)
+        os.setgroups([])
+        os.setresgid(1234, 1234, 1234)
+        os.setresuid(1234, 1234, 1234)
+        os.umask(0o027)
+        os.mkdir(b"d\xff", 0o777)   # not UTF-8: a path is bytes
+        os.rmdir(b"d\xff")
+
+    trial = run_policy(load(AGENT), as_user, syscalls=["mkdir", "rmdir"],
                        container=Container(id="c1", metadata="bar"))
-    assert trial.errno == 0 and trial.exception == ""
-    assert [(s.syscall, s.kind) for s in trial.decisions] == [("mkdir", "allow"),
+    assert trial.errno == errno.ENOENT  # rmdir of the name asked for: it was not made
+    assert [(s.syscall, s.kind) for s in trial.decisions] == [("mkdir", "returns"),
                                                              ("rmdir", "allow")]
-    assert trial.decisions[0].decision.reason == "would create PATH-bar"
+    assert trial.decisions[0].decision.reason == "created PATH-bar"
+    made = os.stat(os.fsencode(tmp_path) + b"/d\xff-bar")
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (1234, 1234, 0o750)
+    assert not os.path.exists(os.fsencode(tmp_path) + b"/d\xff")
+
+
+def test_mkdir_follows_the_callers_permissions_and_root(tmp_path):
+    """The caller's own permission checks apply (EACCES in a directory it may not
+    write), and a symlink to / in a chroot lands in the caller's root, not the host's."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "up").symlink_to("/")
+
+    def in_chroot():
+        os.chroot(root)
+        os.chdir("/")
+        os.mkdir("/up/escaped")
+
+    def as_user():
+        os.setresuid(1234, 1234, 1234)
+        os.mkdir(locked / "x")
+
+    assert run_policy(load(AGENT), as_user).errno == errno.EACCES
+    assert not (locked / "x-agent-generated-suffix").exists()
+    assert run_policy(load(AGENT), in_chroot,
+                      container=Container(id="c1", metadata="m")).errno == 0
+    assert (root / "escaped-m").is_dir() and not os.path.exists("/escaped-m")
 
 
 def test_metadata_cannot_leave_the_directory():
@@ -68,6 +107,6 @@ def test_one_serve_command(tmp_path):
         os.close(ready_r)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(15)
-    assert (tmp_path / "dir").is_dir()
+    assert (tmp_path / "dir-bar").is_dir() and not (tmp_path / "dir").exists()
     assert done.returncode == 1 and b"No medium found" in done.stderr
     assert daemon.returncode == 0

@@ -31,12 +31,13 @@ policy = PolicySet("containers", defaults={"tag": "containers", "errno": errno.E
 @policy.on("mkdir", "mkdirat")
 async def by_name(n: Notification) -> Decision | None:
     path = await n.read_path(0 if n.syscall == "mkdir" else 1)
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    if name.startswith("deny-"):
-        return deny(policy.options["errno"], reason=f"{policy.options['tag']}: {path}")
-    if name.startswith("ret-"):
+    name = path.rstrip(b"/").rsplit(b"/", 1)[-1]
+    if name.startswith(b"deny-"):
+        return deny(policy.options["errno"],
+                    reason=f"{policy.options['tag']}: {os.fsdecode(path)}")
+    if name.startswith(b"ret-"):
         return returns(0, reason="pretend")
-    if name.startswith("allow-"):
+    if name.startswith(b"allow-"):
         return allow(unchecked=True, reason="test allows it")
     return None
 
@@ -44,7 +45,7 @@ async def by_name(n: Notification) -> Decision | None:
 @policy.on("openat")
 async def inject(n: Notification) -> Decision:
     path = await n.read_path(1)
-    if path != "/inject":
+    if path != b"/inject":
         return allow(unchecked=True)
     c = n.container
     labels = ",".join(f"{k}={v}" for k, v in sorted(c.labels.items()))
