@@ -8,20 +8,23 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# Debian packages: the real container runtimes and a static busybox for test rootfs,
-# strace and gcc for tests and the benchmark, libseccomp for pyseccomp, systemd and
-# prometheus for `systemd-analyze verify`, `promtool` and the dashboard's queries against a
-# real Prometheus server; tmux to test `seccomp-supervisor top` in a real terminal; curl
-# and iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base
-# and man-db to render the man pages; docker.io and containerd for the engine tests
-# (tests/test_docker.py, tests/test_containerd.py), rootlesskit and uidmap for rootless
-# docker (tests/test_docker_rootless.py).
+# Debian packages the daemon needs (`serve`): libseccomp for pyseccomp, python3-venv for
+# .venv, curl for the README's tour.
+SERVE_PACKAGES=(libseccomp2 python3-venv curl)
+# ...and the tests (`test`, `docs`): the real container runtimes and a static busybox for
+# test rootfs, strace and gcc for tests and the benchmark, systemd and prometheus for
+# `systemd-analyze verify`/`security`, `promtool` and the dashboard's queries against a
+# real Prometheus server; tmux to test `seccomp-supervisor top` in a real terminal;
+# iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base and
+# man-db to render the man pages; podman, docker.io and containerd for the engine tests
+# (tests/test_podman*.py, test_docker*.py, test_containerd.py), rootlesskit and uidmap
+# for their rootless variants.
 # (promtool comes only in the package prometheus, which on a host booted with systemd
 # also enables the Prometheus server on :9090; docker.io and containerd likewise enable
 # their daemons: setup() disables them when it installs the packages; the tests start
 # their own servers, on loopback or on sockets in a temporary directory.)
-DEB_PACKAGES=(runc crun busybox-static strace gcc libseccomp2 python3-venv systemd prometheus
-              tmux curl iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman)
+TEST_PACKAGES=("${SERVE_PACKAGES[@]}" runc crun busybox-static strace gcc systemd prometheus
+               tmux iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman)
 
 # The unprivileged user of the rootless podman tests (tests/podman.py), with a fixed uid
 # so routes can name it, subordinate ids for its user namespace (newuidmap, from uidmap),
@@ -49,10 +52,13 @@ rootless_user() {
     done
 }
 
-# setup EXTRAS: the Python package and the extras of pyproject.toml it needs ("test,docs").
+# setup EXTRAS [serve]: the Debian packages, the Python package and the extras of
+# pyproject.toml it needs ("test,docs"); with "serve" only what the daemon needs.
 setup() {
     local extras=$1 missing=() pkg
-    for pkg in "${DEB_PACKAGES[@]}"; do
+    local -a packages=("${TEST_PACKAGES[@]}")
+    [[ ${2:-} == serve ]] && packages=("${SERVE_PACKAGES[@]}")
+    for pkg in "${packages[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" \
             || missing+=("$pkg")
     done
@@ -81,8 +87,10 @@ setup() {
         [[ -x $python ]] || python=python3
         "$python" -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
-    rootless_user
+    local spec=.
+    [[ -n $extras ]] && spec=".[$extras]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+    [[ ${2:-} == serve ]] || rootless_user
 }
 
 # The documentation site, from docs/ into docs/_build/html. -W: any warning (a broken
@@ -94,7 +102,7 @@ build_docs() {
 case "${1:-}" in
     serve)
         shift
-        setup test
+        setup "" serve
         exec .venv/bin/seccomp-supervisor serve --config systemd/seccomp-supervisor.toml "$@"
         ;;
     test)
