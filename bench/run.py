@@ -87,7 +87,7 @@ def mem_supervisors(calls: tuple[str, ...], lengths: tuple[int, ...]) -> tuple[S
             out.append(Supervisor(f"C mem {call}/{length}", "cmem", (), workload=w,
                                   ks=(1, 100), calls_share=0.1))
             out.append(Supervisor(f"guard {call}/{length}", "ours", ("sync_deny.py",),
-                                  workload=w, config="guard", ks=(1, 100)))
+                                  workload=w, config="guard", ks=(1, 100), calls_share=0.1))
     return tuple(out)
 
 
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="[audit] decisions of the daemon (default none: every call is a "
                          "deny, so 'deny' writes one audit line per call)")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
-                    help="also run sync and async rows (named sync@NAME, async@NAME) with "
+                    help="also run the daemon's rows (named sync@NAME, guard ...@NAME) with "
                          "the supervisor package found in DIR, e.g. a copy of an older "
                          "version: before/after figures from one run")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=V;VAR=V",
@@ -576,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         ks = [1, 4] if args.k == ap.get_default("k") else ks
         rounds = 1
         calls = {k: 400 for k in ks}
+        if args.mem_lengths == ap.get_default("mem_lengths"):
+            args.mem_lengths = "256"
+        args.emulate_calls = min(args.emulate_calls, 10)
     target, mem, reference = build(Path(args.out))
     if args.no_reference:
         reference = None
@@ -583,10 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mem_lengths:
         sups += mem_supervisors(tuple(args.mem_calls.split(",")),
                                 tuple(int(x) for x in args.mem_lengths.split(",")))
+    base = [s for s in sups if s.kind == "ours"]
+
     def ours(suffix: str, **changes: Any) -> list[Supervisor]:
-        """The sync and async rows again, named NAME+suffix, with these fields changed."""
-        return [replace(s, name=f"{s.name}{suffix}", **changes)
-                for s in SUPERVISORS if s.kind == "ours"]
+        """Every row of the daemon again (sync, async, default, guard ...), named
+        NAME+suffix, with these fields changed."""
+        return [replace(s, name=f"{s.name}{suffix}", **changes) for s in base]
 
     for spec in args.variant:
         label, _, assignments = spec.partition("=")
