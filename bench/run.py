@@ -17,7 +17,13 @@ Supervisors under test, each started fresh for every row and round:
   waits for something is carried on under the deadline);
 * ``C blk`` / ``C epoll``: the C reference supervisor of ``../shared/bench`` (a thread
   per fd blocking in RECV / one epoll loop), when that folder exists. It answers EPERM
-  too, so the same target checks it.
+  too, so the same target checks it; ``C blk sw``: its blocking loop with
+  SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (K=1 only), the practical K=1 limit;
+* ``default``: the daemon in the config default.toml ships (audit of denies on);
+* ``C mem CALL/LEN`` / ``guard CALL/LEN``: the targets call mkdirat or openat with a
+  LEN-byte absolute path under /guarded (answer EACCES), served by ``bench/sup_mem.c``
+  (process_vm_readv + ID_VALID + prefix compare) and by the daemon with path_guard;
+* ``emulated mknod``: bench/emulate.py's row (p50/p99 of one emulated call).
 
 Columns: p50/p99 latency of one call as the target sees it (with K > 1 it includes
 queueing behind the other targets); calls/s over the timed phase; supervisor CPU per
