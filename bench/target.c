@@ -3,13 +3,18 @@
  * times each one.  Written for bench/run.py; see bench/README.md.
  *
  *   bench-target SOCK ID CALLS WARMUP OUT READY_FD GO_FD DONE_FD EXIT_FD
- *                [PAUSE_US [mkdir]]
+ *                [PAUSE_US [mkdir|mkdirat:LEN|openat:LEN]]
  *
  * 1. Installs a seccomp filter that sends getppid(2) to user space
  *    (SECCOMP_RET_USER_NOTIF, NEW_LISTENER) and allows everything else.
  *    With "mkdir" (bench/neighbour.py) it sends mkdir(2) too, and the timed
  *    calls are mkdir("/guarded/neighbour"), whose answer must be EACCES
  *    (policies/path_guard.py reads the path from our memory to decide).
+ *    With "mkdirat:LEN" or "openat:LEN" (bench/run.py's memory-reading rows)
+ *    it sends that call too, and the timed calls are mkdirat(AT_FDCWD, P,
+ *    0755) or openat(AT_FDCWD, P, O_WRONLY|O_CREAT, 0644), P an absolute
+ *    path of LEN bytes under /guarded ("/guarded/aaa.../aaa...", components
+ *    of at most 200 bytes); the answer must be EACCES.
  * 2. Acts as the container runtime: connects to SOCK and sends, in one
  *    sendmsg, the JSON state runc sends to a seccomp agent with the listener
  *    fd as SCM_RIGHTS, then closes the socket and its own copy of the fd.
@@ -29,6 +34,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -58,14 +64,14 @@ static uint64_t monotonic_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int notify_filter(int with_mkdir)
+static int notify_filter(long extra_nr)
 {
 	struct sock_filter code[] = {
 		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
 		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 4),
 		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
 		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 1, 0),
-		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, with_mkdir ? SYS_mkdir : SYS_getppid,
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, extra_nr,
 			 0, 1),
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
@@ -151,7 +157,8 @@ int main(int argc, char **argv)
 {
 	if (argc < 10 || argc > 12) {
 		fprintf(stderr, "usage: bench-target SOCK ID CALLS WARMUP OUT "
-				"READY_FD GO_FD DONE_FD EXIT_FD [PAUSE_US [mkdir]]\n");
+				"READY_FD GO_FD DONE_FD EXIT_FD "
+				"[PAUSE_US [mkdir|mkdirat:LEN|openat:LEN]]\n");
 		return 2;
 	}
 	const char *sock = argv[1], *id = argv[2], *out = argv[5];
@@ -159,18 +166,42 @@ int main(int argc, char **argv)
 	int ready = atoi(argv[6]), go = atoi(argv[7]);
 	int done = atoi(argv[8]), quit = atoi(argv[9]);
 	long pause_us = argc > 10 ? atol(argv[10]) : 0;
-	int mkdir_calls = argc > 11 && !strcmp(argv[11], "mkdir");
+	const char *mode = argc > 11 ? argv[11] : "getppid";
+	long extra_nr = SYS_getppid, path_len = 0;
+	int expect = EPERM;
+	char *path = NULL;
 	uint32_t *lat;
 	uint64_t wrong = 0, start, end;
 	FILE *f;
 
 	if (calls < 1 || warmup < 1 || pause_us < 0)
 		return 2;
+	if (!strcmp(mode, "mkdir")) {
+		extra_nr = SYS_mkdir;
+		path = "/guarded/neighbour";
+		expect = EACCES;
+	} else if (!strncmp(mode, "mkdirat:", 8) || !strncmp(mode, "openat:", 7)) {
+		extra_nr = mode[0] == 'm' ? SYS_mkdirat : SYS_openat;
+		path_len = atol(strchr(mode, ':') + 1);
+		if (path_len < 10 || path_len > 4095)
+			return 2;
+		path = malloc((size_t)path_len + 1);
+		if (!path)
+			fail("malloc");
+		memset(path, 'a', (size_t)path_len);
+		memcpy(path, "/guarded", 8);
+		for (long i = 8; i < path_len - 1; i += 201)
+			path[i] = '/';
+		path[path_len] = 0;
+		expect = EACCES;
+	} else if (strcmp(mode, "getppid")) {
+		return 2;
+	}
 	lat = calloc((size_t)calls, sizeof(*lat));	/* touched before timing */
 	if (!lat)
 		fail("calloc");
 
-	hand_over(sock, id, notify_filter(mkdir_calls));
+	hand_over(sock, id, notify_filter(extra_nr));
 	for (long i = 0; i < warmup; i++)
 		syscall(SYS_getppid);
 	put_byte(ready);
@@ -185,13 +216,19 @@ int main(int argc, char **argv)
 		if (pause_us)
 			usleep((useconds_t)pause_us);
 		t0 = monotonic_ns();
-		rc = mkdir_calls ? syscall(SYS_mkdir, "/guarded/neighbour", 0755)
-				 : syscall(SYS_getppid);
+		if (extra_nr == SYS_mkdir)
+			rc = syscall(SYS_mkdir, path, 0755);
+		else if (extra_nr == SYS_mkdirat)
+			rc = syscall(SYS_mkdirat, AT_FDCWD, path, 0755);
+		else if (extra_nr == SYS_openat)
+			rc = syscall(SYS_openat, AT_FDCWD, path, O_WRONLY | O_CREAT, 0644);
+		else
+			rc = syscall(SYS_getppid);
 		err = errno;
 		t1 = monotonic_ns();
 
 		lat[i] = t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t)(t1 - t0);
-		if (rc != -1 || err != (mkdir_calls ? EACCES : EPERM))
+		if (rc != -1 || err != expect)
 			wrong++;
 	}
 	end = monotonic_ns();

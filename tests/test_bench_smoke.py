@@ -28,6 +28,14 @@ def test_bench_quick_run_answers_every_call(tmp_path: Path) -> None:
             assert row["wrong"] == 0
             assert row["p50_us"] > 0 and row["calls_per_s"] > 0
             assert row["rss_idle_mb"] > 1
+    # the default config, and the memory-reading rows (path_guard and the C reference):
+    # every answer EACCES, checked by the target; the emulated mknod row
+    for name, k in (("default", 1), ("default", 4), ("guard mkdirat/256", 1),
+                    ("C mem mkdirat/256", 1), ("guard openat/256", 1),
+                    ("C mem openat/256", 1), ("emulated mknod", 1)):
+        row = by_name[(name, k)]
+        assert "error" not in row, row
+        assert row["wrong"] == 0 and row["calls"] > 0
     if (REPO.parent / "shared" / "bench" / "src" / "sup_c.c").exists():
         assert by_name[("C blk", 1)]["wrong"] == 0
         assert by_name[("C epoll", 4)]["wrong"] == 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from supervisor.memory import ReadGate
@@ -231,6 +232,73 @@ def test_a_slow_read_stops_counting_and_a_cancelled_wait_leaves_no_trace() -> No
     run_gate(scenario)
     assert [name for name, _ in events] == ["next"]
     assert events[0][1] == pytest.approx(0.005, abs=1e-6)  # when "slow" turned slow
+
+
+def test_only_the_first_in_line_watches_for_a_slow_read() -> None:
+    """Many sessions waiting behind reads that turn slow: each slow turn wakes one waiter
+    (the first in line), not all of them. Woken all, 100 waiting sessions took the event
+    loop to 100% CPU at ~15 ms per read (bench/run.py, guard rows at K=100)."""
+    retired: list[float] = []
+    order: list[int] = []
+
+    class CountingGate(ReadGate):
+        def _retire_slow(self, now: float) -> None:
+            retired.append(now)
+            super()._retire_slow(now)
+
+    async def scenario() -> None:
+        gate = CountingGate(active=1, slow_after=0.005)
+
+        async def read(i: int) -> None:
+            await gate.acquire(i)
+            order.append(i)
+            await trio.sleep(0.02)  # every read turns slow
+            gate.release(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(read, i)
+                await trio.lowlevel.checkpoint()
+        assert gate.running == 0 and gate.waiting == 0
+
+    run_gate(scenario)
+    assert order == list(range(50))  # still in turn
+    assert len(retired) <= 50  # one per slow read, not one per waiter and slow read
+
+
+def test_a_cancelled_first_in_line_hands_the_watch_on() -> None:
+    """The first in line gives up: the next one watches for the slow read instead."""
+    got: list[tuple[str, float]] = []
+
+    async def scenario() -> None:
+        gate = ReadGate(active=1, slow_after=0.005)
+
+        async def stuck() -> None:
+            await gate.acquire("stuck")
+            await trio.sleep(60)  # a read stuck on a userfaultfd page
+
+        async def first() -> None:
+            with trio.move_on_after(0.001):  # gives up before "stuck" turns slow
+                await gate.acquire("first")
+
+        async def second() -> None:
+            await gate.acquire("second")
+            got.append(("second", trio.current_time()))
+            gate.release("second")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stuck)
+            await trio.sleep(0.0001)
+            nursery.start_soon(first)
+            await trio.sleep(0.0001)
+            nursery.start_soon(second)
+            await trio.sleep(1)
+            assert gate.waiting == 0
+            nursery.cancel_scope.cancel()
+
+    run_gate(scenario)
+    assert [name for name, _ in got] == ["second"]
+    assert got[0][1] == pytest.approx(0.005, abs=1e-6)  # when "stuck" turned slow
 
 
 def test_gate_refuses_nonsense() -> None:
