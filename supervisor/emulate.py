@@ -97,7 +97,6 @@ __all__ = [
     "encode_dev",
     "identity_for",
     "map_id",
-    "mknod_as_caller",
     "open_caller",
     "parse_id_map",
     "parse_status",
@@ -800,17 +799,3 @@ def _open_callers_fd(n: Notification, number: int) -> int:
             os.close(fd)
         raise NotificationGone("id_valid")
     return fd
-
-
-async def mknod_as_caller(n: Notification, path: bytes, mode: int, major: int, minor: int,
-                          dirfd: int = AT_FDCWD, *, limits: Limits = DEFAULT_LIMITS) -> int:
-    """Create the node ``path`` (type and permissions in ``mode``, device
-    ``major:minor``) as the caller of ``n`` would, with CAP_MKNOD as the only privilege
-    added (see :func:`as_caller`). Returns 0 or the errno the caller should get.
-
-    Raises NotificationGone, TargetMemoryError, EmulationBusy and EmulationError.
-    """
-    result = await as_caller(n, Mknod(path, mode, major, minor, dirfd),
-                             add_capabilities=1 << CAP_MKNOD, limits=limits)
-    result.close()
-    return result.errno
