@@ -42,13 +42,9 @@ are passed to the next policy of the chain (``devices`` creates character device
 namespaced → ENOSYS, so programs fall back as on a kernel without keys (option
 ``allow_keyring``).
 
-**Chains** (option ``answer``): what hardening does with a call it has no objection to.
-``"allow"`` (the default) answers it (CONTINUE): right when hardening is alone, or last.
-A policy chained after it would never see those calls, and one chained before it that
-allows (``devices``, ``path_guard``) would decide calls hardening must refuse. So to
-combine them, put a copy with ``answer = "pass"`` **first** (it refuses, and lets the
-rest of the chain decide the rest) and, if no later policy handles ``chmod*`` and the
-keyring calls, a copy with ``answer = "allow"`` last (see ``policies/all.toml``).
+**Chains.** Every policy of a chain that handles a call is asked, and an ``allow()``
+does not end the chain (:mod:`supervisor.decide`): hardening's refusals hold wherever it
+stands, and a policy after it still sees the calls hardening has no objection to.
 
 **Notify these calls.** The policy only sees what the container's seccomp profile
 notifies. ``open``/``openat`` are frequent: notify them only when they create, with two
@@ -75,8 +71,7 @@ from supervisor.policy import Decision, Notification, PolicySet, allow, deny
 
 policy = PolicySet(
     "hardening",
-    defaults={"allow_setid_bits": False, "allow_keyring": False, "openat2": "enosys",
-              "answer": "allow"},
+    defaults={"allow_setid_bits": False, "allow_keyring": False, "openat2": "enosys"},
     description="no setuid/setgid files, no block devices, no kernel keyring",
 )
 
@@ -100,31 +95,19 @@ _MKNOD_MODE = {"mknod": 1, "mknodat": 2}
 
 
 # From the options, set by _check_options (every loaded copy of this file has its own):
-# the mode bits refused, and the answers to calls hardening has no objection to (None:
-# pass them on). Module globals, not policy.options lookups: these run per call.
+# the mode bits refused. A module global, not a policy.options lookup: it is read per call.
 _refused_bits = _SETID_BITS
-_no_setid: Decision | None = allow(reason="no setuid/setgid bits")
-_creates_nothing: Decision | None = allow(reason="creates nothing: the mode is not used")
+_no_setid = allow(reason="no setuid/setgid bits")
+_creates_nothing = allow(reason="creates nothing: the mode is not used")
 
 
 @policy.configure
 def _check_options(options: Mapping[str, Any]) -> None:
-    global _refused_bits, _no_setid, _creates_nothing
+    global _refused_bits
     if options["openat2"] not in ("enosys", "check"):
         raise ValueError(f"options.openat2: expected \"enosys\" or \"check\", "
                          f"got {options['openat2']!r}")
-    if options["answer"] not in ("allow", "pass"):
-        raise ValueError(f"options.answer: expected \"allow\" or \"pass\", "
-                         f"got {options['answer']!r}")
     _refused_bits = 0 if options["allow_setid_bits"] else _SETID_BITS
-    _no_setid = _no_objection("no setuid/setgid bits")
-    _creates_nothing = _no_objection("creates nothing: the mode is not used")
-
-
-def _no_objection(reason: str, *, unchecked: bool = False) -> Decision | None:
-    if policy.options["answer"] == "pass":
-        return None
-    return allow(reason=reason, unchecked=unchecked)
 
 
 def _refuse(n: Notification, mode: int) -> Decision:
@@ -150,12 +133,12 @@ def no_setid_create(n: Notification) -> Decision | None:
 @policy.on("openat2")
 async def no_setid_openat2(n: Notification) -> Decision | None:
     if policy.options["allow_setid_bits"]:
-        return _no_objection("setuid/setgid bits allowed by option")
+        return allow(reason="setuid/setgid bits allowed by option")
     if policy.options["openat2"] == "enosys":
         return deny(errno.ENOSYS, reason="openat2: its mode is in memory, where it can "
                                          "change after a check; use openat")
     if n.ulong(3) < _OPEN_HOW.size:
-        return _no_objection("openat2 with a short open_how fails with EINVAL")
+        return allow(reason="openat2 with a short open_how fails with EINVAL")
     flags, mode, _resolve = _OPEN_HOW.unpack(await n.read_bytes(n.pointer(2),
                                                                 _OPEN_HOW.size))
     # The kernel refuses (EINVAL) an open_how mode with bits outside S_IALLUGO, and any
@@ -163,8 +146,8 @@ async def no_setid_openat2(n: Notification) -> Decision | None:
     if flags & _USES_MODE and mode & _SETID_BITS:
         return deny(errno.EPERM, reason=f"openat2 creates with setuid/setgid bits "
                                         f"({mode & 0o7777:04o})")
-    return _no_objection("openat2: no setuid/setgid bits when read (advisory)",
-                         unchecked=True)
+    return allow(reason="openat2: no setuid/setgid bits when read (advisory)",
+                 unchecked=True)
 
 
 @policy.on(*_MKNOD_MODE)
@@ -180,5 +163,5 @@ def no_block_devices_or_setid_nodes(n: Notification) -> Decision | None:
 @policy.on("add_key", "request_key", "keyctl")
 def no_keyring(n: Notification) -> Decision | None:
     if policy.options["allow_keyring"]:
-        return _no_objection("keyring allowed by option")
+        return allow(reason="keyring allowed by option")
     return deny(errno.ENOSYS, reason="kernel keyring is not namespaced")

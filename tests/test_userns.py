@@ -47,7 +47,7 @@ path = "{ROOT}/policies/hardening.py"
 [[policy]]
 name = "hardening-first"
 path = "{ROOT}/policies/hardening.py"
-options = {{ openat2 = "enosys", answer = "pass" }}
+options = {{ openat2 = "enosys" }}
 
 [[policy]]
 name = "devices"
