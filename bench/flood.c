@@ -61,6 +61,8 @@ static void fail(const char *what)
 	exit(3);
 }
 
+#include "handoff.h"
+
 static int notify_filter(void)
 {
 	struct sock_filter code[] = {
@@ -72,73 +74,7 @@ static int notify_filter(void)
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
 		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
 	};
-	struct sock_fprog prog = { sizeof(code) / sizeof(code[0]), code };
-	long fd;
-
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-		fail("PR_SET_NO_NEW_PRIVS");
-	fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-		     SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
-	if (fd < 0)
-		fail("seccomp(SET_MODE_FILTER)");
-	return (int)fd;
-}
-
-/* As in bench/target.c: one sendmsg with runc's state document and the fd. */
-static void hand_over(const char *path, const char *id, int listener)
-{
-	struct sockaddr_un addr = { .sun_family = AF_UNIX };
-	char doc[512];
-	int len = snprintf(doc, sizeof(doc),
-		"{\"ociVersion\":\"1.0.2\",\"fds\":[\"seccompFd\"],\"pid\":%d,"
-		"\"metadata\":\"bench=1\",\"state\":{\"ociVersion\":\"1.0.2\","
-		"\"id\":\"flood-%s\",\"status\":\"creating\",\"pid\":%d,"
-		"\"bundle\":\"/tmp\"}}", (int)getpid(), id, (int)getpid());
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} control;
-	struct iovec iov = { doc, (size_t)len };
-	struct msghdr msg = {
-		.msg_iov = &iov, .msg_iovlen = 1,
-		.msg_control = control.buf, .msg_controllen = sizeof(control.buf),
-	};
-	struct cmsghdr *cmsg;
-	int sock;
-
-	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path);
-	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (sock < 0)
-		fail("socket");
-	for (int tries = 0; connect(sock, (struct sockaddr *)&addr, sizeof(addr)) != 0;
-	     tries++) {
-		if ((errno != ECONNREFUSED && errno != ENOENT && errno != EINTR) ||
-		    tries == 1000)
-			fail("connect to the supervisor");
-		usleep(10000);
-	}
-	memset(&control, 0, sizeof(control));
-	cmsg = CMSG_FIRSTHDR(&msg);
-	cmsg->cmsg_level = SOL_SOCKET;
-	cmsg->cmsg_type = SCM_RIGHTS;
-	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(cmsg), &listener, sizeof(int));
-	if (sendmsg(sock, &msg, MSG_NOSIGNAL) != len)
-		fail("sendmsg");
-	close(sock);
-	close(listener);
-}
-
-static void drain_until_eof(int fd)
-{
-	char c;
-
-	for (;;) {
-		ssize_t n = read(fd, &c, 1);
-
-		if (n == 0 || (n < 0 && errno != EINTR))
-			return;
-	}
+	return install_listener(code, sizeof(code) / sizeof(code[0]));
 }
 
 static void *flood(void *arg)
@@ -249,7 +185,7 @@ int main(int argc, char **argv)
 	if (kind == 2)
 		setup_uffd(count);
 
-	hand_over(argv[1], argv[2], notify_filter());
+	hand_over(argv[1], "flood", argv[2], notify_filter());
 	syscall(SYS_getppid);	/* blocks until the session is served */
 	if (write(ready, "x", 1) != 1)
 		fail("write to the harness");
