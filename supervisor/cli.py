@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="take the containers and the notify socket of the daemon "
                             "running on [listen] control_socket, which then exits (a "
                             "restart without systemd); starts afresh if none runs")
+    serve.add_argument("--fd-keeper", metavar="PATH",
+                       help="keep every session in the fd keeper (`keep`) at PATH instead "
+                            "of systemd's fd store and serve again the sessions it holds "
+                            "(after a crash); with --takeover, take over only when it "
+                            "holds none. Serves nothing if this keeper's daemon handed its "
+                            "sessions over (a rolling update); exits 1 if it cannot be used")
 
     run = sub.add_parser(
         "run", help="run a command under a seccomp filter (notify rules: served by the "

@@ -420,6 +420,8 @@ class Keeper:
             self._polled[fd] = name
         self.groups.setdefault(name, []).extend(fds)
         self.total += len(fds)
+        log.debug("fd keeper: stored %d fds under %s (%d in all)", len(fds), name,
+                  self.total)
 
     def _drop(self, name: str) -> None:
         for fd in self.groups.pop(name, []):
