@@ -528,3 +528,85 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
         assert d.process.wait(20) == 0
         print(f"\nkeeper crash restarts: {sum(r['calls'] for r in results)} calls, "
               f"2 SIGKILLs, 1 keeper restart; lost 0, wrong 0")
+
+
+@pytest.mark.runtime
+def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
+        tmp_path: Path) -> None:
+    """Two "pods" on one node: each a keeper and `serve --takeover --fd-keeper` (the
+    DaemonSet's arguments) sharing the socket directory, as maxSurge: 1 runs them. A runc
+    container calls `kill -0` in a loop (the policy's answer for each pid is known: any
+    ENOSYS or default shows up as a wrong line). The new pod takes over, the old daemon
+    exits 0 and the kubelet starts it again (restartPolicy: Always): it must serve
+    nothing and take nothing back. Then the old pod goes (its daemon and keeper)."""
+    from .runtime import make_bundle, sync_container, unique_id
+    from .test_restart import LOOP, PROBE, _numbers
+
+    n = 800
+    (tmp_path / "probe.py").write_text(PROBE)
+    text = (f'[defaults]\npolicies = ["probe"]\n[[policy]]\nname = "probe"\n'
+            f'path = "{tmp_path}/probe.py"\n')
+    with keeper_process(tmp_path, name="old-pod") as old_keeper, \
+            keeper_process(tmp_path, name="new-pod") as new_keeper, \
+            daemon_process(tmp_path, text) as d:
+        old_args = ("--takeover", "--fd-keeper", str(old_keeper.path))
+        old = d.start(*old_args)
+        bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", LOOP.format(n=n)],
+                             notify=["kill"], listener_path=d.socket_path,
+                             metadata="app=loop")
+        with sync_container("runc", bundle, unique_id("keeper-roll")) as c:
+            c.run_sync(detach=True, check=True)
+            deadline = time.monotonic() + 30
+            while c.output().count("\n") < 150:
+                assert time.monotonic() < deadline, c.output()[-2000:]
+                time.sleep(0.01)
+            old_keeper.wait_log("stored 2 fds under session-")
+            before = c.output().count("\n")
+            begin = time.monotonic()
+            new = d.start("--takeover", "--fd-keeper", str(new_keeper.path))
+            assert old.wait(20) == 0, d.log_text()[-3000:]
+            took = time.monotonic() - begin
+            # The old pod's keeper dropped its copies: the new pod's holds them now.
+            old_keeper.wait_log("handed its sessions over to a newer daemon: 1 names "
+                                "dropped; retired")
+            new_keeper.wait_log("stored 2 fds under session-")
+            # The kubelet restarts the old pod's daemon: it idles, takes nothing back.
+            restarted = d.start(*old_args, wait=False)
+            d.wait_log("the daemon of this pod handed its sessions over to a newer one")
+            assert restarted.poll() is None
+            status = d.status()
+            assert status["pid"] == new.pid and len(status["sessions"]) == 1
+            after = c.output().count("\n")
+            # The old pod is deleted: its daemon (SIGTERM) and then its keeper.
+            restarted.send_signal(signal.SIGTERM)
+            assert restarted.wait(20) == 0
+            assert old_keeper.stop() == 0
+            while "done" not in c.output():
+                assert time.monotonic() < deadline + 60, c.output()[-2000:]
+                time.sleep(0.02)
+            lines = c.output().split("\n")
+        seen: dict[int, str] = {}
+        wrong = []
+        for line in lines:
+            word, _, pid = line.partition(" ")
+            if word in ("ok", "no"):
+                assert int(pid) not in seen, f"{pid} twice"
+                seen[int(pid)] = word
+                if word != ("ok" if int(pid) % 2 == 0 else "no"):
+                    wrong.append(line)
+        lost = n - len(seen)
+        assert lost == 0 and not wrong, (lost, wrong[:5])
+        assert before < n and after > before  # the loop ran across the update
+        log = d.log_text()
+        assert log.count("takeover requested") == 1  # no ping-pong
+        paused = sum(int(x) for x in _numbers(log, r"paused for a handover \((\d+) notif"))
+        new_count = sum(v for (name, labels), v in d.metrics().items()
+                        if name == "seccomp_supervisor_notifications_total"
+                        and ("syscall", "kill") in labels)
+        assert paused + new_count == n, (paused, new_count)
+        print(f"\nrolling update with keepers: {n} notified calls, {after - before} while "
+              f"the new pod took over ({took:.2f} s), old daemon answered {paused}, new "
+              f"{new_count:g}; lost {lost}, wrong {len(wrong)}; the restarted old daemon "
+              f"served 0")
+        new.send_signal(signal.SIGTERM)
+        assert new.wait(20) == 0
