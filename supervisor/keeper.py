@@ -230,9 +230,28 @@ class Keeper:
             sock.close()
             raise
         self._sock = sock
+        if os.path.lexists(self.retired_marker):
+            self.retired = True
+            log.info("fd keeper: %s exists: retired (this pod's daemon handed its "
+                     "sessions over before this keeper restarted)", self.retired_marker)
         st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)
         self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    @property
+    def retired_marker(self) -> str:
+        """Where "retired" outlives the keeper's process: beside the socket, in the
+        directory only we may write (a pod's emptyDir lives as long as the pod)."""
+        return self.path + ".retired"
+
+    def _write_retired_marker(self) -> None:
+        try:
+            fd = os.open(self.retired_marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            log.error("fd keeper: cannot write %s (%s): a restarted keeper would not know "
+                      "it is retired", self.retired_marker, exc.strerror)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -372,6 +391,7 @@ class Keeper:
             for name in list(self.groups):
                 self._drop(name)
             self.retired = True
+            self._write_retired_marker()
             log.info("fd keeper: pid %d handed its sessions over to a newer daemon: %d "
                      "names dropped; retired (every later attach is told so)", pid, count)
         elif fds:
