@@ -798,7 +798,8 @@ class Daemon:
         self.stopping = True
         # The new daemon holds (and stores) every session now: this keeper must not
         # keep copies, nor give them to a daemon restarted beside it (keeper.py).
-        if self._keeper is not None and not self.fdstore.notifier.send({"HANDEDOVER": 1}):
+        if self.fd_keeper is not None and (
+                self._keeper is None or not self.fdstore.notifier.send({"HANDEDOVER": 1})):
             log.error("fd keeper: could not tell it about the handover: a daemon "
                       "restarted in this pod would serve these sessions again")
         self._keep_socket_file = True  # the new daemon listens on it now
