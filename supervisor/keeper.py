@@ -676,6 +676,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                            "this long")
 
 
+def standalone_main(argv: Sequence[str]) -> int:
+    """``seccomp-supervisor [--log-level L] keep ...`` without loading the rest of the
+    command line (:func:`supervisor._start.main` sends ``keep`` here): the same options
+    as the full parser's ``keep``, a fraction of its imports."""
+    from .logfmt import OneLineFormatter
+
+    parser = argparse.ArgumentParser(prog="seccomp-supervisor")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler],
+                        force=True)
+    return main(args)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.max_fds < 1:
         log.error("--max-fds must be at least 1")
