@@ -51,7 +51,7 @@ from .fdbudget import fd_budget, raise_nofile_limit
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
-from .keeper import Attached, KeeperError, attach
+from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
@@ -73,6 +73,8 @@ from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_o
 
 log = logging.getLogger("supervisor.daemon")
 
+#: Seconds ``serve --fd-keeper`` waits at start for a keeper to answer.
+KEEPER_WAIT = 10.0
 #: Fewer fds than this left for sessions after the caps gets a warning at start.
 MIN_SESSION_FDS = 256
 
@@ -653,19 +655,20 @@ class Daemon:
     # -- the fd keeper (keeper.py) -------------------------------------------------------
 
     def _attach_keeper(self) -> Attached:
-        """Attach to the keeper (waiting up to 10 s for it to appear: in a pod it starts
-        beside us) and store every session there from now on. Raises KeeperError."""
+        """Attach to the keeper (waiting up to :data:`KEEPER_WAIT` s for one to answer:
+        in a pod it starts, or restarts, beside us) and store every session there from
+        now on. Raises KeeperError (a keeper that refuses, an unsafe path: at once)."""
         assert self.fd_keeper is not None
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + KEEPER_WAIT
         while True:
             try:
                 attached = attach(self.fd_keeper)
                 break
-            except KeeperError as exc:
-                if time.monotonic() > deadline or os.path.exists(self.fd_keeper):
+            except KeeperUnavailable as exc:
+                if time.monotonic() > deadline:
                     raise
                 log.info("fd keeper: %s; waiting for it", exc)
-                time.sleep(0.2)
+                time.sleep(0.2)  # before serving anything: nothing else to run
         self._keeper = attached
         self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
         log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),

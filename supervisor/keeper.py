@@ -77,6 +77,7 @@ __all__ = [
     "Attached",
     "Keeper",
     "KeeperError",
+    "KeeperUnavailable",
     "attach",
     "check_private_directory",
     "parse_message",
@@ -99,6 +100,10 @@ _ANCILLARY: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _INT) + socket.CMSG_
 
 class KeeperError(Exception):
     """The keeper cannot be used (refused, gone, unsafe path)."""
+
+
+class KeeperUnavailable(KeeperError):
+    """No keeper answers on the path (yet): no socket there, or nobody bound to it."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -379,7 +384,7 @@ class Keeper:
                          "no daemon is attached", pid)
             return
         if fields.get("FDSTORE") == "1":
-            self._store(fields.get("FDNAME", ""), fds, pid)
+            self._store(fields.get("FDNAME", "stored"), fds, pid)  # systemd's default
         elif fields.get("FDSTOREREMOVE") == "1":
             _close_all(fds)
             name = fields.get("FDNAME", "")
@@ -579,9 +584,14 @@ class Attached:
 def check_keeper_path(path: str) -> None:
     """Raise KeeperError unless ``path`` is a socket of ours in a directory nobody else
     may write to: a socket anyone could have put there would receive notify fds."""
-    check_private_directory(os.path.dirname(os.path.abspath(path)))
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(directory):
+        raise KeeperUnavailable(f"{directory}: no such directory")
+    check_private_directory(directory)
     try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        raise KeeperUnavailable(f"{path}: no such socket") from None
     except OSError as exc:
         raise KeeperError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
@@ -602,6 +612,8 @@ def attach(path: str, *, timeout: float = 5.0) -> Attached:
                 dgram.sendmsg([format_message({"ATTACH": 1})], [
                     (socket.SOL_SOCKET, socket.SCM_RIGHTS,
                      array.array("i", [theirs.fileno()]).tobytes())])
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise KeeperUnavailable(f"{path}: {exc.strerror}") from None
             except OSError as exc:
                 raise KeeperError(f"{path}: {exc.strerror or exc}") from None
         theirs.close()

@@ -616,3 +616,42 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
               f"served 0")
         new.send_signal(signal.SIGTERM)
         assert new.wait(20) == 0
+
+
+def test_a_second_daemon_on_one_keeper_exits_1_and_the_first_serves_on(
+        tmp_path: Path) -> None:
+    from .soak import config_text
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with keeper_process(tmp_path) as k, \
+            daemon_process(tmp_path / "a", config_text(tmp_path / "a")) as first, \
+            daemon_process(tmp_path / "b", config_text(tmp_path / "b")) as second:
+        first.start("--fd-keeper", str(k.path))
+        proc = second.start("--fd-keeper", str(k.path), wait=False)
+        assert proc.wait(30) == 1
+        assert f"fd keeper: {k.path}: refused: the keeper serves pid {first.pid}" in \
+            second.log_text()
+        assert start_target(first.socket_path, 1, 20).result(30)["ok"] == 20
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(20) == 0
+
+
+def test_the_daemon_waits_for_its_keeper_to_start(tmp_path: Path) -> None:
+    """In a pod the two start together (the keeper's startup probe orders them, and a
+    keeper restarting at the same time as the daemon does not)."""
+    from .soak import config_text
+
+    k = KeeperProcess(tmp_path / "keeper" / "keeper.sock", tmp_path / "keeper.log")
+    with daemon_process(tmp_path, config_text(tmp_path)) as d:
+        d.start("--fd-keeper", str(k.path), wait=False)
+        d.wait_log("no such directory; waiting for it")
+        try:
+            k.start()
+            d.wait_log("serving on")
+            assert start_target(d.socket_path, 1, 20).result(30)["ok"] == 20
+            k.wait_log("stored 2 fds under session-")
+            d.process.send_signal(signal.SIGTERM)
+            assert d.process.wait(20) == 0
+        finally:
+            k.stop()
