@@ -35,7 +35,9 @@ fd and answer its system calls. So:
 * every message must carry the sender's credentials (``SO_PASSCRED``: the kernel adds
   them) with the keeper's own uid (root); ``FDSTORE``/``FDSTOREREMOVE``/``HANDEDOVER``
   must come from the attached daemon's pid, and only one daemon is attached at a time
-  (a second ``ATTACH`` is refused while the first one's socket is open);
+  (a second ``ATTACH`` is refused while the first one's socket is open). So the keeper
+  must see the daemon's pid: it runs in the daemon's pid namespace (a pod's containers
+  share the node's with ``hostPID``) or an ancestor of it;
 * the socket's directory must belong to the keeper's uid and be writable by nobody else
   (an ``emptyDir``'s 0777 is tightened when it is ours; anything else is refused), and
   the socket is 0600. The daemon checks the same before it sends a single fd;
@@ -492,6 +494,15 @@ class Keeper:
             self._refuse([], "ATTACH fd is not a unix SOCK_SEQPACKET socket", pid)
             return
         sock.setblocking(False)
+        if pid == 0:
+            # The kernel gives 0 for a sender outside our pid namespace: its stores could
+            # not be told from anyone else's.
+            self._refuse([], "the sender's pid is not visible here", pid)
+            with contextlib.suppress(OSError):
+                sock.send(format_message({"ERROR": "the keeper cannot see your pid: run it "
+                                                   "in the daemon's pid namespace"}))
+            sock.close()
+            return
         if self.owner is not None:
             self._refuse([], f"pid {self.owner.pid} is attached: one daemon per keeper",
                          pid)

@@ -655,3 +655,27 @@ def test_the_daemon_waits_for_its_keeper_to_start(tmp_path: Path) -> None:
             assert d.process.wait(20) == 0
         finally:
             k.stop()
+
+
+def test_a_daemon_whose_pid_the_keeper_cannot_see_is_refused(tmp_path: Path) -> None:
+    """A keeper in a child pid namespace gets pid 0 in SCM_CREDENTIALS for us: it could
+    not tell our stores from another process's, so it refuses the attach."""
+    path = tmp_path / "k" / "keeper.sock"
+    log = tmp_path / "keeper.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", *CLI, "keep", "--socket",
+                                 str(path)], cwd=ROOT, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while not path.is_socket():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        with pytest.raises(KeeperError, match="cannot see your pid"):
+            attach(str(path))
+    finally:
+        # The keeper is the init of its namespace, unshare's child: stop it directly.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        proc.wait(20)
+    assert "refused a message from pid 0" in log.read_text()
