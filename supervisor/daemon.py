@@ -727,13 +727,18 @@ class Daemon:
                 _close_all_listen_fds(attached.fds)
                 self._keeper = attached
                 self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
-                stored = self._store_all_sessions()
+                stored = await self._store_all_sessions()
                 log.info("fd keeper %s is back: %d of %d sessions stored again",
                          self.fd_keeper, stored, len(self.sessions))
 
-    def _store_all_sessions(self) -> int:
+    async def _store_all_sessions(self) -> int:
         stored = 0
-        for session in list(self.sessions):
+        for i, session in enumerate(list(self.sessions)):
+            if i % 16 == 15:
+                # Each send may wait for room in the keeper's queue: let the sessions run.
+                await trio.lowlevel.checkpoint()
+            if session not in self.sessions:
+                continue  # ended meanwhile
             name = self._stored_names.get(session) or new_session_name()
             if self.fdstore.store(name, session.notify.fileno(), session.container,
                                   session.chain.names, session.settings.mode):
