@@ -366,6 +366,9 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,
+            # Where the sessions are kept for a crash (None: systemd's fd store, if any).
+            "fd_keeper": None if self.fd_keeper is None else {
+                "path": self.fd_keeper, "attached": self._keeper is not None},
             "control_socket": self.state.config.listen.control_socket,
             "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
                         if self.metrics_address else ""),

@@ -514,8 +514,15 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
                     # stores every session in the next keeper.
                     assert k.stop(signal.SIGKILL) == -signal.SIGKILL
                     d.wait_log("fd keeper .* is gone")
+                    assert d.status()["fd_keeper"] == {"path": str(k.path),
+                                                       "attached": False}
                     k.start()
                     d.wait_log(f"is back: {n} of {n} sessions stored again")
+                    assert d.status()["fd_keeper"]["attached"] is True
+                    text = subprocess.run(
+                        [*CLI, "status", "--control", d.control_path], cwd=ROOT,
+                        capture_output=True, text=True, check=True).stdout
+                    assert f"fd keeper: {k.path} (attached)" in text
             stop.touch()
             results = [t.result(60) for t in targets]
         finally:
