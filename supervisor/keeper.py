@@ -172,6 +172,12 @@ def _is_listener(fd: int) -> bool:
     return _fd_kind(fd) == "anon_inode:seccomp notify"
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(mask & (select.POLLHUP | select.POLLERR) for _fd, mask in poller.poll(0))
+
+
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -300,17 +306,28 @@ class Keeper:
         except InterruptedError:
             return
         sock = self._sock
+        owner = self.owner
+        receive = False
+        owner_mask = 0
         for fd, mask in events:
             if sock is not None and fd == sock.fileno():
-                self._receive_all()
+                # After the kept fds' events: it closes kept fds (FDSTOREREMOVE) and
+                # receives new ones, which may take their numbers; an event later in
+                # this batch for such a number would be the old fd's.
+                receive = True
             elif self.owner is not None and fd == self.owner.fileno():
-                self._owner_event(mask)
+                # Last: what the daemon sent before it died (HANDEDOVER=1) comes first.
+                owner_mask = mask
             elif fd in self._polled:
                 if mask & (select.EPOLLHUP | select.EPOLLERR):
                     self._hung_up(fd)
             elif fd == self._wake:
                 with contextlib.suppress(OSError):
                     os.read(fd, 512)
+        if receive:
+            self._receive_all()
+        if owner_mask and owner is not None and self.owner is owner:
+            self._owner_event(owner_mask)
         owner = self.owner
         if owner is not None and owner.queue and time.monotonic() >= owner.deadline:
             log.warning("the daemon attached as pid %d did not take its fds within "
@@ -494,6 +511,8 @@ class Keeper:
             self._refuse([], "ATTACH fd is not a unix SOCK_SEQPACKET socket", pid)
             return
         sock.setblocking(False)
+        if self.owner is not None and _peer_closed(self.owner.sock):
+            self._owner_gone()  # dead, its POLLHUP not handled yet: not busy
         if pid == 0:
             # The kernel gives 0 for a sender outside our pid namespace: its stores could
             # not be told from anyone else's.
@@ -548,9 +567,9 @@ class Keeper:
         owner = self.owner
         assert owner is not None
         if mask & (select.EPOLLHUP | select.EPOLLERR):
-            log.info("fd keeper: pid %d detached (its socket closed): keeping %d fds for "
-                     "the next daemon", owner.pid, self.total)
-            self._detach()
+            self._receive_all()  # its last messages, if this batch did not have them
+            if self.owner is owner:  # (an ATTACH among them may have replaced it)
+                self._owner_gone()
             return
         if mask & select.EPOLLIN:
             # The daemon has nothing to say here: drain (fds sent are closed).
@@ -566,6 +585,12 @@ class Keeper:
                     return
         if mask & select.EPOLLOUT and owner.queue:
             self._flush()
+
+    def _owner_gone(self) -> None:
+        assert self.owner is not None
+        log.info("fd keeper: pid %d detached (its socket closed): keeping %d fds for the "
+                 "next daemon", self.owner.pid, self.total)
+        self._detach()
 
     def _detach(self) -> None:
         owner = self.owner

@@ -686,3 +686,81 @@ def test_a_daemon_whose_pid_the_keeper_cannot_see_is_refused(tmp_path: Path) -> 
             os.kill(int(child), signal.SIGTERM)
         proc.wait(20)
     assert "refused a message from pid 0" in log.read_text()
+
+
+
+def test_a_stale_pollhup_does_not_drop_the_fd_that_took_its_number(tmp_path: Path) -> None:
+    """One epoll batch holding the socket (FDSTOREREMOVE of A, then FDSTORE of B) and
+    then A's listener's POLLHUP: removing A frees its fd number, B's listener gets it,
+    and the POLLHUP that was A's must not drop B. The keeper runs in this process, one
+    step at a time, so that batch is certain."""
+    from supervisor.keeper import Keeper
+
+    path = tmp_path / "k" / "keeper.sock"
+    keeper = Keeper(str(path))
+    keeper.bind()
+    a, b = listener_child(), listener_child()
+    fillers: list[int] = []
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        send(path, b"ATTACH=1", [theirs.fileno()])
+        theirs.close()
+        keeper.step(5)
+        assert ours.recv(100).startswith(b"END=1")
+        notifier = Notifier(str(path))
+        assert notifier.store_fds("session-aaaaaaaaaaaa", [a.listener_fd])
+        keeper.step(5)
+        [kept] = keeper.groups["session-aaaaaaaaaaaa"]
+        a.close()  # our copy (the keeper's stays), and before the fillers
+        # No free fd number below A's: B's listener will get exactly A's.
+        while (fd := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < kept:
+            fillers.append(fd)
+        os.close(fd)
+        assert notifier.remove_fds("session-aaaaaaaaaaaa")
+        assert notifier.store_fds("session-bbbbbbbbbbbb", [b.listener_fd])
+        end(a)  # POLLHUP on A's listener, after the socket became readable
+        time.sleep(0.1)
+        keeper.step(0)
+        notifier.close()
+        assert keeper.groups.get("session-bbbbbbbbbbbb") == [kept]  # the same number
+        keeper.step(0)
+        assert list(keeper.groups) == ["session-bbbbbbbbbbbb"]
+    finally:
+        ours.close()
+        keeper.close()
+        for fd in fillers:
+            os.close(fd)
+        end(a)
+        end(b)
+
+
+def test_the_last_words_of_a_dead_daemon_count_and_its_successor_is_not_refused(
+        tmp_path: Path) -> None:
+    """One batch: the attached daemon's HANDEDOVER=1, its death (POLLHUP on its attach
+    socket) and the next daemon's ATTACH. The handover counts (it was sent while
+    attached), and the next daemon is attached, not refused as if the dead one were
+    still there. In-process, one step, so that batch is certain."""
+    from supervisor.keeper import Keeper
+
+    path = tmp_path / "k" / "keeper.sock"
+    keeper = Keeper(str(path))
+    keeper.bind()
+    first, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    send(path, b"ATTACH=1", [theirs.fileno()])
+    theirs.close()
+    keeper.step(5)
+    assert first.recv(100).startswith(b"END=1")
+    second, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        send(path, b"HANDEDOVER=1")
+        first.close()
+        send(path, b"ATTACH=1", [theirs.fileno()])
+        theirs.close()
+        keeper.step(0)
+        keeper.step(0)
+        assert parse_message(second.recv(100)) == {
+            "END": "1", "FDS": "0", "RETIRED": "1", "ATTACHES": "1"}
+        assert keeper.retired and keeper.owner is not None and keeper.refused == 0
+    finally:
+        second.close()
+        keeper.close()
