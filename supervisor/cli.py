@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="take the containers and the notify socket of the daemon "
                             "running on [listen] control_socket, which then exits (a "
                             "restart without systemd); starts afresh if none runs")
+    serve.add_argument("--fd-keeper", metavar="PATH",
+                       help="keep every session in the fd keeper (`keep`) at PATH instead "
+                            "of systemd's fd store and serve again the sessions it holds "
+                            "(after a crash); with --takeover, take over only when it "
+                            "holds none. Serves nothing if this keeper's daemon handed its "
+                            "sessions over (a rolling update); exits 1 if it cannot be used")
 
     run = sub.add_parser(
         "run", help="run a command under a seccomp filter (notify rules: served by the "
@@ -141,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     from .top import add_parser as add_top_parser
 
     add_top_parser(sub)
+    from .keeper import add_parser as add_keeper_parser
+
+    add_keeper_parser(sub)
     return parser
 
 
@@ -183,6 +192,7 @@ def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int
 
     from ._start import in_use
     from .daemon import Daemon
+    from .keeper import KeeperError
     from .readiness import ReadinessError, ReadinessNotifier
     from .takeover import TakeoverError
 
@@ -231,7 +241,7 @@ def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int
         notifier.cleanup()
         return 1
     daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None,
-                    notifier=notifier)
+                    notifier=notifier, fd_keeper=args.fd_keeper)
     takeover = control if args.takeover else None
     try:
         trio.run(functools.partial(daemon.run, sock=sock,
@@ -240,6 +250,9 @@ def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int
     except TakeoverError as exc:
         print(f"seccomp-supervisor: takeover failed, the running daemon serves on: {exc}",
               file=sys.stderr)
+        return 1
+    except KeeperError as exc:
+        print(f"seccomp-supervisor: fd keeper: {exc}", file=sys.stderr)
         return 1
     except KernelMismatchError as exc:
         if prebound is not None:
@@ -378,6 +391,10 @@ def main(argv: Sequence[str] | None = None, *, prebound: PreBound | None = None)
         from .top import main as top_main
 
         return top_main(args)
+    if args.command == "keep":
+        from .keeper import main as keeper_main
+
+        return keeper_main(args)
     if args.command == "profile":
         from .profile_cli import main as profile_main
 

@@ -25,6 +25,7 @@ at half the ``WatchdogSec=`` interval, so a stuck loop gets the service restarte
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from .fdbudget import fd_budget, raise_nofile_limit
 from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
+from .keeper import Attached, KeeperError, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
@@ -102,7 +104,8 @@ class Daemon:
     def __init__(self, config: Config, policies: Mapping[str, PolicySet], *,
                  registry: CollectorRegistry | None = None, loader: Loader | None = None,
                  audit_stream: IO[str] | None = None,
-                 notifier: systemd.Notifier | None = None) -> None:
+                 notifier: systemd.Notifier | None = None,
+                 fd_keeper: str | None = None) -> None:
         self.state = DaemonState(config, policies)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, process=True)
@@ -151,6 +154,9 @@ class Daemon:
             self.refused.labels(label)
         self._kcmp_warned = False
         self.fdstore = FdStore(self.notifier)
+        # The fd keeper (keeper.py) replaces systemd's fd store when given.
+        self.fd_keeper = fd_keeper
+        self._keeper: Attached | None = None
         self.stopping = False
         self._gate: AcceptGate | None = None
         self._ended: dict[Session, trio.Event] = {}
@@ -184,6 +190,17 @@ class Daemon:
                       "over twice is served twice until a RECV blocks; the RECV watchdog "
                       "then interrupts it (the loop stalls up to 0.2 s) and ends that "
                       "session", problem)
+        kept: list[systemd.ListenFd] = []
+        if self.fd_keeper is not None:
+            attached = self._attach_keeper()
+            if attached.retired:
+                await self._idle_retired(attached, task_status)
+                return
+            kept = attached.fds
+            if kept and takeover is not None:
+                log.info("fd keeper: it holds %d fds: serving them again, not taking over",
+                         len(kept))
+                takeover = None
         taken = None
         if takeover is not None and sock is None:
             taken = await self._request_takeover(takeover)
@@ -209,6 +226,7 @@ class Daemon:
                 cleanup.callback(self._unlink_socket_file, bound_path)
             cleanup.enter_context(sock)
             cleanup.callback(self._close_handed)
+            cleanup.callback(self._detach_keeper)
             metrics_sock = None
             if taken is None:
                 metrics_sock = self._bind_metrics(config)
@@ -234,7 +252,10 @@ class Daemon:
                         except OSError as exc:
                             log.error("metrics on %s: %s", config.metrics.listen, exc)
                     else:
+                        self.inherited_fds.extend(kept)
                         self._restore_stored_sessions()
+                    if self._keeper is not None:
+                        nursery.start_soon(self._watch_keeper)
                     if metrics_sock is not None:
                         await nursery.start(self.metrics_server.serve, metrics_sock)
                     await nursery.start(self._serve, sock)
@@ -629,6 +650,94 @@ class Daemon:
         if groups:
             log.info("fd store: serving %d sessions again", len(groups))
 
+    # -- the fd keeper (keeper.py) -------------------------------------------------------
+
+    def _attach_keeper(self) -> Attached:
+        """Attach to the keeper (waiting up to 10 s for it to appear: in a pod it starts
+        beside us) and store every session there from now on. Raises KeeperError."""
+        assert self.fd_keeper is not None
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                attached = attach(self.fd_keeper)
+                break
+            except KeeperError as exc:
+                if time.monotonic() > deadline or os.path.exists(self.fd_keeper):
+                    raise
+                log.info("fd keeper: %s; waiting for it", exc)
+                time.sleep(0.2)
+        self._keeper = attached
+        self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
+        log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
+                 ", retired" if attached.retired else "")
+        return attached
+
+    def _detach_keeper(self) -> None:
+        if self._keeper is not None:
+            self._keeper.sock.close()
+            self._keeper = None
+
+    async def _idle_retired(self, attached: Attached,
+                            task_status: trio.TaskStatus[None]) -> None:
+        """This keeper's daemon handed its sessions to a newer one (a rolling update):
+        serve nothing, take nothing back; wait for SIGTERM (the pod is being deleted)."""
+        _close_all_listen_fds(attached.fds)
+        log.warning("fd keeper %s: the daemon of this pod handed its sessions over to a "
+                    "newer one: not serving, not taking them back; waiting to be stopped",
+                    self.fd_keeper)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for _signum in signals:
+                break
+        self._detach_keeper()
+
+    async def _watch_keeper(self) -> None:
+        """When the keeper dies, the sessions would not survive our crash: attach to the
+        next keeper on the same path (a sidecar is restarted) and store them all again."""
+        assert self.fd_keeper is not None
+        while self._keeper is not None:
+            try:
+                await trio.lowlevel.wait_readable(self._keeper.sock)
+                data = self._keeper.sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                continue  # the keeper says nothing after END: ignore
+            self._detach_keeper()
+            log.error("fd keeper %s is gone: the sessions would not survive a crash now; "
+                      "attaching again when it is back", self.fd_keeper)
+            delay = 0.2
+            while self._keeper is None:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                try:
+                    # In a thread: a keeper that does not answer must not stall the loop.
+                    attached = await trio.to_thread.run_sync(
+                        functools.partial(attach, self.fd_keeper, timeout=2.0))
+                except KeeperError as exc:
+                    log.debug("fd keeper: %s", exc)
+                    continue
+                # A new keeper holds nothing of ours; anything it holds is not ours to
+                # serve (this daemon serves its own sessions).
+                _close_all_listen_fds(attached.fds)
+                self._keeper = attached
+                self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
+                stored = self._store_all_sessions()
+                log.info("fd keeper %s is back: %d of %d sessions stored again",
+                         self.fd_keeper, stored, len(self.sessions))
+
+    def _store_all_sessions(self) -> int:
+        stored = 0
+        for session in list(self.sessions):
+            name = self._stored_names.get(session) or new_session_name()
+            if self.fdstore.store(name, session.notify.fileno(), session.container,
+                                  session.chain.names, session.settings.mode):
+                self._stored_names[session] = name
+                stored += 1
+        return stored
+
     async def _request_takeover(self, path: str) -> Any:
         """Take everything from the daemon at ``path`` (None if none listens there)."""
         try:
@@ -687,6 +796,12 @@ class Daemon:
 
     def finish_handover(self) -> None:
         self.stopping = True
+        # The new daemon holds (and stores) every session now: this keeper must not
+        # keep copies, nor give them to a daemon restarted beside it (keeper.py).
+        if self.fd_keeper is not None and (
+                self._keeper is None or not self.fdstore.notifier.send({"HANDEDOVER": 1})):
+            log.error("fd keeper: could not tell it about the handover: a daemon "
+                      "restarted in this pod would serve these sessions again")
         self._keep_socket_file = True  # the new daemon listens on it now
         self._close_handed()
         if self._nursery is not None:
@@ -863,6 +978,12 @@ async def _wait_for_exit(pid: int) -> None:
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+
+
+def _close_all_listen_fds(fds: Iterable[systemd.ListenFd]) -> None:
+    for item in fds:
+        with contextlib.suppress(OSError):
+            os.close(item.fd)
 
 
 def _sock_name(sock: Any) -> str:

@@ -110,6 +110,39 @@ def test_daemonset_upgrades_by_surge_and_takeover() -> None:
     assert ctr["readinessProbe"]["exec"]["command"] == ["cat", pid_file]
 
 
+def test_daemonset_keeps_sessions_in_a_native_sidecar_keeper() -> None:
+    """The daemon's sessions survive its crashes in the fd keeper (supervisor/keeper.py):
+    a native sidecar (started first, restarted on its own, stopped last) sharing a
+    pod-private emptyDir with the daemon, with no capability at all."""
+    spec = one("DaemonSet")["spec"]["template"]["spec"]
+    [keeper] = [c for c in spec["initContainers"] if c["name"] == "fd-keeper"]
+    [ctr] = spec["containers"]
+    assert keeper["restartPolicy"] == "Always"
+    command = keeper["command"]
+    assert command[:2] == ["seccomp-supervisor", "keep"]
+    path = command[command.index("--socket") + 1]
+    assert ctr["command"][ctr["command"].index("--fd-keeper") + 1] == path
+    assert path in keeper["startupProbe"]["exec"]["command"][-1]
+    directory = str(Path(path).parent)
+    keeper_volume = volumes_by_mount(keeper, spec)[directory]
+    assert volumes_by_mount(ctr, spec)[directory] is keeper_volume
+    assert "emptyDir" in keeper_volume
+    # No other container of the pod reaches it.
+    name = next(m["name"] for m in keeper["volumeMounts"] if m["mountPath"] == directory)
+    users = [c["name"] for c in spec["initContainers"] + spec["containers"]
+             if any(m["name"] == name for m in c.get("volumeMounts", []))]
+    assert sorted(users) == sorted([keeper["name"], ctr["name"]])
+    sc = keeper["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsUser"] == 0
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # The CLI accepts exactly these arguments.
+    from supervisor.cli import _parser
+
+    assert _parser().parse_args(command[1:]).max_fds == 4096
+    args = _parser().parse_args(ctr["command"][1:])
+    assert args.takeover and args.fd_keeper == path
+
+
 def volumes_by_mount(container: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     volumes = {v["name"]: v for v in spec["volumes"]}
     return {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
@@ -140,7 +173,7 @@ def test_paths_agree_between_config_daemonset_and_profiles(tmp_path: Path) -> No
     for name, text in one("ConfigMap", "seccomp-supervisor-profiles")["data"].items():
         assert yaml.safe_load(text)["listenerPath"] == config.listen.socket, name
     # ...and is installed where the kubelet resolves localhostProfile.
-    [init] = spec["initContainers"]
+    [init] = [c for c in spec["initContainers"] if c["name"] == "install-profiles"]
     init_mounts = volumes_by_mount(init, spec)
     assert init_mounts["/host-seccomp"]["hostPath"]["path"] == "/var/lib/kubelet/seccomp"
     assert init_mounts["/profiles"]["configMap"]["name"] == "seccomp-supervisor-profiles"
