@@ -386,8 +386,9 @@ class Session:
         if not complete and not torn:
             return
         log.warning("container %s: answering %d notifications a crashed process had "
-                    "received (%d torn: on_error)", self.container.id,
-                    len(complete) + len(torn), len(torn))
+                    "received (%d torn: on_error): ids %s", self.container.id,
+                    len(complete) + len(torn), len(torn),
+                    " ".join(f"{e.id:#x}" for e in (*complete, *torn)))
         received = perf_counter()
         self.stats.recovered += len(complete) + len(torn)
         for entry in torn:
