@@ -67,8 +67,8 @@ POD_FIELDS = {"hostPID", "hostNetwork", "automountServiceAccountToken", "priorit
               "terminationGracePeriodSeconds", "tolerations", "initContainers", "containers",
               "volumes"}
 CONTAINER_FIELDS = {"name", "image", "imagePullPolicy", "command", "args", "env", "ports",
-                    "readinessProbe", "livenessProbe", "resources", "securityContext",
-                    "volumeMounts"}
+                    "readinessProbe", "livenessProbe", "startupProbe", "restartPolicy",
+                    "resources", "securityContext", "volumeMounts"}
 SECURITY_FIELDS = {"runAsUser", "privileged", "allowPrivilegeEscalation",
                    "readOnlyRootFilesystem", "capabilities", "seccompProfile",
                    "appArmorProfile"}
@@ -83,9 +83,10 @@ def _known(what: str, data: Mapping[str, Any], known: set[str]) -> None:
 
 @dataclass(frozen=True)
 class Volume:
-    """Where a pod volume lives on this host: a directory bound in, or a fresh tmpfs."""
+    """Where a pod volume lives on this host: a directory bound into the containers."""
 
-    directory: Path | None  # None: a tmpfs (emptyDir with medium Memory)
+    directory: Path
+    read_only: bool = False
 
 
 def pod_options(pod: Mapping[str, Any]) -> list[str]:
@@ -135,11 +136,8 @@ def container_options(ctr: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
         raise ValueError(f"appArmorProfile {apparmor}: no podman translation")
     for mount in ctr.get("volumeMounts", []):
         volume = volumes[mount["name"]]
-        if volume.directory is None:
-            options.append(f"--mount=type=tmpfs,destination={mount['mountPath']}")
-        else:
-            suffix = ":ro" if mount.get("readOnly") else ""
-            options.append(f"--volume={volume.directory}:{mount['mountPath']}{suffix}")
+        suffix = ":ro" if mount.get("readOnly") or volume.read_only else ""
+        options.append(f"--volume={volume.directory}:{mount['mountPath']}{suffix}")
     return options
 
 
@@ -157,11 +155,15 @@ def kubelet_configmap(directory: Path, data: Mapping[str, str]) -> Path:
     return directory
 
 
-def pod_volumes(pod: Mapping[str, Any], base: Path,
-                host_paths: Mapping[str, Path]) -> dict[str, Volume]:
+def pod_volumes(pod: Mapping[str, Any], base: Path, host_paths: Mapping[str, Path],
+                configmaps: Mapping[str, Mapping[str, str]] | None = None,
+                ) -> dict[str, Volume]:
     """Each volume of the pod on this host: hostPaths at ``host_paths[PATH]`` (test
     directories standing in for the node's), ConfigMaps from deploy/kubernetes/ in the
-    kubelet's layout, emptyDirs as a directory (disk) or a tmpfs (Memory)."""
+    kubelet's layout (read-only, as the kubelet mounts them; ``configmaps`` replaces
+    the data of those it names), emptyDirs as a directory
+    (disk or ``medium: Memory`` alike): shared by the pod's containers and kept across
+    their restarts, as the kubelet keeps them."""
     volumes: dict[str, Volume] = {}
     for volume in pod["volumes"]:
         name = volume["name"]
@@ -170,14 +172,12 @@ def pod_volumes(pod: Mapping[str, Any], base: Path,
             directory.mkdir(parents=True, exist_ok=True)
             volumes[name] = Volume(directory)
         elif "configMap" in volume:
-            data = manifest("ConfigMap", volume["configMap"]["name"])["data"]
-            volumes[name] = Volume(kubelet_configmap(base / name, data))
+            data = (configmaps or {}).get(volume["configMap"]["name"]) or manifest(
+                "ConfigMap", volume["configMap"]["name"])["data"]
+            volumes[name] = Volume(kubelet_configmap(base / name, data), read_only=True)
         elif "emptyDir" in volume:
-            if volume["emptyDir"].get("medium") == "Memory":
-                volumes[name] = Volume(None)
-            else:
-                (base / name).mkdir()
-                volumes[name] = Volume(base / name)
+            (base / name).mkdir(mode=0o755)
+            volumes[name] = Volume(base / name)
         else:
             raise ValueError(f"volume {name}: no podman translation for {volume}")
     return volumes
@@ -186,7 +186,7 @@ def pod_volumes(pod: Mapping[str, Any], base: Path,
 def test_translation_refuses_what_it_does_not_know() -> None:
     pod = manifest("DaemonSet")["spec"]["template"]["spec"]
     [daemon] = pod["containers"]
-    volumes = {v["name"]: Volume(None) for v in pod["volumes"]}
+    volumes = {v["name"]: Volume(Path("/nonexistent")) for v in pod["volumes"]}
     options = container_options(daemon, volumes)
     assert "--cap-drop=ALL" in options and "--cap-add=CAP_SYS_PTRACE" in options
     assert "--security-opt=no-new-privileges" in options and "--read-only" in options
@@ -211,7 +211,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def pm() -> Iterator[PodmanSession]:
-    with podman_session("root") as session:
+    with podman_session("root", storage_driver="overlay") as session:
         yield session
 
 
@@ -317,6 +317,12 @@ class Pod:
         return done.stdout
 
 
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def pod_ulimits() -> list[str]:
     """The node runtime's fd limit, as high as this test may give: containerd 1.x and
     CRI-O give containers a hard RLIMIT_NOFILE of 1048576 (the daemon raises its soft
@@ -327,13 +333,16 @@ def pod_ulimits() -> list[str]:
 
 
 @asynccontextmanager
-async def daemonset_pod(pm: PodmanSession, image: Built) -> AsyncIterator[Pod]:
+async def daemonset_pod(pm: PodmanSession, image: Built,
+                        configmaps: Mapping[str, Mapping[str, str]] | None = None,
+                        ) -> AsyncIterator[Pod]:
     """The DaemonSet's pod on this host; every container it started removed on exit."""
     base = Path(tempfile.mkdtemp(prefix="img-", dir="/tmp"))  # short: sun_path is 108
     spec = manifest("DaemonSet")["spec"]["template"]["spec"]
     socket_dir, seccomp_dir = base / "run-seccomp-supervisor", base / "kubelet-seccomp"
     volumes = pod_volumes(spec, base, {"/run/seccomp-supervisor": socket_dir,
-                                       "/var/lib/kubelet/seccomp": seccomp_dir})
+                                       "/var/lib/kubelet/seccomp": seccomp_dir},
+                          configmaps)
     pod = Pod(pm, image.tag, spec, volumes, socket_dir, seccomp_dir, [])
     try:
         yield pod
@@ -344,9 +353,10 @@ async def daemonset_pod(pm: PodmanSession, image: Built) -> AsyncIterator[Pod]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def host_bundle(path: Path, pod: Pod, script: str) -> Path:
+def host_bundle(path: Path, pod: Pod, script: str, control: Path | None = None) -> Path:
     """A runc bundle on the host: the profile the init container installed (its
-    listenerPath moved to the test's socket directory), a pod's annotations."""
+    listenerPath moved to the test's socket directory), a pod's annotations; ``control``
+    a host directory at /ctl (read-only) to tell the container things."""
     profile = json.loads((pod.seccomp_dir / "seccomp-supervisor" / "hardening.json")
                          .read_text())
     assert profile["listenerPath"] == "/run/seccomp-supervisor/notify.sock"
@@ -354,16 +364,24 @@ def host_bundle(path: Path, pod: Pod, script: str) -> Path:
     bundle = make_bundle(path, ["sh", "-c", script], annotations=POD_ANNOTATIONS)
     config = json.loads((bundle / "config.json").read_text())
     config["linux"]["seccomp"] = profile
+    if control is not None:
+        config["mounts"].append({"destination": "/ctl", "type": "bind",
+                                 "source": str(control), "options": ["rbind", "ro"]})
     (bundle / "config.json").write_text(json.dumps(config))
     return bundle
 
 
 async def start_daemonset(pod: Pod) -> str:
-    """The init container to completion, then the daemon until its readiness probe
-    passes; returns the daemon container's name."""
-    [init] = pod.spec["initContainers"]
-    init_name = await pod.start(init)
-    assert await pod.wait_exit(init_name) == 0, await pod.logs(init_name)
+    """The init containers in order, as the kubelet runs them: each to completion, or a
+    native sidecar (``restartPolicy: Always``) until its startupProbe passes; then the
+    daemon until its readiness probe passes. Returns the daemon container's name."""
+    for init in pod.spec["initContainers"]:
+        name = await pod.start(init)
+        if init.get("restartPolicy") == "Always":
+            started = await pod.probe(name, init["startupProbe"])
+            assert started.returncode == 0, await pod.logs(name)
+        else:
+            assert await pod.wait_exit(name) == 0, await pod.logs(name)
     [daemon] = pod.spec["containers"]
     name = await pod.start(daemon)
     ready = await pod.probe(name, daemon["readinessProbe"])
@@ -413,9 +431,7 @@ async def test_daemonset_pod_serves_a_runc_container_on_the_host(
             assert session["policies"] == ["hardening", "cluster"]
 
             metrics = await pod.scrape(name, daemon["ports"][0]["containerPort"])
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for family in text_string_to_metric_families(metrics)
-                       for s in family.samples}
+            samples = parse_metrics(metrics)
             key = (("decision", "deny"), ("policy", "hardening"), ("syscall", "chmod"))
             assert samples[("seccomp_supervisor_notifications_total", key)] == 1.0
             assert samples[("seccomp_supervisor_sessions", ())] == 1.0
@@ -430,3 +446,130 @@ async def test_daemonset_pod_serves_a_runc_container_on_the_host(
         stopped = await pm.podman("stop", "-t", "30", name, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
         assert await pod.wait_exit(name) == 0, await pod.logs(name)
+
+
+# One line per round: two notified calls, a set-uid chmod the policy refuses (EPERM) and
+# a plain one it lets run; each line says what both got. Runs until /ctl/stop appears.
+LOOP = """
+touch /tmp/f
+i=0
+while [ ! -e /ctl/stop ]; do
+  e=$(chmod 4755 /tmp/f 2>&1); a=$?
+  p=$(chmod 0755 /tmp/f 2>&1); b=$?
+  echo "round $i $a $b $e $p"
+  i=$((i + 1))
+done
+echo done
+"""
+
+
+# Added to the ConfigMap's chain for the restart test: holds the next plain chmod for a
+# second when the test asks (a file in the pod's /tmp), after saying so: the test kills
+# the daemon exactly while it has that call received and not answered.
+PROBE = """
+import os
+
+import trio
+
+from supervisor.policy import PolicySet
+
+policy = PolicySet("probe")
+
+
+@policy.on("chmod")
+async def hold(n):
+    if n.args[1] & 0o7000 == 0 and os.path.exists("/tmp/hold-next"):
+        os.unlink("/tmp/hold-next")
+        with open("/tmp/holding", "w") as f:
+            f.write(str(n.id))
+        await trio.sleep(1)
+    return None
+"""
+
+
+def with_probe(config: Mapping[str, str]) -> dict[str, str]:
+    text = config["config.toml"]
+    chain = 'policies = ["hardening", "cluster"]'
+    assert chain in text
+    text = text.replace(chain, 'policies = ["hardening", "cluster", "probe"]')
+    text += '\n[[policy]]\nname = "probe"\npath = "probe.py"\n'
+    return {**config, "config.toml": text, "probe.py": PROBE}
+
+
+def rounds(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("round ")]
+
+
+async def wait_rounds(ctr: Any, count: int, what: str, timeout: float = 60) -> int:
+    """Until the loop has printed ``count`` rounds; a call never answered stops it."""
+    with trio.move_on_after(timeout):
+        while len(rounds(ctr.output())) < count:
+            await trio.sleep(0.05)
+        return len(rounds(ctr.output()))
+    raise AssertionError(f"{what}: the loop stopped at round {len(rounds(ctr.output()))}: "
+                         f"a call not answered\n{ctr.output()[-2000:]}")
+
+
+async def test_killed_daemon_container_restarts_and_loses_no_call(
+        tmp_path: Path, pm: PodmanSession, image: Built) -> None:
+    """SIGKILL the daemon's container three times while a runc container on the host
+    calls in a loop, and start it again as the kubelet does (restartPolicy: Always, the
+    same volumes): the fd keeper beside it gives the listener back, the in-flight journal
+    answers what the killed process had received, and every call of every round is
+    answered by the policy: none lost (the loop would stop), none ENOSYS."""
+    kills = 3
+    config = with_probe(manifest("ConfigMap", "seccomp-supervisor-config")["data"])
+    async with daemonset_pod(pm, image, {"seccomp-supervisor-config": config}) as pod:
+        name = await start_daemonset(pod)
+        [daemon] = pod.spec["containers"]
+        pod_tmp = pod.volumes["tmp"].directory
+        control = tmp_path / "ctl"
+        control.mkdir()
+        bundle = host_bundle(tmp_path / "bundle", pod, LOOP, control=control)
+        async with container("runc", bundle, unique_id("img-restart")) as ctr:
+            result = await ctr.run(detach=True)
+            assert result.returncode == 0, result.stderr
+            seen = await wait_rounds(ctr, 50, "before the first kill")
+            marks, recovered = [], []
+            for kill in range(kills):
+                # The probe holds a call; the kill comes while the daemon has it.
+                (pod_tmp / "hold-next").touch()
+                with trio.fail_after(20):
+                    while not (pod_tmp / "holding").exists():
+                        await trio.sleep(0.01)
+                killed = await pm.podman("kill", "--signal", "KILL", name)
+                assert killed.returncode == 0, killed.stderr
+                (pod_tmp / "holding").unlink()
+                assert await pod.wait_exit(name) == 137
+                marks.append(len(rounds(ctr.output())))
+                started = await pm.podman("start", name)
+                assert started.returncode == 0, started.stderr
+                ready = await pod.probe(name, daemon["readinessProbe"])
+                assert ready.returncode == 0, await pod.logs(name)
+                seen = await wait_rounds(ctr, len(rounds(ctr.output())) + 50,
+                                         f"after restart {kill + 1}")
+                samples = parse_metrics(
+                    await pod.scrape(name, daemon["ports"][0]["containerPort"]))
+                # This process serves the container again from the keeper...
+                assert samples[("seccomp_supervisor_sessions_restored_total",
+                                (("source", "fdstore"),))] == 1.0
+                # ...and answered the call the killed one held, from the journal.
+                recovered.append(sum(
+                    value for (metric, _), value in samples.items()
+                    if metric == "seccomp_supervisor_notifications_recovered_total"))
+            (control / "stop").touch()
+            with trio.fail_after(30):
+                while "done" not in ctr.output():
+                    await trio.sleep(0.05)
+            lines = rounds(ctr.output())
+        print(f"\n{len(lines)} rounds ({2 * len(lines)} notified calls), daemon SIGKILLed "
+              f"at rounds {marks} with a call in flight; answered from the journal after "
+              f"each restart: {recovered}")
+        assert recovered == [1.0] * kills
+        assert seen <= len(lines)
+        assert "Function not implemented" not in ctr.output(), ctr.output()[-2000:]
+        for i, line in enumerate(lines):
+            _, number, setuid, plain, *message = line.split(" ", 4)
+            assert int(number) == i, line  # every round once, in order
+            assert (setuid, plain) == ("1", "0"), line
+            assert "Operation not permitted" in message[0], line
