@@ -141,8 +141,12 @@ step=$SECONDS
 # --no-cache: a cached RUN layer would not notice new wheels behind its bind mount.
 # --isolation chroot: the RUN step needs no OCI runtime and no cgroup (crun refuses some
 # hosts' hybrid cgroup layout), and it runs nothing but pip on our own wheels.
-"${podman[@]}" build --quiet --no-cache --isolation chroot --file "$here/Containerfile" \
-    --build-arg "BASE=$base" --build-arg "VERSION=$version" --tag "$tag" "$ctx" >/dev/null
+# unshare --net: podman and its RUN step in a network namespace of their own, with no
+# interface but loopback (chroot isolation has no --network none): the build cannot
+# reach the network, so it provably does not need it.
+unshare --net "${podman[@]}" build --quiet --pull=never --no-cache --isolation chroot \
+    --file "$here/Containerfile" --build-arg "BASE=$base" --build-arg "VERSION=$version" \
+    --tag "$tag" "$ctx" >/dev/null
 size=$("${podman[@]}" image inspect --format '{{.Size}}' "$tag")
 echo "build.sh: $tag: $((size / 1000000)) MB; podman build $((SECONDS - step)) s," \
      "all $((SECONDS - started)) s" >&2
