@@ -262,6 +262,38 @@ def test_image_is_small_and_has_what_the_daemonset_runs(pm: PodmanSession,
     assert lines[-1] == "0", "the wheels stayed in the image"
 
 
+def cached_rootfs(image: Built) -> Path:
+    [path] = re.findall(r"^build\.sh: rootfs (?:from the cache|built in \d+ s): (\S+)$",
+                        image.log, re.M)
+    return Path(path)
+
+
+@pytest.mark.parametrize("planted", ["cache directory others may write",
+                                     "tarball of another uid"])
+def test_build_refuses_a_rootfs_someone_else_could_have_planted(
+        tmp_path: Path, pm: PodmanSession, image: Built, planted: str) -> None:
+    """The cached rootfs becomes an image that runs as root on every node: a tarball in
+    a cache directory that others may write, or owned by another uid, is refused
+    (here a copy of the real one: it would build)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tarball = cache / cached_rootfs(image).name
+    shutil.copyfile(cached_rootfs(image), tarball)
+    if planted == "cache directory others may write":
+        cache.chmod(0o1777)
+    else:
+        os.chown(tarball, 65534, 65534)
+    env = {**os.environ, "PODMAN": " ".join(pm.argv()), "PYTHON": sys.executable,
+           "SECCOMP_SUPERVISOR_IMAGE_CACHE": str(cache)}
+    done = subprocess.run([str(BUILD), "--tag", "localhost/seccomp-supervisor:planted"],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "is not ours alone" in done.stderr, done.stderr[-2000:]
+    assert pm.sync("image", "exists", "localhost/seccomp-supervisor:planted",
+                   check=False).returncode == 1
+
+
 # --------------------------------------------------------------------------- the pod
 
 

@@ -87,10 +87,22 @@ key=$(
     } | sha256sum | cut -c1-16
 )
 rootfs=$cache/rootfs-$RELEASE-$VARIANT-$key.tar
-base=localhost/seccomp-supervisor-rootfs:$key
 
+# The cached tarball becomes the image, which runs as root on every node: use it only
+# when no one but us could have put it there or changed it.
+ours() {  # PATH: owned by our uid (after symlinks), writable by no one else
+    local owner mode
+    read -r owner mode < <(stat -L -c '%u %a' -- "$1")
+    [[ $owner == "$(id -u)" ]] && (((8#$mode & 8#022) == 0))
+}
+mkdir -p "$cache"
+if ! ours "$cache"; then
+    echo "build.sh: $cache is not ours alone (its owner or group/other write): a rootfs" \
+         "cached there could be anyone's; fix it (chown, chmod go-w) or set" \
+         "SECCOMP_SUPERVISOR_IMAGE_CACHE" >&2
+    exit 1
+fi
 if ((fresh)) || [[ ! -s $rootfs ]]; then
-    mkdir -p "$cache"
     partial=$(mktemp "$cache/.rootfs-XXXXXX.tar")
     trap 'rm -f "$partial"' EXIT
     echo "build.sh: building the $RELEASE rootfs (mmdebstrap)..." >&2
@@ -106,11 +118,17 @@ if ((fresh)) || [[ ! -s $rootfs ]]; then
     chmod 0644 "$partial"
     mv -f "$partial" "$rootfs"   # atomically: a concurrent build never sees half a tarball
     trap - EXIT
-    "${podman[@]}" rmi --ignore "$base" >/dev/null
     echo "build.sh: rootfs built in $((SECONDS - step)) s: $rootfs" >&2
 else
+    if ! ours "$rootfs"; then
+        echo "build.sh: $rootfs is not ours alone (its owner or group/other write):" \
+             "not using it; remove it" >&2
+        exit 1
+    fi
     echo "build.sh: rootfs from the cache: $rootfs" >&2
 fi
+# Named by its content: a rebuilt tarball is imported again, the same one only once.
+base=localhost/seccomp-supervisor-rootfs:$(sha256sum "$rootfs" | cut -c1-16)
 if ! "${podman[@]}" image exists "$base"; then
     "${podman[@]}" import --quiet "$rootfs" "$base" >/dev/null
 fi
