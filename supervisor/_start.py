@@ -54,6 +54,11 @@ class PreBound:
 def main(argv: Sequence[str] | None = None) -> int:
     """``seccomp-supervisor``: bind early for ``serve``, then run the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if _command(args) == "keep":
+        # The fd keeper must start fast and stay small: not even the CLI's imports.
+        from .keeper import standalone_main
+
+        return standalone_main(args)
     prebound = prebind(args, os.environ)
     from .cli import main as cli_main
 
@@ -195,6 +200,17 @@ _GLOBAL_VALUE = frozenset({"--log-level"})
 _SERVE_VALUE = frozenset({"--config", "--socket", "--policy", "--control-socket",
                           "--metrics", "--pid-file", "--ready-fd"})
 _SERVE_FLAG: frozenset[str] = frozenset()
+
+
+def _command(args: Sequence[str]) -> str | None:
+    """The subcommand of ``args`` (after the global options), or None if unsure."""
+    rest = list(args)
+    while rest and rest[0].startswith("-"):
+        opt, eq, _ = rest[0].partition("=")
+        if opt not in _GLOBAL_VALUE:
+            return None
+        del rest[:1 if eq else 2]
+    return rest[0] if rest else None
 
 
 def _serve_socket(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str, int] | None:

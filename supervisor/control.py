@@ -199,6 +199,14 @@ def _duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _keeper_line(keeper: object) -> list[str]:
+    if not isinstance(keeper, Mapping):
+        return []
+    state = "attached" if keeper.get("attached") else \
+        "GONE: the sessions would not survive a crash"
+    return [f"fd keeper: {printable(keeper.get('path', '?'))} ({state})"]
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     """The human view of a ``status`` result: a header and one row per session."""
     sessions = list(status.get("sessions", []))
@@ -209,6 +217,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"notify socket: {printable(status.get('notify_socket', '?'))}"
         + (" (socket activation)" if status.get("socket_activated") else ""),
         f"metrics: {printable(status.get('metrics') or 'off')}",
+        *_keeper_line(status.get("fd_keeper")),
         f"sessions: {len(sessions)}   in flight: {status.get('inflight', 0)}   "
         f"notifications: {status.get('notifications', 0)}",
     ]

@@ -52,7 +52,7 @@ from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
 from .journal import Journal, create_journal_fd, slots_for
-from .keeper import Attached, KeeperError, attach
+from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
 from .metrics import DECISION_BUCKETS, Metrics
@@ -74,6 +74,8 @@ from .takeover import AcceptGate, HandedSession, Handover, TakeoverError, take_o
 
 log = logging.getLogger("supervisor.daemon")
 
+#: Seconds ``serve --fd-keeper`` waits at start for a keeper to answer.
+KEEPER_WAIT = 10.0
 #: Fewer fds than this left for sessions after the caps gets a warning at start.
 MIN_SESSION_FDS = 256
 
@@ -366,6 +368,9 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,
+            # Where the sessions are kept for a crash (None: systemd's fd store, if any).
+            "fd_keeper": None if self.fd_keeper is None else {
+                "path": self.fd_keeper, "attached": self._keeper is not None},
             "control_socket": self.state.config.listen.control_socket,
             "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
                         if self.metrics_address else ""),
@@ -688,19 +693,20 @@ class Daemon:
     # -- the fd keeper (keeper.py) -------------------------------------------------------
 
     def _attach_keeper(self) -> Attached:
-        """Attach to the keeper (waiting up to 10 s for it to appear: in a pod it starts
-        beside us) and store every session there from now on. Raises KeeperError."""
+        """Attach to the keeper (waiting up to :data:`KEEPER_WAIT` s for one to answer:
+        in a pod it starts, or restarts, beside us) and store every session there from
+        now on. Raises KeeperError (a keeper that refuses, an unsafe path: at once)."""
         assert self.fd_keeper is not None
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + KEEPER_WAIT
         while True:
             try:
                 attached = attach(self.fd_keeper)
                 break
-            except KeeperError as exc:
-                if time.monotonic() > deadline or os.path.exists(self.fd_keeper):
+            except KeeperUnavailable as exc:
+                if time.monotonic() > deadline:
                     raise
                 log.info("fd keeper: %s; waiting for it", exc)
-                time.sleep(0.2)
+                time.sleep(0.2)  # before serving anything: nothing else to run
         self._keeper = attached
         self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
         log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
@@ -759,13 +765,18 @@ class Daemon:
                 _close_all_listen_fds(attached.fds)
                 self._keeper = attached
                 self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
-                stored = self._store_all_sessions()
+                stored = await self._store_all_sessions()
                 log.info("fd keeper %s is back: %d of %d sessions stored again",
                          self.fd_keeper, stored, len(self.sessions))
 
-    def _store_all_sessions(self) -> int:
+    async def _store_all_sessions(self) -> int:
         stored = 0
-        for session in list(self.sessions):
+        for i, session in enumerate(list(self.sessions)):
+            if i % 16 == 15:
+                # Each send may wait for room in the keeper's queue: let the sessions run.
+                await trio.lowlevel.checkpoint()
+            if session not in self.sessions:
+                continue  # ended meanwhile
             name = self._stored_names.get(session) or new_session_name()
             if self.fdstore.store(name, session.notify.fileno(), session.container,
                                   session.chain.names, session.settings.mode):

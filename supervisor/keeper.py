@@ -35,7 +35,9 @@ fd and answer its system calls. So:
 * every message must carry the sender's credentials (``SO_PASSCRED``: the kernel adds
   them) with the keeper's own uid (root); ``FDSTORE``/``FDSTOREREMOVE``/``HANDEDOVER``
   must come from the attached daemon's pid, and only one daemon is attached at a time
-  (a second ``ATTACH`` is refused while the first one's socket is open);
+  (a second ``ATTACH`` is refused while the first one's socket is open). So the keeper
+  must see the daemon's pid: it runs in the daemon's pid namespace (a pod's containers
+  share the node's with ``hostPID``) or an ancestor of it;
 * the socket's directory must belong to the keeper's uid and be writable by nobody else
   (an ``emptyDir``'s 0777 is tightened when it is ours; anything else is refused), and
   the socket is 0600. The daemon checks the same before it sends a single fd;
@@ -77,6 +79,7 @@ __all__ = [
     "Attached",
     "Keeper",
     "KeeperError",
+    "KeeperUnavailable",
     "attach",
     "check_private_directory",
     "parse_message",
@@ -99,6 +102,10 @@ _ANCILLARY: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _INT) + socket.CMSG_
 
 class KeeperError(Exception):
     """The keeper cannot be used (refused, gone, unsafe path)."""
+
+
+class KeeperUnavailable(KeeperError):
+    """No keeper answers on the path (yet): no socket there, or nobody bound to it."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -163,6 +170,12 @@ def _fd_kind(fd: int) -> str:
 
 def _is_listener(fd: int) -> bool:
     return _fd_kind(fd) == "anon_inode:seccomp notify"
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(mask & (select.POLLHUP | select.POLLERR) for _fd, mask in poller.poll(0))
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -293,17 +306,28 @@ class Keeper:
         except InterruptedError:
             return
         sock = self._sock
+        owner = self.owner
+        receive = False
+        owner_mask = 0
         for fd, mask in events:
             if sock is not None and fd == sock.fileno():
-                self._receive_all()
+                # After the kept fds' events: it closes kept fds (FDSTOREREMOVE) and
+                # receives new ones, which may take their numbers; an event later in
+                # this batch for such a number would be the old fd's.
+                receive = True
             elif self.owner is not None and fd == self.owner.fileno():
-                self._owner_event(mask)
+                # Last: what the daemon sent before it died (HANDEDOVER=1) comes first.
+                owner_mask = mask
             elif fd in self._polled:
                 if mask & (select.EPOLLHUP | select.EPOLLERR):
                     self._hung_up(fd)
             elif fd == self._wake:
                 with contextlib.suppress(OSError):
                     os.read(fd, 512)
+        if receive:
+            self._receive_all()
+        if owner_mask and owner is not None and self.owner is owner:
+            self._owner_event(owner_mask)
         owner = self.owner
         if owner is not None and owner.queue and time.monotonic() >= owner.deadline:
             log.warning("the daemon attached as pid %d did not take its fds within "
@@ -379,7 +403,7 @@ class Keeper:
                          "no daemon is attached", pid)
             return
         if fields.get("FDSTORE") == "1":
-            self._store(fields.get("FDNAME", ""), fds, pid)
+            self._store(fields.get("FDNAME", "stored"), fds, pid)  # systemd's default
         elif fields.get("FDSTOREREMOVE") == "1":
             _close_all(fds)
             name = fields.get("FDNAME", "")
@@ -487,6 +511,17 @@ class Keeper:
             self._refuse([], "ATTACH fd is not a unix SOCK_SEQPACKET socket", pid)
             return
         sock.setblocking(False)
+        if self.owner is not None and _peer_closed(self.owner.sock):
+            self._owner_gone()  # dead, its POLLHUP not handled yet: not busy
+        if pid == 0:
+            # The kernel gives 0 for a sender outside our pid namespace: its stores could
+            # not be told from anyone else's.
+            self._refuse([], "the sender's pid is not visible here", pid)
+            with contextlib.suppress(OSError):
+                sock.send(format_message({"ERROR": "the keeper cannot see your pid: run it "
+                                                   "in the daemon's pid namespace"}))
+            sock.close()
+            return
         if self.owner is not None:
             self._refuse([], f"pid {self.owner.pid} is attached: one daemon per keeper",
                          pid)
@@ -532,9 +567,9 @@ class Keeper:
         owner = self.owner
         assert owner is not None
         if mask & (select.EPOLLHUP | select.EPOLLERR):
-            log.info("fd keeper: pid %d detached (its socket closed): keeping %d fds for "
-                     "the next daemon", owner.pid, self.total)
-            self._detach()
+            self._receive_all()  # its last messages, if this batch did not have them
+            if self.owner is owner:  # (an ATTACH among them may have replaced it)
+                self._owner_gone()
             return
         if mask & select.EPOLLIN:
             # The daemon has nothing to say here: drain (fds sent are closed).
@@ -550,6 +585,12 @@ class Keeper:
                     return
         if mask & select.EPOLLOUT and owner.queue:
             self._flush()
+
+    def _owner_gone(self) -> None:
+        assert self.owner is not None
+        log.info("fd keeper: pid %d detached (its socket closed): keeping %d fds for the "
+                 "next daemon", self.owner.pid, self.total)
+        self._detach()
 
     def _detach(self) -> None:
         owner = self.owner
@@ -579,9 +620,14 @@ class Attached:
 def check_keeper_path(path: str) -> None:
     """Raise KeeperError unless ``path`` is a socket of ours in a directory nobody else
     may write to: a socket anyone could have put there would receive notify fds."""
-    check_private_directory(os.path.dirname(os.path.abspath(path)))
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(directory):
+        raise KeeperUnavailable(f"{directory}: no such directory")
+    check_private_directory(directory)
     try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        raise KeeperUnavailable(f"{path}: no such socket") from None
     except OSError as exc:
         raise KeeperError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
@@ -602,6 +648,8 @@ def attach(path: str, *, timeout: float = 5.0) -> Attached:
                 dgram.sendmsg([format_message({"ATTACH": 1})], [
                     (socket.SOL_SOCKET, socket.SCM_RIGHTS,
                      array.array("i", [theirs.fileno()]).tobytes())])
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise KeeperUnavailable(f"{path}: {exc.strerror}") from None
             except OSError as exc:
                 raise KeeperError(f"{path}: {exc.strerror or exc}") from None
         theirs.close()
@@ -674,6 +722,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                       metavar="SECONDS",
                       help="drop an attaching daemon that has not taken its fds after "
                            "this long")
+
+
+def standalone_main(argv: Sequence[str]) -> int:
+    """``seccomp-supervisor [--log-level L] keep ...`` without loading the rest of the
+    command line (:func:`supervisor._start.main` sends ``keep`` here): the same options
+    as the full parser's ``keep``, a fraction of its imports."""
+    from .logfmt import OneLineFormatter
+
+    parser = argparse.ArgumentParser(prog="seccomp-supervisor")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler],
+                        force=True)
+    return main(args)
 
 
 def main(args: argparse.Namespace) -> int:

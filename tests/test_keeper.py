@@ -514,8 +514,15 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
                     # stores every session in the next keeper.
                     assert k.stop(signal.SIGKILL) == -signal.SIGKILL
                     d.wait_log("fd keeper .* is gone")
+                    assert d.status()["fd_keeper"] == {"path": str(k.path),
+                                                       "attached": False}
                     k.start()
                     d.wait_log(f"is back: {n} of {n} sessions stored again")
+                    assert d.status()["fd_keeper"]["attached"] is True
+                    text = subprocess.run(
+                        [*CLI, "status", "--control", d.control_path], cwd=ROOT,
+                        capture_output=True, text=True, check=True).stdout
+                    assert f"fd keeper: {k.path} (attached)" in text
             stop.touch()
             results = [t.result(60) for t in targets]
         finally:
@@ -616,3 +623,144 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
               f"served 0")
         new.send_signal(signal.SIGTERM)
         assert new.wait(20) == 0
+
+
+def test_a_second_daemon_on_one_keeper_exits_1_and_the_first_serves_on(
+        tmp_path: Path) -> None:
+    from .soak import config_text
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with keeper_process(tmp_path) as k, \
+            daemon_process(tmp_path / "a", config_text(tmp_path / "a")) as first, \
+            daemon_process(tmp_path / "b", config_text(tmp_path / "b")) as second:
+        first.start("--fd-keeper", str(k.path))
+        proc = second.start("--fd-keeper", str(k.path), wait=False)
+        assert proc.wait(30) == 1
+        assert f"fd keeper: {k.path}: refused: the keeper serves pid {first.pid}" in \
+            second.log_text()
+        assert start_target(first.socket_path, 1, 20).result(30)["ok"] == 20
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(20) == 0
+
+
+def test_the_daemon_waits_for_its_keeper_to_start(tmp_path: Path) -> None:
+    """In a pod the two start together (the keeper's startup probe orders them, and a
+    keeper restarting at the same time as the daemon does not)."""
+    from .soak import config_text
+
+    k = KeeperProcess(tmp_path / "keeper" / "keeper.sock", tmp_path / "keeper.log")
+    with daemon_process(tmp_path, config_text(tmp_path)) as d:
+        d.start("--fd-keeper", str(k.path), wait=False)
+        d.wait_log("no such directory; waiting for it")
+        try:
+            k.start()
+            d.wait_log("serving on")
+            assert start_target(d.socket_path, 1, 20).result(30)["ok"] == 20
+            k.wait_log("stored 2 fds under session-")
+            d.process.send_signal(signal.SIGTERM)
+            assert d.process.wait(20) == 0
+        finally:
+            k.stop()
+
+
+def test_a_daemon_whose_pid_the_keeper_cannot_see_is_refused(tmp_path: Path) -> None:
+    """A keeper in a child pid namespace gets pid 0 in SCM_CREDENTIALS for us: it could
+    not tell our stores from another process's, so it refuses the attach."""
+    path = tmp_path / "k" / "keeper.sock"
+    log = tmp_path / "keeper.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", *CLI, "keep", "--socket",
+                                 str(path)], cwd=ROOT, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while not path.is_socket():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        with pytest.raises(KeeperError, match="cannot see your pid"):
+            attach(str(path))
+    finally:
+        # The keeper is the init of its namespace, unshare's child: stop it directly.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        proc.wait(20)
+    assert "refused a message from pid 0" in log.read_text()
+
+
+
+def test_a_stale_pollhup_does_not_drop_the_fd_that_took_its_number(tmp_path: Path) -> None:
+    """One epoll batch holding the socket (FDSTOREREMOVE of A, then FDSTORE of B) and
+    then A's listener's POLLHUP: removing A frees its fd number, B's listener gets it,
+    and the POLLHUP that was A's must not drop B. The keeper runs in this process, one
+    step at a time, so that batch is certain."""
+    from supervisor.keeper import Keeper
+
+    path = tmp_path / "k" / "keeper.sock"
+    keeper = Keeper(str(path))
+    keeper.bind()
+    a, b = listener_child(), listener_child()
+    fillers: list[int] = []
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        send(path, b"ATTACH=1", [theirs.fileno()])
+        theirs.close()
+        keeper.step(5)
+        assert ours.recv(100).startswith(b"END=1")
+        notifier = Notifier(str(path))
+        assert notifier.store_fds("session-aaaaaaaaaaaa", [a.listener_fd])
+        keeper.step(5)
+        [kept] = keeper.groups["session-aaaaaaaaaaaa"]
+        a.close()  # our copy (the keeper's stays), and before the fillers
+        # No free fd number below A's: B's listener will get exactly A's.
+        while (fd := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < kept:
+            fillers.append(fd)
+        os.close(fd)
+        assert notifier.remove_fds("session-aaaaaaaaaaaa")
+        assert notifier.store_fds("session-bbbbbbbbbbbb", [b.listener_fd])
+        end(a)  # POLLHUP on A's listener, after the socket became readable
+        time.sleep(0.1)
+        keeper.step(0)
+        notifier.close()
+        assert keeper.groups.get("session-bbbbbbbbbbbb") == [kept]  # the same number
+        keeper.step(0)
+        assert list(keeper.groups) == ["session-bbbbbbbbbbbb"]
+    finally:
+        ours.close()
+        keeper.close()
+        for fd in fillers:
+            os.close(fd)
+        end(a)
+        end(b)
+
+
+def test_the_last_words_of_a_dead_daemon_count_and_its_successor_is_not_refused(
+        tmp_path: Path) -> None:
+    """One batch: the attached daemon's HANDEDOVER=1, its death (POLLHUP on its attach
+    socket) and the next daemon's ATTACH. The handover counts (it was sent while
+    attached), and the next daemon is attached, not refused as if the dead one were
+    still there. In-process, one step, so that batch is certain."""
+    from supervisor.keeper import Keeper
+
+    path = tmp_path / "k" / "keeper.sock"
+    keeper = Keeper(str(path))
+    keeper.bind()
+    first, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    send(path, b"ATTACH=1", [theirs.fileno()])
+    theirs.close()
+    keeper.step(5)
+    assert first.recv(100).startswith(b"END=1")
+    second, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        send(path, b"HANDEDOVER=1")
+        first.close()
+        send(path, b"ATTACH=1", [theirs.fileno()])
+        theirs.close()
+        keeper.step(0)
+        keeper.step(0)
+        assert parse_message(second.recv(100)) == {
+            "END": "1", "FDS": "0", "RETIRED": "1", "ATTACHES": "1"}
+        assert keeper.retired and keeper.owner is not None and keeper.refused == 0
+    finally:
+        second.close()
+        keeper.close()
