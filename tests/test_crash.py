@@ -414,3 +414,123 @@ def test_chaos_soak_short_no_call_stuck_doubled_or_wrong(tmp_path: Path) -> None
     assert sum(k.in_flight for k in report.kills) > 0, "no kill found a call in flight"
     assert report.flat, report.table()
     assert report.calls > 0
+
+
+# --------------------------------------------------------------------------- handover
+
+
+async def test_the_journal_is_empty_when_a_session_is_handed_over(tmp_path: Path) -> None:
+    """A takeover hands no journal: it stops reading and waits for every answer first,
+    so nothing is left in the journal's memory at that moment (checked in the mapping,
+    not in the session's bookkeeping), under load through both handler kinds."""
+    from supervisor.config import parse_config
+    from supervisor.plugins import load_policies
+
+    from .soak import NOTIFIED, POLICY, SOAK
+
+    (tmp_path / "echo.py").write_text(POLICY)
+    config = parse_config({"policy": [{"name": "echo", "path": str(tmp_path / "echo.py")}]},
+                          str(tmp_path / "c.toml"))
+    chain = Chain(load_policies(config).items())
+    recorder = Recorder(Metrics(CollectorRegistry()), audit="none")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    child = await trio.to_thread.run_sync(lambda: spawn.spawn_filtered(
+        [sys.executable, SOAK, "target", "3", "0", "--until", str(stop),
+         "--ready", str(ready)],
+        build_program(notify_profile(list(NOTIFIED))), stdout=subprocess.PIPE))
+    notify = NotifyFd(child.take_listener())
+    journal_fd = create_journal_fd(slots_for(64))
+    try:
+        answered = 0
+        for _ in range(3):
+            session = Session(notify, Container(id="t"), chain, SessionSettings(), recorder)
+            session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run)
+                with trio.fail_after(20):
+                    while not ready.exists():
+                        await trio.sleep(0.005)
+                await trio.sleep(0.2)
+                session.stop_reading(keep_fd=True)
+            assert session.journal is not None
+            assert session.journal.unanswered() == 0
+            assert session.stats.answered > 0
+            answered += session.stats.answered
+            session.journal.close()
+        stop.touch()
+        last = Session(notify, Container(id="t"), chain, SessionSettings(), recorder)
+        last.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        await last.run()
+        out = await trio.to_thread.run_sync(lambda: child.process.communicate(timeout=60)[0])
+    finally:
+        os.close(journal_fd)
+        notify.close()
+        _reap(child)
+    result = json.loads(out)
+    assert result["ok"] == result["calls"] == answered + last.stats.answered
+    assert last.stats.recovered == 0
+
+
+def test_a_takeover_moves_the_fd_store_entry_to_the_new_name(tmp_path: Path) -> None:
+    """Under an fd store (systemd's, or a keeper speaking its protocol), the process
+    taking over stores each session under a name of its own, with its own journal, and
+    only then removes the old daemon's name: the listener is never in the store twice
+    (a second copy would come back after a crash with a stale journal next to it)."""
+    import socket
+    import threading
+
+    from .soak import config_text, daemon_process, start_target
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    messages: list[dict[str, str]] = []
+
+    def drain() -> None:  # recv(), not recvmsg(): fds passed along are closed
+        while True:
+            try:
+                raw = sock.recv(65536)
+            except OSError:
+                return
+            messages.append(dict(line.split("=", 1) for line in raw.decode().splitlines()
+                                 if "=" in line))
+
+    threading.Thread(target=drain, daemon=True).start()
+    env = dict(os.environ, NOTIFY_SOCKET=str(path))
+    stop = tmp_path / "stop"
+
+    def stored() -> list[str]:
+        return [m["FDNAME"] for m in list(messages) if m.get("FDSTORE") == "1"]
+
+    def wait(check: object) -> None:
+        deadline = time.monotonic() + 20
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.01)
+
+    try:
+        with daemon_process(tmp_path, config_text(tmp_path)) as d:
+            d.start(env=env)
+            target = start_target(d.socket_path, 0, 0, "--until", str(stop),
+                                  "--ready", str(tmp_path / "ready"))
+            try:
+                wait(lambda: len(stored()) == 1)
+                old_name = stored()[0]
+                new = d.start("--takeover", env=env)
+                assert d.processes[0].wait(20) == 0
+                wait(lambda: any(m.get("FDSTOREREMOVE") == "1" for m in list(messages)))
+                names = stored()
+                assert len(names) == 2 and names[1] != old_name
+                order = [(m.get("FDSTORE"), m.get("FDSTOREREMOVE"), m.get("FDNAME"))
+                         for m in list(messages) if "FDNAME" in m]
+                assert order.index(("1", None, names[1])) < order.index(
+                    (None, "1", old_name)), order
+                assert (None, "1", names[1]) not in order
+                stop.touch()
+                result = target.result(30)
+                assert result["ok"] == result["calls"] > 0
+                assert new.poll() is None
+            finally:
+                target.kill()
+    finally:
+        sock.close()
