@@ -722,11 +722,12 @@ class Daemon:
             if entry is None or entry[0].closed:
                 continue
             notify, name, journal = entry
-            if journal is not None and journal.unanswered():
-                # Cannot happen: run() returned, so every received notification was
-                # answered. Said loudly, since the new daemon starts a fresh journal.
-                log.error("container %s: %d notifications in its in-flight journal at "
-                          "the handover", session.container.id, journal.unanswered())
+            if journal is not None and journal.pinned:
+                # Cannot happen: run() returned, so every decision that waited was
+                # answered (and inline ones always are). Said loudly, since the new
+                # daemon starts a fresh journal.
+                log.error("container %s: %d decisions still pinned in its in-flight "
+                          "journal at the handover", session.container.id, journal.pinned)
             handed.append(HandedSession(notify.fileno(), session.container,
                                         session.chain.names, session.settings.mode,
                                         stored_as=name))
