@@ -538,3 +538,35 @@ def test_a_takeover_moves_the_fd_store_entry_to_the_new_name(tmp_path: Path) -> 
                 target.kill()
     finally:
         sock.close()
+
+
+def test_restore_group_hands_back_the_journal_with_its_listener() -> None:
+    """The fd store gives the three fds back in any order: the listener, the journal (by
+    its magic) and the state are told apart; a journal without a listener is closed."""
+    from supervisor.fdstore import (
+        StoredGroup,
+        encode_state,
+        restore_group,
+        session_state,
+        write_state_memfd,
+    )
+
+    child = _blocked_call(NR_GETSID, 1)
+    listener = child.take_listener()
+    try:
+        state = write_state_memfd(encode_state(session_state(Container(id="c1", pid=1))))
+        journal_fd = create_journal_fd(16)
+        restored = restore_group(StoredGroup("session-abc", [journal_fd, state, listener]))
+        assert restored is not None and restored.error == ""
+        assert (restored.notify_fd, restored.journal_fd) == (listener, journal_fd)
+        assert restored.container.id == "c1"
+        with pytest.raises(OSError):
+            os.fstat(state)  # read and closed
+        os.close(journal_fd)
+        lonely = create_journal_fd(16)
+        assert restore_group(StoredGroup("session-def", [lonely])) is None
+        with pytest.raises(OSError):
+            os.fstat(lonely)
+    finally:
+        os.close(listener)
+        _reap(child)
