@@ -48,7 +48,13 @@ from .control import ControlRequest, ControlServer
 from .decide import Chain
 from .errors import ConfigError, ProfileError
 from .fdbudget import fd_budget, raise_nofile_limit
-from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
+from .fdstore import (
+    SESSION_PREFIX,
+    FdStore,
+    group_listen_fds,
+    new_session_name,
+    restore_group,
+)
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
 from .journal import Journal, create_journal_fd, slots_for
@@ -804,8 +810,18 @@ class Daemon:
                           container.id)
                 os.close(fd)
                 continue
-            if self.start_session(NotifyFd(fd), container, source="taken over"):
+            session = self.start_session(NotifyFd(fd), container, source="taken over")
+            if session is not None:
                 self.restored.labels("takeover").inc()
+                old_name = taken.stored_names.get(fd)
+                if (old_name is not None and old_name.startswith(SESSION_PREFIX)
+                        and self._stored_names.get(session) not in (None, old_name)):
+                    # Stored under our own name now: the old daemon's entry goes, so
+                    # the listener is in the store once, with our journal.
+                    try:
+                        self.fdstore.remove(old_name)
+                    except ValueError:  # not a valid FDNAME: nothing stored under it
+                        pass
         for fd, reason in taken.invalid:
             log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
                       fd, reason)
@@ -825,8 +841,16 @@ class Daemon:
             entry = self._handed.get(session.notify.fileno())
             if entry is None or entry[0].closed:
                 continue
-            handed.append(HandedSession(entry[0].fileno(), session.container,
-                                        session.chain.names, session.settings.mode))
+            notify, name, journal = entry
+            if journal is not None and journal.pinned:
+                # Cannot happen: run() returned, so every decision that waited was
+                # answered (and inline ones always are). Said loudly, since the new
+                # daemon starts a fresh journal.
+                log.error("container %s: %d decisions still pinned in its in-flight "
+                          "journal at the handover", session.container.id, journal.pinned)
+            handed.append(HandedSession(notify.fileno(), session.container,
+                                        session.chain.names, session.settings.mode,
+                                        stored_as=name))
         listen_fd = self._gate.fileno() if self._gate is not None else -1
         return listen_fd, handed
 

@@ -300,6 +300,8 @@ class Session:
                         # Every slot is taken: park it and stop reading until run() got
                         # one.
                         self._parked = (n, links, index, received, allowed)
+                        if journal is not None:
+                            journal.pin(notif_id)  # it waits: keep its journal entry
                         self._unpoll()
                         self._wake_up()
                         return None
@@ -321,8 +323,6 @@ class Session:
             except NotificationGone as gone:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
-                if journal is not None:
-                    journal.clear(notif_id)
                 return None
             except Exception as exc:
                 self._answer(notif_id, tid, syscall, args, received,
@@ -474,6 +474,8 @@ class Session:
         """
         self.inflight += 1
         self._carried += 1
+        if self.journal is not None:
+            self.journal.pin(n.id)  # the decision waits: keep its journal entry
         current = [links[index].policy]
         rest = self._decide(n, links, index, received, current, (coro, trap), allowed)
         rest.send(None)  # runs up to the handler's trap, and yields it again
@@ -532,11 +534,11 @@ class Session:
                 outcome = (allowed if allowed is not None
                            else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
+            self._unpin(n.id)
         except NotificationGone as gone:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
-            if self.journal is not None:
-                self.journal.clear(n.id)
+            self._unpin(n.id)
         finally:
             self.inflight -= 1
             if self._slot_freed is not None:
@@ -569,6 +571,13 @@ class Session:
         except NotificationGone as gone:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
+        self._unpin(n.id)
+
+    def _unpin(self, notif_id: int) -> None:
+        """A decision that waited was answered: its journal entry may go (see
+        supervisor/journal.py: an inline decision's needs no such step)."""
+        if self.journal is not None:
+            self.journal.unpin(notif_id)
 
     def _failure(self, policy: str, n: Notification, exc: Exception) -> Outcome:
         if isinstance(exc, TargetMemoryError):
@@ -596,10 +605,6 @@ class Session:
             stats.gone += 1
             self.recorder.gone(gone.stage)
             return
-        finally:
-            journal = self.journal
-            if journal is not None:
-                journal.clear(notif_id)  # after the send: a crash before it keeps the entry
         # What _answered() does, inline: this is the common case.
         kind = decision.kind
         stats.decisions[kind] = stats.decisions.get(kind, 0) + 1
@@ -651,8 +656,6 @@ class Session:
         finally:
             if owned_fd >= 0:
                 _close_quietly(owned_fd)
-            if self.journal is not None:
-                self.journal.clear(notif_id)
         self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
 
 

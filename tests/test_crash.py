@@ -152,29 +152,30 @@ def _journal(slots: int = 16) -> tuple[int, Journal, _Buf]:
     return fd, Journal(fd, buf.buf), buf
 
 
-def test_journal_records_clears_and_reads_back_only_pending_ids() -> None:
+def test_journal_reads_back_only_ids_the_kernel_still_holds() -> None:
+    """Inline decisions leave their entries (the kernel knows they were answered); a
+    read-back keeps the ids ID_VALID accepts, once each, and wipes the others."""
     fd, journal, buf = _journal()
     try:
         base = 0xFFFF_FFFF_FFFF_FFF0  # ids are random u64s counting up: wraps, too
         for i in range(5):
             journal.record(buf.fill((base + i) % 2**64, pid=100 + i, args=(i,) * 6))
-        journal.clear((base + 1) % 2**64)  # answered
-        assert journal.pending() == 4
-        # A new process maps the same memfd; the kernel says id base+3 was withdrawn.
+        journal.pin((base + 2) % 2**64)  # a decision that waits: also pinned
+        # A new process maps the same memfd; the kernel holds ids base+0, +2 and +4.
         pending = {(base + i) % 2**64 for i in (0, 2, 4)}
         again = Journal(fd, bytearray(80))
         complete, torn = again.take_entries(lambda i: i in pending)
         assert torn == []
-        assert {(e.id, e.pid, e.args) for e in complete} == {
-            ((base + i) % 2**64, 100 + i, (i,) * 6) for i in (0, 2, 4)}
+        assert sorted((e.id, e.pid, e.args) for e in complete) == sorted(
+            ((base + i) % 2**64, 100 + i, (i,) * 6) for i in (0, 2, 4))
         assert all(e.nr == NR_GETPGID and e.arch == 0xC000003E for e in complete)
-        # Answered now: the slots keep their ids (only the commit is cleared, one store),
-        # which ID_VALID refuses; a read-back wipes them.
+        assert again.pinned == 3  # their decisions are about to wait
         for e in complete:
-            again.clear(e.id)
+            again.unpin(e.id)
+        # The ring still has base+0 and base+4 (never cleared): ID_VALID is the judge.
+        assert again.unanswered(lambda i: False) == 0
         third = Journal(fd, bytearray(80))
-        assert third.take_entries(lambda i: False) == ([], [])
-        assert third.take_entries(lambda i: True) == ([], [])  # wiped
+        assert third.take_entries(lambda i: i in pending)[0] != []
         third.close()
         again.close()
     finally:
@@ -185,11 +186,10 @@ def test_journal_records_clears_and_reads_back_only_pending_ids() -> None:
 def test_a_torn_slot_is_never_decided_from_its_content() -> None:
     """A crash between copying the notification and committing the slot: the id may be
     new, the arguments half written. It is reported torn (answered on_error), and only
-    while its id is pending; a stale slot (answered) is never reported."""
+    while its id is pending."""
     fd, journal, buf = _journal()
     try:
         journal.record(buf.fill(40))
-        journal.clear(40)                       # answered: commit 0, id 40 left behind
         journal.record(buf.fill(41, args=(9,) * 6))
         words = memoryview(journal._mm).cast("Q")
         slot41 = (HEADER_SIZE + (41 % 16) * SLOT_SIZE) // 8
@@ -198,33 +198,36 @@ def test_a_torn_slot_is_never_decided_from_its_content() -> None:
         words.release()
         again = Journal(fd, bytearray(80))
         complete, torn = again.take_entries(lambda i: i in (40, 41))
-        assert complete == []
-        assert [e.id for e in torn] == [41, 40] or sorted(e.id for e in torn) == [40, 41]
-        # With the kernel saying 40 is answered (it is), only 41 is left.
+        assert [e.id for e in complete] == [40] and [e.id for e in torn] == [41]
+        again.close()
         again2 = Journal(fd, bytearray(80))
         complete, torn = again2.take_entries(lambda i: i == 41)
         assert complete == [] and [e.id for e in torn] == [41]
-        again.close()
         again2.close()
     finally:
         journal.close()
         os.close(fd)
 
 
-def test_a_slow_decision_keeps_its_slot_and_a_full_journal_only_counts() -> None:
+def test_a_waiting_decision_survives_its_ring_slot_being_reused() -> None:
+    """The ring slot of id X is reused by id X + slots; a decision that waits was pinned
+    before that, so its entry is still there; a full pinned area only counts."""
     fd, journal, buf = _journal(16)
     try:
-        journal.record(buf.fill(100))          # slot 4, a slow async decision
-        journal.record(buf.fill(116))          # same slot by id: probed past
-        assert journal.pending() == 2
-        journal.clear(116)
-        journal.clear(100)
-        assert journal.pending() == 0
-        for i in range(17):
-            journal.record(buf.fill(200 + i))
-        assert journal.pending() == 16 and journal.unjournaled == 1
-        journal.clear(216)                     # never journaled: nothing happens
-        assert journal.pending() == 16
+        journal.record(buf.fill(100, args=(7,) * 6))
+        journal.pin(100)                       # a coroutine handler suspended
+        for i in range(101, 140):              # 39 inline decisions reuse the ring
+            journal.record(buf.fill(i))
+        again = Journal(fd, bytearray(80))
+        complete, _ = again.take_entries(lambda i: i == 100)
+        assert [(e.id, e.args) for e in complete] == [(100, (7,) * 6)]
+        again.close()
+        journal.unpin(100)
+        assert journal.pinned == 0
+        for i in range(200, 217):
+            journal.record(buf.fill(i))
+            journal.pin(i)
+        assert journal.pinned == 16 and journal.unjournaled == 1
     finally:
         journal.close()
         os.close(fd)
@@ -414,3 +417,156 @@ def test_chaos_soak_short_no_call_stuck_doubled_or_wrong(tmp_path: Path) -> None
     assert sum(k.in_flight for k in report.kills) > 0, "no kill found a call in flight"
     assert report.flat, report.table()
     assert report.calls > 0
+
+
+# --------------------------------------------------------------------------- handover
+
+
+async def test_the_journal_is_empty_when_a_session_is_handed_over(tmp_path: Path) -> None:
+    """A takeover hands no journal: it stops reading and waits for every answer first,
+    so nothing is left in the journal's memory at that moment (checked in the mapping,
+    not in the session's bookkeeping), under load through both handler kinds."""
+    from supervisor.config import parse_config
+    from supervisor.plugins import load_policies
+
+    from .soak import NOTIFIED, POLICY, SOAK
+
+    (tmp_path / "echo.py").write_text(POLICY)
+    config = parse_config({"policy": [{"name": "echo", "path": str(tmp_path / "echo.py")}]},
+                          str(tmp_path / "c.toml"))
+    chain = Chain(load_policies(config).items())
+    recorder = Recorder(Metrics(CollectorRegistry()), audit="none")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    child = await trio.to_thread.run_sync(lambda: spawn.spawn_filtered(
+        [sys.executable, SOAK, "target", "3", "0", "--until", str(stop),
+         "--ready", str(ready)],
+        build_program(notify_profile(list(NOTIFIED))), stdout=subprocess.PIPE))
+    notify = NotifyFd(child.take_listener())
+    journal_fd = create_journal_fd(slots_for(64))
+    try:
+        answered = 0
+        for _ in range(3):
+            session = Session(notify, Container(id="t"), chain, SessionSettings(), recorder)
+            session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run)
+                with trio.fail_after(20):
+                    while not ready.exists():
+                        await trio.sleep(0.005)
+                await trio.sleep(0.2)
+                session.stop_reading(keep_fd=True)
+            assert session.journal is not None
+            assert session.journal.unanswered(notify.id_valid) == 0
+            assert session.journal.pinned == 0
+            assert session.stats.answered > 0
+            answered += session.stats.answered
+            session.journal.close()
+        stop.touch()
+        last = Session(notify, Container(id="t"), chain, SessionSettings(), recorder)
+        last.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        await last.run()
+        out = await trio.to_thread.run_sync(lambda: child.process.communicate(timeout=60)[0])
+    finally:
+        os.close(journal_fd)
+        notify.close()
+        _reap(child)
+    result = json.loads(out)
+    assert result["ok"] == result["calls"] == answered + last.stats.answered
+    assert last.stats.recovered == 0
+
+
+def test_a_takeover_moves_the_fd_store_entry_to_the_new_name(tmp_path: Path) -> None:
+    """Under an fd store (systemd's, or a keeper speaking its protocol), the process
+    taking over stores each session under a name of its own, with its own journal, and
+    only then removes the old daemon's name: the listener is never in the store twice
+    (a second copy would come back after a crash with a stale journal next to it)."""
+    import socket
+    import threading
+
+    from .soak import config_text, daemon_process, start_target
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    messages: list[dict[str, str]] = []
+
+    def drain() -> None:  # recv(), not recvmsg(): fds passed along are closed
+        while True:
+            try:
+                raw = sock.recv(65536)
+            except OSError:
+                return
+            messages.append(dict(line.split("=", 1) for line in raw.decode().splitlines()
+                                 if "=" in line))
+
+    threading.Thread(target=drain, daemon=True).start()
+    env = dict(os.environ, NOTIFY_SOCKET=str(path))
+    stop = tmp_path / "stop"
+
+    def stored() -> list[str]:
+        return [m["FDNAME"] for m in list(messages) if m.get("FDSTORE") == "1"]
+
+    def wait(check: object) -> None:
+        deadline = time.monotonic() + 20
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.01)
+
+    try:
+        with daemon_process(tmp_path, config_text(tmp_path)) as d:
+            d.start(env=env)
+            target = start_target(d.socket_path, 0, 0, "--until", str(stop),
+                                  "--ready", str(tmp_path / "ready"))
+            try:
+                wait(lambda: len(stored()) == 1)
+                old_name = stored()[0]
+                new = d.start("--takeover", env=env)
+                assert d.processes[0].wait(20) == 0
+                wait(lambda: any(m.get("FDSTOREREMOVE") == "1" for m in list(messages)))
+                names = stored()
+                assert len(names) == 2 and names[1] != old_name
+                order = [(m.get("FDSTORE"), m.get("FDSTOREREMOVE"), m.get("FDNAME"))
+                         for m in list(messages) if "FDNAME" in m]
+                assert order.index(("1", None, names[1])) < order.index(
+                    (None, "1", old_name)), order
+                assert (None, "1", names[1]) not in order
+                stop.touch()
+                result = target.result(30)
+                assert result["ok"] == result["calls"] > 0
+                assert new.poll() is None
+            finally:
+                target.kill()
+    finally:
+        sock.close()
+
+
+def test_restore_group_hands_back_the_journal_with_its_listener() -> None:
+    """The fd store gives the three fds back in any order: the listener, the journal (by
+    its magic) and the state are told apart; a journal without a listener is closed."""
+    from supervisor.fdstore import (
+        StoredGroup,
+        encode_state,
+        restore_group,
+        session_state,
+        write_state_memfd,
+    )
+
+    child = _blocked_call(NR_GETSID, 1)
+    listener = child.take_listener()
+    try:
+        state = write_state_memfd(encode_state(session_state(Container(id="c1", pid=1))))
+        journal_fd = create_journal_fd(16)
+        restored = restore_group(StoredGroup("session-abc", [journal_fd, state, listener]))
+        assert restored is not None and restored.error == ""
+        assert (restored.notify_fd, restored.journal_fd) == (listener, journal_fd)
+        assert restored.container.id == "c1"
+        with pytest.raises(OSError):
+            os.fstat(state)  # read and closed
+        os.close(journal_fd)
+        lonely = create_journal_fd(16)
+        assert restore_group(StoredGroup("session-def", [lonely])) is None
+        with pytest.raises(OSError):
+            os.fstat(lonely)
+    finally:
+        os.close(listener)
+        _reap(child)
