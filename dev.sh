@@ -4,6 +4,7 @@
 #   ./dev.sh test    install what is needed, then lint, type-check, build the docs (strict)
 #                    and run the whole suite
 #   ./dev.sh docs    build the docs and serve them on http://127.0.0.1:8000/ [--port N]
+#   ./dev.sh image   build the daemon's container image with podman (deploy/image/build.sh)
 # Extra arguments go to the daemon or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,13 +19,15 @@ SERVE_PACKAGES=(libseccomp2 python3-venv curl)
 # iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base and
 # man-db to render the man pages; podman, docker.io and containerd for the engine tests
 # (tests/test_podman*.py, test_docker*.py, test_containerd.py), rootlesskit and uidmap
-# for their rootless variants.
+# for their rootless variants; mmdebstrap for the container image's Debian rootfs
+# (deploy/image/build.sh, tests/test_image.py).
 # (promtool comes only in the package prometheus, which on a host booted with systemd
 # also enables the Prometheus server on :9090; docker.io and containerd likewise enable
 # their daemons: setup() disables them when it installs the packages; the tests start
 # their own servers, on loopback or on sockets in a temporary directory.)
 TEST_PACKAGES=("${SERVE_PACKAGES[@]}" runc crun busybox-static strace gcc systemd prometheus
-               tmux iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman)
+               tmux iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman
+               mmdebstrap)
 
 # The unprivileged user of the rootless podman tests (tests/podman.py), with a fixed uid
 # so routes can name it, subordinate ids for its user namespace (newuidmap, from uidmap),
@@ -113,6 +116,11 @@ case "${1:-}" in
         build_docs
         exec .venv/bin/python -m pytest "$@"
         ;;
+    image)
+        shift
+        setup test
+        exec deploy/image/build.sh "$@"
+        ;;
     docs)
         shift
         port=8000
@@ -124,7 +132,8 @@ case "${1:-}" in
             "$port"
         ;;
     *)
-        echo "usage: $0 serve [daemon args] | test [pytest args] | docs [--port N]" >&2
+        echo "usage: $0 serve [daemon args] | test [pytest args] | docs [--port N]" \
+             "| image [--tag TAG] [--fresh-rootfs]" >&2
         exit 2
         ;;
 esac

@@ -8,7 +8,9 @@ takes when RECV and SEND cost nothing.
 A stand-in for the notify fd hands out the same notification over and over and drops the
 answers (this is a measuring tool, not a test: bench/run.py measures the real thing). The
 rows run the bench policies (bench/policies/) with metrics on, audit off or on ``deny``
-(rate-limited to 10 lines a second, so nearly every line is suppressed).
+(rate-limited to 10 lines a second, so nearly every line is suppressed). ``--journal``
+gives every session an in-flight journal (supervisor/journal.py), as the daemon does
+under systemd's fd store: the difference is the journal's cost per notification.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ class _FakeNotify:
     """RECV returns the same getppid notification; SEND drops the answer."""
 
     def __init__(self, raw: tuple[int, int, int, int, tuple[int, ...]]) -> None:
+        import struct
+
         self.raw = raw
         self.sent = 0
+        # The struct seccomp_notif RECV would have filled (the journal copies it).
+        notif_id, pid, nr, arch, args = raw
+        self.recv_buffer = bytearray(struct.pack("<QI4xiIQ6Q", notif_id, pid, nr, arch, 0,
+                                                 *args))
 
     def fileno(self) -> int:
         return 1000
@@ -49,7 +57,8 @@ class _FakeNotify:
         pass
 
 
-def measure(policy_file: str, audit: str, calls: int, sessions: int = 1) -> float:
+def measure(policy_file: str, audit: str, calls: int, sessions: int = 1,
+            journal: bool = False) -> float:
     import trio
     from prometheus_client import CollectorRegistry
 
@@ -75,6 +84,14 @@ def measure(policy_file: str, audit: str, calls: int, sessions: int = 1) -> floa
                 session = Session(fake, Container(f"bench-{i}"),  # type: ignore[arg-type]
                                   chain, SessionSettings(), recorder)
                 session._nursery = nursery
+                if journal:
+                    import os
+
+                    from supervisor.journal import Journal, create_journal_fd, slots_for
+
+                    fd = create_journal_fd(slots_for(SessionSettings().max_inflight))
+                    session.attach_journal(Journal(fd, fake.recv_buffer))
+                    os.close(fd)
                 fakes.append(fake)
                 ready.append(session.on_ready)
             rounds = max(1, calls // sessions)
@@ -103,6 +120,8 @@ def main() -> int:
     ap.add_argument("--only", help="only this row, e.g. sync_deny.py/none")
     ap.add_argument("--sessions", type=int, default=1,
                     help="sessions served round-robin (K busy containers)")
+    ap.add_argument("--journal", action="store_true",
+                    help="give each session an in-flight journal (as under the fd store)")
     args = ap.parse_args()
     if args.tree:
         sys.path.insert(0, str(Path(args.tree).resolve()))
@@ -115,7 +134,7 @@ def main() -> int:
     for policy_file, audit in rows:
         if args.only and args.only != f"{policy_file}/{audit}":
             continue
-        best = min(measure(policy_file, audit, args.calls, args.sessions)
+        best = min(measure(policy_file, audit, args.calls, args.sessions, args.journal)
                    for _ in range(args.repeat))
         print(f"{policy_file:<14} audit={audit:<5} {best * 1e6:6.2f} us per notification")
     return 0

@@ -301,6 +301,11 @@ class Recorder:
         if self.metrics is not None:
             self.metrics.gone.labels(stage).inc()
 
+    def recovered(self, entry: str) -> None:
+        """Count a notification taken from the in-flight journal after a crash."""
+        if self.metrics is not None:
+            self.metrics.recovered.labels(entry).inc()
+
     def handler_error(self, policy: str, kind: str) -> None:
         """Count an error that has no decision of its own to record."""
         if self.metrics is not None:

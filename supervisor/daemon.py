@@ -48,9 +48,16 @@ from .control import ControlRequest, ControlServer
 from .decide import Chain
 from .errors import ConfigError, ProfileError
 from .fdbudget import fd_budget, raise_nofile_limit
-from .fdstore import FdStore, group_listen_fds, new_session_name, restore_group
+from .fdstore import (
+    SESSION_PREFIX,
+    FdStore,
+    group_listen_fds,
+    new_session_name,
+    restore_group,
+)
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
+from .journal import Journal, create_journal_fd, slots_for
 from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
@@ -163,7 +170,8 @@ class Daemon:
         self._gate: AcceptGate | None = None
         self._ended: dict[Session, trio.Event] = {}
         self._stored_names: dict[Session, str] = {}
-        self._handed: dict[int, tuple[NotifyFd, str | None]] = {}
+        # Sessions paused for a handover: notify fd, fd-store name, in-flight journal.
+        self._handed: dict[int, tuple[NotifyFd, str | None, Journal | None]] = {}
         self._keep_socket_file = False
         # Learn mode by annotation (io.containers.trace-syscall): those sessions keep
         # their chain across reloads; (container id, output) pairs written already.
@@ -462,14 +470,25 @@ class Daemon:
 
     def start_session(self, notify: NotifyFd, container: Container, *,
                       stored_as: str | None = None,
-                      source: str = "handoff") -> Session | None:
+                      source: str = "handoff", journal: Journal | None = None,
+                      journal_fd: int = -1) -> Session | None:
         """Route ``container`` and serve ``notify`` (owned by the session from now on).
         ``stored_as``: the fd-store name it already has (restored after a restart);
-        otherwise it is put into the fd store under a new name (under systemd).
+        otherwise it is put into the fd store under a new name (under systemd), with a
+        new in-flight journal. ``journal_fd``: the journal that came back from the fd
+        store with it (closed here; the session answers what a crash left in it), or
+        ``journal``: the one a session paused for a handover had.
 
         None (``notify`` closed, an fd-store entry removed, counted) when the same
         listener is served already: two readers of one filter would block the loop."""
+        if journal_fd >= 0:
+            try:
+                journal = _map_journal(journal_fd, notify, container)
+            finally:
+                os.close(journal_fd)
         if self._already_served(notify, container, stored_as, source):
+            if journal is not None:
+                journal.close()
             return None
         state = self.state
         choice = route_for(container, state.config)
@@ -482,14 +501,34 @@ class Daemon:
             session = Session(notify, container, chain, settings, self.recorder)
         except BaseException:
             notify.close()
+            if journal is not None:
+                journal.close()
             raise
         if traced is not None:
             self._traced.add(session)
         if stored_as is None and self.fdstore.enabled:
             name = new_session_name()
-            if self.fdstore.store(name, notify.fileno(), container, chain.names,
-                                  settings.mode):
-                stored_as = name
+            new_fd = _new_journal_fd(settings.max_inflight)
+            try:
+                if self.fdstore.store(name, notify.fileno(), container, chain.names,
+                                      settings.mode, journal_fd=new_fd):
+                    stored_as = name
+                    if new_fd >= 0:
+                        journal = _map_journal(new_fd, notify, container)
+            finally:
+                if new_fd >= 0:
+                    os.close(new_fd)
+        elif stored_as is not None and journal is None and self.fdstore.enabled:
+            # Stored by a version without journals: add one to its group.
+            new_fd = _new_journal_fd(settings.max_inflight)
+            if new_fd >= 0:
+                try:
+                    if self.notifier.store_fds(stored_as, [new_fd]):
+                        journal = _map_journal(new_fd, notify, container)
+                finally:
+                    os.close(new_fd)
+        if journal is not None:
+            session.attach_journal(journal)
         if stored_as is not None:
             self._stored_names[session] = stored_as
         log.info("container %s (pid %d): session with policies [%s]%s%s",
@@ -521,7 +560,7 @@ class Daemon:
         owner = next((s.container.id for s in self.sessions if s.notify is other), None)
         if owner is None:
             owner = next((f"{name or 'a session'} (paused for a handover)"
-                          for n, name in self._handed.values() if n is other), "?")
+                          for n, name, _j in self._handed.values() if n is other), "?")
         log.error("container %r (pid %d, %s): refused: its seccomp listener is already "
                   "served, by container %r; the same listener was handed over twice",
                   container.id, container.pid, source, owner)
@@ -586,7 +625,8 @@ class Daemon:
             name = self._stored_names.pop(session, None)
             if session.keep_fd:
                 # Paused for a handover: the fd lives on in _handed until the commit.
-                self._handed[session.notify.fileno()] = (session.notify, name)
+                self._handed[session.notify.fileno()] = (session.notify, name,
+                                                         session.journal)
             elif name is not None and target_gone:
                 self.fdstore.remove(name)
             ended = self._ended.pop(session, None)
@@ -650,7 +690,8 @@ class Daemon:
                 log.error("fd store: session %s: %s; served as %s with its route",
                           group.name, restored.error, restored.container.id)
             if self.start_session(NotifyFd(restored.notify_fd), restored.container,
-                                  stored_as=restored.name, source="from the fd store"):
+                                  stored_as=restored.name, source="from the fd store",
+                                  journal_fd=restored.journal_fd):
                 self.restored.labels("fdstore").inc()
         if groups:
             log.info("fd store: serving %d sessions again", len(groups))
@@ -769,8 +810,18 @@ class Daemon:
                           container.id)
                 os.close(fd)
                 continue
-            if self.start_session(NotifyFd(fd), container, source="taken over"):
+            session = self.start_session(NotifyFd(fd), container, source="taken over")
+            if session is not None:
                 self.restored.labels("takeover").inc()
+                old_name = taken.stored_names.get(fd)
+                if (old_name is not None and old_name.startswith(SESSION_PREFIX)
+                        and self._stored_names.get(session) not in (None, old_name)):
+                    # Stored under our own name now: the old daemon's entry goes, so
+                    # the listener is in the store once, with our journal.
+                    try:
+                        self.fdstore.remove(old_name)
+                    except ValueError:  # not a valid FDNAME: nothing stored under it
+                        pass
         for fd, reason in taken.invalid:
             log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
                       fd, reason)
@@ -790,8 +841,16 @@ class Daemon:
             entry = self._handed.get(session.notify.fileno())
             if entry is None or entry[0].closed:
                 continue
-            handed.append(HandedSession(entry[0].fileno(), session.container,
-                                        session.chain.names, session.settings.mode))
+            notify, name, journal = entry
+            if journal is not None and journal.pinned:
+                # Cannot happen: run() returned, so every decision that waited was
+                # answered (and inline ones always are). Said loudly, since the new
+                # daemon starts a fresh journal.
+                log.error("container %s: %d decisions still pinned in its in-flight "
+                          "journal at the handover", session.container.id, journal.pinned)
+            handed.append(HandedSession(notify.fileno(), session.container,
+                                        session.chain.names, session.settings.mode,
+                                        stored_as=name))
         listen_fd = self._gate.fileno() if self._gate is not None else -1
         return listen_fd, handed
 
@@ -800,8 +859,9 @@ class Daemon:
             entry = self._handed.pop(item.notify_fd, None)
             if entry is None:
                 continue
-            notify, name = entry
-            self.start_session(notify, item.container, stored_as=name, source="resumed")
+            notify, name, journal = entry
+            self.start_session(notify, item.container, stored_as=name, source="resumed",
+                               journal=journal)
         if self._gate is not None and not self.stopping:
             self._gate.reopen()
 
@@ -819,7 +879,9 @@ class Daemon:
             self._nursery.cancel_scope.cancel()
 
     def _close_handed(self) -> None:
-        for notify, _name in self._handed.values():
+        for notify, _name, journal in self._handed.values():
+            if journal is not None:
+                journal.close()
             notify.close()
         self._handed.clear()
 
@@ -971,6 +1033,29 @@ def _trace_policy(container_id: str, request: TraceRequest, trace_directory: str
                key=("trace", trace_directory, output_name))
 
     return policy
+
+
+def _new_journal_fd(max_inflight: int) -> int:
+    """A new in-flight journal memfd for a session, or -1 (logged) if none can be made:
+    the session is served anyway, without crash recovery."""
+    try:
+        return create_journal_fd(slots_for(max_inflight))
+    except OSError as exc:
+        log.warning("cannot create an in-flight journal (%s): a crash would leave the "
+                    "calls this container's session received unanswered", exc)
+        return -1
+
+
+def _map_journal(fd: int, notify: NotifyFd, container: Container) -> Journal | None:
+    """Map journal ``fd`` for ``notify``'s session (the caller still closes ``fd``: the
+    mapping keeps the memfd, the fd store has its own copy). None (logged) if it is no
+    journal."""
+    try:
+        return Journal(fd, notify.recv_buffer)
+    except (OSError, ValueError) as exc:
+        log.error("container %s: its in-flight journal cannot be used (%s): calls a "
+                  "crash left unanswered stay blocked", container.id, exc)
+        return None
 
 
 def _unlink_quietly(path: str) -> None:

@@ -18,7 +18,7 @@ from .errors import PolicyError
 from .policy import Decision, Handler, PolicySet
 from .syscalls import arch_name, is_unnamed, syscall_name
 
-ErrorKind = Literal["exception", "deadline", "refused", "memory"]
+ErrorKind = Literal["exception", "deadline", "refused", "memory", "recovery"]
 Mode = Literal["enforce", "shadow"]
 
 UNHANDLED_POLICY = "-"  # policy label of answers no policy gave

@@ -6,9 +6,12 @@ session that leaves the process carries a small JSON **session state** (see
 :func:`session_state`), which both restart paths use:
 
 * **systemd fd store.** ``FDNAME=`` is at most 255 characters of a restricted set, too
-  small for annotations. So every session is stored as *two* fds under one name
-  ``session-<12 hex>``: the notify fd and a sealed ``memfd`` holding its state. They are
-  stored when the session **starts** (one ``FDSTORE=1`` datagram, so both or neither),
+  small for annotations. So every session is stored as *three* fds under one name
+  ``session-<12 hex>``: the notify fd, a sealed ``memfd`` holding its state and the
+  session's in-flight journal (:mod:`supervisor.journal`, also a ``memfd``, written
+  through a shared mapping; it tells the next process which calls a crash left
+  unanswered). They are stored when the session **starts** (one ``FDSTORE=1`` datagram,
+  so all or none),
   which also keeps containers alive across a crash, not only a clean restart, and
   removed (``FDSTOREREMOVE=1``) when the session ends because its container is gone.
   systemd itself drops a stored fd that reports ``POLLHUP`` (a filter without tasks).
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
+from .journal import is_journal_fd
 from .notifyfd import is_seccomp_listener
 from .policy import Container
 from .router import container_name, pod_name, pod_namespace
@@ -174,12 +178,15 @@ def group_listen_fds(fds: Iterable[ListenFd]) -> tuple[list[StoredGroup], list[L
 class RestoredSession:
     """A session to serve again: its name, notify fd (owned by whoever holds this) and
     container. ``error`` says why the state could not be read (the container then gets a
-    placeholder id and the default route: a live filter is never dropped)."""
+    placeholder id and the default route: a live filter is never dropped).
+    ``journal_fd``: its in-flight journal (owned like ``notify_fd``), -1 if none was
+    stored with it."""
 
     name: str
     notify_fd: int
     container: Container
     error: str = ""
+    journal_fd: int = -1
 
 
 def write_state_memfd(data: bytes) -> int:
@@ -220,12 +227,18 @@ def restore_group(group: StoredGroup) -> RestoredSession | None:
     fd, close everything else. None (and every fd closed) if the group holds no
     listener. Never raises."""
     notify_fd = -1
+    journal_fd = -1
     state_fds: list[int] = []
     for fd in group.fds:
         if notify_fd < 0 and is_seccomp_listener(fd):
             notify_fd = fd
+        elif journal_fd < 0 and is_journal_fd(fd):
+            journal_fd = fd
         else:
             state_fds.append(fd)
+    if notify_fd < 0 and journal_fd >= 0:
+        state_fds.append(journal_fd)  # closed below with the rest
+        journal_fd = -1
     try:
         if notify_fd < 0:
             log.warning("fd store: %s holds no seccomp listener (%d fds); dropped",
@@ -242,7 +255,7 @@ def restore_group(group: StoredGroup) -> RestoredSession | None:
         if container is None:
             error = error or "no session state was stored with it"
             container = Container(id=f"unknown-{group.name}")
-        return RestoredSession(group.name, notify_fd, container, error)
+        return RestoredSession(group.name, notify_fd, container, error, journal_fd)
     finally:
         for fd in state_fds:
             with contextlib.suppress(OSError):
@@ -251,7 +264,7 @@ def restore_group(group: StoredGroup) -> RestoredSession | None:
 
 class FdStore:
     """Keeps sessions in systemd's fd store (``FileDescriptorStoreMax=`` must leave room
-    for two fds per container). Does nothing when ``notifier`` is disabled (not under
+    for three fds per container). Does nothing when ``notifier`` is disabled (not under
     systemd) or ``$FDSTORE`` (set by systemd >= 254) says the store is 0."""
 
     def __init__(self, notifier: Notifier, env: Mapping[str, str] | None = None) -> None:
@@ -262,8 +275,9 @@ class FdStore:
         self.failed = 0
 
     def store(self, name: str, notify_fd: int, container: Container,
-              policies: Sequence[str], mode: str) -> bool:
-        """Store ``notify_fd`` with its state under ``name``. The caller keeps its fd.
+              policies: Sequence[str], mode: str, journal_fd: int = -1) -> bool:
+        """Store ``notify_fd`` with its state (and ``journal_fd``, its in-flight journal,
+        if >= 0) under ``name``. The caller keeps its fds.
         False (logged) when it could not be sent: the session is served anyway, but
         would not survive a restart."""
         if not self.enabled:
@@ -277,7 +291,8 @@ class FdStore:
                         container.id, exc)
             return False
         try:
-            ok = self.notifier.store_fds(name, [notify_fd, state_fd])
+            ok = self.notifier.store_fds(
+                name, [notify_fd, state_fd] + ([journal_fd] if journal_fd >= 0 else []))
         finally:
             os.close(state_fd)
         if ok:

@@ -206,6 +206,11 @@ class Metrics:
         self.handler_errors = Counter(
             "handler_errors", "Handlers that raised, overran the deadline or returned a "
             "refused decision.", ["policy", "kind"], namespace=ns, registry=registry)
+        self.recovered = Counter(
+            "notifications_recovered", "Notifications a crashed process had received and "
+            "not answered, answered after the restart from the in-flight journal, by entry "
+            "(complete: decided by the chain; torn: the crash cut its slot short, answered "
+            "on_error).", ["entry"], namespace=ns, registry=registry)
         self.sessions = Gauge(
             "sessions", "Notify fds being served.", namespace=ns, registry=registry)
         self.handoffs = Counter(
@@ -220,3 +225,5 @@ class Metrics:
             [], registry=registry)
         for stage in ("recv", "send", "id_valid", "addfd"):
             self.gone.labels(stage)
+        for entry in ("complete", "torn"):
+            self.recovered.labels(entry)

@@ -157,6 +157,12 @@ class NotifyFd:
     def fileno(self) -> int:
         return self._fd
 
+    @property
+    def recv_buffer(self) -> bytearray:
+        """The ``struct seccomp_notif`` the last :meth:`recv` filled (the same buffer,
+        overwritten by every RECV): the in-flight journal copies it as is."""
+        return self._buf
+
     async def wait_readable(self) -> None:
         """Wait until a notification is pending or the filter lost its last task."""
         await trio.lowlevel.wait_readable(self._fd)

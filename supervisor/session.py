@@ -40,6 +40,7 @@ from . import abi
 from .audit import Recorder
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
+from .journal import Journal
 from .memory import TargetMemory
 from .metrics import DECISION_BUCKETS
 from .notifyfd import (
@@ -65,6 +66,11 @@ from .ratelimit import RATE_POLICY, TokenBucket
 
 log = logging.getLogger("supervisor.session")
 
+#: The policy and call names of answers given to journal entries that could not be
+#: decided after a crash (see Session._recover).
+RECOVERY_POLICY: Final = "(recovery)"
+RECOVERED_TORN: Final = "(unknown)"
+
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
@@ -83,6 +89,7 @@ class SessionSettings:
 class SessionStats:
     notifications: int = 0  # received
     gone: int = 0  # withdrawn by the kernel before their answer
+    recovered: int = 0  # taken from the in-flight journal a crashed process left
     decisions: dict[str, int] = field(default_factory=dict)  # answers given, by kind
     # Answers by latency: latency[i] fell in DECISION_BUCKETS bucket i (the last is +Inf;
     # not cumulative). Fixed size, bumped with the index the recorder already computed;
@@ -148,6 +155,14 @@ class Session:
         # in our nursery): stop_reading() waits for them too.
         self._carried = 0
         self._carried_done: trio.Event | None = None
+        # The in-flight journal (supervisor/journal.py): None when nothing would read it
+        # back after a crash (no fd store). See attach_journal().
+        self.journal: Journal | None = None
+
+    def attach_journal(self, journal: Journal) -> None:
+        """Journal every notification received from now on; :meth:`run` first answers
+        the ones a crashed process left in it."""
+        self.journal = journal
 
     def __repr__(self) -> str:
         return f"<Session {self.container.id!r} fd={self.notify.fileno()}>"
@@ -162,6 +177,8 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.journal is not None:
+                    self._recover()
                 with self._reading:
                     await self._serve()
                 if self._parked is not None:
@@ -176,6 +193,9 @@ class Session:
             self._unpoll()
             self._nursery = None
             # keep_fd: handed over, the container lives on: no close, no session-end hooks.
+            if self.journal is not None and not self.keep_fd:
+                self.journal.close()
+                self.journal = None
             if not self.keep_fd:
                 self.notify.close()
                 for _name, policy_set in self.chain.policies:
@@ -248,6 +268,9 @@ class Session:
         received = perf_counter()
         self.stats.notifications += 1
         notif_id, tid, nr, arch, args = raw
+        journal = self.journal
+        if journal is not None:
+            journal.record(notif_id)  # memory writes only: see supervisor/journal.py
         try:
             syscall, arch_label, links = self._routes[arch][nr]
         except KeyError:  # the chain's first call of this number (or one with no name)
@@ -277,6 +300,8 @@ class Session:
                         # Every slot is taken: park it and stop reading until run() got
                         # one.
                         self._parked = (n, links, index, received, allowed)
+                        if journal is not None:
+                            journal.pin(notif_id)  # it waits: keep its journal entry
                         self._unpoll()
                         self._wake_up()
                         return None
@@ -344,6 +369,49 @@ class Session:
         self._failed = exc
         self._wake_up()
 
+    def _recover(self) -> None:
+        """Answer what a crashed process received and never answered (its journal came
+        back with this listener from the fd store). Only ids the kernel still holds on
+        *this* fd (ID_VALID) are touched, each once: a complete entry is decided again
+        by the chain (the target is still blocked in the call, so its memory can be
+        read), as an async decision under the deadline; a torn one gets ``on_error``."""
+        journal = self.journal
+        assert journal is not None
+        try:
+            complete, torn = journal.take_entries(self.notify.id_valid)
+        except OSError as exc:
+            log.error("container %s: cannot read its in-flight journal back: %s",
+                      self.container.id, exc)
+            return
+        if not complete and not torn:
+            return
+        log.warning("container %s: answering %d notifications a crashed process had "
+                    "received (%d torn: on_error): ids %s", self.container.id,
+                    len(complete) + len(torn), len(torn),
+                    " ".join(f"{e.id:#x}" for e in (*complete, *torn)))
+        received = perf_counter()
+        self.stats.recovered += len(complete) + len(torn)
+        for entry in torn:
+            self.recorder.recovered("torn")
+            self._answer(entry.id, entry.pid, RECOVERED_TORN, entry.args, received,
+                         Outcome(self.settings.on_error, RECOVERY_POLICY, "recovery",
+                                 "journal slot cut short by the crash"))
+        assert self._nursery is not None
+        for entry in complete:
+            self.recorder.recovered("complete")
+            try:
+                syscall, arch_label, links = self.chain.route(entry.arch, entry.nr)
+            except Exception as exc:  # an arch/nr this version cannot name
+                self._answer(entry.id, entry.pid, RECOVERED_TORN, entry.args, received,
+                             Outcome(self.settings.on_error, RECOVERY_POLICY, "recovery",
+                                     f"cannot route it: {exc}"))
+                continue
+            n = make_notification(entry.id, entry.pid, entry.nr, arch_label, syscall,
+                                  entry.args, self.container, self.memory)
+            # Over max_inflight for a moment at most by the journal's size.
+            self.inflight += 1
+            self._nursery.start_soon(self._decide_async, n, links, 0, received)
+
     async def _start_parked(self) -> None:
         """Start the async decision of the parked notification once a slot is free."""
         assert self._parked is not None
@@ -406,6 +474,8 @@ class Session:
         """
         self.inflight += 1
         self._carried += 1
+        if self.journal is not None:
+            self.journal.pin(n.id)  # the decision waits: keep its journal entry
         current = [links[index].policy]
         rest = self._decide(n, links, index, received, current, (coro, trap), allowed)
         rest.send(None)  # runs up to the handler's trap, and yields it again
@@ -464,9 +534,11 @@ class Session:
                 outcome = (allowed if allowed is not None
                            else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
+            self._unpin(n.id)
         except NotificationGone as gone:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
+            self._unpin(n.id)
         finally:
             self.inflight -= 1
             if self._slot_freed is not None:
@@ -499,6 +571,13 @@ class Session:
         except NotificationGone as gone:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
+        self._unpin(n.id)
+
+    def _unpin(self, notif_id: int) -> None:
+        """A decision that waited was answered: its journal entry may go (see
+        supervisor/journal.py: an inline decision's needs no such step)."""
+        if self.journal is not None:
+            self.journal.unpin(notif_id)
 
     def _failure(self, policy: str, n: Notification, exc: Exception) -> Outcome:
         if isinstance(exc, TargetMemoryError):

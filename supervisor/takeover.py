@@ -185,6 +185,11 @@ class HandedSession:
     container: Container
     policies: Sequence[str]
     mode: str
+    #: Its name in the fd store, if it has one: the new daemon stores the session under
+    #: a name of its own (with a fresh in-flight journal) and then removes this one, so
+    #: one listener is never in the store twice (the old journal is empty: every
+    #: notification received was answered before the handover).
+    stored_as: str | None = None
 
 
 class Handing(Protocol):
@@ -255,7 +260,7 @@ class Handover:
         start, end = pending.pages[index]
         chunk = pending.sessions[start:end]
         return ControlReply(
-            {"sessions": [session_state(s.container, s.policies, s.mode) for s in chunk]},
+            {"sessions": [_handed_state(s) for s in chunk]},
             fds=[s.notify_fd for s in chunk])
 
     async def commit(self, req: ControlRequest) -> ControlReply:
@@ -307,6 +312,13 @@ class Handover:
         self.daemon.finish_handover()
 
 
+def _handed_state(s: HandedSession) -> dict[str, Any]:
+    state = session_state(s.container, s.policies, s.mode)
+    if s.stored_as is not None:
+        state["fdstore"] = s.stored_as
+    return state
+
+
 def _pages(sessions: Sequence[HandedSession]) -> list[tuple[int, int]]:
     pages: list[tuple[int, int]] = []
     start = 0
@@ -352,6 +364,8 @@ class TakenOver:
     listen_fd: int
     sessions: list[tuple[int, Container]]
     invalid: list[tuple[int, str]] = field(default_factory=list)
+    #: fd -> the name the old daemon kept that session under in the fd store.
+    stored_names: dict[int, str] = field(default_factory=dict)
 
 
 class TakeoverClient:
@@ -429,6 +443,9 @@ async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT) -> Ta
                                             " sessions")
                     page: list[tuple[int, Container]] = []
                     for fd, state in zip(fds, states, strict=True):
+                        name = state.get("fdstore") if isinstance(state, dict) else None
+                        if isinstance(name, str):
+                            taken.stored_names[fd] = name
                         try:
                             page.append((fd, container_from_state(state)))
                         except ValueError as exc:

@@ -76,6 +76,7 @@ class PodmanSession:
     user: str
     base: Path
     created: list[str] = field(default_factory=list)
+    storage_driver: str = "vfs"
 
     @property
     def uid(self) -> int:
@@ -93,7 +94,7 @@ class PodmanSession:
     def argv(self, *args: str) -> list[str]:
         cmd = ["podman", "--root", str(self.base / "storage"),
                "--runroot", str(self.base / "run"), "--tmpdir", str(self.base / "tmp"),
-               "--storage-driver", "vfs", "--events-backend", "file",
+               "--storage-driver", self.storage_driver, "--events-backend", "file",
                "--cgroup-manager", "cgroupfs", *args]
         if not self.rootless:
             return cmd
@@ -170,13 +171,15 @@ def _chown(path: Path, uid: int, gid: int, mode: int = 0o700) -> None:
 
 
 @contextlib.contextmanager
-def podman_session(user: str = "root") -> Iterator[PodmanSession]:
+def podman_session(user: str = "root", *,
+                   storage_driver: str = "vfs") -> Iterator[PodmanSession]:
     """A private podman for ``user`` with :data:`IMAGE` imported; removes every container,
-    the image and its directory on exit."""
+    the image and its directory on exit. ``storage_driver="overlay"`` (root only) for
+    large images: vfs copies a whole image for every container."""
     account = pwd.getpwnam(user)  # KeyError: run ./dev.sh setup (it creates the user)
     base = Path(tempfile.mkdtemp(prefix=f"podman-{user}-", dir="/tmp"))
     base.chmod(0o755)
-    session = PodmanSession(user, base)
+    session = PodmanSession(user, base, storage_driver=storage_driver)
     try:
         for sub in ("storage", "run", "tmp", "xdg", "home"):
             _chown(base / sub, account.pw_uid, account.pw_gid)

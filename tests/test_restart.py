@@ -447,7 +447,7 @@ Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m supervisor serve --config {d.config}
 WorkingDirectory={Path(__file__).resolve().parent.parent}
-# Two fds per container (the notify fd and its state): see docs/restarts.md.
+# Three fds per container (the notify fd, its state, its journal): see docs/restarts.md.
 FileDescriptorStoreMax=64
 Restart=always
 RestartSec=100ms
@@ -478,7 +478,7 @@ def test_systemd_restart_and_crash_keep_containers_served(
         try:
             for i in range(n):
                 wait_file(tmp_path / f"ready-{i}")
-            m.wait_for("NFileDescriptorStore", lambda v: v == str(2 * n))
+            m.wait_for("NFileDescriptorStore", lambda v: v == str(3 * n))
             # 1. A restart under load (SIGTERM, graceful stop, a new process).
             begin = time.monotonic()
             m.ctl("restart", m.unit)
