@@ -88,7 +88,7 @@ __all__ = [
 log = logging.getLogger("supervisor.keeper")
 
 #: The default of ``--max-fds``: the systemd unit's ``FileDescriptorStoreMax=``.
-DEFAULT_MAX_FDS: Final = 4096
+DEFAULT_MAX_FDS: Final = 6144
 #: The longest datagram accepted (an ``FDSTORE=1`` message is ~40 bytes).
 MAX_DATAGRAM: Final = 4096
 #: Seconds an attaching daemon has to take its fds.
@@ -709,15 +709,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "keep", help="keep the daemon's sessions across its crashes (an fd store "
                      "outside systemd, for pods)",
         description="Hold the fds `serve --fd-keeper PATH` stores (every container's "
-                    "notify fd and state) and give them back to the next daemon that "
-                    "attaches, as systemd's fd store does for the unit. Only the uid "
-                    "it runs as may use it.")
+                    "notify fd, state and in-flight journal) and give them back to the "
+                    "next daemon that attaches, as systemd's fd store does for the "
+                    "unit. Only the uid it runs as may use it.")
     keep.add_argument("--socket", required=True, metavar="PATH",
                       help="the keeper's datagram socket (its directory must be writable "
                            "by this uid only)")
     keep.add_argument("--max-fds", type=int, default=DEFAULT_MAX_FDS, metavar="N",
-                      help="keep at most N fds, two per container (as "
-                           "FileDescriptorStoreMax=)")
+                      help="keep at most N fds, three per container: notify fd, state, "
+                           "in-flight journal (as FileDescriptorStoreMax=)")
     keep.add_argument("--reply-timeout", type=float, default=REPLY_TIMEOUT,
                       metavar="SECONDS",
                       help="drop an attaching daemon that has not taken its fds after "

@@ -25,6 +25,9 @@ from supervisor.systemd import Notifier
 
 from .soak import CLI, ROOT, daemon_process, start_target, wait_file
 
+#: What the daemon stores per container: notify fd, state memfd, in-flight journal.
+FDS_PER_SESSION = 3
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -530,7 +533,7 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
                 t.kill()
         assert all(r["ok"] == r["calls"] and r["wrong"] == 0 for r in results), results
         log = d.log_text()
-        assert log.count(f"fd keeper: it holds {2 * n} fds: serving them again, not "
+        assert log.count(f"fd keeper: it holds {FDS_PER_SESSION * n} fds: serving them again, not "
                          "taking over") == 2
         d.process.send_signal(signal.SIGTERM)
         assert d.process.wait(20) == 0
@@ -568,7 +571,7 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
             while c.output().count("\n") < 150:
                 assert time.monotonic() < deadline, c.output()[-2000:]
                 time.sleep(0.01)
-            old_keeper.wait_log("stored 2 fds under session-")
+            old_keeper.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
             before = c.output().count("\n")
             begin = time.monotonic()
             new = d.start("--takeover", "--fd-keeper", str(new_keeper.path))
@@ -577,7 +580,7 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
             # The old pod's keeper dropped its copies: the new pod's holds them now.
             old_keeper.wait_log("handed its sessions over to a newer daemon: 1 names "
                                 "dropped; retired")
-            new_keeper.wait_log("stored 2 fds under session-")
+            new_keeper.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
             # Even the old pod's keeper restarted still knows (from its emptyDir).
             assert old_keeper.stop(signal.SIGKILL) == -signal.SIGKILL
             old_keeper.start()
@@ -657,7 +660,7 @@ def test_the_daemon_waits_for_its_keeper_to_start(tmp_path: Path) -> None:
             k.start()
             d.wait_log("serving on")
             assert start_target(d.socket_path, 1, 20).result(30)["ok"] == 20
-            k.wait_log("stored 2 fds under session-")
+            k.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
             d.process.send_signal(signal.SIGTERM)
             assert d.process.wait(20) == 0
         finally:

@@ -138,7 +138,7 @@ def test_daemonset_keeps_sessions_in_a_native_sidecar_keeper() -> None:
     # The CLI accepts exactly these arguments.
     from supervisor.cli import _parser
 
-    assert _parser().parse_args(command[1:]).max_fds == 4096
+    assert _parser().parse_args(command[1:]).max_fds == 6144
     args = _parser().parse_args(ctr["command"][1:])
     assert args.takeover and args.fd_keeper == path
 
