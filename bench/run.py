@@ -265,7 +265,7 @@ def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: IO[bytes]
         argv = [sup.python or opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
                 "--config", str(config)]
         if opts.profile is not None:
-            out = opts.profile / f"{sup.name}-{time.monotonic_ns()}.prof"
+            out = opts.profile / f"{sup.name.replace('/', '_')}-{time.monotonic_ns()}.prof"
             argv[1:1] = ["-m", "cProfile", "-o", str(out)]
     env = dict(os.environ)
     env["PYTHONPATH"] = sup.tree + os.pathsep + env.get("PYTHONPATH", "")
