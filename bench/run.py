@@ -355,7 +355,8 @@ def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sa
         if supervisor is not None and supervisor.poll() is None:
             supervisor.send_signal(signal.SIGTERM)
             try:
-                supervisor.wait(timeout=5)
+                # Under valgrind (instructions.py: --timeout 900) exiting takes longer.
+                supervisor.wait(timeout=max(5.0, opts.timeout / 20))
             except subprocess.TimeoutExpired:
                 supervisor.kill()
                 supervisor.wait()

@@ -70,7 +70,7 @@ import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd
+from .notifyfd import NotifyFd, polled_alone
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 PIDFD_THREAD: Final = 0o200  # O_EXCL: a pidfd for a thread that need not lead its group
@@ -81,6 +81,14 @@ READS_PER_SESSION: Final = 1
 #: containers moved a neighbour's p50 19x instead of 4-5x, bench/neighbour.py
 #: --flooders 4, for 1.7x the reads per second.)
 SLOW_READ: Final = 0.005
+#: While the daemon serves one listener fd only, the event loop blocks this long (seconds)
+#: for a read in the reading thread before it waits for it as it does otherwise (0: never
+#: block). A hand-off through trio costs a task switch, a checkpoint, a wake-up of the loop
+#: and the suspended handler's task; blocking costs two thread wake-ups. With one fd
+#: nothing else waits for the loop meanwhile but the daemon's own sockets, for at most
+#: this long per read (a read stuck on slow memory is then waited for asynchronously, and
+#: its session's next read finds its slot taken and does not block at all).
+INLINE_WAIT: Final = 0.001
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
 
@@ -179,13 +187,16 @@ class _Job:
     to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
     gave up waiting: the result is dropped)."""
 
-    __slots__ = ("outcome", "slot", "task", "work")
+    __slots__ = ("outcome", "slot", "task", "waiter", "work")
 
     def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> None:
         self.work = work
         self.slot = slot
         self.task: trio.lowlevel.Task | None = None
         self.outcome: outcome.Outcome[bytes] | None = None
+        # Released by the thread when the trio thread waits for this read synchronously
+        # (ReadPool.run's ``wait``); None otherwise, or once it stopped waiting.
+        self.waiter: threading.Lock | None = None
 
 
 class _ReaderThread:
@@ -219,6 +230,7 @@ class _ReaderThread:
         _lower_thread_priority()
         pending = self.pool.pending
         report = self.pool.report
+        handoff = self.pool.handoff
         capture = outcome.capture
         while True:
             while not self.retired:
@@ -230,6 +242,12 @@ class _ReaderThread:
                 self.current = job
                 job.outcome = capture(job.work)
                 self.current = None
+                if job.waiter is not None:
+                    with handoff:  # see ReadPool._stop_waiting
+                        waiter = job.waiter
+                    if waiter is not None:
+                        waiter.release()  # the trio thread waits for it: no report
+                        continue
                 report(job)
             if self.retired:
                 return
@@ -264,35 +282,76 @@ class ReadPool:
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
         self._fd_lock = threading.Lock()  # the eventfd is closed only under it
+        self.handoff = threading.Lock()  # who takes a read waited for synchronously
         self._efd = -1
         self._signalled = False
         self._watch_wake: trio.Event | None = None
 
-    async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> bytes:
+    async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
+                  wait: float = 0.0) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
-        the thread returned."""
+        the thread returned.
+
+        ``wait`` > 0: if ``slot`` has a place free at once, block the trio thread up to
+        ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
+        the loop: the cheap way when the loop has nothing else to do); a read not done by
+        then is waited for like any other."""
         job = _Job(work, slot)
+        if wait > 0:
+            try:
+                slot.acquire_on_behalf_of_nowait(job)
+            except trio.WouldBlock:
+                pass
+            else:
+                return await self._run_waiting(job, wait)
         await slot.acquire_on_behalf_of(job)  # a checkpoint
+        self._queue(job)
+        return await self._result(job)
+
+    def _queue(self, job: _Job) -> None:
         try:
             self._start()
         except BaseException:
-            slot.release_on_behalf_of(job)
+            job.slot.release_on_behalf_of(job)
             raise
         self.pending.append(job)
         active = self._active
         if active is None or active.retired:
-            active = self._active = _ReaderThread(self)
+            self._active = _ReaderThread(self)
         else:
             active.kick()
+
+    async def _run_waiting(self, job: _Job, wait: float) -> bytes:
+        waiter = job.waiter = threading.Lock()
+        waiter.acquire()
+        self._queue(job)
+        if waiter.acquire(timeout=wait) or not self._stop_waiting(job):
+            job.slot.release_on_behalf_of(job)
+            assert job.outcome is not None
+            return job.outcome.unwrap()
+        return await self._result(job)  # slow: its thread reports it
+
+    def _stop_waiting(self, job: _Job) -> bool:
+        """The synchronous wait for ``job`` timed out: True if its thread will report it
+        (it had not finished), False if it finished meanwhile (the result is here)."""
+        with self.handoff:
+            if job.outcome is not None:
+                return False
+            job.waiter = None
+            return True
+
+    async def _result(self, job: _Job) -> bytes:
+        """Wait for the thread to report ``job`` (queued already)."""
         if self._watch_wake is not None:
             self._watch_wake.set()
             self._watch_wake = None
         job.task = trio.lowlevel.current_task()
+        pending, slot = self.pending, job.slot
 
         def abort(_: object) -> trio.lowlevel.Abort:
             try:
-                self.pending.remove(job)  # not started: give the place back now
+                pending.remove(job)  # not started: give the place back now
             except ValueError:
                 job.task = None  # running: its thread gives the place back
             else:
@@ -387,12 +446,14 @@ class TargetMemory:
 
     ``limiter`` bounds the reads one session has queued or running in threads (default
     :data:`READS_PER_SESSION`); ``pool`` is the daemon's shared :class:`ReadPool`
-    (default: the trio run's).
+    (default: the trio run's); ``inline_wait``: see :data:`INLINE_WAIT`.
     """
 
     def __init__(self, notify: NotifyFd, limiter: trio.CapacityLimiter | None = None,
-                 *, use_proc_mem: bool = False, pool: ReadPool | None = None) -> None:
+                 *, use_proc_mem: bool = False, pool: ReadPool | None = None,
+                 inline_wait: float = INLINE_WAIT) -> None:
         self._notify = notify
+        self._inline_wait = inline_wait
         self._limiter = limiter or trio.CapacityLimiter(READS_PER_SESSION)
         self._pool = pool
         self._use_proc_mem = use_proc_mem
@@ -447,7 +508,8 @@ class TargetMemory:
         if pool is None:
             pool = self._pool = current_read_pool()
         try:
-            data = await pool.run(work, self._limiter)
+            data = await pool.run(work, self._limiter,
+                                  self._inline_wait if polled_alone() else 0.0)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem

@@ -167,6 +167,71 @@ def test_a_memory_reading_flood_does_not_slow_a_neighbour(tmp_path: Path) -> Non
             f"neighbour p50 flooded/quiet per round: {[round(r, 1) for r in ratios]}"
 
 
+# The stuck reader: a lone container (so the daemon would wait for its reads inline,
+# memory.INLINE_WAIT) calls mkdir with its path on a page registered with a userfaultfd
+# it never serves: reading it blocks until the target exits. Meanwhile its main thread
+# makes CALLS getpgid calls (decided inline) and reports their latencies, and the
+# mkdir's answer once it came (at the deadline).
+STUCK = f"""\
+import ctypes, fcntl, json, os, struct, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+uffd = libc.syscall(323, os.O_CLOEXEC)  # userfaultfd
+assert uffd >= 0, ctypes.get_errno()
+fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # UFFDIO_API
+page = libc.mmap(None, 4096, 3, 0x22, -1, 0)  # PROT_READ|PROT_WRITE, MAP_PRIVATE|ANON
+fcntl.ioctl(uffd, 0xc020aa00, bytearray(struct.pack("QQQQ", page, 4096, 1, 0)))  # REGISTER
+libc.syscall({NR_GETPGID}, ctypes.c_long(1))  # served: the session is up
+mkdir = {{}}
+
+def stuck():
+    t0 = time.perf_counter()
+    rc = libc.syscall({NR_MKDIR}, ctypes.c_void_p(page), ctypes.c_long(0o755))
+    mkdir.update(rc=rc, errno=ctypes.get_errno(), seconds=time.perf_counter() - t0)
+
+threading.Thread(target=stuck, daemon=True).start()
+time.sleep(0.3)  # the daemon is reading the page now
+lat, wrong = [], 0
+for i in range(int(sys.argv[1])):
+    t0 = time.perf_counter()
+    rc = libc.syscall({NR_GETPGID}, ctypes.c_long(i))
+    lat.append(time.perf_counter() - t0)
+    wrong += rc != 3 * i + 1
+    time.sleep(0.001)
+while not mkdir:
+    time.sleep(0.01)
+print(json.dumps({{"latencies": lat, "wrong": wrong, "mkdir": mkdir}}))
+"""
+
+
+def test_a_read_stuck_on_a_lone_containers_memory_does_not_block_the_loop(
+        tmp_path: Path) -> None:
+    """process_vm_readv of an unserved userfaultfd page sleeps until the target exits
+    (verified, supervisor/memory.py). With one container served, the loop waits for a
+    read synchronously, but only INLINE_WAIT: then the read is the thread's alone, and
+    the container's other calls are served meanwhile."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    repo = Path(__file__).resolve().parent.parent
+    text = CONFIG.format(repo=repo, tmp=tmp_path).replace('deadline = "5s"',
+                                                           'deadline = "2s"')
+    with daemon_process(tmp_path, text) as d:
+        d.start()
+        target = start_filtered(d.socket_path, [sys.executable, "-c", STUCK, "100"],
+                                notify=("mkdir", "getpgid"), container_id="stuck")
+        try:
+            result = target.result(60)
+        finally:
+            target.kill()
+    assert result["wrong"] == 0, result
+    # Served while the read was stuck: not behind it (it lasted until the deadline).
+    assert max(result["latencies"]) < 1.0, max(result["latencies"])
+    assert result["mkdir"]["seconds"] > 1.5, result["mkdir"]  # it was stuck
+    assert result["mkdir"]["rc"] == -1, result["mkdir"]  # on_error at the deadline
+
+
 # --------------------------------------------------------------------------- the pool
 # Real threads, plain functions for reads: a read "stuck on a userfaultfd page" is one
 # that waits for a threading.Event.
