@@ -121,6 +121,24 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
+class _Scratch:
+    """A reading thread's page buffer and iovecs, made once: the reading thread holds
+    the GIL while it runs Python, and the event loop waits for it meanwhile (every
+    ioctl and epoll_wait of the loop lets it run), so its per-read Python is kept short."""
+
+    def __init__(self) -> None:
+        self.buffer = ctypes.create_string_buffer(PAGE_SIZE)
+        self.address = ctypes.addressof(self.buffer)
+        self.local = _Iovec(self.address, PAGE_SIZE)
+        self.remote = _Iovec(0, 0)
+        self.local_ref = ctypes.byref(self.local)
+        self.remote_ref = ctypes.byref(self.remote)
+
+
+_scratch = threading.local()
+_process_vm_readv = _libc.process_vm_readv
+
+
 class _Reader:
     """Reads of one task's memory; used from a worker thread only."""
 
@@ -137,16 +155,21 @@ class _Reader:
                 if exc.errno in (errno.EIO, errno.EFAULT):
                     return b""
                 raise
-        buf = ctypes.create_string_buffer(length)
-        local = _Iovec(ctypes.cast(buf, ctypes.c_void_p), length)
-        remote = _Iovec(address, length)
-        n = _libc.process_vm_readv(self.tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if length > PAGE_SIZE:  # (callers read page by page)
+            raise ValueError(f"read of {length} bytes: at most a page at a time")
+        scratch = _scratch.__dict__.get("iov")
+        if scratch is None:
+            scratch = _scratch.iov = _Scratch()
+        remote = scratch.remote
+        remote.base = address
+        remote.len = length
+        n = _process_vm_readv(self.tid, scratch.local_ref, 1, scratch.remote_ref, 1, 0)
         if n < 0:
             err = ctypes.get_errno()
             if err == errno.EFAULT:
                 return b""
             raise OSError(err, os.strerror(err))
-        return buf.raw[:n]
+        return ctypes.string_at(scratch.address, n)
 
     def read_exact(self, address: int, length: int) -> bytes:
         data = b""
@@ -496,7 +519,6 @@ class TargetMemory:
         reader = self._open_reader(notif_id, tid)
 
         def work() -> bytes:
-            _lower_thread_priority()
             try:
                 if cstring:
                     return reader.read_cstring(address, length)
