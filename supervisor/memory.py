@@ -351,7 +351,15 @@ class ReadPool:
         waiter = job.waiter = threading.Lock()
         waiter.acquire()
         self._queue(job)
-        if waiter.acquire(timeout=wait) or not self._stop_waiting(job):
+        try:
+            done = waiter.acquire(timeout=wait)
+        except BaseException:  # a signal handler raised (KeyboardInterrupt)
+            if self._stop_waiting(job):
+                job.task = None  # its thread reports it: the slot is given back then
+            else:
+                job.slot.release_on_behalf_of(job)
+            raise
+        if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
             return job.outcome.unwrap()

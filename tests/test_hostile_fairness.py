@@ -381,6 +381,46 @@ def test_a_cancelled_read_leaves_no_trace() -> None:
     assert ran == ["running"]
 
 
+def test_waiting_inline_takes_no_checkpoint_and_falls_back_when_slow() -> None:
+    """``wait``: with the slot free, the result comes back without a checkpoint (so a
+    handler that reads once finishes in its first step); a read slower than ``wait``
+    is waited for like any other; with the slot taken nothing is waited for inline."""
+    release = threading.Event()
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        own = trio.CapacityLimiter(1)
+        with trio.CancelScope() as scope:
+            scope.cancel()  # any checkpoint would raise Cancelled
+            assert await pool.run(lambda: b"inline", own, wait=WAIT) == b"inline"
+        assert own.borrowed_tokens == 0
+
+        def slow() -> bytes:
+            assert release.wait(WAIT)
+            return b"slow"
+
+        async def release_soon() -> None:
+            await trio.sleep(0.05)
+            release.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_soon)
+            start = trio.current_time()
+            assert await pool.run(slow, own, wait=0.005) == b"slow"
+            assert trio.current_time() - start >= 0.04  # waited for asynchronously
+        assert own.borrowed_tokens == 0 and not pool.done
+
+        other = object()
+        await own.acquire_on_behalf_of(other)  # the session's slot is taken
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.run(lambda: b"never", own, wait=WAIT)
+        assert scope.cancelled_caught  # went the checkpointing way
+        own.release_on_behalf_of(other)
+
+    run_pool(scenario)
+
+
 def test_pool_refuses_nonsense() -> None:
     with pytest.raises(ValueError):
         ReadPool(slow_after=0)
