@@ -45,11 +45,21 @@ exec valgrind --tool=callgrind --callgrind-out-file={out}/callgrind.%p {python} 
 """
 
 
+def mem_args(sup: str) -> list[str]:
+    """run.py's options that make the memory-reading row ``sup`` (e.g. 'guard openat/16')
+    exist, and no other memory-reading or emulated row."""
+    call, _, length = sup.partition(" ")[2].partition("/")
+    if not sup.startswith("guard ") or not length.isdigit():
+        return ["--mem-lengths", "", "--emulate-calls", "0"]
+    return ["--mem-calls", call, "--mem-lengths", length, "--emulate-calls", "0"]
+
+
 def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path) -> int:
     for old in out.glob("callgrind.*"):
         old.unlink()
     done = subprocess.run(
         [sys.executable, str(run_py), "--k", str(k), "--only", sup, "--rounds", "1",
+         *mem_args(sup),
          "--scale", str(scale), "--python", str(wrapper), "--timeout", "900",
          "--no-reference"],
         capture_output=True, text=True)
@@ -66,7 +76,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=1, help="concurrent targets")
-    ap.add_argument("--sup", default="sync", choices=("sync", "async"))
+    ap.add_argument("--sup", default="sync",
+                    help="the row: sync, async, default, or a memory-reading row such as "
+                         "'guard mkdirat/256'")
     ap.add_argument("--tree", help="directory holding the supervisor package (and bench/)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
     ap.add_argument("--keep", metavar="DIR", help="keep the two callgrind files here")
@@ -85,10 +97,12 @@ def main() -> int:
         wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python))
         wrapper.chmod(0o755)
         sys.path.insert(0, str(run_py.parent))
-        from run import DEFAULT_CALLS
+        from run import DEFAULT_CALLS, MEM_CALLS, MEM_LENGTHS, SUPERVISORS, mem_supervisors
 
-        calls = {scale: int(DEFAULT_CALLS.get(args.k, 100_000) * scale) // args.k * args.k
-                 for scale in (small, large)}
+        share = {s.name: s.calls_share for s in
+                 (*SUPERVISORS, *mem_supervisors(MEM_CALLS, MEM_LENGTHS))}.get(args.sup, 1.0)
+        calls = {scale: int(int(DEFAULT_CALLS.get(args.k, 100_000) * scale) * share)
+                 // args.k * args.k for scale in (small, large)}
         totals = {}
         for scale in (small, large):
             totals[scale] = count(run_py, args.k, args.sup, scale, wrapper, tmpdir)

@@ -265,7 +265,7 @@ def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: IO[bytes]
         argv = [sup.python or opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
                 "--config", str(config)]
         if opts.profile is not None:
-            out = opts.profile / f"{sup.name}-{time.monotonic_ns()}.prof"
+            out = opts.profile / f"{sup.name.replace('/', '_')}-{time.monotonic_ns()}.prof"
             argv[1:1] = ["-m", "cProfile", "-o", str(out)]
     env = dict(os.environ)
     env["PYTHONPATH"] = sup.tree + os.pathsep + env.get("PYTHONPATH", "")
@@ -355,7 +355,8 @@ def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sa
         if supervisor is not None and supervisor.poll() is None:
             supervisor.send_signal(signal.SIGTERM)
             try:
-                supervisor.wait(timeout=5)
+                # Under valgrind (instructions.py: --timeout 900) exiting takes longer.
+                supervisor.wait(timeout=max(5.0, opts.timeout / 20))
             except subprocess.TimeoutExpired:
                 supervisor.kill()
                 supervisor.wait()

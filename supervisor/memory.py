@@ -17,27 +17,40 @@ read at a mapping boundary), so strings are read page by page. The reads run in 
 thread: a target can make its own memory slow to read (userfaultfd, a FUSE-backed
 mapping), and that must cost at most one abandoned thread, never the event loop.
 
-**Worker threads are shared fairly** (:class:`ReadGate`). A thread that reads for one
+**Reading threads are shared fairly** (:class:`ReadPool`). A thread that reads for one
 container competes with the event loop's thread for the GIL three times per read, and
 each hand-over of the GIL to a thread the kernel has not scheduled yet can stall the loop
 -- every other container's answers -- for a scheduler time slice. Measured
 (bench/neighbour.py), one container flooding path_guard reads with four threads of its
 own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. So:
 
-* a container has at most :data:`READS_PER_SESSION` read in a thread at a time (its
-  other reads wait in its own queue, FIFO);
-* the whole daemon has at most :data:`ACTIVE_READS` threads reading at a time; a read
-  waiting for one is served in turn, one container after another (each container has at
-  most one read waiting for a thread, so first come, first served is round-robin);
-* a read still running after :data:`SLOW_READ` seconds (its page is slow: userfaultfd,
-  FUSE) stops counting against the daemon's threads: it sleeps in the kernel and takes no
-  GIL, and its container's own slot stays taken until the thread returns, so the cost of
-  slow memory stays with the container that made it slow;
+* a container has at most :data:`READS_PER_SESSION` read queued or in a thread at a time
+  (its other reads wait in its own queue, FIFO);
+* reads wait for a thread in one queue, first come, first served: with at most one read
+  per container in it, that is one container after another (round-robin);
+* one thread reads for the whole daemon, taking the queue's reads one after another (a
+  burst of reads costs one wake-up of the thread and one of the event loop, not one
+  each: trio's ``to_thread.run_sync`` per read cost ~0.5 M instructions per read, more
+  than the rest of a path_guard decision, bench/instructions.py);
+* a read still running after :data:`SLOW_READ` seconds while others wait (its page is
+  slow: userfaultfd, FUSE) retires its thread: that thread stays with the read (it sleeps
+  in the kernel and takes no GIL) and a new one takes over the queue, so the cost of
+  slow memory stays with the container that made it slow (one thread per stuck read, and
+  its container's own slot stays taken until the thread returns);
 * reading threads run :data:`READER_NICE` nice levels below the event loop. Waking one
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
   a job to the thread took 0.5 ms on average under a flood). Niced, a flood's reads get
   the CPU the loop leaves over: the flooder is slowed, its neighbours are not.
+
+The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
+registered with a userfaultfd that nobody serves waits until the fault is served (or the
+registering process exits), in a killable sleep that no other signal interrupts
+(verified: 5 s, until the target exited, through a SIGALRM after 1 s); with
+``UFFD_USER_MODE_ONLY`` (what an unprivileged user gets with
+``vm.unprivileged_userfaultfd = 0``) it fails at once with EFAULT. Whether a page can
+fault that way cannot be known beforehand from user space without a race (another thread
+of the target can remap it after any check).
 """
 
 from __future__ import annotations
@@ -48,24 +61,36 @@ import mmap
 import os
 import threading
 from collections import deque
-from typing import Final, cast
+from collections.abc import Callable
+from time import perf_counter
+from typing import Final
 
+import outcome
 import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd
+from .notifyfd import NotifyFd, polled_alone
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 PIDFD_THREAD: Final = 0o200  # O_EXCL: a pidfd for a thread that need not lead its group
 #: Reads of one container's memory in worker threads at a time.
 READS_PER_SESSION: Final = 1
-#: Worker threads reading for the whole daemon at a time (slow reads not counted). One:
-#: with two, four flooding containers moved a neighbour's p50 19x instead of 4-5x
-#: (bench/neighbour.py --flooders 4), for 1.7x the reads per second.
-ACTIVE_READS: Final = 1
-#: A read that has run this long (seconds) is slow: it no longer counts as active.
+#: A read that has run this long (seconds) while others wait is slow: its thread retires.
+#: (One thread reads at a time, slow ones not counted: with two, four flooding
+#: containers moved a neighbour's p50 19x instead of 4-5x, bench/neighbour.py
+#: --flooders 4, for 1.7x the reads per second.)
 SLOW_READ: Final = 0.005
+#: While the daemon serves one listener fd only, the event loop blocks up to this long
+#: (seconds) for a read in the reading thread before it waits for it as it does otherwise
+#: (0: never block). A hand-off through trio costs a checkpoint, the suspended handler's
+#: own task (and a new poller task), and a wake-up of the loop; blocking costs two thread
+#: wake-ups. With one fd nothing else waits for the loop meanwhile but the daemon's own
+#: sockets, for at most this long per read; a read stuck on slow memory is then waited for
+#: asynchronously, and its session's next reads find its slot taken and do not block.
+#: Measured (bench/run.py, K=1, same run): p50 325 us without, 148 us at 1 ms, 128 us at
+#: 5 ms (a read that is not slow, SLOW_READ, is worth waiting for).
+INLINE_WAIT: Final = SLOW_READ
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
 
@@ -75,10 +100,8 @@ _thread_state = threading.local()
 
 
 def _lower_thread_priority() -> None:
-    """Make the calling worker thread :data:`READER_NICE` nicer than the daemon, once.
-    (On Linux, setpriority(PRIO_PROCESS, 0) changes the calling thread only.) trio's
-    thread cache may later give this thread to a policy's own ``trio.to_thread`` call:
-    that work is done for a container too."""
+    """Make the calling thread :data:`READER_NICE` nicer than the daemon, once. (On
+    Linux, setpriority(PRIO_PROCESS, 0) changes the calling thread only.)"""
     if getattr(_thread_state, "niced", False):
         return
     _thread_state.niced = True
@@ -100,6 +123,24 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
+class _Scratch:
+    """A reading thread's page buffer and iovecs, made once: the reading thread holds
+    the GIL while it runs Python, and the event loop waits for it meanwhile (every
+    ioctl and epoll_wait of the loop lets it run), so its per-read Python is kept short."""
+
+    def __init__(self) -> None:
+        self.buffer = ctypes.create_string_buffer(PAGE_SIZE)
+        self.address = ctypes.addressof(self.buffer)
+        self.local = _Iovec(self.address, PAGE_SIZE)
+        self.remote = _Iovec(0, 0)
+        self.local_ref = ctypes.byref(self.local)
+        self.remote_ref = ctypes.byref(self.remote)
+
+
+_scratch = threading.local()
+_process_vm_readv = _libc.process_vm_readv
+
+
 class _Reader:
     """Reads of one task's memory; used from a worker thread only."""
 
@@ -116,16 +157,21 @@ class _Reader:
                 if exc.errno in (errno.EIO, errno.EFAULT):
                     return b""
                 raise
-        buf = ctypes.create_string_buffer(length)
-        local = _Iovec(ctypes.cast(buf, ctypes.c_void_p), length)
-        remote = _Iovec(address, length)
-        n = _libc.process_vm_readv(self.tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if length > PAGE_SIZE:  # (callers read page by page)
+            raise ValueError(f"read of {length} bytes: at most a page at a time")
+        scratch = _scratch.__dict__.get("iov")
+        if scratch is None:
+            scratch = _scratch.iov = _Scratch()
+        remote = scratch.remote
+        remote.base = address
+        remote.len = length
+        n = _process_vm_readv(self.tid, scratch.local_ref, 1, scratch.remote_ref, 1, 0)
         if n < 0:
             err = ctypes.get_errno()
             if err == errno.EFAULT:
                 return b""
             raise OSError(err, os.strerror(err))
-        return buf.raw[:n]
+        return ctypes.string_at(scratch.address, n)
 
     def read_exact(self, address: int, length: int) -> bytes:
         data = b""
@@ -161,153 +207,289 @@ class _Reader:
             self.mem_fd = -1
 
 
-class ReadGate:
-    """The daemon's worker threads for memory reads, handed out in turn (see the module
-    docstring): at most ``active`` reads run in threads at once, not counting the ones
-    running for longer than ``slow_after`` seconds. Used from the trio thread only."""
+class _Job:
+    """One read handed to the reading thread: ``work`` runs there; its outcome comes back
+    to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
+    gave up waiting: the result is dropped)."""
 
-    def __init__(self, active: int = ACTIVE_READS, slow_after: float = SLOW_READ) -> None:
-        if active < 1 or slow_after <= 0:
-            raise ValueError("a ReadGate needs active >= 1 and slow_after > 0")
-        self.active = active
+    __slots__ = ("outcome", "slot", "task", "waiter", "work")
+
+    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> None:
+        self.work = work
+        self.slot = slot
+        self.task: trio.lowlevel.Task | None = None
+        self.outcome: outcome.Outcome[bytes] | None = None
+        # Released by the thread when the trio thread waits for this read synchronously
+        # (ReadPool.run's ``wait``); None otherwise, or once it stopped waiting.
+        self.waiter: threading.Lock | None = None
+
+
+class _ReaderThread:
+    """A thread that takes jobs off its pool's queue, in turn, until it is retired (its
+    read turned slow, or the pool closed). ``current``/``started`` tell the pool what it
+    is reading since when (``time.perf_counter``)."""
+
+    __slots__ = ("current", "idle", "pool", "retired", "started", "wake")
+
+    def __init__(self, pool: ReadPool) -> None:
+        self.pool = pool
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.idle = False
+        self.retired = False
+        self.current: _Job | None = None
+        self.started = 0.0
+        threading.Thread(target=self._main, daemon=True,
+                         name="seccomp-supervisor reader").start()
+
+    def kick(self) -> None:
+        """Called from the trio thread after queueing a job."""
+        if self.idle:
+            self.idle = False
+            try:
+                self.wake.release()
+            except RuntimeError:  # an earlier kick's release not consumed yet
+                pass
+
+    def _main(self) -> None:
+        _lower_thread_priority()
+        pending = self.pool.pending
+        report = self.pool.report
+        handoff = self.pool.handoff
+        capture = outcome.capture
+        while True:
+            while not self.retired:
+                try:
+                    job = pending.popleft()
+                except IndexError:
+                    break
+                self.started = perf_counter()
+                self.current = job
+                job.outcome = capture(job.work)
+                self.current = None
+                if job.waiter is not None:
+                    with handoff:  # see ReadPool._stop_waiting
+                        waiter = job.waiter
+                    if waiter is not None:
+                        waiter.release()  # the trio thread waits for it: no report
+                        continue
+                report(job)
+            if self.retired:
+                return
+            self.idle = True
+            if pending or self.retired:  # queued between the last look and `idle`
+                self.idle = False
+                continue
+            self.wake.acquire()
+
+
+class ReadPool:
+    """The daemon's threads for memory reads (see the module docstring).
+
+    Reads wait in one queue, in the order they were asked for; each session has at most
+    :data:`READS_PER_SESSION` in it or running (its own limiter holds the rest), so that
+    order takes the sessions in turn. One thread, the *active* one, takes them off the
+    queue one after another: a burst of reads costs one wake-up of that thread, and the
+    results come back to the trio thread in one wake-up too. A read running for longer
+    than ``slow_after`` seconds while others wait makes its thread *retire*: it finishes
+    (or stays stuck in) that read alone, and a new thread takes over the queue. So at most
+    one thread competes with the event loop for the GIL, and a container's slow memory
+    costs one thread per stuck read, never the others' turn. Used from the trio thread
+    (but for what the threads do: :meth:`report`).
+    """
+
+    def __init__(self, slow_after: float = SLOW_READ) -> None:
+        if slow_after <= 0:
+            raise ValueError("a ReadPool needs slow_after > 0")
         self.slow_after = slow_after
-        # Reads that count as active -> when they got their thread (trio time). Ordered:
-        # the first is the oldest.
-        self._running: dict[object, float] = {}
-        # Reads waiting for a thread, in turn: (borrower, granted, head). ``granted`` is
-        # set when a thread is theirs, ``head`` when they are first in line. Only the
-        # first in line watches for the running read turning slow: with every waiter
-        # watching, each slow turn woke all of them (measured: 100 waiting sessions took
-        # the loop to 100% CPU, ~15 ms per read; bench/run.py guard rows at K=100).
-        self._waiting: deque[tuple[object, trio.Event, trio.Event]] = deque()
+        self.pending: deque[_Job] = deque()
+        self.done: deque[_Job] = deque()
+        self.retired = 0  # threads retired for a slow read (statistics, tests)
+        self._active: _ReaderThread | None = None
+        self._fd_lock = threading.Lock()  # the eventfd is closed only under it
+        self.handoff = threading.Lock()  # who takes a read waited for synchronously
+        self._efd = -1
+        self._signalled = False
+        self._watch_wake: trio.Event | None = None
 
-    @property
-    def running(self) -> int:
-        """Reads counted as active now."""
-        return len(self._running)
+    async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
+                  wait: float = 0.0) -> bytes:
+        """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
+        Cancelled while waiting, the result is dropped; the place is given back only when
+        the thread returned.
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    async def acquire(self, borrower: object) -> None:
-        """Wait until ``borrower`` may start its read in a thread."""
-        if len(self._running) < self.active and not self._waiting:
-            # No checkpoint: the session's own limiter, asked first, made one.
-            self._running[borrower] = trio.current_time()
-            return
-        granted, head = trio.Event(), trio.Event()
-        entry = (borrower, granted, head)
-        self._waiting.append(entry)
-        if self._waiting[0] is entry:
-            head.set()
-        try:
-            while not granted.is_set():
-                if not head.is_set():
-                    await head.wait()  # set when first in line, or granted
-                    continue
-                # First in line and every thread is taken: wake up when the oldest read
-                # turns slow, if it is still running then, and let it stop counting.
-                oldest = next(iter(self._running.values()), None)
-                if oldest is None:  # no read to wait for (should not happen): take one
-                    self._grant()
-                    continue
-                with trio.move_on_at(oldest + self.slow_after):
-                    await granted.wait()
-                if not granted.is_set():
-                    self._retire_slow(trio.current_time())
-        except BaseException:
-            if granted.is_set():
-                self.release(borrower)
+        ``wait`` > 0: if ``slot`` has a place free at once, block the trio thread up to
+        ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
+        the loop: the cheap way when the loop has nothing else to do); a read not done by
+        then is waited for like any other."""
+        job = _Job(work, slot)
+        if wait > 0:
+            try:
+                slot.acquire_on_behalf_of_nowait(job)
+            except trio.WouldBlock:
+                pass
             else:
-                self._waiting.remove(entry)
-                self._mark_head()
-            raise
+                return await self._run_waiting(job, wait)
+        await slot.acquire_on_behalf_of(job)  # a checkpoint
+        self._queue(job)
+        return await self._result(job)
 
-    def release(self, borrower: object) -> None:
-        """``borrower``'s thread returned (or never started): its slot is free."""
-        if self._running.pop(borrower, None) is not None:
-            self._grant()
-
-    def _retire_slow(self, now: float) -> None:
-        for borrower, started in list(self._running.items()):
-            if started + self.slow_after > now:  # the deadline's own sum: no float gap
-                break
-            del self._running[borrower]
-        self._grant()
-
-    def _mark_head(self) -> None:
-        if self._waiting:
-            self._waiting[0][2].set()
-
-    def _grant(self) -> None:
-        now = -1.0
-        while self._waiting and len(self._running) < self.active:
-            borrower, granted, head = self._waiting.popleft()
-            if now < 0:
-                now = trio.current_time()
-            self._running[borrower] = now
-            granted.set()
-            head.set()
-        self._mark_head()
-
-
-_GATE: RunVar[ReadGate] = RunVar("seccomp_supervisor_read_gate")
-
-
-def current_read_gate() -> ReadGate:
-    """The :class:`ReadGate` of the running trio run (shared by every session)."""
-    try:
-        return _GATE.get()
-    except LookupError:
-        gate = ReadGate()
-        _GATE.set(gate)
-        return gate
-
-
-class _SessionSlots:
-    """What ``trio.to_thread.run_sync`` takes as its limiter: first one of the session's
-    own slots (FIFO within the session), then a turn at the shared :class:`ReadGate`.
-    Both are given back when the thread has returned, even if it was abandoned."""
-
-    def __init__(self, own: trio.CapacityLimiter, gate: ReadGate) -> None:
-        self.own = own
-        self.gate = gate
-
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await self.own.acquire_on_behalf_of(borrower)
+    def _queue(self, job: _Job) -> None:
         try:
-            await self.gate.acquire(borrower)
+            self._start()
         except BaseException:
-            self.own.release_on_behalf_of(borrower)
+            job.slot.release_on_behalf_of(job)
             raise
+        self.pending.append(job)
+        active = self._active
+        if active is None or active.retired:
+            self._active = _ReaderThread(self)
+        else:
+            active.kick()
 
-    def release_on_behalf_of(self, borrower: object) -> None:
-        self.gate.release(borrower)
-        self.own.release_on_behalf_of(borrower)
+    async def _run_waiting(self, job: _Job, wait: float) -> bytes:
+        waiter = job.waiter = threading.Lock()
+        waiter.acquire()
+        self._queue(job)
+        try:
+            done = waiter.acquire(timeout=wait)
+        except BaseException:  # a signal handler raised (KeyboardInterrupt)
+            if self._stop_waiting(job):
+                job.task = None  # its thread reports it: the slot is given back then
+            else:
+                job.slot.release_on_behalf_of(job)
+            raise
+        if done or not self._stop_waiting(job):
+            job.slot.release_on_behalf_of(job)
+            assert job.outcome is not None
+            return job.outcome.unwrap()
+        return await self._result(job)  # slow: its thread reports it
+
+    def _stop_waiting(self, job: _Job) -> bool:
+        """The synchronous wait for ``job`` timed out: True if its thread will report it
+        (it had not finished), False if it finished meanwhile (the result is here)."""
+        with self.handoff:
+            if job.outcome is not None:
+                return False
+            job.waiter = None
+            return True
+
+    async def _result(self, job: _Job) -> bytes:
+        """Wait for the thread to report ``job`` (queued already)."""
+        if self._watch_wake is not None:
+            self._watch_wake.set()
+            self._watch_wake = None
+        job.task = trio.lowlevel.current_task()
+        pending, slot = self.pending, job.slot
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            try:
+                pending.remove(job)  # not started: give the place back now
+            except ValueError:
+                job.task = None  # running: its thread gives the place back
+            else:
+                slot.release_on_behalf_of(job)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: bytes = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def report(self, job: _Job) -> None:
+        """Called by a reading thread: ``job`` is done. One eventfd write per batch."""
+        self.done.append(job)
+        if not self._signalled:
+            self._signalled = True
+            with self._fd_lock:
+                if self._efd >= 0:
+                    os.eventfd_write(self._efd, 1)
+
+    def _start(self) -> None:
+        if self._efd < 0:
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
+            trio.lowlevel.spawn_system_task(self._watch, name="seccomp-supervisor slow reads")
+
+    async def _deliver(self) -> None:
+        """Give every finished read's result to its task, one batch per wake-up."""
+        efd = self._efd
+        done = self.done
+        reschedule = trio.lowlevel.reschedule
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(efd)
+                try:
+                    os.eventfd_read(efd)
+                except BlockingIOError:
+                    pass
+                # After the read (a report between a reset and the read would leave the
+                # flag set with nothing to wake us), before draining (a report after the
+                # drain signals again).
+                self._signalled = False
+                while done:
+                    job = done.popleft()
+                    job.slot.release_on_behalf_of(job)
+                    if job.task is not None:
+                        assert job.outcome is not None
+                        reschedule(job.task, job.outcome)
+        finally:
+            with self._fd_lock:
+                trio.lowlevel.notify_closing(efd)
+                os.close(efd)
+                self._efd = -1
+            if self._active is not None:
+                self._active.retired = True
+                self._active.idle = True
+                self._active.kick()
+
+    async def _watch(self) -> None:
+        """While reads wait, retire the active thread when its read turns slow."""
+        while True:
+            active = self._active
+            if not self.pending or active is None:
+                wake = self._watch_wake = trio.Event()
+                await wake.wait()
+                continue
+            job, started = active.current, active.started
+            left = started + self.slow_after - perf_counter()
+            if job is None or left > 0:
+                # Not started yet (the thread is waking up), or not slow yet.
+                await trio.sleep(self.slow_after if job is None else left)
+                continue
+            if active.current is job and self.pending and self._active is active:
+                active.retired = True
+                self.retired += 1
+                self._active = _ReaderThread(self)
+
+
+_POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
+
+
+def current_read_pool() -> ReadPool:
+    """The :class:`ReadPool` of the running trio run (shared by every session)."""
+    try:
+        return _POOL.get()
+    except LookupError:
+        pool = ReadPool()
+        _POOL.set(pool)
+        return pool
 
 
 class TargetMemory:
     """Memory access for the notifications of one listener fd.
 
-    ``limiter`` bounds the worker threads one session can tie up (default
-    :data:`READS_PER_SESSION`); ``gate`` is the daemon's shared :class:`ReadGate`
-    (default: the trio run's).
+    ``limiter`` bounds the reads one session has queued or running in threads (default
+    :data:`READS_PER_SESSION`); ``pool`` is the daemon's shared :class:`ReadPool`
+    (default: the trio run's); ``inline_wait``: see :data:`INLINE_WAIT`.
     """
 
     def __init__(self, notify: NotifyFd, limiter: trio.CapacityLimiter | None = None,
-                 *, use_proc_mem: bool = False, gate: ReadGate | None = None) -> None:
+                 *, use_proc_mem: bool = False, pool: ReadPool | None = None,
+                 inline_wait: float = INLINE_WAIT) -> None:
         self._notify = notify
+        self._inline_wait = inline_wait
         self._limiter = limiter or trio.CapacityLimiter(READS_PER_SESSION)
-        self._gate = gate
-        self._slots: _SessionSlots | None = None
+        self._pool = pool
         self._use_proc_mem = use_proc_mem
-
-    def _thread_limiter(self) -> trio.CapacityLimiter:
-        if self._slots is None:
-            self._slots = _SessionSlots(self._limiter, self._gate or current_read_gate())
-        # to_thread.run_sync accepts any object with the two *_on_behalf_of methods.
-        return cast(trio.CapacityLimiter, self._slots)
 
     def id_valid(self, notif_id: int) -> bool:
         return not self._notify.closed and self._notify.id_valid(notif_id)
@@ -347,7 +529,6 @@ class TargetMemory:
         reader = self._open_reader(notif_id, tid)
 
         def work() -> bytes:
-            _lower_thread_priority()
             try:
                 if cstring:
                     return reader.read_cstring(address, length)
@@ -355,9 +536,12 @@ class TargetMemory:
             finally:
                 reader.close()
 
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = current_read_pool()
         try:
-            data = await trio.to_thread.run_sync(
-                work, abandon_on_cancel=True, limiter=self._thread_limiter())
+            data = await pool.run(work, self._limiter,
+                                  self._inline_wait if polled_alone() else 0.0)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem

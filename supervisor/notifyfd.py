@@ -496,6 +496,15 @@ class Poller:
 _POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")
 
 
+def polled_alone() -> bool:
+    """True if the running trio run's poller serves exactly one listener fd (then nothing
+    else waits for the event loop but that fd's own next notification)."""
+    try:
+        return len(_POLLER.get()) == 1
+    except LookupError:
+        return False
+
+
 def current_poller() -> Poller:
     """The :class:`Poller` of the running trio run, started on first use as a system task
     (it lives as long as the run, so every session of a daemon shares it)."""
