@@ -570,3 +570,55 @@ def test_restore_group_hands_back_the_journal_with_its_listener() -> None:
     finally:
         os.close(listener)
         _reap(child)
+
+
+async def test_a_session_stored_without_a_journal_gets_one_added_to_its_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored from a group an older version stored (notify fd and state only): the
+    daemon adds a journal to the same fd-store name, so the next crash is covered."""
+    import array
+    import socket
+
+    from .daemon_harness import running_daemon
+    from .soak import config_text
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.delenv("FDSTORE", raising=False)
+    child = _blocked_call(NR_GETSID, 4)
+    listener = child.take_listener()
+    received: list[tuple[dict[str, str], list[int]]] = []
+    try:
+        async with running_daemon(tmp_path, config_text(tmp_path)) as d:
+            session = d.daemon.start_session(NotifyFd(listener), Container(id="old"),
+                                             stored_as="session-0123456789ab",
+                                             source="from the fd store")
+            listener = -1  # the session owns it
+            assert session is not None and session.journal is not None
+            with trio.fail_after(10):
+                while not any(m.get("FDSTORE") == "1" for m, _ in received):
+                    await trio.lowlevel.wait_readable(sock)
+                    data, anc, _flags, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
+                    fds = [fd for level, kind, payload in anc
+                           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                           for fd in array.array("i", payload)]
+                    received.append((dict(line.split("=", 1) for line in
+                                          data.decode().splitlines() if "=" in line), fds))
+            out = await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=20)[0])
+            assert json.loads(out)["rc"] == expected(NR_GETSID, 4)
+        d.daemon.notifier.close()  # its socket to our NOTIFY_SOCKET
+        stores = [(m, fds) for m, fds in received if m.get("FDSTORE") == "1"]
+        assert len(stores) == 1 and stores[0][0]["FDNAME"] == "session-0123456789ab"
+        assert len(stores[0][1]) == 1 and is_journal_fd(stores[0][1][0])
+    finally:
+        for _m, fds in received:
+            for fd in fds:
+                os.close(fd)
+        if listener >= 0:
+            os.close(listener)
+        sock.close()
+        _reap(child)
