@@ -14,23 +14,25 @@ still valid on that listener again (``Session._recover``).
 and ``ID_VALID`` must be asked on that filter's fd, so an entry only means something
 next to its listener; the fd-store group keeps the two together through restarts, a
 keeper and takeovers with no lookup table, and removing the group when the container
-ends drops the journal with it. Ids of one filter are consecutive, so ``id & mask``
-spreads them over the slots with no bookkeeping.
+ends drops the journal with it.
 
 **The kernel is the ledger of what was answered.** An answered id is never valid again
 (ids are a 64-bit counter per filter), so a slot need not be cleared when its answer is
 sent: the next process asks ``ID_VALID`` for every id it finds and ignores the answered
-ones. That keeps the hot path to two memory writes (the copy and its commit). The one
-thing a slot of the *ring* cannot do is wait: it is reused by the id ``slots`` later. So
-a decision that waits (a coroutine handler that suspends, a notification parked for a
-slot) first **pins** its entry: copies it to a slot of the *pinned* area, kept until its
-answer was sent (:meth:`Journal.pin`, :meth:`Journal.unpin`).
+ones. That keeps the hot path to two memory writes (the copy and its commit) into a
+small *ring* (slot ``id & 3``): a session decides inline, answering before its next
+RECV, or hands the decision on to wait, so one slot would do; four leave slack and stay
+in one page. A decision that waits (a coroutine handler that suspends, a notification
+parked for a ``max_inflight`` slot) first **pins** its entry: copies it to a slot of the
+*pinned* area, kept until its answer was sent (:meth:`Journal.pin`,
+:meth:`Journal.unpin`); free pinned slots are reused last-freed first, so only the
+pages that many decisions waiting at once need are ever touched.
 
 Layout (little endian, 8-byte words)::
 
-    header  64 bytes: MAGIC, version, slot size, slots (per area)
-    ring    slots x 96 bytes   slot of id X: X & (slots - 1)
-    pinned  slots x 96 bytes
+    header  64 bytes: MAGIC, version, slot size, ring slots, pinned slots
+    ring    ring slots x 96 bytes     slot of id X: X & (ring slots - 1)
+    pinned  pinned slots x 96 bytes
     slot:   struct seccomp_notif as RECV filled it (80 bytes: id, pid, flags, nr, arch,
             ip, args[6]), then ``commit`` (the id again), then 0
 
@@ -55,6 +57,7 @@ from . import abi
 
 __all__ = [
     "MAGIC",
+    "RING_SLOTS",
     "Entry",
     "Journal",
     "JournalError",
@@ -72,7 +75,9 @@ _WORDS_PER_SLOT: Final = SLOT_SIZE // 8
 _HEADER_WORDS: Final = HEADER_SIZE // 8
 _COMMIT_WORD: Final = abi.NOTIF_SIZE // 8  # word 10 of a slot
 _NOTIF_SIZE: Final = abi.NOTIF_SIZE
-_HEADER: Final = struct.Struct("<8sQQQ")
+_HEADER: Final = struct.Struct("<8sQQQQ")
+#: Ring slots of a new journal (see the module docstring).
+RING_SLOTS: Final = 4
 #: Upper bound for a journal read back (a session's max_inflight is far smaller).
 MAX_SLOTS: Final = 1 << 16
 _unpack_head: Final = abi.NOTIF_HEAD.unpack_from
@@ -84,22 +89,22 @@ class JournalError(ValueError):
 
 
 def slots_for(max_inflight: int) -> int:
-    """Slots per area for a session: every async decision under way, the parked one and
+    """Pinned slots for a session: every async decision under way, the parked one and
     the one being decided inline, rounded up to a power of two (at least 16)."""
     need = max(16, max_inflight + 2)
     return 1 << (need - 1).bit_length()
 
 
 def create_journal_fd(slots: int) -> int:
-    """A new, zeroed journal memfd with ``slots`` slots (a power of two) in each of its
-    two areas. Its size is sealed; its content is written through the mapping. The
-    caller owns the fd."""
+    """A new, zeroed journal memfd with :data:`RING_SLOTS` ring slots and ``slots``
+    pinned slots (a power of two). Its size is sealed; its content is written through
+    the mapping. The caller owns the fd."""
     if slots <= 0 or slots & (slots - 1) or slots > MAX_SLOTS:
         raise ValueError(f"journal slots must be a power of two <= {MAX_SLOTS}: {slots}")
     fd = os.memfd_create("seccomp-supervisor-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, HEADER_SIZE + 2 * slots * SLOT_SIZE)
-        os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots), 0)
+        os.ftruncate(fd, HEADER_SIZE + (RING_SLOTS + slots) * SLOT_SIZE)
+        os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, SLOT_SIZE, RING_SLOTS, slots), 0)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                     fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     except BaseException:
@@ -108,22 +113,24 @@ def create_journal_fd(slots: int) -> int:
     return fd
 
 
-def _read_header(fd: int) -> int:
-    """The slot count of journal ``fd``. Raises JournalError, OSError."""
+def _read_header(fd: int) -> tuple[int, int]:
+    """The ring and pinned slot counts of journal ``fd``. Raises JournalError,
+    OSError."""
     head = os.pread(fd, _HEADER.size, 0)
     if len(head) < _HEADER.size:
         raise JournalError("too short for a journal header")
-    magic, version, slot_size, slots = _HEADER.unpack(head)
+    magic, version, slot_size, ring, slots = _HEADER.unpack(head)
     if magic != MAGIC:
         raise JournalError("not a journal")
     if version != VERSION or slot_size != SLOT_SIZE:
         raise JournalError(f"journal version {version}, slot size {slot_size}: not ours")
-    if not 0 < slots <= MAX_SLOTS or slots & (slots - 1):
-        raise JournalError(f"journal of {slots} slots")
+    for count in (ring, slots):
+        if not 0 < count <= MAX_SLOTS or count & (count - 1):
+            raise JournalError(f"journal of {ring} + {slots} slots")
     size = os.fstat(fd).st_size
-    if size != HEADER_SIZE + 2 * slots * SLOT_SIZE:
-        raise JournalError(f"journal of {slots} slots is {size} bytes")
-    return int(slots)
+    if size != HEADER_SIZE + (ring + slots) * SLOT_SIZE:
+        raise JournalError(f"journal of {ring} + {slots} slots is {size} bytes")
+    return int(ring), int(slots)
 
 
 def is_journal_fd(fd: int) -> bool:
@@ -174,22 +181,23 @@ class Journal:
     fd (close that after construction: the mapping keeps the memfd alive)."""
 
     __slots__ = ("_commits", "_free", "_mask", "_mm", "_offsets", "_pinned", "_recv_buf",
-                 "_words", "slots", "unjournaled")
+                 "_ring", "_total", "_words", "slots", "unjournaled")
 
     def __init__(self, fd: int, recv_buf: bytearray | memoryview) -> None:
         """``recv_buf``: the buffer the session's RECV fills (see
         :attr:`supervisor.notifyfd.NotifyFd.recv_buffer`); :meth:`record` copies it."""
-        self.slots = _read_header(fd)
-        self._mm = mmap.mmap(fd, HEADER_SIZE + 2 * self.slots * SLOT_SIZE)
+        self._ring, self.slots = _read_header(fd)  # slots: pinned ones
+        self._total = self._ring + self.slots
+        self._mm = mmap.mmap(fd, HEADER_SIZE + self._total * SLOT_SIZE)
         self._words = memoryview(self._mm).cast("Q")
-        self._mask = self.slots - 1
+        self._mask = self._ring - 1
         self._recv_buf = recv_buf
         # Per ring slot: its byte offset and the index of its commit word (a lookup
         # costs less than the arithmetic, on the hot path).
-        self._offsets = [HEADER_SIZE + slot * SLOT_SIZE for slot in range(self.slots)]
+        self._offsets = [HEADER_SIZE + slot * SLOT_SIZE for slot in range(self._ring)]
         self._commits = [(offset >> 3) + _COMMIT_WORD for offset in self._offsets]
-        self._pinned: dict[int, int] = {}  # id -> pinned slot (slots..2*slots-1)
-        self._free = list(range(2 * self.slots - 1, self.slots - 1, -1))
+        self._pinned: dict[int, int] = {}  # id -> pinned slot (ring..total-1)
+        self._free = list(range(self._total - 1, self._ring - 1, -1))
         self.unjournaled = 0  # waiting decisions that found every pinned slot taken
 
     # -- the hot path: memory writes only ------------------------------------------------
@@ -232,7 +240,7 @@ class Journal:
         """Every slot (ring and pinned) that names an id, once per id (a complete copy
         preferred over a torn one)."""
         by_id: dict[int, Entry] = {}
-        for entry in scan(self._words, 2 * self.slots):
+        for entry in scan(self._words, self._total):
             known = by_id.get(entry.id)
             if known is None or (known.torn and not entry.torn):
                 by_id[entry.id] = entry
@@ -249,16 +257,16 @@ class Journal:
             if id_valid(entry.id):
                 (torn if entry.torn else complete).append(entry)
         valid = {entry.id for entry in complete} | {entry.id for entry in torn}
-        for entry in scan(self._words, 2 * self.slots):
+        for entry in scan(self._words, self._total):
             if entry.id not in valid:
                 self._wipe(entry.slot)
         # Pinned slots start free again; recovered entries in the pinned area stay.
         self._pinned.clear()
-        taken = {e.slot for e in complete if e.slot >= self.slots}
-        self._free = [s for s in range(2 * self.slots - 1, self.slots - 1, -1)
+        taken = {e.slot for e in complete if e.slot >= self._ring}
+        self._free = [s for s in range(self._total - 1, self._ring - 1, -1)
                       if s not in taken]
         for entry in complete:
-            if entry.slot >= self.slots:
+            if entry.slot >= self._ring:
                 self._pinned[entry.id] = entry.slot
             else:
                 self.pin(entry.id)

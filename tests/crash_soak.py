@@ -141,7 +141,11 @@ class ChaosReport:
 def install_unit(m: UserManager, d: DaemonProcess, store_max: int) -> None:
     units = m.unit_dir
     units.mkdir(parents=True, exist_ok=True)
-    (units / m.unit).write_text(f"""[Service]
+    # No start rate limit: ten crashes in a few seconds would trip systemd's default
+    # (5 starts in 10 s), and the unit would stay down.
+    (units / m.unit).write_text(f"""[Unit]
+StartLimitIntervalSec=0
+[Service]
 Type=notify
 NotifyAccess=main
 ExecStart={sys.executable} -m supervisor serve --config {d.config}

@@ -29,6 +29,7 @@ from supervisor.decide import Chain
 from supervisor.errors import NotificationGone
 from supervisor.journal import (
     HEADER_SIZE,
+    RING_SLOTS,
     SLOT_SIZE,
     Journal,
     JournalError,
@@ -153,30 +154,31 @@ def _journal(slots: int = 16) -> tuple[int, Journal, _Buf]:
 
 
 def test_journal_reads_back_only_ids_the_kernel_still_holds() -> None:
-    """Inline decisions leave their entries (the kernel knows they were answered); a
-    read-back keeps the ids ID_VALID accepts, once each, and wipes the others."""
+    """Inline decisions leave their entries in the ring (the kernel knows they were
+    answered); a waiting one is pinned. A read-back keeps the ids ID_VALID accepts, once
+    each (a pinned entry is in the ring too), and wipes the others."""
     fd, journal, buf = _journal()
     try:
         base = 0xFFFF_FFFF_FFFF_FFF0  # ids are random u64s counting up: wraps, too
         for i in range(5):
             journal.record(buf.fill((base + i) % 2**64, pid=100 + i, args=(i,) * 6))
-        journal.pin((base + 2) % 2**64)  # a decision that waits: also pinned
-        # A new process maps the same memfd; the kernel holds ids base+0, +2 and +4.
+            if i == 2:
+                journal.pin((base + i) % 2**64)  # its coroutine handler suspended
+        # A new process maps the same memfd. The kernel holds base+2 (waiting) and
+        # base+4 (being decided inline at the crash); base+0's slot was reused by base+4.
         pending = {(base + i) % 2**64 for i in (0, 2, 4)}
         again = Journal(fd, bytearray(80))
         complete, torn = again.take_entries(lambda i: i in pending)
         assert torn == []
         assert sorted((e.id, e.pid, e.args) for e in complete) == sorted(
-            ((base + i) % 2**64, 100 + i, (i,) * 6) for i in (0, 2, 4))
+            ((base + i) % 2**64, 100 + i, (i,) * 6) for i in (2, 4))
         assert all(e.nr == NR_GETPGID and e.arch == 0xC000003E for e in complete)
-        assert again.pinned == 3  # their decisions are about to wait
+        assert again.pinned == 2  # their decisions are about to wait
         for e in complete:
             again.unpin(e.id)
-        # The ring still has base+0 and base+4 (never cleared): ID_VALID is the judge.
+        # The ring still has entries (never cleared): ID_VALID is the judge.
         assert again.unanswered(lambda i: False) == 0
-        third = Journal(fd, bytearray(80))
-        assert third.take_entries(lambda i: i in pending)[0] != []
-        third.close()
+        assert again.unanswered(lambda i: i == (base + 4) % 2**64) == 1  # in the ring
         again.close()
     finally:
         journal.close()
@@ -192,7 +194,7 @@ def test_a_torn_slot_is_never_decided_from_its_content() -> None:
         journal.record(buf.fill(40))
         journal.record(buf.fill(41, args=(9,) * 6))
         words = memoryview(journal._mm).cast("Q")
-        slot41 = (HEADER_SIZE + (41 % 16) * SLOT_SIZE) // 8
+        slot41 = (HEADER_SIZE + (41 % RING_SLOTS) * SLOT_SIZE) // 8
         words[slot41 + 10] = 0                  # the commit never happened
         words[slot41 + 4] = 0xDEAD              # and the arguments are half old
         words.release()
@@ -248,7 +250,7 @@ def test_only_a_journal_of_this_layout_is_read_back() -> None:
     fd = create_journal_fd(16)
     try:
         assert is_journal_fd(fd)
-        os.pwrite(fd, (1 << 40).to_bytes(8, "little"), 24)  # a slot count too large
+        os.pwrite(fd, (1 << 40).to_bytes(8, "little"), 32)  # a slot count too large
         with pytest.raises(JournalError):
             Journal(fd, bytearray(80))
         with pytest.raises(OSError):
@@ -377,7 +379,7 @@ async def test_a_torn_entry_of_a_pending_call_gets_on_error() -> None:
         buf = _Buf()
         writer = Journal(journal_fd, buf.buf)
         writer.record(buf.fill(notif_id, pid=child.pid, args=(13, 0, 0, 0, 0, 0)))
-        slot = notif_id & 15
+        slot = notif_id & (RING_SLOTS - 1)
         words = memoryview(writer._mm).cast("Q")
         words[(HEADER_SIZE + slot * SLOT_SIZE) // 8 + 10] = 0  # never committed
         words.release()
@@ -569,4 +571,56 @@ def test_restore_group_hands_back_the_journal_with_its_listener() -> None:
             os.fstat(lonely)
     finally:
         os.close(listener)
+        _reap(child)
+
+
+async def test_a_session_stored_without_a_journal_gets_one_added_to_its_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored from a group an older version stored (notify fd and state only): the
+    daemon adds a journal to the same fd-store name, so the next crash is covered."""
+    import array
+    import socket
+
+    from .daemon_harness import running_daemon
+    from .soak import config_text
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.delenv("FDSTORE", raising=False)
+    child = _blocked_call(NR_GETSID, 4)
+    listener = child.take_listener()
+    received: list[tuple[dict[str, str], list[int]]] = []
+    try:
+        async with running_daemon(tmp_path, config_text(tmp_path)) as d:
+            session = d.daemon.start_session(NotifyFd(listener), Container(id="old"),
+                                             stored_as="session-0123456789ab",
+                                             source="from the fd store")
+            listener = -1  # the session owns it
+            assert session is not None and session.journal is not None
+            with trio.fail_after(10):
+                while not any(m.get("FDSTORE") == "1" for m, _ in received):
+                    await trio.lowlevel.wait_readable(sock)
+                    data, anc, _flags, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
+                    fds = [fd for level, kind, payload in anc
+                           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                           for fd in array.array("i", payload)]
+                    received.append((dict(line.split("=", 1) for line in
+                                          data.decode().splitlines() if "=" in line), fds))
+            out = await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=20)[0])
+            assert json.loads(out)["rc"] == expected(NR_GETSID, 4)
+        d.daemon.notifier.close()  # its socket to our NOTIFY_SOCKET
+        stores = [(m, fds) for m, fds in received if m.get("FDSTORE") == "1"]
+        assert len(stores) == 1 and stores[0][0]["FDNAME"] == "session-0123456789ab"
+        assert len(stores[0][1]) == 1 and is_journal_fd(stores[0][1][0])
+    finally:
+        for _m, fds in received:
+            for fd in fds:
+                os.close(fd)
+        if listener >= 0:
+            os.close(listener)
+        sock.close()
         _reap(child)
