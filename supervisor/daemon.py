@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import trio
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import __version__, bpf, emulate, systemd
 from .audit import Recorder
@@ -57,7 +57,7 @@ from .fdstore import (
 )
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
-from .journal import Journal, create_journal_fd, slots_for
+from .journal import Journal, JournalError, create_journal_fd, slots_for
 from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
@@ -150,6 +150,12 @@ class Daemon:
             self.reloads.labels(label)
         for label in ("fdstore", "takeover"):
             self.restored.labels(label)
+        # Only with --fd-keeper (a sample labelled with its path): 1 while attached.
+        self.keeper_attached = Gauge(
+            "fd_keeper_attached", "1 while the fd keeper of serve --fd-keeper holds the "
+            "sessions for a crash; 0 while it is gone (a crash now would end every "
+            "container's session).", ["path"], namespace="seccomp_supervisor",
+            registry=self.registry)
         # A listener served twice freezes the loop (see served.py): every path that
         # starts a session (handoff, fd store, takeover, resume) claims it here first.
         self.served = ServedListeners()
@@ -714,7 +720,9 @@ class Daemon:
                 log.info("fd keeper: %s; waiting for it", exc)
                 time.sleep(0.2)  # before serving anything: nothing else to run
         self._keeper = attached
-        self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
+        self.keeper_attached.labels(self.fd_keeper).set(1)
+        self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={},
+                               holder="the fd keeper")
         log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
                  ", retired" if attached.retired else "")
         return attached
@@ -753,6 +761,7 @@ class Daemon:
             if data:
                 continue  # the keeper says nothing after END: ignore
             self._detach_keeper()
+            self.keeper_attached.labels(self.fd_keeper).set(0)
             log.error("fd keeper %s is gone: the sessions would not survive a crash now; "
                       "attaching again when it is back", self.fd_keeper)
             delay = 0.2
@@ -770,7 +779,9 @@ class Daemon:
                 # serve (this daemon serves its own sessions).
                 _close_all_listen_fds(attached.fds)
                 self._keeper = attached
-                self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={})
+                self.keeper_attached.labels(self.fd_keeper).set(1)
+                self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={},
+                                       holder="the fd keeper")
                 stored = await self._store_all_sessions()
                 log.info("fd keeper %s is back: %d of %d sessions stored again",
                          self.fd_keeper, stored, len(self.sessions))
@@ -784,10 +795,25 @@ class Daemon:
             if session not in self.sessions:
                 continue  # ended meanwhile
             name = self._stored_names.get(session) or new_session_name()
-            if self.fdstore.store(name, session.notify.fileno(), session.container,
-                                  session.chain.names, session.settings.mode):
-                self._stored_names[session] = name
-                stored += 1
+            # The journal's memfd went with the old store: the session writes to a copy
+            # in a new one from now on, stored with its listener.
+            journal_fd = -1
+            if session.journal is not None:
+                try:
+                    journal_fd = session.journal.move_to_new_memfd()
+                except (OSError, JournalError) as exc:
+                    log.error("container %s: its in-flight journal cannot be stored "
+                              "again (%s): calls a crash left unanswered would stay "
+                              "blocked", session.container.id, exc)
+            try:
+                if self.fdstore.store(name, session.notify.fileno(), session.container,
+                                      session.chain.names, session.settings.mode,
+                                      journal_fd=journal_fd):
+                    self._stored_names[session] = name
+                    stored += 1
+            finally:
+                if journal_fd >= 0:
+                    os.close(journal_fd)
         return stored
 
     async def _request_takeover(self, path: str) -> Any:

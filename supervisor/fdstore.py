@@ -267,9 +267,11 @@ class FdStore:
     for three fds per container). Does nothing when ``notifier`` is disabled (not under
     systemd) or ``$FDSTORE`` (set by systemd >= 254) says the store is 0."""
 
-    def __init__(self, notifier: Notifier, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, notifier: Notifier, env: Mapping[str, str] | None = None,
+                 holder: str = "systemd") -> None:
         environ = os.environ if env is None else env
         self.notifier = notifier
+        self.holder = holder  # who keeps the fds, for the log: systemd or the fd keeper
         self.enabled = notifier.enabled and environ.get("FDSTORE", "").strip() != "0"
         self.stored = 0
         self.failed = 0
@@ -300,8 +302,8 @@ class FdStore:
         else:
             self.failed += 1
             err = self.notifier.last_error
-            log.warning("fd store: systemd did not take the fds of container %s (%s): it "
-                        "will not survive a restart", container.id,
+            log.warning("fd store: %s did not take the fds of container %s (%s): it "
+                        "will not survive a restart", self.holder, container.id,
                         os.strerror(err.errno) if err is not None and err.errno
                         else "send failed")
         return ok

@@ -234,6 +234,30 @@ class Journal:
             self._words[((HEADER_SIZE + slot * SLOT_SIZE) >> 3) + _COMMIT_WORD] = 0
             self._free.append(slot)
 
+    # -- a new home ----------------------------------------------------------------------
+
+    def move_to_new_memfd(self) -> int:
+        """Copy this journal into a new memfd and write there from now on; return that
+        fd (the caller stores it, then closes it). For a session stored again after its
+        fd store was lost (a keeper that died and came back): the old memfd is no longer
+        held by anything that outlives us. Raises OSError (this journal is unchanged)."""
+        fd = create_journal_fd(self.slots)
+        try:
+            if _read_header(fd) != (self._ring, self.slots):
+                raise JournalError("a new journal of another geometry")
+            mm = mmap.mmap(fd, HEADER_SIZE + self._total * SLOT_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        # One thread writes journals (the event loop's), so nothing is recorded between
+        # the copy and the switch.
+        mm[HEADER_SIZE:] = self._mm[HEADER_SIZE:]
+        self._words.release()
+        self._mm.close()
+        self._mm = mm
+        self._words = memoryview(mm).cast("Q")
+        return fd
+
     # -- after a restart -----------------------------------------------------------------
 
     def entries(self) -> list[Entry]:

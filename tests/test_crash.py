@@ -235,6 +235,34 @@ def test_a_waiting_decision_survives_its_ring_slot_being_reused() -> None:
         os.close(fd)
 
 
+def test_a_journal_moved_to_a_new_memfd_keeps_its_entries_and_writes_there() -> None:
+    """A keeper that died took the old memfd with it: the session copies its journal to
+    a new one (stored again) and records there from then on, pinned entries included."""
+    fd, journal, buf = _journal(16)
+    new_fd = -1
+    try:
+        journal.record(buf.fill(100, args=(7,) * 6))
+        journal.pin(100)                       # waits across the move
+        journal.record(buf.fill(101, args=(8,) * 6))
+        new_fd = journal.move_to_new_memfd()
+        journal.record(buf.fill(102, args=(9,) * 6))  # after the move
+        moved = Journal(new_fd, bytearray(80))
+        complete, torn = moved.take_entries(lambda i: True)
+        assert sorted((e.id, e.args) for e in complete) == \
+            [(100, (7,) * 6), (101, (8,) * 6), (102, (9,) * 6)] and not torn
+        moved.close()
+        old = Journal(fd, bytearray(80))       # the old memfd no longer changes
+        assert 102 not in {e.id for e in old.entries()}
+        old.close()
+        journal.unpin(100)
+        assert journal.pinned == 0
+    finally:
+        journal.close()
+        os.close(fd)
+        if new_fd >= 0:
+            os.close(new_fd)
+
+
 def test_only_a_journal_of_this_layout_is_read_back() -> None:
     assert slots_for(64) == 128 and slots_for(1) == 16 and slots_for(126) == 128
     with pytest.raises(ValueError):

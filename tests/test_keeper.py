@@ -481,10 +481,10 @@ def test_the_daemon_side_refuses_a_keeper_that_lies(tmp_path: Path) -> None:
 def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
         tmp_path: Path) -> None:
     """keeper + `serve --fd-keeper`; targets calling in a loop; the daemon SIGKILLed
-    (between calls: a call received but not answered at a crash stays blocked, see
-    docs/restarts.md) and started again with the pod's arguments: it serves them again
-    and does not take over from anyone. Then the keeper dies and comes back: the daemon
-    stores every session again, and a second crash still loses nothing."""
+    (between calls: calls in flight at a crash are tests/test_crash.py's) and started
+    again with the pod's arguments: it serves them again and does not take over from
+    anyone. Then the keeper dies and comes back: the daemon stores every session again
+    (journals included), and a second crash still loses nothing."""
     from .soak import config_text
 
     stop, hold = tmp_path / "stop", tmp_path / "hold"
@@ -519,9 +519,13 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
                     d.wait_log("fd keeper .* is gone")
                     assert d.status()["fd_keeper"] == {"path": str(k.path),
                                                        "attached": False}
+                    gauge = ("seccomp_supervisor_fd_keeper_attached",
+                             (("path", str(k.path)),))
+                    assert d.metrics()[gauge] == 0
                     k.start()
                     d.wait_log(f"is back: {n} of {n} sessions stored again")
                     assert d.status()["fd_keeper"]["attached"] is True
+                    assert d.metrics()[gauge] == 1
                     text = subprocess.run(
                         [*CLI, "status", "--control", d.control_path], cwd=ROOT,
                         capture_output=True, text=True, check=True).stdout

@@ -56,7 +56,7 @@ def test_every_alert_is_written_for_an_operator_and_tested_both_ways() -> None:
         "SeccompSupervisorSlowDecisions", "SeccompSupervisorRateLimited",
         "SeccompSupervisorAuditLinesSuppressed", "SeccompSupervisorRestarted",
         "SeccompSupervisorReloadFailed", "SeccompSupervisorHandoffsFailing",
-        "SeccompSupervisorNoSessions"}
+        "SeccompSupervisorNoSessions", "SeccompSupervisorFdKeeperGone"}
     tests = TESTS.read_text()
     for name, block in blocks.items():
         assert re.search(r"^\s+severity: (critical|warning|info)$", block, re.M), name
@@ -97,6 +97,10 @@ MUTATIONS = [
     ('{container_state="running"}', "", "SeccompSupervisorNoSessions"),
     ('"([^:]+)(?::[0-9]+)?")\n          and on (host)', '"(.*)")\n          and on (host)',
      "SeccompSupervisorNoSessions"),
+    ("fd_keeper_attached == 0\n        for: 2m", "fd_keeper_attached >= 0\n        for: 2m",
+     "SeccompSupervisorFdKeeperGone"),
+    ("fd_keeper_attached == 0\n        for: 2m", "fd_keeper_attached == 0\n        for: 0m",
+     "SeccompSupervisorFdKeeperGone"),
     # Never fires: every firing case must notice.
     ("- alert: SeccompSupervisorDeadlineMisses", "- alert: SeccompSupervisorDeadlineMissed",
      "SeccompSupervisorDeadlineMisses"),
