@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -622,7 +623,8 @@ def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> Non
     target = subprocess.Popen(
         [*CLI, "run", "--socket", service.socket, "--id", "fdstore", "--notify", "mkdir",
          "--notify", "mkdirat", "--", sys.executable, "-c", script, str(work)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=service.files)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=service.files,
+        start_new_session=True)  # its own group: the filtered child holds the pipes too
     try:
         deadline = time.monotonic() + 30
         while not (work / "ready").exists():
@@ -632,6 +634,10 @@ def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> Non
         before = service.pid
         reloads = service.log().count("reloaded ")
         m.ctl("reload", SERVICE)
+        # ExecReload= sends SIGHUP and returns: the daemon logs the reload a little later.
+        deadline = time.monotonic() + 30
+        while service.log().count("reloaded ") < reloads + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert service.log().count("reloaded ") == reloads + 1, service.log()[-2000:]
         restarted = time.time()
         m.ctl("restart", SERVICE)
@@ -641,8 +647,8 @@ def test_fd_store_reload_and_watchdog_under_the_sandbox(service: Service) -> Non
         _out, err = target.communicate(timeout=30)
     finally:
         if target.poll() is None:
-            target.kill()
-            target.communicate()
+            os.killpg(target.pid, signal.SIGKILL)  # the group this test started
+            target.communicate(timeout=30)
     assert target.returncode == 0, err
     assert (work / "b").is_dir()
     lines = service.audit("fdstore", 2)
