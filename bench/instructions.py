@@ -51,7 +51,7 @@ def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path
     done = subprocess.run(
         [sys.executable, str(run_py), "--k", str(k), "--only", sup, "--rounds", "1",
          "--scale", str(scale), "--python", str(wrapper), "--timeout", "900",
-         "--no-reference"],
+         "--no-reference", "--emulate-calls", "0", "--mem-lengths", ""],
         capture_output=True, text=True)
     files = list(out.glob("callgrind.*"))
     if done.returncode != 0 or len(files) != 1 or "FAILED" in done.stdout:
@@ -66,7 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=1, help="concurrent targets")
-    ap.add_argument("--sup", default="sync", choices=("sync", "async"))
+    ap.add_argument("--sup", default="sync", choices=("sync", "async", "default"))
     ap.add_argument("--tree", help="directory holding the supervisor package (and bench/)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
     ap.add_argument("--keep", metavar="DIR", help="keep the two callgrind files here")
