@@ -269,16 +269,28 @@ def audit_text(entry: _Entry, max_line: int = 0) -> str:
     peer_uid = container.peer_uid
     reason = outcome.detail or decision.reason
     error = outcome.error
-    when = round(when, 6)
-    latency_us = round(latency * 1e6, 1)
+    if type(when) is not float or type(latency) is not float:
+        return _dumps(audit_line(entry), max_line)
+    latency_us = latency * 1e6
+    # repr(round(x, n)), as audit_line writes them, with one float-to-decimal conversion
+    # instead of two: the same digits wherever the n-decimal grid is coarser than the
+    # float's spacing (the ranges below), the shortest repr then being that one.
+    if 1e9 <= when < 4e9:  # a wall clock time between 2001 and 2096
+        when_text = f"{when:.6f}".rstrip("0")
+        if when_text[-1] == ".":
+            when_text += "0"
+    else:
+        when_text = _float_repr(round(when, 6))
+    if 0.0 <= latency_us < 1e12:
+        latency_text = f"{latency_us:.1f}"
+    else:
+        latency_text = _float_repr(round(latency_us, 1))
     if (type(pid) is not int or type(tid) is not int or type(notif_id) is not int
-            or type(when) is not float or type(latency_us) is not float
             or (peer_uid is not None and type(peer_uid) is not int)
             or type(reason) is not str or type(syscall) is not str
             or type(container.id) is not str or type(outcome.policy) is not str
             or type(kind) is not str or (error is not None and type(error) is not str)):
         return _dumps(audit_line(entry), max_line)
-    when_text, latency_text = _float_repr(when), _float_repr(latency_us)
     if "n" in when_text or "n" in latency_text:  # NaN or inf: json.dumps has its own
         return _dumps(audit_line(entry), max_line)
     for a in args:

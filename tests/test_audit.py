@@ -162,9 +162,10 @@ _ints = st.integers(0, 2**64 - 1)
        kind=st.sampled_from(["deny", "returns", "allow"]), policy=st.text(),
        reason=st.text(), detail=st.text(max_size=3),
        error=st.sampled_from([None, "exception", "deadline", "memory"]),
-       shadow=st.booleans(), when=st.floats(0, 4e9), latency=st.floats(0, 100),
+       shadow=st.booleans(), when=st.floats(1e9, 4e9) | st.floats(0, 1e10),
+       latency=st.floats(0, 1e-3) | st.floats(0, 1e7),
        max_line=st.sampled_from([0, 300, 4096]))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 def test_audit_text_is_the_json_of_audit_line(container: str, pid: int,
                                               peer_uid: int | None, tid: int,
                                               notif_id: int, syscall: str, args: list[int],
