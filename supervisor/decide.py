@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .errors import PolicyError
 from .policy import Decision, Handler, PolicySet
@@ -48,6 +48,9 @@ class Outcome:
     policy: str
     error: ErrorKind | None = None
     detail: str = ""
+    # Not part of its value: where the audit rate limit finds this outcome's full window
+    # without building its key (supervisor.audit.RateLimiter.remember).
+    audit_hot: Any = field(default=None, compare=False, repr=False)
 
 
 # What a notified (audit arch, number) pair resolves to in a chain: the call's name, the

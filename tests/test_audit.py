@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from supervisor.audit import RateLimiter, Recorder
+from supervisor.audit import RateLimiter, Recorder, _dumps, audit_line, audit_text
 from supervisor.decide import Outcome
 from supervisor.metrics import Metrics
 from supervisor.policy import Container, allow, deny, returns
@@ -125,6 +127,60 @@ def test_identical_means_same_event_per_container() -> None:
     assert [r["container"] for r in lines] == ["a", "a", "b", "b", "a"]
     assert metrics.registry.get_sample_value(
         "seccomp_supervisor_audit_lines_suppressed_total") == 4
+
+
+def test_suppressed_lines_found_by_their_outcome_stay_with_their_container() -> None:
+    """A held-back line is found by its Outcome's identity (no key built). Two containers
+    answered with one shared Outcome object must still spend and count their own
+    windows, and a flush of the windows must not leave a remembered one in use (its
+    suppressed count would never be reported)."""
+    registry = CollectorRegistry()
+    out = io.StringIO()
+    recorder = Recorder(Metrics(registry), audit="deny", stream=out, rate_limit=2)
+    shared = Outcome(deny(errno.EPERM), "p")
+    a, b = Container("a", pid=1), Container("b", pid=2)
+    for container, calls in ((a, 5), (b, 4), (a, 5)):
+        for i in range(calls):
+            recorder.decided(container, i, 1, "getppid", (0,) * 6, shared, 1e-5)
+    assert [json.loads(line)["container"] for line in out.getvalue().splitlines()] == [
+        "a", "a", "b", "b"]
+    reports = {sample[1].id: count for sample, count in recorder.limiter.flush()}
+    assert reports == {"a": 8, "b": 2}
+    for i in range(3):  # new windows after the flush: 2 written, 1 held back and reported
+        recorder.decided(a, i, 1, "getppid", (0,) * 6, shared, 1e-5)
+    assert len(out.getvalue().splitlines()) == 6
+    assert [(s[1].id, n) for s, n in recorder.limiter.flush()] == [("a", 1)]
+    assert registry.get_sample_value(
+        "seccomp_supervisor_audit_lines_suppressed_total") == 8 + 2 + 1
+
+
+_ints = st.integers(0, 2**64 - 1)
+
+
+@given(container=st.text(), pid=st.integers(0, 2**31), peer_uid=st.none() | _ints,
+       tid=_ints, notif_id=_ints, syscall=st.text(), args=st.lists(_ints, max_size=6),
+       kind=st.sampled_from(["deny", "returns", "allow"]), policy=st.text(),
+       reason=st.text(), detail=st.text(max_size=3),
+       error=st.sampled_from([None, "exception", "deadline", "memory"]),
+       shadow=st.booleans(), when=st.floats(1e9, 4e9) | st.floats(0, 1e10),
+       latency=st.floats(0, 1e-3) | st.floats(0, 1e7),
+       max_line=st.sampled_from([0, 300, 4096]))
+@settings(max_examples=500, deadline=None)
+def test_audit_text_is_the_json_of_audit_line(container: str, pid: int,
+                                              peer_uid: int | None, tid: int,
+                                              notif_id: int, syscall: str, args: list[int],
+                                              kind: str, policy: str, reason: str,
+                                              detail: str, error: Any, shadow: bool,
+                                              when: float, latency: float,
+                                              max_line: int) -> None:
+    """The writer's direct formatting gives the very text of ``json.dumps`` of the line's
+    dict, for any strings (control characters, non-ASCII, lone surrogates), numbers and
+    lengths (lines cut at ``max_line``)."""
+    decision = (deny(errno.EPERM, reason=reason) if kind == "deny"
+                else returns(7, reason=reason) if kind == "returns" else allow())
+    entry = (when, Container(container, pid, peer_uid=peer_uid), tid, notif_id, syscall,
+             tuple(args), Outcome(decision, policy, error, detail), latency, shadow)
+    assert audit_text(entry, max_line) == _dumps(audit_line(entry), max_line)
 
 
 # --------------------------------------------------------------------------- the daemon
