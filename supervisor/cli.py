@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve /metrics there, or 'off' (overrides [metrics] listen)")
     serve.add_argument("--pid-file", metavar="PATH",
                        help="write the daemon's pid to PATH (atomically) once it is ready, "
-                            "remove it at exit")
+                            "remove it at exit; a file left by a dead process is removed "
+                            "at start")
     serve.add_argument("--ready-fd", type=int, metavar="N",
                        help="write a newline to fd N and close it once the daemon is "
                             "ready (s6/runit style readiness; READY=1 for systemd is "

@@ -8,7 +8,8 @@ moment, once per process:
 * ``--pid-file PATH``: the pid is written to a new temporary file (random name) in
   PATH's directory and renamed over PATH, so a reader never sees a partial file. At
   exit PATH is removed if it still holds our pid (a daemon that took over since then
-  wrote its own).
+  wrote its own). At start a file naming a process that no longer exists (a daemon
+  SIGKILLed in a restarted container) is removed, so it cannot claim readiness early.
 * ``--ready-fd N`` (s6's ``notification-fd``, runit/daemontools style): a newline is
   written to fd N, which is then closed. The fd is made close-on-exec at start, so no
   child of the daemon inherits it and holds the reader's pipe open.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 
@@ -68,6 +70,7 @@ class ReadinessNotifier(systemd.Notifier):
             if not os.path.isdir(parent):
                 raise ReadinessError(f"--pid-file {pid_file}: directory {parent} does not "
                                      f"exist")
+            _remove_if_stale(os.path.abspath(pid_file))
         return cls(base.address, watchdog=base.watchdog_interval, pid_file=pid_file,
                    ready_fd=ready_fd)
 
@@ -127,3 +130,31 @@ class ReadinessNotifier(systemd.Notifier):
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _remove_if_stale(pid_file: str) -> None:
+    """Remove a pid file left by a daemon that died without cleaning up (SIGKILL, OOM):
+    in a restarted container the file would say "ready" before this process serves.
+    A file naming a live process is left to it (our own file replaces it when ready)."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # none, or not a plain file we may read: ready() replaces it anyway
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not text.isdigit():
+        return
+    try:
+        os.kill(int(text), 0)
+        return  # alive (or reused by another process: our own file replaces it)
+    except ProcessLookupError:
+        pass
+    except (PermissionError, OverflowError, ValueError):
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(pid_file)
+        log.info("removed the stale pid file %s (pid %s is gone)", pid_file, text)

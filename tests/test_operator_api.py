@@ -399,6 +399,33 @@ def test_pid_file_and_ready_fd(tmp_path: Path) -> None:
     assert not pid_file.exists()
 
 
+def test_a_stale_pid_file_is_removed_at_start_not_a_live_ones(tmp_path: Path) -> None:
+    """A daemon SIGKILLed in a pod leaves its pid file in the emptyDir: the restarted
+    container's readiness probe (`cat` of it) must not pass before the new daemon serves.
+    A file naming a live process, a FIFO or a symlink is left alone (and not blocked on)."""
+    from supervisor.readiness import ReadinessNotifier
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pid_file = tmp_path / "daemon.pid"
+    pid_file.write_text(f"{dead.pid}\n")
+    ReadinessNotifier.from_environ({}, pid_file=str(pid_file))
+    assert not pid_file.exists()
+    pid_file.write_text(f"{os.getpid()}\n")  # alive
+    ReadinessNotifier.from_environ({}, pid_file=str(pid_file))
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+    pid_file.unlink()
+    os.mkfifo(pid_file)  # a FIFO with no writer: opening it to read must not block
+    ReadinessNotifier.from_environ({}, pid_file=str(pid_file))
+    assert pid_file.exists()
+    pid_file.unlink()
+    other = tmp_path / "other"
+    other.write_text(f"{dead.pid}\n")
+    pid_file.symlink_to(other)  # not followed
+    ReadinessNotifier.from_environ({}, pid_file=str(pid_file))
+    assert pid_file.is_symlink() and other.exists()
+
+
 def test_readiness_options_are_checked_at_start(tmp_path: Path) -> None:
     done = run_cli("serve", "--socket", str(tmp_path / "s.sock"), "--ready-fd", "987")
     assert done.returncode == 2
