@@ -443,6 +443,40 @@ def test_the_socket_must_be_in_a_directory_only_its_uid_may_write(tmp_path: Path
             attach(str(k2.path))
 
 
+def test_no_directory_above_the_socket_may_be_writable_by_others(tmp_path: Path) -> None:
+    """A private directory is not enough if a directory above it is writable by others:
+    they could rename it away and put theirs, with a socket of theirs, in its place
+    between the daemon's checks and its connect (and be sent every notify fd). Both
+    sides refuse that; a sticky directory (``/tmp``) is fine, and a symlink on the way
+    is resolved once, so retargeting it later changes nothing."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # not sticky: anyone may rename what is in it
+    k = KeeperProcess(shared / "keeper" / "keeper.sock", tmp_path / "k.log")
+    (shared / "keeper").mkdir(mode=0o700)
+    with open(k.log, "ab") as log:
+        proc = subprocess.run([*CLI, "keep", "--socket", str(k.path)], cwd=ROOT,
+                              stdout=log, stderr=log, timeout=30)
+    assert proc.returncode == 1, k.log_text()
+    assert f"{shared} is writable by others" in k.log_text()
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    with keeper_process(sticky, name="ok") as k2:
+        release(attach(str(k2.path)))
+        # The keeper's directory (served) moved under a non-sticky shared one, reached
+        # through a symlink: the daemon refuses it.
+        os.chmod(sticky, 0o777)
+        link = tmp_path / "link"
+        link.symlink_to(sticky)
+        with pytest.raises(KeeperError, match=f"{sticky} is writable by others"):
+            attach(str(link / "ok" / "keeper.sock"))
+        with pytest.raises(KeeperError, match=f"{sticky} is writable by others"):
+            attach(str(k2.path))
+        os.chmod(sticky, 0o1777)
+        release(attach(str(link / "ok" / "keeper.sock")))
+
+
 def test_the_daemon_side_refuses_a_keeper_that_lies(tmp_path: Path) -> None:
     """An answer whose FDS count is not what came: refused, every fd received closed."""
     directory = tmp_path / "fake"
