@@ -649,6 +649,9 @@ class Attached:
     fds: list[ListenFd]
     retired: bool
     attaches: int
+    #: The keeper's socket as checked and attached to (symlinks resolved): store there,
+    #: not at the path given, which a link retargeted later could send elsewhere.
+    path: str = ""
 
 
 def check_keeper_path(path: str) -> str:
@@ -731,7 +734,7 @@ def attach(path: str, *, timeout: float = 5.0) -> Attached:
             ours.settimeout(None)
             ours.setblocking(False)
             return Attached(ours, fds, fields.get("RETIRED") == "1",
-                            int(fields.get("ATTACHES", "0") or 0))
+                            int(fields.get("ATTACHES", "0") or 0), resolved)
     except BaseException:
         _close_all([item.fd for item in fds])
         ours.close()

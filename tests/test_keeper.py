@@ -512,6 +512,44 @@ def test_the_daemon_side_refuses_a_keeper_that_lies(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the daemon
 
 
+def test_the_daemon_stores_where_it_checked_not_where_a_symlink_points_now(
+        tmp_path: Path) -> None:
+    """``--fd-keeper`` through a symlink that another uid owns (in a sticky directory,
+    which lets it replace its own link): the daemon checks and attaches to where the
+    link pointed then; retargeted afterwards to a socket of the link's owner, it must
+    not send that socket a single notify fd when it stores a new container."""
+    from .soak import config_text
+
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    link = sticky / "link"
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir(mode=0o700)
+    evil = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    evil.bind(str(evil_dir / "keeper.sock"))
+    stop = tmp_path / "stop"
+    with evil, keeper_process(tmp_path) as k, \
+            daemon_process(tmp_path, config_text(tmp_path)) as d:
+        link.symlink_to(k.path.parent)
+        os.lchown(link, 65534, 65534)
+        d.start("--fd-keeper", str(link / "keeper.sock"))
+        link.unlink()  # the link's owner retargets it
+        link.symlink_to(evil_dir)
+        os.lchown(link, 65534, 65534)
+        target = start_target(d.socket_path, 0, 0, "--until", str(stop), "--ready",
+                              str(tmp_path / "ready-0"), container_id="ctr-0")
+        try:
+            wait_file(tmp_path / "ready-0")
+            k.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
+            evil.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                evil.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+        finally:
+            stop.touch()
+            target.result(30)
+
+
 def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
         tmp_path: Path) -> None:
     """keeper + `serve --fd-keeper`; targets calling in a loop; the daemon SIGKILLed
