@@ -721,7 +721,7 @@ class Daemon:
                 time.sleep(0.2)  # before serving anything: nothing else to run
         self._keeper = attached
         self.keeper_attached.labels(self.fd_keeper).set(1)
-        self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={},
+        self.fdstore = FdStore(systemd.Notifier(attached.path), env={},
                                holder="the fd keeper")
         log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
                  ", retired" if attached.retired else "")
@@ -780,7 +780,7 @@ class Daemon:
                 _close_all_listen_fds(attached.fds)
                 self._keeper = attached
                 self.keeper_attached.labels(self.fd_keeper).set(1)
-                self.fdstore = FdStore(systemd.Notifier(self.fd_keeper), env={},
+                self.fdstore = FdStore(systemd.Notifier(attached.path), env={},
                                        holder="the fd keeper")
                 stored = await self._store_all_sessions()
                 log.info("fd keeper %s is back: %d of %d sessions stored again",

@@ -83,6 +83,7 @@ __all__ = [
     "attach",
     "check_private_directory",
     "parse_message",
+    "resolve_socket_path",
 ]
 
 log = logging.getLogger("supervisor.keeper")
@@ -140,6 +141,38 @@ def directory_problem(st: os.stat_result, uid: int) -> str | None:
     if st.st_mode & 0o022:
         return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
+
+
+def ancestor_problem(st: os.stat_result, uid: int) -> str | None:
+    """Why a directory with this ``stat`` may not be above the keeper's, or None: whoever
+    may write to it could rename the keeper's directory away and put theirs (with a
+    socket of theirs) in its place. A sticky one (``/tmp``) lets only the owner of an
+    entry rename it."""
+    if st.st_uid not in (0, uid):
+        return f"belongs to uid {st.st_uid}, not 0 or {uid}"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o}, not sticky)"
+    return None
+
+
+def resolve_socket_path(path: str, uid: int | None = None) -> str:
+    """``path`` with its directory resolved (symlinks followed once, here: one retargeted
+    later changes nothing for whoever uses the result). Raises KeeperError if a
+    directory above that one may be written by others."""
+    owner = os.geteuid() if uid is None else uid
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    parent = directory
+    while parent != "/":
+        parent = os.path.dirname(parent)
+        try:
+            st = os.stat(parent)
+        except OSError as exc:
+            raise KeeperError(f"{parent}: {exc.strerror}") from None
+        problem = ancestor_problem(st, owner)
+        if problem is not None:
+            raise KeeperError(f"{parent} {problem}: it may not be above the fd keeper's "
+                              f"socket")
+    return os.path.join(directory, os.path.basename(path))
 
 
 def check_private_directory(path: str, uid: int | None = None, *,
@@ -223,8 +256,9 @@ class Keeper:
     # -- setup ---------------------------------------------------------------------------
 
     def bind(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        self.path = resolve_socket_path(self.path, self.uid)
+        directory = os.path.dirname(self.path)
         check_private_directory(directory, self.uid, tighten=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
@@ -615,14 +649,21 @@ class Attached:
     fds: list[ListenFd]
     retired: bool
     attaches: int
+    #: The keeper's socket as checked and attached to (symlinks resolved): store there,
+    #: not at the path given, which a link retargeted later could send elsewhere.
+    path: str = ""
 
 
-def check_keeper_path(path: str) -> None:
-    """Raise KeeperError unless ``path`` is a socket of ours in a directory nobody else
-    may write to: a socket anyone could have put there would receive notify fds."""
+def check_keeper_path(path: str) -> str:
+    """``path`` resolved (:func:`resolve_socket_path`: connect to that one). Raises
+    KeeperError unless it is a socket of ours in a directory nobody else may write to,
+    nor to any directory above it: a socket anyone could have put there would receive
+    notify fds."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.lexists(directory):
         raise KeeperUnavailable(f"{directory}: no such directory")
+    path = resolve_socket_path(path)
+    directory = os.path.dirname(path)
     check_private_directory(directory)
     try:
         st = os.lstat(path)
@@ -632,19 +673,20 @@ def check_keeper_path(path: str) -> None:
         raise KeeperError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
         raise KeeperError(f"{path} is not a socket of uid {os.geteuid()}")
+    return path
 
 
 def attach(path: str, *, timeout: float = 5.0) -> Attached:
     """Attach to the keeper at ``path`` and take its fds. Raises KeeperError (every fd
     received closed) when it is unsafe, absent, refuses or does not answer in time."""
-    check_keeper_path(path)
+    resolved = check_keeper_path(path)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds: list[ListenFd] = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as dgram:
             dgram.settimeout(timeout)
             try:
-                dgram.connect(path)
+                dgram.connect(resolved)
                 dgram.sendmsg([format_message({"ATTACH": 1})], [
                     (socket.SOL_SOCKET, socket.SCM_RIGHTS,
                      array.array("i", [theirs.fileno()]).tobytes())])
@@ -692,7 +734,7 @@ def attach(path: str, *, timeout: float = 5.0) -> Attached:
             ours.settimeout(None)
             ours.setblocking(False)
             return Attached(ours, fds, fields.get("RETIRED") == "1",
-                            int(fields.get("ATTACHES", "0") or 0))
+                            int(fields.get("ATTACHES", "0") or 0), resolved)
     except BaseException:
         _close_all([item.fd for item in fds])
         ours.close()

@@ -89,14 +89,10 @@ class ReadinessNotifier(systemd.Notifier):
             with contextlib.suppress(OSError):
                 os.close(self.ready_fd)
             self.ready_fd = -1
-        if self.pid_file and self._signalled:
-            try:
-                with open(self.pid_file, encoding="ascii") as file:
-                    ours = file.read().strip() == str(self._pid)
-                if ours:
-                    os.unlink(self.pid_file)
-            except (OSError, ValueError):
-                pass
+        if self.pid_file and self._signalled and _read_pid_file(self.pid_file) == str(
+                self._pid):
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_file)
 
     def _write_pid_file(self) -> None:
         if not self.pid_file:
@@ -136,18 +132,9 @@ def _remove_if_stale(pid_file: str) -> None:
     """Remove a pid file left by a daemon that died without cleaning up (SIGKILL, OOM):
     in a restarted container the file would say "ready" before this process serves.
     A file naming a live process is left to it (our own file replaces it when ready)."""
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return  # none, or not a plain file we may read: ready() replaces it anyway
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
-        text = os.read(fd, 32).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
-    if not text.isdigit():
-        return
+    text = _read_pid_file(pid_file)
+    if text is None or not text.isdigit():
+        return  # none, or not a plain file: ready() replaces it anyway
     try:
         os.kill(int(text), 0)
         return  # alive (or reused by another process: our own file replaces it)
@@ -158,3 +145,22 @@ def _remove_if_stale(pid_file: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(pid_file)
         log.info("removed the stale pid file %s (pid %s is gone)", pid_file, text)
+
+
+def _read_pid_file(pid_file: str) -> str | None:
+    """The first bytes of ``pid_file``, stripped; None unless it is a plain file (not
+    followed if a symlink). Its directory may be writable by others, who could put a
+    FIFO there (an open to read would block for ever) or a link to ``/dev/zero`` (a read
+    that never ends): opened without following, without blocking, read once, bounded."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -269,19 +269,26 @@ def cached_rootfs(image: Built) -> Path:
 
 
 @pytest.mark.parametrize("planted", ["cache directory others may write",
-                                     "tarball of another uid"])
+                                     "tarball of another uid",
+                                     "cache inside a directory others may write"])
 def test_build_refuses_a_rootfs_someone_else_could_have_planted(
         tmp_path: Path, pm: PodmanSession, image: Built, planted: str) -> None:
     """The cached rootfs becomes an image that runs as root on every node: a tarball in
-    a cache directory that others may write, or owned by another uid, is refused
-    (here a copy of the real one: it would build)."""
+    a cache directory that others may write (itself or a directory above it), or owned
+    by another uid, is refused (here a copy of the real one: it would build)."""
     cache = tmp_path / "cache"
+    if planted == "cache inside a directory others may write":
+        # Our cache directory, but whoever may write to its parent may rename it away
+        # and put a directory of theirs, with their tarball, in its place.
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared").chmod(0o777)
+        cache = tmp_path / "shared" / "cache"
     cache.mkdir()
     tarball = cache / cached_rootfs(image).name
     shutil.copyfile(cached_rootfs(image), tarball)
     if planted == "cache directory others may write":
         cache.chmod(0o1777)
-    else:
+    elif planted == "tarball of another uid":
         os.chown(tarball, 65534, 65534)
     env = {**os.environ, "PODMAN": " ".join(pm.argv()), "PYTHON": sys.executable,
            "SECCOMP_SUPERVISOR_IMAGE_CACHE": str(cache)}

@@ -443,6 +443,40 @@ def test_the_socket_must_be_in_a_directory_only_its_uid_may_write(tmp_path: Path
             attach(str(k2.path))
 
 
+def test_no_directory_above_the_socket_may_be_writable_by_others(tmp_path: Path) -> None:
+    """A private directory is not enough if a directory above it is writable by others:
+    they could rename it away and put theirs, with a socket of theirs, in its place
+    between the daemon's checks and its connect (and be sent every notify fd). Both
+    sides refuse that; a sticky directory (``/tmp``) is fine, and a symlink on the way
+    is resolved once, so retargeting it later changes nothing."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # not sticky: anyone may rename what is in it
+    k = KeeperProcess(shared / "keeper" / "keeper.sock", tmp_path / "k.log")
+    (shared / "keeper").mkdir(mode=0o700)
+    with open(k.log, "ab") as log:
+        proc = subprocess.run([*CLI, "keep", "--socket", str(k.path)], cwd=ROOT,
+                              stdout=log, stderr=log, timeout=30)
+    assert proc.returncode == 1, k.log_text()
+    assert f"{shared} is writable by others" in k.log_text()
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    with keeper_process(sticky, name="ok") as k2:
+        release(attach(str(k2.path)))
+        # The keeper's directory (served) moved under a non-sticky shared one, reached
+        # through a symlink: the daemon refuses it.
+        os.chmod(sticky, 0o777)
+        link = tmp_path / "link"
+        link.symlink_to(sticky)
+        with pytest.raises(KeeperError, match=f"{sticky} is writable by others"):
+            attach(str(link / "ok" / "keeper.sock"))
+        with pytest.raises(KeeperError, match=f"{sticky} is writable by others"):
+            attach(str(k2.path))
+        os.chmod(sticky, 0o1777)
+        release(attach(str(link / "ok" / "keeper.sock")))
+
+
 def test_the_daemon_side_refuses_a_keeper_that_lies(tmp_path: Path) -> None:
     """An answer whose FDS count is not what came: refused, every fd received closed."""
     directory = tmp_path / "fake"
@@ -476,6 +510,44 @@ def test_the_daemon_side_refuses_a_keeper_that_lies(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the daemon
+
+
+def test_the_daemon_stores_where_it_checked_not_where_a_symlink_points_now(
+        tmp_path: Path) -> None:
+    """``--fd-keeper`` through a symlink that another uid owns (in a sticky directory,
+    which lets it replace its own link): the daemon checks and attaches to where the
+    link pointed then; retargeted afterwards to a socket of the link's owner, it must
+    not send that socket a single notify fd when it stores a new container."""
+    from .soak import config_text
+
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    link = sticky / "link"
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir(mode=0o700)
+    evil = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    evil.bind(str(evil_dir / "keeper.sock"))
+    stop = tmp_path / "stop"
+    with evil, keeper_process(tmp_path) as k, \
+            daemon_process(tmp_path, config_text(tmp_path)) as d:
+        link.symlink_to(k.path.parent)
+        os.lchown(link, 65534, 65534)
+        d.start("--fd-keeper", str(link / "keeper.sock"))
+        link.unlink()  # the link's owner retargets it
+        link.symlink_to(evil_dir)
+        os.lchown(link, 65534, 65534)
+        target = start_target(d.socket_path, 0, 0, "--until", str(stop), "--ready",
+                              str(tmp_path / "ready-0"), container_id="ctr-0")
+        try:
+            wait_file(tmp_path / "ready-0")
+            k.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
+            evil.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                evil.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+        finally:
+            stop.touch()
+            target.result(30)
 
 
 def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(

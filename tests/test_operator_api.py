@@ -524,3 +524,33 @@ def wait_connectable(path: str, daemon: subprocess.Popen[bytes],
             probe.close()
     raise AssertionError(f"{path} did not accept connections within {timeout} s")
 
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink to /dev/zero"])
+def test_removing_the_pid_file_at_exit_neither_blocks_nor_follows_a_planted_file(
+        tmp_path: Path, planted: str) -> None:
+    """At exit the daemon reads its pid file back to remove it only if it is still
+    ours. Whoever may write to its directory can replace it meanwhile: a FIFO with no
+    writer (an open to read blocks for ever, and the daemon never exits) or a symlink to
+    /dev/zero (a read that never ends, memory without bound). Neither is ours: left."""
+    import threading
+
+    from supervisor.readiness import ReadinessNotifier
+
+    pid_file = tmp_path / "daemon.pid"
+    notifier = ReadinessNotifier.from_environ({}, pid_file=str(pid_file))
+    notifier.ready()
+    assert pid_file.read_text() == f"{os.getpid()}\n"
+    pid_file.unlink()
+    if planted == "fifo":
+        os.mkfifo(pid_file)
+    else:
+        pid_file.symlink_to("/dev/zero")
+    worker = threading.Thread(target=notifier.cleanup, daemon=True)
+    worker.start()
+    worker.join(10)  # generous: catches a hang only
+    if worker.is_alive() and planted == "fifo":
+        with open(pid_file, "wb"):  # let the blocked open go, or the thread leaks
+            pass
+    assert not worker.is_alive(), "cleanup() blocked on the planted pid file"
+    assert os.path.lexists(pid_file)  # not ours: left alone

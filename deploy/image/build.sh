@@ -95,11 +95,25 @@ ours() {  # PATH: owned by our uid (after symlinks), writable by no one else
     read -r owner mode < <(stat -L -c '%u %a' -- "$1")
     [[ $owner == "$(id -u)" ]] && (((8#$mode & 8#022) == 0))
 }
+# Every directory above PATH (which has no symlinks) is root's or ours, and others may
+# not write to it unless it is sticky (then they cannot rename what root or we own): else
+# whoever may write there could move our cache away and put theirs in its place.
+above_ours() {
+    local dir=$1 owner mode
+    while [[ $dir != / ]]; do
+        dir=$(dirname -- "$dir")
+        read -r owner mode < <(stat -c '%u %a' -- "$dir")
+        [[ $owner == 0 || $owner == "$(id -u)" ]] || return 1
+        (((8#$mode & 8#022) == 0 || (8#$mode & 8#1000) != 0)) || return 1
+    done
+}
 mkdir -p "$cache"
-if ! ours "$cache"; then
-    echo "build.sh: $cache is not ours alone (its owner or group/other write): a rootfs" \
-         "cached there could be anyone's; fix it (chown, chmod go-w) or set" \
-         "SECCOMP_SUPERVISOR_IMAGE_CACHE" >&2
+# Resolved once: a symlink on the way, retargeted later, cannot change what we read.
+cache=$(realpath -e -- "$cache")
+if ! ours "$cache" || ! above_ours "$cache"; then
+    echo "build.sh: $cache is not ours alone (its owner or group/other write, or a" \
+         "directory above it that others may write): a rootfs cached there could be" \
+         "anyone's; fix it (chown, chmod go-w) or set SECCOMP_SUPERVISOR_IMAGE_CACHE" >&2
     exit 1
 fi
 if ((fresh)) || [[ ! -s $rootfs ]]; then
