@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -71,6 +72,8 @@ from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
 from .notifyfd import NotifyFd, polled_alone
+
+log = logging.getLogger("supervisor.memory")
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 PIDFD_THREAD: Final = 0o200  # O_EXCL: a pidfd for a thread that need not lead its group
@@ -93,6 +96,15 @@ SLOW_READ: Final = 0.005
 INLINE_WAIT: Final = SLOW_READ
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
+#: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
+#: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
+#: outlives the container (its creator's, a sidecar's) keeps the thread in a killable
+#: sleep that nothing but the death of the daemon ends, after the session that asked has
+#: ended and given its slot up with it. Without a bound, containers that end one after
+#: another each leave a thread (8 MiB of stack) behind until thread creation fails.
+#: With this many stuck, a read that turns slow keeps its thread, and the reads waiting
+#: behind it fail at once with EAGAIN (their call is denied EAGAIN) instead.
+MAX_STUCK_READS: Final = 64
 
 # The daemon's own nice value, read when this module is imported (in the main thread).
 _DAEMON_NICE: Final = os.getpriority(os.PRIO_PROCESS, 0)
@@ -174,7 +186,9 @@ class _Reader:
         return ctypes.string_at(scratch.address, n)
 
     def read_exact(self, address: int, length: int) -> bytes:
-        data = b""
+        # A bytearray: ``bytes += page`` copies all read so far per page, quadratic
+        # (5 s of CPU, mostly holding the GIL, for the 16 MiB read_bytes allows).
+        data = bytearray()
         while len(data) < length:
             # Stop at page boundaries so one unmapped page does not hide a readable one.
             chunk = min(length - len(data), PAGE_SIZE - (address + len(data)) % PAGE_SIZE)
@@ -183,17 +197,17 @@ class _Reader:
             if len(got) < chunk:
                 raise TargetMemoryError(
                     errno.EFAULT, f"cannot read {length} bytes at {address:#x}: unmapped")
-        return data
+        return bytes(data)
 
     def read_cstring(self, address: int, limit: int) -> bytes:
-        data = b""
+        data = bytearray()  # (see read_exact)
         while len(data) < limit:
             at = address + len(data)
             chunk = min(limit - len(data), PAGE_SIZE - at % PAGE_SIZE)
             got = self.read(at, chunk)
             nul = got.find(b"\0")
             if nul >= 0:
-                return data + got[:nul]
+                return bytes(data) + got[:nul] if data else got[:nul]
             data += got
             if len(got) < chunk:
                 raise TargetMemoryError(
@@ -212,11 +226,12 @@ class _Job:
     to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
     gave up waiting: the result is dropped)."""
 
-    __slots__ = ("outcome", "slot", "task", "waiter", "work")
+    __slots__ = ("outcome", "slot", "stuck", "task", "waiter", "work")
 
     def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> None:
         self.work = work
         self.slot = slot
+        self.stuck = False  # its thread was retired: counted in ReadPool.stuck
         self.task: trio.lowlevel.Task | None = None
         self.outcome: outcome.Outcome[bytes] | None = None
         # Released by the thread when the trio thread waits for this read synchronously
@@ -298,10 +313,16 @@ class ReadPool:
     (but for what the threads do: :meth:`report`).
     """
 
-    def __init__(self, slow_after: float = SLOW_READ) -> None:
+    def __init__(self, slow_after: float = SLOW_READ,
+                 max_stuck: int = MAX_STUCK_READS) -> None:
         if slow_after <= 0:
             raise ValueError("a ReadPool needs slow_after > 0")
+        if max_stuck < 0:
+            raise ValueError("a ReadPool needs max_stuck >= 0")
         self.slow_after = slow_after
+        self.max_stuck = max_stuck
+        self.stuck = 0  # retired threads still in their read (see MAX_STUCK_READS)
+        self.refused = 0  # reads failed with EAGAIN for want of a thread (statistics)
         self.pending: deque[_Job] = deque()
         self.done: deque[_Job] = deque()
         self.retired = 0  # threads retired for a slow read (statistics, tests)
@@ -343,7 +364,16 @@ class ReadPool:
         self.pending.append(job)
         active = self._active
         if active is None or active.retired:
-            self._active = _ReaderThread(self)
+            try:
+                self._active = _ReaderThread(self)
+            except RuntimeError as exc:  # can't start new thread (RLIMIT_NPROC, memory)
+                try:
+                    self.pending.remove(job)
+                except ValueError:  # a retired thread that returned took it: it reports
+                    return
+                job.slot.release_on_behalf_of(job)
+                self.refused += 1
+                raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
         else:
             active.kick()
 
@@ -428,6 +458,8 @@ class ReadPool:
                 while done:
                     job = done.popleft()
                     job.slot.release_on_behalf_of(job)
+                    if job.stuck:
+                        self.stuck -= 1
                     if job.task is not None:
                         assert job.outcome is not None
                         reschedule(job.task, job.outcome)
@@ -456,9 +488,41 @@ class ReadPool:
                 await trio.sleep(self.slow_after if job is None else left)
                 continue
             if active.current is job and self.pending and self._active is active:
+                self._retire(active, job)
+
+    def _retire(self, active: _ReaderThread, job: _Job) -> None:
+        """``active``'s read ``job`` turned slow while reads wait: a new thread takes the
+        queue over, unless :attr:`max_stuck` threads are stuck already (or no thread can
+        be started): then the waiting reads fail with EAGAIN, and ``active`` keeps the
+        queue (the reads asked for while its read lasts fail in turn)."""
+        if self.stuck < self.max_stuck:
+            try:
+                successor = _ReaderThread(self)  # before retiring: it may fail
+            except RuntimeError as exc:
+                why = f"no thread to read: {exc}"
+            else:
                 active.retired = True
+                job.stuck = True
+                self.stuck += 1
                 self.retired += 1
-                self._active = _ReaderThread(self)
+                self._active = successor
+                return
+        else:
+            why = (f"{self.stuck} reads are stuck on slow memory already "
+                   f"(the reading thread's is slow too)")
+        if not self.refused:
+            log.error("memory reads refused (EAGAIN): %s", why)
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            try:
+                waiting = self.pending.popleft()
+            except IndexError:  # (the active thread may take the last one meanwhile)
+                break
+            self.refused += 1
+            waiting.slot.release_on_behalf_of(waiting)
+            if waiting.task is not None:
+                reschedule(waiting.task,
+                           outcome.Error(TargetMemoryError(errno.EAGAIN, why)))
 
 
 _POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
