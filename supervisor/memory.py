@@ -94,6 +94,15 @@ SLOW_READ: Final = 0.005
 #: Measured (bench/run.py, K=1, same run): p50 325 us without, 148 us at 1 ms, 128 us at
 #: 5 ms (a read that is not slow, SLOW_READ, is worth waiting for).
 INLINE_WAIT: Final = SLOW_READ
+#: Seconds the event loop may spend blocked in inline waits before a read is waited for
+#: asynchronously again (which lets the rest of the daemon run). The poller lets the
+#: daemon run every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when
+#: each takes microseconds; but a container can make each of its reads take just under
+#: INLINE_WAIT (a userfaultfd page its own thread serves after 3 ms): 256 of them held
+#: the control socket, /metrics, signals and the next container's handover for 0.5-3.4 s
+#: at a time (tests/test_hostile_reads.py). Fast reads (~50 us) give up one inline wait
+#: in about 80 for this.
+INLINE_BUDGET: Final = 0.004
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
@@ -332,6 +341,9 @@ class ReadPool:
         self._efd = -1
         self._signalled = False
         self._watch_wake: trio.Event | None = None
+        # Seconds blocked in inline waits since a read was last waited for asynchronously
+        # (see INLINE_BUDGET).
+        self._inline_spent = 0.0
 
     async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
                   wait: float = 0.0) -> bytes:
@@ -342,15 +354,17 @@ class ReadPool:
         ``wait`` > 0: if ``slot`` has a place free at once, block the trio thread up to
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
         the loop: the cheap way when the loop has nothing else to do); a read not done by
-        then is waited for like any other."""
+        then is waited for like any other. Inline waits stop for one read once they took
+        :data:`INLINE_BUDGET` since a read was last waited for asynchronously."""
         job = _Job(work, slot)
-        if wait > 0:
+        if wait > 0 and self._inline_spent < INLINE_BUDGET:
             try:
                 slot.acquire_on_behalf_of_nowait(job)
             except trio.WouldBlock:
                 pass
             else:
                 return await self._run_waiting(job, wait)
+        self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         await slot.acquire_on_behalf_of(job)  # a checkpoint
         self._queue(job)
         return await self._result(job)
@@ -381,6 +395,7 @@ class ReadPool:
         waiter = job.waiter = threading.Lock()
         waiter.acquire()
         self._queue(job)
+        started = perf_counter()
         try:
             done = waiter.acquire(timeout=wait)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
@@ -389,10 +404,13 @@ class ReadPool:
             else:
                 job.slot.release_on_behalf_of(job)
             raise
+        finally:
+            self._inline_spent += perf_counter() - started
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
             return job.outcome.unwrap()
+        self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         return await self._result(job)  # slow: its thread reports it
 
     def _stop_waiting(self, job: _Job) -> bool:

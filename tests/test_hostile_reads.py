@@ -25,6 +25,7 @@ import trio
 from supervisor.errors import TargetMemoryError
 from supervisor.memory import PAGE_SIZE, ReadPool, _Reader
 
+NR_MKDIR = 83
 WAIT = 10.0  # generous bound on anything that should take milliseconds (a hang guard)
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,3 +174,107 @@ def test_a_read_refused_for_want_of_threads_gives_its_slot_back() -> None:
         assert pool.refused == 1 and pool.stuck == 0
 
     trio.run(scenario)
+
+
+# A lone container (the daemon waits for its reads inline, memory.INLINE_WAIT) whose
+# memory is slow to read, but not quite slow enough to be given up on: the path of its
+# mkdir is on a page registered with a userfaultfd that its own thread serves after
+# DELAY, then drops again (MADV_DONTNEED) for the next call. It calls mkdir until the
+# file argv[1] exists, and prints how many calls it made.
+SLOW_PAGE = f"""
+import ctypes, fcntl, os, struct, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+DELAY = float(sys.argv[2])
+THREADS = 8
+uffd = libc.syscall(323, os.O_CLOEXEC)  # userfaultfd
+assert uffd >= 0, ctypes.get_errno()
+fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # UFFDIO_API
+pages = libc.mmap(None, 4096 * THREADS, 3, 0x22, -1, 0)  # READ|WRITE, PRIVATE|ANONYMOUS
+fcntl.ioctl(uffd, 0xc020aa00,
+            bytearray(struct.pack("QQQQ", pages, 4096 * THREADS, 1, 0)))  # REGISTER
+source = ctypes.create_string_buffer(b"/guarded/slow".ljust(4096, b"\\0"))
+
+def serve():
+    while True:
+        msg = os.read(uffd, 32)  # a fault (struct uffd_msg): the daemon reads a page
+        page = struct.unpack_from("Q", msg, 16)[0] & ~4095
+        time.sleep(DELAY)
+        copy = bytearray(struct.pack("QQQQq", page, ctypes.addressof(source), 4096, 0, 0))
+        try:
+            fcntl.ioctl(uffd, 0xc028aa03, copy)  # UFFDIO_COPY: the read goes on
+        except OSError:
+            pass  # EEXIST: populated meanwhile
+
+calls = [0] * THREADS
+
+def call(i):
+    page = pages + 4096 * i
+    while not os.path.exists(sys.argv[1]):
+        libc.syscall({NR_MKDIR}, ctypes.c_void_p(page), ctypes.c_long(0o755))
+        calls[i] += 1
+        libc.madvise(page, 4096, 4)  # MADV_DONTNEED: the next read faults again
+
+threading.Thread(target=serve, daemon=True).start()
+callers = [threading.Thread(target=call, args=(i,)) for i in range(THREADS)]
+for t in callers:
+    t.start()
+for t in callers:
+    t.join()
+print(sum(calls), flush=True)
+"""
+
+SLOW_PAGE_CONFIG = """\
+[defaults]
+policies = ["path_guard"]
+deadline = "5s"
+
+[[policy]]
+name = "path_guard"
+path = "{repo}/policies/path_guard.py"
+options = {{ prefixes = ["/guarded"], errno = "EACCES" }}
+
+[audit]
+decisions = "none"
+"""
+
+
+def test_a_lone_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path) -> None:
+    """Reads a little faster than INLINE_WAIT were each waited for inline, and the
+    poller only lets the rest of the daemon run every EVENTS_PER_YIELD (256)
+    notifications: 256 reads of 3 ms held the control socket (and /metrics, the
+    handover of the next container, signals) for most of a second, round after round.
+    Now inline waits stop once they took INLINE_BUDGET without a checkpoint."""
+    from .soak import daemon_process, start_filtered
+
+    stop = tmp_path / "stop"
+    with daemon_process(tmp_path, SLOW_PAGE_CONFIG.format(repo=REPO)) as d:
+        d.start()
+        quiet = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            d.status()
+            quiet.append(time.perf_counter() - t0)
+        target = start_filtered(d.socket_path, [sys.executable, "-c", SLOW_PAGE,
+                                                str(stop), "0.001"],
+                                notify=("mkdir",), container_id="slow-page")
+        try:
+            d.wait_sessions(1)
+            time.sleep(0.5)  # the container is calling
+            flooded = []
+            for _ in range(40):
+                t0 = time.perf_counter()
+                d.status()
+                flooded.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+            stop.touch()
+            calls = int(target.process.communicate(timeout=30)[0])
+        finally:
+            target.kill()
+    assert calls > 100, calls  # the attack ran: each call's read took DELAY or more
+    # Generous: a control request takes ~1 ms quiet, 1-10 ms now; held, 0.2-3.4 s.
+    assert max(flooded) < 0.2, (sorted(flooded), quiet)
