@@ -71,7 +71,7 @@ import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd, polled_alone
+from .notifyfd import NotifyFd, poller_turn
 
 log = logging.getLogger("supervisor.memory")
 
@@ -94,14 +94,15 @@ SLOW_READ: Final = 0.005
 #: Measured (bench/run.py, K=1, same run): p50 325 us without, 148 us at 1 ms, 128 us at
 #: 5 ms (a read that is not slow, SLOW_READ, is worth waiting for).
 INLINE_WAIT: Final = SLOW_READ
-#: Seconds the event loop may spend blocked in inline waits before a read is waited for
-#: asynchronously again (which lets the rest of the daemon run). The poller lets the
-#: daemon run every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when
-#: each takes microseconds; but a container can make each of its reads take just under
-#: INLINE_WAIT (a userfaultfd page its own thread serves after 3 ms): 256 of them held
-#: the control socket, /metrics, signals and the next container's handover for 0.5-3.4 s
-#: at a time (tests/test_hostile_reads.py). Fast reads (~50 us) give up one inline wait
-#: in about 80 for this.
+#: Seconds the event loop may spend blocked in inline waits while the rest of the daemon
+#: waits for its turn: once they took that long since the poller last let the daemon
+#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run).
+#: The poller lets the daemon run when no notification is pending, and otherwise only
+#: every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when each takes
+#: microseconds; but a container can make each of its reads take just under INLINE_WAIT
+#: (a userfaultfd page its own thread serves after 1-3 ms) and keep a notification
+#: pending: 256 of them held the control socket, /metrics, signals and the next
+#: container's handover for 0.2-3.4 s at a time (tests/test_hostile_reads.py).
 INLINE_BUDGET: Final = 0.004
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
@@ -341,12 +342,13 @@ class ReadPool:
         self._efd = -1
         self._signalled = False
         self._watch_wake: trio.Event | None = None
-        # Seconds blocked in inline waits since a read was last waited for asynchronously
-        # (see INLINE_BUDGET).
+        # Seconds blocked in inline waits since the poller's turn _inline_turn began or a
+        # read was last waited for asynchronously (see INLINE_BUDGET).
         self._inline_spent = 0.0
+        self._inline_turn = -1
 
     async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
-                  wait: float = 0.0) -> bytes:
+                  wait: float = 0.0, turn: int = -1) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
         the thread returned.
@@ -355,8 +357,13 @@ class ReadPool:
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
         the loop: the cheap way when the loop has nothing else to do); a read not done by
         then is waited for like any other. Inline waits stop for one read once they took
-        :data:`INLINE_BUDGET` since a read was last waited for asynchronously."""
+        :data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
+        ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
+        for asynchronously."""
         job = _Job(work, slot)
+        if turn != self._inline_turn:
+            self._inline_turn = turn
+            self._inline_spent = 0.0
         if wait > 0 and self._inline_spent < INLINE_BUDGET:
             try:
                 slot.acquire_on_behalf_of_nowait(job)
@@ -621,9 +628,10 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
+        turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
             data = await pool.run(work, self._limiter,
-                                  self._inline_wait if polled_alone() else 0.0)
+                                  self._inline_wait if turn >= 0 else 0.0, turn)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem
