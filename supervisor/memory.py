@@ -234,13 +234,17 @@ class _Reader:
 class _Job:
     """One read handed to the reading thread: ``work`` runs there; its outcome comes back
     to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
-    gave up waiting: the result is dropped)."""
+    gave up waiting: the result is dropped). ``discard`` is called (in the trio thread)
+    instead when the job is dropped before a thread took it: what ``work`` would have
+    released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("outcome", "slot", "stuck", "task", "waiter", "work")
+    __slots__ = ("discard", "outcome", "slot", "stuck", "task", "waiter", "work")
 
-    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> None:
+    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
+                 discard: Callable[[], None] | None) -> None:
         self.work = work
         self.slot = slot
+        self.discard = discard
         self.stuck = False  # its thread was retired: counted in ReadPool.stuck
         self.task: trio.lowlevel.Task | None = None
         self.outcome: outcome.Outcome[bytes] | None = None
@@ -348,7 +352,8 @@ class ReadPool:
         self._inline_turn = -1
 
     async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
-                  wait: float = 0.0, turn: int = -1) -> bytes:
+                  wait: float = 0.0, turn: int = -1,
+                  discard: Callable[[], None] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
         the thread returned.
@@ -359,8 +364,9 @@ class ReadPool:
         then is waited for like any other. Inline waits stop for one read once they took
         :data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
         ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
-        for asynchronously."""
-        job = _Job(work, slot)
+        for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
+        before a thread took it, refused)."""
+        job = _Job(work, slot, discard)
         if turn != self._inline_turn:
             self._inline_turn = turn
             self._inline_spent = 0.0
@@ -372,7 +378,12 @@ class ReadPool:
             else:
                 return await self._run_waiting(job, wait)
         self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
-        await slot.acquire_on_behalf_of(job)  # a checkpoint
+        try:
+            await slot.acquire_on_behalf_of(job)  # a checkpoint
+        except BaseException:
+            if discard is not None:
+                discard()
+            raise
         self._queue(job)
         return await self._result(job)
 
@@ -380,7 +391,7 @@ class ReadPool:
         try:
             self._start()
         except BaseException:
-            job.slot.release_on_behalf_of(job)
+            self._drop(job)
             raise
         self.pending.append(job)
         active = self._active
@@ -392,11 +403,18 @@ class ReadPool:
                     self.pending.remove(job)
                 except ValueError:  # a retired thread that returned took it: it reports
                     return
-                job.slot.release_on_behalf_of(job)
+                self._drop(job)
                 self.refused += 1
                 raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
         else:
             active.kick()
+
+    @staticmethod
+    def _drop(job: _Job) -> None:
+        """``job`` will not run: its slot back, what its work would release released."""
+        job.slot.release_on_behalf_of(job)
+        if job.discard is not None:
+            job.discard()
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
         waiter = job.waiter = threading.Lock()
@@ -435,7 +453,7 @@ class ReadPool:
             self._watch_wake.set()
             self._watch_wake = None
         job.task = trio.lowlevel.current_task()
-        pending, slot = self.pending, job.slot
+        pending, drop = self.pending, self._drop
 
         def abort(_: object) -> trio.lowlevel.Abort:
             try:
@@ -443,7 +461,7 @@ class ReadPool:
             except ValueError:
                 job.task = None  # running: its thread gives the place back
             else:
-                slot.release_on_behalf_of(job)
+                drop(job)
             return trio.lowlevel.Abort.SUCCEEDED
 
         result: bytes = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -544,7 +562,7 @@ class ReadPool:
             except IndexError:  # (the active thread may take the last one meanwhile)
                 break
             self.refused += 1
-            waiting.slot.release_on_behalf_of(waiting)
+            self._drop(waiting)
             if waiting.task is not None:
                 reschedule(waiting.task,
                            outcome.Error(TargetMemoryError(errno.EAGAIN, why)))
@@ -631,7 +649,8 @@ class TargetMemory:
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
             data = await pool.run(work, self._limiter,
-                                  self._inline_wait if turn >= 0 else 0.0, turn)
+                                  self._inline_wait if turn >= 0 else 0.0, turn,
+                                  reader.close)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem

@@ -278,3 +278,73 @@ def test_a_lone_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path) -> No
     assert calls > 100, calls  # the attack ran: each call's read took DELAY or more
     # Generous: a control request takes ~1 ms quiet, 1-10 ms now; held, 0.2-3.4 s.
     assert max(flooded) < 0.2, (sorted(flooded), quiet)
+
+
+def test_a_read_given_up_before_it_ran_closes_its_proc_mem_fd() -> None:
+    """With process_vm_readv refused, a read opens /proc/<tid>/mem before it waits for
+    its session's slot and a thread; its thread closes it. A read given up before a thread
+    took it (its deadline while the session's slot was taken by a slow read, its session
+    ending while it was queued) left that fd open: a container that keeps one read stuck
+    and calls on leaked one fd per call until the daemon ran out of them."""
+    from supervisor.memory import TargetMemory
+    from supervisor.notifyfd import NotifyFd
+
+    from .conftest import open_fds, start_target
+
+    target = start_target(["mkdir"], "mkdir", "/nonexistent/leak")
+    notify = NotifyFd(target.child.take_listener())
+    release = threading.Event()
+
+    async def scenario() -> None:
+        try:
+            await attack()
+        finally:
+            notify.close()
+
+    async def attack() -> None:
+        await trio.lowlevel.wait_readable(notify.fileno())
+        received = notify.recv()
+        assert received is not None
+        notif_id, tid, _nr, _arch, args = received
+        pool = ReadPool(slow_after=0.01)
+        own = trio.CapacityLimiter(1)
+        memory = TargetMemory(notify, own, use_proc_mem=True, pool=pool, inline_wait=0)
+        await pool.run(lambda: b"", trio.CapacityLimiter(1))  # its eventfd, its thread
+        before = open_fds()
+
+        def fd_baseline() -> set[int]:
+            return open_fds() - before
+
+        # Its session's slot is taken (an earlier read of the container, stuck).
+        await own.acquire_on_behalf_of("stuck read")
+        with trio.move_on_after(0.05):
+            await memory.read_cstring(notif_id, tid, args[0], 4096)
+            raise AssertionError("read without the slot")
+        own.release_on_behalf_of("stuck read")
+        assert fd_baseline() == set(), "an fd left by the read cancelled at its slot"
+
+        def stuck() -> bytes:
+            release.wait(WAIT)
+            return b""
+
+        async with trio.open_nursery() as nursery:
+            # The reading thread is busy with another container's read.
+            nursery.start_soon(pool.run, stuck, trio.CapacityLimiter(1))
+            await trio.sleep(0.005)
+            with trio.move_on_after(0.005):  # before the slow read's thread retires
+                await memory.read_cstring(notif_id, tid, args[0], 4096)
+                raise AssertionError("read behind a stuck one")
+            leaked = fd_baseline()
+            release.set()
+        assert leaked == set(), "an fd left by the read cancelled in the queue"
+        # The read itself works, and closes its fd.
+        assert await memory.read_cstring(notif_id, tid, args[0], 4096) == \
+            b"/nonexistent/leak"
+        assert fd_baseline() == set()
+
+    try:
+        trio.run(scenario)
+    finally:
+        target.child.process.kill()
+        target.child.process.communicate()
+        target.child.close()
