@@ -37,6 +37,10 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   in the kernel and takes no GIL) and a new one takes over the queue, so the cost of
   slow memory stays with the container that made it slow (one thread per stuck read, and
   its container's own slot stays taken until the thread returns);
+* at most :data:`MAX_STUCK_READS` retired threads may still be in their read: a read of
+  memory served by a process outside the container outlives its session, so sessions do
+  not bound them. Past that (or when no thread can be started), the reads waiting behind
+  a slow one fail at once with EAGAIN instead of a new thread starting;
 * reading threads run :data:`READER_NICE` nice levels below the event loop. Waking one
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
