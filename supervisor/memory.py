@@ -37,6 +37,10 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   in the kernel and takes no GIL) and a new one takes over the queue, so the cost of
   slow memory stays with the container that made it slow (one thread per stuck read, and
   its container's own slot stays taken until the thread returns);
+* at most :data:`MAX_STUCK_READS` retired threads may still be in their read: a read of
+  memory served by a process outside the container outlives its session, so sessions do
+  not bound them. Past that (or when no thread can be started), the reads waiting behind
+  a slow one fail at once with EAGAIN instead of a new thread starting;
 * reading threads run :data:`READER_NICE` nice levels below the event loop. Waking one
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -70,7 +75,9 @@ import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd, polled_alone
+from .notifyfd import NotifyFd, poller_turn
+
+log = logging.getLogger("supervisor.memory")
 
 PAGE_SIZE: Final = mmap.PAGESIZE
 PIDFD_THREAD: Final = 0o200  # O_EXCL: a pidfd for a thread that need not lead its group
@@ -91,8 +98,27 @@ SLOW_READ: Final = 0.005
 #: Measured (bench/run.py, K=1, same run): p50 325 us without, 148 us at 1 ms, 128 us at
 #: 5 ms (a read that is not slow, SLOW_READ, is worth waiting for).
 INLINE_WAIT: Final = SLOW_READ
+#: Seconds the event loop may spend blocked in inline waits while the rest of the daemon
+#: waits for its turn: once they took that long since the poller last let the daemon
+#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run).
+#: The poller lets the daemon run when no notification is pending, and otherwise only
+#: every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when each takes
+#: microseconds; but a container can make each of its reads take just under INLINE_WAIT
+#: (a userfaultfd page its own thread serves after 1-3 ms) and keep a notification
+#: pending: 256 of them held the control socket, /metrics, signals and the next
+#: container's handover for 0.2-3.4 s at a time (tests/test_hostile_reads.py).
+INLINE_BUDGET: Final = 0.004
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
+#: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
+#: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
+#: outlives the container (its creator's, a sidecar's) keeps the thread in a killable
+#: sleep that nothing but the death of the daemon ends, after the session that asked has
+#: ended and given its slot up with it. Without a bound, containers that end one after
+#: another each leave a thread (8 MiB of stack) behind until thread creation fails.
+#: With this many stuck, a read that turns slow keeps its thread, and the reads waiting
+#: behind it fail at once with EAGAIN (their call is denied EAGAIN) instead.
+MAX_STUCK_READS: Final = 64
 
 # The daemon's own nice value, read when this module is imported (in the main thread).
 _DAEMON_NICE: Final = os.getpriority(os.PRIO_PROCESS, 0)
@@ -174,7 +200,9 @@ class _Reader:
         return ctypes.string_at(scratch.address, n)
 
     def read_exact(self, address: int, length: int) -> bytes:
-        data = b""
+        # A bytearray: ``bytes += page`` copies all read so far per page, quadratic
+        # (5 s of CPU, mostly holding the GIL, for the 16 MiB read_bytes allows).
+        data = bytearray()
         while len(data) < length:
             # Stop at page boundaries so one unmapped page does not hide a readable one.
             chunk = min(length - len(data), PAGE_SIZE - (address + len(data)) % PAGE_SIZE)
@@ -183,17 +211,17 @@ class _Reader:
             if len(got) < chunk:
                 raise TargetMemoryError(
                     errno.EFAULT, f"cannot read {length} bytes at {address:#x}: unmapped")
-        return data
+        return bytes(data)
 
     def read_cstring(self, address: int, limit: int) -> bytes:
-        data = b""
+        data = bytearray()  # (see read_exact)
         while len(data) < limit:
             at = address + len(data)
             chunk = min(limit - len(data), PAGE_SIZE - at % PAGE_SIZE)
             got = self.read(at, chunk)
             nul = got.find(b"\0")
             if nul >= 0:
-                return data + got[:nul]
+                return bytes(data) + got[:nul] if data else got[:nul]
             data += got
             if len(got) < chunk:
                 raise TargetMemoryError(
@@ -210,13 +238,18 @@ class _Reader:
 class _Job:
     """One read handed to the reading thread: ``work`` runs there; its outcome comes back
     to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
-    gave up waiting: the result is dropped)."""
+    gave up waiting: the result is dropped). ``discard`` is called (in the trio thread)
+    instead when the job is dropped before a thread took it: what ``work`` would have
+    released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("outcome", "slot", "task", "waiter", "work")
+    __slots__ = ("discard", "outcome", "slot", "stuck", "task", "waiter", "work")
 
-    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter) -> None:
+    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
+                 discard: Callable[[], None] | None) -> None:
         self.work = work
         self.slot = slot
+        self.discard = discard
+        self.stuck = False  # its thread was retired: counted in ReadPool.stuck
         self.task: trio.lowlevel.Task | None = None
         self.outcome: outcome.Outcome[bytes] | None = None
         # Released by the thread when the trio thread waits for this read synchronously
@@ -298,10 +331,16 @@ class ReadPool:
     (but for what the threads do: :meth:`report`).
     """
 
-    def __init__(self, slow_after: float = SLOW_READ) -> None:
+    def __init__(self, slow_after: float = SLOW_READ,
+                 max_stuck: int = MAX_STUCK_READS) -> None:
         if slow_after <= 0:
             raise ValueError("a ReadPool needs slow_after > 0")
+        if max_stuck < 0:
+            raise ValueError("a ReadPool needs max_stuck >= 0")
         self.slow_after = slow_after
+        self.max_stuck = max_stuck
+        self.stuck = 0  # retired threads still in their read (see MAX_STUCK_READS)
+        self.refused = 0  # reads failed with EAGAIN for want of a thread (statistics)
         self.pending: deque[_Job] = deque()
         self.done: deque[_Job] = deque()
         self.retired = 0  # threads retired for a slow read (statistics, tests)
@@ -311,9 +350,14 @@ class ReadPool:
         self._efd = -1
         self._signalled = False
         self._watch_wake: trio.Event | None = None
+        # Seconds blocked in inline waits since the poller's turn _inline_turn began or a
+        # read was last waited for asynchronously (see INLINE_BUDGET).
+        self._inline_spent = 0.0
+        self._inline_turn = -1
 
     async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
-                  wait: float = 0.0) -> bytes:
+                  wait: float = 0.0, turn: int = -1,
+                  discard: Callable[[], None] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
         the thread returned.
@@ -321,16 +365,29 @@ class ReadPool:
         ``wait`` > 0: if ``slot`` has a place free at once, block the trio thread up to
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
         the loop: the cheap way when the loop has nothing else to do); a read not done by
-        then is waited for like any other."""
-        job = _Job(work, slot)
-        if wait > 0:
+        then is waited for like any other. Inline waits stop for one read once they took
+        :data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
+        ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
+        for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
+        before a thread took it, refused)."""
+        job = _Job(work, slot, discard)
+        if turn != self._inline_turn:
+            self._inline_turn = turn
+            self._inline_spent = 0.0
+        if wait > 0 and self._inline_spent < INLINE_BUDGET:
             try:
                 slot.acquire_on_behalf_of_nowait(job)
             except trio.WouldBlock:
                 pass
             else:
                 return await self._run_waiting(job, wait)
-        await slot.acquire_on_behalf_of(job)  # a checkpoint
+        self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
+        try:
+            await slot.acquire_on_behalf_of(job)  # a checkpoint
+        except BaseException:
+            if discard is not None:
+                discard()
+            raise
         self._queue(job)
         return await self._result(job)
 
@@ -338,19 +395,36 @@ class ReadPool:
         try:
             self._start()
         except BaseException:
-            job.slot.release_on_behalf_of(job)
+            self._drop(job)
             raise
         self.pending.append(job)
         active = self._active
         if active is None or active.retired:
-            self._active = _ReaderThread(self)
+            try:
+                self._active = _ReaderThread(self)
+            except RuntimeError as exc:  # can't start new thread (RLIMIT_NPROC, memory)
+                try:
+                    self.pending.remove(job)
+                except ValueError:  # a retired thread that returned took it: it reports
+                    return
+                self._drop(job)
+                self.refused += 1
+                raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
         else:
             active.kick()
+
+    @staticmethod
+    def _drop(job: _Job) -> None:
+        """``job`` will not run: its slot back, what its work would release released."""
+        job.slot.release_on_behalf_of(job)
+        if job.discard is not None:
+            job.discard()
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
         waiter = job.waiter = threading.Lock()
         waiter.acquire()
         self._queue(job)
+        started = perf_counter()
         try:
             done = waiter.acquire(timeout=wait)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
@@ -359,10 +433,13 @@ class ReadPool:
             else:
                 job.slot.release_on_behalf_of(job)
             raise
+        finally:
+            self._inline_spent += perf_counter() - started
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
             return job.outcome.unwrap()
+        self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         return await self._result(job)  # slow: its thread reports it
 
     def _stop_waiting(self, job: _Job) -> bool:
@@ -380,7 +457,7 @@ class ReadPool:
             self._watch_wake.set()
             self._watch_wake = None
         job.task = trio.lowlevel.current_task()
-        pending, slot = self.pending, job.slot
+        pending, drop = self.pending, self._drop
 
         def abort(_: object) -> trio.lowlevel.Abort:
             try:
@@ -388,7 +465,7 @@ class ReadPool:
             except ValueError:
                 job.task = None  # running: its thread gives the place back
             else:
-                slot.release_on_behalf_of(job)
+                drop(job)
             return trio.lowlevel.Abort.SUCCEEDED
 
         result: bytes = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -428,6 +505,8 @@ class ReadPool:
                 while done:
                     job = done.popleft()
                     job.slot.release_on_behalf_of(job)
+                    if job.stuck:
+                        self.stuck -= 1
                     if job.task is not None:
                         assert job.outcome is not None
                         reschedule(job.task, job.outcome)
@@ -456,9 +535,41 @@ class ReadPool:
                 await trio.sleep(self.slow_after if job is None else left)
                 continue
             if active.current is job and self.pending and self._active is active:
+                self._retire(active, job)
+
+    def _retire(self, active: _ReaderThread, job: _Job) -> None:
+        """``active``'s read ``job`` turned slow while reads wait: a new thread takes the
+        queue over, unless :attr:`max_stuck` threads are stuck already (or no thread can
+        be started): then the waiting reads fail with EAGAIN, and ``active`` keeps the
+        queue (the reads asked for while its read lasts fail in turn)."""
+        if self.stuck < self.max_stuck:
+            try:
+                successor = _ReaderThread(self)  # before retiring: it may fail
+            except RuntimeError as exc:
+                why = f"no thread to read: {exc}"
+            else:
                 active.retired = True
+                job.stuck = True
+                self.stuck += 1
                 self.retired += 1
-                self._active = _ReaderThread(self)
+                self._active = successor
+                return
+        else:
+            why = (f"{self.stuck} reads are stuck on slow memory already "
+                   f"(the reading thread's is slow too)")
+        if not self.refused:
+            log.error("memory reads refused (EAGAIN): %s", why)
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            try:
+                waiting = self.pending.popleft()
+            except IndexError:  # (the active thread may take the last one meanwhile)
+                break
+            self.refused += 1
+            self._drop(waiting)
+            if waiting.task is not None:
+                reschedule(waiting.task,
+                           outcome.Error(TargetMemoryError(errno.EAGAIN, why)))
 
 
 _POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
@@ -539,9 +650,11 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
+        turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
             data = await pool.run(work, self._limiter,
-                                  self._inline_wait if polled_alone() else 0.0)
+                                  self._inline_wait if turn >= 0 else 0.0, turn,
+                                  reader.close)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem

@@ -405,6 +405,9 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, Reader] = {}
         self._current: trio.lowlevel.Task | None = None  # the task polling the set
+        # Times the polling task let the rest of the daemon run (slept or checkpointed):
+        # see poller_turn().
+        self.turns = 0
 
     def __len__(self) -> int:
         return len(self._readers)
@@ -449,6 +452,7 @@ class Poller:
             try:
                 while suspended is None:
                     await wait_readable(epoll.fileno())
+                    self.turns += 1
                     served = 0
                     while suspended is None:
                         events = epoll.poll(0, max_events)
@@ -471,6 +475,7 @@ class Poller:
                         if served >= events_per_yield and suspended is None:
                             served = 0
                             await checkpoint()
+                            self.turns += 1
             finally:
                 if self._current is task and suspended is None:
                     trio.lowlevel.notify_closing(epoll.fileno())
@@ -503,6 +508,17 @@ def polled_alone() -> bool:
         return len(_POLLER.get()) == 1
     except LookupError:
         return False
+
+
+def poller_turn() -> int:
+    """While the running trio run's poller serves exactly one listener fd, how many times
+    it let the rest of the daemon run so far (:attr:`Poller.turns`); -1 otherwise. (What
+    a caller may block the event loop for depends on both, see memory.INLINE_BUDGET.)"""
+    try:
+        poller = _POLLER.get()
+    except LookupError:
+        return -1
+    return poller.turns if len(poller._readers) == 1 else -1
 
 
 def current_poller() -> Poller:
