@@ -501,15 +501,6 @@ class Poller:
 _POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")
 
 
-def polled_alone() -> bool:
-    """True if the running trio run's poller serves exactly one listener fd (then nothing
-    else waits for the event loop but that fd's own next notification)."""
-    try:
-        return len(_POLLER.get()) == 1
-    except LookupError:
-        return False
-
-
 def poller_turn() -> int:
     """While the running trio run's poller serves exactly one listener fd, how many times
     it let the rest of the daemon run so far (:attr:`Poller.turns`); -1 otherwise. (What
