@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -72,6 +73,7 @@ PAGE_FDS: Final = 200
 PAGE_BYTES: Final = 1024 * 1024
 _FD_SIZE: Final = array.array("i").itemsize
 _MAX_REPLY: Final = 64 * 1024 * 1024
+_UCRED: Final = struct.Struct("iII")
 
 
 class TakeoverError(Exception):
@@ -409,18 +411,29 @@ class TakeoverClient:
             raise
 
 
-async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT) -> TakenOver:
+async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT,
+                    peer_uid: int | None = None) -> TakenOver:
     """Take the sessions of the daemon listening on ``control_path``, within ``limit``
     seconds. Returns after the commit: the caller owns every fd in the result and must
     serve the sessions at once (their calls wait in the kernel meanwhile).
 
     Raises TakeoverError (after asking the old daemon to serve again, if it had begun;
     every fd received is closed) and OSError if the control socket cannot be reached.
+    ``peer_uid``: refuse (TakeoverError) a socket whose listener runs as another uid.
     """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     taken = TakenOver(0, -1, [])
     with sock:
-        await sock.connect(control_path)
+        with trio.move_on_after(limit) as connecting:
+            await sock.connect(control_path)
+        if connecting.cancelled_caught:
+            raise TakeoverError(f"{control_path} did not accept within {limit:g} s")
+        if peer_uid is not None:
+            _pid, uid, _gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            if uid != peer_uid:
+                raise TakeoverError(f"{control_path} is served by uid {uid}, "
+                                    f"not {peer_uid}")
         client = TakeoverClient(sock)
         began = False
         try:
