@@ -880,8 +880,9 @@ class Daemon:
             log.warning("control socket %s: %s: serving the kept sessions", path, exc)
             return False
         # Copies: the keeper's fds stay as they are if the live daemon does not adopt.
-        groups, _others = group_listen_fds(
+        groups, others = group_listen_fds(
             systemd.ListenFd(os.dup(item.fd), item.name) for item in kept)
+        _close_all_listen_fds(others)
         handed: list[HandedSession] = []
         fds: list[int] = []
         try:

@@ -4,6 +4,7 @@ loop, and the attacks on the ``adopt`` command."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -179,4 +180,41 @@ def test_adopt_is_refused_to_a_bad_token_and_to_a_second_caller(tmp_path: Path) 
                 request(d.control_path, "adopt", {"token": token})
         with pytest.raises(ControlError, match="adopt: "):
             request(d.control_path, "adopt", {"token": "0" * 12})
+        assert d.status()["sessions"] == []
+
+
+def test_adopt_refuses_a_give_socket_not_served_by_root(tmp_path: Path) -> None:
+    """Only uid 0 gives sessions: a ``give-`` socket whose listener is another uid (a
+    process that got to the name, in a directory it may write) is refused before a
+    byte is read from it."""
+    import subprocess
+    import sys
+
+    from supervisor.giveback import give_path
+
+    with daemon_process(tmp_path, config_text(tmp_path)) as d:
+        d.start()
+        token = "0123456789ab"
+        path = give_path(d.control_path, token)
+        # Bound as root, listening as nobody: SO_PEERCRED is taken at listen().
+        squatter = subprocess.Popen(
+            [sys.executable, "-c",
+             "import os, socket, sys, time\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             f"s.bind({path!r})\n"
+             "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+             "s.listen(8); print('ready', flush=True); time.sleep(60)\n"],
+            stdout=subprocess.PIPE)
+        try:
+            assert squatter.stdout is not None
+            assert squatter.stdout.readline() == b"ready\n"
+            with pytest.raises(ControlError, match="served by uid 65534, not 0"):
+                request(d.control_path, "adopt", {"token": token})
+        finally:
+            squatter.kill()
+            squatter.wait()
+            if squatter.stdout is not None:
+                squatter.stdout.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         assert d.status()["sessions"] == []
