@@ -58,7 +58,7 @@ from .fdstore import (
 from .giveback import ADOPT_TIMEOUT, GiveError, give_path, give_sessions, live_daemon, valid_token
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
-from .journal import Journal, JournalError, create_journal_fd, slots_for
+from .journal import Journal, JournalError, create_journal_fd, is_journal_fd, slots_for
 from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
@@ -519,12 +519,25 @@ class Daemon:
             self._traced.add(session)
         if stored_as is None and self.fdstore.enabled:
             name = new_session_name()
-            new_fd = _new_journal_fd(settings.max_inflight)
+            carried = False
+            if journal is not None:
+                # A journal that came with the listener (giveback.py: calls a crashed
+                # daemon received): its entries are answered by this session, and from
+                # a memfd of our own, stored with the listener.
+                try:
+                    new_fd = journal.move_to_new_memfd()
+                    carried = True
+                except (OSError, JournalError) as exc:
+                    log.error("container %s: its in-flight journal cannot be stored "
+                              "(%s)", container.id, exc)
+                    new_fd = -1
+            else:
+                new_fd = _new_journal_fd(settings.max_inflight)
             try:
                 if self.fdstore.store(name, notify.fileno(), container, chain.names,
                                       settings.mode, journal_fd=new_fd):
                     stored_as = name
-                    if new_fd >= 0:
+                    if new_fd >= 0 and not carried:
                         journal = _map_journal(new_fd, notify, container)
             finally:
                 if new_fd >= 0:
@@ -839,12 +852,21 @@ class Daemon:
         or an fd that is none, is closed)."""
         adopted = 0
         for fd, container in taken.sessions:
+            journal_fd = taken.journals.pop(fd, -1)
+            if journal_fd >= 0 and not is_journal_fd(journal_fd):
+                log.error("takeover: the journal sent for container %s is none: calls a "
+                          "crash left unanswered stay blocked", container.id)
+                os.close(journal_fd)
+                journal_fd = -1
             if not is_seccomp_listener(fd):
                 log.error("takeover: fd for container %s is not a seccomp listener",
                           container.id)
                 os.close(fd)
+                if journal_fd >= 0:
+                    os.close(journal_fd)
                 continue
-            session = self.start_session(NotifyFd(fd), container, source="taken over")
+            session = self.start_session(NotifyFd(fd), container, source="taken over",
+                                         journal_fd=journal_fd)
             if session is not None:
                 adopted += 1
                 self.restored.labels("takeover").inc()
@@ -894,7 +916,8 @@ class Daemon:
                 if restored.journal_fd >= 0:
                     fds.append(restored.journal_fd)
                 handed.append(HandedSession(restored.notify_fd, restored.container, (),
-                                            "enforce", stored_as=restored.name))
+                                            "enforce", stored_as=restored.name,
+                                            journal_fd=restored.journal_fd))
             if not handed:
                 return False
             log.warning("another daemon answers on %s: giving it the %d sessions the fd "
@@ -939,7 +962,7 @@ class Daemon:
             if taken.listen_fd >= 0:
                 os.close(taken.listen_fd)
                 taken.listen_fd = -1
-            offered = len(taken.sessions) + len(taken.invalid)
+            offered = len(taken.sessions)
             adopted = self._adopt_taken(taken)
             log.info("adopt: %d of %d sessions adopted, the others served already", adopted,
                      offered)

@@ -192,6 +192,10 @@ class HandedSession:
     #: one listener is never in the store twice (the old journal is empty: every
     #: notification received was answered before the handover).
     stored_as: str | None = None
+    #: Its in-flight journal, sent right after ``notify_fd`` (the state then says
+    #: ``"journal": true``). Only a restarted daemon giving its keeper's sessions away
+    #: (giveback.py) sends one: a session paused for a handover answered everything.
+    journal_fd: int = -1
 
 
 class Handing(Protocol):
@@ -261,9 +265,12 @@ class Handover:
             raise ControlError(f"no page {index!r} (pages: {len(pending.pages)})")
         start, end = pending.pages[index]
         chunk = pending.sessions[start:end]
-        return ControlReply(
-            {"sessions": [_handed_state(s) for s in chunk]},
-            fds=[s.notify_fd for s in chunk])
+        fds: list[int] = []
+        for s in chunk:
+            fds.append(s.notify_fd)
+            if s.journal_fd >= 0:
+                fds.append(s.journal_fd)
+        return ControlReply({"sessions": [_handed_state(s) for s in chunk]}, fds=fds)
 
     async def commit(self, req: ControlRequest) -> ControlReply:
         pending = self._require(req)
@@ -318,6 +325,8 @@ def _handed_state(s: HandedSession) -> dict[str, Any]:
     state = session_state(s.container, s.policies, s.mode)
     if s.stored_as is not None:
         state["fdstore"] = s.stored_as
+    if s.journal_fd >= 0:
+        state["journal"] = True
     return state
 
 
@@ -325,14 +334,17 @@ def _pages(sessions: Sequence[HandedSession]) -> list[tuple[int, int]]:
     pages: list[tuple[int, int]] = []
     start = 0
     size = 0
+    fds = 0
     for i, s in enumerate(sessions):
         estimate = 256 + len(s.container.metadata) + sum(
             len(k) + len(v) + 8 for table in (s.container.labels, s.container.annotations)
             for k, v in table.items())
-        if i > start and (i - start >= PAGE_FDS or size + estimate > PAGE_BYTES):
+        count = 2 if s.journal_fd >= 0 else 1
+        if i > start and (fds + count > PAGE_FDS or size + estimate > PAGE_BYTES):
             pages.append((start, i))
-            start, size = i, 0
+            start, size, fds = i, 0, 0
         size += estimate
+        fds += count
     if start < len(sessions):
         pages.append((start, len(sessions)))
     return pages
@@ -368,6 +380,8 @@ class TakenOver:
     invalid: list[tuple[int, str]] = field(default_factory=list)
     #: fd -> the name the old daemon kept that session under in the fd store.
     stored_names: dict[int, str] = field(default_factory=dict)
+    #: fd -> the in-flight journal sent with it (giveback.py; not checked yet).
+    journals: dict[int, int] = field(default_factory=dict)
 
 
 class TakeoverClient:
@@ -449,13 +463,20 @@ async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT,
                     result, fds = await client.call("takeover-page", {"page": index},
                                                     max_fds=PAGE_FDS)
                     states = result.get("sessions")
-                    if not isinstance(states, list) or len(states) != len(fds):
+                    with_journal = [isinstance(state, dict) and state.get("journal") is True
+                                    for state in states] if isinstance(states, list) else []
+                    if not isinstance(states, list) \
+                            or len(states) + sum(with_journal) != len(fds):
                         _close_all(fds)
                         raise TakeoverError(f"page {index}: {len(fds)} fds for "
                                             f"{len(states) if isinstance(states, list) else '?'}"
                                             " sessions")
                     page: list[tuple[int, Container]] = []
-                    for fd, state in zip(fds, states, strict=True):
+                    next_fd = iter(fds)
+                    for state, journal in zip(states, with_journal, strict=True):
+                        fd = next(next_fd)
+                        if journal:
+                            taken.journals[fd] = next(next_fd)
                         name = state.get("fdstore") if isinstance(state, dict) else None
                         if isinstance(name, str):
                             taken.stored_names[fd] = name
@@ -492,9 +513,11 @@ def _release(taken: TakenOver) -> None:
     if taken.listen_fd >= 0:
         _close_all([taken.listen_fd])
         taken.listen_fd = -1
-    _close_all([fd for fd, _ in taken.sessions] + [fd for fd, _ in taken.invalid])
+    _close_all([fd for fd, _ in taken.sessions] + [fd for fd, _ in taken.invalid]
+               + list(taken.journals.values()))
     taken.sessions = []
     taken.invalid = []
+    taken.journals = {}
 
 
 def _close_all(fds: Sequence[int]) -> None:

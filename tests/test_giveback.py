@@ -218,3 +218,69 @@ def test_adopt_refuses_a_give_socket_not_served_by_root(tmp_path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         assert d.status()["sessions"] == []
+
+
+SLOW_POLICY = '''\
+"""Answers are a function of the argument; the coroutine handler sleeps, so a SIGKILL
+finds each target's call under way."""
+import trio
+
+from supervisor.policy import PolicySet, returns
+
+policy = PolicySet("echo")
+
+
+@policy.on("getpgid")
+def sync_echo(n):
+    return returns(n.args[0] * 3 + 1)
+
+
+@policy.on("getsid")
+async def async_echo(n):
+    await trio.sleep(0.5)
+    return returns(n.args[0] * 5 + 2)
+'''
+
+
+def test_calls_a_crashed_daemon_had_received_are_answered_by_the_daemon_it_gives_to(
+        tmp_path: Path) -> None:
+    """Case 2 with a call in flight in every target when the old daemon is SIGKILLed:
+    its keeper's in-flight journals go with the listeners, and the live daemon answers
+    those calls (each once, by its policy): none stays blocked."""
+    stop = tmp_path / "stop"
+    (tmp_path / "slow.py").write_text(SLOW_POLICY)
+    text = (f'[defaults]\npolicies = ["echo"]\n[[policy]]\nname = "echo"\n'
+            f'path = "{tmp_path}/slow.py"\n')
+    with keeper_process(tmp_path, name="old-pod") as k1, \
+            keeper_process(tmp_path, name="new-pod") as k2, \
+            daemon_process(tmp_path, text) as d:
+        old_args = ("--takeover", "--fd-keeper", str(k1.path))
+        a = d.start(*old_args)
+        targets = [start_target(d.socket_path, i, 0, "--only", "async", "--until", str(stop),
+                                "--ready", str(tmp_path / f"ready-{i}"),
+                                container_id=f"ctr-{i}") for i in range(N)]
+        try:
+            for i in range(N):
+                wait_file(tmp_path / f"ready-{i}")
+            k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
+            time.sleep(0.2)  # every target is in a call: each decision sleeps 0.5 s
+            a.kill()
+            a.wait()
+            b = d.start("--takeover", "--fd-keeper", str(k2.path))
+            restarted = d.start(*old_args, wait=False)
+            d.wait_log(f"the live daemon adopted {N} and served 0 already of {N} sessions")
+            d.wait_log("answering 1 notifications a crashed process had received",
+                       count=N)
+            assert restarted.poll() is None
+            restarted.send_signal(signal.SIGTERM)
+            assert restarted.wait(20) == 0
+            assert k1.stop() == 0
+            time.sleep(1.2)
+            stop.touch()
+            results = [t.result(30) for t in targets]
+        finally:
+            for t in targets:
+                t.kill()
+        assert all(r["ok"] == r["calls"] and r["wrong"] == 0 for r in results), results
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(20) == 0
