@@ -44,7 +44,7 @@ from . import __version__, bpf, emulate, systemd
 from .audit import Recorder
 from .config import Config, ListenConfig
 from .control import MAX_CONNECTIONS as CONTROL_MAX_CONNECTIONS
-from .control import ControlRequest, ControlServer
+from .control import ControlError, ControlRequest, ControlServer
 from .decide import Chain
 from .errors import ConfigError, ProfileError
 from .fdbudget import fd_budget, raise_nofile_limit
@@ -55,9 +55,10 @@ from .fdstore import (
     new_session_name,
     restore_group,
 )
+from .giveback import ADOPT_TIMEOUT, GiveError, give_path, give_sessions, live_daemon, valid_token
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
-from .journal import Journal, JournalError, create_journal_fd, slots_for
+from .journal import Journal, JournalError, create_journal_fd, is_journal_fd, slots_for
 from .keeper import Attached, KeeperError, KeeperUnavailable, attach
 from .learn import learn_directories, owner_directory
 from .listener import ListenerLimits, bind_socket, serve_handoffs
@@ -179,6 +180,7 @@ class Daemon:
         # Sessions paused for a handover: notify fd, fd-store name, in-flight journal.
         self._handed: dict[int, tuple[NotifyFd, str | None, Journal | None]] = {}
         self._keep_socket_file = False
+        self._adopting = trio.Lock()
         # Learn mode by annotation (io.containers.trace-syscall): those sessions keep
         # their chain across reloads; (container id, output) pairs written already.
         self._traced: weakref.WeakSet[Session] = weakref.WeakSet()
@@ -213,6 +215,9 @@ class Daemon:
                 await self._idle_retired(attached, task_status)
                 return
             kept = attached.fds
+            if kept and await self._give_kept_to_live_daemon(kept):
+                await self._idle_retired(attached, task_status, gave=True)
+                return
             if kept and takeover is not None:
                 log.info("fd keeper: it holds %d fds: serving them again, not taking over",
                          len(kept))
@@ -514,12 +519,25 @@ class Daemon:
             self._traced.add(session)
         if stored_as is None and self.fdstore.enabled:
             name = new_session_name()
-            new_fd = _new_journal_fd(settings.max_inflight)
+            carried = False
+            if journal is not None:
+                # A journal that came with the listener (giveback.py: calls a crashed
+                # daemon received): its entries are answered by this session, and from
+                # a memfd of our own, stored with the listener.
+                try:
+                    new_fd = journal.move_to_new_memfd()
+                    carried = True
+                except (OSError, JournalError) as exc:
+                    log.error("container %s: its in-flight journal cannot be stored "
+                              "(%s)", container.id, exc)
+                    new_fd = -1
+            else:
+                new_fd = _new_journal_fd(settings.max_inflight)
             try:
                 if self.fdstore.store(name, notify.fileno(), container, chain.names,
                                       settings.mode, journal_fd=new_fd):
                     stored_as = name
-                    if new_fd >= 0:
+                    if new_fd >= 0 and not carried:
                         journal = _map_journal(new_fd, notify, container)
             finally:
                 if new_fd >= 0:
@@ -733,13 +751,13 @@ class Daemon:
             self._keeper = None
 
     async def _idle_retired(self, attached: Attached,
-                            task_status: trio.TaskStatus[None]) -> None:
+                            task_status: trio.TaskStatus[None], *, gave: bool = False) -> None:
         """This keeper's daemon handed its sessions to a newer one (a rolling update):
         serve nothing, take nothing back; wait for SIGTERM (the pod is being deleted)."""
         _close_all_listen_fds(attached.fds)
         log.warning("fd keeper %s: the daemon of this pod handed its sessions over to a "
-                    "newer one: not serving, not taking them back; waiting to be stopped",
-                    self.fd_keeper)
+                    "%s one: not serving, not taking them back; waiting to be stopped",
+                    self.fd_keeper, "live" if gave else "newer")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for _signum in signals:
@@ -829,15 +847,28 @@ class Daemon:
                  " and the notify socket" if taken.listen_fd >= 0 else "", taken.old_pid)
         return taken
 
-    def _adopt_taken(self, taken: Any) -> None:
+    def _adopt_taken(self, taken: Any) -> int:
+        """Serve the sessions taken over; returns how many (a listener served already,
+        or an fd that is none, is closed)."""
+        adopted = 0
         for fd, container in taken.sessions:
+            journal_fd = taken.journals.pop(fd, -1)
+            if journal_fd >= 0 and not is_journal_fd(journal_fd):
+                log.error("takeover: the journal sent for container %s is none: calls a "
+                          "crash left unanswered stay blocked", container.id)
+                os.close(journal_fd)
+                journal_fd = -1
             if not is_seccomp_listener(fd):
                 log.error("takeover: fd for container %s is not a seccomp listener",
                           container.id)
                 os.close(fd)
+                if journal_fd >= 0:
+                    os.close(journal_fd)
                 continue
-            session = self.start_session(NotifyFd(fd), container, source="taken over")
+            session = self.start_session(NotifyFd(fd), container, source="taken over",
+                                         journal_fd=journal_fd)
             if session is not None:
+                adopted += 1
                 self.restored.labels("takeover").inc()
                 old_name = taken.stored_names.get(fd)
                 if (old_name is not None and old_name.startswith(SESSION_PREFIX)
@@ -852,15 +883,103 @@ class Daemon:
             log.error("takeover: bad state for fd %d (%s): served under a placeholder id",
                       fd, reason)
         taken.sessions = []
+        return adopted
+
+    async def _give_kept_to_live_daemon(self, kept: list[systemd.ListenFd]) -> bool:
+        """Another daemon answers on the control socket (a rolling update whose takeover
+        this daemon's last run did not finish telling its keeper, or a new pod that
+        started afresh while this one crash-looped): give it the sessions the keeper
+        holds (giveback.py) instead of serving them beside it. True once it adopted
+        them and the keeper was told ``HANDEDOVER=1``; False if no daemon answers.
+        Raises KeeperError while one answers but does not adopt: serving beside it
+        would break containers, so this process exits 1 and is restarted (the keeper
+        keeps every listener meanwhile; their calls wait in the kernel)."""
+        path = self.state.config.listen.control_socket
+        try:
+            if not live_daemon(path):
+                return False
+        except OSError as exc:
+            log.warning("control socket %s: %s: serving the kept sessions", path, exc)
+            return False
+        # Copies: the keeper's fds stay as they are if the live daemon does not adopt.
+        groups, others = group_listen_fds(
+            systemd.ListenFd(os.dup(item.fd), item.name) for item in kept)
+        _close_all_listen_fds(others)
+        handed: list[HandedSession] = []
+        fds: list[int] = []
+        try:
+            for group in groups:
+                restored = restore_group(group)
+                if restored is None:
+                    continue
+                fds.append(restored.notify_fd)
+                if restored.journal_fd >= 0:
+                    fds.append(restored.journal_fd)
+                handed.append(HandedSession(restored.notify_fd, restored.container, (),
+                                            "enforce", stored_as=restored.name,
+                                            journal_fd=restored.journal_fd))
+            if not handed:
+                return False
+            log.warning("another daemon answers on %s: giving it the %d sessions the fd "
+                        "keeper holds instead of serving them beside it", path, len(handed))
+            try:
+                reply = await give_sessions(path, handed)
+            except GiveError as exc:
+                raise KeeperError(f"the live daemon did not adopt the kept sessions: "
+                                  f"{exc}") from None
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        log.warning("the live daemon adopted %s and served %s already of %d sessions",
+                    reply.get("adopted"), reply.get("already_served"), len(handed))
+        if not self.fdstore.notifier.send({"HANDEDOVER": 1}):
+            raise KeeperError("could not tell the fd keeper HANDEDOVER=1 after the live "
+                              "daemon adopted its sessions")
+        return True
+
+    async def _adopt_command(self, req: ControlRequest) -> dict[str, Any]:
+        """``adopt``: take the sessions a restarted daemon offers on the temporary control
+        socket its token names (giveback.py). Listeners served already are closed."""
+        if req.peer.uid != 0:
+            raise ControlError(f"uid {req.peer.uid} may not give sessions")
+        token = req.args.get("token")
+        if not valid_token(token):
+            raise ControlError("adopt needs a token of 12 hex digits")
+        assert isinstance(token, str)
+        if self._adopting.locked():
+            raise ControlError("another adopt is under way")
+        async with self._adopting:
+            if self.stopping or self._nursery is None or (
+                    self._gate is not None and not self._gate.is_open):
+                raise ControlError("stopping or handing over: not adopting")
+            path = give_path(self.state.config.listen.control_socket, token)
+            log.info("adopt: taking the sessions of pid %d from %s", req.peer.pid, path)
+            try:
+                taken = await take_over(path, limit=ADOPT_TIMEOUT, peer_uid=0)
+            except (TakeoverError, OSError) as exc:
+                raise ControlError(f"adopt: {exc}") from None
+            if taken.listen_fd >= 0:
+                os.close(taken.listen_fd)
+                taken.listen_fd = -1
+            offered = len(taken.sessions)
+            adopted = self._adopt_taken(taken)
+            log.info("adopt: %d of %d sessions adopted, the others served already", adopted,
+                     offered)
+            return {"adopted": adopted, "already_served": offered - adopted,
+                    "offered": offered}
 
     def register_handover(self, nursery: trio.Nursery) -> Handover:
-        """Offer the ``takeover*`` control commands (see takeover.py)."""
+        """Offer the ``takeover*`` control commands (see takeover.py), and ``adopt``."""
         handover = Handover(self, nursery)
         handover.register(self.control.register)
+        self.control.register("adopt", self._adopt_command)
         return handover
 
     async def pause_for_handover(self) -> tuple[int, list[HandedSession]]:
-        await self._stop_intake()
+        # An adopt under way finishes first: its sessions are handed over too.
+        async with self._adopting:
+            await self._stop_intake()
         stopped = await self._stop_sessions(keep_fd=True)
         handed: list[HandedSession] = []
         for session in stopped:

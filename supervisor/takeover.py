@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -72,6 +73,7 @@ PAGE_FDS: Final = 200
 PAGE_BYTES: Final = 1024 * 1024
 _FD_SIZE: Final = array.array("i").itemsize
 _MAX_REPLY: Final = 64 * 1024 * 1024
+_UCRED: Final = struct.Struct("iII")
 
 
 class TakeoverError(Exception):
@@ -190,6 +192,10 @@ class HandedSession:
     #: one listener is never in the store twice (the old journal is empty: every
     #: notification received was answered before the handover).
     stored_as: str | None = None
+    #: Its in-flight journal, sent right after ``notify_fd`` (the state then says
+    #: ``"journal": true``). Only a restarted daemon giving its keeper's sessions away
+    #: (giveback.py) sends one: a session paused for a handover answered everything.
+    journal_fd: int = -1
 
 
 class Handing(Protocol):
@@ -259,9 +265,12 @@ class Handover:
             raise ControlError(f"no page {index!r} (pages: {len(pending.pages)})")
         start, end = pending.pages[index]
         chunk = pending.sessions[start:end]
-        return ControlReply(
-            {"sessions": [_handed_state(s) for s in chunk]},
-            fds=[s.notify_fd for s in chunk])
+        fds: list[int] = []
+        for s in chunk:
+            fds.append(s.notify_fd)
+            if s.journal_fd >= 0:
+                fds.append(s.journal_fd)
+        return ControlReply({"sessions": [_handed_state(s) for s in chunk]}, fds=fds)
 
     async def commit(self, req: ControlRequest) -> ControlReply:
         pending = self._require(req)
@@ -316,6 +325,8 @@ def _handed_state(s: HandedSession) -> dict[str, Any]:
     state = session_state(s.container, s.policies, s.mode)
     if s.stored_as is not None:
         state["fdstore"] = s.stored_as
+    if s.journal_fd >= 0:
+        state["journal"] = True
     return state
 
 
@@ -323,14 +334,17 @@ def _pages(sessions: Sequence[HandedSession]) -> list[tuple[int, int]]:
     pages: list[tuple[int, int]] = []
     start = 0
     size = 0
+    fds = 0
     for i, s in enumerate(sessions):
         estimate = 256 + len(s.container.metadata) + sum(
             len(k) + len(v) + 8 for table in (s.container.labels, s.container.annotations)
             for k, v in table.items())
-        if i > start and (i - start >= PAGE_FDS or size + estimate > PAGE_BYTES):
+        count = 2 if s.journal_fd >= 0 else 1
+        if i > start and (fds + count > PAGE_FDS or size + estimate > PAGE_BYTES):
             pages.append((start, i))
-            start, size = i, 0
+            start, size, fds = i, 0, 0
         size += estimate
+        fds += count
     if start < len(sessions):
         pages.append((start, len(sessions)))
     return pages
@@ -366,6 +380,8 @@ class TakenOver:
     invalid: list[tuple[int, str]] = field(default_factory=list)
     #: fd -> the name the old daemon kept that session under in the fd store.
     stored_names: dict[int, str] = field(default_factory=dict)
+    #: fd -> the in-flight journal sent with it (giveback.py; not checked yet).
+    journals: dict[int, int] = field(default_factory=dict)
 
 
 class TakeoverClient:
@@ -409,18 +425,29 @@ class TakeoverClient:
             raise
 
 
-async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT) -> TakenOver:
+async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT,
+                    peer_uid: int | None = None) -> TakenOver:
     """Take the sessions of the daemon listening on ``control_path``, within ``limit``
     seconds. Returns after the commit: the caller owns every fd in the result and must
     serve the sessions at once (their calls wait in the kernel meanwhile).
 
     Raises TakeoverError (after asking the old daemon to serve again, if it had begun;
     every fd received is closed) and OSError if the control socket cannot be reached.
+    ``peer_uid``: refuse (TakeoverError) a socket whose listener runs as another uid.
     """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     taken = TakenOver(0, -1, [])
     with sock:
-        await sock.connect(control_path)
+        with trio.move_on_after(limit) as connecting:
+            await sock.connect(control_path)
+        if connecting.cancelled_caught:
+            raise TakeoverError(f"{control_path} did not accept within {limit:g} s")
+        if peer_uid is not None:
+            _pid, uid, _gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            if uid != peer_uid:
+                raise TakeoverError(f"{control_path} is served by uid {uid}, "
+                                    f"not {peer_uid}")
         client = TakeoverClient(sock)
         began = False
         try:
@@ -436,13 +463,20 @@ async def take_over(control_path: str, *, limit: float = HANDOVER_TIMEOUT) -> Ta
                     result, fds = await client.call("takeover-page", {"page": index},
                                                     max_fds=PAGE_FDS)
                     states = result.get("sessions")
-                    if not isinstance(states, list) or len(states) != len(fds):
+                    with_journal = [isinstance(state, dict) and state.get("journal") is True
+                                    for state in states] if isinstance(states, list) else []
+                    if not isinstance(states, list) \
+                            or len(states) + sum(with_journal) != len(fds):
                         _close_all(fds)
                         raise TakeoverError(f"page {index}: {len(fds)} fds for "
                                             f"{len(states) if isinstance(states, list) else '?'}"
                                             " sessions")
                     page: list[tuple[int, Container]] = []
-                    for fd, state in zip(fds, states, strict=True):
+                    next_fd = iter(fds)
+                    for state, journal in zip(states, with_journal, strict=True):
+                        fd = next(next_fd)
+                        if journal:
+                            taken.journals[fd] = next(next_fd)
                         name = state.get("fdstore") if isinstance(state, dict) else None
                         if isinstance(name, str):
                             taken.stored_names[fd] = name
@@ -479,9 +513,11 @@ def _release(taken: TakenOver) -> None:
     if taken.listen_fd >= 0:
         _close_all([taken.listen_fd])
         taken.listen_fd = -1
-    _close_all([fd for fd, _ in taken.sessions] + [fd for fd, _ in taken.invalid])
+    _close_all([fd for fd, _ in taken.sessions] + [fd for fd, _ in taken.invalid]
+               + list(taken.journals.values()))
     taken.sessions = []
     taken.invalid = []
+    taken.journals = {}
 
 
 def _close_all(fds: Sequence[int]) -> None:
