@@ -513,8 +513,11 @@ def _release(taken: TakenOver) -> None:
     if taken.listen_fd >= 0:
         _close_all([taken.listen_fd])
         taken.listen_fd = -1
-    _close_all([fd for fd, _ in taken.sessions] + [fd for fd, _ in taken.invalid]
-               + list(taken.journals.values()))
+    # A session with a bad state is in both lists: close each fd once (a second close
+    # could hit an fd another thread opened under the same number meanwhile).
+    _close_all(list(dict.fromkeys([fd for fd, _ in taken.sessions]
+                                  + [fd for fd, _ in taken.invalid]
+                                  + list(taken.journals.values()))))
     taken.sessions = []
     taken.invalid = []
     taken.journals = {}

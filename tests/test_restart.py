@@ -518,3 +518,30 @@ def _numbers(text: str, pattern: str) -> list[str]:
     import re
 
     return re.findall(pattern, text)
+
+
+def test_a_failed_takeover_closes_each_received_fd_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session whose state was refused is served under a placeholder, so its fd is in
+    both ``sessions`` and ``invalid``: releasing must close it once, since a second
+    close could hit an fd another thread opened under that number in between."""
+    from supervisor import takeover
+    from supervisor.policy import Container
+
+    r, w = os.pipe()
+    journal_r, journal_w = os.pipe()
+    taken = takeover.TakenOver(old_pid=1, listen_fd=-1,
+                               sessions=[(r, Container(id=f"unknown-takeover-{r}"))],
+                               invalid=[(r, "bad state")], journals={r: journal_r})
+    closed: list[int] = []
+    real_close = os.close
+
+    def counting_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(takeover.os, "close", counting_close)
+    takeover._release(taken)
+    monkeypatch.undo()
+    assert sorted(closed) == sorted([r, journal_r])
+    for fd in (w, journal_w):
+        os.close(fd)
