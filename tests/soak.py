@@ -254,6 +254,23 @@ def wait_file(path: str | Path, timeout: float = 20) -> None:
         time.sleep(0.005)
 
 
+def hold_targets(hold: Path, count: int) -> None:
+    """Make the ``count`` targets started with ``--hold HOLD`` stop between two calls,
+    and wait until all have (none has a call in flight then)."""
+    hold.touch()
+    for i in range(count):
+        wait_file(f"{hold}.held-{i}")
+
+
+def release_targets(hold: Path, count: int) -> None:
+    """Let targets held by :func:`hold_targets` call again (their markers go too, so a
+    later hold waits for new ones)."""
+    for i in range(count):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{hold}.held-{i}")
+    hold.unlink()
+
+
 def one_call_program(nr: int, arg: int) -> list[str]:
     """argv of a Python program that makes ``syscall(nr, arg)`` once and prints
     ``{"rc": ..., "errno": ..., "seconds": ...}``."""

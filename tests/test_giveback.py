@@ -17,7 +17,15 @@ from supervisor.handoff import build_state_message
 from supervisor.launcher import hand_over
 from supervisor.takeover import PAGE_FDS
 
-from .soak import RunningTarget, config_text, daemon_process, start_target, wait_file
+from .soak import (
+    RunningTarget,
+    config_text,
+    daemon_process,
+    hold_targets,
+    release_targets,
+    start_target,
+    wait_file,
+)
 from .test_keeper import FDS_PER_SESSION, keeper_process
 
 N = 4
@@ -27,19 +35,6 @@ def _targets(d_socket: str, tmp: Path, stop: Path, hold: Path) -> list[RunningTa
     return [start_target(d_socket, i, 0, "--until", str(stop), "--hold", str(hold),
                          "--ready", str(tmp / f"ready-{i}"), container_id=f"ctr-{i}")
             for i in range(N)]
-
-
-def _hold(tmp: Path, hold: Path) -> None:
-    """Every target between two calls (none in flight at a SIGKILL)."""
-    hold.touch()
-    for i in range(N):
-        wait_file(f"{hold}.held-{i}")
-
-
-def _release(hold: Path) -> None:
-    for i in range(N):
-        os.unlink(f"{hold}.held-{i}")
-    hold.unlink()
 
 
 def _finish(targets: list[RunningTarget], stop: Path) -> None:
@@ -77,7 +72,7 @@ def test_a_daemon_killed_before_telling_its_keeper_gives_the_duplicates_back(
             for i in range(N):
                 wait_file(tmp_path / f"ready-{i}")
             k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
-            _hold(tmp_path, hold)
+            hold_targets(hold, N)
             hello, fds = request(d.control_path, "takeover", max_fds=1)
             for fd in fds:
                 os.close(fd)
@@ -110,7 +105,7 @@ def test_a_daemon_killed_before_telling_its_keeper_gives_the_duplicates_back(
             status = d.status()
             assert status["pid"] == b.pid and len(status["sessions"]) == N
             assert _refused(d, "already_served") == N
-            _release(hold)
+            release_targets(hold, N)
             time.sleep(0.3)
             # The old pod is deleted: its daemon, then its keeper.
             restarted.send_signal(signal.SIGTERM)
@@ -143,12 +138,12 @@ def test_a_crash_looping_daemon_gives_its_kept_sessions_to_the_new_pod(
             for i in range(N):
                 wait_file(tmp_path / f"ready-{i}")
             k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
-            _hold(tmp_path, hold)
+            hold_targets(hold, N)
             a.kill()
             a.wait()
             b = d.start("--takeover", "--fd-keeper", str(k2.path))
             d.wait_log("takeover: no daemon on")
-            _release(hold)  # their calls wait in the kernel: K1 holds the listeners
+            release_targets(hold, N)  # their calls wait in the kernel: K1 holds the listeners
             restarted = d.start(*old_args, wait=False)
             d.wait_log(f"the live daemon adopted {N} and served 0 already of {N} sessions")
             k1.wait_log("handed its sessions over to a newer daemon")

@@ -23,7 +23,15 @@ from supervisor.profile import build_program, notify_profile
 from supervisor.spawn import FilteredChild, spawn_filtered
 from supervisor.systemd import Notifier
 
-from .soak import CLI, ROOT, daemon_process, start_target, wait_file
+from .soak import (
+    CLI,
+    ROOT,
+    daemon_process,
+    hold_targets,
+    release_targets,
+    start_target,
+    wait_file,
+)
 
 #: What the daemon stores per container: notify fd, state memfd, in-flight journal.
 FDS_PER_SESSION = 3
@@ -571,16 +579,12 @@ def test_a_sigkilled_daemon_serves_the_same_containers_again_from_the_keeper(
             for i in range(n):
                 wait_file(tmp_path / f"ready-{i}")
             for crash in (1, 2):
-                hold.touch()
-                for i in range(n):
-                    wait_file(f"{hold}.held-{i}")
+                hold_targets(hold, n)
                 d.process.kill()
                 d.process.wait()
                 d.start(*args)
                 d.wait_log(f"fd store: serving {n} sessions again", count=crash)
-                for i in range(n):
-                    os.unlink(f"{hold}.held-{i}")
-                hold.unlink()
+                release_targets(hold, n)
                 time.sleep(0.2)
                 assert {s["container"] for s in d.status()["sessions"]} == \
                     {f"ctr-{i}" for i in range(n)}
@@ -627,7 +631,7 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
     exits 0 and the kubelet starts it again (restartPolicy: Always): it must serve
     nothing and take nothing back. Then the old pod goes (its daemon and keeper)."""
     from .runtime import make_bundle, sync_container, unique_id
-    from .test_restart import LOOP, PROBE, _numbers
+    from .test_restart import LOOP, PROBE, answered_before_and_after, loop_verdict
 
     n = 2000  # still calling after both keepers' restarts
     (tmp_path / "probe.py").write_text(PROBE)
@@ -677,24 +681,12 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
                 assert time.monotonic() < deadline + 60, c.output()[-2000:]
                 time.sleep(0.02)
             lines = c.output().split("\n")
-        seen: dict[int, str] = {}
-        wrong = []
-        for line in lines:
-            word, _, pid = line.partition(" ")
-            if word in ("ok", "no"):
-                assert int(pid) not in seen, f"{pid} twice"
-                seen[int(pid)] = word
-                if word != ("ok" if int(pid) % 2 == 0 else "no"):
-                    wrong.append(line)
-        lost = n - len(seen)
+        lost, wrong = loop_verdict(lines, n)
         assert lost == 0 and not wrong, (lost, wrong[:5])
         assert before < n and after > before  # the loop ran across the update
         log = d.log_text()
         assert log.count("takeover requested") == 1  # no ping-pong
-        paused = sum(int(x) for x in _numbers(log, r"paused for a handover \((\d+) notif"))
-        new_count = sum(v for (name, labels), v in d.metrics().items()
-                        if name == "seccomp_supervisor_notifications_total"
-                        and ("syscall", "kill") in labels)
+        paused, new_count = answered_before_and_after(d, log)
         assert paused + new_count == n, (paused, new_count)
         print(f"\nrolling update with keepers: {n} notified calls, {after - before} while "
               f"both pods ran (the takeover: {took:.2f} s), old daemon answered {paused}, new "

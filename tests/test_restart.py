@@ -36,6 +36,8 @@ from .soak import (
     RunningTarget,
     config_text,
     daemon_process,
+    hold_targets,
+    release_targets,
     start_target,
     wait_file,
 )
@@ -373,6 +375,31 @@ echo done
 """
 
 
+def loop_verdict(lines: list[str], n: int) -> tuple[int, list[str]]:
+    """(calls lost, wrong lines) of LOOP's output: every pid answered exactly once, `ok`
+    for even pids (the policy allows them) and `no` for odd ones."""
+    seen: dict[int, str] = {}
+    wrong = []
+    for line in lines:
+        word, _, pid = line.partition(" ")
+        if word in ("ok", "no"):
+            assert int(pid) not in seen, f"{pid} twice"
+            seen[int(pid)] = word
+            if word != ("ok" if int(pid) % 2 == 0 else "no"):
+                wrong.append(line)
+    return n - len(seen), wrong
+
+
+def answered_before_and_after(d: DaemonProcess, log: str) -> tuple[int, float]:
+    """LOOP's calls the old daemon answered before a handover (its log) and the ones the
+    new daemon answered (its /metrics)."""
+    paused = sum(int(x) for x in _numbers(log, r"paused for a handover \((\d+) notif"))
+    new_count = sum(v for (name, labels), v in d.metrics().items()
+                    if name == "seccomp_supervisor_notifications_total"
+                    and ("syscall", "kill") in labels)
+    return paused, new_count
+
+
 @pytest.mark.runtime
 def test_a_runc_container_calling_in_a_loop_across_a_takeover(tmp_path: Path) -> None:
     """`kill -0 PID` in a busybox container: the policy says even PIDs exist and odd ones
@@ -402,23 +429,11 @@ def test_a_runc_container_calling_in_a_loop_across_a_takeover(tmp_path: Path) ->
                 assert time.monotonic() < deadline + 60, c.output()[-2000:]
                 time.sleep(0.02)
             lines = c.output().split("\n")
-        seen: dict[int, str] = {}
-        wrong = []
-        for line in lines:
-            word, _, pid = line.partition(" ")
-            if word in ("ok", "no"):
-                assert int(pid) not in seen, f"{pid} twice"
-                seen[int(pid)] = word
-                if word != ("ok" if int(pid) % 2 == 0 else "no"):
-                    wrong.append(line)
-        lost = n - len(seen)
+        lost, wrong = loop_verdict(lines, n)
         assert lost == 0 and not wrong, (lost, wrong[:5])
         assert before < n and after > before  # the loop ran across the restart
         log = d.log_text()
-        paused = sum(int(x) for x in _numbers(log, r"paused for a handover \((\d+) notif"))
-        new_count = sum(v for (name, labels), v in d.metrics().items()
-                        if name == "seccomp_supervisor_notifications_total"
-                        and ("syscall", "kill") in labels)
+        paused, new_count = answered_before_and_after(d, log)
         assert paused + new_count == n, (paused, new_count)
         print(f"\nrunc across a takeover: {n} notified calls, {after - before} made while "
               f"the new daemon took over ({took:.2f} s), old answered {paused}, new "
@@ -486,15 +501,13 @@ def test_systemd_restart_and_crash_keep_containers_served(
             d.wait_log(f"fd store: serving {n} sessions again")
             window.write_text(f"{begin} {time.monotonic()}")
             time.sleep(0.3)
-            # 2. A crash: the daemon is SIGKILLed while no call is in flight (see
-            # docs/restarts.md: a call received but not answered at a crash stays blocked).
-            hold.touch()
-            for i in range(n):
-                wait_file(f"{hold}.held-{i}")
+            # 2. A crash: the daemon is SIGKILLed while no call is in flight (calls in
+            # flight at a crash are tests/test_crash.py's).
+            hold_targets(hold, n)
             m.ctl("kill", "--signal=KILL", m.unit)
             m.wait_for("MainPID", lambda v: v not in ("0", first_pid, second_pid))
             d.wait_log(f"fd store: serving {n} sessions again", count=2)
-            hold.unlink()
+            release_targets(hold, n)
             time.sleep(0.3)
             status = {s["container"] for s in d.status()["sessions"]}
             assert status == {f"ctr-{i}" for i in range(n)}
