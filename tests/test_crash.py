@@ -9,6 +9,7 @@ flight (the chaos soak's short version; ``bench/crash_soak.py`` is the full one)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -651,4 +652,71 @@ async def test_a_session_stored_without_a_journal_gets_one_added_to_its_group(
         if listener >= 0:
             os.close(listener)
         sock.close()
+        _reap(child)
+
+
+@pytest.fixture
+def int80_library(tmp_path: Path) -> Path:
+    """A shared library with ``int80(nr, ebx, ecx, edx)`` (tests/test_hostile_abi.py)."""
+    from .test_hostile_abi import INT80_C
+
+    (tmp_path / "int80.c").write_text(INT80_C)
+    library = tmp_path / "int80.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
+                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
+    return library
+
+
+async def test_an_i386_call_is_recovered_with_its_arguments_decoded_as_the_kernel_does(
+        int80_library: Path) -> None:
+    """An i386 call (``int $0x80`` from a 64-bit process, garbage in the upper halves of
+    its registers) whose receiver crashed: the journal keeps its arch, and the recovered
+    decision reads the argument the kernel uses (the low 32 bits), not the register."""
+    from supervisor.testing import ARCHITECTURES
+
+    from .test_hostile_abi import i386
+
+    library = int80_library
+    program = [sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes, json
+        f = ctypes.CDLL({str(library)!r}).int80
+        f.restype = ctypes.c_long
+        f.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        if f({i386("getpid")}, 0, 0, 0) <= 0:
+            print(json.dumps({{"skip": True}}))
+        else:
+            print(json.dumps({{"rc": f({i386("getpgid")}, 0xdeadbeef0000000b, 0, 0)}}))
+    """)]
+    profile = dataclasses.replace(notify_profile(["getpgid"]), architectures=ARCHITECTURES)
+    child = spawn.spawn_filtered(program, build_program(profile), stdout=subprocess.PIPE)
+    listener = child.take_listener()
+    policy = PolicySet("decoded")
+
+    @policy.on("getpgid")
+    def decoded(n):  # type: ignore[no-untyped-def]
+        return returns(n.int32(0) * 3 + 1)
+
+    journal_fd = create_journal_fd(16)
+    try:
+        probe = select.select([listener], [], [], 20)[0]
+        if not probe and child.process.poll() is not None:
+            out = child.process.communicate()[0]
+            if json.loads(out).get("skip"):
+                pytest.skip("this kernel runs no i386 code (CONFIG_IA32_EMULATION off)")
+        _crash_receiver(listener, journal_fd)  # its getpgid handler SIGKILLs it
+        notify = NotifyFd(os.dup(listener))
+        session = Session(notify, Container(id="t"), Chain([("decoded", policy)]),
+                          SessionSettings(), Recorder(Metrics(CollectorRegistry()),
+                                                      audit="none"))
+        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            out = await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=20)[0])
+            nursery.cancel_scope.cancel()
+        assert session.stats.recovered == 1
+        assert json.loads(out) == {"rc": 11 * 3 + 1}, out
+    finally:
+        os.close(journal_fd)
+        os.close(listener)
         _reap(child)
