@@ -41,6 +41,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import __version__, bpf, emulate, systemd
+from ._start import in_use
 from .audit import Recorder
 from .config import Config, ListenConfig
 from .control import MAX_CONNECTIONS as CONTROL_MAX_CONNECTIONS
@@ -55,7 +56,7 @@ from .fdstore import (
     new_session_name,
     restore_group,
 )
-from .giveback import ADOPT_TIMEOUT, GiveError, give_path, give_sessions, live_daemon, valid_token
+from .giveback import ADOPT_TIMEOUT, GiveError, give_path, give_sessions, valid_token
 from .handoff import Handoff
 from .httpmetrics import MetricsServer, bind_tcp
 from .journal import Journal, JournalError, create_journal_fd, is_journal_fd, slots_for
@@ -895,11 +896,7 @@ class Daemon:
         would break containers, so this process exits 1 and is restarted (the keeper
         keeps every listener meanwhile; their calls wait in the kernel)."""
         path = self.state.config.listen.control_socket
-        try:
-            if not live_daemon(path):
-                return False
-        except OSError as exc:
-            log.warning("control socket %s: %s: serving the kept sessions", path, exc)
+        if not in_use(path):
             return False
         # Copies: the keeper's fds stay as they are if the live daemon does not adopt.
         groups, others = group_listen_fds(

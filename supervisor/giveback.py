@@ -26,12 +26,10 @@ after B's reply: until then the keeper's copies are the last ones if B dies.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
 import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -43,7 +41,7 @@ from .control import ControlError, ControlServer
 from .takeover import HANDOVER_TIMEOUT, HandedSession, Handover
 
 __all__ = ["ADOPT_TIMEOUT", "GiveError", "KeptSessions", "give_path", "give_sessions",
-           "live_daemon", "valid_token"]
+           "valid_token"]
 
 log = logging.getLogger("supervisor.giveback")
 
@@ -64,19 +62,6 @@ def give_path(control_socket: str, token: str) -> str:
 
 def valid_token(token: object) -> bool:
     return isinstance(token, str) and _TOKEN.fullmatch(token) is not None
-
-
-def live_daemon(control_socket: str) -> bool:
-    """Whether a process listens on ``control_socket`` now (a stale file: no)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        try:
-            sock.connect(control_socket)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
-                return False
-            raise
-        return True
 
 
 @dataclass
