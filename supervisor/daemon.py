@@ -738,13 +738,18 @@ class Daemon:
                     raise
                 log.info("fd keeper: %s; waiting for it", exc)
                 time.sleep(0.2)  # before serving anything: nothing else to run
+        self._use_keeper(attached)
+        log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
+                 ", retired" if attached.retired else "")
+        return attached
+
+    def _use_keeper(self, attached: Attached) -> None:
+        """Store sessions in ``attached`` from now on, at the path its attach checked."""
+        assert self.fd_keeper is not None
         self._keeper = attached
         self.keeper_attached.labels(self.fd_keeper).set(1)
         self.fdstore = FdStore(systemd.Notifier(attached.path), env={},
                                holder="the fd keeper")
-        log.info("fd keeper %s: attached (%d fds kept%s)", self.fd_keeper, len(attached.fds),
-                 ", retired" if attached.retired else "")
-        return attached
 
     def _detach_keeper(self) -> None:
         if self._keeper is not None:
@@ -797,10 +802,7 @@ class Daemon:
                 # A new keeper holds nothing of ours; anything it holds is not ours to
                 # serve (this daemon serves its own sessions).
                 _close_all_listen_fds(attached.fds)
-                self._keeper = attached
-                self.keeper_attached.labels(self.fd_keeper).set(1)
-                self.fdstore = FdStore(systemd.Notifier(attached.path), env={},
-                                       holder="the fd keeper")
+                self._use_keeper(attached)
                 stored = await self._store_all_sessions()
                 log.info("fd keeper %s is back: %d of %d sessions stored again",
                          self.fd_keeper, stored, len(self.sessions))
