@@ -10,10 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Debian packages the daemon needs (`serve`): libseccomp for pyseccomp, python3-venv for
-# .venv, curl for the README's tour.
-SERVE_PACKAGES=(libseccomp2 python3-venv curl)
+# .venv, curl for the README's tour, gcc and python3-dev to build the compiled hot loop
+# (supervisor/_hotloop.c; without them the install warns and the daemon runs pure Python).
+SERVE_PACKAGES=(libseccomp2 python3-venv curl gcc python3-dev)
 # ...and the tests (`test`, `docs`): the real container runtimes and a static busybox for
-# test rootfs, strace and gcc for tests and the benchmark, systemd and prometheus for
+# test rootfs, strace for tests, gcc for them and the benchmark too, systemd and prometheus for
 # `systemd-analyze verify`/`security`, `promtool` and the dashboard's queries against a
 # real Prometheus server; tmux to test `seccomp-supervisor top` in a real terminal;
 # iproute2 for the documentation's examples (tests/test_docs_examples.py), groff-base and
@@ -25,7 +26,7 @@ SERVE_PACKAGES=(libseccomp2 python3-venv curl)
 # also enables the Prometheus server on :9090; docker.io and containerd likewise enable
 # their daemons: setup() disables them when it installs the packages; the tests start
 # their own servers, on loopback or on sockets in a temporary directory.)
-TEST_PACKAGES=("${SERVE_PACKAGES[@]}" runc crun busybox-static strace gcc systemd prometheus
+TEST_PACKAGES=("${SERVE_PACKAGES[@]}" runc crun busybox-static strace systemd prometheus
                tmux iproute2 groff-base man-db docker.io containerd rootlesskit uidmap podman
                mmdebstrap)
 

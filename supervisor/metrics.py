@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
+from . import __version__, accel
 
 # The syscall label of every call libseccomp has no name for (``nr_<n>`` elsewhere):
 # a filter may notify any of 2**32 numbers, and a label value per number would let one
@@ -192,7 +192,8 @@ class Metrics:
             "build", "The running seccomp-supervisor: version and Python.", namespace=ns,
             registry=registry)
         self.build_info.info({"version": __version__,
-                              "python": platform.python_version()})
+                              "python": platform.python_version(),
+                              "hot_loop": accel.KIND})
         # The two families bumped per notification: plain numbers (see FastCounter).
         self.notifications = FastCounter(
             f"{ns}_notifications", "Notifications answered, by system call, deciding policy "

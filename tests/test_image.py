@@ -474,6 +474,10 @@ async def test_daemonset_pod_serves_a_runc_container_on_the_host(
             key = (("decision", "deny"), ("policy", "hardening"), ("syscall", "chmod"))
             assert samples[("seccomp_supervisor_notifications_total", key)] == 1.0
             assert samples[("seccomp_supervisor_sessions", ())] == 1.0
+            # The image's wheel carries the compiled hot loop (built on the host).
+            [hot_loop] = [dict(labels)["hot_loop"] for metric, labels in samples
+                          if metric == "seccomp_supervisor_build_info"]
+            assert hot_loop == "c"
             # The audit line of the refusal, on the container's stdout (the pod's log).
             logs = await pod.logs(name)
             [audit] = [json.loads(line) for line in logs.splitlines()

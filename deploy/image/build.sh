@@ -151,7 +151,8 @@ ctx=$(mktemp -d /tmp/seccomp-supervisor-image-XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 mkdir "$ctx/wheels" "$ctx/tools" "$ctx/src"
 # The sources the wheel needs, copied so that building it leaves nothing in the tree.
-tar -C "$root" --exclude=__pycache__ -cf - pyproject.toml README.md supervisor man \
+tar -C "$root" --exclude=__pycache__ --exclude="*.so" -cf - pyproject.toml setup.py README.md \
+    supervisor man \
     | tar -C "$ctx/src" -xf -
 pip=("$python" -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" wheel --no-deps --no-build-isolation --wheel-dir "$ctx/wheels" "$ctx/src"
