@@ -242,6 +242,8 @@ class Daemon:
         self.notify_socket = _sock_name(sock)
         notifier = self.notifier
         with contextlib.ExitStack() as cleanup:
+            # Last out: its socket to the manager (a later message connects anew).
+            cleanup.callback(notifier.close)
             emulate.start_helper()  # `serve` started it already, before dropping capabilities
             cleanup.callback(emulate.stop_helper)
             if bound_path is not None:

@@ -641,7 +641,8 @@ async def test_a_session_stored_without_a_journal_gets_one_added_to_its_group(
             out = await trio.to_thread.run_sync(
                 lambda: child.process.communicate(timeout=20)[0])
             assert json.loads(out)["rc"] == expected(NR_GETSID, 4)
-        d.daemon.notifier.close()  # its socket to our NOTIFY_SOCKET
+        # The daemon closed its socket to our NOTIFY_SOCKET when it stopped.
+        assert d.daemon.notifier._sock is None
         stores = [(m, fds) for m, fds in received if m.get("FDSTORE") == "1"]
         assert len(stores) == 1 and stores[0][0]["FDNAME"] == "session-0123456789ab"
         assert len(stores[0][1]) == 1 and is_journal_fd(stores[0][1][0])
