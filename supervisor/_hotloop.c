@@ -45,20 +45,23 @@ static unsigned long long recv_calls_count;
  * may change anything, so it takes the Python path), and their slot descriptors. */
 static PyTypeObject *session_type, *notification_type, *link_type, *decision_type;
 static PyObject *outcome_type;
+static PyTypeObject *recorder_type;
 enum { N_ID, N_PID, N_NR, N_ARCH, N_SYSCALL, N_ARGS, N_CONTAINER, N_MEMORY, N_READ_MEMORY,
        N_SLOTS };
 static PyObject *notification_slots[N_SLOTS];
 static PyObject *link_policy, *link_func, *link_is_async;
 static PyObject *decision_kind, *decision_response;
-static PyObject *outcome_decision, *outcome_policy;
+static PyObject *outcome_decision, *outcome_policy, *outcome_error, *outcome_audit_hot;
 
 /* Interned attribute and method names. */
 static PyObject *s_notify, *s_fd, *s_buf, *s_journal, *s_routes, *s_bucket, *s_shadow,
     *s_stats, *s_recorder, *s_container, *s_memory, *s_last_outcome, *s_notifications,
     *s_gone, *s_decisions, *s_latency, *s_mm, *s_mask, *s_on_ready, *s_on_failure,
     *s_unregister, *s_read_elsewhere, *s_decide_received, *s_decided, *s_allow, *s_recv,
-    *s_send;
-static PyObject *one;
+    *s_send, *s_last, *s_value, *s_bounds, *s_counts, *s_sum, *s_audit, *s_audit_slow,
+    *s_none, *s_deny, *s_limiter, *s_limit, *s_epoch, *s_window, *s_written, *s_start,
+    *s_suppressed, *s_suppressed_counter;
+static PyObject *one, *zero;
 
 /* A member (slot) descriptor's get and set: what attribute access does for a __slots__
  * attribute, without looking the name up in the type's MRO first. */
@@ -83,12 +86,27 @@ static PyObject *member_descriptor(PyTypeObject *type, const char *name)
     return descr;
 }
 
+/* A clock read as CPython turns it into a float (_PyTime_AsSecondsDouble), so the values
+ * compare with Python's own readings to the last bit. */
+static inline double clock_seconds(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    long long t = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    volatile double d;
+    if (t % 1000000000LL == 0)
+        d = (double)(t / 1000000000LL);
+    else {
+        d = (double)t;
+        d /= 1e9;
+    }
+    return d;
+}
+
 /* time.perf_counter(): CLOCK_MONOTONIC on Linux (verified: time.get_clock_info). */
 static inline double now(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    return clock_seconds(CLOCK_MONOTONIC);
 }
 
 /* obj.name += 1 for an int attribute. */
@@ -231,12 +249,188 @@ static int fast_response(PyObject *result, struct seccomp_notif_resp *resp)
     return ok;
 }
 
+/* obj.name = obj.name + amount for a float attribute (HistogramChild.sum). */
+static int add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    PyObject *sum = PyNumber_Add(value, amount);
+    Py_DECREF(value);
+    if (sum == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* Is `value` == the str `literal` (interned)? */
+static inline int str_equal(PyObject *value, PyObject *literal)
+{
+    return value == literal ||
+           (PyUnicode_CheckExact(value) && PyUnicode_Compare(value, literal) == 0);
+}
+
+/* audit.Recorder.decided(container, id, tid, syscall, args, outcome, latency) for an
+ * Outcome the hot loop made (shadow False), in its common case: the metrics children
+ * of the pair cached in recorder._last, then the audit level's filter and the line held
+ * back by the window its Outcome found (outcome.audit_hot). Past the audit filter it
+ * calls Recorder._audit, and for anything else the Python method in full (before any
+ * counter moved). Returns the bucket index (a new reference) or NULL. */
+static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObject *id,
+                                PyObject *tid, PyObject *syscall, PyObject *args,
+                                PyObject *outcome, PyObject *kind, double latency)
+{
+    PyObject *result = NULL, *latency_obj = NULL, *error = NULL, *last = NULL,
+             *bounds = NULL, *counts = NULL, *bucket = NULL, *audit = NULL,
+             *limiter = NULL, *limit = NULL, *hot = NULL, *epoch = NULL, *window = NULL,
+             *written = NULL, *start = NULL, *counter = NULL, *now_obj = NULL;
+    if ((latency_obj = PyFloat_FromDouble(latency)) == NULL)
+        return NULL;
+    if (Py_TYPE(recorder) != recorder_type || Py_TYPE(outcome) != (PyTypeObject *)outcome_type)
+        goto python;
+    if ((error = slot_get(outcome_error, outcome)) == NULL)
+        goto done;
+    if (error != Py_None)
+        goto python;  /* handler_errors too: the Python method */
+    if ((last = PyObject_GetAttr(recorder, s_last)) == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(last) || PyTuple_GET_SIZE(last) != 6 ||
+        PyTuple_GET_ITEM(last, 0) != syscall)
+        goto python;
+    if (PyTuple_GET_ITEM(last, 1) != outcome) {
+        PyObject *policy = slot_get(outcome_policy, outcome);
+        if (policy == NULL)
+            goto done;
+        Py_DECREF(policy);  /* compared by identity only */
+        if (PyTuple_GET_ITEM(last, 2) != policy || PyTuple_GET_ITEM(last, 3) != kind)
+            goto python;
+    }
+    PyObject *histogram = PyTuple_GET_ITEM(last, 5);
+    if ((bounds = PyObject_GetAttr(histogram, s_bounds)) == NULL ||
+        (counts = PyObject_GetAttr(histogram, s_counts)) == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(bounds) || !PyList_CheckExact(counts) ||
+        PyList_GET_SIZE(counts) != PyTuple_GET_SIZE(bounds) + 1)
+        goto python;
+    /* bisect_left(bounds, latency): the first bound >= latency (floats, sorted). */
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(bounds);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        PyObject *bound = PyTuple_GET_ITEM(bounds, mid);
+        if (!PyFloat_CheckExact(bound))
+            goto python;
+        if (PyFloat_AS_DOUBLE(bound) < latency)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if ((bucket = PyLong_FromSsize_t(lo)) == NULL)
+        goto done;
+    /* The bumps of the Python method, in its order. */
+    if (increment_attr(PyTuple_GET_ITEM(last, 4), s_value) < 0 ||
+        increment_item(counts, bucket, 0) < 0 ||
+        add_to_attr(histogram, s_sum, latency_obj) < 0)
+        goto done;
+    if ((audit = PyObject_GetAttr(recorder, s_audit)) == NULL)
+        goto done;
+    if (str_equal(audit, s_none) || (str_equal(audit, s_deny) && !str_equal(kind, s_deny)))
+        goto bucket_only;
+    double now = clock_seconds(CLOCK_REALTIME); /* time.time() */
+    if ((limiter = PyObject_GetAttr(recorder, s_limiter)) == NULL ||
+        (limit = PyObject_GetAttr(limiter, s_limit)) == NULL)
+        goto done;
+    int positive = PyObject_RichCompareBool(limit, zero, Py_GT);
+    if (positive < 0)
+        goto done;
+    if (positive) {
+        if ((hot = slot_get(outcome_audit_hot, outcome)) == NULL ||
+            (epoch = PyObject_GetAttr(limiter, s_epoch)) == NULL)
+            goto done;
+        if (PyTuple_CheckExact(hot) && PyTuple_GET_SIZE(hot) >= 5 &&
+            PyTuple_GET_ITEM(hot, 0) == epoch && PyTuple_GET_ITEM(hot, 1) == container &&
+            PyTuple_GET_ITEM(hot, 2) == syscall && PyTuple_GET_ITEM(hot, 3) == Py_False) {
+            PyObject *w = PyTuple_GET_ITEM(hot, 4);
+            if ((written = PyObject_GetAttr(w, s_written)) == NULL ||
+                (start = PyObject_GetAttr(w, s_start)) == NULL ||
+                (window = PyObject_GetAttr(limiter, s_window)) == NULL)
+                goto done;
+            int full = PyObject_RichCompareBool(written, limit, Py_GE);
+            if (full < 0)
+                goto done;
+            double start_d = PyFloat_AsDouble(start), window_d = PyFloat_AsDouble(window);
+            if (PyErr_Occurred())
+                goto done;
+            if (full && now - start_d < window_d) {
+                if (increment_attr(w, s_suppressed) < 0 ||
+                    (counter = PyObject_GetAttr(recorder, s_suppressed_counter)) == NULL ||
+                    (counter != Py_None && increment_attr(counter, s_value) < 0))
+                    goto done;
+                goto bucket_only;
+            }
+        }
+    }
+    if ((now_obj = PyFloat_FromDouble(now)) == NULL)
+        goto done;
+    PyObject *call[11] = {recorder, container, id, tid, syscall, args, outcome, latency_obj,
+                          Py_False, now_obj, bucket};
+    result = PyObject_VectorcallMethod(s_audit_slow, call, 11 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                       NULL);
+    goto done;
+bucket_only:
+    result = bucket;
+    Py_INCREF(result);
+    goto done;
+python: {
+        PyObject *call[8] = {recorder, container, id, tid, syscall, args, outcome,
+                             latency_obj};
+        result = PyObject_VectorcallMethod(s_decided, call, 8 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                           NULL);
+    }
+done:
+    Py_XDECREF(now_obj);
+    Py_XDECREF(counter);
+    Py_XDECREF(start);
+    Py_XDECREF(written);
+    Py_XDECREF(window);
+    Py_XDECREF(epoch);
+    Py_XDECREF(hot);
+    Py_XDECREF(limit);
+    Py_XDECREF(limiter);
+    Py_XDECREF(audit);
+    Py_XDECREF(bucket);
+    Py_XDECREF(counts);
+    Py_XDECREF(bounds);
+    Py_XDECREF(last);
+    Py_XDECREF(error);
+    Py_DECREF(latency_obj);
+    return result;
+}
+
 /* Session._answer's common case, after a fast_response(): SEND, then the counters and
  * the recorder. `kind` is the Decision's kind (the stats key). */
-static PyObject *answer(PyObject *session, int fd, struct seccomp_notif_resp *resp,
+static PyObject *answer(PyObject *session, struct seccomp_notif_resp *resp,
                         PyObject *id, PyObject *tid, PyObject *syscall, PyObject *args,
                         double received, PyObject *outcome, PyObject *kind)
 {
+    /* The fd number as of now, as NotifyFd.send reads it: the handler may have closed
+     * the session's fd, and its number may name another file already. */
+    PyObject *notify = PyObject_GetAttr(session, s_notify);
+    if (notify == NULL)
+        return NULL;
+    PyObject *fd_obj = PyObject_GetAttr(notify, s_fd);
+    Py_DECREF(notify);
+    if (fd_obj == NULL)
+        return NULL;
+    int fd = (int)PyLong_AsLong(fd_obj);
+    Py_DECREF(fd_obj);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0) { /* closed (NotifyFd.close): what fcntl.ioctl says of it */
+        PyErr_Format(PyExc_ValueError, "file descriptor cannot be a negative integer (%d)",
+                     fd);
+        return NULL;
+    }
     if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0) {
         if (errno == ENOENT)
             return count_gone(session, s_send);
@@ -246,7 +440,7 @@ static PyObject *answer(PyObject *session, int fd, struct seccomp_notif_resp *re
     if (stats == NULL)
         return NULL;
     PyObject *result = NULL, *decisions = NULL, *latency_list = NULL, *recorder = NULL,
-             *container = NULL, *latency = NULL, *bucket = NULL;
+             *container = NULL, *bucket = NULL;
     if ((decisions = PyObject_GetAttr(stats, s_decisions)) == NULL)
         goto done;
     if (PyDict_CheckExact(decisions) ? increment_item(decisions, kind, 1) < 0
@@ -254,19 +448,16 @@ static PyObject *answer(PyObject *session, int fd, struct seccomp_notif_resp *re
         goto done;
     if ((latency_list = PyObject_GetAttr(stats, s_latency)) == NULL ||
         (recorder = PyObject_GetAttr(session, s_recorder)) == NULL ||
-        (container = PyObject_GetAttr(session, s_container)) == NULL ||
-        (latency = PyFloat_FromDouble(now() - received)) == NULL)
+        (container = PyObject_GetAttr(session, s_container)) == NULL)
         goto done;
-    PyObject *call[8] = {recorder, container, id, tid, syscall, args, outcome, latency};
-    bucket = PyObject_VectorcallMethod(s_decided, call, 8 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                       NULL);
+    bucket = record_decided(recorder, container, id, tid, syscall, args, outcome, kind,
+                            now() - received);
     if (bucket == NULL || increment_item(latency_list, bucket, 0) < 0)
         goto done;
     result = Py_None;
     Py_INCREF(result);
 done:
     Py_XDECREF(bucket);
-    Py_XDECREF(latency);
     Py_XDECREF(container);
     Py_XDECREF(recorder);
     Py_XDECREF(latency_list);
@@ -284,7 +475,7 @@ static PyObject *call_on_ready(PyObject *reader, PyObject *mask)
 
 /* The notification's part after RECV and journal: route, sync handlers, answer; or the
  * hand-over to Session._decide_received. Owns none of its arguments. */
-static PyObject *decide(PyObject *session, int fd, const struct seccomp_notif *notif,
+static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
                         double received)
 {
     PyObject *result = NULL, *id = NULL, *tid = NULL, *nr = NULL, *arch = NULL,
@@ -426,7 +617,7 @@ static PyObject *decide(PyObject *session, int fd, const struct seccomp_notif *n
         }
         if ((kind = slot_get(decision_kind, handed)) == NULL)
             goto done;
-        result = answer(session, fd, &resp, id, tid, syscall, args, received, outcome,
+        result = answer(session, &resp, id, tid, syscall, args, received, outcome,
                         kind);
         goto done;
     }
@@ -540,7 +731,7 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
     Py_DECREF(journal);
     if (rc < 0)
         return NULL;
-    return decide(session, fd, &copy, received);
+    return decide(session, &copy, received);
 }
 
 PyDoc_STRVAR(poll_round_doc,
@@ -653,25 +844,25 @@ static PyObject *recv_calls(PyObject *module, PyObject *unused)
 }
 
 PyDoc_STRVAR(setup_doc,
-"setup(Session, Notification, Link, Decision, Outcome)\n\n"
+"setup(Session, Notification, Link, Decision, Outcome, Recorder)\n\n"
 "The classes the fast path recognises (called once by supervisor.session).");
 
 static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 5) {
-        PyErr_SetString(PyExc_TypeError, "setup takes 5 classes");
+    if (argc != 6) {
+        PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
         return NULL;
     }
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 6; i++)
         if (!PyType_Check(argv[i])) {
-            PyErr_SetString(PyExc_TypeError, "setup takes 5 classes");
+            PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
             return NULL;
         }
     static const char *const slots[N_SLOTS] = {"id", "pid", "nr", "arch", "syscall", "args",
                                                 "container", "_memory", "_read_memory"};
     PyTypeObject *notification = (PyTypeObject *)argv[1], *link = (PyTypeObject *)argv[2],
                  *decision = (PyTypeObject *)argv[3], *outcome = (PyTypeObject *)argv[4];
-    PyObject *found[N_SLOTS + 7] = {NULL};
+    PyObject *found[N_SLOTS + 9] = {NULL};
     for (int i = 0; i < N_SLOTS; i++)
         if ((found[i] = member_descriptor(notification, slots[i])) == NULL)
             goto fail;
@@ -681,7 +872,9 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         (found[N_SLOTS + 3] = member_descriptor(decision, "kind")) == NULL ||
         (found[N_SLOTS + 4] = member_descriptor(decision, "_response")) == NULL ||
         (found[N_SLOTS + 5] = member_descriptor(outcome, "decision")) == NULL ||
-        (found[N_SLOTS + 6] = member_descriptor(outcome, "policy")) == NULL)
+        (found[N_SLOTS + 6] = member_descriptor(outcome, "policy")) == NULL ||
+        (found[N_SLOTS + 7] = member_descriptor(outcome, "error")) == NULL ||
+        (found[N_SLOTS + 8] = member_descriptor(outcome, "audit_hot")) == NULL)
         goto fail;
     for (int i = 0; i < N_SLOTS; i++)
         Py_XSETREF(notification_slots[i], found[i]);
@@ -692,16 +885,19 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XSETREF(decision_response, found[N_SLOTS + 4]);
     Py_XSETREF(outcome_decision, found[N_SLOTS + 5]);
     Py_XSETREF(outcome_policy, found[N_SLOTS + 6]);
-    for (int i = 0; i < 5; i++)
+    Py_XSETREF(outcome_error, found[N_SLOTS + 7]);
+    Py_XSETREF(outcome_audit_hot, found[N_SLOTS + 8]);
+    for (int i = 0; i < 6; i++)
         Py_INCREF(argv[i]);
     Py_XSETREF(session_type, (PyTypeObject *)argv[0]);
     Py_XSETREF(notification_type, notification);
     Py_XSETREF(link_type, link);
     Py_XSETREF(decision_type, decision);
     Py_XSETREF(outcome_type, argv[4]);
+    Py_XSETREF(recorder_type, (PyTypeObject *)argv[5]);
     Py_RETURN_NONE;
 fail:
-    for (int i = 0; i < N_SLOTS + 7; i++)
+    for (int i = 0; i < N_SLOTS + 9; i++)
         Py_XDECREF(found[i]);
     return NULL;
 }
@@ -727,16 +923,22 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         "notify", "_fd", "_buf", "journal", "_routes", "bucket", "_shadow", "stats",
         "recorder", "container", "memory", "_last_outcome", "notifications", "gone",
         "decisions", "latency", "_mm", "_mask", "on_ready", "on_failure", "unregister",
-        "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send"};
+        "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send", "_last",
+        "value", "bounds", "counts", "sum", "audit", "_audit", "none", "deny", "limiter",
+        "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed"};
     PyObject **targets[] = {
         &s_notify, &s_fd, &s_buf, &s_journal, &s_routes, &s_bucket, &s_shadow, &s_stats,
         &s_recorder, &s_container, &s_memory, &s_last_outcome, &s_notifications, &s_gone,
         &s_decisions, &s_latency, &s_mm, &s_mask, &s_on_ready, &s_on_failure, &s_unregister,
-        &s_read_elsewhere, &s_decide_received, &s_decided, &s_allow, &s_recv, &s_send};
+        &s_read_elsewhere, &s_decide_received, &s_decided, &s_allow, &s_recv, &s_send, &s_last,
+        &s_value, &s_bounds, &s_counts, &s_sum, &s_audit, &s_audit_slow, &s_none, &s_deny,
+        &s_limiter, &s_limit, &s_epoch, &s_window, &s_written, &s_start, &s_suppressed,
+        &s_suppressed_counter};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
-    if (one == NULL && (one = PyLong_FromLong(1)) == NULL)
+    if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
+        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL))
         return NULL;
     PyObject *m = PyModule_Create(&hotloop_module);
     if (m == NULL)

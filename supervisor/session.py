@@ -687,7 +687,7 @@ class Session:
 
 
 if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
-    accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome)
+    accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR
