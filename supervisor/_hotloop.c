@@ -109,17 +109,97 @@ static inline double now(void)
     return clock_seconds(CLOCK_MONOTONIC);
 }
 
-/* obj.name += 1 for an int attribute. */
-static int increment_attr(PyObject *obj, PyObject *name)
+/* Attribute access with a per-call-site cache of the member (slot) descriptor the
+ * object's type has for the name: what PyObject_GenericGetAttr finds first for a
+ * __slots__ attribute (a data descriptor wins over everything), read without the MRO
+ * walk. Types with their own __getattribute__/__setattr__, and names that are no slot
+ * (a plain instance attribute), take PyObject_GetAttr/SetAttr. The cache holds strong
+ * references: the types are the package's classes, which live as long as the process. */
+typedef struct {
+    PyTypeObject *type;
+    PyObject *descr; /* the slot's descriptor; NULL: see in_dict */
+    int in_dict;     /* no attribute of the type has the name: the instance dict's */
+} AttrCache;
+
+static PyObject *cached_member(PyObject *obj, PyObject *name, AttrCache *cache)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    PyTypeObject *type = Py_TYPE(obj);
+    if (cache->type != type) {
+        PyObject *descr = NULL;
+        int in_dict = 0;
+        if (type->tp_getattro == PyObject_GenericGetAttr &&
+            type->tp_setattro == PyObject_GenericSetAttr) {
+            descr = _PyType_Lookup(type, name); /* borrowed */
+            in_dict = descr == NULL && type->tp_dictoffset != 0;
+            if (descr != NULL && Py_TYPE(descr) != &PyMemberDescr_Type)
+                descr = NULL;
+        }
+        Py_INCREF(type);
+        Py_XINCREF(descr);
+        Py_XSETREF(cache->type, type);
+        Py_XSETREF(cache->descr, descr);
+        cache->in_dict = in_dict;
+    }
+    return cache->descr;
+}
+
+static inline PyObject *get_attr(PyObject *obj, PyObject *name, AttrCache *cache)
+{
+    PyObject *descr = cached_member(obj, name, cache);
+    if (descr != NULL)
+        return slot_get(descr, obj);
+    if (cache->in_dict) {
+        /* What PyObject_GenericGetAttr does when the type has nothing of that name.
+         * (For a class with a managed dict, CPython 3.11 makes the dict object once.) */
+        PyObject **dict = _PyObject_GetDictPtr(obj);
+        if (dict != NULL && *dict != NULL) {
+            PyObject *value = PyDict_GetItemWithError(*dict, name); /* borrowed */
+            if (value != NULL) {
+                Py_INCREF(value);
+                return value;
+            }
+            if (PyErr_Occurred())
+                return NULL;
+        }
+    }
+    return PyObject_GetAttr(obj, name); /* and its AttributeError */
+}
+
+static inline int set_attr(PyObject *obj, PyObject *name, PyObject *value, AttrCache *cache)
+{
+    PyObject *descr = cached_member(obj, name, cache);
+    return descr != NULL ? slot_set(descr, obj, value) : PyObject_SetAttr(obj, name, value);
+}
+
+/* GET(obj, name): get_attr with a cache of its own for this call site. */
+#define GET(obj, name) ({ static AttrCache site_cache_; get_attr((obj), (name), &site_cache_); })
+#define INCREMENT(obj, name) \
+    ({ static AttrCache site_cache_; increment_attr((obj), (name), &site_cache_); })
+
+/* value + 1, without the generic number protocol for an int that fits a long long. */
+static inline PyObject *plus_one(PyObject *value)
+{
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow && v < LLONG_MAX && !(v == -1 && PyErr_Occurred()))
+            return PyLong_FromLongLong(v + 1);
+        PyErr_Clear();
+    }
+    return PyNumber_Add(value, one);
+}
+
+/* obj.name += 1 for an int attribute. */
+static int increment_attr(PyObject *obj, PyObject *name, AttrCache *cache)
+{
+    PyObject *value = get_attr(obj, name, cache);
     if (value == NULL)
         return -1;
-    PyObject *sum = PyNumber_Add(value, one);
+    PyObject *sum = plus_one(value);
     Py_DECREF(value);
     if (sum == NULL)
         return -1;
-    int rc = PyObject_SetAttr(obj, name, sum);
+    int rc = set_attr(obj, name, sum, cache);
     Py_DECREF(sum);
     return rc;
 }
@@ -136,9 +216,29 @@ static int increment_item(PyObject *container, PyObject *key, int is_dict)
             return PyDict_SetItem(container, key, one);
         Py_INCREF(value);
     }
-    else if ((value = PyObject_GetItem(container, key)) == NULL)
-        return -1;
-    PyObject *sum = PyNumber_Add(value, one);
+    else if (PyList_CheckExact(container) && PyLong_CheckExact(key)) {
+        /* list[i] += 1 for an index in range (the bucket index of a latency). */
+        Py_ssize_t i = PyLong_AsSsize_t(key);
+        if (i < 0 || i >= PyList_GET_SIZE(container)) {
+            if (i == -1 && PyErr_Occurred())
+                return -1;
+            goto generic;
+        }
+        value = PyList_GET_ITEM(container, i);
+        Py_INCREF(value);
+        PyObject *sum = plus_one(value);
+        Py_DECREF(value);
+        if (sum == NULL)
+            return -1;
+        PyList_SetItem(container, i, sum); /* steals sum, drops the old item */
+        return 0;
+    }
+    else {
+    generic:
+        if ((value = PyObject_GetItem(container, key)) == NULL)
+            return -1;
+    }
+    PyObject *sum = plus_one(value);
     Py_DECREF(value);
     if (sum == NULL)
         return -1;
@@ -150,14 +250,14 @@ static int increment_item(PyObject *container, PyObject *key, int is_dict)
 /* session.stats.gone += 1; session.recorder.gone(stage): a call the kernel withdrew. */
 static PyObject *count_gone(PyObject *session, PyObject *stage)
 {
-    PyObject *stats = PyObject_GetAttr(session, s_stats);
+    PyObject *stats = GET(session, s_stats);
     if (stats == NULL)
         return NULL;
-    int rc = increment_attr(stats, s_gone);
+    int rc = INCREMENT(stats, s_gone);
     Py_DECREF(stats);
     if (rc < 0)
         return NULL;
-    PyObject *recorder = PyObject_GetAttr(session, s_recorder);
+    PyObject *recorder = GET(session, s_recorder);
     if (recorder == NULL)
         return NULL;
     PyObject *args[2] = {recorder, stage};
@@ -175,14 +275,14 @@ static PyObject *count_gone(PyObject *session, PyObject *stage)
  * the mapping as left: the commit must not be stored before the copy (release order). */
 static int journal_record(PyObject *journal, const struct seccomp_notif *notif)
 {
-    PyObject *mask_obj = PyObject_GetAttr(journal, s_mask);
+    PyObject *mask_obj = GET(journal, s_mask);
     if (mask_obj == NULL)
         return -1;
     unsigned long long mask = PyLong_AsUnsignedLongLong(mask_obj);
     Py_DECREF(mask_obj);
     if (mask == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
-    PyObject *mm = PyObject_GetAttr(journal, s_mm);
+    PyObject *mm = GET(journal, s_mm);
     if (mm == NULL)
         return -1;
     Py_buffer view;
@@ -252,14 +352,15 @@ static int fast_response(PyObject *result, struct seccomp_notif_resp *resp)
 /* obj.name = obj.name + amount for a float attribute (HistogramChild.sum). */
 static int add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    static AttrCache cache;
+    PyObject *value = get_attr(obj, name, &cache);
     if (value == NULL)
         return -1;
     PyObject *sum = PyNumber_Add(value, amount);
     Py_DECREF(value);
     if (sum == NULL)
         return -1;
-    int rc = PyObject_SetAttr(obj, name, sum);
+    int rc = set_attr(obj, name, sum, &cache);
     Py_DECREF(sum);
     return rc;
 }
@@ -293,7 +394,7 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
         goto done;
     if (error != Py_None)
         goto python;  /* handler_errors too: the Python method */
-    if ((last = PyObject_GetAttr(recorder, s_last)) == NULL)
+    if ((last = GET(recorder, s_last)) == NULL)
         goto done;
     if (!PyTuple_CheckExact(last) || PyTuple_GET_SIZE(last) != 6 ||
         PyTuple_GET_ITEM(last, 0) != syscall)
@@ -307,8 +408,8 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
             goto python;
     }
     PyObject *histogram = PyTuple_GET_ITEM(last, 5);
-    if ((bounds = PyObject_GetAttr(histogram, s_bounds)) == NULL ||
-        (counts = PyObject_GetAttr(histogram, s_counts)) == NULL)
+    if ((bounds = GET(histogram, s_bounds)) == NULL ||
+        (counts = GET(histogram, s_counts)) == NULL)
         goto done;
     if (!PyTuple_CheckExact(bounds) || !PyList_CheckExact(counts) ||
         PyList_GET_SIZE(counts) != PyTuple_GET_SIZE(bounds) + 1)
@@ -328,32 +429,32 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
     if ((bucket = PyLong_FromSsize_t(lo)) == NULL)
         goto done;
     /* The bumps of the Python method, in its order. */
-    if (increment_attr(PyTuple_GET_ITEM(last, 4), s_value) < 0 ||
+    if (INCREMENT(PyTuple_GET_ITEM(last, 4), s_value) < 0 ||
         increment_item(counts, bucket, 0) < 0 ||
         add_to_attr(histogram, s_sum, latency_obj) < 0)
         goto done;
-    if ((audit = PyObject_GetAttr(recorder, s_audit)) == NULL)
+    if ((audit = GET(recorder, s_audit)) == NULL)
         goto done;
     if (str_equal(audit, s_none) || (str_equal(audit, s_deny) && !str_equal(kind, s_deny)))
         goto bucket_only;
     double now = clock_seconds(CLOCK_REALTIME); /* time.time() */
-    if ((limiter = PyObject_GetAttr(recorder, s_limiter)) == NULL ||
-        (limit = PyObject_GetAttr(limiter, s_limit)) == NULL)
+    if ((limiter = GET(recorder, s_limiter)) == NULL ||
+        (limit = GET(limiter, s_limit)) == NULL)
         goto done;
     int positive = PyObject_RichCompareBool(limit, zero, Py_GT);
     if (positive < 0)
         goto done;
     if (positive) {
         if ((hot = slot_get(outcome_audit_hot, outcome)) == NULL ||
-            (epoch = PyObject_GetAttr(limiter, s_epoch)) == NULL)
+            (epoch = GET(limiter, s_epoch)) == NULL)
             goto done;
         if (PyTuple_CheckExact(hot) && PyTuple_GET_SIZE(hot) >= 5 &&
             PyTuple_GET_ITEM(hot, 0) == epoch && PyTuple_GET_ITEM(hot, 1) == container &&
             PyTuple_GET_ITEM(hot, 2) == syscall && PyTuple_GET_ITEM(hot, 3) == Py_False) {
             PyObject *w = PyTuple_GET_ITEM(hot, 4);
-            if ((written = PyObject_GetAttr(w, s_written)) == NULL ||
-                (start = PyObject_GetAttr(w, s_start)) == NULL ||
-                (window = PyObject_GetAttr(limiter, s_window)) == NULL)
+            if ((written = GET(w, s_written)) == NULL ||
+                (start = GET(w, s_start)) == NULL ||
+                (window = GET(limiter, s_window)) == NULL)
                 goto done;
             int full = PyObject_RichCompareBool(written, limit, Py_GE);
             if (full < 0)
@@ -362,9 +463,9 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
             if (PyErr_Occurred())
                 goto done;
             if (full && now - start_d < window_d) {
-                if (increment_attr(w, s_suppressed) < 0 ||
-                    (counter = PyObject_GetAttr(recorder, s_suppressed_counter)) == NULL ||
-                    (counter != Py_None && increment_attr(counter, s_value) < 0))
+                if (INCREMENT(w, s_suppressed) < 0 ||
+                    (counter = GET(recorder, s_suppressed_counter)) == NULL ||
+                    (counter != Py_None && INCREMENT(counter, s_value) < 0))
                     goto done;
                 goto bucket_only;
             }
@@ -415,10 +516,10 @@ static PyObject *answer(PyObject *session, struct seccomp_notif_resp *resp,
 {
     /* The fd number as of now, as NotifyFd.send reads it: the handler may have closed
      * the session's fd, and its number may name another file already. */
-    PyObject *notify = PyObject_GetAttr(session, s_notify);
+    PyObject *notify = GET(session, s_notify);
     if (notify == NULL)
         return NULL;
-    PyObject *fd_obj = PyObject_GetAttr(notify, s_fd);
+    PyObject *fd_obj = GET(notify, s_fd);
     Py_DECREF(notify);
     if (fd_obj == NULL)
         return NULL;
@@ -436,19 +537,19 @@ static PyObject *answer(PyObject *session, struct seccomp_notif_resp *resp,
             return count_gone(session, s_send);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *stats = PyObject_GetAttr(session, s_stats);
+    PyObject *stats = GET(session, s_stats);
     if (stats == NULL)
         return NULL;
     PyObject *result = NULL, *decisions = NULL, *latency_list = NULL, *recorder = NULL,
              *container = NULL, *bucket = NULL;
-    if ((decisions = PyObject_GetAttr(stats, s_decisions)) == NULL)
+    if ((decisions = GET(stats, s_decisions)) == NULL)
         goto done;
     if (PyDict_CheckExact(decisions) ? increment_item(decisions, kind, 1) < 0
                                      : increment_item(decisions, kind, 0) < 0)
         goto done;
-    if ((latency_list = PyObject_GetAttr(stats, s_latency)) == NULL ||
-        (recorder = PyObject_GetAttr(session, s_recorder)) == NULL ||
-        (container = PyObject_GetAttr(session, s_container)) == NULL)
+    if ((latency_list = GET(stats, s_latency)) == NULL ||
+        (recorder = GET(session, s_recorder)) == NULL ||
+        (container = GET(session, s_container)) == NULL)
         goto done;
     bucket = record_decided(recorder, container, id, tid, syscall, args, outcome, kind,
                             now() - received);
@@ -501,11 +602,11 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
     /* What the Python path checks before the handlers, and leaves to Python here:
      * a token bucket, shadow mode (its answers are CONTINUE), a route not cached yet,
      * no links. */
-    PyObject *bucket = PyObject_GetAttr(session, s_bucket);
+    PyObject *bucket = GET(session, s_bucket);
     if (bucket == NULL)
         goto done;
     Py_DECREF(bucket); /* only compared with None */
-    PyObject *shadow = PyObject_GetAttr(session, s_shadow);
+    PyObject *shadow = GET(session, s_shadow);
     if (shadow == NULL)
         goto done;
     Py_DECREF(shadow);
@@ -513,7 +614,7 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         python_from_start = 1;
         goto hand_over;
     }
-    if ((routes = PyObject_GetAttr(session, s_routes)) == NULL)
+    if ((routes = GET(session, s_routes)) == NULL)
         goto done;
     if (PyDict_CheckExact(routes)) {
         PyObject *by_nr = PyDict_GetItemWithError(routes, arch); /* borrowed */
@@ -537,10 +638,10 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
     if ((n = notification_type->tp_alloc(notification_type, 0)) == NULL)
         goto done;
     {
-        PyObject *container = PyObject_GetAttr(session, s_container);
+        PyObject *container = GET(session, s_container);
         if (container == NULL)
             goto done;
-        PyObject *memory = PyObject_GetAttr(session, s_memory);
+        PyObject *memory = GET(session, s_memory);
         if (memory == NULL) {
             Py_DECREF(container);
             goto done;
@@ -596,7 +697,7 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
             goto hand_over;
         /* The Outcome reuse of the Python loop (session._last_outcome). */
         if ((policy = slot_get(link_policy, link)) == NULL ||
-            (outcome = PyObject_GetAttr(session, s_last_outcome)) == NULL)
+            (outcome = GET(session, s_last_outcome)) == NULL)
             goto done;
         PyObject *last_decision = NULL, *last_policy = NULL;
         if (Py_TYPE(outcome) == (PyTypeObject *)outcome_type) {
@@ -665,11 +766,11 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
 {
     if (!(events & EPOLLIN))
         return call_on_ready(session, mask);
-    PyObject *notify = PyObject_GetAttr(session, s_notify);
+    PyObject *notify = GET(session, s_notify);
     if (notify == NULL)
         return NULL;
-    PyObject *fd_obj = PyObject_GetAttr(notify, s_fd);
-    PyObject *buf = fd_obj == NULL ? NULL : PyObject_GetAttr(notify, s_buf);
+    PyObject *fd_obj = GET(notify, s_fd);
+    PyObject *buf = fd_obj == NULL ? NULL : GET(notify, s_buf);
     Py_DECREF(notify);
     if (buf == NULL) {
         Py_XDECREF(fd_obj);
@@ -717,14 +818,14 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
     double received = now();
     struct seccomp_notif copy = *notif; /* the buffer is Python's: a handler may RECV */
     Py_DECREF(buf);
-    PyObject *stats = PyObject_GetAttr(session, s_stats);
+    PyObject *stats = GET(session, s_stats);
     if (stats == NULL)
         return NULL;
-    rc = increment_attr(stats, s_notifications);
+    rc = INCREMENT(stats, s_notifications);
     Py_DECREF(stats);
     if (rc < 0)
         return NULL;
-    PyObject *journal = PyObject_GetAttr(session, s_journal);
+    PyObject *journal = GET(session, s_journal);
     if (journal == NULL)
         return NULL;
     rc = journal == Py_None ? 0 : journal_record(journal, &copy);
@@ -827,7 +928,14 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
         }
         Py_DECREF(r);
     }
-    PyObject *out = Py_BuildValue("(iN)", count, suspended);
+    PyObject *out = PyTuple_New(2), *count_obj = PyLong_FromLong(count);
+    if (out == NULL || count_obj == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(count_obj);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(out, 0, count_obj);
+    PyTuple_SET_ITEM(out, 1, suspended); /* steals it */
     return out;
 fail:
     Py_DECREF(suspended);
