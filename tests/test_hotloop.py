@@ -5,19 +5,36 @@ with both loops (the ``hot_loop`` fixture): the pure-Python loop is the referenc
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import select
+import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
-from supervisor import accel
+from supervisor import accel, spawn
+from supervisor.audit import Recorder
 from supervisor.decide import Chain
-from supervisor.notifyfd import Poller, current_poller
-from supervisor.policy import Decision, Notification, PolicySet, allow, deny, returns
+from supervisor.metrics import Metrics
+from supervisor.notifyfd import NotifyFd, Poller, current_poller
+from supervisor.policy import (
+    Container,
+    Decision,
+    Notification,
+    PolicySet,
+    allow,
+    deny,
+    returns,
+)
+from supervisor.profile import build_program, notify_profile
 from supervisor.session import Session, SessionSettings
 
 from .conftest import serve_target, sleeping_target
@@ -239,3 +256,63 @@ async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
             await served.done.wait()
         assert session.read_elsewhere
         assert session.notify.closed
+
+
+async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(
+        tmp_path: Path) -> None:
+    """The route cache is per audit arch: the same call made as i386 (``int $0x80``,
+    garbage in the registers' upper halves) and as x86_64, twice each (the second of
+    each is served from the cache, in C with the compiled loop), gets its own arch and
+    the argument the kernel decodes."""
+    from supervisor.testing import ARCHITECTURES
+
+    from .test_hostile_abi import INT80_C, i386
+
+    (tmp_path / "int80.c").write_text(INT80_C)
+    library = tmp_path / "int80.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
+                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
+    program = [sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes, json
+        f = ctypes.CDLL({str(library)!r}).int80
+        f.restype = ctypes.c_long
+        f.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        libc = ctypes.CDLL(None)
+        libc.syscall.restype = ctypes.c_long
+        if f({i386("getpid")}, 0, 0, 0) <= 0:
+            print(json.dumps({{"skip": True}}))
+        else:
+            x86 = [f({i386("getpgid")}, 0xdeadbeef0000000b + i, 0, 0) for i in range(2)]
+            x86_64 = [libc.syscall(ctypes.c_long(121), ctypes.c_long(5 + i))
+                      for i in range(2)]
+            print(json.dumps({{"x86": x86, "x86_64": x86_64}}))
+    """)]
+    profile = dataclasses.replace(notify_profile(["getpgid"]), architectures=ARCHITECTURES)
+    child = spawn.spawn_filtered(program, build_program(profile), stdout=subprocess.PIPE)
+    policy = PolicySet("decoded")
+    arches: list[str] = []
+
+    @policy.on("getpgid")
+    def decoded(n: Notification) -> Decision:
+        arches.append(n.arch)
+        return returns(n.int32(0) * 3 + (1 if n.arch == "x86" else 2))
+
+    session = Session(NotifyFd(child.take_listener()), Container(id="t"),
+                      Chain([("decoded", policy)]), SessionSettings(),
+                      Recorder(Metrics(CollectorRegistry()), audit="none"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            out = json.loads(await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=20)[0]))
+            nursery.cancel_scope.cancel()
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+        child.close()
+    if out.get("skip"):
+        pytest.skip("this kernel runs no i386 code (CONFIG_IA32_EMULATION off)")
+    assert out == {"x86": [11 * 3 + 1, 12 * 3 + 1], "x86_64": [5 * 3 + 2, 6 * 3 + 2]}
+    assert arches == ["x86", "x86", "x86_64", "x86_64"]
+    assert session.stats.decisions == {"returns": 4}
