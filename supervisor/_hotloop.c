@@ -1,24 +1,1059 @@
 /* The compiled hot loop of seccomp-supervisor (see setup.py and supervisor/accel.py).
  *
- * Everything here has a pure-Python twin that stays the reference: the tests run both. */
+ * Everything here has a pure-Python twin that stays the reference: the tests run both.
+ *
+ * - poll_round()      is one round of notifyfd.Poller.run's inner loop (epoll.poll(0),
+ *                     then reader.on_ready(mask) per event);
+ * - session_ready()   is Session.on_ready for the common case only: RECV, journal, route,
+ *                     the sync handlers of the route, SEND of a deny/returns Decision,
+ *                     the session's counters, then Recorder.decided (Python). Anything
+ *                     else is handed, at the point reached, to Session._decide_received,
+ *                     so the C never has to be right about a rare case.
+ *
+ * Python keeps every object and all state: this code reads and writes the same
+ * attributes the Python code does, so status, metrics, audit and journals cannot tell
+ * which loop ran. Only the trio thread calls in here (the GIL is released around RECV
+ * only, as fcntl.ioctl does, so the RECV watchdog thread can run). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <linux/seccomp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <time.h>
+
+/* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
+#define HOTLOOP_API_VERSION 2
+
+/* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
+ * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
+#define JOURNAL_HEADER_SIZE 64
+#define JOURNAL_SLOT_SIZE 96
+/* Events per epoll round at most (Poller.MAX_EVENTS is 32): bounds the stack array. */
+#define MAX_ROUND_EVENTS 256
+
+/* The watchdog protocol of notifyfd._RecvWatch, for RECVs made here: incremented when a
+ * RECV begins and when it ends, so odd while one runs. Written with the GIL held, read
+ * by the watchdog thread through recv_calls() (also under the GIL). */
+static unsigned long long recv_calls_count;
+
+/* Set by setup(): the classes the fast path recognises (exact types only: a subclass
+ * may change anything, so it takes the Python path), and their slot descriptors. */
+static PyTypeObject *session_type, *notification_type, *link_type, *decision_type;
+static PyObject *outcome_type;
+static PyTypeObject *recorder_type;
+enum { N_ID, N_PID, N_NR, N_ARCH, N_SYSCALL, N_ARGS, N_CONTAINER, N_MEMORY, N_READ_MEMORY,
+       N_SLOTS };
+static PyObject *notification_slots[N_SLOTS];
+static PyObject *link_policy, *link_func, *link_is_async;
+static PyObject *decision_kind, *decision_response;
+static PyObject *outcome_decision, *outcome_policy, *outcome_error, *outcome_audit_hot;
+
+/* Interned attribute and method names. */
+static PyObject *s_notify, *s_fd, *s_buf, *s_journal, *s_routes, *s_bucket, *s_shadow,
+    *s_stats, *s_recorder, *s_container, *s_memory, *s_last_outcome, *s_notifications,
+    *s_gone, *s_decisions, *s_latency, *s_mm, *s_mask, *s_on_ready, *s_on_failure,
+    *s_unregister, *s_read_elsewhere, *s_decide_received, *s_decided, *s_allow, *s_recv,
+    *s_send, *s_last, *s_value, *s_bounds, *s_counts, *s_sum, *s_audit, *s_audit_slow,
+    *s_none, *s_deny, *s_limiter, *s_limit, *s_epoch, *s_window, *s_written, *s_start,
+    *s_suppressed, *s_suppressed_counter;
+static PyObject *one, *zero;
+
+/* A member (slot) descriptor's get and set: what attribute access does for a __slots__
+ * attribute, without looking the name up in the type's MRO first. */
+static inline PyObject *slot_get(PyObject *descr, PyObject *obj)
+{
+    return Py_TYPE(descr)->tp_descr_get(descr, obj, (PyObject *)Py_TYPE(obj));
+}
+
+static inline int slot_set(PyObject *descr, PyObject *obj, PyObject *value)
+{
+    return Py_TYPE(descr)->tp_descr_set(descr, obj, value);
+}
+
+static PyObject *member_descriptor(PyTypeObject *type, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);  /* borrowed */
+    if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, name);
+        return NULL;
+    }
+    Py_INCREF(descr);
+    return descr;
+}
+
+/* A clock read as CPython turns it into a float (_PyTime_AsSecondsDouble), so the values
+ * compare with Python's own readings to the last bit. */
+static inline double clock_seconds(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    long long t = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    volatile double d;
+    if (t % 1000000000LL == 0)
+        d = (double)(t / 1000000000LL);
+    else {
+        d = (double)t;
+        d /= 1e9;
+    }
+    return d;
+}
+
+/* time.perf_counter(): CLOCK_MONOTONIC on Linux (verified: time.get_clock_info). */
+static inline double now(void)
+{
+    return clock_seconds(CLOCK_MONOTONIC);
+}
+
+/* Attribute access with a per-call-site cache of the member (slot) descriptor the
+ * object's type has for the name: what PyObject_GenericGetAttr finds first for a
+ * __slots__ attribute (a data descriptor wins over everything), read without the MRO
+ * walk. Types with their own __getattribute__/__setattr__, and names that are no slot
+ * (a plain instance attribute), take PyObject_GetAttr/SetAttr. The cache holds strong
+ * references: the types are the package's classes, which live as long as the process. */
+typedef struct {
+    PyTypeObject *type;
+    PyObject *descr; /* the slot's descriptor; NULL: see in_dict */
+    int in_dict;     /* no attribute of the type has the name: the instance dict's */
+} AttrCache;
+
+static PyObject *cached_member(PyObject *obj, PyObject *name, AttrCache *cache)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (cache->type != type) {
+        PyObject *descr = NULL;
+        int in_dict = 0;
+        if (type->tp_getattro == PyObject_GenericGetAttr &&
+            type->tp_setattro == PyObject_GenericSetAttr) {
+            descr = _PyType_Lookup(type, name); /* borrowed */
+            in_dict = descr == NULL && type->tp_dictoffset != 0;
+            if (descr != NULL && Py_TYPE(descr) != &PyMemberDescr_Type)
+                descr = NULL;
+        }
+        Py_INCREF(type);
+        Py_XINCREF(descr);
+        Py_XSETREF(cache->type, type);
+        Py_XSETREF(cache->descr, descr);
+        cache->in_dict = in_dict;
+    }
+    return cache->descr;
+}
+
+static inline PyObject *get_attr(PyObject *obj, PyObject *name, AttrCache *cache)
+{
+    PyObject *descr = cached_member(obj, name, cache);
+    if (descr != NULL)
+        return slot_get(descr, obj);
+    if (cache->in_dict) {
+        /* What PyObject_GenericGetAttr does when the type has nothing of that name.
+         * (For a class with a managed dict, CPython 3.11 makes the dict object once.) */
+        PyObject **dict = _PyObject_GetDictPtr(obj);
+        if (dict != NULL && *dict != NULL) {
+            PyObject *value = PyDict_GetItemWithError(*dict, name); /* borrowed */
+            if (value != NULL) {
+                Py_INCREF(value);
+                return value;
+            }
+            if (PyErr_Occurred())
+                return NULL;
+        }
+    }
+    return PyObject_GetAttr(obj, name); /* and its AttributeError */
+}
+
+static inline int set_attr(PyObject *obj, PyObject *name, PyObject *value, AttrCache *cache)
+{
+    PyObject *descr = cached_member(obj, name, cache);
+    return descr != NULL ? slot_set(descr, obj, value) : PyObject_SetAttr(obj, name, value);
+}
+
+/* GET(obj, name): get_attr with a cache of its own for this call site. */
+#define GET(obj, name) ({ static AttrCache site_cache_; get_attr((obj), (name), &site_cache_); })
+#define INCREMENT(obj, name) \
+    ({ static AttrCache site_cache_; increment_attr((obj), (name), &site_cache_); })
+
+/* value + 1, without the generic number protocol for an int that fits a long long. */
+static inline PyObject *plus_one(PyObject *value)
+{
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow && v < LLONG_MAX && !(v == -1 && PyErr_Occurred()))
+            return PyLong_FromLongLong(v + 1);
+        PyErr_Clear();
+    }
+    return PyNumber_Add(value, one);
+}
+
+/* obj.name += 1 for an int attribute. */
+static int increment_attr(PyObject *obj, PyObject *name, AttrCache *cache)
+{
+    PyObject *value = get_attr(obj, name, cache);
+    if (value == NULL)
+        return -1;
+    PyObject *sum = plus_one(value);
+    Py_DECREF(value);
+    if (sum == NULL)
+        return -1;
+    int rc = set_attr(obj, name, sum, cache);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* container[key] += 1 (dict.get(key, 0) + 1 for a dict). */
+static int increment_item(PyObject *container, PyObject *key, int is_dict)
+{
+    PyObject *value;
+    if (is_dict) {
+        value = PyDict_GetItemWithError(container, key);  /* borrowed */
+        if (value == NULL && PyErr_Occurred())
+            return -1;
+        if (value == NULL)
+            return PyDict_SetItem(container, key, one);
+        Py_INCREF(value);
+    }
+    else if (PyList_CheckExact(container) && PyLong_CheckExact(key)) {
+        /* list[i] += 1 for an index in range (the bucket index of a latency). */
+        Py_ssize_t i = PyLong_AsSsize_t(key);
+        if (i < 0 || i >= PyList_GET_SIZE(container)) {
+            if (i == -1 && PyErr_Occurred())
+                return -1;
+            goto generic;
+        }
+        value = PyList_GET_ITEM(container, i);
+        Py_INCREF(value);
+        PyObject *sum = plus_one(value);
+        Py_DECREF(value);
+        if (sum == NULL)
+            return -1;
+        PyList_SetItem(container, i, sum); /* steals sum, drops the old item */
+        return 0;
+    }
+    else {
+    generic:
+        if ((value = PyObject_GetItem(container, key)) == NULL)
+            return -1;
+    }
+    PyObject *sum = plus_one(value);
+    Py_DECREF(value);
+    if (sum == NULL)
+        return -1;
+    int rc = is_dict ? PyDict_SetItem(container, key, sum) : PyObject_SetItem(container, key, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* session.stats.gone += 1; session.recorder.gone(stage): a call the kernel withdrew. */
+static PyObject *count_gone(PyObject *session, PyObject *stage)
+{
+    PyObject *stats = GET(session, s_stats);
+    if (stats == NULL)
+        return NULL;
+    int rc = INCREMENT(stats, s_gone);
+    Py_DECREF(stats);
+    if (rc < 0)
+        return NULL;
+    PyObject *recorder = GET(session, s_recorder);
+    if (recorder == NULL)
+        return NULL;
+    PyObject *args[2] = {recorder, stage};
+    PyObject *r = PyObject_VectorcallMethod(s_gone, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                            NULL);
+    Py_DECREF(recorder);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+/* Journal.record(notif_id): copy the RECV buffer into ring slot id & mask, then write its
+ * commit word. A SIGKILL may stop us between any two instructions and the recovery reads
+ * the mapping as left: the commit must not be stored before the copy (release order). */
+static int journal_record(PyObject *journal, const struct seccomp_notif *notif)
+{
+    PyObject *mask_obj = GET(journal, s_mask);
+    if (mask_obj == NULL)
+        return -1;
+    unsigned long long mask = PyLong_AsUnsignedLongLong(mask_obj);
+    Py_DECREF(mask_obj);
+    if (mask == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    PyObject *mm = GET(journal, s_mm);
+    if (mm == NULL)
+        return -1;
+    Py_buffer view;
+    /* Taken and released per call: a held export would make Journal.close() fail. */
+    int rc = PyObject_GetBuffer(mm, &view, PyBUF_WRITABLE);
+    Py_DECREF(mm);
+    if (rc < 0)
+        return -1;
+    size_t offset = JOURNAL_HEADER_SIZE + (size_t)(notif->id & mask) * JOURNAL_SLOT_SIZE;
+    if (view.len < 0 || offset + JOURNAL_SLOT_SIZE > (size_t)view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "journal mapping too small for its ring");
+        return -1;
+    }
+    char *slot = (char *)view.buf + offset;
+    memcpy(slot, notif, sizeof(*notif));
+    /* The commit word is 8-aligned: the mapping is page-aligned, offsets multiples of 8. */
+    __atomic_store_n((uint64_t *)(slot + sizeof(*notif)), (uint64_t)notif->id,
+                     __ATOMIC_RELEASE);
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+/* What a fast answer needs of a handler's result: an exact Decision, not an allow, with
+ * a (val, error, flags) response that fits the struct. Else 0: Python decides. */
+static int fast_response(PyObject *result, struct seccomp_notif_resp *resp)
+{
+    if (Py_TYPE(result) != decision_type)
+        return 0;
+    PyObject *kind = slot_get(decision_kind, result);
+    if (kind == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int allow = kind == s_allow || !PyUnicode_CheckExact(kind) ||
+                PyUnicode_Compare(kind, s_allow) == 0;
+    Py_DECREF(kind);
+    if (allow)
+        return 0;
+    PyObject *response = slot_get(decision_response, result);
+    if (response == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ok = 0;
+    if (PyTuple_CheckExact(response) && PyTuple_GET_SIZE(response) == 3) {
+        int overflow = 0;
+        long long val = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(response, 0), &overflow);
+        long long error = overflow ? 0 : PyLong_AsLongLongAndOverflow(
+                                              PyTuple_GET_ITEM(response, 1), &overflow);
+        long long flags = overflow ? 0 : PyLong_AsLongLongAndOverflow(
+                                              PyTuple_GET_ITEM(response, 2), &overflow);
+        if (PyErr_Occurred())
+            PyErr_Clear();  /* not ints: Python's struct.pack says why */
+        else if (!overflow && error >= INT32_MIN && error <= INT32_MAX && flags >= 0 &&
+                 flags <= UINT32_MAX) {
+            resp->val = val;
+            resp->error = (int32_t)error;
+            resp->flags = (uint32_t)flags;
+            ok = 1;
+        }
+    }
+    Py_DECREF(response);
+    return ok;
+}
+
+/* obj.name = obj.name + amount for a float attribute (HistogramChild.sum). */
+static int add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
+{
+    static AttrCache cache;
+    PyObject *value = get_attr(obj, name, &cache);
+    if (value == NULL)
+        return -1;
+    PyObject *sum = PyNumber_Add(value, amount);
+    Py_DECREF(value);
+    if (sum == NULL)
+        return -1;
+    int rc = set_attr(obj, name, sum, &cache);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* Is `value` == the str `literal` (interned)? */
+static inline int str_equal(PyObject *value, PyObject *literal)
+{
+    return value == literal ||
+           (PyUnicode_CheckExact(value) && PyUnicode_Compare(value, literal) == 0);
+}
+
+/* audit.Recorder.decided(container, id, tid, syscall, args, outcome, latency) for an
+ * Outcome the hot loop made (shadow False), in its common case: the metrics children
+ * of the pair cached in recorder._last, then the audit level's filter and the line held
+ * back by the window its Outcome found (outcome.audit_hot). Past the audit filter it
+ * calls Recorder._audit, and for anything else the Python method in full (before any
+ * counter moved). Returns the bucket index (a new reference) or NULL. */
+static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObject *id,
+                                PyObject *tid, PyObject *syscall, PyObject *args,
+                                PyObject *outcome, PyObject *kind, double latency)
+{
+    PyObject *result = NULL, *latency_obj = NULL, *error = NULL, *last = NULL,
+             *bounds = NULL, *counts = NULL, *bucket = NULL, *audit = NULL,
+             *limiter = NULL, *limit = NULL, *hot = NULL, *epoch = NULL, *window = NULL,
+             *written = NULL, *start = NULL, *counter = NULL, *now_obj = NULL;
+    if ((latency_obj = PyFloat_FromDouble(latency)) == NULL)
+        return NULL;
+    if (Py_TYPE(recorder) != recorder_type || Py_TYPE(outcome) != (PyTypeObject *)outcome_type)
+        goto python;
+    if ((error = slot_get(outcome_error, outcome)) == NULL)
+        goto done;
+    if (error != Py_None)
+        goto python;  /* handler_errors too: the Python method */
+    if ((last = GET(recorder, s_last)) == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(last) || PyTuple_GET_SIZE(last) != 6 ||
+        PyTuple_GET_ITEM(last, 0) != syscall)
+        goto python;
+    if (PyTuple_GET_ITEM(last, 1) != outcome) {
+        PyObject *policy = slot_get(outcome_policy, outcome);
+        if (policy == NULL)
+            goto done;
+        Py_DECREF(policy);  /* compared by identity only */
+        if (PyTuple_GET_ITEM(last, 2) != policy || PyTuple_GET_ITEM(last, 3) != kind)
+            goto python;
+    }
+    PyObject *histogram = PyTuple_GET_ITEM(last, 5);
+    if ((bounds = GET(histogram, s_bounds)) == NULL ||
+        (counts = GET(histogram, s_counts)) == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(bounds) || !PyList_CheckExact(counts) ||
+        PyList_GET_SIZE(counts) != PyTuple_GET_SIZE(bounds) + 1)
+        goto python;
+    /* bisect_left(bounds, latency): the first bound >= latency (floats, sorted). */
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(bounds);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        PyObject *bound = PyTuple_GET_ITEM(bounds, mid);
+        if (!PyFloat_CheckExact(bound))
+            goto python;
+        if (PyFloat_AS_DOUBLE(bound) < latency)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if ((bucket = PyLong_FromSsize_t(lo)) == NULL)
+        goto done;
+    /* The bumps of the Python method, in its order. */
+    if (INCREMENT(PyTuple_GET_ITEM(last, 4), s_value) < 0 ||
+        increment_item(counts, bucket, 0) < 0 ||
+        add_to_attr(histogram, s_sum, latency_obj) < 0)
+        goto done;
+    if ((audit = GET(recorder, s_audit)) == NULL)
+        goto done;
+    if (str_equal(audit, s_none) || (str_equal(audit, s_deny) && !str_equal(kind, s_deny)))
+        goto bucket_only;
+    double now = clock_seconds(CLOCK_REALTIME); /* time.time() */
+    if ((limiter = GET(recorder, s_limiter)) == NULL ||
+        (limit = GET(limiter, s_limit)) == NULL)
+        goto done;
+    int positive = PyObject_RichCompareBool(limit, zero, Py_GT);
+    if (positive < 0)
+        goto done;
+    if (positive) {
+        if ((hot = slot_get(outcome_audit_hot, outcome)) == NULL ||
+            (epoch = GET(limiter, s_epoch)) == NULL)
+            goto done;
+        if (PyTuple_CheckExact(hot) && PyTuple_GET_SIZE(hot) >= 5 &&
+            PyTuple_GET_ITEM(hot, 0) == epoch && PyTuple_GET_ITEM(hot, 1) == container &&
+            PyTuple_GET_ITEM(hot, 2) == syscall && PyTuple_GET_ITEM(hot, 3) == Py_False) {
+            PyObject *w = PyTuple_GET_ITEM(hot, 4);
+            if ((written = GET(w, s_written)) == NULL ||
+                (start = GET(w, s_start)) == NULL ||
+                (window = GET(limiter, s_window)) == NULL)
+                goto done;
+            int full = PyObject_RichCompareBool(written, limit, Py_GE);
+            if (full < 0)
+                goto done;
+            double start_d = PyFloat_AsDouble(start), window_d = PyFloat_AsDouble(window);
+            if (PyErr_Occurred())
+                goto done;
+            if (full && now - start_d < window_d) {
+                if (INCREMENT(w, s_suppressed) < 0 ||
+                    (counter = GET(recorder, s_suppressed_counter)) == NULL ||
+                    (counter != Py_None && INCREMENT(counter, s_value) < 0))
+                    goto done;
+                goto bucket_only;
+            }
+        }
+    }
+    if ((now_obj = PyFloat_FromDouble(now)) == NULL)
+        goto done;
+    PyObject *call[11] = {recorder, container, id, tid, syscall, args, outcome, latency_obj,
+                          Py_False, now_obj, bucket};
+    result = PyObject_VectorcallMethod(s_audit_slow, call, 11 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                       NULL);
+    goto done;
+bucket_only:
+    result = bucket;
+    Py_INCREF(result);
+    goto done;
+python: {
+        PyObject *call[8] = {recorder, container, id, tid, syscall, args, outcome,
+                             latency_obj};
+        result = PyObject_VectorcallMethod(s_decided, call, 8 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                           NULL);
+    }
+done:
+    Py_XDECREF(now_obj);
+    Py_XDECREF(counter);
+    Py_XDECREF(start);
+    Py_XDECREF(written);
+    Py_XDECREF(window);
+    Py_XDECREF(epoch);
+    Py_XDECREF(hot);
+    Py_XDECREF(limit);
+    Py_XDECREF(limiter);
+    Py_XDECREF(audit);
+    Py_XDECREF(bucket);
+    Py_XDECREF(counts);
+    Py_XDECREF(bounds);
+    Py_XDECREF(last);
+    Py_XDECREF(error);
+    Py_DECREF(latency_obj);
+    return result;
+}
+
+/* Session._answer's common case, after a fast_response(): SEND, then the counters and
+ * the recorder. `kind` is the Decision's kind (the stats key). */
+static PyObject *answer(PyObject *session, struct seccomp_notif_resp *resp,
+                        PyObject *id, PyObject *tid, PyObject *syscall, PyObject *args,
+                        double received, PyObject *outcome, PyObject *kind)
+{
+    /* The fd number as of now, as NotifyFd.send reads it: the handler may have closed
+     * the session's fd, and its number may name another file already. */
+    PyObject *notify = GET(session, s_notify);
+    if (notify == NULL)
+        return NULL;
+    PyObject *fd_obj = GET(notify, s_fd);
+    Py_DECREF(notify);
+    if (fd_obj == NULL)
+        return NULL;
+    int fd = (int)PyLong_AsLong(fd_obj);
+    Py_DECREF(fd_obj);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0) { /* closed (NotifyFd.close): what fcntl.ioctl says of it */
+        PyErr_Format(PyExc_ValueError, "file descriptor cannot be a negative integer (%d)",
+                     fd);
+        return NULL;
+    }
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0) {
+        if (errno == ENOENT)
+            return count_gone(session, s_send);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *stats = GET(session, s_stats);
+    if (stats == NULL)
+        return NULL;
+    PyObject *result = NULL, *decisions = NULL, *latency_list = NULL, *recorder = NULL,
+             *container = NULL, *bucket = NULL;
+    if ((decisions = GET(stats, s_decisions)) == NULL)
+        goto done;
+    if (PyDict_CheckExact(decisions) ? increment_item(decisions, kind, 1) < 0
+                                     : increment_item(decisions, kind, 0) < 0)
+        goto done;
+    if ((latency_list = GET(stats, s_latency)) == NULL ||
+        (recorder = GET(session, s_recorder)) == NULL ||
+        (container = GET(session, s_container)) == NULL)
+        goto done;
+    bucket = record_decided(recorder, container, id, tid, syscall, args, outcome, kind,
+                            now() - received);
+    if (bucket == NULL || increment_item(latency_list, bucket, 0) < 0)
+        goto done;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(bucket);
+    Py_XDECREF(container);
+    Py_XDECREF(recorder);
+    Py_XDECREF(latency_list);
+    Py_XDECREF(decisions);
+    Py_DECREF(stats);
+    return result;
+}
+
+static PyObject *call_on_ready(PyObject *reader, PyObject *mask)
+{
+    PyObject *args[2] = {reader, mask};
+    return PyObject_VectorcallMethod(s_on_ready, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     NULL);
+}
+
+/* The notification's part after RECV and journal: route, sync handlers, answer; or the
+ * hand-over to Session._decide_received. Owns none of its arguments. */
+static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
+                        double received)
+{
+    PyObject *result = NULL, *id = NULL, *tid = NULL, *nr = NULL, *arch = NULL,
+             *args = NULL, *received_obj = NULL, *routes = NULL, *route = NULL,
+             *n = NULL, *handed = NULL, *outcome = NULL, *policy = NULL, *kind = NULL;
+    PyObject *links = NULL, *syscall, *arch_label; /* borrowed from route */
+    Py_ssize_t index = 0;
+    int raised = 0, python_from_start = 0;
+
+    if ((id = PyLong_FromUnsignedLongLong(notif->id)) == NULL ||
+        (tid = PyLong_FromUnsignedLong(notif->pid)) == NULL ||
+        (nr = PyLong_FromLong(notif->data.nr)) == NULL ||
+        (arch = PyLong_FromUnsignedLong(notif->data.arch)) == NULL ||
+        (args = PyTuple_New(6)) == NULL)
+        goto done;
+    for (int i = 0; i < 6; i++) {
+        PyObject *arg = PyLong_FromUnsignedLongLong(notif->data.args[i]);
+        if (arg == NULL)
+            goto done;
+        PyTuple_SET_ITEM(args, i, arg);
+    }
+
+    /* What the Python path checks before the handlers, and leaves to Python here:
+     * a token bucket, shadow mode (its answers are CONTINUE), a route not cached yet,
+     * no links. */
+    PyObject *bucket = GET(session, s_bucket);
+    if (bucket == NULL)
+        goto done;
+    Py_DECREF(bucket); /* only compared with None */
+    PyObject *shadow = GET(session, s_shadow);
+    if (shadow == NULL)
+        goto done;
+    Py_DECREF(shadow);
+    if (bucket != Py_None || shadow != Py_False) {
+        python_from_start = 1;
+        goto hand_over;
+    }
+    if ((routes = GET(session, s_routes)) == NULL)
+        goto done;
+    if (PyDict_CheckExact(routes)) {
+        PyObject *by_nr = PyDict_GetItemWithError(routes, arch); /* borrowed */
+        if (by_nr != NULL && PyDict_CheckExact(by_nr)) {
+            route = PyDict_GetItemWithError(by_nr, nr);
+            Py_XINCREF(route);
+        }
+        if (PyErr_Occurred())
+            goto done;
+    }
+    if (route == NULL || !PyTuple_CheckExact(route) || PyTuple_GET_SIZE(route) != 3 ||
+        !PyTuple_CheckExact(links = PyTuple_GET_ITEM(route, 2)) ||
+        PyTuple_GET_SIZE(links) == 0) {
+        python_from_start = 1;
+        goto hand_over;
+    }
+    syscall = PyTuple_GET_ITEM(route, 0);
+    arch_label = PyTuple_GET_ITEM(route, 1);
+
+    /* make_notification(): the same slots, written through their descriptors. */
+    if ((n = notification_type->tp_alloc(notification_type, 0)) == NULL)
+        goto done;
+    {
+        PyObject *container = GET(session, s_container);
+        if (container == NULL)
+            goto done;
+        PyObject *memory = GET(session, s_memory);
+        if (memory == NULL) {
+            Py_DECREF(container);
+            goto done;
+        }
+        PyObject *values[N_SLOTS] = {id, tid, nr, arch_label, syscall, args, container,
+                                     memory, Py_False};
+        int rc = 0;
+        for (int i = 0; i < N_SLOTS && rc == 0; i++)
+            rc = slot_set(notification_slots[i], n, values[i]);
+        Py_DECREF(container);
+        Py_DECREF(memory);
+        if (rc < 0)
+            goto done;
+    }
+
+    for (index = 0; index < PyTuple_GET_SIZE(links); index++) {
+        PyObject *link = PyTuple_GET_ITEM(links, index);
+        if (Py_TYPE(link) != link_type)
+            goto hand_over;
+        PyObject *is_async = slot_get(link_is_async, link);
+        if (is_async == NULL)
+            goto done;
+        Py_DECREF(is_async);
+        if (is_async != Py_False)
+            goto hand_over; /* Python parks it or runs its first step */
+        if (slot_set(notification_slots[N_READ_MEMORY], n, Py_False) < 0)
+            goto done;
+        PyObject *func = slot_get(link_func, link);
+        if (func == NULL)
+            goto done;
+        handed = PyObject_Vectorcall(func, &n, 1, NULL);
+        Py_DECREF(func);
+        if (handed == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                goto done; /* KeyboardInterrupt...: out, as from the Python loop */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            handed = value;
+            raised = 1;
+            goto hand_over;
+        }
+        if (handed == Py_None) {
+            Py_CLEAR(handed);
+            continue;
+        }
+        struct seccomp_notif_resp resp = {.id = notif->id};
+        if (!fast_response(handed, &resp))
+            goto hand_over;
+        /* The Outcome reuse of the Python loop (session._last_outcome). */
+        if ((policy = slot_get(link_policy, link)) == NULL ||
+            (outcome = GET(session, s_last_outcome)) == NULL)
+            goto done;
+        PyObject *last_decision = NULL, *last_policy = NULL;
+        if (Py_TYPE(outcome) == (PyTypeObject *)outcome_type) {
+            if ((last_decision = slot_get(outcome_decision, outcome)) == NULL ||
+                (last_policy = slot_get(outcome_policy, outcome)) == NULL) {
+                Py_XDECREF(last_decision);
+                goto done;
+            }
+            Py_DECREF(last_decision); /* compared by identity only */
+            Py_DECREF(last_policy);
+        }
+        if (last_decision != handed || last_policy != policy) {
+            Py_DECREF(outcome);
+            PyObject *call[2] = {handed, policy};
+            if ((outcome = PyObject_Vectorcall(outcome_type, call, 2, NULL)) == NULL ||
+                PyObject_SetAttr(session, s_last_outcome, outcome) < 0)
+                goto done;
+        }
+        if ((kind = slot_get(decision_kind, handed)) == NULL)
+            goto done;
+        result = answer(session, &resp, id, tid, syscall, args, received, outcome,
+                        kind);
+        goto done;
+    }
+    /* Every link passed: Python gives the unhandled answer. */
+
+hand_over:
+    if ((received_obj = PyFloat_FromDouble(received)) == NULL)
+        goto done;
+    if (python_from_start) {
+        PyObject *call[7] = {session, id, tid, nr, arch, args, received_obj};
+        result = PyObject_VectorcallMethod(s_decide_received, call,
+                                           7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    else {
+        PyObject *index_obj = PyLong_FromSsize_t(index);
+        if (index_obj == NULL)
+            goto done;
+        PyObject *call[13] = {session, id, tid, nr, arch, args, received_obj, n, links,
+                              index_obj, Py_None, handed ? handed : Py_None,
+                              raised ? Py_True : Py_False};
+        result = PyObject_VectorcallMethod(s_decide_received, call,
+                                           13 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(index_obj);
+    }
+done:
+    Py_XDECREF(kind);
+    Py_XDECREF(policy);
+    Py_XDECREF(outcome);
+    Py_XDECREF(handed);
+    Py_XDECREF(n);
+    Py_XDECREF(route);
+    Py_XDECREF(routes);
+    Py_XDECREF(received_obj);
+    Py_XDECREF(args);
+    Py_XDECREF(arch);
+    Py_XDECREF(nr);
+    Py_XDECREF(tid);
+    Py_XDECREF(id);
+    return result;
+}
+
+/* Session.on_ready(events) for a Session (exact type) with POLLIN: RECV, journal,
+ * decide(). Anything else goes to the Python method. */
+static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int events)
+{
+    if (!(events & EPOLLIN))
+        return call_on_ready(session, mask);
+    PyObject *notify = GET(session, s_notify);
+    if (notify == NULL)
+        return NULL;
+    PyObject *fd_obj = GET(notify, s_fd);
+    PyObject *buf = fd_obj == NULL ? NULL : GET(notify, s_buf);
+    Py_DECREF(notify);
+    if (buf == NULL) {
+        Py_XDECREF(fd_obj);
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(fd_obj);
+    Py_DECREF(fd_obj);
+    if (fd < 0 || !PyByteArray_CheckExact(buf) ||
+        PyByteArray_GET_SIZE(buf) != sizeof(struct seccomp_notif)) {
+        Py_DECREF(buf);
+        PyErr_Clear();
+        return call_on_ready(session, mask); /* closed, or not what we know */
+    }
+    /* RECV fills the session's own buffer (NotifyFd.recv_buffer): whoever reads it
+     * after this call sees what the Python RECV would have left. It needs it zeroed. */
+    struct seccomp_notif *notif = (struct seccomp_notif *)PyByteArray_AS_STRING(buf);
+    memset(notif, 0, sizeof(*notif));
+    int rc, err;
+    recv_calls_count++; /* odd: a RECV runs */
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, notif);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    recv_calls_count++;
+    if (rc < 0) {
+        Py_DECREF(buf);
+        if (err == ENOENT)
+            return count_gone(session, s_recv);
+        if (err == EINTR) {
+            /* Run the Python signal handlers first, as fcntl.ioctl does (one may
+             * raise: KeyboardInterrupt). Only a RECV that waited is interrupted. */
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            PyObject *args[1] = {session};
+            PyObject *r = PyObject_VectorcallMethod(
+                s_read_elsewhere, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    double received = now();
+    struct seccomp_notif copy = *notif; /* the buffer is Python's: a handler may RECV */
+    Py_DECREF(buf);
+    PyObject *stats = GET(session, s_stats);
+    if (stats == NULL)
+        return NULL;
+    rc = INCREMENT(stats, s_notifications);
+    Py_DECREF(stats);
+    if (rc < 0)
+        return NULL;
+    PyObject *journal = GET(session, s_journal);
+    if (journal == NULL)
+        return NULL;
+    rc = journal == Py_None ? 0 : journal_record(journal, &copy);
+    Py_DECREF(journal);
+    if (rc < 0)
+        return NULL;
+    return decide(session, &copy, received);
+}
+
+PyDoc_STRVAR(poll_round_doc,
+"poll_round(poller, epoll_fd, readers, max_events) -> (events, suspended)\n\n"
+"One round of Poller.run: epoll_wait with timeout 0, then for each event the reader's\n"
+"on_ready(mask) (a Session's in C), stopping at the first that returns a Suspended.\n"
+"A reader whose on_ready raises an Exception is unregistered from the poller and gets\n"
+"on_failure(exc). Returns the number of events reported and the Suspended or None.");
+
+static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4) {
+        PyErr_SetString(PyExc_TypeError, "poll_round takes 4 arguments");
+        return NULL;
+    }
+    PyObject *poller = argv[0], *readers = argv[2];
+    int epfd = (int)PyLong_AsLong(argv[1]);
+    long max_events = PyLong_AsLong(argv[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyDict_CheckExact(readers)) {
+        PyErr_SetString(PyExc_TypeError, "readers must be a dict");
+        return NULL;
+    }
+    if (max_events < 1 || max_events > MAX_ROUND_EVENTS)
+        max_events = MAX_ROUND_EVENTS;
+    struct epoll_event events[MAX_ROUND_EVENTS];
+    int count;
+    while ((count = epoll_wait(epfd, events, (int)max_events, 0)) < 0) {
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (PyErr_CheckSignals() < 0) /* select.epoll retries after the handlers */
+            return NULL;
+    }
+    PyObject *suspended = Py_None;
+    Py_INCREF(suspended);
+    for (int i = 0; i < count; i++) {
+        /* Looked up now: an fd unregistered (maybe closed and its number reused) by a
+         * callback of this round is skipped, not read. */
+        PyObject *fd = PyLong_FromLong(events[i].data.fd);
+        if (fd == NULL)
+            goto fail;
+        PyObject *reader = PyDict_GetItemWithError(readers, fd); /* borrowed */
+        if (reader == NULL) {
+            Py_DECREF(fd);
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        Py_INCREF(reader); /* on_ready may unregister it */
+        PyObject *mask = PyLong_FromUnsignedLong(events[i].events);
+        PyObject *r = NULL;
+        if (mask != NULL)
+            r = Py_TYPE(reader) == session_type ? session_ready(reader, mask, events[i].events)
+                                                : call_on_ready(reader, mask);
+        Py_XDECREF(mask);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(reader);
+                Py_DECREF(fd);
+                goto fail;
+            }
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyObject *unregister_args[2] = {poller, fd};
+            PyObject *u = PyObject_VectorcallMethod(
+                s_unregister, unregister_args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            PyObject *f = NULL;
+            if (u != NULL) {
+                PyObject *failure_args[2] = {reader, value};
+                f = PyObject_VectorcallMethod(s_on_failure, failure_args,
+                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
+            Py_XDECREF(u);
+            Py_XDECREF(value);
+            Py_DECREF(reader);
+            Py_DECREF(fd);
+            if (f == NULL)
+                goto fail;
+            Py_DECREF(f);
+            continue;
+        }
+        Py_DECREF(reader);
+        Py_DECREF(fd);
+        if (r != Py_None) {
+            Py_SETREF(suspended, r);
+            break;
+        }
+        Py_DECREF(r);
+    }
+    PyObject *out = PyTuple_New(2), *count_obj = PyLong_FromLong(count);
+    if (out == NULL || count_obj == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(count_obj);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(out, 0, count_obj);
+    PyTuple_SET_ITEM(out, 1, suspended); /* steals it */
+    return out;
+fail:
+    Py_DECREF(suspended);
+    return NULL;
+}
+
+PyDoc_STRVAR(recv_calls_doc,
+"recv_calls() -> int\n\nRECVs begun plus RECVs ended by the compiled loop (odd while\n"
+"one runs): added to notifyfd._RecvWatch.calls by the watchdog.");
+
+static PyObject *recv_calls(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(recv_calls_count);
+}
+
+PyDoc_STRVAR(setup_doc,
+"setup(Session, Notification, Link, Decision, Outcome, Recorder)\n\n"
+"The classes the fast path recognises (called once by supervisor.session).");
+
+static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 6) {
+        PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
+        return NULL;
+    }
+    for (int i = 0; i < 6; i++)
+        if (!PyType_Check(argv[i])) {
+            PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
+            return NULL;
+        }
+    static const char *const slots[N_SLOTS] = {"id", "pid", "nr", "arch", "syscall", "args",
+                                                "container", "_memory", "_read_memory"};
+    PyTypeObject *notification = (PyTypeObject *)argv[1], *link = (PyTypeObject *)argv[2],
+                 *decision = (PyTypeObject *)argv[3], *outcome = (PyTypeObject *)argv[4];
+    PyObject *found[N_SLOTS + 9] = {NULL};
+    for (int i = 0; i < N_SLOTS; i++)
+        if ((found[i] = member_descriptor(notification, slots[i])) == NULL)
+            goto fail;
+    if ((found[N_SLOTS] = member_descriptor(link, "policy")) == NULL ||
+        (found[N_SLOTS + 1] = member_descriptor(link, "func")) == NULL ||
+        (found[N_SLOTS + 2] = member_descriptor(link, "is_async")) == NULL ||
+        (found[N_SLOTS + 3] = member_descriptor(decision, "kind")) == NULL ||
+        (found[N_SLOTS + 4] = member_descriptor(decision, "_response")) == NULL ||
+        (found[N_SLOTS + 5] = member_descriptor(outcome, "decision")) == NULL ||
+        (found[N_SLOTS + 6] = member_descriptor(outcome, "policy")) == NULL ||
+        (found[N_SLOTS + 7] = member_descriptor(outcome, "error")) == NULL ||
+        (found[N_SLOTS + 8] = member_descriptor(outcome, "audit_hot")) == NULL)
+        goto fail;
+    for (int i = 0; i < N_SLOTS; i++)
+        Py_XSETREF(notification_slots[i], found[i]);
+    Py_XSETREF(link_policy, found[N_SLOTS]);
+    Py_XSETREF(link_func, found[N_SLOTS + 1]);
+    Py_XSETREF(link_is_async, found[N_SLOTS + 2]);
+    Py_XSETREF(decision_kind, found[N_SLOTS + 3]);
+    Py_XSETREF(decision_response, found[N_SLOTS + 4]);
+    Py_XSETREF(outcome_decision, found[N_SLOTS + 5]);
+    Py_XSETREF(outcome_policy, found[N_SLOTS + 6]);
+    Py_XSETREF(outcome_error, found[N_SLOTS + 7]);
+    Py_XSETREF(outcome_audit_hot, found[N_SLOTS + 8]);
+    for (int i = 0; i < 6; i++)
+        Py_INCREF(argv[i]);
+    Py_XSETREF(session_type, (PyTypeObject *)argv[0]);
+    Py_XSETREF(notification_type, notification);
+    Py_XSETREF(link_type, link);
+    Py_XSETREF(decision_type, decision);
+    Py_XSETREF(outcome_type, argv[4]);
+    Py_XSETREF(recorder_type, (PyTypeObject *)argv[5]);
+    Py_RETURN_NONE;
+fail:
+    for (int i = 0; i < N_SLOTS + 9; i++)
+        Py_XDECREF(found[i]);
+    return NULL;
+}
+
+static PyMethodDef hotloop_methods[] = {
+    {"poll_round", (PyCFunction)(void (*)(void))poll_round, METH_FASTCALL, poll_round_doc},
+    {"recv_calls", recv_calls, METH_NOARGS, recv_calls_doc},
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
+    {NULL, NULL, 0, NULL},
+};
 
 static struct PyModuleDef hotloop_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "supervisor._hotloop",
     .m_doc = "The compiled hot loop (optional; see supervisor/accel.py).",
     .m_size = -1,
+    .m_methods = hotloop_methods,
 };
 
 PyMODINIT_FUNC PyInit__hotloop(void)
 {
+    static const char *const names[] = {
+        "notify", "_fd", "_buf", "journal", "_routes", "bucket", "_shadow", "stats",
+        "recorder", "container", "memory", "_last_outcome", "notifications", "gone",
+        "decisions", "latency", "_mm", "_mask", "on_ready", "on_failure", "unregister",
+        "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send", "_last",
+        "value", "bounds", "counts", "sum", "audit", "_audit", "none", "deny", "limiter",
+        "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed"};
+    PyObject **targets[] = {
+        &s_notify, &s_fd, &s_buf, &s_journal, &s_routes, &s_bucket, &s_shadow, &s_stats,
+        &s_recorder, &s_container, &s_memory, &s_last_outcome, &s_notifications, &s_gone,
+        &s_decisions, &s_latency, &s_mm, &s_mask, &s_on_ready, &s_on_failure, &s_unregister,
+        &s_read_elsewhere, &s_decide_received, &s_decided, &s_allow, &s_recv, &s_send, &s_last,
+        &s_value, &s_bounds, &s_counts, &s_sum, &s_audit, &s_audit_slow, &s_none, &s_deny,
+        &s_limiter, &s_limit, &s_epoch, &s_window, &s_written, &s_start, &s_suppressed,
+        &s_suppressed_counter};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
+    if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
+        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL))
+        return NULL;
     PyObject *m = PyModule_Create(&hotloop_module);
     if (m == NULL)
         return NULL;
     /* Bumped whenever the Python side must change with the C side: accel.py refuses a
      * stale build (an editable install keeps an old .so until it is rebuilt). */
-    if (PyModule_AddIntConstant(m, "API_VERSION", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "API_VERSION", HOTLOOP_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -438,7 +438,6 @@ class Recorder:
                 audit == "deny" and decision.kind != "deny" and outcome.error is None):
             return bucket
         now = time.time()
-        report = None
         limiter = self.limiter
         limit = limiter.limit
         if limit > 0:
@@ -454,6 +453,19 @@ class Recorder:
                     if self._suppressed is not None:
                         self._suppressed.value += 1
                     return bucket
+        return self._audit(container, notif_id, tid, syscall, args, outcome, latency,
+                           shadow, now, bucket)
+
+    def _audit(self, container: Container, notif_id: int, tid: int, syscall: str,
+               args: Sequence[int], outcome: Outcome, latency: float, shadow: bool,
+               now: float, bucket: int) -> int:
+        """The audit line of :meth:`decided` past its common case (a line held back by
+        the window its Outcome found): the rate limit by key, then the queue. Returns
+        ``bucket``. (The compiled loop, supervisor/_hotloop.c, calls it at that point.)"""
+        decision = outcome.decision
+        report = None
+        limiter = self.limiter
+        if limiter.limit > 0:
             # Not the reason, errno or value: those may carry what the container chose.
             key = (container.peer_uid, container.id, container.pid,
                    _UNNAMED_KEY if syscall.startswith("nr_") else syscall,

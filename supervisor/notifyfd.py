@@ -44,7 +44,7 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 import trio
 from trio.lowlevel import RunVar
 
-from . import abi
+from . import abi, accel
 from .errors import NotificationGone
 
 log = logging.getLogger("supervisor.notifyfd")
@@ -89,7 +89,7 @@ class _RecvWatch:
         seen = 0
         while True:
             time.sleep(interval)
-            calls = self.calls
+            calls = self.calls + _compiled_recv_calls()
             if calls & 1 and calls == seen:
                 # The same RECV was running at the last look: over `interval` already.
                 self.interrupted += 1
@@ -98,6 +98,11 @@ class _RecvWatch:
 
 
 _WATCH: Final = _RecvWatch()
+# RECVs of the compiled loop (supervisor/_hotloop.c) are counted there; the watchdog
+# adds them: at most one of the two counters is odd at a time (one thread RECVs), so
+# their sum is odd while a RECV runs. Taken at import, whichever loop a poller runs.
+_compiled_recv_calls: Final[Callable[[], int]] = (
+    accel.HOTLOOP.recv_calls if accel.HOTLOOP is not None else int)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -445,6 +450,10 @@ class Poller:
         checkpoint = trio.lowlevel.checkpoint
         max_events = self.MAX_EVENTS
         events_per_yield = self.EVENTS_PER_YIELD
+        # The compiled round (supervisor/_hotloop.c), chosen when the task starts: the
+        # same loop as below, a Session's on_ready included, in C. None: pure Python.
+        compiled_round = accel.HOTLOOP.poll_round if accel.HOTLOOP is not None else None
+        epoll_fd = epoll.fileno()
         suspended: Suspended | None = None
         # Entered once per task; it gets a deadline only when this task ends up carrying
         # a suspended decision (see the end), so the fast path never touches it.
@@ -454,7 +463,17 @@ class Poller:
                     await wait_readable(epoll.fileno())
                     self.turns += 1
                     served = 0
-                    while suspended is None:
+                    while suspended is None and compiled_round is not None:
+                        count, suspended = compiled_round(self, epoll_fd, readers,
+                                                          max_events)
+                        if not count:
+                            break
+                        served += count
+                        if served >= events_per_yield and suspended is None:
+                            served = 0
+                            await checkpoint()
+                            self.turns += 1
+                    while suspended is None and compiled_round is None:
                         events = epoll.poll(0, max_events)
                         if not events:
                             break

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import trio
 
-from . import abi
+from . import abi, accel
 from .audit import Recorder
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
@@ -271,31 +271,57 @@ class Session:
         journal = self.journal
         if journal is not None:
             journal.record(notif_id)  # memory writes only: see supervisor/journal.py
-        try:
-            syscall, arch_label, links = self._routes[arch][nr]
-        except KeyError:  # the chain's first call of this number (or one with no name)
-            syscall, arch_label, links = self.chain.route(arch, nr)
-        if self.bucket is not None and not self.bucket.take(received):
-            self._answer(notif_id, tid, syscall, args, received,
-                         Outcome(self.settings.rate_exceeded, RATE_POLICY))
-            return None
-        if not links:
-            self._answer(notif_id, tid, syscall, args, received,
-                         Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-            return None
-        n = make_notification(notif_id, tid, nr, arch_label, syscall, args, self.container,
-                              self.memory)
-        index = -1  # not enumerate(): that is an object per notification
+        return self._decide_received(notif_id, tid, nr, arch, args, received)
+
+    def _decide_received(self, notif_id: int, tid: int, nr: int, arch: int,
+                         args: tuple[int, ...], received: float,
+                         n: Notification | None = None, links: tuple[Link, ...] = (),
+                         index: int = 0, allowed: Outcome | None = None,
+                         handed: object = None, raised: bool = False) -> Suspended | None:
+        """Decide a notification :meth:`on_ready` received (and journaled): route it, ask
+        its links, answer. The compiled loop (``supervisor/_hotloop.c``) hands over here
+        whatever is not its common case, at the point it reached: before the route
+        (``n`` None), or at ``links[index]`` with the Notification it made and the allow
+        of an earlier link; ``links[index]`` is a sync handler it already called, which
+        returned ``handed`` (or raised it, ``raised``). Returns what :meth:`on_ready`
+        returns."""
+        if n is None:
+            try:
+                syscall, arch_label, links = self._routes[arch][nr]
+            except KeyError:  # the chain's first call of this number (or one with no name)
+                syscall, arch_label, links = self.chain.route(arch, nr)
+            if self.bucket is not None and not self.bucket.take(received):
+                self._answer(notif_id, tid, syscall, args, received,
+                             Outcome(self.settings.rate_exceeded, RATE_POLICY))
+                return None
+            if not links:
+                self._answer(notif_id, tid, syscall, args, received,
+                             Outcome(self.settings.unhandled, UNHANDLED_POLICY))
+                return None
+            n = make_notification(notif_id, tid, nr, arch_label, syscall, args,
+                                  self.container, self.memory)
+            index = -1  # not enumerate(): that is an object per notification
+            pending = links
+        else:
+            syscall = n.syscall
+            index -= 1
+            pending = links[index + 1:]
+        journal = self.journal
         # An allow() does not end the chain: every later handler for the call is asked
         # too, and the first refusal or answer of its own wins (a permissive policy first
         # in a chain must not switch off the checks of the ones after it). The allow is
         # the answer when none of them decides otherwise.
-        allowed: Outcome | None = None
-        for link in links:
+        for link in pending:
             index += 1
-            n._read_memory = False  # the memory-read rule is per handler
             try:
-                if link.is_async:
+                if raised:  # links[index] raised in the compiled loop: handle it here
+                    raised = False
+                    assert isinstance(handed, Exception)
+                    raise handed
+                if handed is not None:  # what links[index] returned in the compiled loop
+                    result, handed = handed, None
+                elif link.is_async:
+                    n._read_memory = False  # the memory-read rule is per handler
                     if self.inflight >= self._max_inflight:
                         # Every slot is taken: park it and stop reading until run() got
                         # one.
@@ -314,6 +340,7 @@ class Session:
                         return self._suspend(n, links, index, received, coro, result,
                                              allowed)
                 else:
+                    n._read_memory = False
                     result = link.func(n)
                 # Only an allow() needs check_result's memory-read rule; anything but a
                 # Decision gets its refusal there too.
@@ -657,6 +684,10 @@ class Session:
             if owned_fd >= 0:
                 _close_quietly(owned_fd)
         self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
+
+
+if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
+    accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR

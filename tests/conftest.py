@@ -15,7 +15,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from supervisor import spawn
+from supervisor import accel, spawn
 from supervisor.audit import Recorder
 from supervisor.decide import Chain
 from supervisor.metrics import Metrics
@@ -45,6 +45,20 @@ def sleeping_target(seconds: int = 60) -> Iterator[spawn.FilteredChild]:
         child.close()
         child.process.kill()
         child.process.wait()
+
+
+@pytest.fixture(params=["c", "python"])
+def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each hot loop: the compiled one (supervisor/_hotloop.c) and
+    the pure-Python reference, in this process (the poller chooses when it starts) and
+    in every daemon it starts (through the environment)."""
+    if request.param == "python":
+        monkeypatch.setattr(accel, "HOTLOOP", None)
+        monkeypatch.setenv(accel.NO_EXTENSIONS_ENV, "1")
+    else:
+        assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+        monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
+    return str(request.param)
 
 
 @pytest.fixture

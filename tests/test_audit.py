@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -217,6 +218,7 @@ def test_interleaved_sessions_are_counted_under_their_own_labels() -> None:
                                      {"syscall": "getppid"}) == 30
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_deny_lines_of_a_real_process_are_rate_limited(tmp_path: Path) -> None:
     target = tmp_path / "nope"
     script = f"for i in $(seq 20); do mkdir {target} 2>/dev/null; done; echo done"
@@ -248,6 +250,7 @@ async def test_deny_lines_of_a_real_process_are_rate_limited(tmp_path: Path) -> 
     assert summary["window_seconds"] == 1.0 and summary["decision"] == "deny"
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_decisions_all_and_none(tmp_path: Path) -> None:
     allow_all = """
 [defaults]

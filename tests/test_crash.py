@@ -348,6 +348,7 @@ def _crash_receiver(listener: int, journal_fd: int) -> None:
     assert proc.wait(30) == -signal.SIGKILL
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_a_session_answers_what_a_crashed_process_left_in_its_journal() -> None:
     """A receiver process is SIGKILLed inside two decisions (a sync handler and a
     coroutine one); a new session on the same listener and journal decides both again
@@ -397,6 +398,7 @@ async def test_a_session_answers_what_a_crashed_process_left_in_its_journal() ->
             _reap(child)
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_a_torn_entry_of_a_pending_call_gets_on_error() -> None:
     """The crash cut the slot short (no commit): the call is answered on_error (EPERM by
     default), not decided from arguments that may be half written."""
@@ -434,6 +436,7 @@ async def test_a_torn_entry_of_a_pending_call_gets_on_error() -> None:
 # --------------------------------------------------------------------------- chaos soak
 
 
+@pytest.mark.usefixtures("hot_loop")
 def test_chaos_soak_short_no_call_stuck_doubled_or_wrong(tmp_path: Path) -> None:
     """The daemon under a real systemd, SIGKILLed four times with decisions in flight
     (two plain crashes, the process taking over killed before its commit, the old one
@@ -453,6 +456,7 @@ def test_chaos_soak_short_no_call_stuck_doubled_or_wrong(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- handover
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_the_journal_is_empty_when_a_session_is_handed_over(tmp_path: Path) -> None:
     """A takeover hands no journal: it stops reading and waits for every answer first,
     so nothing is left in the journal's memory at that moment (checked in the mapping,
@@ -668,6 +672,7 @@ def int80_library(tmp_path: Path) -> Path:
     return library
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_an_i386_call_is_recovered_with_its_arguments_decoded_as_the_kernel_does(
         int80_library: Path) -> None:
     """An i386 call (``int $0x80`` from a 64-bit process, garbage in the upper halves of

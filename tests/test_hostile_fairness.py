@@ -133,6 +133,7 @@ def neighbour_p50(socket_path: str, name: str) -> float:
     return float(statistics.median(result["latencies"]))
 
 
+@pytest.mark.usefixtures("hot_loop")
 def test_a_memory_reading_flood_does_not_slow_a_neighbour(tmp_path: Path) -> None:
     (tmp_path / "echo.py").write_text(ECHO)
     repo = Path(__file__).resolve().parent.parent
@@ -207,6 +208,7 @@ print(json.dumps({{"latencies": lat, "wrong": wrong, "mkdir": mkdir}}))
 """
 
 
+@pytest.mark.usefixtures("hot_loop")
 def test_a_read_stuck_on_a_lone_containers_memory_does_not_block_the_loop(
         tmp_path: Path) -> None:
     """process_vm_readv of an unserved userfaultfd page sleeps until the target exits

@@ -9,6 +9,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,6 +59,7 @@ def value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_scrape_after_real_notifications(tmp_path: Path) -> None:
     victim = tmp_path / "file"
     victim.write_text("")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from supervisor.notifyfd import Poller, Suspended, carry_on, current_poller, first_step
@@ -28,6 +29,7 @@ class _AlwaysReady:
         raise AssertionError(f"on_ready raised {exc!r}")
 
 
+@pytest.mark.usefixtures("hot_loop")
 async def test_busy_fds_leave_room_for_the_rest_of_the_daemon() -> None:
     """A busy fd is served without sleeping, but every EVENTS_PER_YIELD events or so the
     poller lets other tasks run (accepting containers, the control socket)."""

@@ -20,6 +20,9 @@ from supervisor.session import SessionSettings
 
 from .conftest import serve_target
 
+# Both hot loops: the compiled one and the pure-Python reference (conftest.hot_loop).
+pytestmark = pytest.mark.usefixtures("hot_loop")
+
 
 async def test_deny_answers_with_the_errno() -> None:
     policy = PolicySet("p")

@@ -8,9 +8,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from supervisor.testing import load, run_policy
 
 from .daemon_harness import running_daemon
+
+# Both hot loops: the compiled one and the pure-Python reference (conftest.hot_loop).
+pytestmark = pytest.mark.usefixtures("hot_loop")
 
 ROOT = Path(__file__).resolve().parent.parent
 

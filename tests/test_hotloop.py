@@ -1,0 +1,326 @@
+"""What the compiled hot loop (supervisor/_hotloop.c) must get right where C differs from
+Python: handlers that raise, return garbage or a Decision subclass, rebind the chain,
+close the session's fd or re-enter the session, and reference counts. Every test runs
+with both loops (the ``hot_loop`` fixture): the pure-Python loop is the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from supervisor import accel, spawn
+from supervisor.audit import Recorder
+from supervisor.decide import Chain
+from supervisor.metrics import Metrics
+from supervisor.notifyfd import NotifyFd, Poller, current_poller
+from supervisor.policy import (
+    Container,
+    Decision,
+    Notification,
+    PolicySet,
+    allow,
+    deny,
+    returns,
+)
+from supervisor.profile import build_program, notify_profile
+from supervisor.session import Session, SessionSettings
+
+from .conftest import serve_target, sleeping_target
+
+pytestmark = pytest.mark.usefixtures("hot_loop")
+
+
+class _MyDecision(Decision):
+    """A Decision subclass: the compiled loop must not take it for a Decision."""
+
+
+def _errnos(results: object) -> list[int]:
+    assert isinstance(results, dict)
+    return [r["errno"] if r["rc"] == -1 else -r["rc"] for r in results["results"]]
+
+
+async def test_every_kind_of_handler_result_gets_the_python_loops_answer() -> None:
+    """One result per call, in a chain of two policies; the second denies ENOSPC.
+    ``returns(7)`` shows as -7 (the call's value)."""
+    results: list[object] = [
+        deny(errno.EACCES),         # the fast path
+        42,                         # garbage: refused, on_error (EPERM)
+        ValueError("boom"),         # raised: on_error
+        None,                       # passes on: the second policy decides
+        _MyDecision("deny", errno=errno.EINVAL),  # a subclass: checked, then answered
+        allow(),                    # kept while the second policy is asked: it denies
+        returns(7),                 # a value
+        deny(errno.EACCES, reason="another object"),  # a new Outcome
+    ]
+    first, second = PolicySet("first"), PolicySet("second")
+    calls = iter(results)
+
+    @first.on("getppid")
+    def pick(n: Notification) -> object:
+        result = next(calls)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @second.on("getppid")
+    def no(n: Notification) -> Decision:
+        return deny(errno.ENOSPC)
+
+    async with serve_target([first, second], ["getppid"], "getppid", str(len(results))) \
+            as served:
+        got = _errnos(await served.target.result())
+        assert got == [errno.EACCES, errno.EPERM, errno.EPERM, errno.ENOSPC, errno.EINVAL,
+                       errno.ENOSPC, -7, errno.EACCES]
+        stats = served.session.stats
+        assert stats.notifications == len(results) and stats.answered == len(results)
+        assert stats.decisions == {"deny": 7, "returns": 1}
+        assert sum(stats.latency) == len(results)
+        m = served.metric
+        assert m("seccomp_supervisor_notifications_total", syscall="getppid",
+                 policy="first", decision="deny") == 5  # two on_error
+        assert m("seccomp_supervisor_notifications_total", syscall="getppid",
+                 policy="second", decision="deny") == 2
+        assert m("seccomp_supervisor_notifications_total", syscall="getppid",
+                 policy="first", decision="returns") == 1
+        assert m("seccomp_supervisor_handler_errors_total", policy="first",
+                 kind="refused") == 1
+        assert m("seccomp_supervisor_handler_errors_total", policy="first",
+                 kind="exception") == 1
+        assert m("seccomp_supervisor_decision_seconds_count", syscall="getppid") == 8
+
+
+async def test_a_handler_that_rebinds_its_session_answers_with_the_old_chain() -> None:
+    """The chain in use is read per notification: a rebind from inside a handler takes
+    effect from the next one, and the current one is answered as decided."""
+    old, new = PolicySet("old"), PolicySet("new")
+    session: list[Session] = []
+
+    @old.on("getppid")
+    def rebind(n: Notification) -> Decision:
+        session[0].rebind(Chain([("new", new)]), SessionSettings())
+        return deny(errno.EACCES)
+
+    @new.on("getppid")
+    def deny_new(n: Notification) -> Decision:
+        return deny(errno.ENOSPC)
+
+    async with serve_target(old, ["getppid"], "getppid", "3") as served:
+        session.append(served.session)
+        assert _errnos(await served.target.result()) == [errno.EACCES, errno.ENOSPC,
+                                                         errno.ENOSPC]
+        assert served.metric("seccomp_supervisor_notifications_total", syscall="getppid",
+                             policy="new", decision="deny") == 2
+
+
+async def test_a_handler_that_closes_the_sessions_fd_does_not_answer_through_its_number(
+) -> None:
+    """A handler closes the session's listener and the number is reused at once (here
+    by another filter's listener). The answer must not go to whatever the number names
+    now: it fails as NotifyFd.send fails on a closed NotifyFd (ValueError: fd -1), the
+    session ends with that error, and the other listener gets nothing. (The second call:
+    the first of a call number takes the Python path, which fills the route cache.)"""
+    policy = PolicySet("closer")
+    session: list[Session] = []
+    reused: list[int] = []
+
+    with sleeping_target() as other:
+        other_fd = other.take_listener()
+        try:
+            @policy.on("getppid")
+            def close(n: Notification) -> Decision:
+                if session[0].stats.notifications == 2:
+                    fd = session[0].notify.fileno()
+                    session[0].notify.close()
+                    reused.append(os.dup2(other_fd, fd))
+                return deny(errno.EACCES)
+
+            with pytest.raises(BaseExceptionGroup) as raised:
+                async with serve_target(policy, ["getppid"], "getppid", "2") as served:
+                    session.append(served.session)
+                    # The listener is gone: the second call gets ENOSYS from the kernel.
+                    assert _errnos(await served.target.result()) == [errno.EACCES,
+                                                                     errno.ENOSYS]
+                    with trio.fail_after(10):
+                        await served.done.wait()
+            failures = raised.value.subgroup(lambda e: isinstance(e, ValueError))
+            assert failures is not None, raised.value
+            assert served.session.stats.gone == 0
+            assert served.session.stats.answered == 1
+        finally:
+            for fd in (*reused, other_fd):
+                os.close(fd)
+
+
+async def test_a_handler_that_reenters_its_session_answers_both_calls() -> None:
+    """Two threads call at once; the handler of the first receives the second itself
+    (Session.on_ready, nested), whose RECV overwrites the session's receive buffer:
+    each call still gets its own answer."""
+    policy = PolicySet("reenter")
+    session: list[Session] = []
+    depth = [0]
+
+    @policy.on("getppid")
+    def nested(n: Notification) -> Decision:
+        if depth[0]:
+            return deny(errno.ENOSPC)
+        depth[0] += 1
+        try:
+            notify = session[0].notify
+            waited = time.monotonic()
+            while not notify.poll_now() & select.POLLIN:
+                assert time.monotonic() - waited < 5, "the second thread never called"
+                time.sleep(0.001)
+            assert session[0].on_ready(select.POLLIN) is None
+        finally:
+            depth[0] -= 1
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["getppid"], "threads", "2") as served:
+        session.append(served.session)
+        assert sorted(_errnos(await served.target.result())) == [errno.EACCES,
+                                                                 errno.ENOSPC]
+        assert served.session.stats.decisions == {"deny": 2}
+
+
+async def test_many_notifications_leave_no_objects_behind(hot_loop: str) -> None:
+    """Reference counts: 20,000 notifications through every path of the compiled loop
+    (answered in C, passed on, handed to Python with a result, a subclass) must not
+    leave objects behind: a leak of one object per call would be 20,000 blocks."""
+    first, second = PolicySet("first"), PolicySet("second")
+    cycle = [deny(errno.EACCES), None, allow(), _MyDecision("deny", errno=errno.EINVAL)]
+    calls = [0]
+    blocks: list[int] = []
+    total = 20_000
+
+    @first.on("getppid")
+    def pick(n: Notification) -> Decision | None:
+        calls[0] += 1
+        if calls[0] in (2_000, total):
+            blocks.append(sys.getallocatedblocks())
+        return cycle[calls[0] % len(cycle)]
+
+    @second.on("getppid")
+    def no(n: Notification) -> Decision:
+        return deny(errno.ENOSPC)
+
+    async with serve_target([first, second], ["getppid"], "getppid", str(total)) \
+            as served:
+        with trio.fail_after(120):
+            got = _errnos(await served.target.result())
+        assert len(got) == total and set(got) == {errno.EACCES, errno.ENOSPC, errno.EINVAL}
+    grown = blocks[1] - blocks[0]
+    assert grown < 2_000, f"{grown} blocks more after {total - 2_000} notifications"
+
+
+async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
+        hot_loop: str) -> None:
+    """The compiled twin of test_hostile_listen's stale-readiness test: the compiled
+    round RECVs for a readiness the listener does not have (another reader took the
+    call); the watchdog interrupts the RECV and the session ends."""
+    policy = PolicySet("p")
+    async with serve_target(policy, ["swapon"], "sleep", "30") as served:
+        await trio.sleep(0.05)  # the poller (and its RECV watchdog) runs
+        session = served.session
+        poller: Poller = current_poller()
+        r, w = os.pipe()
+        epoll = select.epoll()
+        try:
+            os.write(w, b"x")
+            epoll.register(r, select.EPOLLIN)  # readable, but it is not the listener
+            started = time.monotonic()
+            if hot_loop == "c":
+                assert accel.HOTLOOP is not None
+                count, suspended = accel.HOTLOOP.poll_round(poller, epoll.fileno(),
+                                                            {r: session}, 32)
+                assert (count, suspended) == (1, None)
+            else:
+                assert session.on_ready(select.POLLIN) is None
+            assert time.monotonic() - started < 1.0
+        finally:
+            epoll.close()
+            os.close(r)
+            os.close(w)
+        with trio.fail_after(5):
+            await served.done.wait()
+        assert session.read_elsewhere
+        assert session.notify.closed
+
+
+@pytest.fixture
+def int80(tmp_path: Path) -> Path:
+    """A shared library with ``int80(nr, ebx, ecx, edx)`` (tests/test_hostile_abi.py)."""
+    from .test_hostile_abi import INT80_C
+
+    (tmp_path / "int80.c").write_text(INT80_C)
+    library = tmp_path / "int80.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
+                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
+    return library
+
+
+async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80: Path) -> None:
+    """The route cache is per audit arch: the same call made as i386 (``int $0x80``,
+    garbage in the registers' upper halves) and as x86_64, twice each (the second of
+    each is served from the cache, in C with the compiled loop), gets its own arch and
+    the argument the kernel decodes."""
+    from supervisor.testing import ARCHITECTURES
+
+    from .test_hostile_abi import i386
+
+    library = int80
+    program = [sys.executable, "-c", textwrap.dedent(f"""
+        import ctypes, json
+        f = ctypes.CDLL({str(library)!r}).int80
+        f.restype = ctypes.c_long
+        f.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        libc = ctypes.CDLL(None)
+        libc.syscall.restype = ctypes.c_long
+        if f({i386("getpid")}, 0, 0, 0) <= 0:
+            print(json.dumps({{"skip": True}}))
+        else:
+            x86 = [f({i386("getpgid")}, 0xdeadbeef0000000b + i, 0, 0) for i in range(2)]
+            x86_64 = [libc.syscall(ctypes.c_long(121), ctypes.c_long(5 + i))
+                      for i in range(2)]
+            print(json.dumps({{"x86": x86, "x86_64": x86_64}}))
+    """)]
+    profile = dataclasses.replace(notify_profile(["getpgid"]), architectures=ARCHITECTURES)
+    child = spawn.spawn_filtered(program, build_program(profile), stdout=subprocess.PIPE)
+    policy = PolicySet("decoded")
+    arches: list[str] = []
+
+    @policy.on("getpgid")
+    def decoded(n: Notification) -> Decision:
+        arches.append(n.arch)
+        return returns(n.int32(0) * 3 + (1 if n.arch == "x86" else 2))
+
+    session = Session(NotifyFd(child.take_listener()), Container(id="t"),
+                      Chain([("decoded", policy)]), SessionSettings(),
+                      Recorder(Metrics(CollectorRegistry()), audit="none"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            out = json.loads(await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=20)[0]))
+            nursery.cancel_scope.cancel()
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+        child.close()
+    if out.get("skip"):
+        pytest.skip("this kernel runs no i386 code (CONFIG_IA32_EMULATION off)")
+    assert out == {"x86": [11 * 3 + 1, 12 * 3 + 1], "x86_64": [5 * 3 + 2, 6 * 3 + 2]}
+    assert arches == ["x86", "x86", "x86_64", "x86_64"]
+    assert session.stats.decisions == {"returns": 4}
