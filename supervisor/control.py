@@ -207,6 +207,13 @@ def _keeper_line(keeper: object) -> list[str]:
     return [f"fd keeper: {printable(keeper.get('path', '?'))} ({state})"]
 
 
+def _hot_loop_line(hot_loop: object) -> list[str]:
+    """Which hot loop the daemon runs (supervisor/accel.py); none for an older daemon."""
+    if not isinstance(hot_loop, Mapping):
+        return []
+    return [f"hot loop: {printable(hot_loop.get('why', '?'))}"]
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     """The human view of a ``status`` result: a header and one row per session."""
     sessions = list(status.get("sessions", []))
@@ -217,6 +224,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"notify socket: {printable(status.get('notify_socket', '?'))}"
         + (" (socket activation)" if status.get("socket_activated") else ""),
         f"metrics: {printable(status.get('metrics') or 'off')}",
+        *_hot_loop_line(status.get("hot_loop")),
         *_keeper_line(status.get("fd_keeper")),
         f"sessions: {len(sessions)}   in flight: {status.get('inflight', 0)}   "
         f"notifications: {status.get('notifications', 0)}",

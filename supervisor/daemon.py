@@ -386,6 +386,8 @@ class Daemon:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            # "c" or "python", and why (supervisor/accel.py).
+            "hot_loop": {"kind": accel.KIND, "why": accel.WHY},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from supervisor import accel
 from supervisor.control import (
     ControlError,
     ControlReply,
@@ -188,6 +189,8 @@ async def test_status_shows_a_live_session(tmp_path: Path) -> None:
             await proc.wait()
 
     assert status["pid"] == os.getpid() and status["uptime_seconds"] > 0
+    assert status["hot_loop"] == {"kind": accel.KIND, "why": accel.WHY}
+    assert f"hot loop: {accel.WHY}\n" in table.stdout.decode()
     assert status["notify_socket"] == d.socket_path and not status["socket_activated"]
     assert status["notifications"] == 3 and status["inflight"] == 0
     [session] = status["sessions"]
