@@ -117,6 +117,7 @@ static inline double now(void)
  * references: the types are the package's classes, which live as long as the process. */
 typedef struct {
     PyTypeObject *type;
+    unsigned int version; /* type->tp_version_tag when looked up */
     PyObject *descr; /* the slot's descriptor; NULL: see in_dict */
     int in_dict;     /* no attribute of the type has the name: the instance dict's */
 } AttrCache;
@@ -124,7 +125,11 @@ typedef struct {
 static PyObject *cached_member(PyObject *obj, PyObject *name, AttrCache *cache)
 {
     PyTypeObject *type = Py_TYPE(obj);
-    if (cache->type != type) {
+    /* The version tag changes whenever the type or a base is changed (an attribute set
+     * on the class at run time, a property added): what CPython's own attribute caches
+     * check. Without a valid tag, nothing is cached. */
+    if (cache->type != type || cache->version != type->tp_version_tag ||
+        !(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
         PyObject *descr = NULL;
         int in_dict = 0;
         if (type->tp_getattro == PyObject_GenericGetAttr &&
@@ -139,6 +144,7 @@ static PyObject *cached_member(PyObject *obj, PyObject *name, AttrCache *cache)
         Py_XSETREF(cache->type, type);
         Py_XSETREF(cache->descr, descr);
         cache->in_dict = in_dict;
+        cache->version = type->tp_version_tag; /* (_PyType_Lookup assigned one) */
     }
     return cache->descr;
 }
@@ -532,7 +538,13 @@ static PyObject *answer(PyObject *session, struct seccomp_notif_resp *resp,
                      fd);
         return NULL;
     }
-    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0) {
+    int sent;
+    /* EINTR: a signal while the kernel waited for the listener's lock, taken
+     * interruptibly before anything else: nothing was answered, send it again (as
+     * NotifyFd.send does). */
+    while ((sent = ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, resp)) < 0 && errno == EINTR)
+        ;
+    if (sent < 0) {
         if (errno == ENOENT)
             return count_gone(session, s_send);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -675,8 +687,11 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         handed = PyObject_Vectorcall(func, &n, 1, NULL);
         Py_DECREF(func);
         if (handed == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                goto done; /* KeyboardInterrupt...: out, as from the Python loop */
+            /* What session._HANDLER_FAILURES lets Python's loop turn into on_error;
+             * KeyboardInterrupt...: out, as from the Python loop. */
+            if (!PyErr_ExceptionMatches(PyExc_Exception) &&
+                !PyErr_ExceptionMatches(PyExc_SystemExit))
+                goto done;
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
             PyErr_NormalizeException(&type, &value, &tb);

@@ -167,6 +167,10 @@ _scratch = threading.local()
 _process_vm_readv = _libc.process_vm_readv
 
 
+#: The last address ``pread`` of /proc/<tid>/mem can take (its offset is a signed 64 bits).
+_MAX_MEM_OFFSET: Final = 2**63 - 1
+
+
 class _Reader:
     """Reads of one task's memory; used from a worker thread only."""
 
@@ -177,6 +181,10 @@ class _Reader:
     def read(self, address: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``address``; short only at an unreadable page."""
         if self.mem_fd >= 0:
+            if address > _MAX_MEM_OFFSET:
+                # A negative offset for pread(2): the kernel half of the address space,
+                # which the target's own kernel would answer EFAULT for.
+                return b""
             try:
                 return os.pread(self.mem_fd, length, address)
             except OSError as exc:

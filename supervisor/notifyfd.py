@@ -213,12 +213,18 @@ class NotifyFd:
         """Answer a notification. Raises NotificationGone("send") on ENOENT."""
         resp = self._resp
         _pack_resp_into(resp, 0, notif_id, val, error, flags)
-        try:
-            _ioctl(self._fd, _SEND, resp, True)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise NotificationGone("send") from None
-            raise
+        while True:
+            try:
+                _ioctl(self._fd, _SEND, resp, True)
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise NotificationGone("send") from None
+                if exc.errno != errno.EINTR:
+                    raise
+                # A signal while the kernel waited for the listener's lock
+                # (mutex_lock_interruptible, before anything else): nothing was answered,
+                # so the same answer is sent again.
 
     def send_fd(self, notif_id: int, srcfd: int, *, cloexec: bool) -> int:
         """Install ``srcfd`` in the target and answer the call with its number there

@@ -316,8 +316,14 @@ class Session:
             try:
                 if raised:  # links[index] raised in the compiled loop: handle it here
                     raised = False
-                    assert isinstance(handed, Exception)
-                    raise handed
+                    failure, handed = handed, None
+                    assert isinstance(failure, _HANDLER_FAILURES)
+                    try:
+                        raise failure
+                    finally:
+                        # Not kept in this frame: the traceback refers to the frame, a
+                        # cycle per handler error until the garbage collector runs.
+                        del failure
                 if handed is not None:  # what links[index] returned in the compiled loop
                     result, handed = handed, None
                 elif link.is_async:
@@ -351,7 +357,7 @@ class Session:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
                 return None
-            except Exception as exc:
+            except _HANDLER_FAILURES as exc:
                 self._answer(notif_id, tid, syscall, args, received,
                              self._failure(link.policy, n, exc))
                 return None
@@ -515,7 +521,7 @@ class Session:
             decision = check_result(result, link.policy, read_memory=n.read_memory)
         except NotificationGone:
             raise
-        except Exception as exc:
+        except _HANDLER_FAILURES as exc:
             return self._failure(link.policy, n, exc)
         return None if decision is None else Outcome(decision, link.policy)
 
@@ -548,7 +554,7 @@ class Session:
                                                 read_memory=n.read_memory)
                     except NotificationGone:
                         raise
-                    except Exception as exc:
+                    except _HANDLER_FAILURES as exc:
                         outcome = self._failure(link.policy, n, exc)
                     else:
                         outcome = None if decision is None else Outcome(decision, link.policy)
@@ -606,7 +612,7 @@ class Session:
         if self.journal is not None:
             self.journal.unpin(notif_id)
 
-    def _failure(self, policy: str, n: Notification, exc: Exception) -> Outcome:
+    def _failure(self, policy: str, n: Notification, exc: BaseException) -> Outcome:
         if isinstance(exc, TargetMemoryError):
             # The target passed a bad pointer: answer what the kernel would have.
             return Outcome(deny(exc.errno, reason=str(exc)), policy, "memory", str(exc))
@@ -688,6 +694,13 @@ class Session:
 
 if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
     accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
+
+
+# What a handler may raise and the session turns into its on_error answer: any Exception,
+# and SystemExit (a policy calling sys.exit() or exit() would otherwise stop the whole
+# daemon, every container's calls with it). Not KeyboardInterrupt or trio's Cancelled:
+# those are the daemon's own.
+_HANDLER_FAILURES: Final = (Exception, SystemExit)
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR

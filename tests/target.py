@@ -54,6 +54,37 @@ def main(argv):
         # 5,000 bytes with no NUL before the end of the mapping's first 5,000 bytes.
         buf = ctypes.create_string_buffer(b"a" * 5000)
         return call(libc.mkdir, buf, 0o755)
+    if cmd == "mkdir-repeat":
+        # mkdir(PATH) COUNT times, one after another: every answer, in order.
+        return {"results": [call(libc.mkdir, argv[1].encode(), 0o755)
+                            for _ in range(int(argv[2]))]}
+    if cmd == "mkdir-at":
+        # mkdir() with the path pointer ADDR (hex), whatever it points to.
+        return call(libc.mkdir, ctypes.c_void_p(int(argv[1], 16)), 0o755)
+    if cmd == "getppid-threads":
+        # THREADS threads each call getppid COUNT times at once: the errno of each
+        # answer, counted ({errno: calls}; 0 for a call that returned a value).
+        count, calls = int(argv[1]), int(argv[2])
+        seen = {}
+        lock = threading.Lock()
+        barrier = threading.Barrier(count)
+
+        def caller():
+            barrier.wait()
+            mine = {}
+            for _ in range(calls):
+                e = getppid_raw()["errno"]
+                mine[e] = mine.get(e, 0) + 1
+            with lock:
+                for e, n in mine.items():
+                    seen[e] = seen.get(e, 0) + n
+
+        threads = [threading.Thread(target=caller) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"errnos": {str(e): n for e, n in sorted(seen.items())}}
     if cmd == "open-read":
         fd = os.open(argv[1], os.O_RDONLY)
         data = os.read(fd, 4096).decode()

@@ -324,3 +324,64 @@ async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80: Pa
     assert out == {"x86": [11 * 3 + 1, 12 * 3 + 1], "x86_64": [5 * 3 + 2, 6 * 3 + 2]}
     assert arches == ["x86", "x86", "x86_64", "x86_64"]
     assert session.stats.decisions == {"returns": 4}
+
+
+async def test_a_property_added_to_the_session_class_at_run_time_is_honoured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled loop caches how it finds each attribute per type; a class changed at
+    run time (here ``Session.recorder`` made a property, as a plugin or a test might)
+    must be seen as Python sees it, not through the cache of the first session. (A
+    cache keyed on the type alone kept reading the instance dict: the new recorder got
+    no decision.)"""
+    policy = PolicySet("p")
+
+    @policy.on("getppid")
+    def refuse(n: Notification) -> Decision:
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["getppid"], "getppid", "5") as warm:  # the caches
+        with trio.fail_after(20):
+            assert _errnos(await warm.target.result()) == [errno.EACCES] * 5
+
+    seen = Recorder(Metrics(CollectorRegistry()), audit="none")
+    # __init__ still stores its recorder in the instance dict; the property wins.
+    monkeypatch.setattr(Session, "recorder", property(
+        lambda self: seen, lambda self, given: self.__dict__.__setitem__("recorder", given)),
+        raising=False)
+    async with serve_target(policy, ["getppid"], "getppid", "5") as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [errno.EACCES] * 5
+    assert seen.metrics is not None
+    counted = seen.metrics.registry.get_sample_value(
+        "seccomp_supervisor_notifications_total",
+        {"syscall": "getppid", "policy": "p", "decision": "deny"})
+    assert counted is not None and counted >= 5
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_handler_calling_sys_exit_gets_on_error_and_the_daemon_lives(
+        kind: str) -> None:
+    """sys.exit() in a policy is a policy bug like any exception: the call gets on_error
+    (EPERM) and the session serves on. (SystemExit is no Exception: it went through the
+    loop and stopped the trio run, every container's calls with it.)"""
+    policy = PolicySet("p")
+    calls = [0]
+
+    def verdict(n: Notification) -> Decision:
+        calls[0] += 1
+        if calls[0] == 2:
+            sys.exit("policy gave up")
+        return deny(errno.EACCES)
+
+    if kind == "sync":
+        policy.on("getppid")(verdict)
+    else:
+        @policy.on("getppid")
+        async def averdict(n: Notification) -> Decision:
+            return verdict(n)
+
+    async with serve_target(policy, ["getppid"], "getppid", "3") as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [
+                errno.EACCES, errno.EPERM, errno.EACCES]
+        assert served.session._failed is None

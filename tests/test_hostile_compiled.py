@@ -1,0 +1,178 @@
+"""Attacks on this round's compiled code (supervisor/_hotloop.c) where C can differ from
+the pure-Python reference, and on the memory reads beside it: lengths and addresses that
+do not fit a C type, reference counts on the paths where the compiled loop hands a
+failure to Python, signals while it RECVs and SENDs.
+
+The hot-loop tests run with both loops (the ``hot_loop`` fixture): the pure-Python one
+is the reference, the answer must be the same."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor.policy import Decision, Notification, PolicySet, deny, returns
+from supervisor.session import SessionSettings
+
+from .conftest import serve_target
+
+WAIT = 20.0  # a hang guard
+
+
+def proc_mem_fds() -> list[str]:
+    """The /proc/<pid>/mem files this process has open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (the listing's own fd, closed meanwhile)
+            continue
+        if target.startswith("/proc/") and target.endswith("/mem"):
+            found.append(target)
+    return found
+
+
+def _answers(result: object) -> list[int]:
+    """The errno of each call of a ``mkdir-repeat`` target (0: it succeeded)."""
+    assert isinstance(result, dict)
+    return [r["errno"] for r in result["results"]]
+
+
+@pytest.mark.parametrize("use_proc_mem", [False, True], ids=["process_vm_readv", "proc"])
+@pytest.mark.parametrize("limit", [2**40, 2**63, 2**64], ids=["1TiB", "2^63", "2^64"])
+async def test_a_string_limit_past_the_address_space_reads_the_string(
+        tmp_path: Path, limit: int, use_proc_mem: bool) -> None:
+    """``read_cstring``'s limit is any positive int (the read stops at the NUL, or at
+    unmapped memory long before a limit past the address space). The compiled core
+    allocated the whole limit before reading (MemoryError for 1 TiB) and took it as a
+    C ssize_t (OverflowError from 2^63), and that failed hand-over kept the session's one
+    reading slot and the read's /proc/<pid>/mem fd for ever: every later read of the
+    container waited for the slot until its deadline (on_error). The Python core read
+    the string each time."""
+    guarded = str(tmp_path / "guarded")
+    policy = PolicySet("limit")
+    before = proc_mem_fds()
+
+    @policy.on("mkdir")
+    async def guard(n: Notification) -> Decision | None:
+        path = await n.read_cstring(n.pointer(0), limit=limit)
+        return deny(errno.EACCES) if path == guarded.encode() else None
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", guarded, "3",
+                            settings=SessionSettings(deadline=1.0)) as served:
+        served.session.memory._use_proc_mem = use_proc_mem
+        with trio.fail_after(WAIT):
+            got = _answers(await served.target.result())
+    assert got == [errno.EACCES] * 3
+    assert proc_mem_fds() == before  # each /proc/<pid>/mem fd closed by its read
+
+
+@pytest.mark.parametrize("use_proc_mem", [False, True], ids=["process_vm_readv", "proc"])
+async def test_a_pointer_into_the_kernel_half_faults_as_the_kernel_does(
+        use_proc_mem: bool) -> None:
+    """A path pointer from 2^63 up (kernel addresses on x86-64): the kernel answers
+    EFAULT, and so must a policy that reads it (TargetMemoryError, the session denies
+    with its errno). process_vm_readv says EFAULT; but an offset from 2^63 up is
+    negative for pread(2) of /proc/<pid>/mem: the compiled core passed on its EINVAL,
+    the Python core an OverflowError of os.pread, both a handler error (on_error,
+    EPERM, logged with a traceback per call)."""
+    policy = PolicySet("read")
+    seen: list[bytes] = []
+
+    @policy.on("mkdir")
+    async def read(n: Notification) -> Decision | None:
+        seen.append(await n.read_path(0))
+        return None
+
+    async with serve_target(policy, ["mkdir"], "mkdir-at", "0x8000000000001000") as served:
+        served.session.memory._use_proc_mem = use_proc_mem
+        with trio.fail_after(WAIT):
+            result = await served.target.result()
+    assert result == {"rc": -1, "errno": errno.EFAULT}, json.dumps(result)
+    assert not seen
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_the_hot_loops_error_paths_leave_no_objects_behind(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reference counts on the paths where the compiled loop hands a handler's failure
+    to Python: a raised exception (its traceback and frame kept by the log record and
+    dropped), garbage returned, a new Decision object per call (a new Outcome each
+    time), a value at the top of the 64-bit range. A leak of one object per call would
+    be thousands of blocks."""
+    caplog.set_level("ERROR", logger="supervisor.session")  # not 5,000 tracebacks
+    policy = PolicySet("errors")
+    calls = [0]
+    blocks: list[int] = []
+    total = 6_000
+
+    @policy.on("getppid")
+    def misbehave(n: Notification) -> object:
+        calls[0] += 1
+        if calls[0] in (1_000, total):
+            gc.collect()  # (a raised exception's traceback and frame make a cycle)
+            blocks.append(sys.getallocatedblocks())
+        step = calls[0] % 4
+        if step == 0:
+            raise ValueError(f"boom {calls[0]}")
+        if step == 1:
+            return [calls[0]]  # garbage: refused
+        if step == 2:
+            # A new Decision each time (deny() would cache the first 4,096 of them).
+            return Decision("deny", errno=errno.EACCES, reason=f"call {calls[0]}")
+        return returns(2**63 - 1)
+
+    async with serve_target(policy, ["getppid"], "getppid", str(total)) as served:
+        with trio.fail_after(120):
+            got = await served.target.result()
+    assert isinstance(got, dict) and len(got["results"]) == total  # type: ignore[arg-type]
+    grown = blocks[1] - blocks[0]
+    assert grown < 1_000, f"{grown} blocks more after {total - 1_000} notifications"
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_signal_storm_while_threads_call_at_once_loses_no_answer() -> None:
+    """Signals at the loop's thread while it RECVs and SENDs in C (EINTR is the RECV
+    watchdog's verdict on a RECV; a SEND that waits for the listener's lock while a
+    container's threads hold it could see one too) and eight threads of the container
+    call at once: every call is answered, the session does not fail."""
+    policy = PolicySet("p")
+
+    @policy.on("getppid")
+    def refuse(n: Notification) -> Decision:
+        return deny(errno.EACCES)
+
+    main_thread = threading.get_ident()
+    stop = threading.Event()
+
+    def storm() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main_thread, signal.SIGUSR1)
+            time.sleep(0.00005)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    stormer = threading.Thread(target=storm)
+    try:
+        async with serve_target(policy, ["getppid"], "getppid-threads", "8", "2000") \
+                as served:
+            stormer.start()
+            with trio.fail_after(WAIT):
+                out = await served.target.result()
+            assert served.session._failed is None
+    finally:
+        stop.set()
+        if stormer.is_alive():
+            stormer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert out == {"errnos": {str(errno.EACCES): 16_000}}
+    assert served.session.stats.answered >= 16_000  # (python3 may call getppid itself)
