@@ -228,6 +228,21 @@ def test_compiled_formatter_writes_audit_texts_text_or_declines(
         assert text == raw == _dumps(audit_line(entry), max_line)
 
 
+@pytest.mark.parametrize(("when", "latency"), [
+    (1000000000.0078125, 0.25e-6),  # ties at the 6th and the 1st decimal: to even
+    (1000000000.0234375, 0.75e-6), (1765000000.0, 0.0), (1765000000.5, -0.0),
+    (3999999999.9999995, 5e-324), (1e9, 999999.99999995), (2**31 + 0.1, 1.05e-6),
+    (1765000000.0000005, 1e-7), (1765000000.9999995, 0.15e-6),
+])
+def test_compiled_formatter_rounds_floats_as_format_does(when: float, latency: float
+                                                          ) -> None:
+    """The time and latency, written from the binary value in integers, have the digits
+    of f"{x:.6f}" and f"{x:.1f}" (exact ties round to even) and audit_line's round()."""
+    entry = (when, Container("c", 1), 2, 3, "getppid", (), Outcome(deny(errno.EPERM), "p"),
+             latency, False)
+    assert _compiled_formatter()(entry, 0) == _dumps(audit_line(entry))
+
+
 class _Str(str):
     pass
 
