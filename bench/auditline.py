@@ -12,7 +12,7 @@ through ``Recorder.decided`` (metrics on, ``[audit]`` as ``default.toml``), the 
 ``flush`` every ``--batch`` lines into ``/dev/null``. Pieces:
 
 * ``admit``: ``Recorder._audit``, what the compiled loop calls past its common case (the
-  limiter's key, ``held_back``, ``admit``, the queue), no writer;
+  limiter's key and ``admit``, the queue), no writer;
 * ``format``: ``audit_text`` of an admitted line's entry;
 * ``budget``: the writer's byte budget per line (``_add_text``) on pre-formatted text;
 * ``write``: ``_write`` in full (format, budget, join, ``write``/``flush``);

@@ -136,16 +136,6 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._windows)
 
-    def held_back(self, key: Hashable, now: float) -> bool:
-        """True (and the event counted as suppressed) if ``key``'s window is open and
-        full: the cheap test :meth:`Recorder.decided` makes before building a sample.
-        False means: ask :meth:`admit`."""
-        w = self._windows.get(key)
-        if w is not None and w.written >= self.limit and now - w.start < self.window:
-            w.suppressed += 1
-            return True
-        return False
-
     def remember(self, key: Hashable, outcome: Outcome, container: Container, syscall: str,
                  shadow: bool) -> None:
         """Keep ``key``'s window on ``outcome`` (its ``audit_hot``), for
@@ -480,14 +470,12 @@ class Recorder:
             key = (container.peer_uid, container.id, container.pid,
                    _UNNAMED_KEY if syscall.startswith("nr_") else syscall,
                    decision.kind, outcome.error, outcome.policy, shadow)
-            if limiter.held_back(key, now):
-                limiter.remember(key, outcome, container, syscall, shadow)
-                if self._suppressed is not None:
-                    self._suppressed.value += 1
-                return bucket
+            # One lookup: admit() holds the line back (and counts it) exactly as
+            # held_back() would; the entry tuple it may keep as a sample is cheap.
             entry = (now, container, tid, notif_id, syscall, args, outcome, latency, shadow)
             admitted, report = limiter.admit(key, now, entry)
             if not admitted:
+                limiter.remember(key, outcome, container, syscall, shadow)
                 if self._suppressed is not None:
                     self._suppressed.value += 1
                 return bucket
@@ -570,14 +558,19 @@ class Recorder:
     def _write(self, batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
         out: list[str] = []
         window = self.limiter.window
+        max_line = self.max_line
         now = time.time()
+        # audit_text's compiled twin called directly (None: audit_text's general path).
+        hotloop = accel.HOTLOOP
+        compiled = hotloop.format_audit_line if hotloop is not None else None
         for entry, report in batch:
             if report is not None:
                 sample, count = report
                 self._add(out, summary_line(sample, count, entry[0], window), sample[1],
                           now, count, counted=True)
-            self._add_text(out, audit_text(entry, self.max_line), entry[1], now, 1,
-                           counted=False)
+            text = compiled(entry, max_line) if compiled is not None else None
+            self._add_text(out, text if text is not None else audit_text(entry, max_line),
+                           entry[1], now, 1, counted=False)
         if out:
             self._emit("".join(out))
 
