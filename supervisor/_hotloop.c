@@ -1022,28 +1022,19 @@ enum { F_ID, F_PID, F_PEER_UID, F_DECISION, F_POLICY, F_DETAIL, F_ERROR, F_KIND,
        F_VALUE, F_REASON, F_NAMES };
 static PyObject *f_names[F_NAMES];
 
-/* Bytes `s` takes as json.encoder.encode_basestring_ascii writes it, quotes included. */
-static Py_ssize_t json_ascii_size(PyObject *s)
+/* At least the bytes `s` takes as json.encoder.encode_basestring_ascii writes it,
+ * quotes included: 1 per ASCII character at best, 6 for one written as \uXXXX, 12 above
+ * U+FFFF (a surrogate pair). */
+static Py_ssize_t json_ascii_bound(PyObject *s)
 {
-    Py_ssize_t n = PyUnicode_GET_LENGTH(s), size = 2;
-    int kind = PyUnicode_KIND(s);
-    const void *data = PyUnicode_DATA(s);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (c >= 0x20 && c < 0x7f)
-            size += (c == '"' || c == '\\') ? 2 : 1;
-        else if (c == '\n' || c == '\r' || c == '\t' || c == '\b' || c == '\f')
-            size += 2;
-        else
-            size += c > 0xffff ? 12 : 6; /* a surrogate pair: two \uXXXX */
-    }
-    return size;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    return 2 + (PyUnicode_KIND(s) == PyUnicode_4BYTE_KIND ? 12 : 6) * n;
 }
 
 /* Appends `s` as encode_basestring_ascii writes it (py_encode_basestring_ascii in
  * CPython's Modules/_json.c): the short escapes, other control characters and every
  * non-ASCII character as \u00XX (lower-case hex), above U+FFFF as a surrogate pair.
- * `out` has room for json_ascii_size(s) bytes; `*escaped` is set when an escape is
+ * `out` has room for json_ascii_bound(s) bytes; `*escaped` is set when an escape is
  * written. */
 static char *json_ascii(char *out, PyObject *s, int *escaped)
 {
@@ -1052,6 +1043,22 @@ static char *json_ascii(char *out, PyObject *s, int *escaped)
     int kind = PyUnicode_KIND(s);
     const void *data = PyUnicode_DATA(s);
     *out++ = '"';
+    if (PyUnicode_IS_ASCII(s)) {
+        /* The common case: copied as is up to the first character to escape. */
+        const Py_UCS1 *bytes = PyUnicode_1BYTE_DATA(s);
+        Py_ssize_t i = 0;
+        while (i < n && bytes[i] >= 0x20 && bytes[i] < 0x7f && bytes[i] != '"' &&
+               bytes[i] != '\\')
+            i++;
+        memcpy(out, bytes, i);
+        out += i;
+        if (i == n) {
+            *out++ = '"';
+            return out;
+        }
+        n -= i;
+        data = bytes + i;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_UCS4 c = PyUnicode_READ(kind, data, i);
         if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
@@ -1093,10 +1100,16 @@ static Py_ssize_t put_unsigned(char *out, unsigned long long u, unsigned base)
     static const char digits[] = "0123456789abcdef";
     char tmp[20]; /* 2**64 - 1 has 20 decimal digits, 16 hex */
     int n = 0;
-    do {
-        tmp[n++] = digits[u % base];
-        u /= base;
-    } while (u != 0);
+    if (base == 16)
+        do {
+            tmp[n++] = digits[u & 0xf];
+            u >>= 4;
+        } while (u != 0);
+    else
+        do {
+            tmp[n++] = digits[u % 10]; /* a constant divisor: a multiplication */
+            u /= 10;
+        } while (u != 0);
     for (int i = 0; i < n; i++)
         out[i] = tmp[n - 1 - i];
     return n;
@@ -1268,7 +1281,7 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
     if (answer != NULL && !PyLong_CheckExact(number))
         goto none;
     /* A line over max_line is cut by the general path: every character of a string is at
-     * least one byte, so a longer string is known to need it before it is scanned. */
+     * least one byte, so a longer string is known to need it before it is written. */
     PyObject *strings[] = {cid, syscall, kind, policy, reason, error};
     Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args);
     /* Everything but the strings: the keys and punctuation (< 160 bytes), six numbers of
@@ -1281,10 +1294,8 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
             goto done;
         if (max_line > 0 && PyUnicode_GET_LENGTH(strings[i]) > max_line)
             goto none;
-        bound += json_ascii_size(strings[i]);
+        bound += json_ascii_bound(strings[i]);
     }
-    if (max_line > 0 && bound - 160 - 6 * 22 - 40 - n_args * 25 > max_line)
-        goto none;
     if ((buf = PyMem_Malloc(bound)) == NULL) {
         PyErr_NoMemory();
         goto done;
