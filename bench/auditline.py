@@ -16,7 +16,8 @@ through ``Recorder.decided`` (metrics on, ``[audit]`` as ``default.toml``), the 
 * ``format``: ``audit_text`` of an admitted line's entry;
 * ``budget``: the writer's byte budget per line (``_add_text``) on pre-formatted text;
 * ``write``: ``_write`` in full (format, budget, join, ``write``/``flush``);
-* ``all``: ``decided`` then the writer.
+* ``all``: ``decided`` then the writer;
+* ``loop``: this script's own loop, doing nothing: part of every figure above.
 
 Each piece runs twice under ``valgrind --tool=callgrind`` (N and 3N lines); the
 difference divided by 2N is one line's cost, start-up cancelled out.
@@ -33,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PIECES = ("admit", "format", "budget", "write", "all")
+PIECES = ("admit", "format", "budget", "write", "all", "loop")
 
 
 def run_piece(piece: str, lines: int, containers: int, batch: int) -> None:
