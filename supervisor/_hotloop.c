@@ -27,7 +27,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 2
+#define HOTLOOP_API_VERSION 3
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -1025,10 +1025,412 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ the audit line
+ *
+ * format_audit_line(entry, max_line) is audit.audit_text's direct formatting, step by
+ * step: the same checks, the same text. It returns None wherever audit_text leaves its
+ * fast path (a value that is not exactly an int, float, str or bool, a number out of the
+ * ranges below, a surrogate escape, a line over max_line): audit_text then takes its
+ * general path, so this code never has to be right about a rare case. */
+
+enum { F_ID, F_PID, F_PEER_UID, F_DECISION, F_POLICY, F_DETAIL, F_ERROR, F_KIND, F_ERRNO,
+       F_VALUE, F_REASON, F_NAMES };
+static PyObject *f_names[F_NAMES];
+
+/* At least the bytes `s` takes as json.encoder.encode_basestring_ascii writes it,
+ * quotes included: 1 per ASCII character at best, 6 for one written as \uXXXX, 12 above
+ * U+FFFF (a surrogate pair). */
+static Py_ssize_t json_ascii_bound(PyObject *s)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    return 2 + (PyUnicode_KIND(s) == PyUnicode_4BYTE_KIND ? 12 : 6) * n;
+}
+
+/* Appends `s` as encode_basestring_ascii writes it (py_encode_basestring_ascii in
+ * CPython's Modules/_json.c): the short escapes, other control characters and every
+ * non-ASCII character as \u00XX (lower-case hex), above U+FFFF as a surrogate pair.
+ * `out` has room for json_ascii_bound(s) bytes; `*escaped` is set when an escape is
+ * written. */
+static char *json_ascii(char *out, PyObject *s, int *escaped)
+{
+    static const char hex[] = "0123456789abcdef";
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    *out++ = '"';
+    if (PyUnicode_IS_ASCII(s)) {
+        /* The common case: copied as is up to the first character to escape. */
+        const Py_UCS1 *bytes = PyUnicode_1BYTE_DATA(s);
+        Py_ssize_t i = 0;
+        while (i < n && bytes[i] >= 0x20 && bytes[i] < 0x7f && bytes[i] != '"' &&
+               bytes[i] != '\\')
+            i++;
+        memcpy(out, bytes, i);
+        out += i;
+        if (i == n) {
+            *out++ = '"';
+            return out;
+        }
+        n -= i;
+        data = bytes + i;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+            *out++ = (char)c;
+            continue;
+        }
+        *escaped = 1;
+        *out++ = '\\';
+        switch (c) {
+        case '"': *out++ = '"'; continue;
+        case '\\': *out++ = '\\'; continue;
+        case '\n': *out++ = 'n'; continue;
+        case '\r': *out++ = 'r'; continue;
+        case '\t': *out++ = 't'; continue;
+        case '\b': *out++ = 'b'; continue;
+        case '\f': *out++ = 'f'; continue;
+        }
+        if (c > 0xffff) {
+            Py_UCS4 v = c - 0x10000;
+            Py_UCS4 high = 0xd800 | ((v >> 10) & 0x3ff);
+            *out++ = 'u';
+            for (int shift = 12; shift >= 0; shift -= 4)
+                *out++ = hex[(high >> shift) & 0xf];
+            *out++ = '\\';
+            c = 0xdc00 | (v & 0x3ff);
+        }
+        *out++ = 'u';
+        for (int shift = 12; shift >= 0; shift -= 4)
+            *out++ = hex[(c >> shift) & 0xf];
+    }
+    *out++ = '"';
+    return out;
+}
+
+/* `u` in decimal (base 10) or lower-case hex (base 16) at `out`; returns the length.
+ * (sprintf took ~700 instructions per number: a line has eleven.) */
+static Py_ssize_t put_unsigned(char *out, unsigned long long u, unsigned base)
+{
+    static const char digits[] = "0123456789abcdef";
+    char tmp[20]; /* 2**64 - 1 has 20 decimal digits, 16 hex */
+    int n = 0;
+    if (base == 16)
+        do {
+            tmp[n++] = digits[u & 0xf];
+            u >>= 4;
+        } while (u != 0);
+    else
+        do {
+            tmp[n++] = digits[u % 10]; /* a constant divisor: a multiplication */
+            u /= 10;
+        } while (u != 0);
+    for (int i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* `v` (an exact int) at `out` as "%d" or, with `hex`, as "%#x" and hex() write it; 0 if
+ * it is negative with `hex` or does not fit 64 bits (audit_text's % then, via None), -1
+ * on an error. At most 21 bytes. */
+static int int_text(char *out, PyObject *v, int hex, Py_ssize_t *len)
+{
+    int overflow = 0;
+    long long s = PyLong_AsLongLongAndOverflow(v, &overflow);
+    unsigned long long u;
+    if (overflow == 0) {
+        if (s == -1 && PyErr_Occurred())
+            return -1;
+        if (s < 0) {
+            if (hex)
+                return 0;
+            *out = '-';
+            /* -(s + 1) + 1: no overflow for LLONG_MIN */
+            *len = 1 + put_unsigned(out + 1, (unsigned long long)(-(s + 1)) + 1, 10);
+            return 1;
+        }
+        u = (unsigned long long)s;
+    } else if (overflow > 0) {
+        u = PyLong_AsUnsignedLongLong(v);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return -1;
+            PyErr_Clear();
+            return 0;
+        }
+    } else
+        return 0;
+    if (!hex) {
+        *len = put_unsigned(out, u, 10);
+        return 1;
+    }
+    /* hex(0) is "0x0" (C's "%#x" writes a bare 0). */
+    out[0] = '0';
+    out[1] = 'x';
+    *len = 2 + put_unsigned(out + 2, u, 16);
+    return 1;
+}
+
+#ifdef __SIZEOF_INT128__
+/* x (finite, 0 <= |x| < 2**52) as f"{x:.{decimals}f}" writes it, decimals <= 6, at `out`;
+ * returns the length (at most 24). float.__format__ rounds the binary value exactly, ties
+ * to even (_Py_dg_dtoa, mode 3): so does this, in integers. x = m * 2**e with m < 2**53;
+ * x * 10**decimals < 2**73 fits 128 bits. (PyOS_double_to_string took ~1,700
+ * instructions per float: its bignum arithmetic is general.) */
+static Py_ssize_t put_fixed(char *out, double x, int decimals)
+{
+    static const unsigned long long scale[] = {1, 10, 100, 1000, 10000, 100000, 1000000};
+    char *start = out;
+    if (signbit(x)) {
+        *out++ = '-'; /* "-0.0": the only negative value the callers let through */
+        x = -x;
+    }
+    int exp2;
+    double fraction = frexp(x, &exp2); /* x = fraction * 2**exp2, 0.5 <= fraction < 1 */
+    unsigned long long m = (unsigned long long)ldexp(fraction, 53); /* exact */
+    int e = exp2 - 53;
+    unsigned __int128 q;
+    if (x == 0.0)
+        q = 0;
+    else if (e >= 0)
+        q = ((unsigned __int128)m << e) * scale[decimals];
+    else if (e <= -127)
+        q = 0; /* x * 10**decimals < 2**73 / 2**127: far below one half */
+    else {
+        unsigned __int128 num = (unsigned __int128)m * scale[decimals];
+        int k = -e;
+        q = num >> k;
+        unsigned __int128 rem = num - (q << k), half = (unsigned __int128)1 << (k - 1);
+        if (rem > half || (rem == half && (q & 1)))
+            q++;
+    }
+    unsigned long long whole = (unsigned long long)(q / scale[decimals]),
+                       part = (unsigned long long)(q % scale[decimals]);
+    out += put_unsigned(out, whole, 10);
+    *out++ = '.';
+    for (int i = decimals - 1; i >= 0; i--) {
+        out[i] = (char)('0' + part % 10);
+        part /= 10;
+    }
+    out += decimals;
+    return out - start;
+}
+#else
+static Py_ssize_t put_fixed(char *out, double x, int decimals)
+{
+    char *text = PyOS_double_to_string(x, 'f', decimals, 0, NULL);
+    if (text == NULL)
+        return -1;
+    Py_ssize_t len = (Py_ssize_t)strlen(text);
+    memcpy(out, text, len);
+    PyMem_Free(text);
+    return len;
+}
+#endif
+
+PyDoc_STRVAR(format_audit_line_doc,
+"format_audit_line(entry, max_line) -> str | None\n\n"
+"audit.audit_text's direct formatting of one decision's line, or None where audit_text\n"
+"takes its general path.");
+
+static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2 || !PyTuple_CheckExact(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 9 ||
+        !PyLong_CheckExact(argv[1])) {
+        PyErr_SetString(PyExc_TypeError, "format_audit_line(entry: 9-tuple, max_line: int)");
+        return NULL;
+    }
+    Py_ssize_t max_line = PyLong_AsSsize_t(argv[1]);
+    if (max_line == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *const *e = &PyTuple_GET_ITEM(argv[0], 0);
+    PyObject *when = e[0], *container = e[1], *tid = e[2], *notif_id = e[3],
+             *syscall = e[4], *args = e[5], *outcome = e[6], *latency = e[7],
+             *shadow = e[8];
+    /* New references, released at `done`. */
+    PyObject *cid = NULL, *pid = NULL, *peer_uid = NULL, *decision = NULL, *policy = NULL,
+             *detail = NULL, *error = NULL, *kind = NULL, *number = NULL, *reason = NULL,
+             *result = NULL;
+    char *buf = NULL;
+    if (!PyFloat_CheckExact(when) || !PyFloat_CheckExact(latency))
+        Py_RETURN_NONE;
+    double when_s = PyFloat_AS_DOUBLE(when), latency_us = PyFloat_AS_DOUBLE(latency) * 1e6;
+    /* audit_text's ranges for one float-to-decimal conversion (NaN fails both). */
+    if (!(1e9 <= when_s && when_s < 4e9) || !(0.0 <= latency_us && latency_us < 1e12))
+        Py_RETURN_NONE;
+    if ((cid = PyObject_GetAttr(container, f_names[F_ID])) == NULL ||
+        (pid = PyObject_GetAttr(container, f_names[F_PID])) == NULL ||
+        (peer_uid = PyObject_GetAttr(container, f_names[F_PEER_UID])) == NULL ||
+        (decision = PyObject_GetAttr(outcome, f_names[F_DECISION])) == NULL ||
+        (policy = PyObject_GetAttr(outcome, f_names[F_POLICY])) == NULL ||
+        (detail = PyObject_GetAttr(outcome, f_names[F_DETAIL])) == NULL ||
+        (error = PyObject_GetAttr(outcome, f_names[F_ERROR])) == NULL ||
+        (kind = PyObject_GetAttr(decision, f_names[F_KIND])) == NULL)
+        goto done;
+    /* reason = outcome.detail or decision.reason: only a str detail is judged here. */
+    if (!PyUnicode_CheckExact(detail))
+        goto none;
+    if (PyUnicode_GET_LENGTH(detail) > 0) {
+        reason = detail;
+        Py_INCREF(reason);
+    } else if ((reason = PyObject_GetAttr(decision, f_names[F_REASON])) == NULL)
+        goto done;
+    if (!PyLong_CheckExact(pid) || !PyLong_CheckExact(tid) || !PyLong_CheckExact(notif_id) ||
+        (peer_uid != Py_None && !PyLong_CheckExact(peer_uid)) ||
+        !PyUnicode_CheckExact(reason) || !PyUnicode_CheckExact(syscall) ||
+        !PyUnicode_CheckExact(cid) || !PyUnicode_CheckExact(policy) ||
+        !PyUnicode_CheckExact(kind) || (error != Py_None && !PyUnicode_CheckExact(error)) ||
+        (shadow != Py_True && shadow != Py_False) ||
+        (!PyTuple_CheckExact(args) && !PyList_CheckExact(args)))
+        goto none;
+    const char *answer = NULL;
+    if (PyUnicode_CompareWithASCIIString(kind, "deny") == 0) {
+        answer = ",\"errno\":";
+        number = PyObject_GetAttr(decision, f_names[F_ERRNO]);
+    } else if (PyUnicode_CompareWithASCIIString(kind, "returns") == 0) {
+        answer = ",\"value\":";
+        number = PyObject_GetAttr(decision, f_names[F_VALUE]);
+    }
+    if (answer != NULL && number == NULL)
+        goto done;
+    if (answer != NULL && !PyLong_CheckExact(number))
+        goto none;
+    /* A line over max_line is cut by the general path: every character of a string is at
+     * least one byte, so a longer string is known to need it before it is written. */
+    PyObject *strings[] = {cid, syscall, kind, policy, reason, error};
+    Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args);
+    /* Everything but the strings: the keys and punctuation (< 160 bytes), six numbers of
+     * at most 22 bytes, the two floats (< 40), and per argument 22 + 3. */
+    Py_ssize_t bound = 160 + 6 * 22 + 40 + n_args * 25;
+    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
+        if (strings[i] == Py_None)
+            continue;
+        if (PyUnicode_READY(strings[i]) < 0)
+            goto done;
+        if (max_line > 0 && PyUnicode_GET_LENGTH(strings[i]) > max_line)
+            goto none;
+        bound += json_ascii_bound(strings[i]);
+    }
+    if ((buf = PyMem_Malloc(bound)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t n = 0, len;
+    char *p = buf;
+    int ok, escaped = 0;
+#define PUT(literal) (memcpy(p, literal, sizeof(literal) - 1), p += sizeof(literal) - 1)
+#define PUT_INT(v, hex)                                                                \
+    do {                                                                               \
+        if ((ok = int_text(p, (v), (hex), &len)) < 0)                                  \
+            goto done;                                                                 \
+        if (ok == 0)                                                                   \
+            goto none;                                                                 \
+        p += len;                                                                      \
+    } while (0)
+    /* f"{when:.6f}".rstrip("0"), and "0" back after a bare ".". */
+    PUT("{\"time\":");
+    if ((len = put_fixed(p, when_s, 6)) < 0)
+        goto done;
+    while (p[len - 1] == '0')
+        len--;
+    p += len;
+    if (p[-1] == '.')
+        *p++ = '0';
+    PUT(",\"container\":");
+    p = json_ascii(p, cid, &escaped);
+    PUT(",\"runtime_pid\":");
+    PUT_INT(pid, 0);
+    if (peer_uid != Py_None) {
+        PUT(",\"peer_uid\":");
+        PUT_INT(peer_uid, 0);
+    }
+    PUT(",\"tid\":");
+    PUT_INT(tid, 0);
+    PUT(",\"id\":\"");
+    PUT_INT(notif_id, 1);
+    PUT("\",\"syscall\":");
+    p = json_ascii(p, syscall, &escaped);
+    PUT(",\"args\":[");
+    PyObject **items = PySequence_Fast_ITEMS(args);
+    for (Py_ssize_t i = 0; i < n_args; i++) {
+        if (!PyLong_CheckExact(items[i]))
+            goto none;
+        if (i > 0)
+            *p++ = ',';
+        *p++ = '"';
+        PUT_INT(items[i], 1);
+        *p++ = '"';
+    }
+    PUT("],\"decision\":");
+    p = json_ascii(p, kind, &escaped);
+    if (answer != NULL) {
+        len = (Py_ssize_t)strlen(answer);
+        memcpy(p, answer, len);
+        p += len;
+        PUT_INT(number, 0);
+    }
+    PUT(",\"policy\":");
+    p = json_ascii(p, policy, &escaped);
+    PUT(",\"reason\":");
+    p = json_ascii(p, reason, &escaped);
+    PUT(",\"latency_us\":");
+    if ((len = put_fixed(p, latency_us, 1)) < 0)
+        goto done;
+    p += len;
+    if (error != Py_None) {
+        PUT(",\"error\":");
+        p = json_ascii(p, error, &escaped);
+    }
+    if (shadow == Py_True)
+        PUT(",\"shadow\":true");
+    PUT("}\n");
+#undef PUT
+#undef PUT_INT
+    n = p - buf;
+    /* audit_text's last test: a surrogate to replace (json writes U+D800-U+DFFF, and every
+     * character above U+FFFF, as "\udXXX" escapes) or a line to cut. Only an escape
+     * writes a backslash. */
+    if ((max_line > 0 && n > max_line) || (escaped && memmem(buf, n, "\\ud", 3) != NULL))
+        goto none;
+    if ((result = PyUnicode_New(n, 127)) == NULL)
+        goto done;
+    memcpy(PyUnicode_1BYTE_DATA(result), buf, n);
+    goto done;
+none:
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(buf);
+    Py_XDECREF(cid);
+    Py_XDECREF(pid);
+    Py_XDECREF(peer_uid);
+    Py_XDECREF(decision);
+    Py_XDECREF(policy);
+    Py_XDECREF(detail);
+    Py_XDECREF(error);
+    Py_XDECREF(kind);
+    Py_XDECREF(number);
+    Py_XDECREF(reason);
+    return result;
+}
+
+static int format_audit_line_init(void)
+{
+    static const char *const names[F_NAMES] = {"id", "pid", "peer_uid", "decision", "policy",
+                                               "detail", "error", "kind", "errno", "value",
+                                               "reason"};
+    for (int i = 0; i < F_NAMES; i++)
+        if (f_names[i] == NULL && (f_names[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return -1;
+    return 0;
+}
+
 static PyMethodDef hotloop_methods[] = {
     {"poll_round", (PyCFunction)(void (*)(void))poll_round, METH_FASTCALL, poll_round_doc},
     {"recv_calls", recv_calls, METH_NOARGS, recv_calls_doc},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
+    {"format_audit_line", (PyCFunction)(void (*)(void))format_audit_line, METH_FASTCALL,
+     format_audit_line_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1061,7 +1463,7 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
-        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL))
+        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) || format_audit_line_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hotloop_module);
     if (m == NULL)

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from supervisor import accel
 from supervisor.audit import RateLimiter, Recorder, _dumps, audit_line, audit_text
 from supervisor.decide import Outcome
 from supervisor.metrics import Metrics
@@ -158,15 +159,21 @@ def test_suppressed_lines_found_by_their_outcome_stay_with_their_container() -> 
 _ints = st.integers(0, 2**64 - 1)
 
 
-@given(container=st.text(), pid=st.integers(0, 2**31), peer_uid=st.none() | _ints,
-       tid=_ints, notif_id=_ints, syscall=st.text(), args=st.lists(_ints, max_size=6),
-       kind=st.sampled_from(["deny", "returns", "allow"]), policy=st.text(),
-       reason=st.text(), detail=st.text(max_size=3),
-       error=st.sampled_from([None, "exception", "deadline", "memory"]),
-       shadow=st.booleans(), when=st.floats(1e9, 4e9) | st.floats(0, 1e10),
-       latency=st.floats(0, 1e-3) | st.floats(0, 1e7),
-       max_line=st.sampled_from([0, 300, 4096]))
-@settings(max_examples=500, deadline=None)
+_LINE_FIELDS: dict[str, Any] = dict(
+    container=st.text(), pid=st.integers(0, 2**31), peer_uid=st.none() | _ints,
+    tid=_ints, notif_id=_ints, syscall=st.text(), args=st.lists(_ints, max_size=6),
+    kind=st.sampled_from(["deny", "returns", "allow"]), policy=st.text(),
+    reason=st.text(), detail=st.text(max_size=3),
+    error=st.sampled_from([None, "exception", "deadline", "memory"]),
+    shadow=st.booleans(), when=st.floats(1e9, 4e9) | st.floats(0, 1e10),
+    latency=st.floats(0, 1e-3) | st.floats(0, 1e7),
+    max_line=st.sampled_from([0, 300, 4096]))
+
+
+@pytest.mark.usefixtures("hot_loop")
+@given(**_LINE_FIELDS)
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_audit_text_is_the_json_of_audit_line(container: str, pid: int,
                                               peer_uid: int | None, tid: int,
                                               notif_id: int, syscall: str, args: list[int],
@@ -182,6 +189,94 @@ def test_audit_text_is_the_json_of_audit_line(container: str, pid: int,
     entry = (when, Container(container, pid, peer_uid=peer_uid), tid, notif_id, syscall,
              tuple(args), Outcome(decision, policy, error, detail), latency, shadow)
     assert audit_text(entry, max_line) == _dumps(audit_line(entry), max_line)
+
+
+def _compiled_formatter() -> Any:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    return accel.HOTLOOP.format_audit_line
+
+
+# Strings with every kind of character json escapes differently: printable ASCII, the
+# quote and backslash, the short escapes, other control characters, DEL, non-ASCII below
+# the surrogates, the surrogates themselves, and above U+FFFF (a surrogate pair).
+_hostile = st.text(st.sampled_from('a"\\/\n\r\t\b\f\x00\x1f\x7f\xe9\u2028\ucfff\ud000'
+                                   '\ud800\udfff\ue000\uffff\U0001f600u') | st.characters())
+
+
+@given(**(_LINE_FIELDS | dict(container=_hostile, syscall=_hostile, policy=_hostile,
+                              reason=_hostile, detail=st.sampled_from(["", "\ud800", "x\n"]))))
+@settings(max_examples=1000, deadline=None)
+def test_compiled_formatter_writes_audit_texts_text_or_declines(
+        container: str, pid: int, peer_uid: int | None, tid: int, notif_id: int,
+        syscall: str, args: list[int], kind: str, policy: str, reason: str, detail: str,
+        error: Any, shadow: bool, when: float, latency: float, max_line: int) -> None:
+    """format_audit_line (supervisor/_hotloop.c) returns the very text of the reference
+    (json.dumps of the line's dict, surrogates replaced, cut at max_line) for hostile
+    strings, or None exactly where audit_text leaves its direct formatting (a float out
+    of its ranges, a surrogate escape, a line to cut): a twin that declined everything
+    would fail here."""
+    decision = (deny(errno.EPERM, reason=reason) if kind == "deny"
+                else returns(7, reason=reason) if kind == "returns" else allow())
+    entry = (when, Container(container, pid, peer_uid=peer_uid), tid, notif_id, syscall,
+             tuple(args), Outcome(decision, policy, error, detail), latency, shadow)
+    text = _compiled_formatter()(entry, max_line)
+    raw = json.dumps(audit_line(entry), separators=(",", ":")) + "\n"
+    direct = (1e9 <= when < 4e9 and 0 <= latency * 1e6 < 1e12 and "\\ud" not in raw
+              and (max_line <= 0 or len(raw) <= max_line))
+    assert (text is not None) == direct
+    if text is not None:
+        assert text == raw == _dumps(audit_line(entry), max_line)
+
+
+@pytest.mark.parametrize(("when", "latency"), [
+    (1000000000.0078125, 0.25e-6),  # ties at the 6th and the 1st decimal: to even
+    (1000000000.0234375, 0.75e-6), (1765000000.0, 0.0), (1765000000.5, -0.0),
+    (3999999999.9999995, 5e-324), (1e9, 999999.99999995), (2**31 + 0.1, 1.05e-6),
+    (1765000000.0000005, 1e-7), (1765000000.9999995, 0.15e-6),
+])
+def test_compiled_formatter_rounds_floats_as_format_does(when: float, latency: float
+                                                          ) -> None:
+    """The time and latency, written from the binary value in integers, have the digits
+    of f"{x:.6f}" and f"{x:.1f}" (exact ties round to even) and audit_line's round()."""
+    entry = (when, Container("c", 1), 2, 3, "getppid", (), Outcome(deny(errno.EPERM), "p"),
+             latency, False)
+    assert _compiled_formatter()(entry, 0) == _dumps(audit_line(entry))
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.parametrize("change", [
+    {"container": Container(_Str("web"), 1)}, {"container": Container("web", True)},
+    {"tid": _Int(5)}, {"args": (0, _Int(1))}, {"args": (0, -1)}, {"args": iter((0,))},
+    {"notif_id": -1}, {"notif_id": 2**64}, {"tid": 2**64}, {"syscall": _Str("getppid")},
+    {"shadow": 1}, {"when": 1}, {"when": float("nan")}, {"latency": float("inf")},
+    {"latency": -1e-9}, {"outcome": Outcome(deny(errno.EPERM), "p", None, _Str("d"))},
+    {"outcome": Outcome(deny(errno.EPERM), _Str("p"))},
+    {"outcome": Outcome(deny(errno.EPERM), "p", _Str("memory"))},
+])
+def test_compiled_formatter_declines_what_is_not_exactly_its_type(change: dict[str, Any]
+                                                                   ) -> None:
+    """Subclasses (whose __str__, __format__ or __index__ may do anything), numbers it
+    does not format as audit_text's % does, and other sequences are left to audit_text,
+    which writes them as json.dumps does."""
+    fields: dict[str, Any] = dict(
+        when=1765000000.25, container=Container("web", 1, peer_uid=0), tid=2, notif_id=3,
+        syscall="getppid", args=(0, 1), outcome=Outcome(deny(errno.EPERM), "p"),
+        latency=1e-6, shadow=False)
+    entry = tuple(fields.values())
+    assert _compiled_formatter()(entry, 4096) == _dumps(audit_line(entry), 4096)  # type: ignore[arg-type]
+    fields |= change
+    entry = tuple(fields.values())
+    assert _compiled_formatter()(entry, 4096) is None
+    if not isinstance(fields["args"], tuple):
+        return  # audit_line would iterate it a second time
+    assert audit_text(entry, 4096) == _dumps(audit_line(entry), 4096)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- the daemon
