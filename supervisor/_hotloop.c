@@ -468,7 +468,9 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
             double start_d = PyFloat_AsDouble(start), window_d = PyFloat_AsDouble(window);
             if (PyErr_Occurred())
                 goto done;
-            if (full && now - start_d < window_d) {
+            /* A window starting after `now` has ended (a wall clock stepped back), as
+             * in Recorder.decided. */
+            if (full && now - start_d >= 0.0 && now - start_d < window_d) {
                 if (INCREMENT(w, s_suppressed) < 0 ||
                     (counter = GET(recorder, s_suppressed_counter)) == NULL ||
                     (counter != Py_None && INCREMENT(counter, s_value) < 0))

@@ -153,7 +153,10 @@ class RateLimiter:
         if self.limit <= 0:
             return True, None
         w = self._windows.get(key)
-        if w is None or now - w.start >= self.window:
+        # A window that starts after `now` has ended too: the wall clock was stepped back
+        # (the windows run on the lines' clock), and it must not hold lines back for as
+        # long as the step.
+        if w is None or not 0.0 <= now - w.start < self.window:
             report = (w.sample, w.suppressed) if w is not None and w.suppressed else None
             self._windows[key] = _Window(now, 1, 0, sample)
             return True, report
@@ -166,7 +169,8 @@ class RateLimiter:
     def expire(self, now: float) -> list[tuple[Any, int]]:
         """Forget every window that ended by ``now``; ``(sample, count)`` of those that
         held events back."""
-        ended = [key for key, w in self._windows.items() if now - w.start >= self.window]
+        ended = [key for key, w in self._windows.items()
+                 if not 0.0 <= now - w.start < self.window]  # (see admit)
         if ended:
             self.epoch = object()
         reports = []
@@ -448,7 +452,7 @@ class Recorder:
             if hot is not None and hot[0] is limiter.epoch and hot[1] is container and (
                     hot[2] is syscall and hot[3] is shadow):
                 w = hot[4]
-                if w.written >= limit and now - w.start < limiter.window:
+                if w.written >= limit and 0.0 <= now - w.start < limiter.window:
                     w.suppressed += 1
                     if self._suppressed is not None:
                         self._suppressed.value += 1
@@ -599,7 +603,7 @@ class Recorder:
         if budget > 0:
             key = (container.peer_uid, container.id, container.pid)
             b = self._budgets.get(key)
-            if b is None or now - b.start >= WINDOW:
+            if b is None or not 0.0 <= now - b.start < WINDOW:  # (see RateLimiter.admit)
                 if b is not None and b.dropped:
                     out.append(self._budget_text(b, now))
                 b = self._budgets[key] = _Budget(now, 0, 0, container)
@@ -616,7 +620,8 @@ class Recorder:
                                   self.container_bytes), self.max_line)
 
     def _expire_budgets(self, now: float) -> None:
-        ended = [key for key, b in self._budgets.items() if now - b.start >= WINDOW]
+        ended = [key for key, b in self._budgets.items()
+                 if not 0.0 <= now - b.start < WINDOW]
         out = []
         for key in ended:
             b = self._budgets.pop(key)

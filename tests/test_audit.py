@@ -17,10 +17,21 @@ from prometheus_client import CollectorRegistry
 
 from supervisor import accel
 from supervisor.audit import RateLimiter, Recorder, _dumps, audit_line, audit_text
-from supervisor.decide import Outcome
+from supervisor.decide import Chain, Outcome
 from supervisor.metrics import Metrics
-from supervisor.policy import Container, allow, deny, returns
+from supervisor.notifyfd import NotifyFd
+from supervisor.policy import (
+    Container,
+    Decision,
+    Notification,
+    PolicySet,
+    allow,
+    deny,
+    returns,
+)
+from supervisor.session import Session, SessionSettings
 
+from .conftest import start_target
 from .daemon_harness import running_daemon
 
 DENY_MKDIR = """
@@ -366,3 +377,77 @@ decisions = "{level}"
         if expected:
             assert lines[0]["decision"] == "allow" and lines[0]["syscall"] in ("mkdir",
                                                                                 "mkdirat")
+
+
+def test_a_wall_clock_stepped_back_does_not_keep_a_full_window_closed() -> None:
+    """The windows run on the wall clock (the lines' time). A clock stepped back (NTP,
+    an operator's `date`) put every window's start in the future: `now - start` stayed
+    below the window for as long as the step, and a container whose window was full had
+    every line held back that long (an hour's step: an hour with no audit line). A
+    window that starts after `now` has ended."""
+    limiter = RateLimiter(2, window=1.0)
+    for _ in range(3):
+        limiter.admit("k", 1000.0)
+    assert limiter.admit("k", 1000.5) == (False, None)  # full, and held back
+    stepped_back = 1000.5 - 3600
+    admitted, report = limiter.admit("k", stepped_back)
+    assert admitted and report is not None and report[1] == 2
+    # expire() likewise reports and forgets a window from the future.
+    limiter.admit("k", 5000.0)
+    assert limiter.expire(5000.0 - 3600) == [] and len(limiter) == 0
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_stepped_back_clock_lets_the_next_line_through_in_either_loop() -> None:
+    """The same through a real session: the held-back check the compiled loop makes on
+    the Outcome's window, and the Python one, must both take a window whose start is in
+    the future (what a clock stepped back an hour leaves) as ended."""
+    out = io.StringIO()
+    recorder = Recorder(Metrics(CollectorRegistry()), audit="deny", stream=out,
+                        rate_limit=2)
+    policy = PolicySet("p")
+    calls = [0]
+
+    @policy.on("getppid")
+    def refuse(n: Notification) -> Decision:
+        calls[0] += 1
+        if calls[0] == 5:  # two lines written, two held back: now the clock steps back
+            for w in recorder.limiter._windows.values():
+                w.start += 3600
+        return deny(errno.EACCES)
+
+    target = await trio.to_thread.run_sync(lambda: start_target(["getppid"], "getppid", "5"))
+    session = Session(NotifyFd(target.child.take_listener()),
+                      Container(id="clock", pid=target.pid), Chain([("p", policy)]),
+                      SessionSettings(), recorder)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            with trio.fail_after(20):
+                result = await target.result()
+            nursery.cancel_scope.cancel()
+    finally:
+        if target.child.process.poll() is None:
+            target.child.process.kill()
+        await trio.to_thread.run_sync(target.child.process.wait)
+        target.child.close()
+    assert isinstance(result, dict) and len(result["results"]) == 5
+    lines = [r for r in records(out.getvalue().splitlines()) if "suppressed" not in r]
+    assert len(lines) == 3, lines  # the 1st, the 2nd, and the 5th after the step
+
+
+def test_a_byte_budget_from_the_future_has_ended() -> None:
+    """The same for a container's byte budget: spent, then the clock steps back an hour;
+    the next line is written (and the dropped one reported), not dropped for an hour."""
+    out = io.StringIO()
+    ctr = Container(id="web-1", pid=4242)
+    rec = Recorder(Metrics(CollectorRegistry()), audit="all", stream=out,
+                   container_bytes=400)
+    _decide(rec, ctr, Outcome(deny(errno.EACCES), "p"))
+    _decide(rec, ctr, Outcome(deny(errno.EACCES), "p"))  # over the 400 bytes: dropped
+    assert len(out.getvalue().splitlines()) == 1
+    for budget in rec._budgets.values():
+        budget.start += 3600
+    _decide(rec, ctr, Outcome(deny(errno.EACCES), "p"))
+    written = records(out.getvalue().splitlines())
+    assert len(written) == 3 and written[1]["suppressed"] == 1, written
