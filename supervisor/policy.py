@@ -85,6 +85,14 @@ class Decision:
 
     def __init__(self, kind: DecisionKind, errno: int = 0, value: int = 0, fd: int = -1,
                  cloexec: bool = True, unchecked: bool = False, reason: str = "") -> None:
+        # The builders' rules, for a Decision made directly too: a handler returning
+        # Decision("deny", errno=512) handed the task a kernel-internal restart code
+        # (ERESTARTSYS, which a task must never see: seen as errno 512), and one that does
+        # not fit the response ended the session. Raised in the handler: its call gets
+        # on_error.
+        problem = _decision_problem(kind, errno, value, fd)
+        if problem is not None:
+            raise ValueError(problem)
         # Slot descriptors write past the __setattr__ that keeps instances immutable.
         _set_kind(self, kind)
         _set_errno(self, errno)
@@ -150,6 +158,27 @@ _CACHE_MAX: Final = 4096
 _DENY: dict[tuple[int, str], Decision] = {}
 _RETURNS: dict[tuple[int, str], Decision] = {}
 _ALLOW: dict[tuple[str, bool], Decision] = {}
+
+
+def _decision_problem(kind: object, errno: object, value: object, fd: object) -> str | None:
+    """Why ``Decision(kind, errno=, value=, fd=)`` must not be made (None: it may)."""
+    if kind == "deny":
+        if (not isinstance(errno, int) or isinstance(errno, bool)
+                or not 0 < errno < abi.MAX_ERRNO_EXCLUSIVE):
+            return (f"a deny needs an errno in 1..{abi.MAX_ERRNO_EXCLUSIVE - 1}, "
+                    f"got {errno!r}")
+    elif kind == "returns":
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or not -(2**63) <= value < 2**63):
+            return f"returns needs a value that fits a 64-bit register, got {value!r}"
+        if -abi.MAX_ERRNO_RANGE <= value <= -1:
+            return f"returns({value}) is an error return; use deny({-value}) instead"
+    elif kind == "inject_fd":
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            return f"inject_fd needs an open fd number, got {fd!r}"
+    elif kind != "allow":
+        return f"unknown decision kind {kind!r}"
+    return None
 
 
 def deny(errno: int, *, reason: str = "") -> Decision:

@@ -385,3 +385,32 @@ async def test_a_handler_calling_sys_exit_gets_on_error_and_the_daemon_lives(
             assert _errnos(await served.target.result()) == [
                 errno.EACCES, errno.EPERM, errno.EACCES]
         assert served.session._failed is None
+
+
+@pytest.mark.parametrize("made", [
+    lambda: Decision("deny", errno=512),  # ERESTARTSYS, kernel-internal
+    lambda: Decision("deny", errno=0),
+    lambda: Decision("deny", errno=2**40),  # does not fit the response
+    lambda: Decision("returns", value=-4),  # an error return: deny(4) says so
+    lambda: Decision("returns", value=2**64),
+    lambda: Decision("inject_fd", fd=-1),
+    lambda: Decision("maybe"),  # type: ignore[arg-type]
+], ids=["errno512", "errno0", "errno2^40", "returns-4", "returns2^64", "fd-1", "kind"])
+async def test_a_decision_made_directly_follows_the_builders_rules(made: object) -> None:
+    """deny(), returns() and inject_fd() refuse kernel-internal errnos, error returns and
+    values that do not fit; a Decision made directly had no such check: errno 512
+    (ERESTARTSYS, kernel-internal) reached the task, 2**40 ended the session. Now making
+    it raises in the handler: that call gets on_error."""
+    policy = PolicySet("p")
+    calls = [0]
+
+    @policy.on("getppid")
+    def decide(n: Notification) -> Decision:
+        calls[0] += 1
+        return made() if calls[0] == 2 else deny(errno.EACCES)  # type: ignore[operator]
+
+    async with serve_target(policy, ["getppid"], "getppid", "3") as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [
+                errno.EACCES, errno.EPERM, errno.EACCES]
+        assert served.session._failed is None
