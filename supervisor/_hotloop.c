@@ -1237,14 +1237,23 @@ PyDoc_STRVAR(format_audit_line_doc,
 
 static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 2 || !PyTuple_CheckExact(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 9 ||
-        !PyLong_CheckExact(argv[1])) {
-        PyErr_SetString(PyExc_TypeError, "format_audit_line(entry: 9-tuple, max_line: int)");
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "format_audit_line(entry, max_line)");
         return NULL;
     }
+    /* audit_text unpacks any 9-item iterable (and raises its own ValueError for another
+     * length) and compares any number with a length: what is not an exact 9-tuple and an
+     * int that fits a Py_ssize_t is its business, not an error here. */
+    if (!PyTuple_CheckExact(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 9 ||
+        !PyLong_CheckExact(argv[1]))
+        Py_RETURN_NONE;
     Py_ssize_t max_line = PyLong_AsSsize_t(argv[1]);
-    if (max_line == -1 && PyErr_Occurred())
-        return NULL;
+    if (max_line == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
     PyObject *const *e = &PyTuple_GET_ITEM(argv[0], 0);
     PyObject *when = e[0], *container = e[1], *tid = e[2], *notif_id = e[3],
              *syscall = e[4], *args = e[5], *outcome = e[6], *latency = e[7],
