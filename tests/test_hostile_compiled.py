@@ -283,3 +283,47 @@ def test_an_entry_of_another_shape_is_left_to_python(shape: str) -> None:
     except ValueError as e:
         got = type(e)
     assert got == expected
+
+
+def test_properties_that_run_code_while_the_formatter_reads_them() -> None:
+    """A Container, Outcome and Decision whose attributes are properties run Python code
+    in the middle of format_audit_line: here the errno property empties the arguments
+    list and the container's properties hand out fresh strings and ints each time. The
+    formatter reads the list's length after the last attribute (no read past the list's
+    new end, checked under ASan), holds its own references to what it read, and writes
+    what it read, once."""
+    args = [1, 2, 3, 2**64 - 1]
+
+    class _Container:
+        @property
+        def id(self) -> str:
+            return "".join(["we", "b\U0001f600"[:1]])
+
+        @property
+        def pid(self) -> int:
+            return int("12345678901234")
+
+        @property
+        def peer_uid(self) -> int:
+            return int("0")
+
+    class _Decision:
+        kind = "deny"
+        reason = "r"
+
+        @property
+        def errno(self) -> int:
+            args.clear()
+            gc.collect()
+            return 13
+
+    class _Outcome:
+        decision = _Decision()
+        policy, detail, error = "p", "", None
+
+    entry = (1765000000.25, _Container(), 2, 3, "getppid", args, _Outcome(), 1e-6, False)
+    text = _formatter()(entry, 4096)
+    assert text is not None and '"args":[]' in text and '"errno":13' in text
+    args.extend([1, 2, 3])  # (the Python path reads errno after the args' types too)
+    assert text == _python_audit_text(entry, 4096)
+    assert json.loads(text)["container"] == "web"
