@@ -1310,8 +1310,11 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
      * least one byte, so a longer string is known to need it before it is written. */
     PyObject *strings[] = {cid, syscall, kind, policy, reason, error};
     Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args);
-    /* Everything but the strings: the keys and punctuation (< 160 bytes), six numbers of
-     * at most 22 bytes, the two floats (< 40), and per argument 22 + 3. */
+    /* Everything but the strings (whose quotes json_ascii_bound counts): the keys and
+     * punctuation (164 bytes with every optional field), five numbers of at most 20
+     * bytes (-2**63 and 2**64 - 1; the id in hex 18), the two floats (at most 17 and 15
+     * bytes), and per argument "0x" + 16 digits + 2 quotes + 1 comma = 21: at most 296
+     * bytes + 21 per argument, which this bound exceeds. */
     Py_ssize_t bound = 160 + 6 * 22 + 40 + n_args * 25;
     for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
         if (strings[i] == Py_None)
