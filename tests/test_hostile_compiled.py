@@ -214,8 +214,10 @@ def _plain_entry(**change: Any) -> tuple[Any, ...]:
 # Every character class json writes at a different length: 1 byte (printable ASCII),
 # 2 (the short escapes), 6 (other control characters, DEL, latin-1, BMP), 12 (above
 # U+FFFF), in 1-, 2- and 4-byte PEP 393 strings.
-_WIDE = st.text(st.sampled_from('a"\\\n\x00\x1f\x7f\xe9\xff\u0100\u2028\uffff'
-                                '\U00010000\U0001f600\U0010ffff'), max_size=300)
+_CHARS = 'a"\\\n\x00\x1f\x7f\xe9\xff\u0100\u2028\uffff\U00010000\U0001f600\U0010ffff'
+# Runs of one character (long runs of the widest escapes are what a bound gets wrong):
+_WIDE = st.lists(st.tuples(st.sampled_from(_CHARS), st.integers(1, 120))
+                 .map(lambda run: run[0] * run[1]), max_size=4).map("".join)
 _EXTREME_INTS = st.sampled_from([0, 2**63 - 1, -2**63, 2**64 - 1, -1, 10**19])
 
 
@@ -247,6 +249,30 @@ def test_the_compiled_formatter_at_its_size_bound(
     if text is not None:
         assert text == _python_audit_text(entry, max_line)
         json.loads(text)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+@pytest.mark.parametrize("widest", ["\x00", "\x7f\xff", "\uffff\u0100", "\U0010ffff",
+                                    "\U0001f600\x1f", '"\\'],
+                         ids=["control", "latin-1", "BMP", "astral", "astral+control",
+                              "short escapes"])
+def test_every_field_at_its_longest_at_once(widest: str, n: int) -> None:
+    """The targeted case of the size bound: all six strings made only of the character
+    that takes the most bytes in its PEP 393 kind (6 per latin-1 or BMP character, 12 per
+    astral one), every number at its longest, 40 arguments, the optional fields present.
+    (Under ASan with PYTHONMALLOC=malloc an overrun aborts; pymalloc's pools hide one.)"""
+    class _Decision:
+        kind, errno, value, reason = "deny", -2**63, 0, widest * n
+
+    text = widest * n
+    entry = (3999999999.9999995, Container(text, -2**63, peer_uid=2**64 - 1), -2**63,
+             2**64 - 1, text, [2**64 - 1] * 40, Outcome(_Decision(), text, text, ""),  # type: ignore[arg-type]
+             0.999999999, True)
+    got = _formatter()(entry, 0)
+    if max(widest) > "\uffff":  # surrogate escapes: audit_text's general path
+        assert got is None
+    else:
+        assert got == _python_audit_text(entry, 0)
 
 
 @pytest.mark.parametrize("max_line", [2**63, 2**64, -2**64, True, 4096.0],
