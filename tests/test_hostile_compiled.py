@@ -229,7 +229,7 @@ _EXTREME_INTS = st.sampled_from([0, 2**63 - 1, -2**63, 2**64 - 1, -1, 10**19])
        when=st.sampled_from([1e9, 3999999999.9999995, 2**31 + 0.1]),
        latency=st.sampled_from([0.0, -0.0, 999999.99999995, 5e-324]),
        max_line=st.sampled_from([0, 1024, 4096]))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 def test_the_compiled_formatter_at_its_size_bound(
         container: str, syscall: str, policy: str, reason: str, error: str, kind: str,
         pid: int, peer_uid: int, tid: int, notif_id: int, number: int, args: list[int],
