@@ -1237,14 +1237,23 @@ PyDoc_STRVAR(format_audit_line_doc,
 
 static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 2 || !PyTuple_CheckExact(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 9 ||
-        !PyLong_CheckExact(argv[1])) {
-        PyErr_SetString(PyExc_TypeError, "format_audit_line(entry: 9-tuple, max_line: int)");
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "format_audit_line(entry, max_line)");
         return NULL;
     }
+    /* audit_text unpacks any 9-item iterable (and raises its own ValueError for another
+     * length) and compares any number with a length: what is not an exact 9-tuple and an
+     * int that fits a Py_ssize_t is its business, not an error here. */
+    if (!PyTuple_CheckExact(argv[0]) || PyTuple_GET_SIZE(argv[0]) != 9 ||
+        !PyLong_CheckExact(argv[1]))
+        Py_RETURN_NONE;
     Py_ssize_t max_line = PyLong_AsSsize_t(argv[1]);
-    if (max_line == -1 && PyErr_Occurred())
-        return NULL;
+    if (max_line == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
     PyObject *const *e = &PyTuple_GET_ITEM(argv[0], 0);
     PyObject *when = e[0], *container = e[1], *tid = e[2], *notif_id = e[3],
              *syscall = e[4], *args = e[5], *outcome = e[6], *latency = e[7],
@@ -1301,8 +1310,11 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
      * least one byte, so a longer string is known to need it before it is written. */
     PyObject *strings[] = {cid, syscall, kind, policy, reason, error};
     Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args);
-    /* Everything but the strings: the keys and punctuation (< 160 bytes), six numbers of
-     * at most 22 bytes, the two floats (< 40), and per argument 22 + 3. */
+    /* Everything but the strings (whose quotes json_ascii_bound counts): the keys and
+     * punctuation (164 bytes with every optional field), five numbers of at most 20
+     * bytes (-2**63 and 2**64 - 1; the id in hex 18), the two floats (at most 17 and 15
+     * bytes), and per argument "0x" + 16 digits + 2 quotes + 1 comma = 21: at most 296
+     * bytes + 21 per argument, which this bound exceeds. */
     Py_ssize_t bound = 160 + 6 * 22 + 40 + n_args * 25;
     for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
         if (strings[i] == Py_None)

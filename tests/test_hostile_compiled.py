@@ -17,11 +17,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from supervisor.policy import Decision, Notification, PolicySet, deny, returns
+from supervisor import accel
+from supervisor.audit import audit_text
+from supervisor.decide import Outcome
+from supervisor.policy import Container, Decision, Notification, PolicySet, deny, returns
 from supervisor.session import SessionSettings
 
 from .conftest import serve_target
@@ -176,3 +182,174 @@ async def test_a_signal_storm_while_threads_call_at_once_loses_no_answer() -> No
         signal.signal(signal.SIGUSR1, previous)
     assert out == {"errnos": {str(errno.EACCES): 16_000}}
     assert served.session.stats.answered >= 16_000  # (python3 may call getppid itself)
+
+
+# ---------------------------------------------------------------- the audit-line formatter
+# format_audit_line (supervisor/_hotloop.c) is called with hand-made entries, without
+# pyseccomp, so that these tests also run under a preloaded ASan (see the C rules).
+
+def _python_audit_text(entry: Any, max_line: Any) -> str:
+    """audit_text's pure-Python path, the reference."""
+    saved = accel.HOTLOOP
+    accel.HOTLOOP = None
+    try:
+        return audit_text(entry, max_line)
+    finally:
+        accel.HOTLOOP = saved
+
+
+def _formatter() -> Any:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    return accel.HOTLOOP.format_audit_line
+
+
+def _plain_entry(**change: Any) -> tuple[Any, ...]:
+    fields: dict[str, Any] = dict(
+        when=1765000000.25, container=Container("web", 1, peer_uid=0), tid=2, notif_id=3,
+        syscall="getppid", args=(0, 1), outcome=Outcome(deny(errno.EPERM), "p"),
+        latency=1e-6, shadow=False)
+    return tuple((fields | change).values())
+
+
+# Every character class json writes at a different length: 1 byte (printable ASCII),
+# 2 (the short escapes), 6 (other control characters, DEL, latin-1, BMP), 12 (above
+# U+FFFF), in 1-, 2- and 4-byte PEP 393 strings.
+_CHARS = 'a"\\\n\x00\x1f\x7f\xe9\xff\u0100\u2028\uffff\U00010000\U0001f600\U0010ffff'
+# Runs of one character (long runs of the widest escapes are what a bound gets wrong):
+_WIDE = st.lists(st.tuples(st.sampled_from(_CHARS), st.integers(1, 120))
+                 .map(lambda run: run[0] * run[1]), max_size=4).map("".join)
+_EXTREME_INTS = st.sampled_from([0, 2**63 - 1, -2**63, 2**64 - 1, -1, 10**19])
+
+
+@given(container=_WIDE, syscall=_WIDE, policy=_WIDE, reason=_WIDE, error=_WIDE,
+       kind=st.sampled_from(["deny", "returns", "allow", "deny\n\U0001f600"]),
+       pid=_EXTREME_INTS, peer_uid=_EXTREME_INTS, tid=_EXTREME_INTS,
+       notif_id=_EXTREME_INTS, number=_EXTREME_INTS,
+       args=st.lists(st.sampled_from([0, 2**64 - 1, 2**63]), max_size=40),
+       when=st.sampled_from([1e9, 3999999999.9999995, 2**31 + 0.1]),
+       latency=st.sampled_from([0.0, -0.0, 999999.99999995, 5e-324]),
+       max_line=st.sampled_from([0, 1024, 4096]))
+@settings(max_examples=1000, deadline=None)
+def test_the_compiled_formatter_at_its_size_bound(
+        container: str, syscall: str, policy: str, reason: str, error: str, kind: str,
+        pid: int, peer_uid: int, tid: int, notif_id: int, number: int, args: list[int],
+        when: float, latency: float, max_line: int) -> None:
+    """The output buffer is sized by a bound, not measured: every field at its longest
+    (20-digit and negative numbers, 40 arguments of 0xffff..., the widest floats, the
+    peer uid, the error, the shadow flag) with strings made of the escapes that write the
+    most bytes per character, in every PEP 393 kind. Under ASan a write past the bound
+    aborts; without it the text must still be the reference's, or None."""
+    class _Decision:  # any errno/value: the builders would refuse the extremes
+        def __init__(self) -> None:
+            self.kind, self.errno, self.value, self.reason = kind, number, number, reason
+
+    entry = (when, Container(container, pid, peer_uid=peer_uid), tid, notif_id, syscall,
+             args, Outcome(_Decision(), policy, error, ""), latency, True)  # type: ignore[arg-type]
+    text = _formatter()(entry, max_line)
+    if text is not None:
+        assert text == _python_audit_text(entry, max_line)
+        json.loads(text)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+@pytest.mark.parametrize("widest", ["\x00", "\x7f\xff", "\uffff\u0100", "\U0010ffff",
+                                    "\U0001f600\x1f", '"\\'],
+                         ids=["control", "latin-1", "BMP", "astral", "astral+control",
+                              "short escapes"])
+def test_every_field_at_its_longest_at_once(widest: str, n: int) -> None:
+    """The targeted case of the size bound: all six strings made only of the character
+    that takes the most bytes in its PEP 393 kind (6 per latin-1 or BMP character, 12 per
+    astral one), every number at its longest, 40 arguments, the optional fields present.
+    (Under ASan with PYTHONMALLOC=malloc an overrun aborts; pymalloc's pools hide one.)"""
+    class _Decision:
+        kind, errno, value, reason = "deny", -2**63, 0, widest * n
+
+    text = widest * n
+    entry = (3999999999.9999995, Container(text, -2**63, peer_uid=2**64 - 1), -2**63,
+             2**64 - 1, text, [2**64 - 1] * 40, Outcome(_Decision(), text, text, ""),  # type: ignore[arg-type]
+             0.999999999, True)
+    got = _formatter()(entry, 0)
+    if max(widest) > "\uffff":  # surrogate escapes: audit_text's general path
+        assert got is None
+    else:
+        assert got == _python_audit_text(entry, 0)
+
+
+@pytest.mark.parametrize("max_line", [2**63, 2**64, -2**64, True, 4096.0],
+                         ids=["2^63", "2^64", "-2^64", "True", "float"])
+def test_a_max_line_the_formatter_does_not_take_is_left_to_python(max_line: Any) -> None:
+    """audit_text(entry, max_line) takes any number Python compares with a length: the
+    compiled twin raised OverflowError for an int past a C ssize_t and TypeError for a
+    bool or float, where the Python path writes (or cuts) the line. An exception out of
+    the writer's formatting loses the whole batch. The twin now declines (None)."""
+    entry = _plain_entry()
+    assert _formatter()(entry, max_line) is None
+    assert audit_text(entry, max_line) == _python_audit_text(entry, max_line)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", ["list", "8-tuple", "10-tuple", "tuple subclass"])
+def test_an_entry_of_another_shape_is_left_to_python(shape: str) -> None:
+    """An entry is unpacked by audit_text as any 9-item iterable: a list works there, a
+    tuple of another length raises ValueError. The compiled twin raised TypeError for
+    all of them; it now declines and Python does what it does."""
+
+    class _Tuple(tuple):  # type: ignore[type-arg]
+        pass
+
+    entry = _plain_entry()
+    odd: Any = {"list": list(entry), "8-tuple": entry[:8], "10-tuple": (*entry, 1),
+                "tuple subclass": _Tuple(entry)}[shape]
+    assert _formatter()(odd, 4096) is None
+    try:
+        expected: Any = _python_audit_text(odd, 4096)
+    except ValueError as e:
+        expected = type(e)
+    try:
+        got: Any = audit_text(odd, 4096)
+    except ValueError as e:
+        got = type(e)
+    assert got == expected
+
+
+def test_properties_that_run_code_while_the_formatter_reads_them() -> None:
+    """A Container, Outcome and Decision whose attributes are properties run Python code
+    in the middle of format_audit_line: here the errno property empties the arguments
+    list and the container's properties hand out fresh strings and ints each time. The
+    formatter reads the list's length after the last attribute (no read past the list's
+    new end, checked under ASan), holds its own references to what it read, and writes
+    what it read, once."""
+    args = [1, 2, 3, 2**64 - 1]
+
+    class _Container:
+        @property
+        def id(self) -> str:
+            return "".join(["we", "b\U0001f600"[:1]])
+
+        @property
+        def pid(self) -> int:
+            return int("12345678901234")
+
+        @property
+        def peer_uid(self) -> int:
+            return int("0")
+
+    class _Decision:
+        kind = "deny"
+        reason = "r"
+
+        @property
+        def errno(self) -> int:
+            args.clear()
+            gc.collect()
+            return 13
+
+    class _Outcome:
+        decision = _Decision()
+        policy, detail, error = "p", "", None
+
+    entry = (1765000000.25, _Container(), 2, 3, "getppid", args, _Outcome(), 1e-6, False)
+    text = _formatter()(entry, 4096)
+    assert text is not None and '"args":[]' in text and '"errno":13' in text
+    args.extend([1, 2, 3])  # (the Python path reads errno after the args' types too)
+    assert text == _python_audit_text(entry, 4096)
+    assert json.loads(text)["container"] == "web"
