@@ -62,6 +62,18 @@ def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture
+def int80_library(tmp_path: Path) -> Path:
+    """A shared library with ``int80(nr, ebx, ecx, edx)`` (tests/test_hostile_abi.py)."""
+    from .test_hostile_abi import INT80_C
+
+    (tmp_path / "int80.c").write_text(INT80_C)
+    library = tmp_path / "int80.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
+                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
+    return library
+
+
+@pytest.fixture
 def sleeper() -> Iterator[spawn.FilteredChild]:
     with sleeping_target() as child:
         yield child

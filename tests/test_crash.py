@@ -660,18 +660,6 @@ async def test_a_session_stored_without_a_journal_gets_one_added_to_its_group(
         _reap(child)
 
 
-@pytest.fixture
-def int80_library(tmp_path: Path) -> Path:
-    """A shared library with ``int80(nr, ebx, ecx, edx)`` (tests/test_hostile_abi.py)."""
-    from .test_hostile_abi import INT80_C
-
-    (tmp_path / "int80.c").write_text(INT80_C)
-    library = tmp_path / "int80.so"
-    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
-                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
-    return library
-
-
 @pytest.mark.usefixtures("hot_loop")
 async def test_an_i386_call_is_recovered_with_its_arguments_decoded_as_the_kernel_does(
         int80_library: Path) -> None:

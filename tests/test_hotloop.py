@@ -258,19 +258,7 @@ async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
         assert session.notify.closed
 
 
-@pytest.fixture
-def int80(tmp_path: Path) -> Path:
-    """A shared library with ``int80(nr, ebx, ecx, edx)`` (tests/test_hostile_abi.py)."""
-    from .test_hostile_abi import INT80_C
-
-    (tmp_path / "int80.c").write_text(INT80_C)
-    library = tmp_path / "int80.so"
-    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
-                    str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
-    return library
-
-
-async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80: Path) -> None:
+async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80_library: Path) -> None:
     """The route cache is per audit arch: the same call made as i386 (``int $0x80``,
     garbage in the registers' upper halves) and as x86_64, twice each (the second of
     each is served from the cache, in C with the compiled loop), gets its own arch and
@@ -279,7 +267,7 @@ async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80: Pa
 
     from .test_hostile_abi import i386
 
-    library = int80
+    library = int80_library
     program = [sys.executable, "-c", textwrap.dedent(f"""
         import ctypes, json
         f = ctypes.CDLL({str(library)!r}).int80
