@@ -630,27 +630,21 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
     ENOSYS or default shows up as a wrong line). The new pod takes over, the old daemon
     exits 0 and the kubelet starts it again (restartPolicy: Always): it must serve
     nothing and take nothing back. Then the old pod goes (its daemon and keeper)."""
-    from .runtime import make_bundle, sync_container, unique_id
-    from .test_restart import LOOP, PROBE, answered_before_and_after, loop_verdict
+    from .test_restart import (
+        answered_before_and_after,
+        loop_container,
+        loop_output,
+        loop_verdict,
+        probe_config,
+    )
 
     n = 2000  # still calling after both keepers' restarts
-    (tmp_path / "probe.py").write_text(PROBE)
-    text = (f'[defaults]\npolicies = ["probe"]\n[[policy]]\nname = "probe"\n'
-            f'path = "{tmp_path}/probe.py"\n')
     with keeper_process(tmp_path, name="old-pod") as old_keeper, \
             keeper_process(tmp_path, name="new-pod") as new_keeper, \
-            daemon_process(tmp_path, text) as d:
+            daemon_process(tmp_path, probe_config(tmp_path)) as d:
         old_args = ("--takeover", "--fd-keeper", str(old_keeper.path))
         old = d.start(*old_args)
-        bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", LOOP.format(n=n)],
-                             notify=["kill"], listener_path=d.socket_path,
-                             metadata="app=loop")
-        with sync_container("runc", bundle, unique_id("keeper-roll")) as c:
-            c.run_sync(detach=True, check=True)
-            deadline = time.monotonic() + 30
-            while c.output().count("\n") < 150:
-                assert time.monotonic() < deadline, c.output()[-2000:]
-                time.sleep(0.01)
+        with loop_container(tmp_path, d.socket_path, n, "keeper-roll") as c:
             old_keeper.wait_log(f"stored {FDS_PER_SESSION} fds under session-")
             before = c.output().count("\n")
             begin = time.monotonic()
@@ -677,10 +671,7 @@ def test_a_rolling_update_breaks_no_call_and_the_old_pod_takes_nothing_back(
             restarted.send_signal(signal.SIGTERM)
             assert restarted.wait(20) == 0
             assert old_keeper.stop() == 0
-            while "done" not in c.output():
-                assert time.monotonic() < deadline + 60, c.output()[-2000:]
-                time.sleep(0.02)
-            lines = c.output().split("\n")
+            lines = loop_output(c)
         lost, wrong = loop_verdict(lines, n)
         assert lost == 0 and not wrong, (lost, wrong[:5])
         assert before < n and after > before  # the loop ran across the update

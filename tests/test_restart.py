@@ -4,6 +4,7 @@ show that each notification was answered exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -390,6 +392,39 @@ def loop_verdict(lines: list[str], n: int) -> tuple[int, list[str]]:
     return n - len(seen), wrong
 
 
+def probe_config(tmp_path: Path) -> str:
+    """A daemon config with only the PROBE policy (written to ``tmp_path``)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    return (f'[defaults]\npolicies = ["probe"]\n[[policy]]\nname = "probe"\n'
+            f'path = "{tmp_path}/probe.py"\n')
+
+
+@contextlib.contextmanager
+def loop_container(tmp_path: Path, socket_path: str, n: int, name: str) -> Iterator[Any]:
+    """A runc container running LOOP (``n`` notified ``kill -0`` calls) with its listener
+    handed to ``socket_path``, yielded once it printed 150 lines; deleted on exit."""
+    from .runtime import make_bundle, sync_container, unique_id
+
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", LOOP.format(n=n)],
+                         notify=["kill"], listener_path=socket_path, metadata="app=loop")
+    with sync_container("runc", bundle, unique_id(name)) as c:
+        c.run_sync(detach=True, check=True)
+        deadline = time.monotonic() + 30
+        while c.output().count("\n") < 150:
+            assert time.monotonic() < deadline, c.output()[-2000:]
+            time.sleep(0.01)
+        yield c
+
+
+def loop_output(c: Any, timeout: float = 90) -> list[str]:
+    """LOOP's lines, once it printed ``done``."""
+    deadline = time.monotonic() + timeout
+    while "done" not in c.output():
+        assert time.monotonic() < deadline, c.output()[-2000:]
+        time.sleep(0.02)
+    return str(c.output()).split("\n")
+
+
 def answered_before_and_after(d: DaemonProcess, log: str) -> tuple[int, float]:
     """LOOP's calls the old daemon answered before a handover (its log) and the ones the
     new daemon answered (its /metrics)."""
@@ -405,30 +440,14 @@ def test_a_runc_container_calling_in_a_loop_across_a_takeover(tmp_path: Path) ->
     """`kill -0 PID` in a busybox container: the policy says even PIDs exist and odd ones
     do not (no such PIDs exist in the container, so any answer not from the policy --
     ENOSYS, a CONTINUE, a default -- shows up as a wrong line)."""
-    from .runtime import make_bundle, sync_container, unique_id
-
     n = 800
-    (tmp_path / "probe.py").write_text(PROBE)
-    text = (f'[defaults]\npolicies = ["probe"]\n[[policy]]\nname = "probe"\n'
-            f'path = "{tmp_path}/probe.py"\n')
-    with daemon_process(tmp_path, text) as d:
+    with daemon_process(tmp_path, probe_config(tmp_path)) as d:
         d.start()
-        bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", LOOP.format(n=n)],
-                             notify=["kill"], listener_path=d.socket_path,
-                             metadata="app=loop")
-        with sync_container("runc", bundle, unique_id("rel-restart")) as c:
-            c.run_sync(detach=True, check=True)
-            deadline = time.monotonic() + 30
-            while c.output().count("\n") < 150:
-                assert time.monotonic() < deadline, c.output()[-2000:]
-                time.sleep(0.01)
+        with loop_container(tmp_path, d.socket_path, n, "rel-restart") as c:
             before = c.output().count("\n")
             took, new = takeover(d)
             after = c.output().count("\n")
-            while "done" not in c.output():
-                assert time.monotonic() < deadline + 60, c.output()[-2000:]
-                time.sleep(0.02)
-            lines = c.output().split("\n")
+            lines = loop_output(c)
         lost, wrong = loop_verdict(lines, n)
         assert lost == 0 and not wrong, (lost, wrong[:5])
         assert before < n and after > before  # the loop ran across the restart
