@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from supervisor.launcher import hand_over
 from supervisor.takeover import PAGE_FDS
 
 from .soak import (
+    DaemonProcess,
     RunningTarget,
     config_text,
     daemon_process,
@@ -26,7 +30,7 @@ from .soak import (
     start_target,
     wait_file,
 )
-from .test_keeper import FDS_PER_SESSION, keeper_process
+from .test_keeper import FDS_PER_SESSION, KeeperProcess, keeper_process
 
 N = 4
 
@@ -45,6 +49,43 @@ def _finish(targets: list[RunningTarget], stop: Path) -> None:
                for r in results), results
 
 
+@dataclass
+class _Rollout:
+    """Two pods' keepers (``k1`` the old pod's, ``k2`` the new one's), the old daemon
+    ``a`` serving N targets through ``k1`` (their calls held), and the daemons' files."""
+
+    k1: KeeperProcess
+    k2: KeeperProcess
+    d: DaemonProcess
+    a: subprocess.Popen[bytes]
+    old_args: tuple[str, ...]
+    targets: list[RunningTarget]
+    stop: Path
+    hold: Path
+
+
+@contextlib.contextmanager
+def _old_pod_serving(tmp_path: Path) -> Iterator[_Rollout]:
+    """The old pod with N containers, each session stored in its keeper, every target
+    holding before its next call; the targets are killed on exit."""
+    stop, hold = tmp_path / "stop", tmp_path / "hold"
+    with keeper_process(tmp_path, name="old-pod") as k1, \
+            keeper_process(tmp_path, name="new-pod") as k2, \
+            daemon_process(tmp_path, config_text(tmp_path)) as d:
+        old_args = ("--takeover", "--fd-keeper", str(k1.path))
+        a = d.start(*old_args)
+        targets = _targets(d.socket_path, tmp_path, stop, hold)
+        try:
+            for i in range(N):
+                wait_file(tmp_path / f"ready-{i}")
+            k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
+            hold_targets(hold, N)
+            yield _Rollout(k1, k2, d, a, old_args, targets, stop, hold)
+        finally:
+            for t in targets:
+                t.kill()
+
+
 def _refused(d: object, reason: str) -> float:
     metrics = d.metrics()  # type: ignore[attr-defined]
     return float(metrics.get(("seccomp_supervisor_listeners_refused_total",
@@ -61,60 +102,47 @@ def test_a_daemon_killed_before_telling_its_keeper_gives_the_duplicates_back(
     The moment between B's commit and A's message is built by hand: this test takes
     the sessions over from A (takeover, pages, no commit), SIGKILLs A and hands the
     listeners to B as a runtime would."""
-    stop, hold = tmp_path / "stop", tmp_path / "hold"
-    with keeper_process(tmp_path, name="old-pod") as k1, \
-            keeper_process(tmp_path, name="new-pod") as k2, \
-            daemon_process(tmp_path, config_text(tmp_path)) as d:
-        old_args = ("--takeover", "--fd-keeper", str(k1.path))
-        a = d.start(*old_args)
-        targets = _targets(d.socket_path, tmp_path, stop, hold)
-        try:
-            for i in range(N):
-                wait_file(tmp_path / f"ready-{i}")
-            k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
-            hold_targets(hold, N)
-            hello, fds = request(d.control_path, "takeover", max_fds=1)
-            for fd in fds:
-                os.close(fd)
-            taken: list[tuple[int, dict[str, object]]] = []
-            for page in range(hello["pages"]):
-                result, fds = request(d.control_path, "takeover-page", {"page": page},
-                                      max_fds=PAGE_FDS)
-                taken.extend(zip(fds, result["sessions"], strict=True))
-            assert len(taken) == N
-            a.kill()
-            a.wait()
-            b = d.start("--takeover", "--fd-keeper", str(k2.path))
-            for fd, state in taken:
-                container = state["container"]
-                assert isinstance(container, dict)
-                hand_over(d.socket_path, fd, build_state_message(
-                    pid=int(container["pid"]), container_id=str(container["id"]),
-                    bundle="/"))
-                os.close(fd)
-            deadline = time.monotonic() + 20
-            while len(d.status()["sessions"]) < N:
-                assert time.monotonic() < deadline, d.log_text()[-3000:]
-                time.sleep(0.05)
-            # The kubelet restarts A; K1 still holds every listener, not retired.
-            restarted = d.start(*old_args, wait=False)
-            d.wait_log(f"the live daemon adopted 0 and served {N} already of {N} sessions")
-            k1.wait_log("handed its sessions over to a newer daemon")
-            d.wait_log("handed its sessions over to a live one")
-            assert restarted.poll() is None
-            status = d.status()
-            assert status["pid"] == b.pid and len(status["sessions"]) == N
-            assert _refused(d, "already_served") == N
-            release_targets(hold, N)
-            time.sleep(0.3)
-            # The old pod is deleted: its daemon, then its keeper.
-            restarted.send_signal(signal.SIGTERM)
-            assert restarted.wait(20) == 0
-            assert k1.stop() == 0
-            _finish(targets, stop)
-        finally:
-            for t in targets:
-                t.kill()
+    with _old_pod_serving(tmp_path) as r:
+        k1, k2, d, a, old_args = r.k1, r.k2, r.d, r.a, r.old_args
+        hello, fds = request(d.control_path, "takeover", max_fds=1)
+        for fd in fds:
+            os.close(fd)
+        taken: list[tuple[int, dict[str, object]]] = []
+        for page in range(hello["pages"]):
+            result, fds = request(d.control_path, "takeover-page", {"page": page},
+                                  max_fds=PAGE_FDS)
+            taken.extend(zip(fds, result["sessions"], strict=True))
+        assert len(taken) == N
+        a.kill()
+        a.wait()
+        b = d.start("--takeover", "--fd-keeper", str(k2.path))
+        for fd, state in taken:
+            container = state["container"]
+            assert isinstance(container, dict)
+            hand_over(d.socket_path, fd, build_state_message(
+                pid=int(container["pid"]), container_id=str(container["id"]),
+                bundle="/"))
+            os.close(fd)
+        deadline = time.monotonic() + 20
+        while len(d.status()["sessions"]) < N:
+            assert time.monotonic() < deadline, d.log_text()[-3000:]
+            time.sleep(0.05)
+        # The kubelet restarts A; K1 still holds every listener, not retired.
+        restarted = d.start(*old_args, wait=False)
+        d.wait_log(f"the live daemon adopted 0 and served {N} already of {N} sessions")
+        k1.wait_log("handed its sessions over to a newer daemon")
+        d.wait_log("handed its sessions over to a live one")
+        assert restarted.poll() is None
+        status = d.status()
+        assert status["pid"] == b.pid and len(status["sessions"]) == N
+        assert _refused(d, "already_served") == N
+        release_targets(r.hold, N)
+        time.sleep(0.3)
+        # The old pod is deleted: its daemon, then its keeper.
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(20) == 0
+        assert k1.stop() == 0
+        _finish(r.targets, r.stop)
         assert _refused(d, "read_elsewhere") == 0
         assert "serving on" not in d.log_text().split("the live daemon adopted")[-1]
         b.send_signal(signal.SIGTERM)
@@ -127,39 +155,26 @@ def test_a_crash_looping_daemon_gives_its_kept_sessions_to_the_new_pod(
     over from and starts afresh. A restarted gives K1's sessions to B (adopted), K1
     retires, the old pod goes, and every container is still served: no ENOSYS, no
     lost call."""
-    stop, hold = tmp_path / "stop", tmp_path / "hold"
-    with keeper_process(tmp_path, name="old-pod") as k1, \
-            keeper_process(tmp_path, name="new-pod") as k2, \
-            daemon_process(tmp_path, config_text(tmp_path)) as d:
-        old_args = ("--takeover", "--fd-keeper", str(k1.path))
-        a = d.start(*old_args)
-        targets = _targets(d.socket_path, tmp_path, stop, hold)
-        try:
-            for i in range(N):
-                wait_file(tmp_path / f"ready-{i}")
-            k1.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
-            hold_targets(hold, N)
-            a.kill()
-            a.wait()
-            b = d.start("--takeover", "--fd-keeper", str(k2.path))
-            d.wait_log("takeover: no daemon on")
-            release_targets(hold, N)  # their calls wait in the kernel: K1 holds the listeners
-            restarted = d.start(*old_args, wait=False)
-            d.wait_log(f"the live daemon adopted {N} and served 0 already of {N} sessions")
-            k1.wait_log("handed its sessions over to a newer daemon")
-            k2.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
-            assert restarted.poll() is None
-            status = d.status()
-            assert status["pid"] == b.pid
-            assert {s["container"] for s in status["sessions"]} == \
-                {f"ctr-{i}" for i in range(N)}
-            restarted.send_signal(signal.SIGTERM)
-            assert restarted.wait(20) == 0
-            assert k1.stop() == 0
-            _finish(targets, stop)
-        finally:
-            for t in targets:
-                t.kill()
+    with _old_pod_serving(tmp_path) as r:
+        k1, k2, d, a, old_args = r.k1, r.k2, r.d, r.a, r.old_args
+        a.kill()
+        a.wait()
+        b = d.start("--takeover", "--fd-keeper", str(k2.path))
+        d.wait_log("takeover: no daemon on")
+        release_targets(r.hold, N)  # their calls wait in the kernel: K1 holds the listeners
+        restarted = d.start(*old_args, wait=False)
+        d.wait_log(f"the live daemon adopted {N} and served 0 already of {N} sessions")
+        k1.wait_log("handed its sessions over to a newer daemon")
+        k2.wait_log(f"stored {FDS_PER_SESSION} fds under session-", count=N)
+        assert restarted.poll() is None
+        status = d.status()
+        assert status["pid"] == b.pid
+        assert {s["container"] for s in status["sessions"]} == \
+            {f"ctr-{i}" for i in range(N)}
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(20) == 0
+        assert k1.stop() == 0
+        _finish(r.targets, r.stop)
         assert _refused(d, "already_served") == 0
         b.send_signal(signal.SIGTERM)
         assert b.wait(20) == 0
