@@ -349,6 +349,22 @@ def _crash_receiver(listener: int, journal_fd: int) -> None:
 
 
 @pytest.mark.usefixtures("hot_loop")
+async def _serve_until_reported(child: spawn.FilteredChild, listener: int, journal_fd: int,
+                                chain: Chain) -> tuple[Session, bytes]:
+    """Serve (a copy of) ``listener`` with the crashed receiver's journal until ``child``
+    printed its result; the session and that output."""
+    notify = NotifyFd(os.dup(listener))
+    session = Session(notify, Container(id="t"), chain, SessionSettings(),
+                      Recorder(Metrics(CollectorRegistry()), audit="none"))
+    session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        out = await trio.to_thread.run_sync(
+            lambda: child.process.communicate(timeout=20)[0])
+        nursery.cancel_scope.cancel()
+    return session, out
+
+
 async def test_a_session_answers_what_a_crashed_process_left_in_its_journal() -> None:
     """A receiver process is SIGKILLed inside two decisions (a sync handler and a
     coroutine one); a new session on the same listener and journal decides both again
@@ -415,15 +431,8 @@ async def test_a_torn_entry_of_a_pending_call_gets_on_error() -> None:
         words[(HEADER_SIZE + slot * SLOT_SIZE) // 8 + 10] = 0  # never committed
         words.release()
         writer.close()
-        notify = NotifyFd(os.dup(listener))
-        session = Session(notify, Container(id="t"), _echo_chain(), SessionSettings(),
-                          Recorder(Metrics(CollectorRegistry()), audit="none"))
-        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            out = await trio.to_thread.run_sync(
-                lambda: child.process.communicate(timeout=20)[0])
-            nursery.cancel_scope.cancel()
+        session, out = await _serve_until_reported(child, listener, journal_fd,
+                                                   _echo_chain())
         result = json.loads(out)
         assert (result["rc"], result["errno"]) == (-1, 1), result
         assert session.stats.decisions == {"deny": 1}
@@ -700,16 +709,8 @@ async def test_an_i386_call_is_recovered_with_its_arguments_decoded_as_the_kerne
                 pytest.skip("this kernel runs no i386 code (CONFIG_IA32_EMULATION off)")
             raise AssertionError(f"the child exited without its call: {out!r}")
         _crash_receiver(listener, journal_fd)  # its getpgid handler SIGKILLs it
-        notify = NotifyFd(os.dup(listener))
-        session = Session(notify, Container(id="t"), Chain([("decoded", policy)]),
-                          SessionSettings(), Recorder(Metrics(CollectorRegistry()),
-                                                      audit="none"))
-        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            out = await trio.to_thread.run_sync(
-                lambda: child.process.communicate(timeout=20)[0])
-            nursery.cancel_scope.cancel()
+        session, out = await _serve_until_reported(child, listener, journal_fd,
+                                                   Chain([("decoded", policy)]))
         assert session.stats.recovered == 1
         assert json.loads(out) == {"rc": 11 * 3 + 1}, out
     finally:
