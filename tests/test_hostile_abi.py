@@ -46,6 +46,10 @@ from supervisor.router import route_for
 from supervisor.syscalls import syscall_number
 from supervisor.testing import load, run_policy
 
+# Hostile register values for every ABI go through the compiled loop's fast path (its
+# route lookup, Notification and answer) as well as the pure-Python one.
+pytestmark = pytest.mark.usefixtures("hot_loop")
+
 ROOT = Path(__file__).resolve().parent.parent
 HARDENING = ROOT / "policies" / "hardening.py"
 PATH_GUARD = ROOT / "policies" / "path_guard.py"
