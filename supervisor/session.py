@@ -115,12 +115,17 @@ _Parked = tuple[Notification, tuple[Link, ...], int, float, "Outcome | None"]
 
 class _Prefetch:
     """A decision waiting, without a task, for the paths ``links[index]`` declared (see
-    :meth:`Session._prefetch`): ``wanted`` are the argument indexes being read."""
+    :meth:`Session._prefetch`): ``wanted`` are the argument indexes being read. Called
+    with their results (the read pool's delivery), it resumes the decision; its
+    :meth:`expired` is its deadline's."""
 
-    __slots__ = ("allowed", "entry", "index", "links", "n", "reads", "received", "wanted")
+    __slots__ = ("allowed", "entry", "index", "links", "n", "reads", "received", "session",
+                 "wanted")
 
-    def __init__(self, n: Notification, links: tuple[Link, ...], index: int,
-                 received: float, allowed: Outcome | None, wanted: list[int]) -> None:
+    def __init__(self, session: Session, n: Notification, links: tuple[Link, ...],
+                 index: int, received: float, allowed: Outcome | None, wanted: list[int]
+                 ) -> None:
+        self.session = session
         self.n = n
         self.links = links
         self.index = index
@@ -129,6 +134,12 @@ class _Prefetch:
         self.wanted = wanted
         self.reads: PendingReads | None = None
         self.entry: Entry | None = None  # its deadline (supervisor/deadlines.py)
+
+    def __call__(self, values: list[bytes | Exception]) -> Suspended | None:
+        return self.session._prefetched(self, values)
+
+    def expired(self) -> None:
+        self.session._prefetch_expired(self)
 
 
 class Session:
@@ -303,14 +314,16 @@ class Session:
                          args: tuple[int, ...], received: float,
                          n: Notification | None = None, links: tuple[Link, ...] = (),
                          index: int = 0, allowed: Outcome | None = None,
-                         handed: object = None, raised: bool = False) -> Suspended | None:
+                         handed: object = None, raised: bool = False, *,
+                         resumed: bool = False) -> Suspended | None:
         """Decide a notification :meth:`on_ready` received (and journaled): route it, ask
         its links, answer. The compiled loop (``supervisor/_hotloop.c``) hands over here
         whatever is not its common case, at the point it reached: before the route
         (``n`` None), or at ``links[index]`` with the Notification it made and the allow
         of an earlier link; ``links[index]`` is a sync handler it already called, which
-        returned ``handed`` (or raised it, ``raised``). Returns what :meth:`on_ready`
-        returns."""
+        returned ``handed`` (or raised it, ``raised``). ``resumed``: ``n`` is a decision
+        that waited for its paths (:meth:`_prefetched`), not one the compiled loop made.
+        Returns what :meth:`on_ready` returns."""
         if n is None:
             try:
                 syscall, arch_label, links = self._routes[arch][nr]
@@ -329,6 +342,8 @@ class Session:
             index = -1  # not enumerate(): that is an object per notification
             pending = links
         else:
+            if not resumed:  # made by the compiled loop, which does not set it
+                n._paths = None
             syscall = n.syscall
             index -= 1
             pending = links[index + 1:]
@@ -442,9 +457,8 @@ class Session:
                 indexes.append(i)
         if not indexes:
             return True
-        record = _Prefetch(n, links, index, received, allowed, indexes)
-        got = self.memory.read_cstrings_soon(n.id, n.pid, addresses, PATH_MAX,
-                                             partial(self._prefetched, record))
+        record = _Prefetch(self, n, links, index, received, allowed, indexes)
+        got = self.memory.read_cstrings_soon(n.id, n.pid, addresses, PATH_MAX, record)
         if isinstance(got, list):
             for i, value in zip(indexes, got, strict=True):
                 paths[i] = value
@@ -458,8 +472,7 @@ class Session:
         deadlines = self._deadlines
         if deadlines is None:
             deadlines = self._deadlines = current_deadlines()
-        record.entry = deadlines.add(received + self.settings.deadline,
-                                     partial(self._prefetch_expired, record))
+        record.entry = deadlines.add(received + self.settings.deadline, record.expired)
         return False
 
     def _prefetched(self, record: _Prefetch, values: list[bytes | Exception]
@@ -481,7 +494,7 @@ class Session:
             # that suspends takes one again in _suspend; one is free).
             suspended = self._decide_received(n.id, n.pid, n.nr, 0, n.args, record.received,
                                               n, record.links, record.index,
-                                              record.allowed)
+                                              record.allowed, resumed=True)
         except Exception as exc:  # what on_ready raising is
             self.on_failure(exc)
         if (suspended is None and n.id not in self._prefetching
@@ -883,13 +896,21 @@ _HANDLER_FAILURES: Final = (Exception, SystemExit)
 _ADDFD_ALREADY_ANSWERED: Final = frozenset({errno.EINTR, errno.EINPROGRESS})
 
 
+# Tuples a paths function returned that path_indexes() accepted (a handful in practice).
+_VALID_PATHS: Final[set[tuple[int, ...]]] = set()
+
+
 def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
     """The paths ``link`` declared for ``n`` that were not read yet. Runs the link's
     ``paths`` function if it has one: what that raises is the handler's error."""
     spec = link.paths
     if spec.__class__ is not tuple:
         assert callable(spec)
-        spec = path_indexes(spec(n), f"policy {link.policy!r}: the paths of {n.syscall}")
+        spec = spec(n)
+        if spec.__class__ is not tuple or spec not in _VALID_PATHS:
+            path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
+            if len(_VALID_PATHS) < 4096:
+                _VALID_PATHS.add(spec)
     assert isinstance(spec, tuple)
     paths = n._read_paths()
     if not paths:
