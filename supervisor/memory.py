@@ -779,9 +779,13 @@ class ReadPool:
                 break
             self.refused += 1
             self._drop(waiting)
+            refusal = outcome.Error(TargetMemoryError(errno.EAGAIN, why))
             if waiting.task is not None:
-                reschedule(waiting.task,
-                           outcome.Error(TargetMemoryError(errno.EAGAIN, why)))
+                reschedule(waiting.task, refusal)
+            elif waiting.deliver is not None:  # submitted: the delivery task tells it
+                waiting.outcome = refusal
+                waiting.slot = _RELEASED  # (given back by _drop)
+                self.report(waiting)
 
 
 _POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
