@@ -15,8 +15,11 @@ A policy is a :class:`PolicySet` whose handlers are registered per system call n
         return allow()          # decided on register values only: CONTINUE is safe
 
 A handler is a plain function (decided inline, the fast path) or a coroutine function
-(run as a task under the deadline; needed to read target memory). It returns a
-:class:`Decision`, or ``None`` to let the next policy of the chain decide.
+(its first step inline; carried on under the deadline if it waits, e.g. for
+``await n.read_path(i)``). It returns a :class:`Decision`, or ``None`` to let the next
+policy of the chain decide. Paths a handler needs can be declared instead
+(``@policy.on("mkdir", paths=(0,))``): they are read before it runs, without a task,
+and it takes them with ``n.path(0)``.
 
 Read arguments with the typed accessors of :class:`Notification` (``n.mode(1)``,
 ``n.flags(2)``, ``n.fd(0)``, ``n.pointer(0)``, ``await n.read_path(0)``), not from

@@ -14,6 +14,11 @@ and without allocating anything the chain does not use:
   (see :meth:`supervisor.notifyfd.Poller.run`), so a slow handler for one thread never
   delays the answer to another. When every slot is taken, the notification is parked and
   the fd leaves the poller until the session's own task got a slot for it.
+* a link with declared paths (``PolicySet.on(..., paths=...)``) has them read first,
+  without a task (:meth:`Session._prefetch`): read within the read pool's inline wait,
+  its handler runs right there; otherwise the decision waits, holding a slot, with its
+  deadline in the daemon's one heap (``supervisor/deadlines.py``), and the read pool's
+  delivery resumes it at that link when the reads are done.
 
 :meth:`Session.run` itself only waits: for POLLHUP (the filter has no task left), a
 failure, a parked notification, cancellation or :meth:`Session.stop_reading`.
@@ -368,7 +373,9 @@ class Session:
                     result, handed = handed, None
                 elif link.is_async:
                     n._read_memory = False  # the memory-read rule is per handler
-                    if link.paths is not None:
+                    if resumed:  # links[index]'s paths were just read: no second call
+                        resumed = False  # of its paths function
+                    elif link.paths is not None:
                         wanted = _unread_paths(n, link)  # (policy code: may raise)
                         if wanted and not self._prefetch(n, links, index, received,
                                                          allowed, wanted):

@@ -458,3 +458,26 @@ def test_deadlines_expire_in_order_and_cancelled_ones_never() -> None:
         assert fired == ["early", "late"] and len(deadlines) == 0
 
     trio.run(scenario)
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "delivered"])
+async def test_a_paths_function_runs_once_per_decision(
+        inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not inline:
+        no_inline_wait(monkeypatch)
+    policy = PolicySet("p")
+    asked: list[int] = []
+
+    def paths(n: Notification) -> tuple[int, ...]:
+        asked.append(n.id)
+        return (0,)
+
+    @policy.on("mkdir", paths=paths)
+    def length(n: Notification) -> object:
+        return returns(len(n.path(0)))
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "10") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 4, "errno": 0}] * 10}
+    assert len(asked) == len(set(asked)) == 10
