@@ -481,3 +481,30 @@ async def test_a_paths_function_runs_once_per_decision(
         out = await served.target.result()
     assert out == {"results": [{"rc": 4, "errno": 0}] * 10}
     assert len(asked) == len(set(asked)) == 10
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_parked_decisions_read_their_declared_paths_in_their_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_inflight=1 and reads delivered later: while one decision waits for its path,
+    the next calls are parked, then decided in a task of their own, which reads their
+    paths (Session._read_declared) before the handler: the same answers."""
+    no_inline_wait(monkeypatch)
+    read_in_task: list[int] = []
+    original = session_module.Session._read_declared
+
+    async def counted(self: session_module.Session, n: Notification,
+                      wanted: tuple[int, ...]) -> None:
+        read_in_task.append(n.id)
+        await original(self, n, wanted)
+
+    monkeypatch.setattr(session_module.Session, "_read_declared", counted)
+    policy, seen = counting_policy()
+    async with serve_target(policy, ["mkdir"], "mkdir-threads", "12", "/nonexistent/d",
+                            settings=SessionSettings(max_inflight=1)) as served:
+        out = await served.target.result()
+    assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
+                                                 for i in range(12)]
+    assert sorted(seen) == sorted(f"/nonexistent/d{i}".encode() for i in range(12))
+    assert read_in_task  # some were parked (12 threads at once, one slot)
+    assert served.session.inflight == 0
