@@ -508,3 +508,43 @@ async def test_parked_decisions_read_their_declared_paths_in_their_task(
     assert sorted(seen) == sorted(f"/nonexistent/d{i}".encode() for i in range(12))
     assert read_in_task  # some were parked (12 threads at once, one slot)
     assert served.session.inflight == 0
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("overrun", [False, True], ids=["waits", "overruns"])
+async def test_a_handler_that_waits_after_its_paths_is_carried_under_its_deadline(
+        overrun: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed by the read pool's delivery, a coroutine handler that then waits for
+    something is carried on by the delivery task (a new one takes the deliveries over):
+    every call answered, the overrunning ones on_error at the deadline."""
+    no_inline_wait(monkeypatch)
+    spawned: list[str] = []
+    spawn = trio.lowlevel.spawn_system_task
+
+    def counted(*args: object, name: object = None, **kwargs: object) -> object:
+        spawned.append(str(name))
+        return spawn(*args, name=name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.lowlevel, "spawn_system_task", counted)
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    async def waits(n: Notification) -> object:
+        path = n.path(0)
+        await trio.sleep(5 if overrun else 0.01)
+        return returns(len(path))
+
+    settings = SessionSettings(deadline=0.5)
+    async with serve_target(policy, ["mkdir"], "mkdir-threads", "8", "/nonexistent/d",
+                            settings=settings) as served:
+        out = await served.target.result()
+        assert served.session.inflight == 0
+    # The first delivery task, and one more per handler it carried on.
+    assert spawned.count("seccomp-supervisor reads") >= 2, spawned
+    if overrun:
+        assert [r["errno"] for r in out["results"]] == [errno.EPERM] * 8
+        assert served.metric("seccomp_supervisor_handler_errors_total",
+                             policy="p", kind="deadline") == 8
+    else:
+        assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
+                                                     for i in range(8)]
