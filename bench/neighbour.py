@@ -98,7 +98,7 @@ def build(out: Path) -> tuple[Path, Path]:
     return target, flood
 
 
-def write_config(tmp: Path, max_inflight: int, extra: str) -> Path:
+def write_config(tmp: Path, max_inflight: int, extra: str, tree: str = str(REPO)) -> Path:
     text = f"""\
 [listen]
 socket = "{tmp}/notify.sock"
@@ -115,7 +115,7 @@ max_inflight = {max_inflight}
 
 [[policy]]
 name = "path_guard"
-path = "{REPO / "policies" / "path_guard.py"}"
+path = "{Path(tree) / "policies" / "path_guard.py"}"
 options = {{ prefixes = ["/guarded"], errno = "EACCES" }}
 
 [[policy]]
@@ -196,7 +196,9 @@ def run_kind(kind: str, tree: Tree, opts: argparse.Namespace, target: Path, floo
         if stale.is_file() or stale.is_socket():
             stale.unlink()
     log = open(tmp / "daemon.log", "w+b")  # noqa: SIM115 - closed in finally
-    config = write_config(tmp, opts.max_inflight, opts.config_extra.replace("\\n", "\n"))
+    # The tree's own path_guard: a --compare tree's policy goes with its supervisor.
+    config = write_config(tmp, opts.max_inflight, opts.config_extra.replace("\\n", "\n"),
+                          tree.path)
     daemon = None
     flooders: list[subprocess.Popen[bytes]] = []
     # One ready pipe for all flooders; go and stop are closed once for all of them.

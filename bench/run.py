@@ -175,14 +175,15 @@ def build(out: Path) -> tuple[Path, Path, Path | None]:
     return target, mem, reference
 
 
-def daemon_config(tmp: Path, policy: str, audit: str, style: str = "bench") -> Path:
+def daemon_config(tmp: Path, policy: str, audit: str, style: str = "bench",
+                  tree: str = str(REPO)) -> Path:
     guard = style == "guard"
     policies = '["path_guard", "bench"]' if guard else '["bench"]'
     audit_section = "" if style != "bench" else f'[audit]\ndecisions = "{audit}"\n'
     guard_section = "" if not guard else f"""
 [[policy]]
 name = "path_guard"
-path = "{REPO / "policies" / "path_guard.py"}"
+path = "{Path(tree) / "policies" / "path_guard.py"}"
 options = {{ prefixes = ["/guarded"], errno = "EACCES" }}
 """
     text = f"""\
@@ -261,7 +262,8 @@ def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: IO[bytes]
     elif sup.kind == "cmem":
         argv = [str(opts.mem), "--sock", sock, "--prefix", "/guarded"]
     else:
-        config = daemon_config(tmp, sup.args[0], opts.audit, sup.config)
+        # The tree's own path_guard: a --compare tree's policy goes with its supervisor.
+        config = daemon_config(tmp, sup.args[0], opts.audit, sup.config, sup.tree)
         argv = [sup.python or opts.python, "-m", "supervisor", "--log-level", "warning", "serve",
                 "--config", str(config)]
         if opts.profile is not None:

@@ -9,7 +9,10 @@ of ``prefixes`` or below it:
   ``O_TRUNC`` or ``O_TMPFILE`` (``creat`` always). A read-only open is allowed on the
   flags register alone, without reading the path.
 
-Paths are read race-checked (the bytes are those the call passed while it waited).
+Paths are read race-checked (the bytes are those the call passed while it waited), and
+before the handler runs (``PolicySet.on(..., paths=...)``: no task per guarded call):
+every path argument of a guarded call, none of a read-only open or when no prefix is
+configured.
 Relative paths are resolved against the caller's working directory or dirfd, read from
 ``/proc/<tid>/cwd`` / ``/proc/<tid>/fd/N`` and expressed in the caller's root, then
 normalised lexically (``..`` and ``.`` folded, symlinks **not** followed).
@@ -169,7 +172,24 @@ def no_openat2(n: Notification) -> Decision | None:
     return None
 
 
-@policy.on(*_PATHS)
+def _paths_to_read(n: Notification) -> tuple[int, ...]:
+    """The path arguments :func:`guard` needs, read (race-checked) before it runs: none
+    for a read-only open (decided on the flags register: the most common call there
+    is) or without a guarded prefix; else every path of the call."""
+    flags_arg = _FLAGS_ARG.get(n.syscall)
+    if flags_arg is not None:
+        flags = n.flags(flags_arg)
+        if flags & O_ACCMODE == os.O_RDONLY and not flags & _WRITE_FLAGS:
+            return ()
+    if not _state["prefixes"]:
+        return ()
+    return _PATH_ARGS[n.syscall]
+
+
+_PATH_ARGS = {name: tuple(arg for _, arg in pairs) for name, pairs in _PATHS.items()}
+
+
+@policy.on(*_PATHS, paths=_paths_to_read)
 async def guard(n: Notification) -> Decision:
     prefixes: tuple[bytes, ...] = _state["prefixes"]
     flags_arg = _FLAGS_ARG.get(n.syscall)
@@ -182,7 +202,7 @@ async def guard(n: Notification) -> Decision:
     if _state["enforce"]:
         return await _enforce(n, prefixes)
     for dirfd_arg, path_arg in _PATHS[n.syscall]:
-        raw = await n.read_path(path_arg)
+        raw = n.path(path_arg)  # read before guard() ran (_paths_to_read)
         dirfd = AT_FDCWD if dirfd_arg is None else n.fd(dirfd_arg)
         try:
             path = _resolve(n, raw, dirfd)
@@ -229,7 +249,7 @@ def _operation(n: Notification, paths: list[bytes]) -> caller.Operation | int:
 
 async def _enforce(n: Notification, prefixes: tuple[bytes, ...]) -> Decision:
     """Carry the call out as the caller, refusing it if it resolves under a prefix."""
-    paths = [await n.read_path(arg) for _, arg in _PATHS[n.syscall]]
+    paths = [n.path(arg) for _, arg in _PATHS[n.syscall]]
     op = _operation(n, paths)
     if isinstance(op, int):
         return deny(op, reason=f"{n.syscall}: invalid flags")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import PolicyError
-from .policy import Decision, Handler, PolicySet
+from .policy import Decision, Handler, HandlerEntry, PathArgs, PolicySet
 from .syscalls import arch_name, is_unnamed, syscall_name
 
 ErrorKind = Literal["exception", "deadline", "refused", "memory", "recovery"]
@@ -26,11 +26,31 @@ UNHANDLED_POLICY = "-"  # policy label of answers no policy gave
 
 @dataclass(frozen=True, slots=True)
 class Link:
-    """One handler of a chain, for one system call."""
+    """One handler of a chain, for one system call.
+
+    ``is_async``: the link is decided by the session's Python code, not called inline by
+    the compiled loop (``supervisor/_hotloop.c`` hands over every link whose
+    ``is_async`` is not False): its handler is a coroutine function, or it declares
+    ``paths`` (read before the handler, without a task: see ``Session._prefetch``).
+    ``coroutine``: the handler is a coroutine function (without ``paths``, the same as
+    ``is_async``).
+    """
 
     policy: str
     func: Handler
     is_async: bool
+    paths: PathArgs | None = None
+    coroutine: bool = False
+
+    def __post_init__(self) -> None:
+        if self.paths is None and self.coroutine != self.is_async:
+            object.__setattr__(self, "coroutine", self.is_async)
+
+    @classmethod
+    def of(cls, policy: str, entry: HandlerEntry) -> Link:
+        """The link of a registered handler."""
+        return cls(policy, entry.func, entry.is_async or entry.paths is not None,
+                   entry.paths, entry.is_async)
 
 
 @dataclass(slots=True)
@@ -73,12 +93,12 @@ class Chain:
             for syscall in sorted(policy_set.syscalls):
                 entry = policy_set.handler_for(syscall)
                 assert entry is not None
-                table.setdefault(syscall, []).append(Link(name, entry.func, entry.is_async))
+                table.setdefault(syscall, []).append(Link.of(name, entry))
         self._table = {syscall: tuple(links) for syscall, links in table.items()}
         # Fallbacks come after every handler named for the call, in chain order; they
         # are part of each cached route, so they cost nothing per notification.
         self._fallbacks = tuple(
-            Link(name, entry.func, entry.is_async) for name, policy_set in self.policies
+            Link.of(name, entry) for name, policy_set in self.policies
             if (entry := policy_set.fallback_handler) is not None)
         #: ``unhandled`` of the first policy of the chain that declares one, with the
         #: policy's name as its reason if it gave none; None if no policy does.

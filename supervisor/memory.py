@@ -66,16 +66,16 @@ import mmap
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter
-from typing import Final
+from typing import Any, Final, Protocol
 
 import outcome
 import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd, poller_turn
+from .notifyfd import NotifyFd, Suspended, carry_on, poller_turn
 
 log = logging.getLogger("supervisor.memory")
 
@@ -243,6 +243,48 @@ class _Reader:
             self.mem_fd = -1
 
 
+class _Slot(Protocol):
+    """A session's places for reads in a :class:`ReadPool` (``trio.CapacityLimiter``
+    has these, and :class:`ReadSlot`)."""
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None: ...
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None: ...
+
+    def release_on_behalf_of(self, borrower: object) -> None: ...
+
+
+class ReadSlot:
+    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool`, for both
+    kinds of reads: a task waiting for a place waits in ``limiter`` (FIFO), a read
+    submitted without a task (:meth:`ReadPool.submit`) in :attr:`deferred` (FIFO, no
+    task): the pool queues it when a place is given back."""
+
+    __slots__ = ("deferred", "limiter", "pool")
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self.deferred: deque[_Job] = deque()
+        self.pool: ReadPool | None = None  # where deferred reads go when a place is free
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return self.limiter.borrowed_tokens
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
+        if self.deferred:  # they were first
+            raise trio.WouldBlock
+        self.limiter.acquire_on_behalf_of_nowait(borrower)
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.limiter.acquire_on_behalf_of(borrower)
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.limiter.release_on_behalf_of(borrower)
+        if self.deferred and self.pool is not None:
+            self.pool._start_deferred(self)
+
+
 class _Job:
     """One read handed to the reading thread: ``work`` runs there; its outcome comes back
     to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
@@ -250,19 +292,42 @@ class _Job:
     instead when the job is dropped before a thread took it: what ``work`` would have
     released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("discard", "outcome", "slot", "stuck", "task", "waiter", "work")
+    __slots__ = ("deliver", "discard", "outcome", "slot", "stuck", "task", "waiter",
+                 "work")
 
-    def __init__(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
-                 discard: Callable[[], None] | None) -> None:
+    def __init__(self, work: Callable[[], Any], slot: _Slot,
+                 discard: Callable[[], None] | None,
+                 deliver: Callable[[outcome.Outcome[Any]], Suspended | None] | None = None
+                 ) -> None:
         self.work = work
         self.slot = slot
         self.discard = discard
         self.stuck = False  # its thread was retired: counted in ReadPool.stuck
         self.task: trio.lowlevel.Task | None = None
-        self.outcome: outcome.Outcome[bytes] | None = None
+        # Called (in the trio thread, by the pool's delivery task) with the outcome of a
+        # job submitted without a task (ReadPool.submit); None once it was cancelled.
+        # What it returns, a decision that suspended, the delivery task carries on.
+        self.deliver = deliver
+        self.outcome: outcome.Outcome[Any] | None = None
         # Released by the thread when the trio thread waits for this read synchronously
         # (ReadPool.run's ``wait``); None otherwise, or once it stopped waiting.
         self.waiter: threading.Lock | None = None
+
+
+class _Released:
+    """The slot of a job that gave its place back already (see ReadPool._start_deferred)."""
+
+    def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
+        raise trio.WouldBlock
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        raise RuntimeError("not a slot")
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        pass
+
+
+_RELEASED: Final = _Released()
 
 
 class _ReaderThread:
@@ -362,8 +427,9 @@ class ReadPool:
         # read was last waited for asynchronously (see INLINE_BUDGET).
         self._inline_spent = 0.0
         self._inline_turn = -1
+        self._starting_deferred = False  # see _start_deferred
 
-    async def run(self, work: Callable[[], bytes], slot: trio.CapacityLimiter,
+    async def run(self, work: Callable[[], bytes], slot: _Slot,
                   wait: float = 0.0, turn: int = -1,
                   discard: Callable[[], None] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
@@ -421,6 +487,112 @@ class ReadPool:
         else:
             active.kick()
 
+    def submit(self, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
+        """Start ``job`` (``job.deliver`` set) without a task: :meth:`run` for a caller
+        that does not wait. True if it is done already (``job.outcome``: read within an
+        inline wait, see :meth:`run`'s ``wait`` and ``turn``, or refused), and then
+        ``deliver`` is not called; else ``job.deliver(outcome)`` is called by the pool's
+        delivery task once it is done, unless :meth:`cancel` came first. When its
+        session's place is taken (``job.slot`` must then be a :class:`ReadSlot`), it
+        waits in that session's own FIFO, taking no place in the pool's queue."""
+        if turn != self._inline_turn:
+            self._inline_turn = turn
+            self._inline_spent = 0.0
+        slot = job.slot
+        try:
+            slot.acquire_on_behalf_of_nowait(job)
+        except trio.WouldBlock:
+            if not isinstance(slot, ReadSlot):
+                raise TypeError("a read submitted while its slot is taken needs a "
+                                "ReadSlot to wait in") from None
+            slot.pool = self
+            slot.deferred.append(job)
+            return False
+        if wait <= 0 or self._inline_spent >= INLINE_BUDGET:
+            if not self._queue_or_refuse(job):
+                return True
+            self._kick_watch()
+            return False
+        waiter = job.waiter = threading.Lock()
+        waiter.acquire()
+        if not self._queue_or_refuse(job):
+            return True
+        started = perf_counter()
+        try:
+            done = waiter.acquire(timeout=wait)
+        except BaseException:  # a signal handler raised (KeyboardInterrupt)
+            if not self._stop_waiting(job):
+                job.deliver = None
+                slot.release_on_behalf_of(job)
+            raise  # (else its thread reports it: delivered as any other)
+        finally:
+            # No checkpoint follows, whatever happens: the budget is not reset here.
+            self._inline_spent += perf_counter() - started
+        if done or not self._stop_waiting(job):
+            slot.release_on_behalf_of(job)
+            return True
+        self._kick_watch()
+        return False
+
+    def cancel(self, job: _Job) -> None:
+        """Drop a job given to :meth:`submit`: its ``deliver`` is not called. Not started
+        yet, it leaves its queue and gives its place back (``discard`` is called); running,
+        its place comes back when its thread returns (see :data:`SLOW_READ`)."""
+        job.deliver = None
+        slot = job.slot
+        if isinstance(slot, ReadSlot):
+            try:
+                slot.deferred.remove(job)
+            except ValueError:
+                pass
+            else:
+                if job.discard is not None:
+                    job.discard()
+                return
+        try:
+            self.pending.remove(job)
+        except ValueError:  # running or done: the delivery task drops it
+            return
+        self._drop(job)
+
+    def _queue_or_refuse(self, job: _Job) -> bool:
+        """:meth:`_queue` for a job given to :meth:`submit`: False if it was refused
+        (no thread, no eventfd), its outcome the error."""
+        try:
+            self._queue(job)
+        except OSError as exc:  # TargetMemoryError(EAGAIN) included; the job was dropped
+            job.outcome = outcome.Error(exc)
+            return False
+        return True
+
+    def _kick_watch(self) -> None:
+        if self._watch_wake is not None:
+            self._watch_wake.set()
+            self._watch_wake = None
+
+    def _start_deferred(self, slot: ReadSlot) -> None:
+        """A place of ``slot`` was given back: queue the reads its session submitted
+        meanwhile, in order, while it has places."""
+        if self._starting_deferred:  # (called again from the loop below: it goes on)
+            return
+        self._starting_deferred = True
+        try:
+            deferred = slot.deferred
+            while deferred:
+                job = deferred[0]
+                try:
+                    slot.limiter.acquire_on_behalf_of_nowait(job)
+                except trio.WouldBlock:
+                    return
+                deferred.popleft()
+                if self._queue_or_refuse(job):
+                    self._kick_watch()
+                else:  # its place was given back: the delivery task tells its caller
+                    job.slot = _RELEASED
+                    self.report(job)
+        finally:
+            self._starting_deferred = False
+
     @staticmethod
     def _drop(job: _Job) -> None:
         """``job`` will not run: its slot back, what its work would release released."""
@@ -446,7 +618,8 @@ class ReadPool:
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
-            return job.outcome.unwrap()
+            data: bytes = job.outcome.unwrap()
+            return data
         self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         return await self._result(job)  # slow: its thread reports it
 
@@ -461,9 +634,7 @@ class ReadPool:
 
     async def _result(self, job: _Job) -> bytes:
         """Wait for the thread to report ``job`` (queued already)."""
-        if self._watch_wake is not None:
-            self._watch_wake.set()
-            self._watch_wake = None
+        self._kick_watch()
         job.task = trio.lowlevel.current_task()
         pending, drop = self.pending, self._drop
 
@@ -495,38 +666,71 @@ class ReadPool:
             trio.lowlevel.spawn_system_task(self._watch, name="seccomp-supervisor slow reads")
 
     async def _deliver(self) -> None:
-        """Give every finished read's result to its task, one batch per wake-up."""
+        """Give every finished read's result to its task, or to its ``deliver`` callback
+        (:meth:`submit`), one batch per wake-up. A decision a callback resumed that
+        suspends (its handler awaits something) is carried on by this task under its
+        deadline, and a new task takes the delivery over at once, as the notify poller
+        does (supervisor/notifyfd.py): a trap belongs to the task it was yielded in."""
         efd = self._efd
         done = self.done
         reschedule = trio.lowlevel.reschedule
+        suspended: Suspended | None = None
+        with trio.CancelScope() as scope:
+            try:
+                while True:
+                    while done:
+                        job = done.popleft()
+                        job.slot.release_on_behalf_of(job)
+                        if job.stuck:
+                            self.stuck -= 1
+                        if job.task is not None:
+                            assert job.outcome is not None
+                            reschedule(job.task, job.outcome)
+                        elif job.deliver is not None:
+                            deliver, job.deliver = job.deliver, None
+                            assert job.outcome is not None
+                            try:
+                                suspended = deliver(job.outcome)
+                            except Exception:  # a bug: never the whole daemon
+                                log.exception("delivering a memory read failed")
+                            if suspended is not None:
+                                break
+                    if suspended is not None:
+                        break
+                    await trio.lowlevel.wait_readable(efd)
+                    try:
+                        os.eventfd_read(efd)
+                    except BlockingIOError:
+                        pass
+                    # After the read (a report between a reset and the read would leave
+                    # the flag set with nothing to wake us), before draining (a report
+                    # after the drain signals again).
+                    self._signalled = False
+            finally:
+                if suspended is None:
+                    with self._fd_lock:
+                        trio.lowlevel.notify_closing(efd)
+                        os.close(efd)
+                        self._efd = -1
+                    if self._active is not None:
+                        self._active.retired = True
+                        self._active.idle = True
+                        self._active.kick()
+            scope.deadline = suspended.deadline
+            # The rest of this batch, and every later one, goes to the successor.
+            trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
+            failure: Exception | None = None
+            try:
+                await carry_on(suspended.coro, suspended.trap)
+            except Exception as exc:
+                failure = exc
+        assert suspended is not None  # the loop above only ends (not raising) with one
         try:
-            while True:
-                await trio.lowlevel.wait_readable(efd)
-                try:
-                    os.eventfd_read(efd)
-                except BlockingIOError:
-                    pass
-                # After the read (a report between a reset and the read would leave the
-                # flag set with nothing to wake us), before draining (a report after the
-                # drain signals again).
-                self._signalled = False
-                while done:
-                    job = done.popleft()
-                    job.slot.release_on_behalf_of(job)
-                    if job.stuck:
-                        self.stuck -= 1
-                    if job.task is not None:
-                        assert job.outcome is not None
-                        reschedule(job.task, job.outcome)
-        finally:
-            with self._fd_lock:
-                trio.lowlevel.notify_closing(efd)
-                os.close(efd)
-                self._efd = -1
-            if self._active is not None:
-                self._active.retired = True
-                self._active.idle = True
-                self._active.kick()
+            if scope.cancelled_caught:
+                suspended.on_deadline()
+        except Exception as exc:
+            failure = failure or exc
+        suspended.done(failure)
 
     async def _watch(self) -> None:
         """While reads wait, retire the active thread when its read turns slow."""
@@ -575,9 +779,13 @@ class ReadPool:
                 break
             self.refused += 1
             self._drop(waiting)
+            refusal = outcome.Error(TargetMemoryError(errno.EAGAIN, why))
             if waiting.task is not None:
-                reschedule(waiting.task,
-                           outcome.Error(TargetMemoryError(errno.EAGAIN, why)))
+                reschedule(waiting.task, refusal)
+            elif waiting.deliver is not None:  # submitted: the delivery task tells it
+                waiting.outcome = refusal
+                waiting.slot = _RELEASED  # (given back by _drop)
+                self.report(waiting)
 
 
 _POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
@@ -593,12 +801,29 @@ def current_read_pool() -> ReadPool:
         return pool
 
 
+class PendingReads:
+    """Reads of :meth:`TargetMemory.read_cstrings_soon` under way: :meth:`cancel` drops
+    them (their results are not delivered; not started yet, their place goes back)."""
+
+    __slots__ = ("job", "pool")
+
+    def __init__(self) -> None:
+        self.job: _Job | None = None
+        self.pool: ReadPool | None = None
+
+    def cancel(self) -> None:
+        job, self.job = self.job, None
+        if job is not None and self.pool is not None:
+            self.pool.cancel(job)
+
+
 class TargetMemory:
     """Memory access for the notifications of one listener fd.
 
     ``limiter`` bounds the reads one session has queued or running in threads (default
     :data:`READS_PER_SESSION`); ``pool`` is the daemon's shared :class:`ReadPool`
-    (default: the trio run's); ``inline_wait``: see :data:`INLINE_WAIT`.
+    (default: the trio run's); ``inline_wait``: see :data:`INLINE_WAIT`. ``reads``
+    counts the reads asked for (one per string or buffer).
     """
 
     def __init__(self, notify: NotifyFd, limiter: trio.CapacityLimiter | None = None,
@@ -606,9 +831,10 @@ class TargetMemory:
                  inline_wait: float = INLINE_WAIT) -> None:
         self._notify = notify
         self._inline_wait = inline_wait
-        self._limiter = limiter or trio.CapacityLimiter(READS_PER_SESSION)
+        self._slot = ReadSlot(limiter or trio.CapacityLimiter(READS_PER_SESSION))
         self._pool = pool
         self._use_proc_mem = use_proc_mem
+        self.reads = 0
 
     def id_valid(self, notif_id: int) -> bool:
         return not self._notify.closed and self._notify.id_valid(notif_id)
@@ -660,7 +886,7 @@ class TargetMemory:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
-            data = await pool.run(work, self._limiter,
+            data = await pool.run(work, self._slot,
                                   self._inline_wait if turn >= 0 else 0.0, turn,
                                   reader.close)
         except OSError as exc:
@@ -679,6 +905,7 @@ class TargetMemory:
         """Exactly ``length`` bytes. Raises TargetMemoryError(EFAULT), NotificationGone."""
         if length < 0 or length > 16 * 1024 * 1024:
             raise ValueError(f"read length {length} out of range")
+        self.reads += 1
         if length == 0:
             self._check(notif_id)
             return b""
@@ -692,7 +919,98 @@ class TargetMemory:
         """
         if limit <= 0:
             raise ValueError("limit must be positive")
+        self.reads += 1
         return await self._run(notif_id, tid, address, limit, cstring=True)
+
+    def read_cstrings_soon(self, notif_id: int, tid: int, addresses: Sequence[int],
+                           limit: int, deliver: Callable[[list[bytes | Exception]],
+                                                         Suspended | None],
+                           pending: PendingReads | None = None
+                           ) -> list[bytes | Exception] | PendingReads:
+        """The NUL-terminated strings at ``addresses``, each as :meth:`read_cstring`
+        reads it (the same reader, limit and errors, ID_VALID after the read), in one
+        job of the reading thread and **without a task**: the results, one per address
+        (bytes, or the exception :meth:`read_cstring` would raise), if they were read
+        within the inline wait; else a :class:`PendingReads`, and ``deliver(results)``
+        is called later by the pool's delivery task (what it returns, a decision that
+        suspended, that task carries on). While this session's place in the pool is
+        taken, the job waits in the session's own FIFO."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        count = len(addresses)
+        if pending is None:
+            self.reads += count
+            pending = PendingReads()
+        try:
+            reader = self._open_reader(notif_id, tid)
+        except Exception as exc:  # not visible, /proc/<tid>/mem refused, gone
+            return [exc] * count
+
+        def work() -> list[bytes | Exception]:
+            try:
+                got: list[bytes | Exception] = []
+                for address in addresses:
+                    if address == 0:
+                        got.append(TargetMemoryError(errno.EFAULT, "NULL pointer"))
+                        continue
+                    try:
+                        got.append(reader.read_cstring(address, limit))
+                    except TargetMemoryError as exc:
+                        got.append(exc)
+                return got
+            finally:
+                reader.close()
+
+        def finished(result: outcome.Outcome[list[bytes | Exception]]) -> Suspended | None:
+            pending.job = None
+            values = self._strings_read(notif_id, tid, addresses, limit, result, deliver,
+                                        pending)
+            return None if values is None else deliver(values)
+
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = current_read_pool()
+        turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
+        job = _Job(work, self._slot, reader.close, finished)
+        pending.pool = pool
+        pending.job = job
+        if pool.submit(job, self._inline_wait if turn >= 0 else 0.0, turn):
+            pending.job = None
+            assert job.outcome is not None
+            values = self._strings_read(notif_id, tid, addresses, limit, job.outcome,
+                                        deliver, pending)
+            if values is not None:
+                return values
+        return pending
+
+    def _strings_read(self, notif_id: int, tid: int, addresses: Sequence[int], limit: int,
+                      result: outcome.Outcome[list[bytes | Exception]],
+                      deliver: Callable[[list[bytes | Exception]], Suspended | None],
+                      pending: PendingReads) -> list[bytes | Exception] | None:
+        """The results of :meth:`read_cstrings_soon`'s job, race-checked; None if they
+        are read again (through /proc/<tid>/mem) and ``deliver`` gets them later."""
+        count = len(addresses)
+        try:
+            values = result.unwrap()
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
+                self._use_proc_mem = True  # as _run does
+                again = self.read_cstrings_soon(notif_id, tid, addresses, limit, deliver,
+                                                pending)
+                return again if isinstance(again, list) else None
+            if exc.errno == errno.ESRCH:
+                return [NotificationGone("id_valid")] * count
+            return [exc] * count
+        except Exception as exc:
+            return [exc] * count
+        try:
+            valid = self.id_valid(notif_id)  # the call still waits: these are its arguments
+        except OSError as exc:
+            return [exc] * count
+        if not valid:
+            return [NotificationGone("id_valid") if value.__class__ is bytes else value
+                    for value in values]
+        return values
 
     def pidfd(self, notif_id: int, tid: int) -> int:
         """A pidfd for thread ``tid``, checked to be the caller of ``notif_id``."""

@@ -15,8 +15,11 @@ A policy is a :class:`PolicySet` whose handlers are registered per system call n
         return allow()          # decided on register values only: CONTINUE is safe
 
 A handler is a plain function (decided inline, the fast path) or a coroutine function
-(run as a task under the deadline; needed to read target memory). It returns a
-:class:`Decision`, or ``None`` to let the next policy of the chain decide.
+(its first step inline; carried on under the deadline if it waits, e.g. for
+``await n.read_path(i)``). It returns a :class:`Decision`, or ``None`` to let the next
+policy of the chain decide. Paths a handler needs can be declared instead
+(``@policy.on("mkdir", paths=(0,))``): they are read before it runs, without a task,
+and it takes them with ``n.path(0)``.
 
 Read arguments with the typed accessors of :class:`Notification` (``n.mode(1)``,
 ``n.flags(2)``, ``n.fd(0)``, ``n.pointer(0)``, ``await n.read_path(0)``), not from
@@ -343,8 +346,8 @@ class Notification:
     a read is refused (EFAULT).
     """
 
-    __slots__ = ("_memory", "_read_memory", "arch", "args", "container", "id", "nr", "pid",
-                 "syscall")
+    __slots__ = ("_memory", "_paths", "_read_memory", "arch", "args", "container", "id",
+                 "nr", "pid", "syscall")
 
     def __init__(
         self,
@@ -367,6 +370,7 @@ class Notification:
         self.container = container
         self._memory = memory
         self._read_memory = False
+        self._paths: dict[int, bytes | Exception] | None = None
 
     def __repr__(self) -> str:
         return (f"<Notification {self.syscall} id={self.id:#x} tid={self.pid} "
@@ -472,8 +476,56 @@ class Notification:
         kernel uses (:meth:`pointer`), at most 4096 bytes with its NUL, as the kernel's
         getname() would. ``bytes``, as the kernel has it (every path of the API is: a
         name that is not UTF-8 must still work); ``os.fsdecode(path)`` for text, e.g. in
-        a reason."""
-        return await self.read_cstring(self.pointer(arg), limit=4096)
+        a reason.
+
+        Read once per notification: a path read already (declared with
+        ``PolicySet.on(..., paths=...)``, or read by an earlier handler) is returned, or
+        its read's error raised again, without reading it a second time."""
+        address = self.pointer(arg)
+        paths = self._read_paths()
+        got = paths.get(arg)
+        if got is None:
+            try:
+                got = await self.read_cstring(address, limit=PATH_MAX)
+            except TargetMemoryError as exc:
+                paths[arg] = exc
+                raise
+            paths[arg] = got
+            return got
+        self._require_memory()  # marks the read, as reading it did
+        if isinstance(got, bytes):
+            return got
+        raise got.with_traceback(None)
+
+    def path(self, arg: int) -> bytes:
+        """The path argument number ``arg`` (0-based) passed, read before the handler
+        ran because its ``PolicySet.on(..., paths=...)`` declared it: the bytes
+        :meth:`read_path` would return, read the same way (race-checked, at most 4096
+        bytes with its NUL), or the same error raised (:class:`TargetMemoryError` with
+        EFAULT or ENAMETOOLONG, ``NotificationGone``). Counts as a memory read (an
+        ``allow()`` after it must be ``allow(unchecked=True)``).
+
+        Raises ValueError for an argument that was not read."""
+        got = self._read_paths().get(arg)
+        if got is None:
+            raise ValueError(
+                f"argument {arg!r} of {self.syscall} was not read before the handler: "
+                "declare it in PolicySet.on(..., paths=...), or await read_path()")
+        self._require_memory()
+        if isinstance(got, bytes):
+            return got
+        raise got.with_traceback(None)
+
+    def _read_paths(self) -> dict[int, bytes | Exception]:
+        """The paths read for this notification so far, by argument index (bytes, or
+        the error their read raised)."""
+        try:
+            paths = self._paths
+        except AttributeError:  # made by the compiled loop, which does not set it
+            paths = None
+        if paths is None:
+            paths = self._paths = {}
+        return paths
 
     def still_valid(self) -> bool:
         """True if the kernel still waits for an answer to this notification."""
@@ -493,6 +545,8 @@ class Notification:
 
 
 
+#: The longest path the kernel takes, its NUL included (getname()).
+PATH_MAX: Final = 4096
 _U32: Final = abi.U32_MASK
 _UMODE: Final = abi.UMODE_MASK
 _POINTER_MASKS: Final = abi.POINTER_MASKS
@@ -520,7 +574,12 @@ def make_notification(id: int, pid: int, nr: int, arch: str, syscall: str,
     n.container = container
     n._memory = memory
     n._read_memory = False
+    n._paths = None
     return n
+
+#: What ``PolicySet.on(paths=...)`` takes: the argument indexes whose registers point at
+#: NUL-terminated paths, or a function of the notification returning them.
+PathArgs = tuple[int, ...] | Callable[[Notification], tuple[int, ...]]
 
 SyncHandler = Callable[[Notification], Decision | None]
 AsyncHandler = Callable[[Notification], Awaitable[Decision | None]]
@@ -546,6 +605,20 @@ class HandlerEntry:
     syscall: str
     func: Handler
     is_async: bool
+    #: The path arguments read before the handler runs (see :meth:`PolicySet.on`).
+    paths: PathArgs | None = None
+
+
+def path_indexes(value: object, where: str) -> tuple[int, ...]:
+    """``value`` checked as a tuple of path argument indexes (0..5, each once). Raises
+    PolicyError naming ``where``."""
+    if not isinstance(value, tuple) or not all(
+            i.__class__ is int and 0 <= i < 6 for i in value):
+        raise PolicyError(f"{where}: paths must be a tuple of argument indexes in 0..5, "
+                          f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise PolicyError(f"{where}: paths names an argument twice: {value!r}")
+    return value
 
 
 class PolicySet:
@@ -612,13 +685,23 @@ class PolicySet:
         self._fallback = HandlerEntry("*", func, is_async)
         return func
 
-    def on(self, *syscalls: str) -> Callable[[H], H]:
+    def on(self, *syscalls: str, paths: PathArgs | None = None) -> Callable[[H], H]:
         """Register the decorated function for ``syscalls`` (names, as in ``man 2``).
 
-        Raises PolicyError for an unknown name or a second handler for the same call.
+        ``paths``: the arguments (indexes 0..5) whose registers point at NUL-terminated
+        paths the handler needs, read race-checked **before** it runs; the handler (a
+        plain function or ``async def``) gets them from ``n.path(i)``. A tuple, or a
+        function ``(Notification) -> tuple`` deciding from the registers (``()``: read
+        nothing); that function is policy code (what it raises is a handler error) and
+        runs before any read. Reading them this way costs no task per call.
+
+        Raises PolicyError for an unknown name, a second handler for the same call or
+        ``paths`` that are not argument indexes.
         """
         if not syscalls:
             raise PolicyError(f"policy {self.name!r}: on() needs at least one syscall name")
+        if paths is not None and not callable(paths):
+            path_indexes(paths, f"policy {self.name!r}: on{syscalls!r}")
 
         def register(func: H) -> H:
             is_async = inspect.iscoroutinefunction(func)
@@ -634,7 +717,7 @@ class PolicySet:
                     raise PolicyError(
                         f"policy {self.name!r}: {name!r} already handled by "
                         f"{getattr(other, '__name__', other)}")
-                self._handlers[name] = HandlerEntry(name, func, is_async)
+                self._handlers[name] = HandlerEntry(name, func, is_async, paths)
             return func
 
         return register

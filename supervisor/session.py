@@ -14,6 +14,11 @@ and without allocating anything the chain does not use:
   (see :meth:`supervisor.notifyfd.Poller.run`), so a slow handler for one thread never
   delays the answer to another. When every slot is taken, the notification is parked and
   the fd leaves the poller until the session's own task got a slot for it.
+* a link with declared paths (``PolicySet.on(..., paths=...)``) has them read first,
+  without a task (:meth:`Session._prefetch`): read within the read pool's inline wait,
+  its handler runs right there; otherwise the decision waits, holding a slot, with its
+  deadline in the daemon's one heap (``supervisor/deadlines.py``), and the read pool's
+  delivery resumes it at that link when the reads are done.
 
 :meth:`Session.run` itself only waits: for POLLHUP (the filter has no task left), a
 failure, a parked notification, cancellation or :meth:`Session.stop_reading`.
@@ -38,10 +43,11 @@ import trio
 
 from . import abi, accel
 from .audit import Recorder
+from .deadlines import Deadlines, Entry, current_deadlines
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
 from .errors import NotificationGone, PolicyError, TargetMemoryError
 from .journal import Journal
-from .memory import TargetMemory
+from .memory import PendingReads, TargetMemory
 from .metrics import DECISION_BUCKETS
 from .notifyfd import (
     POLL_END,
@@ -55,11 +61,13 @@ from .notifyfd import (
     first_step,
 )
 from .policy import (
+    PATH_MAX,
     Container,
     Decision,
     Notification,
     deny,
     make_notification,
+    path_indexes,
     response_fields,
 )
 from .ratelimit import RATE_POLICY, TokenBucket
@@ -110,6 +118,35 @@ _SERIALS: Final = itertools.count(1)
 _Parked = tuple[Notification, tuple[Link, ...], int, float, "Outcome | None"]
 
 
+class _Prefetch:
+    """A decision waiting, without a task, for the paths ``links[index]`` declared (see
+    :meth:`Session._prefetch`): ``wanted`` are the argument indexes being read. Called
+    with their results (the read pool's delivery), it resumes the decision; its
+    :meth:`expired` is its deadline's."""
+
+    __slots__ = ("allowed", "entry", "index", "links", "n", "reads", "received", "session",
+                 "wanted")
+
+    def __init__(self, session: Session, n: Notification, links: tuple[Link, ...],
+                 index: int, received: float, allowed: Outcome | None, wanted: list[int]
+                 ) -> None:
+        self.session = session
+        self.n = n
+        self.links = links
+        self.index = index
+        self.received = received
+        self.allowed = allowed
+        self.wanted = wanted
+        self.reads: PendingReads | None = None
+        self.entry: Entry | None = None  # its deadline (supervisor/deadlines.py)
+
+    def __call__(self, values: list[bytes | Exception]) -> Suspended | None:
+        return self.session._prefetched(self, values)
+
+    def expired(self) -> None:
+        self.session._prefetch_expired(self)
+
+
 class Session:
     """Serves one listener fd until the filter has no task left (POLLHUP) or it is
     cancelled. Owns ``notify`` and closes it when it ends."""
@@ -155,6 +192,10 @@ class Session:
         # in our nursery): stop_reading() waits for them too.
         self._carried = 0
         self._carried_done: trio.Event | None = None
+        # Decisions waiting, without a task, for the paths their link declared (counted
+        # in inflight and _carried too), by notification id; see _prefetch.
+        self._prefetching: dict[int, _Prefetch] = {}
+        self._deadlines: Deadlines | None = None
         # The in-flight journal (supervisor/journal.py): None when nothing would read it
         # back after a crash (no fd store). See attach_journal().
         self.journal: Journal | None = None
@@ -192,6 +233,7 @@ class Session:
         finally:
             self._unpoll()
             self._nursery = None
+            self._drop_prefetching()
             # keep_fd: handed over, the container lives on: no close, no session-end hooks.
             if self.journal is not None and not self.keep_fd:
                 self.journal.close()
@@ -277,14 +319,16 @@ class Session:
                          args: tuple[int, ...], received: float,
                          n: Notification | None = None, links: tuple[Link, ...] = (),
                          index: int = 0, allowed: Outcome | None = None,
-                         handed: object = None, raised: bool = False) -> Suspended | None:
+                         handed: object = None, raised: bool = False, *,
+                         resumed: bool = False) -> Suspended | None:
         """Decide a notification :meth:`on_ready` received (and journaled): route it, ask
         its links, answer. The compiled loop (``supervisor/_hotloop.c``) hands over here
         whatever is not its common case, at the point it reached: before the route
         (``n`` None), or at ``links[index]`` with the Notification it made and the allow
         of an earlier link; ``links[index]`` is a sync handler it already called, which
-        returned ``handed`` (or raised it, ``raised``). Returns what :meth:`on_ready`
-        returns."""
+        returned ``handed`` (or raised it, ``raised``). ``resumed``: ``n`` is a decision
+        that waited for its paths (:meth:`_prefetched`), not one the compiled loop made.
+        Returns what :meth:`on_ready` returns."""
         if n is None:
             try:
                 syscall, arch_label, links = self._routes[arch][nr]
@@ -303,10 +347,11 @@ class Session:
             index = -1  # not enumerate(): that is an object per notification
             pending = links
         else:
+            if not resumed:  # made by the compiled loop, which does not set it
+                n._paths = None
             syscall = n.syscall
             index -= 1
             pending = links[index + 1:]
-        journal = self.journal
         # An allow() does not end the chain: every later handler for the call is asked
         # too, and the first refusal or answer of its own wins (a permissive policy first
         # in a chain must not switch off the checks of the ones after it). The allow is
@@ -328,23 +373,29 @@ class Session:
                     result, handed = handed, None
                 elif link.is_async:
                     n._read_memory = False  # the memory-read rule is per handler
-                    if self.inflight >= self._max_inflight:
+                    if resumed:  # links[index]'s paths were just read: no second call
+                        resumed = False  # of its paths function
+                    elif link.paths is not None:
+                        wanted = _unread_paths(n, link)  # (policy code: may raise)
+                        if wanted and not self._prefetch(n, links, index, received,
+                                                         allowed, wanted):
+                            return None  # parked, or resumed when the paths are read
+                    if not link.coroutine:
+                        result = link.func(n)
+                    elif self.inflight >= self._max_inflight:
                         # Every slot is taken: park it and stop reading until run() got
                         # one.
-                        self._parked = (n, links, index, received, allowed)
-                        if journal is not None:
-                            journal.pin(notif_id)  # it waits: keep its journal entry
-                        self._unpoll()
-                        self._wake_up()
+                        self._park(n, links, index, received, allowed)
                         return None
-                    # Its first step, inline: most coroutine handlers finish without
-                    # waiting for anything, and then cost no task and no deadline scope.
-                    # (is_async: func is a coroutine function)
-                    coro: Coroutine[Any, Any, object] = link.func(n)  # type: ignore[assignment]
-                    finished, result = first_step(coro)
-                    if not finished:  # result is the trap it waits at
-                        return self._suspend(n, links, index, received, coro, result,
-                                             allowed)
+                    else:
+                        # Its first step, inline: most coroutine handlers finish without
+                        # waiting for anything, and then cost no task and no deadline
+                        # scope.
+                        coro: Coroutine[Any, Any, object] = link.func(n)  # type: ignore[assignment]
+                        finished, result = first_step(coro)
+                        if not finished:  # result is the trap it waits at
+                            return self._suspend(n, links, index, received, coro, result,
+                                                 allowed)
                 else:
                     n._read_memory = False
                     result = link.func(n)
@@ -374,6 +425,139 @@ class Session:
                      allowed if allowed is not None
                      else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
         return None
+
+    def _park(self, n: Notification, links: tuple[Link, ...], index: int, received: float,
+              allowed: Outcome | None) -> None:
+        """Every async slot is taken: keep ``n`` (to be decided from ``links[index]``) and
+        stop reading until run() got a slot for it."""
+        self._parked = (n, links, index, received, allowed)
+        if self.journal is not None:
+            self.journal.pin(n.id)  # it waits: keep its journal entry
+        self._unpoll()
+        self._wake_up()
+
+    def _prefetch(self, n: Notification, links: tuple[Link, ...], index: int,
+                  received: float, allowed: Outcome | None, wanted: tuple[int, ...]) -> bool:
+        """Read the paths ``wanted`` that ``links[index]`` declared, before its handler
+        runs, without a task: True if they are read already (within the read pool's
+        inline wait, or failed at once), and the caller goes on with the handler; False
+        if the decision waits, parked (no slot) or for :meth:`_prefetched`, which the
+        read pool's delivery calls with the results.
+
+        A waiting decision holds an async slot (``inflight``) and its journal entry,
+        counts in ``_carried`` (stop_reading() waits for it), and has its deadline in the
+        daemon's one :class:`~supervisor.deadlines.Deadlines` heap instead of a cancel
+        scope of its own: at the deadline it is answered ``on_error`` and its reads are
+        dropped (:meth:`_prefetch_expired`)."""
+        if self.inflight >= self._max_inflight:
+            self._park(n, links, index, received, allowed)
+            return False
+        paths = n._read_paths()
+        indexes: list[int] = []
+        addresses: list[int] = []
+        for i in wanted:
+            try:
+                addresses.append(n._address(n.pointer(i)))
+            except TargetMemoryError as exc:  # refused without reading, as read_path does
+                paths[i] = exc
+            else:
+                indexes.append(i)
+        if not indexes:
+            return True
+        record = _Prefetch(self, n, links, index, received, allowed, indexes)
+        got = self.memory.read_cstrings_soon(n.id, n.pid, addresses, PATH_MAX, record)
+        if isinstance(got, list):
+            for i, value in zip(indexes, got, strict=True):
+                paths[i] = value
+            return True
+        record.reads = got
+        self.inflight += 1
+        self._carried += 1
+        if self.journal is not None:
+            self.journal.pin(n.id)
+        self._prefetching[n.id] = record
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = current_deadlines()
+        record.entry = deadlines.add(received + self.settings.deadline, record.expired)
+        return False
+
+    def _prefetched(self, record: _Prefetch, values: list[bytes | Exception]
+                    ) -> Suspended | None:
+        """The paths of a waiting decision were read (called by the read pool's delivery
+        task): go on with its link's handler, synchronously, and answer; returns the
+        decision if a coroutine handler suspends after all, for that task to carry on."""
+        n = record.n
+        if self._prefetching.get(n.id) is not record:
+            return None  # answered at its deadline, or the session ended: dropped
+        del self._prefetching[n.id]
+        self._finish_waiting(record)
+        paths = n._read_paths()
+        for i, value in zip(record.wanted, values, strict=True):
+            paths[i] = value
+        suspended: Suspended | None = None
+        try:
+            # Its slot is given back first: the decision goes on as if inline (a handler
+            # that suspends takes one again in _suspend; one is free).
+            suspended = self._decide_received(n.id, n.pid, n.nr, 0, n.args, record.received,
+                                              n, record.links, record.index,
+                                              record.allowed, resumed=True)
+        except Exception as exc:  # what on_ready raising is
+            self.on_failure(exc)
+        if (suspended is None and n.id not in self._prefetching
+                and (self._parked is None or self._parked[0] is not n)):
+            self._unpin(n.id)  # answered (or gone): no other waiter holds its entry
+        self.carried(None)
+        return suspended
+
+    def _prefetch_expired(self, record: _Prefetch) -> None:
+        """A waiting decision's deadline passed (called by the Deadlines task): answer it
+        ``on_error``, drop its reads (not started yet: their place goes back)."""
+        n = record.n
+        if self._prefetching.get(n.id) is not record:
+            return
+        del self._prefetching[n.id]
+        record.entry = None  # (the heap popped it)
+        self._finish_waiting(record)
+        try:
+            self._deadline_missed(n, record.received, [record.links[record.index].policy])
+        except Exception as exc:
+            self.on_failure(exc)
+        self.carried(None)
+
+    def _finish_waiting(self, record: _Prefetch) -> None:
+        """``record`` no longer waits: its reads, deadline and slot go."""
+        if record.reads is not None:
+            record.reads.cancel()
+            record.reads = None
+        if record.entry is not None:
+            assert self._deadlines is not None
+            self._deadlines.cancel(record.entry)
+            record.entry = None
+        self.inflight -= 1
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+            self._slot_freed = None
+
+    def _drop_prefetching(self) -> None:
+        """The session ends: decisions still waiting for their paths are dropped with it
+        (as carried ones, they are no longer answered through this fd)."""
+        while self._prefetching:
+            _id, record = self._prefetching.popitem()
+            self._finish_waiting(record)
+            self._carried -= 1
+
+    async def _read_declared(self, n: Notification, wanted: tuple[int, ...]) -> None:
+        """:meth:`_prefetch` for a decision that has a task (parked, recovered): read
+        the paths ``wanted`` one after another, each result or error kept for
+        ``n.path()``."""
+        paths = n._read_paths()
+        for i in wanted:
+            try:
+                paths[i] = await self.memory.read_cstring(n.id, n.pid,
+                                                          n._address(n.pointer(i)), PATH_MAX)
+            except Exception as exc:
+                paths[i] = exc
 
     def _read_elsewhere(self) -> None:
         """A RECV blocked after POLLIN: another process reads this listener too (it
@@ -541,7 +725,17 @@ class Session:
                 current[0] = link.policy  # names the policy that overran, on a deadline
                 if started is None:
                     n._read_memory = False  # per handler (the started one was reset)
-                if not link.is_async:
+                    if link.paths is not None:
+                        try:
+                            wanted = _unread_paths(n, link)
+                        except NotificationGone:
+                            raise
+                        except _HANDLER_FAILURES as exc:
+                            outcome = self._failure(link.policy, n, exc)
+                            break
+                        if wanted:
+                            await self._read_declared(n, wanted)
+                if not link.coroutine:
                     outcome = self._run_sync(n, link)
                 else:
                     try:
@@ -707,6 +901,28 @@ _HANDLER_FAILURES: Final = (Exception, SystemExit)
 # (a signal during its wait; send_fd blocks signals, so only as a safety net) and
 # EINPROGRESS (the same ioctl restarted after the interruption).
 _ADDFD_ALREADY_ANSWERED: Final = frozenset({errno.EINTR, errno.EINPROGRESS})
+
+
+# Tuples a paths function returned that path_indexes() accepted (a handful in practice).
+_VALID_PATHS: Final[set[tuple[int, ...]]] = set()
+
+
+def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
+    """The paths ``link`` declared for ``n`` that were not read yet. Runs the link's
+    ``paths`` function if it has one: what that raises is the handler's error."""
+    spec = link.paths
+    if spec.__class__ is not tuple:
+        assert callable(spec)
+        spec = spec(n)
+        if spec.__class__ is not tuple or spec not in _VALID_PATHS:
+            path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
+            if len(_VALID_PATHS) < 4096:
+                _VALID_PATHS.add(spec)
+    assert isinstance(spec, tuple)
+    paths = n._read_paths()
+    if not paths:
+        return spec
+    return tuple(i for i in spec if i not in paths)
 
 
 def _bucket(settings: SessionSettings, old: TokenBucket | None) -> TokenBucket | None:

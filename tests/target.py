@@ -61,6 +61,57 @@ def main(argv):
     if cmd == "mkdir-at":
         # mkdir() with the path pointer ADDR (hex), whatever it points to.
         return call(libc.mkdir, ctypes.c_void_p(int(argv[1], 16)), 0o755)
+    if cmd == "mkdir-threads":
+        # COUNT threads call mkdir(PATH<i>) at once: each answer, by thread.
+        count, path = int(argv[1]), argv[2]
+        results = [None] * count
+        barrier = threading.Barrier(count)
+
+        def mkdir(i):
+            barrier.wait()
+            results[i] = call(libc.mkdir, f"{path}{i}".encode(), 0o755)
+
+        threads = [threading.Thread(target=mkdir, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"results": results}
+    if cmd == "mkdir-uffd":
+        # mkdir() in a thread with its path on a page registered with a userfaultfd
+        # nobody serves (reading it blocks until this process exits); meanwhile CALLS
+        # getppid calls, PAUSE s apart, each timed; then the mkdir's answer.
+        import fcntl
+        import struct
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        uffd = libc.syscall(ctypes.c_long(323), os.O_CLOEXEC)  # userfaultfd
+        assert uffd >= 0, ctypes.get_errno()
+        fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # API
+        page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
+        fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
+                    bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
+        getppid_raw()  # served: the session is up
+        stuck = {}
+
+        def mkdir():
+            t0 = time.monotonic()
+            r = call(libc.mkdir, ctypes.c_void_p(page), 0o755)
+            r["seconds"] = time.monotonic() - t0
+            stuck.update(r)
+
+        threading.Thread(target=mkdir, daemon=True).start()
+        time.sleep(0.2)  # its read is stuck now
+        latencies = []
+        for _ in range(int(argv[1])):
+            t0 = time.monotonic()
+            getppid_raw()
+            latencies.append(time.monotonic() - t0)
+            time.sleep(float(argv[2]))
+        while not stuck:
+            time.sleep(0.01)
+        return {"latencies": latencies, "mkdir": stuck}
     if cmd == "getppid-threads":
         # THREADS threads each call getppid COUNT times at once: the errno of each
         # answer, counted ({errno: calls}; 0 for a call that returned a value).

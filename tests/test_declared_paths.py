@@ -1,0 +1,550 @@
+"""Paths declared with ``PolicySet.on(..., paths=...)``: read race-checked before the
+handler runs, without a task per call (issue 20, target 3).
+
+Real kernel: forked targets under NOTIFY filters (tests/target.py), both hot loops. The
+read pool's submit/cancel and the Deadlines heap are checked on their own too, with plain
+functions as reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor import session as session_module
+from supervisor.deadlines import Deadlines
+from supervisor.errors import PolicyError
+from supervisor.memory import ReadPool, ReadSlot, TargetMemory, _Job
+from supervisor.policy import Notification, PolicySet, allow, deny, returns
+from supervisor.session import SessionSettings
+from supervisor.testing import load
+
+from .conftest import serve_target
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 10.0  # a hang guard for what takes milliseconds
+
+
+def counting_policy(asynchronous: bool = False) -> tuple[PolicySet, list[bytes]]:
+    """mkdir: returns the length of the path it passed, read before the handler."""
+    policy = PolicySet("p")
+    seen: list[bytes] = []
+
+    if asynchronous:
+        @policy.on("mkdir", paths=(0,))
+        async def length_async(n: Notification) -> object:
+            path = n.path(0)
+            again = await n.read_path(0)  # the same bytes, not read again
+            assert again is path
+            seen.append(path)
+            return returns(len(path))
+    else:
+        @policy.on("mkdir", paths=(0,))
+        def length(n: Notification) -> object:
+            seen.append(n.path(0))
+            return returns(len(n.path(0)))
+
+    return policy, seen
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["plain", "async"])
+async def test_declared_paths_are_the_bytes_the_call_passed_read_once(
+        asynchronous: bool) -> None:
+    policy, seen = counting_policy(asynchronous)
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc/de", "20") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 7, "errno": 0}] * 20}
+    assert seen == [b"/abc/de"] * 20
+    assert served.session.memory.reads == 20  # one per call: read_path read nothing more
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize(("command", "expected"), [
+    ("mkdir-null", errno.EFAULT),
+    ("mkdir-unmapped", errno.EFAULT),
+    ("mkdir-long", errno.ENAMETOOLONG),
+])
+async def test_a_failed_read_is_the_handlers_error_as_with_read_path(
+        command: str, expected: int) -> None:
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        n.path(0)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], command) as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": expected}  # what the kernel would have answered
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="mkdir", policy="p",
+                         decision="deny") == 1
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_handler_may_catch_the_reads_error_and_an_unread_index_is_refused() -> None:
+    from supervisor.policy import TargetMemoryError
+
+    policy = PolicySet("p")
+    refused: list[str] = []
+
+    @policy.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        try:
+            n.path(1)
+        except ValueError as exc:
+            refused.append(str(exc))
+        try:
+            n.path(0)
+        except TargetMemoryError as exc:
+            assert exc.errno == errno.EFAULT
+            return deny(errno.EINVAL)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir-null") as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": errno.EINVAL}
+    assert len(refused) == 1 and "was not read" in refused[0]
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("unchecked", [False, True])
+async def test_allow_after_a_declared_path_must_be_unchecked(unchecked: bool) -> None:
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def allows(n: Notification) -> object:
+        n.path(0)
+        return allow(unchecked=unchecked)
+
+    async with serve_target(policy, ["mkdir"], "mkdir", "/nonexistent/dir") as served:
+        out = await served.target.result()
+    if unchecked:
+        assert out == {"rc": -1, "errno": errno.ENOENT}  # the kernel ran it
+    else:
+        assert out == {"rc": -1, "errno": errno.EPERM}  # on_error
+        assert served.metric("seccomp_supervisor_handler_errors_total",
+                             policy="p", kind="refused") == 1
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("paths", [
+    lambda n: 1 // 0,       # raises
+    lambda n: [0],          # not a tuple
+    lambda n: (7,),         # not an argument
+], ids=["raises", "list", "index"])
+async def test_a_paths_function_that_fails_is_a_handler_error_before_any_read(
+        paths: object) -> None:
+    policy = PolicySet("p")
+    called: list[int] = []
+
+    @policy.on("mkdir", paths=paths)  # type: ignore[arg-type]
+    def never(n: Notification) -> object:
+        called.append(1)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir", "/x/y") as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": errno.EPERM}  # on_error
+    assert not called
+    assert served.session.memory.reads == 0
+
+
+def test_declared_paths_are_checked_when_registered() -> None:
+    policy = PolicySet("p")
+    for bad in ((6,), [0], (0, 0), (True,), (-1,), ("0",)):
+        with pytest.raises(PolicyError, match="paths"):
+            policy.on("mkdir", paths=bad)  # type: ignore[arg-type]
+    policy.on("mkdir", paths=(0,))(lambda n: None)
+    policy.on("renameat", paths=lambda n: (1, 3))(lambda n: None)
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_path_guard_reads_nothing_for_a_read_only_open(tmp_path: Path) -> None:
+    guarded = tmp_path / "guarded"
+    guarded.mkdir()
+    readable = guarded / "file"
+    readable.write_text("hello")
+    policy = load(REPO / "policies/path_guard.py", prefixes=[str(guarded)])
+    async with serve_target(policy, ["openat"], "open-read", str(readable)) as served:
+        out = await served.target.result()
+    assert out["data"] == "hello"
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="openat",
+                         policy="path_guard",
+                         decision="allow") >= 1
+    assert served.session.memory.reads == 0
+    async with serve_target(policy, ["mkdir"], "mkdir", str(guarded / "d")) as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": errno.EACCES}
+    assert served.session.memory.reads == 1
+
+
+def no_inline_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions read without waiting inline: every read is delivered by the pool's task
+    (as with more than one container)."""
+    monkeypatch.setattr(session_module, "TargetMemory",
+                        lambda notify: TargetMemory(notify, inline_wait=0))
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["plain", "async"])
+async def test_reads_delivered_later_resume_the_decision_without_a_task(
+        asynchronous: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_inline_wait(monkeypatch)
+    tasks = []  # what gives a decision a task: parking (_decide_async), suspending
+    for name in ("_decide_async", "_suspend"):
+        original = getattr(session_module.Session, name)
+
+        def counted(*args: object, original: object = original, name: str = name) -> object:
+            tasks.append(name)
+            return original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(session_module.Session, name, counted)
+    policy, seen = counting_policy(asynchronous)
+    async with serve_target(policy, ["mkdir"], "mkdir-threads", "8", "/nonexistent/d",
+                            settings=SessionSettings(max_inflight=64)) as served:
+        out = await served.target.result()
+        session = served.session
+        assert session.inflight == 0 and not session._prefetching
+        assert not tasks
+    assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}") for i in range(8)]
+    assert sorted(seen) == sorted(f"/nonexistent/d{i}".encode() for i in range(8))
+    assert session.memory._slot.borrowed_tokens == 0
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_stuck_read_gets_on_error_at_the_deadline_and_others_are_served(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read of a path on an unserved userfaultfd page blocks its thread until the
+    target exits. Its call is answered on_error at the deadline; meanwhile the same
+    container's other calls and another container's reads are served."""
+    policy, _seen = counting_policy()
+
+    @policy.on("getppid")
+    def quick(n: Notification) -> object:
+        return returns(7)
+
+    settings = SessionSettings(deadline=1.0)
+    async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "40", "0.01",
+                            settings=settings) as stuck:
+        async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "50",
+                                settings=settings) as other:
+            other_out = await other.target.result()
+        out = await stuck.target.result()
+    assert other_out == {"results": [{"rc": 4, "errno": 0}] * 50}
+    assert out["mkdir"]["errno"] == errno.EPERM  # on_error: the deadline
+    assert 0.7 < out["mkdir"]["seconds"] < 5, out["mkdir"]
+    assert max(out["latencies"]) < 0.5, max(out["latencies"])
+    assert stuck.metric("seccomp_supervisor_handler_errors_total",
+                        policy="p", kind="deadline") == 1
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_decision_waiting_for_its_paths_holds_an_async_slot() -> None:
+    """max_inflight=1: while the stuck read's decision waits, the next async decision
+    is parked (the fd is not read) until the deadline frees the slot."""
+    policy, _seen = counting_policy()
+
+    @policy.on("getppid")
+    async def slot_taker(n: Notification) -> object:
+        return returns(7)
+
+    peak = [0]
+    settings = SessionSettings(deadline=0.6, max_inflight=1)
+    async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "3", "0",
+                            settings=settings) as served:
+        async def watch() -> None:
+            while True:
+                peak[0] = max(peak[0], served.session.inflight)
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            out = await served.target.result()
+            nursery.cancel_scope.cancel()
+    assert out["mkdir"]["errno"] == errno.EPERM
+    assert out["latencies"][0] > 0.2, out  # parked until the deadline (0.6s after it came)
+    assert max(out["latencies"][1:]) < 0.2, out
+    assert peak[0] == 1
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_stop_reading_waits_for_a_decision_waiting_for_its_paths() -> None:
+    policy, _seen = counting_policy()
+
+    @policy.on("getppid")
+    def quick(n: Notification) -> object:
+        return returns(7)
+
+    settings = SessionSettings(deadline=0.8)
+    async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "0", "0",
+                            settings=settings) as served:
+        session = served.session
+        with trio.fail_after(WAIT):
+            while not session._prefetching:
+                await trio.sleep(0.01)
+        session.stop_reading()
+        await trio.sleep(0.2)
+        assert not served.done.is_set()  # a received call waits for its answer
+        with trio.fail_after(WAIT):
+            await served.done.wait()
+        assert not session._prefetching and session.inflight == 0
+        out = await served.target.result()
+    assert out["mkdir"]["errno"] == errno.EPERM
+    assert session.stats.answered == session.stats.notifications == 2
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_session_that_ends_mid_read_drops_its_waiting_decision() -> None:
+    policy, _seen = counting_policy()
+
+    @policy.on("getppid")
+    def quick(n: Notification) -> object:
+        return returns(7)
+
+    settings = SessionSettings(deadline=30)
+    async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "0", "0",
+                            settings=settings) as served:
+        session = served.session
+        with trio.fail_after(WAIT):
+            while not session._prefetching:
+                await trio.sleep(0.01)
+        served.target.child.process.kill()  # POLLHUP: the session ends
+        with trio.fail_after(WAIT):
+            await served.done.wait()
+        assert not session._prefetching and session.inflight == 0
+        with trio.fail_after(WAIT):  # the read's thread returns once the target is gone
+            while session.memory._slot.borrowed_tokens:
+                await trio.sleep(0.01)
+    assert session.stats.answered == 1  # getppid; the mkdir died with its target
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_shadow_mode_sees_prefetching_decisions(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    no_inline_wait(monkeypatch)
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def refuse(n: Notification) -> object:
+        return deny(errno.EACCES, reason=n.path(0).decode())
+
+    settings = SessionSettings(mode="shadow")
+    async with serve_target(policy, ["mkdir"], "mkdir", "/nonexistent/x",
+                            settings=settings) as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": errno.ENOENT}  # it went on
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="mkdir", policy="p",
+                         decision="deny") == 1
+
+
+# --------------------------------------------------------------- the pool, the heap
+
+def jobs_of(pool: ReadPool, slot: object, names: list[str], log: list[str],
+            hold: threading.Event, delivered: list[str]) -> list[_Job]:
+    def work(name: str) -> bytes:
+        log.append(name)
+        if name.endswith("stuck"):
+            assert hold.wait(WAIT)
+        return name.encode()
+
+    jobs = []
+    for name in names:
+        def deliver(result: object, name: str = name) -> None:
+            delivered.append(name)
+
+        jobs.append(_Job(lambda name=name: work(name), slot,  # type: ignore[misc]
+                         lambda name=name: delivered.append(f"{name} discarded"),
+                         deliver))
+    return jobs
+
+
+def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
+    ran: list[str] = []
+    delivered: list[str] = []
+    hold = threading.Event()
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        a, b = ReadSlot(trio.CapacityLimiter(1)), ReadSlot(trio.CapacityLimiter(1))
+        a1, a2, a3 = jobs_of(pool, a, ["a1 stuck", "a2", "a3"], ran, hold, delivered)
+        (b1,) = jobs_of(pool, b, ["b1"], ran, hold, delivered)
+        assert not pool.submit(a1)
+        while not ran:
+            await trio.sleep(0.001)
+        assert not pool.submit(a2) and not pool.submit(a3)
+        assert list(a.deferred) == [a2, a3] and not pool.pending  # no task, no queue place
+        assert not pool.submit(b1)
+        assert list(pool.pending) == [b1]
+        hold.set()
+        with trio.fail_after(WAIT):
+            while len(delivered) < 4:
+                await trio.sleep(0.001)
+        assert a.borrowed_tokens == b.borrowed_tokens == 0 and not a.deferred
+
+    trio.run(scenario)
+    assert ran == ["a1 stuck", "b1", "a2", "a3"]
+    assert sorted(delivered) == ["a1 stuck", "a2", "a3", "b1"]
+
+
+def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
+    ran: list[str] = []
+    delivered: list[str] = []
+    hold = threading.Event()
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        a, b = ReadSlot(trio.CapacityLimiter(1)), ReadSlot(trio.CapacityLimiter(1))
+        a1, a2 = jobs_of(pool, a, ["a1 stuck", "a2"], ran, hold, delivered)
+        (b1,) = jobs_of(pool, b, ["b1"], ran, hold, delivered)
+        pool.submit(a1)
+        while not ran:
+            await trio.sleep(0.001)
+        pool.submit(a2)
+        pool.submit(b1)
+        pool.cancel(a2)  # waiting in its session's FIFO
+        pool.cancel(b1)  # queued
+        assert not a.deferred and not pool.pending and b.borrowed_tokens == 0
+        assert delivered == ["a2 discarded", "b1 discarded"]
+        pool.cancel(a1)  # running: its place comes back when its thread returns
+        assert a.borrowed_tokens == 1
+        hold.set()
+        with trio.fail_after(WAIT):
+            while a.borrowed_tokens:
+                await trio.sleep(0.001)
+        await trio.sleep(0.01)
+
+    trio.run(scenario)
+    assert ran == ["a1 stuck"]
+    assert delivered == ["a2 discarded", "b1 discarded"]  # a1's result was dropped
+
+
+def test_a_submitted_read_done_within_the_inline_wait_is_not_delivered() -> None:
+    delivered: list[str] = []
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        slot = ReadSlot(trio.CapacityLimiter(1))
+        (job,) = jobs_of(pool, slot, ["quick"], [], threading.Event(), delivered)
+        assert pool.submit(job, wait=WAIT)
+        assert job.outcome is not None and job.outcome.unwrap() == b"quick"
+        assert slot.borrowed_tokens == 0
+        await trio.sleep(0.05)
+
+    trio.run(scenario)
+    assert delivered == []
+
+
+def test_deadlines_expire_in_order_and_cancelled_ones_never() -> None:
+    from time import perf_counter
+
+    fired: list[str] = []
+
+    async def scenario() -> None:
+        deadlines = Deadlines()
+        now = perf_counter()
+        deadlines.add(now + 0.3, lambda: fired.append("late"))
+        dropped = deadlines.add(now + 0.1, lambda: fired.append("cancelled"))
+        deadlines.add(now + 0.05, lambda: fired.append("early"))  # sooner than the sleep
+        deadlines.cancel(dropped)
+        assert len(deadlines) == 2
+        await trio.sleep(0.15)
+        assert fired == ["early"]
+        await trio.sleep(0.3)
+        assert fired == ["early", "late"] and len(deadlines) == 0
+
+    trio.run(scenario)
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "delivered"])
+async def test_a_paths_function_runs_once_per_decision(
+        inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not inline:
+        no_inline_wait(monkeypatch)
+    policy = PolicySet("p")
+    asked: list[int] = []
+
+    def paths(n: Notification) -> tuple[int, ...]:
+        asked.append(n.id)
+        return (0,)
+
+    @policy.on("mkdir", paths=paths)
+    def length(n: Notification) -> object:
+        return returns(len(n.path(0)))
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "10") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 4, "errno": 0}] * 10}
+    assert len(asked) == len(set(asked)) == 10
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_parked_decisions_read_their_declared_paths_in_their_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_inflight=1 and reads delivered later: while one decision waits for its path,
+    the next calls are parked, then decided in a task of their own, which reads their
+    paths (Session._read_declared) before the handler: the same answers."""
+    no_inline_wait(monkeypatch)
+    read_in_task: list[int] = []
+    original = session_module.Session._read_declared
+
+    async def counted(self: session_module.Session, n: Notification,
+                      wanted: tuple[int, ...]) -> None:
+        read_in_task.append(n.id)
+        await original(self, n, wanted)
+
+    monkeypatch.setattr(session_module.Session, "_read_declared", counted)
+    policy, seen = counting_policy()
+    async with serve_target(policy, ["mkdir"], "mkdir-threads", "12", "/nonexistent/d",
+                            settings=SessionSettings(max_inflight=1)) as served:
+        out = await served.target.result()
+    assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
+                                                 for i in range(12)]
+    assert sorted(seen) == sorted(f"/nonexistent/d{i}".encode() for i in range(12))
+    assert read_in_task  # some were parked (12 threads at once, one slot)
+    assert served.session.inflight == 0
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("overrun", [False, True], ids=["waits", "overruns"])
+async def test_a_handler_that_waits_after_its_paths_is_carried_under_its_deadline(
+        overrun: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed by the read pool's delivery, a coroutine handler that then waits for
+    something is carried on by the delivery task (a new one takes the deliveries over):
+    every call answered, the overrunning ones on_error at the deadline."""
+    no_inline_wait(monkeypatch)
+    spawned: list[str] = []
+    spawn = trio.lowlevel.spawn_system_task
+
+    def counted(*args: object, name: object = None, **kwargs: object) -> object:
+        spawned.append(str(name))
+        return spawn(*args, name=name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.lowlevel, "spawn_system_task", counted)
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    async def waits(n: Notification) -> object:
+        path = n.path(0)
+        await trio.sleep(5 if overrun else 0.01)
+        return returns(len(path))
+
+    settings = SessionSettings(deadline=0.5)
+    async with serve_target(policy, ["mkdir"], "mkdir-threads", "8", "/nonexistent/d",
+                            settings=settings) as served:
+        out = await served.target.result()
+        assert served.session.inflight == 0
+    # The first delivery task, and one more per handler it carried on.
+    assert spawned.count("seccomp-supervisor reads") >= 2, spawned
+    if overrun:
+        assert [r["errno"] for r in out["results"]] == [errno.EPERM] * 8
+        assert served.metric("seccomp_supervisor_handler_errors_total",
+                             policy="p", kind="deadline") == 8
+    else:
+        assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
+                                                     for i in range(8)]
