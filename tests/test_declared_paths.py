@@ -363,6 +363,7 @@ def jobs_of(pool: ReadPool, slot: object, names: list[str], log: list[str],
     return jobs
 
 
+@pytest.mark.usefixtures("read_core")
 def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
     ran: list[str] = []
     delivered: list[str] = []
@@ -391,6 +392,7 @@ def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
     assert sorted(delivered) == ["a1 stuck", "a2", "a3", "b1"]
 
 
+@pytest.mark.usefixtures("read_core")
 def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     ran: list[str] = []
     delivered: list[str] = []
@@ -423,6 +425,7 @@ def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     assert delivered == ["a2 discarded", "b1 discarded"]  # a1's result was dropped
 
 
+@pytest.mark.usefixtures("read_core")
 def test_a_submitted_read_done_within_the_inline_wait_is_not_delivered() -> None:
     delivered: list[str] = []
 
