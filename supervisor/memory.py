@@ -47,6 +47,18 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   a job to the thread took 0.5 ms on average under a flood). Niced, a flood's reads get
   the CPU the loop leaves over: the flooder is slowed, its neighbours are not.
 
+**The reading thread is C when it is built** (``supervisor/_memread.c``, the optional
+extension ``supervisor._memread``; :data:`MEMREAD`, chosen by supervisor/accel.py unless
+``SECCOMP_SUPERVISOR_NO_EXTENSIONS=1``): the queue, the threads, the eventfd report and
+the read itself (``process_vm_readv`` or ``pread`` of /proc/<tid>/mem, page by page to
+the NUL, every declared path of a call in one job) are its core's, and it never takes
+the GIL; a job's result becomes Python objects on the loop's thread, when it is taken.
+:class:`_PyCore` is its pure-Python twin and the reference (same methods): its thread
+runs each job's ``work`` in Python. Every rule above is :class:`ReadPool`'s, over
+either core. (Measured, bench/README.md "Session 8: the reading thread in C": the
+compiled thread costs the loop less per guarded call, and a flooder gets more of the
+loop for it.)
+
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
 registering process exits), in a killable sleep that no other signal interrupts
