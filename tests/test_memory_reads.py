@@ -94,17 +94,29 @@ def described(values: list[bytes | Exception]) -> list[object]:
 
 
 class Pages:
-    """``count`` readable pages followed by an unmapped one: memory whose end the target
-    chose. (Unmapped, not PROT_NONE: /proc/<pid>/mem reads with FOLL_FORCE and reads a
-    PROT_NONE page, as zeros here. A one-page hole is too small for what a thread or
-    an allocator maps meanwhile.)"""
+    """``count`` readable pages followed by an unreadable one: memory whose end the
+    target chose. The unreadable page is a page of an empty memfd mapped over the last
+    page of our own mapping (MAP_FIXED: no moment it is free): reading it faults
+    (process_vm_readv: EFAULT; /proc/<pid>/mem: EIO), PROT_NONE would not (the /proc
+    file reads with FOLL_FORCE: zeros). Not a hole: an allocator (AddressSanitizer's)
+    mapped its own page into a hole, and the mapping's unmap at the end took that page
+    away with it."""
 
     def __init__(self, count: int) -> None:
         self.map = mmap.mmap(-1, (count + 1) * PAGE_SIZE)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.end = self.address + count * PAGE_SIZE  # the unreadable page
         libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.munmap(ctypes.c_void_p(self.end), PAGE_SIZE) == 0
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        empty = os.memfd_create("unreadable")
+        try:
+            placed = libc.mmap(self.end, PAGE_SIZE, mmap.PROT_READ,
+                               mmap.MAP_SHARED | 0x10, empty, 0)  # MAP_FIXED
+        finally:
+            os.close(empty)
+        assert placed == self.end, ctypes.get_errno()
 
     def put(self, address: int, data: bytes) -> None:
         offset = address - self.address
