@@ -87,6 +87,7 @@ struct core {
     int refs;                 /* the Python object and every thread alive */
     int efd;
     int signalled;            /* the eventfd was written since take_done last drained */
+    int writers;              /* threads writing the eventfd without the lock */
     int closed;
     int nice;
 };
@@ -264,9 +265,10 @@ static void run_callable(struct job *j)
 
 /* ---- the thread (memory.py's _ReaderThread._main) ---- */
 
-static void finish(struct core *c, struct job *j)
+static int queue_done(struct core *c, struct job *j)
 {
-    /* Under c->mu: `j` is done, nobody waits for it synchronously, the pool is open. */
+    /* Under c->mu: `j` is done, nobody waits for it synchronously, the pool is open.
+     * 1 if the eventfd must be written (one write per batch). */
     j->next = NULL;
     if (c->done_tail)
         c->done_tail->next = j;
@@ -274,13 +276,25 @@ static void finish(struct core *c, struct job *j)
         c->done_head = j;
     c->done_tail = j;
     c->done++;
-    if (!c->signalled) {  /* one eventfd write per batch */
-        uint64_t one = 1;
-        c->signalled = 1;
-        if (write(c->efd, &one, sizeof one) < 0) {
-            /* EAGAIN only at a counter of 2^64-2: then it is readable anyway. */
-        }
+    if (c->signalled)
+        return 0;
+    c->signalled = 1;
+    return 1;
+}
+
+static void signal_done(int efd)
+{
+    uint64_t one = 1;
+    if (write(efd, &one, sizeof one) < 0) {
+        /* EAGAIN only at a counter of 2^64-2: then it is readable anyway. */
     }
+}
+
+static void finish(struct core *c, struct job *j)
+{
+    /* Under c->mu, on the loop's thread: queue_done, and the eventfd written. */
+    if (queue_done(c, j))
+        signal_done(c->efd);
 }
 
 static void *thread_main(void *arg)
@@ -313,8 +327,13 @@ static void *thread_main(void *arg)
         pthread_mutex_lock(&c->mu);
         t->current = NULL;
         j->state = DONE;
+        /* Whom this wakes is the loop's thread, which then takes c->mu: it is woken with
+         * the lock released. Woken under it, it could preempt this (niced) thread on its
+         * CPU and then wait for the lock until the scheduler runs this thread again. */
         if (j->waited) {
+            pthread_mutex_unlock(&c->mu);
             pthread_cond_broadcast(&c->finished);  /* Core.wait takes it */
+            pthread_mutex_lock(&c->mu);
         } else if (c->closed) {
             /* The pool ended (its trio run did): nobody takes the result. Freeing its
              * Python objects needs the GIL (not the lock: whoever holds the GIL may
@@ -324,8 +343,18 @@ static void *thread_main(void *arg)
             job_free(j);
             PyGILState_Release(gil);
             pthread_mutex_lock(&c->mu);
-        } else {
-            finish(c, j);
+        } else if (queue_done(c, j)) {
+            /* (close_core leaves the eventfd open while a thread writes it: the last
+             * writer closes it) */
+            int efd = c->efd;
+            c->writers++;
+            pthread_mutex_unlock(&c->mu);
+            signal_done(efd);
+            pthread_mutex_lock(&c->mu);
+            if (--c->writers == 0 && c->closed && c->efd >= 0) {
+                close(c->efd);
+                c->efd = -1;
+            }
         }
     }
     if (c->active == t)
@@ -482,8 +511,10 @@ static void close_core(struct core *c)
         c->active = NULL;
     }
     pthread_cond_broadcast(&c->work);
-    close(c->efd);
-    c->efd = -1;
+    if (c->writers == 0) {  /* (else the last writer closes it) */
+        close(c->efd);
+        c->efd = -1;
+    }
     pthread_mutex_unlock(&c->mu);
     /* A queued job's /proc mem fd was the caller's to close (its discard); the Python
      * side dropped those jobs already when its tasks were cancelled. */
@@ -591,9 +622,10 @@ static PyObject *Core_push(CoreObject *self, PyObject *args)
     c->pending++;
     if (waited)
         c->waited = j;
-    /* Broadcast: a thread retired while it waited for work must see it too (it ends). */
-    pthread_cond_broadcast(&c->work);
     pthread_mutex_unlock(&c->mu);
+    /* After the unlock: the woken thread does not wait for our lock. Broadcast: a thread
+     * retired while it waited for work must see it too (it ends). */
+    pthread_cond_broadcast(&c->work);
     Py_RETURN_NONE;
 }
 
