@@ -391,6 +391,79 @@ def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
     assert sorted(delivered) == ["a1 stuck", "a2", "a3", "b1"]
 
 
+def test_a_sessions_reads_take_its_place_in_the_order_they_asked_for_it() -> None:
+    """One FIFO per session for both kinds of reads: a submitted read (a decision waiting
+    for its paths, no task) and a task's (a parked or recovered decision reading its
+    paths in its task, a handler's ``await n.read_path()``). The task's used to wait in
+    the limiter's own queue, served first whenever a place came back: under a flood with
+    parked decisions (bench/neighbour.py, parked, on a loaded machine) a task was always
+    waiting, and the submitted reads, the oldest decisions, waited until their deadline
+    (on_error: 35-52 EPERM answers per round)."""
+    ran: list[str] = []
+    delivered: list[str] = []
+    hold = threading.Event()
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        a = ReadSlot(trio.CapacityLimiter(1))
+        a0, a1, a3 = jobs_of(pool, a, ["a0 stuck", "a1", "a3"], ran, hold, delivered)
+
+        def task_read(name: str) -> bytes:
+            ran.append(name)
+            return name.encode()
+
+        async def read_in_a_task(name: str) -> None:
+            assert await pool.run(lambda: task_read(name), a) == name.encode()
+            delivered.append(name)
+
+        assert not pool.submit(a0)
+        while not ran:
+            await trio.sleep(0.001)
+        async with trio.open_nursery() as nursery:
+            assert not pool.submit(a1)  # waits for a0's place
+            nursery.start_soon(read_in_a_task, "a2 (task)")
+            await trio.sleep(0.01)
+            assert not pool.submit(a3)
+            nursery.start_soon(read_in_a_task, "a4 (task)")
+            await trio.sleep(0.01)
+            hold.set()
+            with trio.fail_after(WAIT):
+                while len(delivered) < 5:
+                    await trio.sleep(0.001)
+        assert a.borrowed_tokens == 0 and not a.deferred
+
+    trio.run(scenario)
+    assert ran == ["a0 stuck", "a1", "a2 (task)", "a3", "a4 (task)"]
+
+
+def test_a_task_given_up_while_it_waits_for_its_sessions_place_leaves_the_queue() -> None:
+    ran: list[str] = []
+    delivered: list[str] = []
+    hold = threading.Event()
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        a = ReadSlot(trio.CapacityLimiter(1))
+        a0, a2 = jobs_of(pool, a, ["a0 stuck", "a2"], ran, hold, delivered)
+        assert not pool.submit(a0)
+        while not ran:
+            await trio.sleep(0.001)
+        with trio.move_on_after(0.02):
+            await pool.run(lambda: b"a1", a)  # waits behind a0, then gives up
+            raise AssertionError("read without the place")
+        assert not a.deferred
+        assert not pool.submit(a2)
+        hold.set()
+        with trio.fail_after(WAIT):
+            while len(delivered) < 2:
+                await trio.sleep(0.001)
+        assert await pool.run(lambda: b"a3", a) == b"a3"
+        assert a.borrowed_tokens == 0 and not a.deferred
+
+    trio.run(scenario)
+    assert ran == ["a0 stuck", "a2"]
+
+
 def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     ran: list[str] = []
     delivered: list[str] = []
