@@ -903,8 +903,10 @@ _HANDLER_FAILURES: Final = (Exception, SystemExit)
 _ADDFD_ALREADY_ANSWERED: Final = frozenset({errno.EINTR, errno.EINPROGRESS})
 
 
-# Tuples a paths function returned that path_indexes() accepted (a handful in practice).
-_VALID_PATHS: Final[set[tuple[int, ...]]] = set()
+# Tuples a paths function returned that path_indexes() accepted (a handful in practice),
+# each its own value: a tuple found equal to one of them is replaced by it (an element
+# can compare equal to an index and be another one: it is the checked one that is read).
+_VALID_PATHS: Final[dict[tuple[int, ...], tuple[int, ...]]] = {}
 
 
 def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
@@ -914,10 +916,12 @@ def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
     if spec.__class__ is not tuple:
         assert callable(spec)
         spec = spec(n)
-        if spec.__class__ is not tuple or spec not in _VALID_PATHS:
-            path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
+        checked = _VALID_PATHS.get(spec) if spec.__class__ is tuple else None
+        if checked is None:
+            checked = path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
             if len(_VALID_PATHS) < 4096:
-                _VALID_PATHS.add(spec)
+                _VALID_PATHS[checked] = checked
+        spec = checked
     assert isinstance(spec, tuple)
     paths = n._read_paths()
     if not paths:

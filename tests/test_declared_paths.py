@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import trio
@@ -161,6 +162,72 @@ def test_declared_paths_are_checked_when_registered() -> None:
             policy.on("mkdir", paths=bad)  # type: ignore[arg-type]
     policy.on("mkdir", paths=(0,))(lambda n: None)
     policy.on("renameat", paths=lambda n: (1, 3))(lambda n: None)
+
+
+class Shifty(tuple):  # type: ignore[type-arg]
+    """A tuple that iterates to other indexes after its first look (a policy's odd
+    type): what is read must be what was checked."""
+
+    looks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.looks += 1
+        return iter((0,) if self.looks == 1 else (4,))
+
+
+class PathArgs(NamedTuple):
+    path: int
+
+
+class Lookalike:
+    """Equal to any index and hashed as 0, but indexes as 4."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash(0)
+
+    def __index__(self) -> int:
+        return 4
+
+
+def first_plain_then_lookalike() -> object:
+    calls = [0]
+
+    def paths(n: Notification) -> tuple[object, ...]:
+        calls[0] += 1
+        return (0,) if calls[0] == 1 else (Lookalike(),)
+
+    return paths
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("declared", ["namedtuple", "function-namedtuple", "function-shifty",
+                                      "function-lookalike"])
+async def test_paths_given_as_a_tuple_subclass_are_the_indexes_checked(
+        declared: str) -> None:
+    """A tuple subclass passes the check (isinstance): a NamedTuple given to on() was
+    then taken for a paths function (every call on_error), and a subclass returned by a
+    paths function was iterated again after its check (an index never checked read). A
+    tuple equal to one checked before skips the check: the checked one is read, not an
+    element that compares equal to an index and indexes another."""
+    paths: object = {
+        "namedtuple": PathArgs(0),
+        "function-namedtuple": lambda n: PathArgs(0),
+        "function-shifty": lambda n: Shifty((0,)),
+        "function-lookalike": first_plain_then_lookalike(),
+    }[declared]
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=paths)  # type: ignore[arg-type]
+    def length(n: Notification) -> object:
+        return returns(len(n.path(0)))
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "3") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 4, "errno": 0}] * 3}
+    assert served.session.memory.reads == 3
 
 
 @pytest.mark.usefixtures("hot_loop")
