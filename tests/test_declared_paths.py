@@ -601,26 +601,46 @@ def test_deadlines_expire_in_order_and_cancelled_ones_never() -> None:
 
 
 @pytest.mark.usefixtures("hot_loop")
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "delivered"])
+@pytest.mark.parametrize("how", ["inline", "delivered", "parked", "parked-nothing-to-read"])
 async def test_a_paths_function_runs_once_per_decision(
-        inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not inline:
+        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policy code, run once per decision: also for one parked (max_inflight) after its
+    paths function ran (paths to read, or none: an async handler waiting for a slot),
+    which its task used to run again."""
+    if how != "inline":
         no_inline_wait(monkeypatch)
     policy = PolicySet("p")
     asked: list[int] = []
 
     def paths(n: Notification) -> tuple[int, ...]:
         asked.append(n.id)
-        return (0,)
+        return () if how == "parked-nothing-to-read" else (0,)
 
-    @policy.on("mkdir", paths=paths)
-    def length(n: Notification) -> object:
-        return returns(len(n.path(0)))
+    if how == "parked-nothing-to-read":
+        @policy.on("mkdir", paths=paths)
+        async def length_later(n: Notification) -> object:
+            await trio.sleep(0.002)  # holds the slot: the next calls are parked
+            return returns(len(await n.read_path(0)))
+    else:
+        @policy.on("mkdir", paths=paths)
+        def length(n: Notification) -> object:
+            return returns(len(n.path(0)))
 
-    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "10") as served:
+    if how.startswith("parked"):
+        calls = ("mkdir-threads", "12", "/nonexistent/d")
+        settings = SessionSettings(max_inflight=1)
+    else:
+        calls = ("mkdir-repeat", "/abc", "10")
+        settings = SessionSettings()
+    async with serve_target(policy, ["mkdir"], *calls, settings=settings) as served:
         out = await served.target.result()
-    assert out == {"results": [{"rc": 4, "errno": 0}] * 10}
-    assert len(asked) == len(set(asked)) == 10
+    if how.startswith("parked"):
+        assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
+                                                     for i in range(12)]
+        assert served.session.stats.notifications == 12
+    else:
+        assert out == {"results": [{"rc": 4, "errno": 0}] * 10}
+    assert len(asked) == len(set(asked)) == served.session.stats.notifications, asked
 
 
 @pytest.mark.usefixtures("hot_loop")
