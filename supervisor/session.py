@@ -409,6 +409,10 @@ class Session:
                                            or result.kind == "allow"):
                     result = check_result(result, link.policy, read_memory=n.read_memory)
             except NotificationGone as gone:
+                if self._still_waits(notif_id):  # policy code said so, not the kernel
+                    self._answer(notif_id, tid, syscall, args, received,
+                                 self._failure(link.policy, n, gone))
+                    return None
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
                 return None
@@ -773,8 +777,12 @@ class Session:
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
             self._unpin(n.id)
         except NotificationGone as gone:
-            self.stats.gone += 1
-            self.recorder.gone(gone.stage)
+            if self._still_waits(n.id):  # policy code said so, not the kernel
+                self._answer(n.id, n.pid, n.syscall, n.args, received,
+                             self._failure(current[0], n, gone))
+            else:
+                self.stats.gone += 1
+                self.recorder.gone(gone.stage)
             self._unpin(n.id)
         finally:
             self.inflight -= 1
@@ -810,6 +818,17 @@ class Session:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
         self._unpin(n.id)
+
+    def _still_waits(self, notif_id: int) -> bool:
+        """After a NotificationGone from a decision: True if the kernel still waits for
+        an answer to ``notif_id`` after all. Policy code raises it too (path_guard after
+        its own ID_VALID check), and a buggy policy for a call that still waits: taken
+        for the kernel's word, the call got no answer and its caller hung, past any
+        deadline, until it was killed. (Only on this path: one ioctl.)"""
+        try:
+            return self.notify.id_valid(notif_id)
+        except OSError:  # (the fd was closed: the session ended)
+            return False
 
     def _unpin(self, notif_id: int) -> None:
         """A decision that waited was answered: its journal entry may go (see

@@ -708,3 +708,49 @@ async def test_a_handler_that_waits_after_its_paths_is_carried_under_its_deadlin
     else:
         assert [r["rc"] for r in out["results"]] == [len(f"/nonexistent/d{i}")
                                                      for i in range(8)]
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("where", ["handler", "paths-function", "after-paths-delivered",
+                                   "async-after-a-wait", "parked"])
+async def test_policy_code_raising_notification_gone_for_a_waiting_call_gets_on_error(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NotificationGone from policy code (path_guard raises it after its own ID_VALID
+    check; a buggy policy can raise it for a call that still waits) was taken for the
+    kernel's word: no answer, and nothing left to give one, so the caller hung (in a
+    task, past its deadline) until it was killed. It gets on_error if the call waits."""
+    from supervisor.errors import NotificationGone
+
+    if where == "after-paths-delivered":
+        no_inline_wait(monkeypatch)
+    policy = PolicySet("p")
+
+    def gone(n: Notification) -> tuple[int, ...]:
+        raise NotificationGone("policy")
+
+    if where == "paths-function":
+        @policy.on("mkdir", paths=gone)
+        def never(n: Notification) -> object:
+            return deny(errno.EACCES)
+    elif where in ("handler", "after-paths-delivered"):
+        @policy.on("mkdir", paths=(0,) if where == "after-paths-delivered" else None)
+        def raises(n: Notification) -> object:
+            gone(n)
+            return deny(errno.EACCES)
+    else:
+        @policy.on("mkdir")
+        async def raises_later(n: Notification) -> object:
+            await trio.sleep(0.01)
+            gone(n)
+            return deny(errno.EACCES)
+
+    calls = ("mkdir-threads", "4", "/x/d") if where == "parked" else ("mkdir", "/x/y")
+    settings = SessionSettings(deadline=30, max_inflight=1)
+    async with serve_target(policy, ["mkdir"], *calls, settings=settings) as served:
+        with trio.fail_after(5):  # (the deadline is 30 s: a hang is not its answer)
+            out = await served.target.result()
+    if where == "parked":
+        assert [r["errno"] for r in out["results"]] == [errno.EPERM] * 4
+    else:
+        assert out == {"rc": -1, "errno": errno.EPERM}  # on_error
+    assert served.session.stats.gone == 0
