@@ -729,7 +729,7 @@ class Session:
         suspended at the trap given with it (see :meth:`_suspend`). ``allowed``: the
         allow of an earlier link, the answer unless a later one decides otherwise (see
         :meth:`on_ready`). ``asked``: the paths of ``links[start]`` still to read, its
-        paths function already asked (a decision parked by :meth:`_prefetch`)."""
+        paths function already asked (a decision parked after it ran: see :meth:`_park`)."""
         try:
             outcome = None
             for link in links[start:]:
