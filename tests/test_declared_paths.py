@@ -754,3 +754,37 @@ async def test_policy_code_raising_notification_gone_for_a_waiting_call_gets_on_
     else:
         assert out == {"rc": -1, "errno": errno.EPERM}  # on_error
     assert served.session.stats.gone == 0
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_stop_reading_waits_for_a_handler_the_delivery_task_carries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A takeover's stop_reading(keep_fd=True) while a handler resumed by the read pool's
+    delivery waits after its paths (carried by that task, outside the session's nursery):
+    run() returns only once that call has its own answer, and the fd stays open."""
+    no_inline_wait(monkeypatch)
+    policy = PolicySet("p")
+    resumed = trio.Event()
+
+    @policy.on("mkdir", paths=(0,))
+    async def waits(n: Notification) -> object:
+        path = n.path(0)
+        resumed.set()
+        await trio.sleep(0.3)
+        return returns(len(path))
+
+    async with serve_target(policy, ["mkdir"], "mkdir", "/x/abc") as served:
+        session = served.session
+        with trio.fail_after(WAIT):
+            await resumed.wait()
+        assert not session._prefetching and session.inflight == 1
+        session.stop_reading(keep_fd=True)
+        await trio.sleep(0.1)
+        assert not served.done.is_set()  # its answer is still to come
+        with trio.fail_after(WAIT):
+            await served.done.wait()
+        assert session.inflight == 0 and session._carried == 0
+        assert not session.notify.closed
+        out = await served.target.result()
+        session.notify.close()
+    assert out == {"rc": 6, "errno": 0}
