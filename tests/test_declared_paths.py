@@ -788,3 +788,25 @@ async def test_stop_reading_waits_for_a_handler_the_delivery_task_carries(
         out = await served.target.result()
         session.notify.close()
     assert out == {"rc": 6, "errno": 0}
+
+
+def test_the_deadline_heap_does_not_keep_what_was_answered() -> None:
+    """Every prefetching decision puts its deadline in the daemon's one heap; most are
+    answered (cancelled) long before it. Cancelled entries are left in place, so a flood
+    must not grow the heap with them: it stays within twice the live ones (plus a few)."""
+    from time import perf_counter
+
+    async def scenario() -> None:
+        deadlines = Deadlines()
+        far = perf_counter() + 3600
+        kept = [deadlines.add(far, lambda: None) for _ in range(10)]
+        for _ in range(100):
+            for entry in [deadlines.add(far + 1, lambda: None) for _ in range(1000)]:
+                deadlines.cancel(entry)
+            assert len(deadlines._heap) <= 2 * len(deadlines) + 64
+        assert len(deadlines) == len(kept)
+        for entry in kept:
+            deadlines.cancel(entry)
+        assert len(deadlines) == 0 and len(deadlines._heap) <= 64
+
+    trio.run(scenario)
