@@ -254,18 +254,33 @@ class _Slot(Protocol):
     def release_on_behalf_of(self, borrower: object) -> None: ...
 
 
-class ReadSlot:
-    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool`, for both
-    kinds of reads: a task waiting for a place waits in ``limiter`` (FIFO), a read
-    submitted without a task (:meth:`ReadPool.submit`) in :attr:`deferred` (FIFO, no
-    task): the pool queues it when a place is given back."""
+class _WaitingTask:
+    """A task waiting in a :class:`ReadSlot`'s FIFO for a place, for ``borrower``."""
 
-    __slots__ = ("deferred", "limiter", "pool")
+    __slots__ = ("borrower", "task")
+
+    def __init__(self, borrower: object, task: trio.lowlevel.Task) -> None:
+        self.borrower = borrower
+        self.task = task
+
+
+class ReadSlot:
+    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool` (counted by
+    ``limiter``), for both kinds of reads, which wait for one in a single FIFO,
+    :attr:`deferred`: a read submitted without a task (:meth:`ReadPool.submit`; the pool
+    queues it when a place is given back) or a task's (:meth:`ReadPool.run`: the task is
+    woken with the place). One queue: when the tasks waited in the limiter's own queue,
+    served first whenever a place came back, a flood with parked decisions always had one
+    waiting, and the submitted reads -- the session's oldest decisions -- waited until
+    their deadline (tests/test_declared_paths.py)."""
+
+    __slots__ = ("_handing_over", "deferred", "limiter", "pool")
 
     def __init__(self, limiter: trio.CapacityLimiter) -> None:
         self.limiter = limiter
-        self.deferred: deque[_Job] = deque()
+        self.deferred: deque[_Job | _WaitingTask] = deque()
         self.pool: ReadPool | None = None  # where deferred reads go when a place is free
+        self._handing_over = False  # see _hand_over
 
     @property
     def borrowed_tokens(self) -> int:
@@ -277,12 +292,53 @@ class ReadSlot:
         self.limiter.acquire_on_behalf_of_nowait(borrower)
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await self.limiter.acquire_on_behalf_of(borrower)
+        """A place for ``borrower``, after the reads that asked before (a checkpoint)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiting = _WaitingTask(borrower, trio.lowlevel.current_task())
+        deferred = self.deferred
+        deferred.append(waiting)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            deferred.remove(waiting)  # (handed a place, it was rescheduled: no abort)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def release_on_behalf_of(self, borrower: object) -> None:
         self.limiter.release_on_behalf_of(borrower)
-        if self.deferred and self.pool is not None:
-            self.pool._start_deferred(self)
+        if self.deferred:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A place was given back: hand places to the reads waiting, in order, while
+        there are places."""
+        if self._handing_over:  # (called again from the loop below: it goes on)
+            return
+        self._handing_over = True
+        try:
+            deferred = self.deferred
+            while deferred:
+                head = deferred[0]
+                borrower = head.borrower if head.__class__ is _WaitingTask else head
+                try:
+                    self.limiter.acquire_on_behalf_of_nowait(borrower)
+                except trio.WouldBlock:
+                    return
+                deferred.popleft()
+                if isinstance(head, _WaitingTask):
+                    trio.lowlevel.reschedule(head.task)
+                else:
+                    assert self.pool is not None  # (set by the submit that deferred it)
+                    self.pool._start_submitted(head)
+        finally:
+            self._handing_over = False
 
 
 class _Job:
@@ -315,7 +371,7 @@ class _Job:
 
 
 class _Released:
-    """The slot of a job that gave its place back already (see ReadPool._start_deferred)."""
+    """The slot of a job that gave its place back already (see ReadPool._start_submitted)."""
 
     def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
         raise trio.WouldBlock
@@ -427,7 +483,6 @@ class ReadPool:
         # read was last waited for asynchronously (see INLINE_BUDGET).
         self._inline_spent = 0.0
         self._inline_turn = -1
-        self._starting_deferred = False  # see _start_deferred
 
     async def run(self, work: Callable[[], bytes], slot: _Slot,
                   wait: float = 0.0, turn: int = -1,
@@ -570,28 +625,13 @@ class ReadPool:
             self._watch_wake.set()
             self._watch_wake = None
 
-    def _start_deferred(self, slot: ReadSlot) -> None:
-        """A place of ``slot`` was given back: queue the reads its session submitted
-        meanwhile, in order, while it has places."""
-        if self._starting_deferred:  # (called again from the loop below: it goes on)
-            return
-        self._starting_deferred = True
-        try:
-            deferred = slot.deferred
-            while deferred:
-                job = deferred[0]
-                try:
-                    slot.limiter.acquire_on_behalf_of_nowait(job)
-                except trio.WouldBlock:
-                    return
-                deferred.popleft()
-                if self._queue_or_refuse(job):
-                    self._kick_watch()
-                else:  # its place was given back: the delivery task tells its caller
-                    job.slot = _RELEASED
-                    self.report(job)
-        finally:
-            self._starting_deferred = False
+    def _start_submitted(self, job: _Job) -> None:
+        """Queue ``job``, deferred by :meth:`submit`, now that it has its place."""
+        if self._queue_or_refuse(job):
+            self._kick_watch()
+        else:  # its place was given back: the delivery task tells its caller
+            job.slot = _RELEASED
+            self.report(job)
 
     @staticmethod
     def _drop(job: _Job) -> None:

@@ -610,8 +610,12 @@ class HandlerEntry:
 
 
 def path_indexes(value: object, where: str) -> tuple[int, ...]:
-    """``value`` checked as a tuple of path argument indexes (0..5, each once). Raises
-    PolicyError naming ``where``."""
+    """``value`` checked as a tuple of path argument indexes (0..5, each once), as a
+    plain tuple: a subclass (a NamedTuple...) is copied first, and the copy checked and
+    returned (what it iterates to later may differ). Raises PolicyError naming
+    ``where``."""
+    if isinstance(value, tuple) and value.__class__ is not tuple:
+        value = tuple(value)
     if not isinstance(value, tuple) or not all(
             i.__class__ is int and 0 <= i < 6 for i in value):
         raise PolicyError(f"{where}: paths must be a tuple of argument indexes in 0..5, "
@@ -701,7 +705,7 @@ class PolicySet:
         if not syscalls:
             raise PolicyError(f"policy {self.name!r}: on() needs at least one syscall name")
         if paths is not None and not callable(paths):
-            path_indexes(paths, f"policy {self.name!r}: on{syscalls!r}")
+            paths = path_indexes(paths, f"policy {self.name!r}: on{syscalls!r}")
 
         def register(func: H) -> H:
             is_async = inspect.iscoroutinefunction(func)
