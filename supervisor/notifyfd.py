@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
@@ -370,6 +371,10 @@ def carry_on(coro: Coroutine[Any, Any, T], trap: Any) -> Generator[Any, Any, T]:
                 return finished.value  # type: ignore[no-any-return]
 
 
+# Poller._generation values, process-wide: no two states of any two pollers share one.
+_GENERATIONS: Final = itertools.count()
+
+
 class Poller:
     """One epoll set for the notify fds of a trio run, and the one task that waits on it.
 
@@ -415,6 +420,9 @@ class Poller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._readers: dict[int, Reader] = {}
+        # A new value whenever _readers changes: the compiled round caches fd -> reader
+        # while it stands (supervisor/_hotloop.c, find_reader).
+        self._generation = next(_GENERATIONS)
         self._current: trio.lowlevel.Task | None = None  # the task polling the set
         # Times the polling task let the rest of the daemon run (slept or checkpointed):
         # see poller_turn().
@@ -428,6 +436,7 @@ class Poller:
             raise ValueError(f"fd {fd} is already registered")
         self._epoll.register(fd, select.EPOLLIN)
         self._readers[fd] = reader
+        self._generation = next(_GENERATIONS)
         alone = len(self._readers) == 1
         set_sync_wakeup(fd, alone)  # also clears a flag set by a previous owner
         if len(self._readers) == 2:
@@ -438,6 +447,7 @@ class Poller:
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd`` (no-op if it is not registered). Call before closing it."""
         if self._readers.pop(fd, None) is not None:
+            self._generation = next(_GENERATIONS)
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
