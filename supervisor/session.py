@@ -158,9 +158,10 @@ class Session:
     # notification, and with 1,000 busy sessions each session's state is cold by the time
     # its next call comes (bench/README.md, "Session 8: K=1000"). In the object they are
     # one block; in a dict they were the dict, its values array and a lookup each.
-    __slots__ = ("__weakref__", "_carried", "_carried_done", "_ended", "_failed",
-                 "_last_outcome", "_max_inflight", "_nursery", "_parked", "_polled_fd",
-                 "_poller", "_reading", "_routes", "_shadow", "_slot_freed", "_wake",
+    __slots__ = ("__weakref__", "_carried", "_carried_done", "_deadlines", "_ended",
+                 "_failed", "_last_outcome", "_max_inflight", "_nursery", "_parked",
+                 "_polled_fd", "_poller", "_prefetching", "_reading", "_routes",
+                 "_shadow", "_slot_freed", "_wake",
                  "bucket", "chain", "container", "inflight", "journal", "keep_fd",
                  "memory", "notify", "read_elsewhere", "recorder", "serial", "settings",
                  "started", "stats")
