@@ -53,7 +53,15 @@ nothing else of the runtime (no ``nanosleep``, ``sched_yield``, ``mmap``, ``munm
 while denying ``futex`` failed 9 starts in 20 and ``rt_sigreturn`` 2 in 20. The runtime
 ignores a failed ``nanosleep``/``sched_yield`` or futex wait (it spins instead), so those
 need no rule. crun (C) makes the same calls in the same order every time
-(``wait4 kill wait4 close munmap close close``), all recorded.
+(``wait4 kill wait4 close munmap close close``), all recorded. (The address in the crash
+reported, 0xc5dd38 in Debian's runc binary, is ``sched.sysmonnote``: only
+``runtime.sysmon``, ``entersyscall_sysmon``, ``exitsyscallfast_pidle``, ``exitsyscall0``
+and ``startTheWorldWithSema`` refer to it.) ``tests/test_learn.py`` makes both calls
+certain: ``runc create`` leaves the init blocked in the fifo's ``open`` (sysmon parks),
+a SIGURG sent meanwhile runs a handler, ``runc start`` wakes it.
+
+``record`` does not add them: its launcher is not runc, and a profile it writes is for
+``seccomp-supervisor run`` (runc's own calls after the filter are missing from it too).
 """
 
 from __future__ import annotations
