@@ -27,7 +27,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 4
+#define HOTLOOP_API_VERSION 5
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -689,11 +689,9 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         handed = PyObject_Vectorcall(func, &n, 1, NULL);
         Py_DECREF(func);
         if (handed == NULL) {
-            /* What session._HANDLER_FAILURES lets Python's loop turn into on_error;
-             * KeyboardInterrupt...: out, as from the Python loop. */
-            if (!PyErr_ExceptionMatches(PyExc_Exception) &&
-                !PyErr_ExceptionMatches(PyExc_SystemExit))
-                goto done;
+            /* Every exception goes to Python's _decide_received, which turns a policy's
+             * into on_error and raises the daemon's own again (session._daemon_own:
+             * KeyboardInterrupt, Cancelled, in a group too). */
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
             PyErr_NormalizeException(&type, &value, &tb);

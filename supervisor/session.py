@@ -377,7 +377,7 @@ class Session:
                 if raised:  # links[index] raised in the compiled loop: handle it here
                     raised = False
                     failure, handed = handed, None
-                    assert isinstance(failure, _HANDLER_FAILURES)
+                    assert isinstance(failure, BaseException)
                     try:
                         raise failure
                     finally:
@@ -428,7 +428,9 @@ class Session:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
                 return None
-            except _HANDLER_FAILURES as exc:
+            except BaseException as exc:
+                if _daemon_own(exc):
+                    raise
                 self._answer(notif_id, tid, syscall, args, received,
                              self._failure(link.policy, n, exc))
                 return None
@@ -726,7 +728,9 @@ class Session:
             decision = check_result(result, link.policy, read_memory=n.read_memory)
         except NotificationGone:
             raise
-        except _HANDLER_FAILURES as exc:
+        except BaseException as exc:
+            if _daemon_own(exc):
+                raise
             return self._failure(link.policy, n, exc)
         return None if decision is None else Outcome(decision, link.policy)
 
@@ -756,7 +760,9 @@ class Session:
                             wanted = _unread_paths(n, link)
                         except NotificationGone:
                             raise
-                        except _HANDLER_FAILURES as exc:
+                        except BaseException as exc:
+                            if _daemon_own(exc):
+                                raise
                             outcome = self._failure(link.policy, n, exc)
                             break
                     if wanted:
@@ -774,7 +780,9 @@ class Session:
                                                 read_memory=n.read_memory)
                     except NotificationGone:
                         raise
-                    except _HANDLER_FAILURES as exc:
+                    except BaseException as exc:
+                        if _daemon_own(exc):
+                            raise
                         outcome = self._failure(link.policy, n, exc)
                     else:
                         outcome = None if decision is None else Outcome(decision, link.policy)
@@ -932,11 +940,21 @@ if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
     accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
 
 
-# What a handler may raise and the session turns into its on_error answer: any Exception,
-# and SystemExit (a policy calling sys.exit() or exit() would otherwise stop the whole
-# daemon, every container's calls with it). Not KeyboardInterrupt or trio's Cancelled:
-# those are the daemon's own.
-_HANDLER_FAILURES: Final = (Exception, SystemExit)
+# What a handler raises is a policy bug the session turns into the call's on_error answer
+# -- any exception, SystemExit (sys.exit()) and other BaseExceptions too
+# (asyncio.CancelledError, a library's own): let through, one policy's bug stopped the
+# whole daemon, every container's calls with it -- except the daemon's own: Ctrl-C
+# (KeyboardInterrupt), a coroutine being closed (GeneratorExit) and trio's Cancelled (a
+# deadline's cancel scope, or the daemon stopping), alone or in an exception group.
+_DAEMON_OWN: Final = (KeyboardInterrupt, GeneratorExit, trio.Cancelled)
+
+
+def _daemon_own(exc: BaseException) -> bool:
+    """True if ``exc``, raised by policy code, is not the policy's failure but one of
+    the daemon's own exceptions passing through it (see :data:`_DAEMON_OWN`)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_DAEMON_OWN) is not None
+    return isinstance(exc, _DAEMON_OWN)
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR
