@@ -258,7 +258,9 @@ class Session:
                 for _name, policy_set in self.chain.policies:
                     try:
                         policy_set.session_ended(self.container)
-                    except Exception:
+                    except BaseException as exc:
+                        if _daemon_own(exc):
+                            raise
                         log.exception("session-end hook of policy %s failed", _name)
 
     async def _serve(self) -> None:
@@ -697,7 +699,9 @@ class Session:
             if id(policy_set) not in kept:
                 try:
                     policy_set.session_ended(self.container)
-                except Exception:
+                except BaseException as exc:
+                    if _daemon_own(exc):
+                        raise
                     log.exception("session-end hook of policy %s failed", name)
 
     def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,

@@ -419,6 +419,33 @@ async def test_a_handler_whose_own_nursery_overruns_the_deadline_is_cut_off_as_a
         assert served.metric(errors, policy="p", kind="exception") == 0
 
 
+@pytest.mark.parametrize("raised", [
+    lambda: sys.exit("hook gave up"), lambda: _raise(_LibraryStop())],
+    ids=["sys.exit", "BaseException-subclass"])
+async def test_a_session_end_hook_raising_a_base_exception_ends_only_its_session(
+        raised: Callable[[], None]) -> None:
+    """A policy's session-end hook is policy code too: what it raises is logged, and the
+    session ends as it would have (it stopped the trio run, the daemon with it)."""
+    policy = PolicySet("p")
+    ended: list[str] = []
+
+    @policy.on("getppid")
+    def verdict(n: Notification) -> Decision:
+        return deny(errno.EACCES)
+
+    @policy.on_session_end
+    def bye(container: Container) -> None:
+        ended.append(container.id)
+        raised()
+
+    async with serve_target(policy, ["getppid"], "getppid", "2") as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [errno.EACCES, errno.EACCES]
+            await served.done.wait()
+        assert served.session._failed is None
+    assert ended == ["test"]
+
+
 def _raise(exc: BaseException) -> None:
     raise exc
 
