@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+import trio
+
+#: What policy code may raise that is not the policy's failure but the daemon's own,
+#: passing through it: Ctrl-C (KeyboardInterrupt), a coroutine being closed
+#: (GeneratorExit) and trio's Cancelled (a deadline's cancel scope, or the daemon
+#: stopping). Everything else policy code raises -- any exception, SystemExit from a
+#: stray sys.exit(), asyncio.CancelledError, a library's own BaseException -- is that
+#: policy's bug, and must not stop the daemon, every container's calls with it.
+DAEMON_OWN: Final = (KeyboardInterrupt, GeneratorExit, trio.Cancelled)
+
+
+def is_daemon_own(exc: BaseException) -> bool:
+    """True if ``exc``, raised by policy code, is one of :data:`DAEMON_OWN`, alone or in
+    an exception group (trio raises a nursery's Cancelled in one)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(DAEMON_OWN) is not None
+    return isinstance(exc, DAEMON_OWN)
+
 
 class SupervisorError(Exception):
     """Base class of every error this package raises on purpose."""

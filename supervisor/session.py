@@ -45,7 +45,7 @@ from . import abi, accel
 from .audit import Recorder
 from .deadlines import Deadlines, Entry, current_deadlines
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
-from .errors import NotificationGone, PolicyError, TargetMemoryError
+from .errors import NotificationGone, PolicyError, TargetMemoryError, is_daemon_own
 from .journal import Journal
 from .memory import PendingReads, TargetMemory
 from .metrics import DECISION_BUCKETS
@@ -944,21 +944,9 @@ if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
     accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
 
 
-# What a handler raises is a policy bug the session turns into the call's on_error answer
-# -- any exception, SystemExit (sys.exit()) and other BaseExceptions too
-# (asyncio.CancelledError, a library's own): let through, one policy's bug stopped the
-# whole daemon, every container's calls with it -- except the daemon's own: Ctrl-C
-# (KeyboardInterrupt), a coroutine being closed (GeneratorExit) and trio's Cancelled (a
-# deadline's cancel scope, or the daemon stopping), alone or in an exception group.
-_DAEMON_OWN: Final = (KeyboardInterrupt, GeneratorExit, trio.Cancelled)
-
-
-def _daemon_own(exc: BaseException) -> bool:
-    """True if ``exc``, raised by policy code, is not the policy's failure but one of
-    the daemon's own exceptions passing through it (see :data:`_DAEMON_OWN`)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(_DAEMON_OWN) is not None
-    return isinstance(exc, _DAEMON_OWN)
+# What a handler raises is the call's on_error answer, but for the daemon's own
+# exceptions (errors.is_daemon_own).
+_daemon_own: Final = is_daemon_own
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR
