@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Final
-
-import trio
+import sys
 
 #: What policy code may raise that is not the policy's failure but the daemon's own,
 #: passing through it: Ctrl-C (KeyboardInterrupt), a coroutine being closed
 #: (GeneratorExit) and trio's Cancelled (a deadline's cancel scope, or the daemon
-#: stopping). Everything else policy code raises -- any exception, SystemExit from a
-#: stray sys.exit(), asyncio.CancelledError, a library's own BaseException -- is that
-#: policy's bug, and must not stop the daemon, every container's calls with it.
-DAEMON_OWN: Final = (KeyboardInterrupt, GeneratorExit, trio.Cancelled)
+#: stopping; see :func:`is_daemon_own`). Everything else policy code raises -- any
+#: exception, SystemExit from a stray sys.exit(), asyncio.CancelledError, a library's
+#: own BaseException -- is that policy's bug, and must not stop the daemon, every
+#: container's calls with it.
+_BUILTIN_OWN = (KeyboardInterrupt, GeneratorExit)
 
 
 def is_daemon_own(exc: BaseException) -> bool:
-    """True if ``exc``, raised by policy code, is one of :data:`DAEMON_OWN`, alone or in
-    an exception group (trio raises a nursery's Cancelled in one)."""
+    """True if ``exc``, raised by policy code, is one of the daemon's own exceptions
+    (KeyboardInterrupt, GeneratorExit, trio.Cancelled), alone or in an exception group
+    (trio raises a nursery's Cancelled in one)."""
+    # trio from sys.modules: the command line imports this module and must start
+    # without trio (tests/test_top.py); without trio loaded, nothing raised Cancelled.
+    trio = sys.modules.get("trio")
+    own = _BUILTIN_OWN if trio is None else (*_BUILTIN_OWN, trio.Cancelled)
     if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(DAEMON_OWN) is not None
-    return isinstance(exc, DAEMON_OWN)
+        return exc.subgroup(own) is not None
+    return isinstance(exc, own)
 
 
 class SupervisorError(Exception):
