@@ -21,7 +21,7 @@ from supervisor.deadlines import Deadlines
 from supervisor.errors import PolicyError
 from supervisor.memory import ReadPool, ReadSlot, TargetMemory, _Job
 from supervisor.policy import Notification, PolicySet, allow, deny, returns
-from supervisor.session import SessionSettings
+from supervisor.session import Session, SessionSettings
 from supervisor.testing import load
 
 from .conftest import serve_target
@@ -30,10 +30,17 @@ REPO = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # a hang guard for what takes milliseconds
 
 
-def counting_policy(asynchronous: bool = False) -> tuple[PolicySet, list[bytes]]:
-    """mkdir: returns the length of the path it passed, read before the handler."""
+def counting_policy(asynchronous: bool = False, getppid: bool = False
+                    ) -> tuple[PolicySet, list[bytes]]:
+    """mkdir: returns the length of the path it passed, read before the handler;
+    ``getppid``: returns 7 too (a call that reads nothing)."""
     policy = PolicySet("p")
     seen: list[bytes] = []
+
+    if getppid:
+        @policy.on("getppid")
+        def quick(n: Notification) -> object:
+            return returns(7)
 
     if asynchronous:
         @policy.on("mkdir", paths=(0,))
@@ -50,6 +57,13 @@ def counting_policy(asynchronous: bool = False) -> tuple[PolicySet, list[bytes]]
             return returns(len(n.path(0)))
 
     return policy, seen
+
+
+async def waiting_for_paths(session: Session) -> None:
+    """Until a decision of ``session`` waits for its declared paths."""
+    with trio.fail_after(WAIT):
+        while not session._prefetching:
+            await trio.sleep(0.01)
 
 
 @pytest.mark.usefixtures("hot_loop")
@@ -289,11 +303,7 @@ async def test_a_stuck_read_gets_on_error_at_the_deadline_and_others_are_served(
     """The read of a path on an unserved userfaultfd page blocks its thread until the
     target exits. Its call is answered on_error at the deadline; meanwhile the same
     container's other calls and another container's reads are served."""
-    policy, _seen = counting_policy()
-
-    @policy.on("getppid")
-    def quick(n: Notification) -> object:
-        return returns(7)
+    policy, _seen = counting_policy(getppid=True)
 
     settings = SessionSettings(deadline=1.0)
     async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "40", "0.01",
@@ -341,19 +351,13 @@ async def test_a_decision_waiting_for_its_paths_holds_an_async_slot() -> None:
 
 @pytest.mark.usefixtures("hot_loop")
 async def test_stop_reading_waits_for_a_decision_waiting_for_its_paths() -> None:
-    policy, _seen = counting_policy()
-
-    @policy.on("getppid")
-    def quick(n: Notification) -> object:
-        return returns(7)
+    policy, _seen = counting_policy(getppid=True)
 
     settings = SessionSettings(deadline=0.8)
     async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "0", "0",
                             settings=settings) as served:
         session = served.session
-        with trio.fail_after(WAIT):
-            while not session._prefetching:
-                await trio.sleep(0.01)
+        await waiting_for_paths(session)
         session.stop_reading()
         await trio.sleep(0.2)
         assert not served.done.is_set()  # a received call waits for its answer
@@ -367,19 +371,13 @@ async def test_stop_reading_waits_for_a_decision_waiting_for_its_paths() -> None
 
 @pytest.mark.usefixtures("hot_loop")
 async def test_a_session_that_ends_mid_read_drops_its_waiting_decision() -> None:
-    policy, _seen = counting_policy()
-
-    @policy.on("getppid")
-    def quick(n: Notification) -> object:
-        return returns(7)
+    policy, _seen = counting_policy(getppid=True)
 
     settings = SessionSettings(deadline=30)
     async with serve_target(policy, ["mkdir", "getppid"], "mkdir-uffd", "0", "0",
                             settings=settings) as served:
         session = served.session
-        with trio.fail_after(WAIT):
-            while not session._prefetching:
-                await trio.sleep(0.01)
+        await waiting_for_paths(session)
         served.target.child.process.kill()  # POLLHUP: the session ends
         with trio.fail_after(WAIT):
             await served.done.wait()
