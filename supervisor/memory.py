@@ -75,7 +75,7 @@ import trio
 from trio.lowlevel import RunVar
 
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd, Suspended, carry_on, poller_turn
+from .notifyfd import NotifyFd, Suspended, carry_suspended, poller_turn, suspended_ended
 
 log = logging.getLogger("supervisor.memory")
 
@@ -756,21 +756,12 @@ class ReadPool:
                         self._active.retired = True
                         self._active.idle = True
                         self._active.kick()
-            scope.deadline = suspended.deadline
             # The rest of this batch, and every later one, goes to the successor.
             trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
-            failure: Exception | None = None
-            try:
-                await carry_on(suspended.coro, suspended.trap)
-            except Exception as exc:
-                failure = exc
+            failure: Exception | None = None  # (a deadline cancels the await below)
+            failure = await carry_suspended(suspended, scope)
         assert suspended is not None  # the loop above only ends (not raising) with one
-        try:
-            if scope.cancelled_caught:
-                suspended.on_deadline()
-        except Exception as exc:
-            failure = failure or exc
-        suspended.done(failure)
+        suspended_ended(suspended, scope, failure)
 
     async def _watch(self) -> None:
         """While reads wait, retire the active thread when its read turns slow."""

@@ -331,6 +331,32 @@ class Suspended(NamedTuple):
     done: Callable[[Exception | None], None]
 
 
+async def carry_suspended(suspended: Suspended, scope: trio.CancelScope
+                          ) -> Exception | None:
+    """Carry ``suspended`` on to its end in the task it suspended in, under its deadline,
+    which ``scope`` gets now: the task entered ``scope`` before the decision's first step
+    ran, so any cancel scope the handler entered nests inside it. Returns what the
+    decision raised. After ``scope`` exited, :func:`suspended_ended`."""
+    scope.deadline = suspended.deadline
+    try:
+        await carry_on(suspended.coro, suspended.trap)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def suspended_ended(suspended: Suspended, scope: trio.CancelScope,
+                    failure: Exception | None) -> None:
+    """``suspended``'s end, after :func:`carry_suspended` in ``scope`` (exited):
+    ``on_deadline()`` if the deadline cut it off, then ``done()`` in any case."""
+    try:
+        if scope.cancelled_caught:
+            suspended.on_deadline()
+    except Exception as exc:
+        failure = failure or exc
+    suspended.done(failure)
+
+
 def first_step(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
     """Run ``coro`` up to where it first waits: ``(True, its return value)`` if it
     finished without waiting, else ``(False, the trap it yielded to trio)``, to be passed
@@ -517,20 +543,11 @@ class Poller:
                     epoll.close()
             # A decision's coroutine is suspended in this task: hand the set over first,
             # then carry the decision on under its deadline.
-            scope.deadline = suspended.deadline
             trio.lowlevel.spawn_system_task(self.run, name="seccomp-supervisor notify poller")
-            failure: Exception | None = None
-            try:
-                await carry_on(suspended.coro, suspended.trap)
-            except Exception as exc:
-                failure = exc
+            failure: Exception | None = None  # (a deadline cancels the await below)
+            failure = await carry_suspended(suspended, scope)
         assert suspended is not None  # the loop above only ends (not raising) with one
-        try:
-            if scope.cancelled_caught:
-                suspended.on_deadline()
-        except Exception as exc:
-            failure = failure or exc
-        suspended.done(failure)
+        suspended_ended(suspended, scope, failure)
 
 
 _POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")
