@@ -19,7 +19,10 @@
  *    until EOF.
  * 2. THREADS threads make KIND calls until STOP_FD reaches EOF; every answer
  *    is checked (getppid: EPERM; mkdir: EACCES).
- * 3. Writes "<calls> <wrong>\n" to OUT.
+ * 3. Writes "<calls> <wrong>\n" to OUT, and to stderr what the wrong answers
+ *    were ("bench-flood: wrong answers: rc=-1 errno=EPERM x3 ..."): a deadline's
+ *    on_error (EPERM), a refused read (EAGAIN) and a lost answer (ENOSYS once the
+ *    daemon is gone) are told apart.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -50,6 +53,9 @@
 
 static atomic_int stop;
 static atomic_ulong calls, wrong;
+/* Wrong answers by errno (the last slot: success, or an errno out of range). */
+#define WRONG_KINDS 160
+static atomic_ulong wrong_by_errno[WRONG_KINDS];
 static int kind;	/* 0 sync, 1 async, 2 slow */
 static char *uffd_area;
 static long page;
@@ -97,8 +103,13 @@ static void *flood(void *arg)
 		}
 		err = errno;
 		atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
-		if (rc != -1 || err != expect)
+		if (rc != -1 || err != expect) {
 			atomic_fetch_add_explicit(&wrong, 1, memory_order_relaxed);
+			atomic_fetch_add_explicit(
+				&wrong_by_errno[rc == -1 && err > 0 && err < WRONG_KINDS - 1
+						? err : WRONG_KINDS - 1],
+				1, memory_order_relaxed);
+		}
 	}
 	return NULL;
 }
@@ -203,5 +214,19 @@ int main(int argc, char **argv)
 	fprintf(f, "%lu %lu\n", atomic_load(&calls), atomic_load(&wrong));
 	if (fclose(f))
 		fail("write OUT");
+	if (atomic_load(&wrong)) {
+		fprintf(stderr, "bench-flood %s: wrong answers:", argv[2]);
+		for (int e = 0; e < WRONG_KINDS; e++) {
+			unsigned long n = atomic_load(&wrong_by_errno[e]);
+
+			if (!n)
+				continue;
+			if (e == WRONG_KINDS - 1)
+				fprintf(stderr, " other x%lu", n);
+			else
+				fprintf(stderr, " %s x%lu", strerrorname_np(e), n);
+		}
+		fprintf(stderr, "\n");
+	}
 	return 0;
 }

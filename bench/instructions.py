@@ -41,7 +41,7 @@ _bpf.notif_sizes = lambda: (_abi.NOTIF_SIZE, _abi.NOTIF_RESP_SIZE, _abi.SECCOMP_
 WRAPPER = """\
 #!/bin/sh
 export PYTHONPATH="$PYTHONPATH:{site}"
-exec valgrind --tool=callgrind --callgrind-out-file={out}/callgrind.%p {python} "$@"
+exec valgrind --tool=callgrind {extra}--callgrind-out-file={out}/callgrind.%p {python} "$@"
 """
 
 
@@ -54,7 +54,10 @@ def mem_args(sup: str) -> list[str]:
     return ["--mem-calls", call, "--mem-lengths", length, "--emulate-calls", "0"]
 
 
-def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path) -> int:
+def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path
+          ) -> dict[str, int]:
+    """The callgrind totals of one row's daemon, by event (Ir; with the cache
+    simulation also D1mr, DLmr...)."""
     for old in out.glob("callgrind.*"):
         old.unlink()
     done = subprocess.run(
@@ -66,10 +69,13 @@ def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path
     files = list(out.glob("callgrind.*"))
     if done.returncode != 0 or len(files) != 1 or "FAILED" in done.stdout:
         sys.exit(f"bench row failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    match = re.search(r"^summary: (\d+)$", files[0].read_text(errors="replace"), re.M)
-    if match is None:
-        sys.exit(f"no summary line in {files[0]}")
-    return int(match.group(1))
+    text = files[0].read_text(errors="replace")
+    events = re.search(r"^events: (.+)$", text, re.M)
+    match = re.search(r"^summary: ([\d ]+)$", text, re.M)
+    if match is None or events is None:
+        sys.exit(f"no events or summary line in {files[0]}")
+    return dict(zip(events.group(1).split(), (int(x) for x in match.group(1).split()),
+                    strict=True))
 
 
 def main() -> int:
@@ -82,6 +88,12 @@ def main() -> int:
     ap.add_argument("--tree", help="directory holding the supervisor package (and bench/)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
     ap.add_argument("--keep", metavar="DIR", help="keep the two callgrind files here")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also simulate the caches (--cache-sim=yes, this CPU's L1 and "
+                         "last level): misses per notification")
+    ap.add_argument("--ll", metavar="SIZE,ASSOC,LINE",
+                    help="with --cache-sim: simulate this last-level cache instead, e.g. "
+                         "524288,8,64 for a 512 KiB L2 (callgrind models two levels only)")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -94,7 +106,11 @@ def main() -> int:
         site.mkdir()
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         wrapper = tmpdir / "python"
-        wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python))
+        extra = ""
+        if args.cache_sim:
+            extra = "--cache-sim=yes " + (f"--LL={args.ll} " if args.ll else "")
+        wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python,
+                                          extra=extra))
         wrapper.chmod(0o755)
         sys.path.insert(0, str(run_py.parent))
         from run import DEFAULT_CALLS, MEM_CALLS, MEM_LENGTHS, SUPERVISORS, mem_supervisors
@@ -103,17 +119,24 @@ def main() -> int:
                  (*SUPERVISORS, *mem_supervisors(MEM_CALLS, MEM_LENGTHS))}.get(args.sup, 1.0)
         calls = {scale: int(int(DEFAULT_CALLS.get(args.k, 100_000) * scale) * share)
                  // args.k * args.k for scale in (small, large)}
-        totals = {}
+        totals: dict[float, dict[str, int]] = {}
         for scale in (small, large):
             totals[scale] = count(run_py, args.k, args.sup, scale, wrapper, tmpdir)
             if args.keep:
                 os.makedirs(args.keep, exist_ok=True)
                 for f in tmpdir.glob("callgrind.*"):
                     shutil.copy(f, Path(args.keep) / f"callgrind.{calls[scale]}-calls")
-    per_call = (totals[large] - totals[small]) / (calls[large] - calls[small])
-    print(f"{args.sup} K={args.k}: {per_call:,.0f} instructions per notification "
-          f"({calls[small]} and {calls[large]} calls: {totals[small]:,} and "
-          f"{totals[large]:,})")
+
+    def per_call(event: str) -> float:
+        return float((totals[large][event] - totals[small][event])
+                     / (calls[large] - calls[small]))
+
+    print(f"{args.sup} K={args.k}: {per_call('Ir'):,.0f} instructions per notification "
+          f"({calls[small]} and {calls[large]} calls: {totals[small]['Ir']:,} and "
+          f"{totals[large]['Ir']:,})")
+    if args.cache_sim:
+        print("  per notification: " + ", ".join(
+            f"{event} {per_call(event):,.1f}" for event in totals[large] if event != "Ir"))
     return 0
 
 

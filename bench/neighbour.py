@@ -276,6 +276,12 @@ def run_kind(kind: str, tree: Tree, opts: argparse.Namespace, target: Path, floo
         log.seek(0)
         text = log.read().decode(errors="replace").strip()
         log.close()
+        # Kept per run in --out (a round's wrong answers are explained by its log).
+        if opts.out:
+            kept = Path(opts.out) / "logs" / f"daemon-{kind}{tree.name}-{time.time_ns()}.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(text + "\n" if text else "")
+            print(f"    [{kind}] daemon log: {kept}", file=sys.stderr)
         if text and opts.show_log:
             print(f"    [{kind}] daemon output: {text[-1500:]}", file=sys.stderr)
 
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the daemon under cProfile, one .prof file per run in DIR")
     ap.add_argument("--show-log", action="store_true", help="print the daemon's output")
     ap.add_argument("--out", help="build directory (default: a fresh one under the run's "
-                                  "temporary directory, so other runs cannot replace them)")
+                                  "temporary directory, so other runs cannot replace them); "
+                                  "with it, every run's daemon log is kept in OUT/logs")
     opts = ap.parse_args(argv)
     kinds = [k for k in opts.kinds.split(",") if k]
     for k in kinds:

@@ -14,7 +14,9 @@ same container when ``accumulate`` is on (a second ``runc exec`` session, a reru
 The policy only sees calls the container's filter notifies: give the container a
 learning profile (every known call except ``write`` notified, see
 :func:`supervisor.learn.learning_profile`). What cannot be recorded -- ``write`` and the
-launcher's handoff calls -- is allowed through the ``always_allow`` option.
+launcher's handoff calls -- is allowed through the ``always_allow`` option; so are,
+whatever that option says, :data:`supervisor.learn.GO_RUNTIME_SYSCALLS` (``futex``,
+``rt_sigreturn``), which runc's init may make after its filter on some runs only.
 
 Files (see :mod:`supervisor.safefile`): the previous file is read and the new one written
 in a worker thread, never on the event loop; the file must be a regular file of at most
@@ -40,7 +42,8 @@ Options:
 * ``base`` (absolute path or ""): a profile to merge into; its default action must be
   SCMP_ACT_ERRNO, and its conditional and non-allow rules win over what was observed;
 * ``always_allow`` (list of names): allowed in every profile, default
-  :data:`supervisor.learn.HANDOFF_SYSCALLS`;
+  :data:`supervisor.learn.HANDOFF_SYSCALLS` (:data:`supervisor.learn.GO_RUNTIME_SYSCALLS`
+  are allowed in any case);
 * ``accumulate`` (bool, default true): merge with the container's existing profile file;
 * ``answer``: ``"allow"`` (CONTINUE, the default) or ``"pass"`` (record, then let the
   next policy of the chain decide: put ``learn`` first to observe everything).
@@ -60,6 +63,7 @@ from supervisor.learn import (
     Recording,
     known_syscalls,
     learn_directories,
+    learned_names,
     load_base,
     merge_profile,
     owner_directory,
@@ -153,7 +157,7 @@ def write_learned_profile(container: Container) -> None:
     path = os.path.join(directory, name)
     base = _base[0]
     accumulate = bool(options["accumulate"])
-    names = recording.names() | set(options["always_allow"])
+    names = learned_names(recording.names(), options["always_allow"])
     architectures = recording.architectures()
 
     def write() -> None:  # in a worker thread

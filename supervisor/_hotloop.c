@@ -27,7 +27,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 3
+#define HOTLOOP_API_VERSION 5
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -60,7 +60,7 @@ static PyObject *s_notify, *s_fd, *s_buf, *s_journal, *s_routes, *s_bucket, *s_s
     *s_unregister, *s_read_elsewhere, *s_decide_received, *s_decided, *s_allow, *s_recv,
     *s_send, *s_last, *s_value, *s_bounds, *s_counts, *s_sum, *s_audit, *s_audit_slow,
     *s_none, *s_deny, *s_limiter, *s_limit, *s_epoch, *s_window, *s_written, *s_start,
-    *s_suppressed, *s_suppressed_counter;
+    *s_suppressed, *s_suppressed_counter, *s_generation, *s_readers;
 static PyObject *one, *zero;
 
 /* A member (slot) descriptor's get and set: what attribute access does for a __slots__
@@ -689,11 +689,9 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         handed = PyObject_Vectorcall(func, &n, 1, NULL);
         Py_DECREF(func);
         if (handed == NULL) {
-            /* What session._HANDLER_FAILURES lets Python's loop turn into on_error;
-             * KeyboardInterrupt...: out, as from the Python loop. */
-            if (!PyErr_ExceptionMatches(PyExc_Exception) &&
-                !PyErr_ExceptionMatches(PyExc_SystemExit))
-                goto done;
+            /* Every exception goes to Python's _decide_received, which turns a policy's
+             * into on_error and raises the daemon's own again (session._daemon_own:
+             * KeyboardInterrupt, Cancelled, in a group too). */
             PyObject *type, *value, *tb;
             PyErr_Fetch(&type, &value, &tb);
             PyErr_NormalizeException(&type, &value, &tb);
@@ -787,33 +785,29 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
     if (notify == NULL)
         return NULL;
     PyObject *fd_obj = GET(notify, s_fd);
-    PyObject *buf = fd_obj == NULL ? NULL : GET(notify, s_buf);
     Py_DECREF(notify);
-    if (buf == NULL) {
-        Py_XDECREF(fd_obj);
+    if (fd_obj == NULL)
         return NULL;
-    }
     int fd = (int)PyLong_AsLong(fd_obj);
     Py_DECREF(fd_obj);
-    if (fd < 0 || !PyByteArray_CheckExact(buf) ||
-        PyByteArray_GET_SIZE(buf) != sizeof(struct seccomp_notif)) {
-        Py_DECREF(buf);
+    if (fd < 0) {
         PyErr_Clear();
-        return call_on_ready(session, mask); /* closed, or not what we know */
+        return call_on_ready(session, mask); /* closed */
     }
-    /* RECV fills the session's own buffer (NotifyFd.recv_buffer): whoever reads it
-     * after this call sees what the Python RECV would have left. It needs it zeroed. */
-    struct seccomp_notif *notif = (struct seccomp_notif *)PyByteArray_AS_STRING(buf);
-    memset(notif, 0, sizeof(*notif));
+    /* RECV into our own stack, not the session's buffer (NotifyFd.recv_buffer, which
+     * only the Python RECV and the Python journal use): at K=1000 busy sessions every
+     * line of per-session state touched per notification is a cache miss, and the
+     * buffer and its bytearray are three of them (bench/README.md, "Session 8"). */
+    struct seccomp_notif copy;
+    memset(&copy, 0, sizeof(copy)); /* RECV needs it zeroed */
     int rc, err;
     recv_calls_count++; /* odd: a RECV runs */
     Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, notif);
+    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &copy);
     err = errno;
     Py_END_ALLOW_THREADS
     recv_calls_count++;
     if (rc < 0) {
-        Py_DECREF(buf);
         if (err == ENOENT)
             return count_gone(session, s_recv);
         if (err == EINTR) {
@@ -833,8 +827,6 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     double received = now();
-    struct seccomp_notif copy = *notif; /* the buffer is Python's: a handler may RECV */
-    Py_DECREF(buf);
     PyObject *stats = GET(session, s_stats);
     if (stats == NULL)
         return NULL;
@@ -858,6 +850,73 @@ PyDoc_STRVAR(poll_round_doc,
 "on_ready(mask) (a Session's in C), stopping at the first that returns a Suspended.\n"
 "A reader whose on_ready raises an Exception is unregistered from the poller and gets\n"
 "on_failure(exc). Returns the number of events reported and the Suspended or None.");
+
+/* fd -> reader, for the poller's own dict (Poller._readers) only: the same answer as
+ * readers.get(fd) while Poller._generation is the object cached here, because
+ * Poller.register/unregister, the only writers of that dict, set a new one (from a
+ * process-wide count: no two states of any poller share a value). The readers are
+ * borrowed: the dict holds them as long as the generation stands, and it is checked
+ * before every use, as a callback of the round may unregister. At K=1000 busy sessions
+ * the dict lookup (a new int for the fd, the index line, the entry line, the key's int)
+ * was three cache misses per notification; this array is 8 bytes per fd and stays hot. */
+#define READER_CACHE_MAX 65536
+static PyObject **reader_cache;
+static Py_ssize_t reader_cache_size;
+static PyObject *reader_cache_generation; /* strong; NULL: the cache is empty */
+
+static void reader_cache_clear(void)
+{
+    if (reader_cache != NULL)
+        memset(reader_cache, 0, (size_t)reader_cache_size * sizeof(*reader_cache));
+    Py_CLEAR(reader_cache_generation);
+}
+
+/* The reader of fd (borrowed) or NULL (none, or an error set). `own` is nonzero when
+ * `readers` is the poller's own dict. */
+static PyObject *find_reader(PyObject *poller, PyObject *readers, int own, int fd)
+{
+    PyObject *generation = NULL;
+    if (own && fd >= 0 && fd < READER_CACHE_MAX) {
+        if ((generation = GET(poller, s_generation)) == NULL)
+            return NULL;
+        if (generation != reader_cache_generation)
+            reader_cache_clear();
+        else if (fd < reader_cache_size && reader_cache[fd] != NULL) {
+            Py_DECREF(generation);
+            return reader_cache[fd];
+        }
+    }
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL) {
+        Py_XDECREF(generation);
+        return NULL;
+    }
+    PyObject *reader = PyDict_GetItemWithError(readers, key); /* borrowed */
+    Py_DECREF(key);
+    if (reader != NULL && generation != NULL) {
+        if (fd >= reader_cache_size) {
+            Py_ssize_t size = reader_cache_size ? reader_cache_size : 1024;
+            while (size <= fd)
+                size *= 2;
+            PyObject **grown = PyMem_Realloc(reader_cache, (size_t)size * sizeof(*grown));
+            if (grown == NULL) { /* no cache, no harm */
+                Py_DECREF(generation);
+                return reader;
+            }
+            memset(grown + reader_cache_size, 0,
+                   (size_t)(size - reader_cache_size) * sizeof(*grown));
+            reader_cache = grown;
+            reader_cache_size = size;
+        }
+        reader_cache[fd] = reader;
+        if (reader_cache_generation == NULL) {
+            reader_cache_generation = generation;
+            generation = NULL;
+        }
+    }
+    Py_XDECREF(generation);
+    return reader;
+}
 
 static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
@@ -884,17 +943,18 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
         if (PyErr_CheckSignals() < 0) /* select.epoll retries after the handlers */
             return NULL;
     }
+    /* The fd cache serves the poller's own dict only (see find_reader). */
+    PyObject *own_readers = GET(poller, s_readers);
+    int own = own_readers == readers;
+    Py_XDECREF(own_readers);
+    PyErr_Clear(); /* not a Poller: no cache */
     PyObject *suspended = Py_None;
     Py_INCREF(suspended);
     for (int i = 0; i < count; i++) {
         /* Looked up now: an fd unregistered (maybe closed and its number reused) by a
          * callback of this round is skipped, not read. */
-        PyObject *fd = PyLong_FromLong(events[i].data.fd);
-        if (fd == NULL)
-            goto fail;
-        PyObject *reader = PyDict_GetItemWithError(readers, fd); /* borrowed */
+        PyObject *reader = find_reader(poller, readers, own, events[i].data.fd);
         if (reader == NULL) {
-            Py_DECREF(fd);
             if (PyErr_Occurred())
                 goto fail;
             continue;
@@ -909,7 +969,6 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
         if (r == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) {
                 Py_DECREF(reader);
-                Py_DECREF(fd);
                 goto fail;
             }
             PyObject *type, *value, *tb;
@@ -919,9 +978,12 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
                 PyException_SetTraceback(value, tb);
             Py_XDECREF(type);
             Py_XDECREF(tb);
-            PyObject *unregister_args[2] = {poller, fd};
-            PyObject *u = PyObject_VectorcallMethod(
-                s_unregister, unregister_args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            PyObject *fd = PyLong_FromLong(events[i].data.fd), *u = NULL;
+            if (fd != NULL) {
+                PyObject *unregister_args[2] = {poller, fd};
+                u = PyObject_VectorcallMethod(
+                    s_unregister, unregister_args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
             PyObject *f = NULL;
             if (u != NULL) {
                 PyObject *failure_args[2] = {reader, value};
@@ -931,14 +993,13 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
             Py_XDECREF(u);
             Py_XDECREF(value);
             Py_DECREF(reader);
-            Py_DECREF(fd);
+            Py_XDECREF(fd);
             if (f == NULL)
                 goto fail;
             Py_DECREF(f);
             continue;
         }
         Py_DECREF(reader);
-        Py_DECREF(fd);
         if (r != Py_None) {
             Py_SETREF(suspended, r);
             break;
@@ -1464,7 +1525,8 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         "decisions", "latency", "_mm", "_mask", "on_ready", "on_failure", "unregister",
         "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send", "_last",
         "value", "bounds", "counts", "sum", "audit", "_audit", "none", "deny", "limiter",
-        "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed"};
+        "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed",
+        "_generation", "_readers"};
     PyObject **targets[] = {
         &s_notify, &s_fd, &s_buf, &s_journal, &s_routes, &s_bucket, &s_shadow, &s_stats,
         &s_recorder, &s_container, &s_memory, &s_last_outcome, &s_notifications, &s_gone,
@@ -1472,7 +1534,7 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         &s_read_elsewhere, &s_decide_received, &s_decided, &s_allow, &s_recv, &s_send, &s_last,
         &s_value, &s_bounds, &s_counts, &s_sum, &s_audit, &s_audit_slow, &s_none, &s_deny,
         &s_limiter, &s_limit, &s_epoch, &s_window, &s_written, &s_start, &s_suppressed,
-        &s_suppressed_counter};
+        &s_suppressed_counter, &s_generation, &s_readers};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;

@@ -72,10 +72,10 @@ X32_SYSCALL_BIT: Final = 0x40000000
 #   pointer or long all 64 (x32 calls run the 64-bit entry points, or compat ones that
 #   keep `__user *` arguments 64 bits wide).
 U32_MASK: Final = 0xFFFF_FFFF
+U64_MASK: Final = 0xFFFF_FFFF_FFFF_FFFF
 UMODE_MASK: Final = 0xFFFF
 # Pointer (and unsigned long) width per arch name (supervisor.syscalls.arch_name).
-POINTER_MASKS: Final = {"x86_64": 0xFFFF_FFFF_FFFF_FFFF, "x32": 0xFFFF_FFFF_FFFF_FFFF,
-                        "x86": U32_MASK}
+POINTER_MASKS: Final = {"x86_64": U64_MASK, "x32": U64_MASK, "x86": U32_MASK}
 
 
 def arg_u32(raw: int) -> int:

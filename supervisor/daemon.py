@@ -1092,7 +1092,8 @@ def _trace_policy(container_id: str, request: TraceRequest, trace_directory: str
                   base_directory: str, written: set[tuple[str, str, str]]) -> PolicySet:
     """A recording policy for one traced container session: every notified call it can
     name is counted and answered CONTINUE; when the session ends the profile (the calls
-    seen and the launcher's handoff calls, merged into ``request.base``) is written
+    seen, the launcher's handoff calls and runc's Go runtime's: see
+    :func:`~supervisor.learn.learned_names`; merged into ``request.base``) is written
     atomically to ``request.output``, in a worker thread (:mod:`supervisor.safefile`).
 
     The daemon runs as root and the annotation comes from whoever creates the container
@@ -1115,6 +1116,7 @@ def _trace_policy(container_id: str, request: TraceRequest, trace_directory: str
         Recording,
         check_base,
         known_syscalls,
+        learned_names,
         merge_profile,
         read_profile_in,
     )
@@ -1143,7 +1145,7 @@ def _trace_policy(container_id: str, request: TraceRequest, trace_directory: str
 
     @policy.on_session_end
     def write(container: Container) -> None:
-        names = recording.names() | set(HANDOFF_SYSCALLS)
+        names = learned_names(recording.names(), HANDOFF_SYSCALLS)
         architectures = recording.architectures()
         total, seen = recording.total, len(recording.names())
         owner = (trace_directory, output_name, container_id)

@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+import sys
+
+#: What policy code may raise that is not the policy's failure but the daemon's own,
+#: passing through it: Ctrl-C (KeyboardInterrupt), a coroutine being closed
+#: (GeneratorExit) and trio's Cancelled (a deadline's cancel scope, or the daemon
+#: stopping; see :func:`is_daemon_own`). Everything else policy code raises -- any
+#: exception, SystemExit from a stray sys.exit(), asyncio.CancelledError, a library's
+#: own BaseException -- is that policy's bug, and must not stop the daemon, every
+#: container's calls with it.
+_BUILTIN_OWN = (KeyboardInterrupt, GeneratorExit)
+
+
+def is_daemon_own(exc: BaseException) -> bool:
+    """True if ``exc``, raised by policy code, is one of the daemon's own exceptions
+    (KeyboardInterrupt, GeneratorExit, trio.Cancelled), alone or in an exception group
+    (trio raises a nursery's Cancelled in one)."""
+    # trio from sys.modules: the command line imports this module and must start
+    # without trio (tests/test_top.py); without trio loaded, nothing raised Cancelled.
+    trio = sys.modules.get("trio")
+    own = _BUILTIN_OWN if trio is None else (*_BUILTIN_OWN, trio.Cancelled)
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(own) is not None
+    return isinstance(exc, own)
+
 
 class SupervisorError(Exception):
     """Base class of every error this package raises on purpose."""

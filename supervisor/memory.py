@@ -89,7 +89,7 @@ from trio.lowlevel import RunVar
 
 from . import accel
 from .errors import NotificationGone, TargetMemoryError
-from .notifyfd import NotifyFd, Suspended, carry_on, poller_turn
+from .notifyfd import NotifyFd, Suspended, carry_suspended, poller_turn, suspended_ended
 
 log = logging.getLogger("supervisor.memory")
 
@@ -268,18 +268,33 @@ class _Slot(Protocol):
     def release_on_behalf_of(self, borrower: object) -> None: ...
 
 
-class ReadSlot:
-    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool`, for both
-    kinds of reads: a task waiting for a place waits in ``limiter`` (FIFO), a read
-    submitted without a task (:meth:`ReadPool.submit`) in :attr:`deferred` (FIFO, no
-    task): the pool queues it when a place is given back."""
+class _WaitingTask:
+    """A task waiting in a :class:`ReadSlot`'s FIFO for a place, for ``borrower``."""
 
-    __slots__ = ("deferred", "limiter", "pool")
+    __slots__ = ("borrower", "task")
+
+    def __init__(self, borrower: object, task: trio.lowlevel.Task) -> None:
+        self.borrower = borrower
+        self.task = task
+
+
+class ReadSlot:
+    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool` (counted by
+    ``limiter``), for both kinds of reads, which wait for one in a single FIFO,
+    :attr:`deferred`: a read submitted without a task (:meth:`ReadPool.submit`; the pool
+    queues it when a place is given back) or a task's (:meth:`ReadPool.run`: the task is
+    woken with the place). One queue: when the tasks waited in the limiter's own queue,
+    served first whenever a place came back, a flood with parked decisions always had one
+    waiting, and the submitted reads -- the session's oldest decisions -- waited until
+    their deadline (tests/test_declared_paths.py)."""
+
+    __slots__ = ("_handing_over", "deferred", "limiter", "pool")
 
     def __init__(self, limiter: trio.CapacityLimiter) -> None:
         self.limiter = limiter
-        self.deferred: deque[_Job] = deque()
+        self.deferred: deque[_Job | _WaitingTask] = deque()
         self.pool: ReadPool | None = None  # where deferred reads go when a place is free
+        self._handing_over = False  # see _hand_over
 
     @property
     def borrowed_tokens(self) -> int:
@@ -291,12 +306,53 @@ class ReadSlot:
         self.limiter.acquire_on_behalf_of_nowait(borrower)
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await self.limiter.acquire_on_behalf_of(borrower)
+        """A place for ``borrower``, after the reads that asked before (a checkpoint)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiting = _WaitingTask(borrower, trio.lowlevel.current_task())
+        deferred = self.deferred
+        deferred.append(waiting)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            deferred.remove(waiting)  # (handed a place, it was rescheduled: no abort)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def release_on_behalf_of(self, borrower: object) -> None:
         self.limiter.release_on_behalf_of(borrower)
-        if self.deferred and self.pool is not None:
-            self.pool._start_deferred(self)
+        if self.deferred:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A place was given back: hand places to the reads waiting, in order, while
+        there are places."""
+        if self._handing_over:  # (called again from the loop below: it goes on)
+            return
+        self._handing_over = True
+        try:
+            deferred = self.deferred
+            while deferred:
+                head = deferred[0]
+                borrower = head.borrower if head.__class__ is _WaitingTask else head
+                try:
+                    self.limiter.acquire_on_behalf_of_nowait(borrower)
+                except trio.WouldBlock:
+                    return
+                deferred.popleft()
+                if isinstance(head, _WaitingTask):
+                    trio.lowlevel.reschedule(head.task)
+                else:
+                    assert self.pool is not None  # (set by the submit that deferred it)
+                    self.pool._start_submitted(head)
+        finally:
+            self._handing_over = False
 
 
 #: (tid, /proc/<tid>/mem fd or -1, address, length, cstring): a read the compiled core
@@ -399,7 +455,7 @@ def _convert(job: _Job, status: int, err: int, payload: object) -> None:
 
 
 class _Released:
-    """The slot of a job that gave its place back already (see ReadPool._start_deferred)."""
+    """The slot of a job that gave its place back already (see ReadPool._start_submitted)."""
 
     def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
         raise trio.WouldBlock
@@ -659,7 +715,6 @@ class ReadPool:
         # read was last waited for asynchronously (see INLINE_BUDGET).
         self._inline_spent = 0.0
         self._inline_turn = -1
-        self._starting_deferred = False  # see _start_deferred
 
     @property
     def pending(self) -> list[_Job]:
@@ -826,28 +881,13 @@ class ReadPool:
             self._watch_wake.set()
             self._watch_wake = None
 
-    def _start_deferred(self, slot: ReadSlot) -> None:
-        """A place of ``slot`` was given back: queue the reads its session submitted
-        meanwhile, in order, while it has places."""
-        if self._starting_deferred:  # (called again from the loop below: it goes on)
-            return
-        self._starting_deferred = True
-        try:
-            deferred = slot.deferred
-            while deferred:
-                job = deferred[0]
-                try:
-                    slot.limiter.acquire_on_behalf_of_nowait(job)
-                except trio.WouldBlock:
-                    return
-                deferred.popleft()
-                if self._queue_or_refuse(job):
-                    self._kick_watch()
-                else:  # its place was given back: the delivery task tells its caller
-                    job.slot = _RELEASED
-                    self.report(job)
-        finally:
-            self._starting_deferred = False
+    def _start_submitted(self, job: _Job) -> None:
+        """Queue ``job``, deferred by :meth:`submit`, now that it has its place."""
+        if self._queue_or_refuse(job):
+            self._kick_watch()
+        else:  # its place was given back: the delivery task tells its caller
+            job.slot = _RELEASED
+            self.report(job)
 
     @staticmethod
     def _drop(job: _Job) -> None:
@@ -948,21 +988,12 @@ class ReadPool:
                     core.close()  # its eventfd, its queue, its active thread
                     if self._core is core:
                         self._core = None
-            scope.deadline = suspended.deadline
             # The rest of this batch, and every later one, goes to the successor.
             trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
-            failure: Exception | None = None
-            try:
-                await carry_on(suspended.coro, suspended.trap)
-            except Exception as exc:
-                failure = exc
+            failure: Exception | None = None  # (a deadline cancels the await below)
+            failure = await carry_suspended(suspended, scope)
         assert suspended is not None  # the loop above only ends (not raising) with one
-        try:
-            if scope.cancelled_caught:
-                suspended.on_deadline()
-        except Exception as exc:
-            failure = failure or exc
-        suspended.done(failure)
+        suspended_ended(suspended, scope, failure)
 
     async def _watch(self) -> None:
         """While reads wait, retire the active thread when its read turns slow."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
@@ -330,6 +331,32 @@ class Suspended(NamedTuple):
     done: Callable[[Exception | None], None]
 
 
+async def carry_suspended(suspended: Suspended, scope: trio.CancelScope
+                          ) -> Exception | None:
+    """Carry ``suspended`` on to its end in the task it suspended in, under its deadline,
+    which ``scope`` gets now: the task entered ``scope`` before the decision's first step
+    ran, so any cancel scope the handler entered nests inside it. Returns what the
+    decision raised. After ``scope`` exited, :func:`suspended_ended`."""
+    scope.deadline = suspended.deadline
+    try:
+        await carry_on(suspended.coro, suspended.trap)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def suspended_ended(suspended: Suspended, scope: trio.CancelScope,
+                    failure: Exception | None) -> None:
+    """``suspended``'s end, after :func:`carry_suspended` in ``scope`` (exited):
+    ``on_deadline()`` if the deadline cut it off, then ``done()`` in any case."""
+    try:
+        if scope.cancelled_caught:
+            suspended.on_deadline()
+    except Exception as exc:
+        failure = failure or exc
+    suspended.done(failure)
+
+
 def first_step(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
     """Run ``coro`` up to where it first waits: ``(True, its return value)`` if it
     finished without waiting, else ``(False, the trap it yielded to trio)``, to be passed
@@ -368,6 +395,10 @@ def carry_on(coro: Coroutine[Any, Any, T], trap: Any) -> Generator[Any, Any, T]:
                 trap = coro.send(reply)
             except StopIteration as finished:
                 return finished.value  # type: ignore[no-any-return]
+
+
+# Poller._generation values, process-wide: no two states of any two pollers share one.
+_GENERATIONS: Final = itertools.count()
 
 
 class Poller:
@@ -415,6 +446,9 @@ class Poller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._readers: dict[int, Reader] = {}
+        # A new value whenever _readers changes: the compiled round caches fd -> reader
+        # while it stands (supervisor/_hotloop.c, find_reader).
+        self._generation = next(_GENERATIONS)
         self._current: trio.lowlevel.Task | None = None  # the task polling the set
         # Times the polling task let the rest of the daemon run (slept or checkpointed):
         # see poller_turn().
@@ -428,6 +462,7 @@ class Poller:
             raise ValueError(f"fd {fd} is already registered")
         self._epoll.register(fd, select.EPOLLIN)
         self._readers[fd] = reader
+        self._generation = next(_GENERATIONS)
         alone = len(self._readers) == 1
         set_sync_wakeup(fd, alone)  # also clears a flag set by a previous owner
         if len(self._readers) == 2:
@@ -438,6 +473,7 @@ class Poller:
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd`` (no-op if it is not registered). Call before closing it."""
         if self._readers.pop(fd, None) is not None:
+            self._generation = next(_GENERATIONS)
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
@@ -507,20 +543,11 @@ class Poller:
                     epoll.close()
             # A decision's coroutine is suspended in this task: hand the set over first,
             # then carry the decision on under its deadline.
-            scope.deadline = suspended.deadline
             trio.lowlevel.spawn_system_task(self.run, name="seccomp-supervisor notify poller")
-            failure: Exception | None = None
-            try:
-                await carry_on(suspended.coro, suspended.trap)
-            except Exception as exc:
-                failure = exc
+            failure: Exception | None = None  # (a deadline cancels the await below)
+            failure = await carry_suspended(suspended, scope)
         assert suspended is not None  # the loop above only ends (not raising) with one
-        try:
-            if scope.cancelled_caught:
-                suspended.on_deadline()
-        except Exception as exc:
-            failure = failure or exc
-        suspended.done(failure)
+        suspended_ended(suspended, scope, failure)
 
 
 _POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")

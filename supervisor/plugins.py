@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, PolicyConfig, read_toml, validate_config
-from .errors import ConfigError
+from .errors import ConfigError, is_daemon_own
 from .policy import PolicySet
 
 __all__ = ["check_config", "load_policies", "load_policy", "module_name"]
@@ -64,7 +64,9 @@ def load_policy(pc: PolicyConfig, config_file: str) -> PolicySet:
             policy_set = _from_entry_point(pc.entry_point)
     except _NotAPolicy as exc:
         raise ConfigError(file, key, f"{what}: {exc}") from None
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # a policy's bug (errors.is_daemon_own)
+        if is_daemon_own(exc):
+            raise
         raise ConfigError(file, key, f"cannot load {what}: {type(exc).__name__}: {exc}") from None
     _rename(policy_set, pc.name)
     _apply_options(policy_set, pc, config_file)
@@ -203,7 +205,9 @@ def _apply_options(policy_set: PolicySet, pc: PolicyConfig, config_file: str) ->
             raise ConfigError(file, key, reason) from None
         file, key = pc.location(config_file, "options")
         raise ConfigError(file, key, message) from None
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # a policy's bug (errors.is_daemon_own)
+        if is_daemon_own(exc):
+            raise
         file, key = pc.location(config_file, "options")
         raise ConfigError(file, key, f"the policy's configure hook failed: "
                                      f"{type(exc).__name__}: {exc}") from None

@@ -442,6 +442,12 @@ class Notification:
         raise _bad_index(i)
 
     def _address(self, address: int) -> int:
+        # Registers hold 64 bits: a policy's address arithmetic past them (a pointer plus
+        # an offset the target also controls) names no memory. The read takes 64 bits and
+        # would silently read at the wrapped address.
+        if not 0 <= address <= abi.U64_MASK:
+            raise TargetMemoryError(
+                14, f"address {address:#x} is outside the 64-bit address space")
         # A compat (i386) call reaches user memory only through 32-bit values (registers
         # cut to 32 bits, compat_ptr() of 32-bit struct fields): an address from 4 GiB up
         # is not one its kernel reads, it is an undecoded register.
@@ -456,7 +462,8 @@ class Notification:
 
         Race-checked: the notification is still pending after the read, so the bytes are
         the ones this call passed. Raises :class:`TargetMemoryError` (errno EFAULT) for an
-        unmapped address, or an address from 4 GiB up in an i386 call, and
+        unmapped address, one outside 64 bits (negative, or from 2^64 up: no register
+        holds it), or an address from 4 GiB up in an i386 call, and
         ``NotificationGone`` if the call was abandoned.
         """
         return await self._require_memory().read_bytes(self.id, self.pid,
@@ -610,8 +617,12 @@ class HandlerEntry:
 
 
 def path_indexes(value: object, where: str) -> tuple[int, ...]:
-    """``value`` checked as a tuple of path argument indexes (0..5, each once). Raises
-    PolicyError naming ``where``."""
+    """``value`` checked as a tuple of path argument indexes (0..5, each once), as a
+    plain tuple: a subclass (a NamedTuple...) is copied first, and the copy checked and
+    returned (what it iterates to later may differ). Raises PolicyError naming
+    ``where``."""
+    if isinstance(value, tuple) and value.__class__ is not tuple:
+        value = tuple(value)
     if not isinstance(value, tuple) or not all(
             i.__class__ is int and 0 <= i < 6 for i in value):
         raise PolicyError(f"{where}: paths must be a tuple of argument indexes in 0..5, "
@@ -701,7 +712,7 @@ class PolicySet:
         if not syscalls:
             raise PolicyError(f"policy {self.name!r}: on() needs at least one syscall name")
         if paths is not None and not callable(paths):
-            path_indexes(paths, f"policy {self.name!r}: on{syscalls!r}")
+            paths = path_indexes(paths, f"policy {self.name!r}: on{syscalls!r}")
 
         def register(func: H) -> H:
             is_async = inspect.iscoroutinefunction(func)

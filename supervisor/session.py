@@ -45,7 +45,7 @@ from . import abi, accel
 from .audit import Recorder
 from .deadlines import Deadlines, Entry, current_deadlines
 from .decide import UNHANDLED_POLICY, Chain, Link, Mode, Outcome, check_result
-from .errors import NotificationGone, PolicyError, TargetMemoryError
+from .errors import NotificationGone, PolicyError, TargetMemoryError, is_daemon_own
 from .journal import Journal
 from .memory import PendingReads, TargetMemory
 from .metrics import DECISION_BUCKETS
@@ -115,7 +115,10 @@ _SERIALS: Final = itertools.count(1)
 # the allow of an earlier link, if any). ``received`` is always a perf_counter() reading
 # (see _deadline): reading trio's clock costs four times as much, and the hot loop reads
 # the time twice per notification.
-_Parked = tuple[Notification, tuple[Link, ...], int, float, "Outcome | None"]
+# (n, links, index, received, allowed, the paths of links[index] asked for already: None
+# if its paths function has not run)
+_Parked = tuple[Notification, tuple[Link, ...], int, float, "Outcome | None",
+                "tuple[int, ...] | None"]
 
 
 class _Prefetch:
@@ -150,6 +153,18 @@ class _Prefetch:
 class Session:
     """Serves one listener fd until the filter has no task left (POLLHUP) or it is
     cancelled. Owns ``notify`` and closes it when it ends."""
+
+    # Slots, not an instance dict: the hot loop reads about ten of these per
+    # notification, and with 1,000 busy sessions each session's state is cold by the time
+    # its next call comes (bench/README.md, "Session 8: K=1000"). In the object they are
+    # one block; in a dict they were the dict, its values array and a lookup each.
+    __slots__ = ("__weakref__", "_carried", "_carried_done", "_deadlines", "_ended",
+                 "_failed", "_last_outcome", "_max_inflight", "_nursery", "_parked",
+                 "_polled_fd", "_poller", "_prefetching", "_reading", "_routes",
+                 "_shadow", "_slot_freed", "_wake",
+                 "bucket", "chain", "container", "inflight", "journal", "keep_fd",
+                 "memory", "notify", "read_elsewhere", "recorder", "serial", "settings",
+                 "started", "stats")
 
     def __init__(self, notify: NotifyFd, container: Container, chain: Chain,
                  settings: SessionSettings, recorder: Recorder) -> None:
@@ -243,7 +258,9 @@ class Session:
                 for _name, policy_set in self.chain.policies:
                     try:
                         policy_set.session_ended(self.container)
-                    except Exception:
+                    except BaseException as exc:
+                        if _daemon_own(exc):
+                            raise
                         log.exception("session-end hook of policy %s failed", _name)
 
     async def _serve(self) -> None:
@@ -362,7 +379,7 @@ class Session:
                 if raised:  # links[index] raised in the compiled loop: handle it here
                     raised = False
                     failure, handed = handed, None
-                    assert isinstance(failure, _HANDLER_FAILURES)
+                    assert isinstance(failure, BaseException)
                     try:
                         raise failure
                     finally:
@@ -384,8 +401,9 @@ class Session:
                         result = link.func(n)
                     elif self.inflight >= self._max_inflight:
                         # Every slot is taken: park it and stop reading until run() got
-                        # one.
-                        self._park(n, links, index, received, allowed)
+                        # one. (Its paths, if it declared some, were read above.)
+                        self._park(n, links, index, received, allowed,
+                                   None if link.paths is None else ())
                         return None
                     else:
                         # Its first step, inline: most coroutine handlers finish without
@@ -405,10 +423,16 @@ class Session:
                                            or result.kind == "allow"):
                     result = check_result(result, link.policy, read_memory=n.read_memory)
             except NotificationGone as gone:
+                if self._still_waits(notif_id):  # policy code said so, not the kernel
+                    self._answer(notif_id, tid, syscall, args, received,
+                                 self._failure(link.policy, n, gone))
+                    return None
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
                 return None
-            except _HANDLER_FAILURES as exc:
+            except BaseException as exc:
+                if _daemon_own(exc):
+                    raise
                 self._answer(notif_id, tid, syscall, args, received,
                              self._failure(link.policy, n, exc))
                 return None
@@ -427,10 +451,10 @@ class Session:
         return None
 
     def _park(self, n: Notification, links: tuple[Link, ...], index: int, received: float,
-              allowed: Outcome | None) -> None:
+              allowed: Outcome | None, wanted: tuple[int, ...] | None = None) -> None:
         """Every async slot is taken: keep ``n`` (to be decided from ``links[index]``) and
         stop reading until run() got a slot for it."""
-        self._parked = (n, links, index, received, allowed)
+        self._parked = (n, links, index, received, allowed, wanted)
         if self.journal is not None:
             self.journal.pin(n.id)  # it waits: keep its journal entry
         self._unpoll()
@@ -450,7 +474,7 @@ class Session:
         scope of its own: at the deadline it is answered ``on_error`` and its reads are
         dropped (:meth:`_prefetch_expired`)."""
         if self.inflight >= self._max_inflight:
-            self._park(n, links, index, received, allowed)
+            self._park(n, links, index, received, allowed, wanted)  # (not asked again)
             return False
         paths = n._read_paths()
         indexes: list[int] = []
@@ -632,7 +656,7 @@ class Session:
     async def _start_parked(self) -> None:
         """Start the async decision of the parked notification once a slot is free."""
         assert self._parked is not None
-        n, links, index, received, allowed = self._parked
+        n, links, index, received, allowed, wanted = self._parked
         # Shielded: this notification was received, so it must be answered even if
         # stop_reading() or a cancellation comes meanwhile. A slot is freed within the
         # deadline.
@@ -643,7 +667,8 @@ class Session:
         self._parked = None
         self.inflight += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._decide_async, n, links, index, received, allowed)
+        self._nursery.start_soon(self._decide_async, n, links, index, received, allowed,
+                                 wanted)
 
     def stop_reading(self, *, keep_fd: bool = False) -> None:
         """Receive no more notifications: the ones still pending wait in the kernel for
@@ -674,7 +699,9 @@ class Session:
             if id(policy_set) not in kept:
                 try:
                     policy_set.session_ended(self.container)
-                except Exception:
+                except BaseException as exc:
+                    if _daemon_own(exc):
+                        raise
                     log.exception("session-end hook of policy %s failed", name)
 
     def _suspend(self, n: Notification, links: tuple[Link, ...], index: int,
@@ -705,36 +732,45 @@ class Session:
             decision = check_result(result, link.policy, read_memory=n.read_memory)
         except NotificationGone:
             raise
-        except _HANDLER_FAILURES as exc:
+        except BaseException as exc:
+            if _daemon_own(exc):
+                raise
             return self._failure(link.policy, n, exc)
         return None if decision is None else Outcome(decision, link.policy)
 
     async def _decide(self, n: Notification, links: Sequence[Link], start: int,
                       received: float, current: list[str],
                       started: tuple[Coroutine[Any, Any, object], Any] | None = None,
-                      allowed: Outcome | None = None) -> None:
+                      allowed: Outcome | None = None,
+                      asked: tuple[int, ...] | None = None) -> None:
         """Ask the chain from ``links[start]`` on and answer; free the slot. The deadline
         is the caller's: its cancellation goes through (``current[0]`` names the policy
         being asked). ``started``: the coroutine of ``links[start]``'s handler, already
         suspended at the trap given with it (see :meth:`_suspend`). ``allowed``: the
         allow of an earlier link, the answer unless a later one decides otherwise (see
-        :meth:`on_ready`)."""
+        :meth:`on_ready`). ``asked``: the paths of ``links[start]`` still to read, its
+        paths function already asked (a decision parked after it ran: see :meth:`_park`)."""
         try:
             outcome = None
             for link in links[start:]:
                 current[0] = link.policy  # names the policy that overran, on a deadline
                 if started is None:
                     n._read_memory = False  # per handler (the started one was reset)
-                    if link.paths is not None:
+                    wanted: tuple[int, ...] = ()
+                    if asked is not None:  # (links[start]'s: policy code runs once)
+                        wanted, asked = asked, None
+                    elif link.paths is not None:
                         try:
                             wanted = _unread_paths(n, link)
                         except NotificationGone:
                             raise
-                        except _HANDLER_FAILURES as exc:
+                        except BaseException as exc:
+                            if _daemon_own(exc):
+                                raise
                             outcome = self._failure(link.policy, n, exc)
                             break
-                        if wanted:
-                            await self._read_declared(n, wanted)
+                    if wanted:
+                        await self._read_declared(n, wanted)
                 if not link.coroutine:
                     outcome = self._run_sync(n, link)
                 else:
@@ -748,7 +784,9 @@ class Session:
                                                 read_memory=n.read_memory)
                     except NotificationGone:
                         raise
-                    except _HANDLER_FAILURES as exc:
+                    except BaseException as exc:
+                        if _daemon_own(exc):
+                            raise
                         outcome = self._failure(link.policy, n, exc)
                     else:
                         outcome = None if decision is None else Outcome(decision, link.policy)
@@ -763,8 +801,12 @@ class Session:
             self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
             self._unpin(n.id)
         except NotificationGone as gone:
-            self.stats.gone += 1
-            self.recorder.gone(gone.stage)
+            if self._still_waits(n.id):  # policy code said so, not the kernel
+                self._answer(n.id, n.pid, n.syscall, n.args, received,
+                             self._failure(current[0], n, gone))
+            else:
+                self.stats.gone += 1
+                self.recorder.gone(gone.stage)
             self._unpin(n.id)
         finally:
             self.inflight -= 1
@@ -773,11 +815,12 @@ class Session:
                 self._slot_freed = None
 
     async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
-                            received: float, allowed: Outcome | None = None) -> None:
+                            received: float, allowed: Outcome | None = None,
+                            asked: tuple[int, ...] | None = None) -> None:
         """:meth:`_decide` as a task of its own, under the deadline."""
         current = [UNHANDLED_POLICY]
         with trio.move_on_at(self._deadline(received)) as scope:
-            await self._decide(n, links, start, received, current, None, allowed)
+            await self._decide(n, links, start, received, current, None, allowed, asked)
         if scope.cancelled_caught:
             self._deadline_missed(n, received, current)
 
@@ -799,6 +842,17 @@ class Session:
             self.stats.gone += 1
             self.recorder.gone(gone.stage)
         self._unpin(n.id)
+
+    def _still_waits(self, notif_id: int) -> bool:
+        """After a NotificationGone from a decision: True if the kernel still waits for
+        an answer to ``notif_id`` after all. Policy code raises it too (path_guard after
+        its own ID_VALID check), and a buggy policy for a call that still waits: taken
+        for the kernel's word, the call got no answer and its caller hung, past any
+        deadline, until it was killed. (Only on this path: one ioctl.)"""
+        try:
+            return self.notify.id_valid(notif_id)
+        except OSError:  # (the fd was closed: the session ended)
+            return False
 
     def _unpin(self, notif_id: int) -> None:
         """A decision that waited was answered: its journal entry may go (see
@@ -890,11 +944,9 @@ if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
     accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
 
 
-# What a handler may raise and the session turns into its on_error answer: any Exception,
-# and SystemExit (a policy calling sys.exit() or exit() would otherwise stop the whole
-# daemon, every container's calls with it). Not KeyboardInterrupt or trio's Cancelled:
-# those are the daemon's own.
-_HANDLER_FAILURES: Final = (Exception, SystemExit)
+# What a handler raises is the call's on_error answer, but for the daemon's own
+# exceptions (errors.is_daemon_own).
+_daemon_own: Final = is_daemon_own
 
 
 # ADDFD|SEND errors after which the kernel already counts the call as answered: EINTR
@@ -903,8 +955,10 @@ _HANDLER_FAILURES: Final = (Exception, SystemExit)
 _ADDFD_ALREADY_ANSWERED: Final = frozenset({errno.EINTR, errno.EINPROGRESS})
 
 
-# Tuples a paths function returned that path_indexes() accepted (a handful in practice).
-_VALID_PATHS: Final[set[tuple[int, ...]]] = set()
+# Tuples a paths function returned that path_indexes() accepted (a handful in practice),
+# each its own value: a tuple found equal to one of them is replaced by it (an element
+# can compare equal to an index and be another one: it is the checked one that is read).
+_VALID_PATHS: Final[dict[tuple[int, ...], tuple[int, ...]]] = {}
 
 
 def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
@@ -914,10 +968,12 @@ def _unread_paths(n: Notification, link: Link) -> tuple[int, ...]:
     if spec.__class__ is not tuple:
         assert callable(spec)
         spec = spec(n)
-        if spec.__class__ is not tuple or spec not in _VALID_PATHS:
-            path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
+        checked = _VALID_PATHS.get(spec) if spec.__class__ is tuple else None
+        if checked is None:
+            checked = path_indexes(spec, f"policy {link.policy!r}: the paths of {n.syscall}")
             if len(_VALID_PATHS) < 4096:
-                _VALID_PATHS.add(spec)
+                _VALID_PATHS[checked] = checked
+        spec = checked
     assert isinstance(spec, tuple)
     paths = n._read_paths()
     if not paths:

@@ -491,3 +491,24 @@ def test_the_example_system_route_refuses_set_id_files_outside_guarded_paths(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert null.lstat().st_rdev == os.makedev(1, 3)
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("outside", [1 << 64, -(1 << 64)], ids=["2^64 up", "negative"])
+def test_an_address_outside_64_bits_is_unreadable_not_wrapped(
+        tmp_path: Path, outside: int) -> None:
+    """A policy's address arithmetic that leaves the 64-bit address space (a pointer
+    from the target plus an offset it also controls) names no memory: EFAULT, as the
+    kernel's own access would give. It was cut to 64 bits on the way to the read, which
+    read the target's bytes at the wrapped address instead."""
+    made = tmp_path / "made"
+    wrapping = PolicySet("wrapping")
+
+    @wrapping.on("mkdir")
+    async def off_the_end(n: Notification) -> Decision:
+        path = await n.read_cstring(n.pointer(0) + outside)
+        return deny(errno.EACCES, reason=f"read {path!r} past the address space")
+
+    trial = run_policy(wrapping, lambda: path_call(x86_64("mkdir"), made, 0o755))
+    assert trial.errno == errno.EFAULT, trial
+    assert trial.decisions[0].error == "memory"
+    assert not made.exists()

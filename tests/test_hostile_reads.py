@@ -310,7 +310,12 @@ def test_a_read_given_up_before_it_ran_closes_its_proc_mem_fd() -> None:
         received = notify.recv()
         assert received is not None
         notif_id, tid, _nr, _arch, args = received
-        pool = ReadPool(slow_after=0.01)
+        # Never slow: the stuck read keeps its thread, and the read queued behind it is
+        # still queued when it is given up. (With 10 ms, a loaded machine let the watch
+        # retire the stuck read's thread before that: the read ran in a new thread and
+        # either finished within its 5 ms, or was still running, its fd not closed yet,
+        # when the test looked: 2 failures in 50 runs beside two CPU hogs.)
+        pool = ReadPool(slow_after=WAIT)
         own = trio.CapacityLimiter(1)
         memory = TargetMemory(notify, own, use_proc_mem=True, pool=pool, inline_wait=0)
         await pool.run(lambda: b"", trio.CapacityLimiter(1))  # its eventfd, its thread
@@ -335,9 +340,10 @@ def test_a_read_given_up_before_it_ran_closes_its_proc_mem_fd() -> None:
             # The reading thread is busy with another container's read.
             nursery.start_soon(pool.run, stuck, trio.CapacityLimiter(1))
             await trio.sleep(0.005)
-            with trio.move_on_after(0.005):  # before the slow read's thread retires
+            with trio.move_on_after(0.05):
                 await memory.read_cstring(notif_id, tid, args[0], 4096)
                 raise AssertionError("read behind a stuck one")
+            assert not pool.retired
             leaked = fd_baseline()
             release.set()
         assert leaked == set(), "an fd left by the read cancelled in the queue"

@@ -5,6 +5,7 @@ with both loops (the ``hot_loop`` fixture): the pure-Python loop is the referenc
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -332,10 +334,11 @@ async def test_a_property_added_to_the_session_class_at_run_time_is_honoured(
             assert _errnos(await warm.target.result()) == [errno.EACCES] * 5
 
     seen = Recorder(Metrics(CollectorRegistry()), audit="none")
-    # __init__ still stores its recorder in the instance dict; the property wins.
+    # __init__ still stores its recorder in the slot (through the slot's descriptor, kept
+    # here); the property wins over the descriptor the compiled loop cached.
+    slot = vars(Session)["recorder"]
     monkeypatch.setattr(Session, "recorder", property(
-        lambda self: seen, lambda self, given: self.__dict__.__setitem__("recorder", given)),
-        raising=False)
+        lambda self: seen, lambda self, given: slot.__set__(self, given)), raising=False)
     async with serve_target(policy, ["getppid"], "getppid", "5") as served:
         with trio.fail_after(20):
             assert _errnos(await served.target.result()) == [errno.EACCES] * 5
@@ -346,19 +349,31 @@ async def test_a_property_added_to_the_session_class_at_run_time_is_honoured(
     assert counted is not None and counted >= 5
 
 
+class _LibraryStop(BaseException):
+    """A library's own BaseException (as some use to unwind)."""
+
+
+@pytest.mark.parametrize("raised", [
+    lambda: sys.exit("policy gave up"),
+    lambda: _raise(asyncio.CancelledError()),  # a BaseException since Python 3.8
+    lambda: _raise(_LibraryStop()),
+    lambda: _raise(BaseExceptionGroup("a policy's nursery", [_LibraryStop()])),
+], ids=["sys.exit", "asyncio.CancelledError", "BaseException-subclass", "group"])
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_handler_calling_sys_exit_gets_on_error_and_the_daemon_lives(
-        kind: str) -> None:
+        kind: str, raised: Callable[[], None]) -> None:
     """sys.exit() in a policy is a policy bug like any exception: the call gets on_error
-    (EPERM) and the session serves on. (SystemExit is no Exception: it went through the
-    loop and stopped the trio run, every container's calls with it.)"""
+    (EPERM) and the session serves on; so is any other BaseException policy code raises
+    but the daemon's own (KeyboardInterrupt, GeneratorExit, trio.Cancelled). (None is an
+    Exception: each went through the loop and stopped the trio run, every container's
+    calls with it.)"""
     policy = PolicySet("p")
     calls = [0]
 
     def verdict(n: Notification) -> Decision:
         calls[0] += 1
         if calls[0] == 2:
-            sys.exit("policy gave up")
+            raised()
         return deny(errno.EACCES)
 
     if kind == "sync":
@@ -373,6 +388,66 @@ async def test_a_handler_calling_sys_exit_gets_on_error_and_the_daemon_lives(
             assert _errnos(await served.target.result()) == [
                 errno.EACCES, errno.EPERM, errno.EACCES]
         assert served.session._failed is None
+
+
+async def test_a_handler_whose_own_nursery_overruns_the_deadline_is_cut_off_as_any() -> None:
+    """The deadline cancels a handler that waits in a nursery of its own: trio raises its
+    Cancelled from the nursery in an exception group, which is the daemon's own (not
+    the policy's failure): the deadline's scope takes it, the call gets its deadline
+    answer (on_error) and the session serves on."""
+    policy = PolicySet("p")
+    calls = [0]
+
+    @policy.on("getppid")
+    async def verdict(n: Notification) -> Decision:
+        calls[0] += 1
+        if calls[0] == 2:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+        return deny(errno.EACCES)
+
+    settings = SessionSettings(deadline=0.3)
+    async with serve_target(policy, ["getppid"], "getppid", "3",
+                            settings=settings) as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [
+                errno.EACCES, errno.EPERM, errno.EACCES]
+        assert served.session._failed is None
+        assert served.session.inflight == 0
+        errors = "seccomp_supervisor_handler_errors_total"
+        assert served.metric(errors, policy="p", kind="deadline") == 1
+        assert served.metric(errors, policy="p", kind="exception") == 0
+
+
+@pytest.mark.parametrize("raised", [
+    lambda: sys.exit("hook gave up"), lambda: _raise(_LibraryStop())],
+    ids=["sys.exit", "BaseException-subclass"])
+async def test_a_session_end_hook_raising_a_base_exception_ends_only_its_session(
+        raised: Callable[[], None]) -> None:
+    """A policy's session-end hook is policy code too: what it raises is logged, and the
+    session ends as it would have (it stopped the trio run, the daemon with it)."""
+    policy = PolicySet("p")
+    ended: list[str] = []
+
+    @policy.on("getppid")
+    def verdict(n: Notification) -> Decision:
+        return deny(errno.EACCES)
+
+    @policy.on_session_end
+    def bye(container: Container) -> None:
+        ended.append(container.id)
+        raised()
+
+    async with serve_target(policy, ["getppid"], "getppid", "2") as served:
+        with trio.fail_after(20):
+            assert _errnos(await served.target.result()) == [errno.EACCES, errno.EACCES]
+            await served.done.wait()
+        assert served.session._failed is None
+    assert ended == ["test"]
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 @pytest.mark.parametrize("made", [

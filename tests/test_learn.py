@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,9 +20,11 @@ from hypothesis import strategies as st
 from supervisor import spawn
 from supervisor.errors import ProfileError
 from supervisor.learn import (
+    GO_RUNTIME_SYSCALLS,
     HANDOFF_SYSCALLS,
     Recording,
     known_syscalls,
+    learned_names,
     learning_profile,
     merge_profile,
     profile_file_name,
@@ -242,6 +246,14 @@ def test_merge_without_base_allows_observed_and_is_idempotent() -> None:
     assert parse_profile(once.to_dict()) == once
 
 
+def test_learned_names_always_allow_runcs_go_runtime_calls() -> None:
+    # Even when an operator's always_allow leaves them out: runc would die without them.
+    assert learned_names({"getdents64"}, ["close"]) == {"getdents64", "close", "futex",
+                                                        "rt_sigreturn"}
+    assert set(HANDOFF_SYSCALLS) | set(GO_RUNTIME_SYSCALLS) <= learned_names((),
+                                                                             HANDOFF_SYSCALLS)
+
+
 def test_merge_keeps_base_rules_and_they_win() -> None:
     base = Profile(
         default_action=Action.ERRNO, default_errno_ret=1,
@@ -375,6 +387,9 @@ async def test_learned_under_runc_then_enforced_by_runc(tmp_path: Path) -> None:
     # runc's init (Go) made calls between installing the filter and exec, which busybox
     # never makes: they were recorded, so runc can start under the profile below.
     assert "epoll_ctl" in allowed_names(learned)
+    # Its Go runtime's futex and rt_sigreturn come and go with timing (this learning run
+    # may not have seen them, the enforced starts below may make them): always allowed.
+    assert set(GO_RUNTIME_SYSCALLS) <= allowed_names(learned)
     for args, expect_ok in ((["sh", "-c", script], True),
                             (["sh", "-c", f"{script}; mkdir /tmp/x"], False)):
         config = oci_config(args)
@@ -390,3 +405,84 @@ async def test_learned_under_runc_then_enforced_by_runc(tmp_path: Path) -> None:
         else:
             assert done.returncode != 0
             assert b"Operation not permitted" in done.stderr
+
+
+LEARN_OR_TRACE = LEARN + """
+[trace_annotation]
+enabled = true
+"""
+
+
+async def start_with_a_signal_before_exec(c: Any) -> tuple[int, str]:
+    """``runc create``, SIGURG to the container's init, ``runc start``; wait until the
+    container stopped. Returns ``start``'s exit status and what the container (and its
+    init) printed: a created container's stdio are ``create``'s, here a file.
+
+    Between the two commands runc's init (Go, ``GOMAXPROCS=1``) sits with its filter
+    installed in ``open`` of the exec fifo, so two things its runtime does only now and
+    then under ``runc run`` become certain: sysmon retakes the idle P and parks, and the
+    init wakes it (``futex(FUTEX_WAKE)`` on ``sched.sysmonnote``) when ``start`` opens
+    the fifo; and the signal, sent while it waits, runs a Go signal handler, which
+    returns with ``rt_sigreturn``. A process-directed signal goes to the thread group
+    leader unless it blocks it, and that is the init's thread (the one under the filter).
+    """
+    with open(c.log_path, "ab") as log:  # noqa: ASYNC230 - a local file, once
+        with trio.fail_after(30):
+            created = await trio.run_process(
+                [*c.argv0, "create", "--bundle", str(c.bundle), c.id], check=False,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    c.started = True
+    assert created.returncode == 0, c.output()
+    state = await c.state()
+    assert state["status"] == "created", state
+    os.kill(state["pid"], signal.SIGURG)
+    with trio.fail_after(30):
+        started = await trio.run_process([*c.argv0, "start", c.id], check=False,
+                                         capture_stdout=True, capture_stderr=True)
+    await c.wait_stopped(timeout=30)
+    return started.returncode, c.output() + started.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("route", ["learn policy", "trace annotation"])
+async def test_a_profile_learned_under_runc_starts_runc_whatever_its_go_runtime_did(
+        tmp_path: Path, route: str) -> None:
+    """runc's init is a Go program: after installing the container's filter and before
+    its execve, its runtime may call ``futex`` and ``rt_sigreturn`` -- or not, depending
+    on timing -- and dies when either fails (``futexwakeup addr=... returned -1``). A
+    learning run that did not see them must still give a profile runc starts under.
+
+    Deterministic both ways: the learning filter never notifies the two calls (the
+    unlucky learning run, made certain), and the enforced start makes the init make both
+    (:func:`start_with_a_signal_before_exec`)."""
+    from .runtime import container, oci_config, unique_id
+
+    unseen = {"futex", "rt_sigreturn"}  # what the start below forces, not the constant
+    names = sorted(known_syscalls() - {"write"} - unseen)
+    script = "ls -l / >/dev/null && echo listed"
+    cid = unique_id("h5-learn")
+    annotations = None
+    written = tmp_path / "learned" / profile_file_name(cid)
+    if route == "trace annotation":
+        written = tmp_path / "learned" / "traced" / "go.json"
+        annotations = {"io.containers.trace-syscall": f"of:{written}"}
+    async with running_daemon(tmp_path, LEARN_OR_TRACE) as d:
+        config = oci_config(["sh", "-c", script], notify=names, listener_path=d.socket_path,
+                            annotations=annotations)
+        bundle = tmp_path / "learning"
+        bundle.mkdir()
+        (bundle / "config.json").write_text(json.dumps(config))
+        async with container("runc", bundle, cid) as c:
+            done = await c.run()
+        assert done.returncode == 0, done.stderr
+        await wait_for(written)
+    learned = load_profile(written)
+
+    config = oci_config(["sh", "-c", script])
+    config["linux"]["seccomp"] = learned.to_dict()
+    bundle = tmp_path / "enforced"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    async with container("runc", bundle, unique_id("h5-learn")) as c:
+        status, output = await start_with_a_signal_before_exec(c)
+    assert output == "listed\n" and status == 0, output
+    assert unseen <= allowed_names(learned)

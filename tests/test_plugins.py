@@ -127,17 +127,29 @@ def test_configure_hook_refusal_is_a_config_error(tmp_path: Path) -> None:
     assert e.reason == "limit must be >= 0"
 
 
-def test_configure_hook_crash_is_a_config_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "hook.py", """
+@pytest.mark.parametrize(("raised", "reason"), [
+    ('KeyError("n2")', "KeyError: 'n2'"),
+    ("SystemExit(4)", "SystemExit: 4"),
+    # BaseExceptions that are not the daemon's own: they went through the reload and
+    # stopped the running daemon, every container's calls with it.
+    ("asyncio.CancelledError('x')", "CancelledError: x"),
+    ("Stop('y')", "Stop: y"),
+])
+def test_configure_hook_crash_is_a_config_error(tmp_path: Path, raised: str,
+                                                reason: str) -> None:
+    path = write(tmp_path, "hook.py", f"""
+        import asyncio
         from supervisor.policy import PolicySet
-        policy = PolicySet("hook", defaults={"n": 1})
+        class Stop(BaseException):
+            pass
+        policy = PolicySet("hook", defaults={{"n": 1}})
         @policy.configure
         def _boom(options):
-            raise KeyError("n2")
+            raise {raised}
     """)
     e = load_error(entry(path))
     assert e.key == "policy[0].options"
-    assert e.reason == "the policy's configure hook failed: KeyError: 'n2'"
+    assert e.reason == f"the policy's configure hook failed: {reason}"
 
 
 @pytest.mark.parametrize(("source", "reason"), [
@@ -146,6 +158,9 @@ def test_configure_hook_crash_is_a_config_error(tmp_path: Path) -> None:
     ("import no_such_module_for_tests\n", "ModuleNotFoundError: No module named "
                                           "'no_such_module_for_tests'"),
     ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+    ("import asyncio\nraise asyncio.CancelledError('at import')\n",
+     "CancelledError: at import"),
+    ("class Stop(BaseException): pass\nraise Stop('at import')\n", "Stop: at import"),
     ("from supervisor.policy import PolicySet\npolicy = PolicySet('x')\n"
      "@policy.on('no_such_call')\ndef h(n):\n    return None\n",
      "PolicyError: policy 'x': h: unknown system call 'no_such_call'"),

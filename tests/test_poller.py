@@ -92,3 +92,56 @@ async def test_first_step_then_carry_on_run_a_coroutine_as_await_would() -> None
         assert exc.args == ("late",)
     else:
         raise AssertionError("carry_on lost the coroutine's exception")
+
+
+class _Draining:
+    """A reader that empties its pipe and counts its calls."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.calls = 0
+
+    def on_ready(self, events: int) -> Suspended | None:
+        self.calls += 1
+        os.read(self.fd, 64)
+        return None
+
+    def on_failure(self, exc: Exception) -> None:
+        raise AssertionError(f"on_ready raised {exc!r}")
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_reused_fd_number_reaches_its_new_reader() -> None:
+    """An fd unregistered and closed, its number reused by the next session: the next
+    events of that number go to the new reader. (The compiled round keeps fd -> reader
+    between rounds; a cache that outlived the unregister called the old reader.)"""
+    poller = current_poller()
+
+    async def served(reader: _Draining, w: int) -> None:
+        before = reader.calls
+        os.write(w, b"x")
+        with trio.fail_after(5):
+            while reader.calls == before:
+                await trio.sleep(0.001)
+
+    r, w = os.pipe()
+    old = _Draining(r)
+    poller.register(r, old)
+    try:
+        await served(old, w)
+        await served(old, w)  # a second round: the number is known to the round
+    finally:
+        poller.unregister(r)
+        os.close(w)
+    r2, w2 = os.pipe()
+    os.dup2(r2, r)  # the same number, another file
+    os.close(r2)
+    new = _Draining(r)
+    poller.register(r, new)
+    try:
+        await served(new, w2)
+    finally:
+        poller.unregister(r)
+        os.close(r)
+        os.close(w2)
+    assert (old.calls, new.calls) == (2, 1)
