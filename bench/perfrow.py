@@ -23,7 +23,6 @@ machine counts too).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import statistics
@@ -45,12 +44,6 @@ MACHINE_EVENTS = ("context-switches", "sched:sched_wakeup", "sched:sched_wake_id
                   "irq_vectors:reschedule_entry", "irq_vectors:call_function_single_entry")
 
 
-def _high(fd: int) -> int:
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 900)
-    os.close(fd)
-    return high
-
-
 class _Perf:
     """A perf process started disabled (-D -1) and switched on and off through its
     control fifo, so it counts exactly between enable() and disable()."""
@@ -66,9 +59,8 @@ class _Perf:
         self.proc = subprocess.Popen(
             ["perf", *argv[:1], "-D", "-1", "--control", f"fifo:{self.ctl},{self.ack}",
              *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Far from the low numbers: run_row's cleanup closes its pipes' numbers again.
-        self.ctl_fd = _high(os.open(self.ctl, os.O_WRONLY))
-        self.ack_fd = _high(os.open(self.ack, os.O_RDONLY))
+        self.ctl_fd = os.open(self.ctl, os.O_WRONLY | os.O_CLOEXEC)
+        self.ack_fd = os.open(self.ack, os.O_RDONLY | os.O_CLOEXEC)
 
     def _command(self, word: str) -> None:
         os.write(self.ctl_fd, word.encode() + b"\n")
