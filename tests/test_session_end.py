@@ -20,6 +20,7 @@ loops; the test keeps a copy of each listener, as a runtime that kept one would.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
 import signal
@@ -271,3 +272,58 @@ async def test_a_session_cancelled_from_outside_answers_on_error_at_once() -> No
     assert served.metric("seccomp_supervisor_handler_errors_total", policy="p",
                          kind="ended") == 3
     assert session.notify.closed
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_a_recovered_call_under_way_is_answered_when_the_session_is_cancelled(
+        ) -> None:
+    """A call a crashed process received (taken back from its in-flight journal) is
+    decided again by a task of the new session; cancelled meanwhile, the session answers
+    it ``on_error`` before it closes its copy of the listener (the test holds another).
+    Before, the task was cancelled with no answer and the call hung."""
+    from supervisor.journal import Journal, create_journal_fd
+
+    from .soak import NR_GETSID
+    from .test_crash import _blocked_call, _Buf, _reap, _receive_and_die
+
+    policy = PolicySet("p")
+    release = trio.Event()
+
+    @policy.on("getsid")
+    async def waits(n: Notification) -> object:
+        await release.wait()  # never set
+        return returns(1)
+
+    child = _blocked_call(NR_GETSID, 12)
+    listener = child.take_listener()
+    journal_fd = create_journal_fd(16)
+    try:
+        notif_id, _tid = await trio.to_thread.run_sync(_receive_and_die, listener)
+        buf = _Buf()
+        writer = Journal(journal_fd, buf.buf)
+        writer.record(buf.fill(notif_id, pid=child.pid, nr=NR_GETSID))
+        writer.close()
+        registry = CollectorRegistry()
+        notify = NotifyFd(os.dup(listener))
+        session = Session(notify, Container(id="t"), Chain([("p", policy)]),
+                          SessionSettings(deadline=30),
+                          Recorder(Metrics(registry), audit="none"))
+        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            with trio.fail_after(WAIT):
+                while session.stats.recovered != 1 or session.inflight != 1:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert notify.closed
+        with trio.fail_after(WAIT):
+            out = await trio.to_thread.run_sync(
+                lambda: child.process.communicate(timeout=WAIT)[0])
+        result = json.loads(out)
+        assert (result["rc"], result["errno"]) == (-1, errno.EPERM), result
+        assert registry.get_sample_value("seccomp_supervisor_handler_errors_total",
+                                         {"policy": "p", "kind": "ended"}) == 1
+    finally:
+        os.close(journal_fd)
+        os.close(listener)
+        _reap(child)
