@@ -327,3 +327,52 @@ async def test_a_recovered_call_under_way_is_answered_when_the_session_is_cancel
         os.close(journal_fd)
         os.close(listener)
         _reap(child)
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_an_orderly_end_waits_no_longer_than_the_deadline() -> None:
+    """A handler that shields itself from its deadline does not hold the session's end
+    (nor a daemon's stop) past the deadline: its call gets ``on_error`` then. Before,
+    run() after stop_reading waited for it for as long as it ran."""
+    policy = PolicySet("p")
+    release = trio.Event()
+
+    @policy.on("getppid")
+    async def ignores_its_deadline(n: Notification) -> object:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+        return returns(7)
+
+    registry = CollectorRegistry()
+    target = await trio.to_thread.run_sync(
+        lambda: start_target(["getppid"], "in-flight", "0", "getppid"))
+    listener = target.child.take_listener()
+    copy = os.dup(listener)
+    session = Session(NotifyFd(listener), Container(id="t", pid=target.pid),
+                      Chain([("p", policy)]), SessionSettings(deadline=0.5),
+                      Recorder(Metrics(registry), audit="none"))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            with trio.fail_after(WAIT):
+                while session.inflight != 1:
+                    await trio.sleep(0.01)
+            session.stop_reading()
+            started = time.monotonic()
+            results: object = None
+            with trio.move_on_after(WAIT):
+                results = (await target.result())["results"]
+            release.set()  # (the handler's task ends only then)
+        assert time.monotonic() - started < WAIT
+        assert isinstance(results, list) and results[0]["errno"] == errno.EPERM, results
+        assert registry.get_sample_value("seccomp_supervisor_handler_errors_total",
+                                         {"policy": "p", "kind": "ended"}) == 1
+    finally:
+        release.set()
+        proc = target.child.process
+        if proc.poll() is None:
+            proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        os.close(copy)
