@@ -185,13 +185,14 @@ def read_elsewhere(session: Session) -> None:
 
 
 @pytest.mark.usefixtures("hot_loop")
-@pytest.mark.parametrize("reason", ["read_elsewhere", "stop_reading"])
+@pytest.mark.parametrize("reason", ["read_elsewhere", "stop_reading", "takeover"])
 async def test_an_orderly_end_lets_every_received_call_have_its_decision(reason: str
                                                                           ) -> None:
     """The session stops receiving; the calls it received get their own decisions, each
     within its deadline: the two getppid (one parked for a slot) their handler's 7, the
     mkdir whose path is never readable ``on_error`` at its deadline. Before, after
-    read_elsewhere the three hung until the other holder of the listener closed it."""
+    read_elsewhere the three hung until the other holder of the listener closed it
+    (stop_reading, with or without keep_fd for a takeover, already waited)."""
     deadline = 1.5
     settings = SessionSettings(deadline=deadline, max_inflight=2)
     async with serving("uffd", "getppid", "getppid", settings=settings) as served:
@@ -200,7 +201,7 @@ async def test_an_orderly_end_lets_every_received_call_have_its_decision(reason:
         if reason == "read_elsewhere":
             read_elsewhere(session)
         else:
-            session.stop_reading()
+            session.stop_reading(keep_fd=reason == "takeover")
         await trio.sleep(0.1)
         assert not served.done.is_set()  # the received calls wait for their answers
         served.release.set()
@@ -212,7 +213,8 @@ async def test_an_orderly_end_lets_every_received_call_have_its_decision(reason:
     assert (first["rc"], parked["rc"]) == (7, 7), results
     assert mkdir["errno"] == errno.EPERM, results  # on_error, at its deadline
     assert deadline - 0.3 < mkdir["seconds"] < deadline + 2, results
-    assert session.notify.closed
+    assert session.notify.closed != (reason == "takeover")  # kept for the new daemon
+    session.notify.close()
     assert session.stats.answered == session.stats.notifications == 3
     assert session.inflight == 0 and session._carried == 0
 
