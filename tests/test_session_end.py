@@ -43,7 +43,7 @@ from supervisor.session import Session, SessionSettings
 from .conftest import Target, start_target
 
 WAIT = 10.0  # a hang guard: what is checked takes well under a second
-PAUSE = "0.15"  # between the target's calls: each is received before the next starts
+PAUSE = "0.2"  # between the target's calls: each is received before the next starts
 
 
 class DaemonBug(Exception):
