@@ -20,14 +20,18 @@ loops; the test keeps a copy of each listener, as a runtime that kept one would.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -39,8 +43,10 @@ from supervisor.metrics import Metrics
 from supervisor.notifyfd import NotifyFd
 from supervisor.policy import Container, Notification, PolicySet, returns
 from supervisor.session import Session, SessionSettings
+from supervisor.systemd import Notifier
 
 from .conftest import Target, start_target
+from .daemon_harness import running_daemon
 
 WAIT = 10.0  # a hang guard: what is checked takes well under a second
 PAUSE = "0.2"  # between the target's calls: each is received before the next starts
@@ -378,3 +384,63 @@ async def test_an_orderly_end_waits_no_longer_than_the_deadline() -> None:
         if proc.stdout is not None:
             proc.stdout.close()
         os.close(copy)
+
+
+HARDENING = f"""
+[defaults]
+policies = ["hardening"]
+
+[[policy]]
+name = "hardening"
+path = "{Path(__file__).resolve().parent.parent}/policies/hardening.py"
+"""
+
+
+async def test_a_listener_whose_session_failed_leaves_the_fd_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hot_loop: str) -> None:
+    """A daemon bug ends a session while its container lives, and the daemon will not
+    serve that listener again. Kept in the fd store (systemd's, or the fd keeper), its
+    copy there would hold every later notified call of the container unanswered until
+    the daemon restarts; removed, the kernel answers them ENOSYS once the last copy
+    closes: the container fails closed, at once."""
+    path = tmp_path / "notify.sock"
+    messages: list[dict[str, str]] = []
+    original = Recorder.decided
+
+    def faulty(self: Recorder, container: Container, notif_id: int, tid: int, syscall: str,
+               *args: Any, **kwargs: Any) -> int:
+        bucket = original(self, container, notif_id, tid, syscall, *args, **kwargs)
+        if "chmod" in syscall:
+            raise DaemonBug(f"recording {syscall} failed")
+        return bucket
+
+    monkeypatch.setattr(Recorder, "decided", faulty)
+    victim = tmp_path / "file"
+    victim.write_text("")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+
+        async def wait_for(what: str, check: Any) -> None:
+            with trio.fail_after(WAIT):
+                while not check():
+                    await trio.lowlevel.wait_readable(sock)
+                    # recv(), not recvmsg(): the fds sent along are closed at once.
+                    raw = sock.recv(65536).decode()
+                    messages.append(dict(line.split("=", 1) for line in raw.splitlines()
+                                         if "=" in line))
+            assert check(), (what, messages)
+
+        async with running_daemon(tmp_path, HARDENING, notifier=Notifier(str(path))) as d, \
+                trio.open_nursery() as nursery:
+            notify = ["--notify", "chmod", "--notify", "fchmodat", "--notify", "fchmodat2"]
+            nursery.start_soon(functools.partial(
+                d.run, [*notify, "--", "sh", "-c", 'chmod u+s "$0"; sleep 30', str(victim)],
+                timeout=WAIT * 2))
+            await wait_for("stored", lambda: any(m.get("FDSTORE") == "1" for m in messages))
+            [name] = [m["FDNAME"] for m in messages if m.get("FDSTORE") == "1"]
+            await wait_for("removed", lambda: {"FDSTOREREMOVE": "1", "FDNAME": name}
+                           in messages)
+            assert d.daemon.sessions == set()
+            nursery.cancel_scope.cancel()  # the target: still in its sleep
+    assert victim.stat().st_mode & 0o7777 == 0o644 & ~os.umask(os.umask(0))
