@@ -38,6 +38,7 @@ import runpy
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +244,11 @@ def main() -> int:
         call, _, length_text = row.partition("/")
         length = int(length_text)
         rows: dict[str, tuple[str, Callable[[], float]]] = {
-            "guard": ("guard()", lambda: guard_alone(call, length, args.calls)),
+            "guard": ("guard()", partial(guard_alone, call, length, args.calls)),
             "once": ("session, read at once",
-                     lambda: session_row(call, length, args.calls, args.audit, False)),
+                     partial(session_row, call, length, args.calls, args.audit, False)),
             "delivered": ("session, read delivered",
-                          lambda: session_row(call, length, args.calls, args.audit, True)),
+                          partial(session_row, call, length, args.calls, args.audit, True)),
         }
         got = {what: min(measure() for _ in range(args.repeat))
                for key, (what, measure) in rows.items() if args.only in (None, key)}
