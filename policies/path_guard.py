@@ -223,10 +223,15 @@ def _refusal(syscall: str, path: bytes) -> Decision:
     if decision is None:
         if len(_denied) >= _DENIED_MAX:
             _denied.clear()
-        decision = _denied[key] = Decision(
-            "deny", errno=_state["errno"],
-            reason=f"{syscall} {_text(path)} is under a guarded prefix")
+        decision = _denied[key] = _refused(
+            f"{syscall} {_text(path)} is under a guarded prefix")
     return decision
+
+
+def _refused(reason: str) -> Decision:
+    """``deny(errno, reason=reason)`` for a reason that names what the caller chose (a
+    path): made, not taken from or put in deny()'s shared cache (see _denied)."""
+    return Decision("deny", errno=_state["errno"], reason=reason)
 
 
 @policy.on(*_PATHS, paths=_paths_to_read)
@@ -247,7 +252,7 @@ async def guard(n: Notification) -> Decision:
         try:
             path = _resolve(n, raw, dirfd)
         except LookupError as exc:
-            return deny(_state["errno"], reason=str(exc))
+            return _refused(str(exc))
         if path in prefixes or path.startswith(_state["below"]):  # is_guarded()
             return _refusal(n.syscall, path)
     return allow(unchecked=True, reason="path not guarded (advisory check)")
@@ -298,6 +303,6 @@ async def _enforce(n: Notification, prefixes: tuple[bytes, ...]) -> Decision:
         return deny(busy.errno, reason=f"{n.syscall}: {busy}")
     if result.guarded is not None:
         where = result.guarded.decode("utf-8", "backslashreplace")
-        return deny(_state["errno"], reason=f"{n.syscall} resolves to {where}, under a "
-                                            "guarded prefix (enforced)")
+        return _refused(f"{n.syscall} resolves to {where}, under a guarded prefix "
+                        "(enforced)")
     return caller.decision(op, result, reason=f"emulated {n.syscall} (enforced guard)")

@@ -198,3 +198,35 @@ def test_each_refusal_names_its_own_path_past_the_kept_refusals(
     assert [(s.decision.errno, s.decision.reason) for s in trial.decisions] == [
         (errno.EACCES, f"mkdir {guarded}/{name} is under a guarded prefix")
         for name in names]
+
+
+def test_refusals_naming_a_containers_paths_stay_out_of_the_shared_deny_cache(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    """deny() keeps up to 4,096 answers, by reason, for every policy of the daemon and
+    for as long as it runs. path_guard's reasons name the caller's path (up to 4 KiB, 16
+    KiB once escaped): a container making distinct refused calls must not fill that
+    cache (up to 64 MiB kept, and every other policy's new reasons no longer cached)."""
+    from supervisor import policy as policy_module
+
+    guarded, _free, policy = tree
+    name = "n" * 200
+
+    def refused_calls() -> list[int]:
+        pipe, _ = os.pipe()  # a dirfd that is no directory: the base is not resolved
+        errnos = []
+        for i in range(100):
+            for path, dir_fd in ((guarded / f"{i}{name}", None), (f"{i}{name}", pipe)):
+                try:
+                    os.mkdir(path, dir_fd=dir_fd)
+                    errnos.append(0)
+                except OSError as exc:
+                    errnos.append(exc.errno or -1)
+        return errnos
+
+    before = len(policy_module._DENY)
+    trial = run_policy(policy, refused_calls)
+    assert trial.value == [errno.EACCES] * 200
+    assert len(policy_module._DENY) - before < 10
+    reasons = [s.decision.reason for s in trial.decisions]
+    assert reasons[0] == f"mkdir {guarded}/0{name} is under a guarded prefix"
+    assert reasons[1].startswith("cannot resolve the base of b'0nnn"), reasons[1]
