@@ -23,7 +23,6 @@ machine counts too).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import statistics
@@ -45,12 +44,6 @@ MACHINE_EVENTS = ("context-switches", "sched:sched_wakeup", "sched:sched_wake_id
                   "irq_vectors:reschedule_entry", "irq_vectors:call_function_single_entry")
 
 
-def _high(fd: int) -> int:
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 900)
-    os.close(fd)
-    return high
-
-
 class _Perf:
     """A perf process started disabled (-D -1) and switched on and off through its
     control fifo, so it counts exactly between enable() and disable()."""
@@ -66,9 +59,8 @@ class _Perf:
         self.proc = subprocess.Popen(
             ["perf", *argv[:1], "-D", "-1", "--control", f"fifo:{self.ctl},{self.ack}",
              *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Far from the low numbers: run_row's cleanup closes its pipes' numbers again.
-        self.ctl_fd = _high(os.open(self.ctl, os.O_WRONLY))
-        self.ack_fd = _high(os.open(self.ack, os.O_RDONLY))
+        self.ctl_fd = os.open(self.ctl, os.O_WRONLY | os.O_CLOEXEC)
+        self.ack_fd = os.open(self.ack, os.O_RDONLY | os.O_CLOEXEC)
 
     def _command(self, word: str) -> None:
         os.write(self.ctl_fd, word.encode() + b"\n")
@@ -169,8 +161,8 @@ def measure(sup: run.Supervisor, k: int, calls: int, opts: run.Options, tmp: Pat
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sup", action="append", help="run.py row name (repeatable); "
-                    "default: sync and C epoll")
+    ap.add_argument("--sup", action="append", help="run.py row name (repeatable; "
+                    "memory-reading rows too); default: sync and C epoll")
     ap.add_argument("--k", default="100,1000")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=1, help="median of N")
@@ -194,7 +186,9 @@ def main() -> int:
     env = tuple(tuple(e.split("=", 1)) for e in args.env)
     sups = []
     for name in names:
-        base = next(s for s in run.SUPERVISORS if s.name == name)
+        base = next(s for s in (*run.SUPERVISORS,
+                                *run.mem_supervisors(run.MEM_CALLS, run.MEM_LENGTHS))
+                    if s.name == name)
         if base.kind == "ours":
             base = replace(base, env=env, tree=args.tree or base.tree)
         sups.append(base)
@@ -215,7 +209,8 @@ def main() -> int:
         for _ in range(args.repeat):
             for k in ks:
                 for s in sups:
-                    calls = int(run.DEFAULT_CALLS.get(k, 100_000) * args.scale)
+                    calls = int(run.DEFAULT_CALLS.get(k, 100_000) * args.scale
+                                * s.calls_share)
                     results.setdefault((s.name, k), []).append(
                         measure(s, k, calls, opts, tmp, record, args.pin))
     columns = list(next(iter(results.values()))[0])

@@ -324,8 +324,10 @@ def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sa
                  str(tmp / f"t{i}.out"), *(str(fd) for fd in child_fds), "0",
                  sup.workload],
                 pass_fds=child_fds, stdin=subprocess.DEVNULL))
-        for fd in child_fds:
-            os.close(fd)
+        for name in pipes:  # the children's ends are theirs now: closed here, once
+            os.close(pipes[name][1 - keep[name]])
+            ours = pipes[name][keep[name]]
+            pipes[name] = (ours, -1) if keep[name] == 0 else (-1, ours)
         procs = [supervisor, *targets]
         collect(pipes["ready"][0], k, procs, deadline, "every session to be served")
         rss_idle = rss_kb(supervisor.pid)

@@ -641,13 +641,21 @@ class Daemon:
         self.sessions.add(session)
         self.metrics.sessions.inc()
         self.notifier.status(self._status_text())
-        target_gone = False
+        # Whether the fd store's copy of the listener goes: yes unless the session was
+        # stopped to be served again (a stop that keeps the store, a handover).
+        forget_stored = False
         try:
             await session.run()
-            target_gone = not session.reading_stopped
+            forget_stored = not session.reading_stopped
         except Exception:
-            # A bug in a session must not take the other containers down with it.
-            log.exception("session of container %s failed", session.container.id)
+            # A bug in a session must not take the other containers down with it. Nothing
+            # serves its listener again: a copy left in the store would hold the
+            # container's later calls unanswered until a restart; without it they get
+            # ENOSYS from the kernel once the last copy closes (fail closed, at once).
+            forget_stored = True
+            log.exception("session of container %s failed: its listener is no longer "
+                          "served (the kernel answers its calls ENOSYS once the last copy "
+                          "closes)", session.container.id)
         finally:
             if session.read_elsewhere:
                 self.refused.labels("read_elsewhere").inc()
@@ -660,7 +668,7 @@ class Daemon:
                 # Paused for a handover: the fd lives on in _handed until the commit.
                 self._handed[session.notify.fileno()] = (session.notify, name,
                                                          session.journal)
-            elif name is not None and target_gone:
+            elif name is not None and forget_stored:
                 self.fdstore.remove(name)
             ended = self._ended.pop(session, None)
             if ended is not None:

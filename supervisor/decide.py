@@ -18,7 +18,7 @@ from .errors import PolicyError
 from .policy import Decision, Handler, HandlerEntry, PathArgs, PolicySet
 from .syscalls import arch_name, is_unnamed, syscall_name
 
-ErrorKind = Literal["exception", "deadline", "refused", "memory", "recovery"]
+ErrorKind = Literal["exception", "deadline", "refused", "memory", "recovery", "ended"]
 Mode = Literal["enforce", "shadow"]
 
 UNHANDLED_POLICY = "-"  # policy label of answers no policy gave

@@ -205,8 +205,9 @@ class Metrics:
             "notifications_gone", "Notifications the kernel withdrew (ENOENT), by stage.",
             ["stage"], namespace=ns, registry=registry)
         self.handler_errors = Counter(
-            "handler_errors", "Handlers that raised, overran the deadline or returned a "
-            "refused decision.", ["policy", "kind"], namespace=ns, registry=registry)
+            "handler_errors", "Handlers that raised, overran the deadline, returned a "
+            "refused decision or were under way when their session ended (kind).",
+            ["policy", "kind"], namespace=ns, registry=registry)
         self.recovered = Counter(
             "notifications_recovered", "Notifications a crashed process had received and "
             "not answered, answered after the restart from the in-flight journal, by entry "

@@ -322,6 +322,9 @@ class Suspended(NamedTuple):
 
     ``deadline`` (trio time) cancels it; then ``on_deadline()`` is called. ``done(exc)``
     is called at the end in any case, with the exception it raised, if any.
+    ``carried_under(scope)``, if given, is called when the carrying starts with the
+    cancel scope it runs under: cancelling that scope ends it as its deadline would
+    (a session that ends answers its decisions itself, see Session._end_decisions).
     """
 
     coro: Coroutine[Any, Any, None]
@@ -329,6 +332,7 @@ class Suspended(NamedTuple):
     deadline: float
     on_deadline: Callable[[], None]
     done: Callable[[Exception | None], None]
+    carried_under: Callable[[trio.CancelScope], None] | None = None
 
 
 async def carry_suspended(suspended: Suspended, scope: trio.CancelScope
@@ -338,6 +342,8 @@ async def carry_suspended(suspended: Suspended, scope: trio.CancelScope
     ran, so any cancel scope the handler entered nests inside it. Returns what the
     decision raised. After ``scope`` exited, :func:`suspended_ended`."""
     scope.deadline = suspended.deadline
+    if suspended.carried_under is not None:
+        suspended.carried_under(scope)
     try:
         await carry_on(suspended.coro, suspended.trap)
     except Exception as exc:

@@ -21,10 +21,13 @@ and without allocating anything the chain does not use:
   delivery resumes it at that link when the reads are done.
 
 :meth:`Session.run` itself only waits: for POLLHUP (the filter has no task left), a
-failure, a parked notification, cancellation or :meth:`Session.stop_reading`.
+failure, a parked notification, cancellation, :meth:`Session.stop_reading` or a RECV that
+blocked (another process reads the listener).
 
 Every notification gets exactly one answer unless the kernel withdrew it (ENOENT), which
-is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``.
+is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``. That
+holds when the session ends too, for any reason (see :meth:`Session.run`): closing our fd
+answers nothing while another process holds a copy of the listener.
 """
 
 from __future__ import annotations
@@ -150,6 +153,32 @@ class _Prefetch:
         self.session._prefetch_expired(self)
 
 
+class _Waiting:
+    """A received notification whose decision waits in a task (carried by a poller or the
+    read pool's delivery task, or a task of the session's nursery): what the session
+    needs to answer it itself if it ends first (:meth:`Session._end_decisions`).
+    ``current[0]`` names the policy being asked; ``scope`` is the carrying task's cancel
+    scope (its deadline's), once it started carrying. Called with that scope (see
+    :class:`~supervisor.notifyfd.Suspended`)."""
+
+    __slots__ = ("current", "n", "received", "scope")
+
+    def __init__(self, n: Notification, received: float, current: list[str]) -> None:
+        self.n = n
+        self.received = received
+        self.current = current
+        self.scope: trio.CancelScope | None = None
+
+    def __call__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+
+
+#: How long after the deadline an orderly end (stop_reading, read_elsewhere) still waits
+#: for a decision before answering it on_error itself: the deadline's own on_error is
+#: given by the task carrying the decision, which needs a scheduler pass or two.
+END_GRACE: Final = 0.25
+
+
 class Session:
     """Serves one listener fd until the filter has no task left (POLLHUP) or it is
     cancelled. Owns ``notify`` and closes it when it ends."""
@@ -158,10 +187,10 @@ class Session:
     # notification, and with 1,000 busy sessions each session's state is cold by the time
     # its next call comes (bench/README.md, "Session 8: K=1000"). In the object they are
     # one block; in a dict they were the dict, its values array and a lookup each.
-    __slots__ = ("__weakref__", "_carried", "_carried_done", "_deadlines", "_ended",
+    __slots__ = ("__weakref__", "_carried", "_deadlines", "_ended",
                  "_failed", "_last_outcome", "_max_inflight", "_nursery", "_parked",
                  "_polled_fd", "_poller", "_prefetching", "_reading", "_routes",
-                 "_shadow", "_slot_freed", "_wake",
+                 "_shadow", "_slot_freed", "_waiting", "_wake",
                  "bucket", "chain", "container", "inflight", "journal", "keep_fd",
                  "memory", "notify", "read_elsewhere", "recorder", "serial", "settings",
                  "started", "stats")
@@ -204,9 +233,11 @@ class Session:
         self._failed: Exception | None = None
         self._parked: _Parked | None = None
         # Async decisions that suspended and are carried on by a retired poller task (not
-        # in our nursery): stop_reading() waits for them too.
+        # in our nursery), or wait for their paths: counted.
         self._carried = 0
-        self._carried_done: trio.Event | None = None
+        # Decisions waiting in a task, by notification id, until answered (see _Waiting):
+        # the ones run() answers itself if the session ends before they do.
+        self._waiting: dict[int, _Waiting] = {}
         # Decisions waiting, without a task, for the paths their link declared (counted
         # in inflight and _carried too), by notification id; see _prefetch.
         self._prefetching: dict[int, _Prefetch] = {}
@@ -224,31 +255,46 @@ class Session:
         return f"<Session {self.container.id!r} fd={self.notify.fileno()}>"
 
     async def run(self) -> None:
-        """Serve until POLLHUP; then cancel what is in flight and close the fd.
+        """Serve until POLLHUP, :meth:`stop_reading`, a RECV that blocked (another
+        process reads the listener: ``read_elsewhere``), a failure (raised) or
+        cancellation; then close the fd.
 
-        After :meth:`stop_reading`, it returns once every notification already received
-        has its answer (each is bounded by the deadline); the fd stays open if
-        ``keep_fd`` was asked for, and the caller owns ``self.notify`` from then on.
+        Whatever ends it, every notification received and not answered yet gets its one
+        answer before the fd closes: while another process holds a copy of the listener
+        (whoever handed it over, the fd store, the fd keeper) the kernel answers nothing
+        at our close, and the call would hang until that copy closed. After
+        :meth:`stop_reading` or ``read_elsewhere`` the targets live on and nothing is
+        wrong with the session: their decisions finish, each within its deadline. After a
+        failure (the session's state is unknown) or a cancellation (whoever cancels wants
+        it gone now) each gets ``on_error`` at once. At POLLHUP the targets are gone: the
+        same answers only meet ENOENT. See :meth:`_end_decisions`.
+
+        With ``keep_fd`` (:meth:`stop_reading`) the fd stays open, and the caller owns
+        ``self.notify`` from then on.
         """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.journal is not None:
-                    self._recover()
-                with self._reading:
-                    await self._serve()
-                if self._parked is not None:
-                    await self._start_parked()  # received: it must be answered
-                if not self._reading.cancel_called:
+                ended_by: BaseException | None = None
+                try:
+                    if self.journal is not None:
+                        self._recover()
+                    with self._reading:
+                        await self._serve()
+                    if self._reading.cancel_called or self.read_elsewhere:
+                        # (A decision that ignores its deadline is answered below.)
+                        with trio.move_on_after(self.settings.deadline + END_GRACE):
+                            await self._let_decisions_finish()
+                except BaseException as exc:
+                    ended_by = exc
+                    raise
+                finally:
+                    self._unpoll()
+                    self._end_decisions(self._why_ended(ended_by))
                     nursery.cancel_scope.cancel()
-                else:
-                    while self._carried:  # every received notification gets its answer
-                        self._carried_done = trio.Event()
-                        await self._carried_done.wait()
         finally:
             self._unpoll()
             self._nursery = None
-            self._drop_prefetching()
             # keep_fd: handed over, the container lives on: no close, no session-end hooks.
             if self.journal is not None and not self.keep_fd:
                 self.journal.close()
@@ -264,25 +310,97 @@ class Session:
                         log.exception("session-end hook of policy %s failed", _name)
 
     async def _serve(self) -> None:
-        """Wait while the poller serves the fd; return at POLLHUP, raise what failed."""
+        """Wait while the poller serves the fd, and start the parked notification once a
+        slot is free; return at POLLHUP or read_elsewhere, raise what failed."""
         self._poller = current_poller()
         try:
             self._repoll()
             while True:
                 if self._failed is not None:
                     raise self._failed
-                if self._parked is not None:
-                    await self._start_parked()
-                    self._repoll()
-                    continue
                 if self._ended:
-                    log.debug("session %s: filter has no task left", self.container.id)
+                    log.debug("session %s: %s", self.container.id,
+                              "read elsewhere" if self.read_elsewhere
+                              else "filter has no task left")
                     return
-                self._wake = trio.Event()
+                if self._parked is not None:
+                    if self.inflight < self._max_inflight:
+                        self._start_parked()
+                        self._repoll()
+                        continue
+                    # A freed slot wakes us, as anything else does.
+                    self._wake = self._slot_freed = trio.Event()
+                else:
+                    self._wake = trio.Event()
                 await self._wake.wait()
         finally:
             # Before the nursery closes: nothing may start an async decision after that.
             self._unpoll()
+
+    async def _let_decisions_finish(self) -> None:
+        """The session stops in good order (stop_reading, read_elsewhere): wait until
+        every notification received has its answer from its own decision (each bounded
+        by its deadline), the parked one too, once a slot is free for it."""
+        while True:
+            if self._parked is not None and self.inflight < self._max_inflight:
+                self._start_parked()
+            if not self.inflight and self._parked is None:
+                return
+            self._slot_freed = trio.Event()
+            await self._slot_freed.wait()
+
+    def _why_ended(self, exc: BaseException | None) -> str:
+        """Why the session ends, for the log and the answers of :meth:`_end_decisions`:
+        ``exc`` is what run() raises, if anything."""
+        if exc is not None:
+            if _daemon_own(exc):
+                return "cancelled"
+            return f"a daemon error ({type(exc).__name__})"
+        if self.read_elsewhere:
+            return "another process reads its listener"
+        if self._ended:
+            return "its filter has no task left"
+        return "stopped"  # (what is still waiting overran its deadline)
+
+    def _end_decisions(self, why: str) -> None:
+        """The session ends: every notification it received and has not answered yet
+        gets ``on_error`` now, whatever its decision waits for (a parked one, one waiting
+        for its paths, one in a task), and what still runs for it is cancelled: an
+        answer given later would be refused (the decision is no longer in ``_waiting``)
+        and could not go through a closed fd anyway. Synchronous: every answer is out
+        before run() closes the fd. Nothing to do after an orderly end, unless a decision
+        overran its deadline."""
+        ended: list[tuple[Notification, float, str]] = []
+        if self._parked is not None:
+            n, links, index, received, _allowed, _wanted = self._parked
+            self._parked = None
+            ended.append((n, received, links[index].policy))
+        while self._prefetching:
+            _id, record = self._prefetching.popitem()
+            self._finish_waiting(record)
+            self._carried -= 1
+            ended.append((record.n, record.received, record.links[record.index].policy))
+        waiting, self._waiting = self._waiting, {}
+        for entry in waiting.values():
+            if entry.scope is not None:
+                entry.scope.cancel()  # (a task of our nursery: cancelled with it)
+            ended.append((entry.n, entry.received, entry.current[0]))
+        if not ended:
+            return
+        # At POLLHUP the targets are gone: these answers only meet ENOENT (counted).
+        log.log(logging.DEBUG if self._ended and not self.read_elsewhere else logging.WARNING,
+                "container %s: session ended (%s) with %d calls still being decided: "
+                "answered on_error: ids %s", self.container.id, why, len(ended),
+                " ".join(f"{n.id:#x}" for n, _received, _policy in ended))
+        for n, received, policy in ended:
+            try:
+                self._answer(n.id, n.pid, n.syscall, n.args, received,
+                             Outcome(self.settings.on_error, policy, "ended",
+                                     f"session ended: {why}"))
+                self._unpin(n.id)
+            except Exception:  # (a daemon error again, maybe): the others still go out
+                log.exception("container %s: answering %s (id %#x) at the session's end "
+                              "failed", self.container.id, n.syscall, n.id)
 
     def _repoll(self) -> None:
         fd = self.notify.fileno()
@@ -544,7 +662,7 @@ class Session:
         record.entry = None  # (the heap popped it)
         self._finish_waiting(record)
         try:
-            self._deadline_missed(n, record.received, [record.links[record.index].policy])
+            self._missed(n, record.received, record.links[record.index].policy)
         except Exception as exc:
             self.on_failure(exc)
         self.carried(None)
@@ -563,14 +681,6 @@ class Session:
             self._slot_freed.set()
             self._slot_freed = None
 
-    def _drop_prefetching(self) -> None:
-        """The session ends: decisions still waiting for their paths are dropped with it
-        (as carried ones, they are no longer answered through this fd)."""
-        while self._prefetching:
-            _id, record = self._prefetching.popitem()
-            self._finish_waiting(record)
-            self._carried -= 1
-
     async def _read_declared(self, n: Notification, wanted: tuple[int, ...]) -> None:
         """:meth:`_prefetch` for a decision that has a task (parked, recovered): read
         the paths ``wanted`` one after another, each result or error kept for
@@ -586,7 +696,8 @@ class Session:
     def _read_elsewhere(self) -> None:
         """A RECV blocked after POLLIN: another process reads this listener too (it
         kept a copy after the handoff). Its notifications cannot all be ours to answer
-        and each such RECV stalls the loop: end the session (the fd is closed; the
+        and each such RECV stalls the loop: end the session, in good order (the ones
+        received get their decisions, see :meth:`run`; then the fd is closed and the
         other reader keeps serving its filter)."""
         log.error("container %r (pid %d): a RECV on its listener blocked: another "
                   "process reads the same listener (a copy kept after the handoff); not "
@@ -599,8 +710,6 @@ class Session:
     def carried(self, exc: Exception | None) -> None:
         """Called by the poller task that carried a suspended decision to its end."""
         self._carried -= 1
-        if self._carried == 0 and self._carried_done is not None:
-            self._carried_done.set()
         if exc is not None:
             self.on_failure(exc)
 
@@ -650,30 +759,34 @@ class Session:
             n = make_notification(entry.id, entry.pid, entry.nr, arch_label, syscall,
                                   entry.args, self.container, self.memory)
             # Over max_inflight for a moment at most by the journal's size.
-            self.inflight += 1
-            self._nursery.start_soon(self._decide_async, n, links, 0, received)
+            self._start_decision(n, links, 0, received)
 
-    async def _start_parked(self) -> None:
-        """Start the async decision of the parked notification once a slot is free."""
+    def _start_parked(self) -> None:
+        """Start the async decision of the parked notification: a slot is free. (Until
+        then it stays parked, and the session's end answers it if it comes first.)"""
         assert self._parked is not None
         n, links, index, received, allowed, wanted = self._parked
-        # Shielded: this notification was received, so it must be answered even if
-        # stop_reading() or a cancellation comes meanwhile. A slot is freed within the
-        # deadline.
-        with trio.CancelScope(shield=True):
-            while self.inflight >= self._max_inflight:
-                self._slot_freed = trio.Event()
-                await self._slot_freed.wait()
         self._parked = None
+        self._start_decision(n, links, index, received, allowed, wanted)
+
+    def _start_decision(self, n: Notification, links: tuple[Link, ...], index: int,
+                        received: float, allowed: Outcome | None = None,
+                        asked: tuple[int, ...] | None = None) -> None:
+        """Decide ``n`` from ``links[index]`` in a task of the session's nursery, under
+        the deadline (a parked or recovered notification): it takes a slot and waits in
+        ``_waiting`` until answered."""
         self.inflight += 1
+        current = [links[index].policy if index < len(links) else UNHANDLED_POLICY]
+        self._waiting[n.id] = _Waiting(n, received, current)
         assert self._nursery is not None
-        self._nursery.start_soon(self._decide_async, n, links, index, received, allowed,
-                                 wanted)
+        self._nursery.start_soon(self._decide_async, n, links, index, received, current,
+                                 allowed, asked)
 
     def stop_reading(self, *, keep_fd: bool = False) -> None:
         """Receive no more notifications: the ones still pending wait in the kernel for
         whoever reads this filter next. :meth:`run` returns once the ones already received
-        are answered. With ``keep_fd`` the fd is left open for the caller (a takeover)."""
+        are answered (each by its deadline). With ``keep_fd`` the fd is left open for the
+        caller (a takeover)."""
         self.keep_fd = keep_fd
         self._unpoll()
         self._reading.cancel()
@@ -721,10 +834,12 @@ class Session:
         if self.journal is not None:
             self.journal.pin(n.id)  # the decision waits: keep its journal entry
         current = [links[index].policy]
+        waiting = self._waiting[n.id] = _Waiting(n, received, current)
         rest = self._decide(n, links, index, received, current, (coro, trap), allowed)
         rest.send(None)  # runs up to the handler's trap, and yields it again
         return Suspended(rest, trap, self._deadline(received),
-                         partial(self._deadline_missed, n, received, current), self.carried)
+                         partial(self._deadline_missed, n, received, current), self.carried,
+                         waiting)
 
     def _run_sync(self, n: Notification, link: Link) -> Outcome | None:
         try:
@@ -798,15 +913,21 @@ class Session:
             if outcome is None:
                 outcome = (allowed if allowed is not None
                            else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-            self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
+            if n.id in self._waiting:  # (else the session's end answered it)
+                self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
+                # Only now: had answering raised (a daemon error), the end answers it.
+                del self._waiting[n.id]
             self._unpin(n.id)
         except NotificationGone as gone:
-            if self._still_waits(n.id):  # policy code said so, not the kernel
+            if n.id not in self._waiting:
+                pass  # answered by the session's end
+            elif self._still_waits(n.id):  # policy code said so, not the kernel
                 self._answer(n.id, n.pid, n.syscall, n.args, received,
                              self._failure(current[0], n, gone))
             else:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
+            self._waiting.pop(n.id, None)
             self._unpin(n.id)
         finally:
             self.inflight -= 1
@@ -815,10 +936,11 @@ class Session:
                 self._slot_freed = None
 
     async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
-                            received: float, allowed: Outcome | None = None,
+                            received: float, current: list[str],
+                            allowed: Outcome | None = None,
                             asked: tuple[int, ...] | None = None) -> None:
-        """:meth:`_decide` as a task of its own, under the deadline."""
-        current = [UNHANDLED_POLICY]
+        """:meth:`_decide` as a task of its own, under the deadline (see
+        :meth:`_start_decision`)."""
         with trio.move_on_at(self._deadline(received)) as scope:
             await self._decide(n, links, start, received, current, None, allowed, asked)
         if scope.cancelled_caught:
@@ -830,8 +952,14 @@ class Session:
         return trio.current_time() + self.settings.deadline - (perf_counter() - received)
 
     def _deadline_missed(self, n: Notification, received: float, current: list[str]) -> None:
-        """The chain overran the deadline: answer ``on_error``."""
-        policy = current[0]
+        """The chain of a decision in ``_waiting`` overran the deadline: answer
+        ``on_error`` (unless the session's end did)."""
+        if n.id in self._waiting:
+            self._missed(n, received, current[0])
+            del self._waiting[n.id]
+
+    def _missed(self, n: Notification, received: float, policy: str) -> None:
+        """``n``'s decision overran the deadline, asking ``policy``: answer ``on_error``."""
         log.warning("container %s: %s handler of policy %s missed its %.3gs deadline",
                     self.container.id, n.syscall, policy, self.settings.deadline)
         try:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor.cli import load_everything
 from supervisor.daemon import Daemon
+from supervisor.systemd import Notifier
 
 CLI = [sys.executable, "-m", "supervisor"]
 
@@ -69,16 +70,18 @@ def write_config(tmp_path: Path, text: str, *, metrics: bool = False) -> Path:
 
 
 @asynccontextmanager
-async def running_daemon(tmp_path: Path, config_text: str, *,
-                         metrics: bool = False) -> AsyncIterator[RunningDaemon]:
-    """Start a :class:`Daemon` from ``config_text`` in a child nursery; stop it on exit."""
+async def running_daemon(tmp_path: Path, config_text: str, *, metrics: bool = False,
+                         notifier: Notifier | None = None) -> AsyncIterator[RunningDaemon]:
+    """Start a :class:`Daemon` from ``config_text`` in a child nursery; stop it on exit.
+    ``notifier``: where its sd_notify messages go (else from the environment)."""
     config_path = write_config(tmp_path, config_text, metrics=metrics)
     config, policies = load_everything(str(config_path))
     registry = CollectorRegistry()
     audit = io.StringIO()
 
     daemon = Daemon(config, policies, registry=registry, audit_stream=audit,
-                    loader=lambda: load_everything(str(config_path)))
+                    loader=lambda: load_everything(str(config_path)),
+                    notifier=notifier)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         try:

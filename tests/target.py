@@ -28,6 +28,33 @@ def getppid_raw():
     return call(libc.syscall, ctypes.c_long(110))
 
 
+def unserved_page():
+    """The address of a page registered with a userfaultfd nobody serves: reading it
+    blocks until this process exits."""
+    import fcntl
+    import struct
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    uffd = libc.syscall(ctypes.c_long(323), os.O_CLOEXEC)  # userfaultfd
+    assert uffd >= 0, ctypes.get_errno()
+    fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # API
+    page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
+    fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
+                bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
+    return page
+
+
+NUMBERS = {"getppid": 110, "yield": 24}
+
+
+def timed(func, *args):
+    t0 = time.monotonic()
+    r = call(func, *args)
+    r["seconds"] = time.monotonic() - t0
+    return r
+
+
 def main(argv):
     cmd = argv[0]
     if cmd == "getppid":
@@ -81,17 +108,7 @@ def main(argv):
         # mkdir() in a thread with its path on a page registered with a userfaultfd
         # nobody serves (reading it blocks until this process exits); meanwhile CALLS
         # getppid calls, PAUSE s apart, each timed; then the mkdir's answer.
-        import fcntl
-        import struct
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        uffd = libc.syscall(ctypes.c_long(323), os.O_CLOEXEC)  # userfaultfd
-        assert uffd >= 0, ctypes.get_errno()
-        fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # API
-        page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
-        fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
-                    bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
+        page = unserved_page()
         getppid_raw()  # served: the session is up
         stuck = {}
 
@@ -112,6 +129,29 @@ def main(argv):
         while not stuck:
             time.sleep(0.01)
         return {"latencies": latencies, "mkdir": stuck}
+    if cmd == "in-flight":
+        # Calls that each wait for their decision, started PAUSE s apart, each in a thread
+        # of its own: per WHAT, mkdir() with its path on an unserved userfaultfd page
+        # ("uffd"), getppid() or sched_yield() ("yield"). Once all returned: each answer,
+        # in that order, with how long it took.
+        pause, what = float(argv[1]), argv[2:]
+        page = unserved_page() if "uffd" in what else 0
+        results = [None] * len(what)
+
+        def one(i, name):
+            if name == "uffd":
+                results[i] = timed(libc.mkdir, ctypes.c_void_p(page), 0o755)
+            else:
+                results[i] = timed(libc.syscall, ctypes.c_long(NUMBERS[name]))
+
+        threads = []
+        for i, name in enumerate(what):
+            threads.append(threading.Thread(target=one, args=(i, name)))
+            threads[-1].start()
+            time.sleep(pause)
+        for t in threads:
+            t.join()
+        return {"results": results}
     if cmd == "getppid-threads":
         # THREADS threads each call getppid COUNT times at once: the errno of each
         # answer, counted ({errno: calls}; 0 for a call that returned a value).
