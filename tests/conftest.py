@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -108,6 +109,16 @@ def sleeper() -> Iterator[spawn.FilteredChild]:
 
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def fds_back_to(before: set[int], *, within: float = 5.0) -> set[int]:
+    """The open fds once they are ``before`` again, or after ``within`` seconds. A read
+    pool's eventfd is closed by the last reading thread writing it when the pool ends,
+    moments later under load (the compiled core, supervisor/_memread.c: close_core)."""
+    deadline = time.monotonic() + within
+    while (now := open_fds()) != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return now
 
 
 @dataclass

@@ -24,7 +24,7 @@ import trio
 from supervisor.errors import TargetMemoryError
 from supervisor.memory import PAGE_SIZE, ReadPool, ReadSlot, _Job, _Reader
 
-from .conftest import open_fds
+from .conftest import fds_back_to, open_fds
 
 pytestmark = pytest.mark.usefixtures("read_core")
 
@@ -185,7 +185,7 @@ def test_memory_that_ends_mid_string_faults_as_the_kernel_does(use_proc_mem: boo
         assert whole.value.errno == errno.ENAMETOOLONG
 
     run(scenario)
-    assert open_fds() == before  # every /proc/self/mem fd was closed by its read
+    assert fds_back_to(before) == before  # every /proc/self/mem fd was closed by its read
 
 
 def test_a_large_read_is_whole_and_a_dead_task_is_an_error() -> None:
@@ -287,7 +287,7 @@ def test_several_strings_of_one_job_each_get_their_own_result(
         assert await read_strings(pool, [], 51, mem_fd=fd(), wait=wait) == []
 
     run(scenario)
-    assert open_fds() == before  # every /proc/self/mem fd was closed by its read
+    assert fds_back_to(before) == before  # every /proc/self/mem fd was closed by its read
 
 
 def test_several_strings_of_a_dead_task_fail_as_one() -> None:
