@@ -231,8 +231,8 @@ def report(name: str, trips: list[Trip]) -> str:
     for key, _, _ in SEGMENTS:
         vals = sorted(t.segments[key] for t in done)
         q = statistics.quantiles(vals, n=10) if len(vals) >= 10 else [vals[0]] * 9
-        lines.append(f"| {key} | {q[0]:.1f} | **{statistics.median(vals):.1f}** | "
-                     f"{q[8]:.1f} | {statistics.fmean(vals):.1f} |")
+        lines.append(f"| {key} | {q[0]:.2f} | **{statistics.median(vals):.2f}** | "
+                     f"{q[8]:.2f} | {statistics.fmean(vals):.2f} |")
     patterns = Counter(t.pattern for t in trips)
     lines.append("")
     lines.append("| share | the cycle's steps (T target, S supervisor thread) |")
@@ -289,7 +289,7 @@ def trace_row(sup: run.Supervisor, calls: int, opts: run.Options, tmp: Path,
         run.cpu_ns = real_cpu_ns
         for p in perfs:
             p.finish()
-    text = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,cpu,time,event,trace"],
+    text = subprocess.run(["perf", "script", "--ns", "-i", str(data), "-F", "tid,cpu,time,event,trace"],
                           capture_output=True, text=True, check=True).stdout
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -306,6 +306,8 @@ def main() -> int:
     ap.add_argument("--sup", action="append", help="run.py row name (repeatable)")
     ap.add_argument("--calls", type=int, default=4000)
     ap.add_argument("--tree", help="take the daemon from this checkout")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also trace each daemon row with the package of DIR (NAME@before)")
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE for the daemon")
     ap.add_argument("--keep", help="keep perf script's text in DIR")
     ap.add_argument("--again", metavar="DIR",
@@ -324,12 +326,18 @@ def main() -> int:
     opts = run.Options(target, mem, reference, "none", sys.executable, 300.0)
     keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory(prefix="timeline-", dir="/dev/shm") as d:
+        sups = []
         for name in args.sup or ["default", "C blk sw"]:
             sup = next(s for s in run.SUPERVISORS if s.name == name)
             if sup.kind == "ours":
                 sup = replace(sup, env=env, tree=args.tree or sup.tree)
+                if args.compare:
+                    sups.append(replace(sup, name=f"{name}@before",
+                                        tree=str(Path(args.compare).resolve())))
+            sups.append(sup)
+        for sup in sups:
             note, trips = trace_row(sup, args.calls, opts, Path(d), keep)
-            print(report(name, trips))
+            print(report(sup.name, trips))
             print(note)
             print()
     return 0

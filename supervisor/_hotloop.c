@@ -401,6 +401,21 @@ static int add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
     return rc;
 }
 
+/* PyObject_RichCompareBool(a, b, op) for op Py_GT or Py_GE, without the generic protocol
+ * for two ints that fit a long long (the rate limit and a window's count). */
+static inline int int_compare(PyObject *a, PyObject *b, int op)
+{
+    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        int overflow_a, overflow_b;
+        long long x = PyLong_AsLongLongAndOverflow(a, &overflow_a),
+                  y = PyLong_AsLongLongAndOverflow(b, &overflow_b);
+        if (!overflow_a && !overflow_b && !PyErr_Occurred())
+            return op == Py_GT ? x > y : x >= y;
+        PyErr_Clear();
+    }
+    return PyObject_RichCompareBool(a, b, op);
+}
+
 /* Is `value` == the str `literal` (interned)? */
 static inline int str_equal(PyObject *value, PyObject *literal)
 {
@@ -477,7 +492,7 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
     if ((limiter = GET(recorder, s_limiter)) == NULL ||
         (limit = GET(limiter, s_limit)) == NULL)
         goto done;
-    int positive = PyObject_RichCompareBool(limit, zero, Py_GT);
+    int positive = int_compare(limit, zero, Py_GT);
     if (positive < 0)
         goto done;
     if (positive) {
@@ -492,7 +507,7 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
                 (start = GET(w, s_start)) == NULL ||
                 (window = GET(limiter, s_window)) == NULL)
                 goto done;
-            int full = PyObject_RichCompareBool(written, limit, Py_GE);
+            int full = int_compare(written, limit, Py_GE);
             if (full < 0)
                 goto done;
             double start_d = PyFloat_AsDouble(start), window_d = PyFloat_AsDouble(window);
@@ -618,6 +633,22 @@ static PyObject *call_on_ready(PyObject *reader, PyObject *mask)
                                      NULL);
 }
 
+/* The audit arch as an int: a new reference. A filter serves one or two architectures,
+ * and their numbers (AUDIT_ARCH_X86_64 is 0xc000003e) are past CPython's cached small
+ * ints: the last one is kept rather than allocated per notification. */
+static PyObject *arch_int(uint32_t arch)
+{
+    static PyObject *last;
+    if (last == NULL || PyLong_AsUnsignedLong(last) != arch) {
+        PyObject *made = PyLong_FromUnsignedLong(arch);
+        if (made == NULL)
+            return NULL;
+        Py_XSETREF(last, made);
+    }
+    Py_INCREF(last);
+    return last;
+}
+
 /* The notification's part after RECV and journal: route, sync handlers, answer; or the
  * hand-over to Session._decide_received. Owns none of its arguments. */
 static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
@@ -633,7 +664,7 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
     if ((id = PyLong_FromUnsignedLongLong(notif->id)) == NULL ||
         (tid = PyLong_FromUnsignedLong(notif->pid)) == NULL ||
         (nr = PyLong_FromLong(notif->data.nr)) == NULL ||
-        (arch = PyLong_FromUnsignedLong(notif->data.arch)) == NULL ||
+        (arch = arch_int(notif->data.arch)) == NULL ||
         (args = PyTuple_New(6)) == NULL)
         goto done;
     for (int i = 0; i < 6; i++) {
