@@ -24,6 +24,7 @@ Needs root and perf with the sched and raw_syscalls tracepoints.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import statistics
@@ -127,12 +128,10 @@ def syscall_kind(e: Event, poller_epfd: int | None) -> str:
 
 
 SEGMENTS = (
-    # name, from mark, to mark
+    # name, from mark, to mark; the marks of every cycle first
     ("target: exit -> switched out (its user time, entry, the notification)", "start", "t_out"),
     ("switch: target out -> supervisor in", "t_out", "d_in"),
-    ("supervisor: in -> first syscall (what was left of the last call)", "d_in", "first"),
-    ("supervisor: first syscall -> RECV entry", "first", "recv_enter"),
-    ("RECV", "recv_enter", "recv_exit"),
+    ("supervisor: in -> RECV exit", "d_in", "recv_exit"),
     ("supervisor: RECV exit -> SEND entry (the decision)", "recv_exit", "send_enter"),
     ("SEND", "send_enter", "send_exit"),
     ("supervisor: SEND exit -> switched out", "send_exit", "d_out"),
@@ -140,7 +139,13 @@ SEGMENTS = (
     ("target: in -> exit", "t_in", "end"),
     ("cycle (exit to exit)", "start", "end"),
     ("round trip seen by the target, less its user time (switched out -> exit)", "t_out", "end"),
+    # where the supervisor RECVs in the cycle (not when it slept in RECV: C blk sw)
+    ("  of which: in -> first syscall (what was left of the last call)", "d_in", "first"),
+    ("  of which: first syscall -> RECV entry (epoll_wait(0), the round)", "first",
+     "recv_enter"),
+    ("  of which: RECV", "recv_enter", "recv_exit"),
 )
+REQUIRED = ("t_out", "d_in", "recv_exit", "send_enter", "send_exit", "d_out", "t_in")
 
 
 def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
@@ -153,7 +158,8 @@ def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
     exits = [i for i, e in enumerate(events)
              if e.tid == target and e.name == "exit" and e.nr == NR_GETPPID]
     trips = []
-    for a, b in zip(exits, exits[1:]):
+    last_call = ""  # the supervisor's last system call entered, across cycles
+    for a, b in itertools.pairwise(exits):
         span = events[a:b + 1]
         trip = Trip()
         marks: dict[str, float] = {"start": span[0].time, "end": span[-1].time}
@@ -189,25 +195,27 @@ def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
                 steps.append("T woken" + ("" if ev.target_cpu == daemon_cpu
                                           else " (other CPU)"))
             elif ev.tid == daemon and ev.name == "enter":
-                kind = syscall_kind(ev, poller_epfd)
+                kind = last_call = syscall_kind(ev, poller_epfd)
                 steps.append(kind)
-                if "d_in" in marks:
+                if "d_in" in marks and "send_enter" not in marks:
                     marks.setdefault("first", ev.time)
-                if kind == "RECV":
-                    marks.setdefault("recv_enter", ev.time)
-                elif kind == "SEND":
+                    if kind == "RECV":
+                        marks.setdefault("recv_enter", ev.time)
+                if kind == "SEND" and "recv_exit" in marks:
                     marks.setdefault("send_enter", ev.time)
             elif ev.tid == daemon and ev.name == "exit":
-                if "send_enter" in marks and "send_exit" not in marks:
-                    marks["send_exit"] = ev.time
-                elif "recv_enter" in marks and "recv_exit" not in marks:
+                # A RECV may have been entered in the last cycle (a loop asleep in it).
+                if last_call == "RECV" and "d_in" in marks and "recv_exit" not in marks:
                     marks["recv_exit"] = ev.time
-        marks.setdefault("d_out", marks.get("t_in", 0.0))
+                    if "recv_enter" not in marks:
+                        marks.pop("first", None)  # the cycle began asleep in RECV
+                elif last_call == "SEND" and "send_enter" in marks:
+                    marks.setdefault("send_exit", ev.time)
         trip.pattern = " | ".join(steps)
+        trip.counts["complete"] = all(k in marks for k in REQUIRED)
         for name, frm, to in SEGMENTS:
             if frm in marks and to in marks and marks[to] >= marks[frm]:
                 trip.segments[name] = (marks[to] - marks[frm]) * 1e6
-        trip.counts["complete"] = len(trip.segments) == len(SEGMENTS)
         trips.append(trip)
     return trips
 
@@ -229,7 +237,9 @@ def report(name: str, trips: list[Trip]) -> str:
     lines.append("| segment | p10 µs | **p50 µs** | p90 µs | mean µs |")
     lines.append("|---|---|---|---|---|")
     for key, _, _ in SEGMENTS:
-        vals = sorted(t.segments[key] for t in done)
+        vals = sorted(t.segments[key] for t in done if key in t.segments)
+        if not vals:
+            continue
         q = statistics.quantiles(vals, n=10) if len(vals) >= 10 else [vals[0]] * 9
         lines.append(f"| {key} | {q[0]:.2f} | **{statistics.median(vals):.2f}** | "
                      f"{q[8]:.2f} | {statistics.fmean(vals):.2f} |")
@@ -289,8 +299,9 @@ def trace_row(sup: run.Supervisor, calls: int, opts: run.Options, tmp: Path,
         run.cpu_ns = real_cpu_ns
         for p in perfs:
             p.finish()
-    text = subprocess.run(["perf", "script", "--ns", "-i", str(data), "-F", "tid,cpu,time,event,trace"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["perf", "script", "--ns", "-i", str(data), "-F", "tid,cpu,time,event,trace"],
+        capture_output=True, text=True, check=True).stdout
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{sup.name.replace(' ', '_')}.txt").write_text(text)
