@@ -27,7 +27,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 5
+#define HOTLOOP_API_VERSION 6
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -63,15 +63,45 @@ static PyObject *s_notify, *s_fd, *s_buf, *s_journal, *s_routes, *s_bucket, *s_s
     *s_suppressed, *s_suppressed_counter, *s_generation, *s_readers;
 static PyObject *one, *zero;
 
+/* Where a member (slot) descriptor keeps its value in `obj`: for a plain object slot
+ * (T_OBJECT_EX, writable, no audit hook) of a type `obj` is an instance of, the address
+ * member_get and member_set (Objects/descrobject.c) read and write after their checks;
+ * NULL for anything else. (Through the descriptor, a get or set was ~60 instructions
+ * with its type check and PyMember_GetOne/SetOne; about 30 of them are made per
+ * notification: bench/README.md, "Session 9".) */
+static inline PyObject **slot_address(PyObject *descr, PyObject *obj)
+{
+    PyMemberDescrObject *member = (PyMemberDescrObject *)descr;
+    PyMemberDef *def = member->d_member;
+    if (def->type != T_OBJECT_EX || def->flags != 0 ||
+        !PyObject_TypeCheck(obj, PyDescr_TYPE(member)))
+        return NULL;
+    return (PyObject **)((char *)obj + def->offset);
+}
+
 /* A member (slot) descriptor's get and set: what attribute access does for a __slots__
- * attribute, without looking the name up in the type's MRO first. */
+ * attribute, without looking the name up in the type's MRO first. An empty slot, and
+ * any other kind of member, take the descriptor (and its AttributeError). */
 static inline PyObject *slot_get(PyObject *descr, PyObject *obj)
 {
+    PyObject **address = slot_address(descr, obj);
+    if (address != NULL && *address != NULL) {
+        Py_INCREF(*address);
+        return *address;
+    }
     return Py_TYPE(descr)->tp_descr_get(descr, obj, (PyObject *)Py_TYPE(obj));
 }
 
 static inline int slot_set(PyObject *descr, PyObject *obj, PyObject *value)
 {
+    PyObject **address = value != NULL ? slot_address(descr, obj) : NULL;
+    if (address != NULL) {
+        PyObject *old = *address;
+        Py_INCREF(value);
+        *address = value;
+        Py_XDECREF(old);
+        return 0;
+    }
     return Py_TYPE(descr)->tp_descr_set(descr, obj, value);
 }
 
@@ -371,6 +401,21 @@ static int add_to_attr(PyObject *obj, PyObject *name, PyObject *amount)
     return rc;
 }
 
+/* PyObject_RichCompareBool(a, b, op) for op Py_GT or Py_GE, without the generic protocol
+ * for two ints that fit a long long (the rate limit and a window's count). */
+static inline int int_compare(PyObject *a, PyObject *b, int op)
+{
+    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        int overflow_a, overflow_b;
+        long long x = PyLong_AsLongLongAndOverflow(a, &overflow_a),
+                  y = PyLong_AsLongLongAndOverflow(b, &overflow_b);
+        if (!overflow_a && !overflow_b && !PyErr_Occurred())
+            return op == Py_GT ? x > y : x >= y;
+        PyErr_Clear();
+    }
+    return PyObject_RichCompareBool(a, b, op);
+}
+
 /* Is `value` == the str `literal` (interned)? */
 static inline int str_equal(PyObject *value, PyObject *literal)
 {
@@ -447,7 +492,7 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
     if ((limiter = GET(recorder, s_limiter)) == NULL ||
         (limit = GET(limiter, s_limit)) == NULL)
         goto done;
-    int positive = PyObject_RichCompareBool(limit, zero, Py_GT);
+    int positive = int_compare(limit, zero, Py_GT);
     if (positive < 0)
         goto done;
     if (positive) {
@@ -462,7 +507,7 @@ static PyObject *record_decided(PyObject *recorder, PyObject *container, PyObjec
                 (start = GET(w, s_start)) == NULL ||
                 (window = GET(limiter, s_window)) == NULL)
                 goto done;
-            int full = PyObject_RichCompareBool(written, limit, Py_GE);
+            int full = int_compare(written, limit, Py_GE);
             if (full < 0)
                 goto done;
             double start_d = PyFloat_AsDouble(start), window_d = PyFloat_AsDouble(window);
@@ -588,6 +633,22 @@ static PyObject *call_on_ready(PyObject *reader, PyObject *mask)
                                      NULL);
 }
 
+/* The audit arch as an int: a new reference. A filter serves one or two architectures,
+ * and their numbers (AUDIT_ARCH_X86_64 is 0xc000003e) are past CPython's cached small
+ * ints: the last one is kept rather than allocated per notification. */
+static PyObject *arch_int(uint32_t arch)
+{
+    static PyObject *last;
+    if (last == NULL || PyLong_AsUnsignedLong(last) != arch) {
+        PyObject *made = PyLong_FromUnsignedLong(arch);
+        if (made == NULL)
+            return NULL;
+        Py_XSETREF(last, made);
+    }
+    Py_INCREF(last);
+    return last;
+}
+
 /* The notification's part after RECV and journal: route, sync handlers, answer; or the
  * hand-over to Session._decide_received. Owns none of its arguments. */
 static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
@@ -603,7 +664,7 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
     if ((id = PyLong_FromUnsignedLongLong(notif->id)) == NULL ||
         (tid = PyLong_FromUnsignedLong(notif->pid)) == NULL ||
         (nr = PyLong_FromLong(notif->data.nr)) == NULL ||
-        (arch = PyLong_FromUnsignedLong(notif->data.arch)) == NULL ||
+        (arch = arch_int(notif->data.arch)) == NULL ||
         (args = PyTuple_New(6)) == NULL)
         goto done;
     for (int i = 0; i < 6; i++) {
@@ -845,11 +906,13 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
 }
 
 PyDoc_STRVAR(poll_round_doc,
-"poll_round(poller, epoll_fd, readers, max_events) -> (events, suspended)\n\n"
+"poll_round(poller, epoll_fd, readers, max_events, budget=0) -> (events, suspended)\n\n"
 "One round of Poller.run: epoll_wait with timeout 0, then for each event the reader's\n"
 "on_ready(mask) (a Session's in C), stopping at the first that returns a Suspended.\n"
 "A reader whose on_ready raises an Exception is unregistered from the poller and gets\n"
-"on_failure(exc). Returns the number of events reported and the Suspended or None.");
+"on_failure(exc). With a budget, rounds follow each other until one reports no event,\n"
+"one ends with a Suspended, or `budget` events were reported. Returns the number of\n"
+"events reported and the Suspended or None.");
 
 /* fd -> reader, for the poller's own dict (Poller._readers) only: the same answer as
  * readers.get(fd) while Poller._generation is the object cached here, because
@@ -918,36 +981,21 @@ static PyObject *find_reader(PyObject *poller, PyObject *readers, int own, int f
     return reader;
 }
 
-static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+/* One round: epoll_wait(0), then each event's reader. Sets *count (events reported) and
+ * *suspended (a new reference: the Suspended that stopped the round, or None). */
+static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int max_events,
+                     int *count_out, PyObject **suspended_out)
 {
-    if (argc != 4) {
-        PyErr_SetString(PyExc_TypeError, "poll_round takes 4 arguments");
-        return NULL;
-    }
-    PyObject *poller = argv[0], *readers = argv[2];
-    int epfd = (int)PyLong_AsLong(argv[1]);
-    long max_events = PyLong_AsLong(argv[3]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!PyDict_CheckExact(readers)) {
-        PyErr_SetString(PyExc_TypeError, "readers must be a dict");
-        return NULL;
-    }
-    if (max_events < 1 || max_events > MAX_ROUND_EVENTS)
-        max_events = MAX_ROUND_EVENTS;
     struct epoll_event events[MAX_ROUND_EVENTS];
     int count;
-    while ((count = epoll_wait(epfd, events, (int)max_events, 0)) < 0) {
-        if (errno != EINTR)
-            return PyErr_SetFromErrno(PyExc_OSError);
+    while ((count = epoll_wait(epfd, events, max_events, 0)) < 0) {
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
         if (PyErr_CheckSignals() < 0) /* select.epoll retries after the handlers */
-            return NULL;
+            return -1;
     }
-    /* The fd cache serves the poller's own dict only (see find_reader). */
-    PyObject *own_readers = GET(poller, s_readers);
-    int own = own_readers == readers;
-    Py_XDECREF(own_readers);
-    PyErr_Clear(); /* not a Poller: no cache */
     PyObject *suspended = Py_None;
     Py_INCREF(suspended);
     for (int i = 0; i < count; i++) {
@@ -1006,18 +1054,67 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
         }
         Py_DECREF(r);
     }
-    PyObject *out = PyTuple_New(2), *count_obj = PyLong_FromLong(count);
-    if (out == NULL || count_obj == NULL) {
-        Py_XDECREF(out);
-        Py_XDECREF(count_obj);
-        goto fail;
-    }
-    PyTuple_SET_ITEM(out, 0, count_obj);
-    PyTuple_SET_ITEM(out, 1, suspended); /* steals it */
-    return out;
+    *count_out = count;
+    *suspended_out = suspended;
+    return 0;
 fail:
     Py_DECREF(suspended);
-    return NULL;
+    return -1;
+}
+
+static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4 && argc != 5) {
+        PyErr_SetString(PyExc_TypeError, "poll_round takes 4 or 5 arguments");
+        return NULL;
+    }
+    PyObject *poller = argv[0], *readers = argv[2];
+    int epfd = (int)PyLong_AsLong(argv[1]);
+    long max_events = PyLong_AsLong(argv[3]);
+    long budget = argc == 5 ? PyLong_AsLong(argv[4]) : 0;
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyDict_CheckExact(readers)) {
+        PyErr_SetString(PyExc_TypeError, "readers must be a dict");
+        return NULL;
+    }
+    if (max_events < 1 || max_events > MAX_ROUND_EVENTS)
+        max_events = MAX_ROUND_EVENTS;
+    /* The fd cache serves the poller's own dict only (see find_reader). */
+    PyObject *own_readers = GET(poller, s_readers);
+    int own = own_readers == readers;
+    Py_XDECREF(own_readers);
+    PyErr_Clear(); /* not a Poller: no cache */
+    PyObject *suspended = NULL;
+    long served = 0;
+    for (;;) {
+        int count;
+        if (one_round(poller, epfd, readers, own, (int)max_events, &count, &suspended) < 0)
+            return NULL;
+        served += count;
+        /* Poller.run's loop, here while it would only call the next round: at K=1 its
+         * pass through the interpreter was ~1,000 instructions per notification. It
+         * returns on an empty round (the task then sleeps), a Suspended, or `budget`
+         * events (the task then lets the rest of the daemon run). */
+        if (count == 0 || suspended != Py_None || served >= budget)
+            break;
+        Py_DECREF(suspended);
+        suspended = NULL;
+        /* What the interpreter does between two calls: run the signal handlers (one may
+         * raise: KeyboardInterrupt). */
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+    PyObject *out = PyTuple_New(2), *served_obj = PyLong_FromLong(served);
+    if (out == NULL || served_obj == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(served_obj);
+        Py_DECREF(suspended);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, served_obj);
+    PyTuple_SET_ITEM(out, 1, suspended); /* steals it */
+    return out;
 }
 
 PyDoc_STRVAR(recv_calls_doc,

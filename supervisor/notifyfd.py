@@ -512,13 +512,13 @@ class Poller:
                     self.turns += 1
                     served = 0
                     while suspended is None and compiled_round is not None:
-                        count, suspended = compiled_round(self, epoll_fd, readers,
-                                                          max_events)
-                        if not count:
-                            break
-                        served += count
-                        if served >= events_per_yield and suspended is None:
-                            served = 0
+                        # Rounds until an empty one, a Suspended or events_per_yield
+                        # events: the loop below, in C (one call, not one per round).
+                        served, suspended = compiled_round(self, epoll_fd, readers,
+                                                           max_events, events_per_yield)
+                        if served < events_per_yield:
+                            break  # the last round was empty, or one suspended
+                        if suspended is None:
                             await checkpoint()
                             self.turns += 1
                     while suspended is None and compiled_round is None:

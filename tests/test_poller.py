@@ -4,10 +4,12 @@ what it promises the rest of the daemon while fds are busy."""
 from __future__ import annotations
 
 import os
+import select
 
 import pytest
 import trio
 
+from supervisor import accel
 from supervisor.notifyfd import Poller, Suspended, carry_on, current_poller, first_step
 
 
@@ -145,3 +147,51 @@ async def test_a_reused_fd_number_reaches_its_new_reader() -> None:
         os.close(r)
         os.close(w2)
     assert (old.calls, new.calls) == (2, 1)
+
+
+class _OneByte:
+    """A reader that takes one byte of its pipe per call (ready while bytes are left);
+    its ``stop_at``-th call returns ``stop`` (a stand-in for a Suspended)."""
+
+    def __init__(self, fd: int, stop_at: int = 0, stop: object = None) -> None:
+        self.fd, self.stop_at, self.stop = fd, stop_at, stop
+        self.calls = 0
+
+    def on_ready(self, events: int) -> object:
+        self.calls += 1
+        os.read(self.fd, 1)
+        return self.stop if self.calls == self.stop_at else None
+
+    def on_failure(self, exc: Exception) -> None:
+        raise AssertionError(f"on_ready raised {exc!r}")
+
+
+def test_the_compiled_rounds_stop_at_an_empty_round_a_suspended_or_the_budget() -> None:
+    """poll_round with a budget runs the poller's rounds itself: until a round finds
+    nothing ready (the poller then sleeps), one ends with a Suspended (carried on by the
+    poller's task), or `budget` events were served (the task then checkpoints); without
+    one, a single round, as before."""
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    poll_round = accel.HOTLOOP.poll_round
+    r, w = os.pipe()
+    epoll = select.epoll()
+    poller = Poller()
+    try:
+        epoll.register(r, select.EPOLLIN)
+        reader = _OneByte(r)
+        os.write(w, b"x" * 5)
+        assert poll_round(poller, epoll.fileno(), {r: reader}, 32) == (1, None)
+        assert poll_round(poller, epoll.fileno(), {r: reader}, 32, 256) == (4, None)
+        assert reader.calls == 5  # and the last round found nothing: the pipe is empty
+        os.write(w, b"x" * 10)
+        assert poll_round(poller, epoll.fileno(), {r: reader}, 32, 3) == (3, None)
+        assert reader.calls == 8
+        marker = object()
+        stopping = _OneByte(r, stop_at=2, stop=marker)
+        count, suspended = poll_round(poller, epoll.fileno(), {r: stopping}, 32, 256)
+        assert (count, suspended, stopping.calls) == (2, marker, 2)
+    finally:
+        poller._epoll.close()
+        epoll.close()
+        os.close(r)
+        os.close(w)
