@@ -963,6 +963,7 @@ class Session:
                 if n.id not in self._waiting:
                     # Answered at its deadline (or the session's end) while a handler
                     # ignored its cancellation: no later link is asked.
+                    self._dropped(n, received, current[0])
                     return
                 current[0] = link.policy  # names the policy that overran, on a deadline
                 if started is None:
@@ -1013,6 +1014,8 @@ class Session:
                 self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
                 # Only now: had answering raised (a daemon error), the end answers it.
                 self._answered_waiting(n.id)
+            else:
+                self._dropped(n, received, current[0])
             self._unpin(n.id)
         except NotificationGone as gone:
             if n.id not in self._waiting:
@@ -1028,6 +1031,13 @@ class Session:
         finally:
             self.inflight -= 1
             self._progress()
+
+    def _dropped(self, n: Notification, received: float, policy: str) -> None:
+        """A handler that ignored its cancellation returned after ``n`` was answered
+        (at its deadline, or by the session's end): what it decided is dropped."""
+        log.info("container %s: %s handler of policy %s returned %.3gs after the call "
+                 "was received, answered on_error already: its result is dropped",
+                 self.container.id, n.syscall, policy, perf_counter() - received)
 
     def _answered_waiting(self, notif_id: int) -> None:
         """The decision of ``notif_id`` answered it itself (or met its withdrawal): it

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -156,14 +157,19 @@ def answers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("hot_loop", "answers")
 @pytest.mark.parametrize("how", HOW)
-async def test_a_suspended_decision_is_answered_at_the_deadline(how: str) -> None:
+async def test_a_suspended_decision_is_answered_at_the_deadline(
+        how: str, caplog: pytest.LogCaptureFixture) -> None:
     """Started inline, the handler suspends: the poller task carries it on."""
+    caplog.set_level(logging.INFO, logger="supervisor.session")
     blocker = Blocker(how)
     async with serve_target(late_allow_policy(blocker), ["getppid"],
                             "in-flight", "0", "getppid", settings=SETTINGS) as served:
         with trio.fail_after(WAIT):
             out = await served.target.result()
         await check_answered_at_the_deadline(served, blocker, 1, out["results"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("missed its 0.3s deadline" in m for m in messages) == 1, messages
+    assert sum("its result is dropped" in m for m in messages) == 1, messages
 
 
 @pytest.mark.usefixtures("hot_loop", "answers")
