@@ -13,7 +13,8 @@ and without allocating anything the chain does not use:
   carried on by the poller task it started in, and a new poller task takes over reading
   (see :meth:`supervisor.notifyfd.Poller.run`), so a slow handler for one thread never
   delays the answer to another. When every slot is taken, the notification is parked and
-  the fd leaves the poller until the session's own task got a slot for it.
+  the fd leaves the poller until the session's own task got a slot for it (or its
+  deadline passed).
 * a link with declared paths (``PolicySet.on(..., paths=...)``) has them read first,
   without a task (:meth:`Session._prefetch`): read within the read pool's inline wait,
   its handler runs right there; otherwise the decision waits, holding a slot, with its
@@ -25,8 +26,11 @@ failure, a parked notification, cancellation, :meth:`Session.stop_reading` or a 
 blocked (another process reads the listener).
 
 Every notification gets exactly one answer unless the kernel withdrew it (ENOENT), which
-is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``. That
-holds when the session ends too, for any reason (see :meth:`Session.run`): closing our fd
+is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``. A
+decision that waits has its deadline in the daemon's heap (``supervisor/deadlines.py``):
+at the deadline the call gets ``on_error`` and then its handler is cancelled, so one
+that ignores the cancellation cannot hold the call (what it returns later is dropped).
+That holds when the session ends too, for any reason (see :meth:`Session.run`): closing our fd
 answers nothing while another process holds a copy of the listener.
 """
 
