@@ -62,6 +62,7 @@ KINDS = ("none", "sync", "async", "parked", "slow")
 class Tree:
     name: str
     path: str
+    env: tuple[tuple[str, str], ...] = ()  # set for the daemon (--variant)
 
 
 @dataclass
@@ -134,6 +135,7 @@ def start_daemon(tree: Tree, python: str, config: Path, tmp: Path, log: IO[bytes
                  profile: str | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PYTHONPATH"] = tree.path + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(tree.env)
     argv = [python, "-m", "supervisor", "--log-level", "warning", "serve", "--config",
             str(config)]
     if profile:
@@ -278,12 +280,18 @@ def run_kind(kind: str, tree: Tree, opts: argparse.Namespace, target: Path, floo
         log.close()
         # Kept per run in --out (a round's wrong answers are explained by its log).
         if opts.out:
-            kept = Path(opts.out) / "logs" / f"daemon-{kind}{tree.name}-{time.time_ns()}.log"
+            name = f"daemon-{kind}{tree.name.lstrip('%')}-{time.time_ns()}.log"
+            kept = Path(opts.out) / "logs" / name
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text(text + "\n" if text else "")
             print(f"    [{kind}] daemon log: {kept}", file=sys.stderr)
         if text and opts.show_log:
             print(f"    [{kind}] daemon output: {text[-1500:]}", file=sys.stderr)
+
+
+def _suffix(name: str) -> str:
+    """A row's name after its kind: @NAME for a --compare tree, %NAME for a variant."""
+    return name if name.startswith("%") else f"@{name}" if name else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="more [defaults] lines for the daemon's config (\\n separated)")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                     help="also run every kind with the supervisor package found in DIR")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=V;VAR=V",
+                    help="also run every kind (named KIND%%NAME) with these environment "
+                         "variables set for this tree's daemon, e.g. "
+                         "py=SECCOMP_SUPERVISOR_NO_EXTENSIONS=1")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--profile", metavar="DIR",
                     help="run the daemon under cProfile, one .prof file per run in DIR")
@@ -327,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         if not label or not (Path(path) / "supervisor" / "__init__.py").exists():
             ap.error(f"--compare {spec!r}: want NAME=DIR with DIR/supervisor/")
         trees.append(Tree(label, str(Path(path).resolve())))
+    for spec in opts.variant:
+        label, _, assignments = spec.partition("=")
+        trees.append(Tree("%" + label, str(REPO), tuple(
+            (name, value) for name, _, value in
+            (a.partition("=") for a in assignments.split(";") if a))))
     tmp = Path(tempfile.mkdtemp(prefix="ssneighbour-", dir="/dev/shm"
                                 if os.path.isdir("/dev/shm") else None))
     target, flood = build(Path(opts.out) if opts.out else tmp / "build")
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(opts.rounds):
             for kind in kinds:
                 for tree in trees:
-                    label = kind + (f"@{tree.name}" if tree.name else "")
+                    label = kind + _suffix(tree.name)
                     try:
                         res = run_kind(kind, tree, opts, target, flood, tmp)
                     except (RowFailed, OSError, subprocess.SubprocessError) as exc:
@@ -370,11 +387,23 @@ def main(argv: list[str] | None = None) -> int:
 
         def med(key: str, rows: list[dict[str, float]] = rows) -> float:
             return statistics.median(x[key] for x in rows)
-        label = kind + (f"@{name}" if name else "")
+        label = kind + _suffix(name)
         print(f"{label:<14} {'':>5} {med('q50'):>9.1f} {med('q99'):>8.1f} "
               f"{med('f50'):>11.1f} {med('f99'):>8.1f} {med('r50'):>7.2f} "
               f"{med('r99'):>7.2f} {med('flood'):>8.0f} {med('cpu'):>10.2f} "
               f"{med('fcpu'):>9.2f}")
+    # One round's p99 is its 20th-slowest call and moves 3-5x between rounds on a shared
+    # machine: the flooded calls of every round together say more.
+    print(f"\nFlooded calls of all {opts.rounds} rounds together (latencies in us)")
+    print(f"{'kind':<14} {'calls':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} "
+          f"{'> 1 ms':>7} {'> 2 ms':>7}")
+    for (kind, name), rs in results.items():
+        lat = sorted(x for r in rs for x in r.flooded)
+        over = [100 * sum(x > ns for x in lat) / len(lat) for ns in (1_000_000, 2_000_000)]
+        print(f"{kind + _suffix(name):<14} {len(lat):>6} "
+              + " ".join(f"{lat[min(len(lat) - 1, len(lat) * q // 1000)] / 1e3:>7.0f}"
+                         for q in (500, 900, 990, 999))
+              + f" {over[0]:>6.2f}% {over[1]:>6.2f}%")
     return 1 if failed else 0
 
 

@@ -161,8 +161,8 @@ def measure(sup: run.Supervisor, k: int, calls: int, opts: run.Options, tmp: Pat
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sup", action="append", help="run.py row name (repeatable); "
-                    "default: sync and C epoll")
+    ap.add_argument("--sup", action="append", help="run.py row name (repeatable; "
+                    "memory-reading rows too); default: sync and C epoll")
     ap.add_argument("--k", default="100,1000")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=1, help="median of N")
@@ -186,7 +186,9 @@ def main() -> int:
     env = tuple(tuple(e.split("=", 1)) for e in args.env)
     sups = []
     for name in names:
-        base = next(s for s in run.SUPERVISORS if s.name == name)
+        base = next(s for s in (*run.SUPERVISORS,
+                                *run.mem_supervisors(run.MEM_CALLS, run.MEM_LENGTHS))
+                    if s.name == name)
         if base.kind == "ours":
             base = replace(base, env=env, tree=args.tree or base.tree)
         sups.append(base)
@@ -207,7 +209,8 @@ def main() -> int:
         for _ in range(args.repeat):
             for k in ks:
                 for s in sups:
-                    calls = int(run.DEFAULT_CALLS.get(k, 100_000) * args.scale)
+                    calls = int(run.DEFAULT_CALLS.get(k, 100_000) * args.scale
+                                * s.calls_share)
                     results.setdefault((s.name, k), []).append(
                         measure(s, k, calls, opts, tmp, record, args.pin))
     columns = list(next(iter(results.values()))[0])

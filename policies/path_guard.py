@@ -79,7 +79,7 @@ policy = PolicySet(
 )
 
 _state: dict[str, Any] = {"prefixes": (), "errno": errno.EACCES, "enforce": False,
-                          "limits": Limits()}
+                          "limits": Limits(), "below": ()}
 MODES = ("advisory", "enforce")
 
 O_ACCMODE = 0o3
@@ -112,7 +112,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             raise ValueError(f"options.prefixes[{i}]: must be an absolute path, "
                              f"got {prefix!r}")
-        prefixes.append(os.fsencode(posixpath.normpath(prefix)))  # paths are bytes
+        prefixes.append(_normalised(os.fsencode(prefix)))  # paths are bytes, as checked
     name = options["errno"]
     number = getattr(errno, name, None) if isinstance(name, str) and name.isupper() else None
     if not isinstance(number, int) or not 0 < number < 512:
@@ -126,7 +126,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
     if not 1 <= burst <= 1_000_000:
         raise ValueError(f"options.emulation_burst: must be in 1..1000000, got {burst!r}")
     _state["prefixes"] = tuple(prefixes)
+    _state["below"] = _below(_state["prefixes"])
     _state["errno"] = number
+    _denied.clear()
     _state["enforce"] = mode == "enforce"
     _state["limits"] = Limits(rate=float(rate), burst=burst)
 
@@ -138,7 +140,24 @@ def _text(path: bytes) -> str:
 
 def is_guarded(path: bytes, prefixes: tuple[bytes, ...]) -> bool:
     """True if the normalised absolute ``path`` is one of ``prefixes`` or below one."""
-    return any(path == p or path.startswith(p.rstrip(b"/") + b"/") for p in prefixes)
+    return path in prefixes or path.startswith(_below(prefixes))
+
+
+def _below(prefixes: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """What a path below one of ``prefixes`` starts with: each prefix and a ``/`` (the
+    configured ones made once, when the options are applied)."""
+    return tuple(p.rstrip(b"/") + b"/" for p in prefixes)
+
+
+def _normalised(path: bytes) -> bytes:
+    """The absolute ``path`` lexically normalised (``..`` and ``.`` folded, ``//`` made
+    ``/``, a trailing ``/`` dropped). A path with no ``//``, no component that starts
+    with ``.`` and no trailing ``/`` is normal already and is returned as it is: most
+    paths are, and normpath was a third of the check's cost."""
+    if b"//" not in path and b"/." not in path and path[-1:] != b"/":
+        return path
+    # normpath keeps a leading "//"; the kernel treats it as "/".
+    return b"/" + posixpath.normpath(path).lstrip(b"/")
 
 
 def _resolve(n: Notification, path: bytes, dirfd: int) -> bytes:
@@ -159,8 +178,7 @@ def _resolve(n: Notification, path: bytes, dirfd: int) -> bytes:
         if root != b"/" and (base == root or base.startswith(root + b"/")):
             base = base[len(root):] or b"/"
         path = base + b"/" + path
-    # normpath keeps a leading "//"; the kernel treats it as "/".
-    return b"/" + posixpath.normpath(path).lstrip(b"/")
+    return _normalised(path)
 
 
 @policy.on("openat2")
@@ -189,6 +207,33 @@ def _paths_to_read(n: Notification) -> tuple[int, ...]:
 _PATH_ARGS = {name: tuple(arg for _, arg in pairs) for name, pairs in _PATHS.items()}
 
 
+#: (call name, normalised path) -> its refusal, for the paths refused last: the reason
+#: names the path, and building it per call (decoding, formatting, hashing the text for
+#: deny()'s cache) cost more than the prefix check. Emptied when full. Made with
+#: Decision(), not deny(): deny()'s cache is shared by every policy, and the paths a
+#: container chooses would fill it (each reason up to 16 KiB).
+_denied: dict[tuple[str, bytes], Decision] = {}
+_DENIED_MAX = 64
+
+
+def _refusal(syscall: str, path: bytes) -> Decision:
+    """``deny(errno, reason=...)`` for ``syscall`` on the guarded ``path``."""
+    key = (syscall, path)
+    decision = _denied.get(key)
+    if decision is None:
+        if len(_denied) >= _DENIED_MAX:
+            _denied.clear()
+        decision = _denied[key] = _refused(
+            f"{syscall} {_text(path)} is under a guarded prefix")
+    return decision
+
+
+def _refused(reason: str) -> Decision:
+    """``deny(errno, reason=reason)`` for a reason that names what the caller chose (a
+    path): made, not taken from or put in deny()'s shared cache (see _denied)."""
+    return Decision("deny", errno=_state["errno"], reason=reason)
+
+
 @policy.on(*_PATHS, paths=_paths_to_read)
 async def guard(n: Notification) -> Decision:
     prefixes: tuple[bytes, ...] = _state["prefixes"]
@@ -207,10 +252,9 @@ async def guard(n: Notification) -> Decision:
         try:
             path = _resolve(n, raw, dirfd)
         except LookupError as exc:
-            return deny(_state["errno"], reason=str(exc))
-        if is_guarded(path, prefixes):
-            return deny(_state["errno"], reason=f"{n.syscall} {_text(path)} is under "
-                                                "a guarded prefix")
+            return _refused(str(exc))
+        if path in prefixes or path.startswith(_state["below"]):  # is_guarded()
+            return _refusal(n.syscall, path)
     return allow(unchecked=True, reason="path not guarded (advisory check)")
 
 
@@ -259,6 +303,6 @@ async def _enforce(n: Notification, prefixes: tuple[bytes, ...]) -> Decision:
         return deny(busy.errno, reason=f"{n.syscall}: {busy}")
     if result.guarded is not None:
         where = result.guarded.decode("utf-8", "backslashreplace")
-        return deny(_state["errno"], reason=f"{n.syscall} resolves to {where}, under a "
-                                            "guarded prefix (enforced)")
+        return _refused(f"{n.syscall} resolves to {where}, under a guarded prefix "
+                        "(enforced)")
     return caller.decision(op, result, reason=f"emulated {n.syscall} (enforced guard)")

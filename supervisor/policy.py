@@ -158,6 +158,9 @@ _set_response: Callable[[Decision, Any], None] = vars(Decision)["_response"].__s
 # Only plain ints/bools and str reasons are cached (True == 1 must not find deny(1)), and
 # only the first _CACHE_MAX distinct answers of each kind (reasons can be f-strings).
 _CACHE_MAX: Final = 4096
+# And only reasons up to this long: a longer one may name what a container chose (a path:
+# 4 KiB, 16 KiB escaped), and 4,096 of them would be kept for the daemon's whole life.
+_CACHE_REASON_MAX: Final = 256
 _DENY: dict[tuple[int, str], Decision] = {}
 _RETURNS: dict[tuple[int, str], Decision] = {}
 _ALLOW: dict[tuple[str, bool], Decision] = {}
@@ -199,7 +202,8 @@ def deny(errno: int, *, reason: str = "") -> Decision:
     if not 0 < errno < abi.MAX_ERRNO_EXCLUSIVE:
         raise ValueError(f"deny() errno must be in 1..{abi.MAX_ERRNO_EXCLUSIVE - 1}, got {errno}")
     decision = Decision("deny", errno=errno, reason=reason)
-    if errno.__class__ is int and reason.__class__ is str and len(_DENY) < _CACHE_MAX:
+    if (errno.__class__ is int and reason.__class__ is str and len(_DENY) < _CACHE_MAX
+            and len(reason) <= _CACHE_REASON_MAX):
         _DENY[(errno, reason)] = decision
     return decision
 
@@ -221,7 +225,8 @@ def returns(value: int, *, reason: str = "") -> Decision:
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"returns({value}) does not fit in a 64-bit register")
     decision = Decision("returns", value=value, reason=reason)
-    if value.__class__ is int and reason.__class__ is str and len(_RETURNS) < _CACHE_MAX:
+    if (value.__class__ is int and reason.__class__ is str and len(_RETURNS) < _CACHE_MAX
+            and len(reason) <= _CACHE_REASON_MAX):
         _RETURNS[(value, reason)] = decision
     return decision
 
@@ -239,7 +244,7 @@ def allow(*, reason: str = "", unchecked: bool = False) -> Decision:
         if cached is not None:
             return cached
         decision = Decision("allow", unchecked=unchecked, reason=reason)
-        if len(_ALLOW) < _CACHE_MAX:
+        if len(_ALLOW) < _CACHE_MAX and len(reason) <= _CACHE_REASON_MAX:
             _ALLOW[(reason, unchecked)] = decision
         return decision
     return Decision("allow", unchecked=unchecked, reason=reason)

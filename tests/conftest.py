@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -51,12 +52,21 @@ def sleeping_target(seconds: int = 60) -> Iterator[spawn.FilteredChild]:
 def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test with each hot loop: the compiled one (supervisor/_hotloop.c) and
     the pure-Python reference, in this process (the poller chooses when it starts) and
-    in every daemon it starts (through the environment)."""
+    in every daemon it starts (through the environment). The reading thread of memory
+    reads goes with it, as the environment variable makes it go in a daemon (the
+    compiled one, supervisor/_memread.c, or its pure-Python twin; ``read_core`` switches
+    that one alone)."""
+    from supervisor import memory
+
     if request.param == "python":
         monkeypatch.setattr(accel, "HOTLOOP", None)
+        monkeypatch.setattr(memory, "MEMREAD", None)
         monkeypatch.setenv(accel.NO_EXTENSIONS_ENV, "1")
     else:
         assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+        assert accel.MEMREAD is not None, \
+            f"the compiled reading thread is not built: {accel.MEMREAD_WHY}"
+        monkeypatch.setattr(memory, "MEMREAD", accel.MEMREAD)
         monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
     return str(request.param)
 
@@ -71,6 +81,23 @@ def int80_library(tmp_path: Path) -> Path:
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library),
                     str(tmp_path / "int80.c")], check=True, capture_output=True, timeout=60)
     return library
+
+
+@pytest.fixture(params=["c", "python"])
+def read_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with each reading core of supervisor.memory: the compiled one
+    (supervisor._memread, which the install must have built: test_accel.py) and its
+    pure-Python twin. Daemons and interpreters the test starts get the same one (through
+    SECCOMP_SUPERVISOR_NO_EXTENSIONS, which rules out the compiled hot loop too)."""
+    from supervisor import memory
+
+    if request.param == "c":
+        monkeypatch.setattr(memory, "MEMREAD", importlib.import_module("supervisor._memread"))
+        monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
+    else:
+        monkeypatch.setattr(memory, "MEMREAD", None)
+        monkeypatch.setenv(accel.NO_EXTENSIONS_ENV, "1")
+    return str(request.param)
 
 
 @pytest.fixture

@@ -60,3 +60,13 @@ def test_listen_time_bench_runs() -> None:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("listen  median") and "\nready   median" in proc.stdout
+
+
+def test_guardcost_bench_runs() -> None:
+    """bench/guardcost.py (path_guard's decision and the session's, without the kernel):
+    each row checks its answers (EACCES for every call)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "guardcost.py"), "--calls", "300",
+         "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("us per call") == 6, proc.stdout

@@ -136,3 +136,97 @@ def test_without_prefixes_nothing_is_read(tmp_path: Path) -> None:
     trial = run_policy(load(PATH_GUARD), check)
     assert trial.errno == 0
     assert [s.decision.unchecked for s in trial.decisions] == [False]
+
+
+def test_a_prefix_written_with_a_leading_double_slash_guards_its_directory(
+        tmp_path: Path) -> None:
+    # posixpath.normpath keeps a leading "//" (POSIX leaves its meaning open); the kernel
+    # takes it as "/", and so are the paths checked: a prefix "//x" must guard /x.
+    guarded = tmp_path / "guarded"
+    guarded.mkdir()
+    policy = load(PATH_GUARD, prefixes=[f"/{guarded}"])
+    assert run_policy(policy, lambda: os.mkdir(guarded / "sub")).errno == errno.EACCES
+    assert not (guarded / "sub").exists()
+
+
+def test_paths_are_normalised_as_normpath_does_with_or_without_its_shortcut() -> None:
+    """The path check skips normpath for paths that are normal already: for every path
+    the result is what normpath gave (with a leading "//" made "/"), and so the answer."""
+    import itertools
+    import posixpath
+    import sys
+
+    from supervisor.plugins import module_name
+
+    load(PATH_GUARD, prefixes=["/g", "/h/", "/"], name="pg_norm")
+    module = sys.modules[module_name("pg_norm")]
+    parts = [b"", b"/", b"//", b"a", b".", b"..", b".a", b"a.", b"...", b"/./", b"/../"]
+    seen = 0
+    for count in range(1, 5):
+        for combo in itertools.product(parts, repeat=count):
+            path = b"/" + b"/".join(combo)
+            expected = b"/" + posixpath.normpath(path).lstrip(b"/")
+            assert module._normalised(path) == expected, path
+            for prefixes in ((b"/g",), (b"/g", b"/h"), (b"/",), (b"/a/.a",)):
+                old = any(expected == p or expected.startswith(p.rstrip(b"/") + b"/")
+                          for p in prefixes)
+                assert module.is_guarded(expected, prefixes) == old, (expected, prefixes)
+            seen += 1
+    assert seen > 10_000
+
+
+def test_each_refusal_names_its_own_path_past_the_kept_refusals(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    """Refusals are kept per path (path_guard._denied, emptied when full): each answer,
+    and so each audit line, still names its own path, repeated or not, before and after
+    the table was emptied."""
+    guarded, _free, policy = tree
+    names = [f"d{i}" for i in range(70)] + ["d0", "d69", "d0", "d1"]
+
+    def make_them() -> list[int]:
+        got = []
+        for name in names:
+            try:
+                os.mkdir(guarded / name)
+                got.append(0)
+            except OSError as exc:
+                got.append(exc.errno or -1)
+        return got
+
+    trial = run_policy(policy, make_them)
+    assert trial.value == [errno.EACCES] * len(names)
+    assert [(s.decision.errno, s.decision.reason) for s in trial.decisions] == [
+        (errno.EACCES, f"mkdir {guarded}/{name} is under a guarded prefix")
+        for name in names]
+
+
+def test_refusals_naming_a_containers_paths_stay_out_of_the_shared_deny_cache(
+        tree: tuple[Path, Path, PolicySet]) -> None:
+    """deny() keeps up to 4,096 answers, by reason, for every policy of the daemon and
+    for as long as it runs. path_guard's reasons name the caller's path (up to 4 KiB, 16
+    KiB once escaped): a container making distinct refused calls must not fill that
+    cache (up to 64 MiB kept, and every other policy's new reasons no longer cached)."""
+    from supervisor import policy as policy_module
+
+    guarded, _free, policy = tree
+    name = "n" * 200
+
+    def refused_calls() -> list[int]:
+        pipe, _ = os.pipe()  # a dirfd that is no directory: the base is not resolved
+        errnos = []
+        for i in range(100):
+            for path, dir_fd in ((guarded / f"{i}{name}", None), (f"{i}{name}", pipe)):
+                try:
+                    os.mkdir(path, dir_fd=dir_fd)
+                    errnos.append(0)
+                except OSError as exc:
+                    errnos.append(exc.errno or -1)
+        return errnos
+
+    before = len(policy_module._DENY)
+    trial = run_policy(policy, refused_calls)
+    assert trial.value == [errno.EACCES] * 200
+    assert len(policy_module._DENY) - before < 10
+    reasons = [s.decision.reason for s in trial.decisions]
+    assert reasons[0] == f"mkdir {guarded}/0{name} is under a guarded prefix"
+    assert reasons[1].startswith("cannot resolve the base of b'0nnn"), reasons[1]

@@ -158,3 +158,18 @@ def test_the_hot_loops_partial_unpack_reads_the_same_fields() -> None:
     assert abi.NOTIF_ARGS_OFFSET + abi.NOTIF_ARGS.size == abi.NOTIF_SIZE
     assert abi.NOTIF_HEAD.unpack_from(buf) == (raw.id, raw.pid, raw.nr, raw.arch)
     assert abi.NOTIF_ARGS.unpack_from(buf, abi.NOTIF_ARGS_OFFSET) == raw.args
+
+
+def test_answers_with_long_reasons_are_not_kept_in_the_shared_cache() -> None:
+    """deny(), returns() and allow() keep up to _CACHE_MAX answers by reason, for the
+    whole daemon's life. A reason naming what a container chose (a path: up to 16 KiB
+    escaped) would keep megabytes per 4,096 calls: only short reasons are kept."""
+    long = "p" * 5000
+    assert deny(errno.EACCES, reason=long) is not deny(errno.EACCES, reason=long)
+    assert deny(errno.EACCES, reason=long) == deny(errno.EACCES, reason=long)
+    assert returns(1, reason=long) is not returns(1, reason=long)
+    assert allow(reason=long) is not allow(reason=long)
+    short = "p" * 100
+    assert deny(errno.EACCES, reason=short) is deny(errno.EACCES, reason=short)
+    assert returns(1, reason=short) is returns(1, reason=short)
+    assert allow(reason=short, unchecked=True) is allow(reason=short, unchecked=True)
