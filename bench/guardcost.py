@@ -192,7 +192,6 @@ def session_row(call: str, length: int, calls: int, audit: str, delivered: bool)
             fake = _FakeNotify((1, 1234, NR[call], X86_64, registers(call)))
             session = Session(fake, Container("bench"),  # type: ignore[arg-type]
                               chain, SessionSettings(), recorder)
-            session._nursery = nursery
             memory = session.memory = _FakeMemory(path, delivered)  # type: ignore[assignment]
             on_ready = session.on_ready
 

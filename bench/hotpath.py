@@ -83,7 +83,6 @@ def measure(policy_file: str, audit: str, calls: int, sessions: int = 1,
                 fake = _FakeNotify((1, 2 + i, 110, 0xC000003E, (0, 0, 0, 0, 0, 0)))
                 session = Session(fake, Container(f"bench-{i}"),  # type: ignore[arg-type]
                                   chain, SessionSettings(), recorder)
-                session._nursery = nursery
                 if journal:
                     import os
 

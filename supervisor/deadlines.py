@@ -1,11 +1,15 @@
-"""One task for the deadlines of decisions that wait without a task of their own.
+"""One task for the deadlines of every decision that waits.
 
 A decision whose paths are being read (``Session._prefetch``) has no task and no cancel
 scope: a scope per call cost more than the rest of the decision (issue 20). Its deadline
 goes into the daemon's one :class:`Deadlines` heap instead, served by one system task that
-sleeps until the earliest one. Entries answered before their deadline are cancelled in
-place (marked, not searched for) and dropped when they reach the top, or all at once when
-they outnumber the live ones.
+sleeps until the earliest one. A decision that waits in a task (``Session._wait``), and a
+notification parked for a slot, have theirs here too: at the deadline the call is
+answered from this task, whether or not the handler obeys the cancellation that
+follows (a thread trio does not abandon, a shielded scope).
+
+Entries answered before their deadline are cancelled in place (marked, not searched for)
+and dropped when they reach the top, or all at once when they outnumber the live ones.
 
 Times are ``time.perf_counter()`` readings, like ``received`` in the session.
 """

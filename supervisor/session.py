@@ -13,7 +13,8 @@ and without allocating anything the chain does not use:
   carried on by the poller task it started in, and a new poller task takes over reading
   (see :meth:`supervisor.notifyfd.Poller.run`), so a slow handler for one thread never
   delays the answer to another. When every slot is taken, the notification is parked and
-  the fd leaves the poller until the session's own task got a slot for it.
+  the fd leaves the poller until the session's own task got a slot for it (or its
+  deadline passed).
 * a link with declared paths (``PolicySet.on(..., paths=...)``) has them read first,
   without a task (:meth:`Session._prefetch`): read within the read pool's inline wait,
   its handler runs right there; otherwise the decision waits, holding a slot, with its
@@ -25,8 +26,11 @@ failure, a parked notification, cancellation, :meth:`Session.stop_reading` or a 
 blocked (another process reads the listener).
 
 Every notification gets exactly one answer unless the kernel withdrew it (ENOENT), which
-is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``. That
-holds when the session ends too, for any reason (see :meth:`Session.run`): closing our fd
+is routine and only counted. Whatever goes wrong in a handler becomes ``on_error``. A
+decision that waits has its deadline in the daemon's heap (``supervisor/deadlines.py``):
+at the deadline the call gets ``on_error`` and then its handler is cancelled, so one
+that ignores the cancellation cannot hold the call (what it returns later is dropped).
+That holds when the session ends too, for any reason (see :meth:`Session.run`): closing our fd
 answers nothing while another process holds a copy of the listener.
 """
 
@@ -155,27 +159,40 @@ class _Prefetch:
 
 class _Waiting:
     """A received notification whose decision waits in a task (carried by a poller or the
-    read pool's delivery task, or a task of the session's nursery): what the session
-    needs to answer it itself if it ends first (:meth:`Session._end_decisions`).
-    ``current[0]`` names the policy being asked; ``scope`` is the carrying task's cancel
-    scope (its deadline's), once it started carrying. Called with that scope (see
-    :class:`~supervisor.notifyfd.Suspended`)."""
+    read pool's delivery task, or a system task of its own: see
+    :meth:`Session._start_decision`): what the session needs to answer it itself, at its
+    deadline (:meth:`expired`) or if the session ends first
+    (:meth:`Session._end_decisions`). ``current[0]`` names the policy being asked;
+    ``entry`` is its deadline in the daemon's heap; ``scope`` is the carrying task's
+    cancel scope, once it started carrying. Called with that scope (see
+    :class:`~supervisor.notifyfd.Suspended`): cancelled at once if the call was answered
+    before the carrying started."""
 
-    __slots__ = ("current", "n", "received", "scope")
+    __slots__ = ("answered", "current", "entry", "n", "received", "scope", "session")
 
-    def __init__(self, n: Notification, received: float, current: list[str]) -> None:
+    def __init__(self, session: Session, n: Notification, received: float,
+                 current: list[str]) -> None:
+        self.session = session
         self.n = n
         self.received = received
         self.current = current
         self.scope: trio.CancelScope | None = None
+        self.entry: Entry | None = None
+        self.answered = False  # by its deadline or the session's end, not its decision
 
     def __call__(self, scope: trio.CancelScope) -> None:
         self.scope = scope
+        if self.answered:
+            scope.cancel()
+
+    def expired(self) -> None:
+        """Its deadline passed (the heap's, or the carrying scope's if that came first)."""
+        self.session._waiting_expired(self)
 
 
 #: How long after the deadline an orderly end (stop_reading, read_elsewhere) still waits
-#: for a decision before answering it on_error itself: the deadline's own on_error is
-#: given by the task carrying the decision, which needs a scheduler pass or two.
+#: for the calls received to be answered before answering them on_error itself: a safety
+#: bound (the deadlines task answers each at its deadline, which needs a scheduler pass).
 END_GRACE: Final = 0.25
 
 
@@ -188,7 +205,7 @@ class Session:
     # its next call comes (bench/README.md, "Session 8: K=1000"). In the object they are
     # one block; in a dict they were the dict, its values array and a lookup each.
     __slots__ = ("__weakref__", "_carried", "_deadlines", "_ended",
-                 "_failed", "_last_outcome", "_max_inflight", "_nursery", "_parked",
+                 "_failed", "_last_outcome", "_max_inflight", "_parked", "_parked_entry",
                  "_polled_fd", "_poller", "_prefetching", "_reading", "_routes",
                  "_shadow", "_slot_freed", "_waiting", "_wake",
                  "bucket", "chain", "container", "inflight", "journal", "keep_fd",
@@ -217,7 +234,6 @@ class Session:
         # Decision object (deny() and returns() hand out cached ones): one allocation
         # less per notification. Outcomes are never changed once made.
         self._last_outcome = Outcome(settings.unhandled, UNHANDLED_POLICY)
-        self._nursery: trio.Nursery | None = None
         # Reliability hooks (issue 7; see stop_reading / rebind): kept out of the per-call
         # path except for one None check of the bucket.
         self.bucket: TokenBucket | None = _bucket(settings, None)
@@ -232,11 +248,13 @@ class Session:
         self._ended = False
         self._failed: Exception | None = None
         self._parked: _Parked | None = None
-        # Async decisions that suspended and are carried on by a retired poller task (not
-        # in our nursery), or wait for their paths: counted.
+        self._parked_entry: Entry | None = None  # its deadline (see _park)
+        # Async decisions that suspended and are carried on by a retired poller task, or
+        # run in a system task of their own, or wait for their paths: counted.
         self._carried = 0
         # Decisions waiting in a task, by notification id, until answered (see _Waiting):
-        # the ones run() answers itself if the session ends before they do.
+        # by their decision, or at their deadline whether or not the handler obeys its
+        # cancellation, or by run() if the session ends first.
         self._waiting: dict[int, _Waiting] = {}
         # Decisions waiting, without a task, for the paths their link declared (counted
         # in inflight and _carried too), by notification id; see _prefetch.
@@ -273,28 +291,25 @@ class Session:
         ``self.notify`` from then on.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                ended_by: BaseException | None = None
-                try:
-                    if self.journal is not None:
-                        self._recover()
-                    with self._reading:
-                        await self._serve()
-                    if self._reading.cancel_called or self.read_elsewhere:
-                        # (A decision that ignores its deadline is answered below.)
-                        with trio.move_on_after(self.settings.deadline + END_GRACE):
-                            await self._let_decisions_finish()
-                except BaseException as exc:
-                    ended_by = exc
-                    raise
-                finally:
-                    self._unpoll()
-                    self._end_decisions(self._why_ended(ended_by))
-                    nursery.cancel_scope.cancel()
+            ended_by: BaseException | None = None
+            try:
+                if self.journal is not None:
+                    self._recover()
+                with self._reading:
+                    await self._serve()
+                if self._reading.cancel_called or self.read_elsewhere:
+                    # Each is answered by its deadline at the latest (a safety bound):
+                    # a handler still running then is not waited for.
+                    with trio.move_on_after(self.settings.deadline + END_GRACE):
+                        await self._let_decisions_finish()
+            except BaseException as exc:
+                ended_by = exc
+                raise
+            finally:
+                self._unpoll()
+                self._end_decisions(self._why_ended(ended_by))
         finally:
             self._unpoll()
-            self._nursery = None
             # keep_fd: handed over, the container lives on: no close, no session-end hooks.
             if self.journal is not None and not self.keep_fd:
                 self.journal.close()
@@ -331,6 +346,7 @@ class Session:
                     # A freed slot wakes us, as anything else does.
                     self._wake = self._slot_freed = trio.Event()
                 else:
+                    self._repoll()  # (a no-op, unless the parked one met its deadline)
                     self._wake = trio.Event()
                 await self._wake.wait()
         finally:
@@ -339,12 +355,16 @@ class Session:
 
     async def _let_decisions_finish(self) -> None:
         """The session stops in good order (stop_reading, read_elsewhere): wait until
-        every notification received has its answer from its own decision (each bounded
-        by its deadline), the parked one too, once a slot is free for it."""
+        every notification received has its answer, from its own decision or at its
+        deadline, the parked one too (started once a slot is free for it). A handler
+        that ignored its cancellation and still runs is not waited for: its call is
+        answered, and what it returns is dropped."""
         while True:
+            if self._failed is not None:  # (a decision's task failed: a daemon error)
+                raise self._failed
             if self._parked is not None and self.inflight < self._max_inflight:
                 self._start_parked()
-            if not self.inflight and self._parked is None:
+            if not self._waiting and not self._prefetching and self._parked is None:
                 return
             self._slot_freed = trio.Event()
             await self._slot_freed.wait()
@@ -374,6 +394,7 @@ class Session:
         if self._parked is not None:
             n, links, index, received, _allowed, _wanted = self._parked
             self._parked = None
+            self._cancel_parked_deadline()
             ended.append((n, received, links[index].policy))
         while self._prefetching:
             _id, record = self._prefetching.popitem()
@@ -382,8 +403,7 @@ class Session:
             ended.append((record.n, record.received, record.links[record.index].policy))
         waiting, self._waiting = self._waiting, {}
         for entry in waiting.values():
-            if entry.scope is not None:
-                entry.scope.cancel()  # (a task of our nursery: cancelled with it)
+            self._stop_waiting(entry)
             ended.append((entry.n, entry.received, entry.current[0]))
         if not ended:
             return
@@ -572,11 +592,47 @@ class Session:
               allowed: Outcome | None, wanted: tuple[int, ...] | None = None) -> None:
         """Every async slot is taken: keep ``n`` (to be decided from ``links[index]``) and
         stop reading until run() got a slot for it."""
-        self._parked = (n, links, index, received, allowed, wanted)
+        parked = self._parked = (n, links, index, received, allowed, wanted)
         if self.journal is not None:
             self.journal.pin(n.id)  # it waits: keep its journal entry
+        # Its deadline runs while it waits for a slot: the slots may all be held by
+        # handlers that ignore their cancellation (answered at their deadline, they run
+        # on until they return, each in its slot).
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = current_deadlines()
+        self._parked_entry = deadlines.add(received + self.settings.deadline,
+                                           partial(self._parked_expired, parked))
         self._unpoll()
         self._wake_up()
+
+    def _parked_expired(self, parked: _Parked) -> None:
+        """The parked notification's deadline passed before a slot was free for it
+        (called by the Deadlines task): answer it ``on_error`` and read again."""
+        if self._parked is not parked:
+            return
+        self._parked = None
+        self._parked_entry = None  # (the heap popped it)
+        n, links, index, received, _allowed, _wanted = parked
+        try:
+            self._missed(n, received, links[index].policy)
+        except Exception as exc:
+            self.on_failure(exc)
+        self._wake_up()  # run() reads again (or, ending, stops waiting for it)
+        self._progress()
+
+    def _cancel_parked_deadline(self) -> None:
+        if self._parked_entry is not None:
+            assert self._deadlines is not None
+            self._deadlines.cancel(self._parked_entry)
+            self._parked_entry = None
+
+    def _progress(self) -> None:
+        """A call was answered or a slot freed: wake what waits for that (run()'s
+        parked notification, an orderly end)."""
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+            self._slot_freed = None
 
     def _prefetch(self, n: Notification, links: tuple[Link, ...], index: int,
                   received: float, allowed: Outcome | None, wanted: tuple[int, ...]) -> bool:
@@ -677,9 +733,7 @@ class Session:
             self._deadlines.cancel(record.entry)
             record.entry = None
         self.inflight -= 1
-        if self._slot_freed is not None:
-            self._slot_freed.set()
-            self._slot_freed = None
+        self._progress()
 
     async def _read_declared(self, n: Notification, wanted: tuple[int, ...]) -> None:
         """:meth:`_prefetch` for a decision that has a task (parked, recovered): read
@@ -746,7 +800,6 @@ class Session:
             self._answer(entry.id, entry.pid, RECOVERED_TORN, entry.args, received,
                          Outcome(self.settings.on_error, RECOVERY_POLICY, "recovery",
                                  "journal slot cut short by the crash"))
-        assert self._nursery is not None
         for entry in complete:
             self.recorder.recovered("complete")
             try:
@@ -767,20 +820,24 @@ class Session:
         assert self._parked is not None
         n, links, index, received, allowed, wanted = self._parked
         self._parked = None
+        self._cancel_parked_deadline()  # (the decision's own takes over)
         self._start_decision(n, links, index, received, allowed, wanted)
 
     def _start_decision(self, n: Notification, links: tuple[Link, ...], index: int,
                         received: float, allowed: Outcome | None = None,
                         asked: tuple[int, ...] | None = None) -> None:
-        """Decide ``n`` from ``links[index]`` in a task of the session's nursery, under
-        the deadline (a parked or recovered notification): it takes a slot and waits in
-        ``_waiting`` until answered."""
+        """Decide ``n`` from ``links[index]`` in a task of its own, under the deadline (a
+        parked or recovered notification): it takes a slot and waits in ``_waiting``
+        until answered. A system task, as a suspended decision's poller task is: the
+        session's end does not wait for a handler that ignores its cancellation (its
+        call is answered, see _Waiting)."""
         self.inflight += 1
+        self._carried += 1
         current = [links[index].policy if index < len(links) else UNHANDLED_POLICY]
-        self._waiting[n.id] = _Waiting(n, received, current)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._decide_async, n, links, index, received, current,
-                                 allowed, asked)
+        waiting = self._wait(n, received, current)
+        trio.lowlevel.spawn_system_task(
+            partial(self._decide_async, waiting, links, index, allowed, asked),
+            name=f"seccomp-supervisor decision {n.id:#x}")
 
     def stop_reading(self, *, keep_fd: bool = False) -> None:
         """Receive no more notifications: the ones still pending wait in the kernel for
@@ -834,12 +891,51 @@ class Session:
         if self.journal is not None:
             self.journal.pin(n.id)  # the decision waits: keep its journal entry
         current = [links[index].policy]
-        waiting = self._waiting[n.id] = _Waiting(n, received, current)
+        waiting = self._wait(n, received, current)
         rest = self._decide(n, links, index, received, current, (coro, trap), allowed)
         rest.send(None)  # runs up to the handler's trap, and yields it again
-        return Suspended(rest, trap, self._deadline(received),
-                         partial(self._deadline_missed, n, received, current), self.carried,
-                         waiting)
+        return Suspended(rest, trap, self._deadline(received), waiting.expired,
+                         self.carried, waiting)
+
+    def _wait(self, n: Notification, received: float, current: list[str]) -> _Waiting:
+        """``n``'s decision waits in a task from now on: in ``_waiting`` until answered,
+        its deadline in the daemon's heap. At that deadline the call is answered
+        ``on_error`` and the carrying task cancelled (:meth:`_waiting_expired`): the
+        answer does not depend on the handler obeying its cancellation."""
+        waiting = self._waiting[n.id] = _Waiting(self, n, received, current)
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = current_deadlines()
+        waiting.entry = deadlines.add(received + self.settings.deadline, waiting.expired)
+        return waiting
+
+    def _stop_waiting(self, waiting: _Waiting) -> None:
+        """``waiting`` (out of ``_waiting`` now) was answered by someone other than its
+        decision: drop its deadline and cancel what carries it. What the decision
+        returns later is not sent, counted or recorded."""
+        waiting.answered = True
+        if waiting.entry is not None:
+            assert self._deadlines is not None
+            self._deadlines.cancel(waiting.entry)
+            waiting.entry = None
+        if waiting.scope is not None:
+            waiting.scope.cancel()
+
+    def _waiting_expired(self, waiting: _Waiting) -> None:
+        """The deadline of a decision in ``_waiting`` passed (the heap's, or its cancel
+        scope's if trio saw that first): answer ``on_error`` now, whether or not its
+        handler obeys the cancellation, then cancel it."""
+        n = waiting.n
+        if self._waiting.get(n.id) is not waiting:
+            return  # answered already
+        del self._waiting[n.id]
+        try:
+            self._missed(n, waiting.received, waiting.current[0])
+        except Exception as exc:  # (a daemon error)
+            self.on_failure(exc)
+        finally:
+            self._stop_waiting(waiting)  # then the handler is cancelled
+        self._progress()
 
     def _run_sync(self, n: Notification, link: Link) -> Outcome | None:
         try:
@@ -868,6 +964,11 @@ class Session:
         try:
             outcome = None
             for link in links[start:]:
+                if n.id not in self._waiting:
+                    # Answered at its deadline (or the session's end) while a handler
+                    # ignored its cancellation: no later link is asked.
+                    self._dropped(n, received, current[0])
+                    return
                 current[0] = link.policy  # names the policy that overran, on a deadline
                 if started is None:
                     n._read_memory = False  # per handler (the started one was reset)
@@ -913,50 +1014,67 @@ class Session:
             if outcome is None:
                 outcome = (allowed if allowed is not None
                            else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
-            if n.id in self._waiting:  # (else the session's end answered it)
+            if n.id in self._waiting:  # (else its deadline or the session's end answered it)
                 self._answer(n.id, n.pid, n.syscall, n.args, received, outcome)
                 # Only now: had answering raised (a daemon error), the end answers it.
-                del self._waiting[n.id]
+                self._answered_waiting(n.id)
+            else:
+                self._dropped(n, received, current[0])
             self._unpin(n.id)
         except NotificationGone as gone:
             if n.id not in self._waiting:
-                pass  # answered by the session's end
+                pass  # answered at its deadline or by the session's end
             elif self._still_waits(n.id):  # policy code said so, not the kernel
                 self._answer(n.id, n.pid, n.syscall, n.args, received,
                              self._failure(current[0], n, gone))
             else:
                 self.stats.gone += 1
                 self.recorder.gone(gone.stage)
-            self._waiting.pop(n.id, None)
+            self._answered_waiting(n.id)
             self._unpin(n.id)
         finally:
             self.inflight -= 1
-            if self._slot_freed is not None:
-                self._slot_freed.set()
-                self._slot_freed = None
+            self._progress()
 
-    async def _decide_async(self, n: Notification, links: Sequence[Link], start: int,
-                            received: float, current: list[str],
+    def _dropped(self, n: Notification, received: float, policy: str) -> None:
+        """A handler that ignored its cancellation returned after ``n`` was answered
+        (at its deadline, or by the session's end): what it decided is dropped."""
+        log.info("container %s: %s handler of policy %s returned %.3gs after the call "
+                 "was received, answered on_error already: its result is dropped",
+                 self.container.id, n.syscall, policy, perf_counter() - received)
+
+    def _answered_waiting(self, notif_id: int) -> None:
+        """The decision of ``notif_id`` answered it itself (or met its withdrawal): it
+        waits no more, and its deadline goes."""
+        waiting = self._waiting.pop(notif_id, None)
+        if waiting is not None and waiting.entry is not None:
+            assert self._deadlines is not None
+            self._deadlines.cancel(waiting.entry)
+            waiting.entry = None
+
+    async def _decide_async(self, waiting: _Waiting, links: Sequence[Link], start: int,
                             allowed: Outcome | None = None,
                             asked: tuple[int, ...] | None = None) -> None:
-        """:meth:`_decide` as a task of its own, under the deadline (see
-        :meth:`_start_decision`)."""
-        with trio.move_on_at(self._deadline(received)) as scope:
-            await self._decide(n, links, start, received, current, None, allowed, asked)
+        """:meth:`_decide` as a system task of its own, under the deadline (see
+        :meth:`_start_decision`). What it raises (a daemon error) is the session's
+        failure, as for a decision a poller task carries."""
+        n, received, current = waiting.n, waiting.received, waiting.current
+        failure: Exception | None = None
+        with trio.CancelScope(deadline=self._deadline(received)) as scope:
+            waiting(scope)
+            try:
+                await self._decide(n, links, start, received, current, None, allowed,
+                                   asked)
+            except Exception as exc:
+                failure = exc
         if scope.cancelled_caught:
-            self._deadline_missed(n, received, current)
+            waiting.expired()
+        self.carried(failure)
 
     def _deadline(self, received: float) -> float:
         """The trio time by which a notification received at ``received`` (perf_counter)
         must be answered."""
         return trio.current_time() + self.settings.deadline - (perf_counter() - received)
-
-    def _deadline_missed(self, n: Notification, received: float, current: list[str]) -> None:
-        """The chain of a decision in ``_waiting`` overran the deadline: answer
-        ``on_error`` (unless the session's end did)."""
-        if n.id in self._waiting:
-            self._missed(n, received, current[0])
-            del self._waiting[n.id]
 
     def _missed(self, n: Notification, received: float, policy: str) -> None:
         """``n``'s decision overran the deadline, asking ``policy``: answer ``on_error``."""
