@@ -1,8 +1,7 @@
 """The optional compiled parts of the package (everything else is in pyproject.toml).
 
 ``supervisor/_hotloop.c`` is the notification hot loop (RECV, route, handler call, SEND,
-counters); ``supervisor/_memread.c`` the GIL-free reading thread of race-checked memory
-reads (supervisor/memory.py). They are optional:
+counters) and the GIL-free reading thread of race-checked memory reads. It is optional:
 without a C compiler and Python's headers the build only warns, and the daemon runs the
 pure-Python loop it always had (``SECCOMP_SUPERVISOR_NO_EXTENSIONS=1`` selects that one
 even when the extension is built). See docs/performance.md.
@@ -18,13 +17,6 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-fno-strict-aliasing"],
-        ),
-        Extension(
-            "supervisor._memread",
-            ["supervisor/_memread.c"],
-            optional=True,
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-fno-strict-aliasing", "-pthread"],
         ),
     ],
 )

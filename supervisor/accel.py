@@ -1,8 +1,7 @@
 """Which implementation of the hot loop runs: the compiled one (``supervisor._hotloop``,
 built from ``supervisor/_hotloop.c`` by the package's install when a C compiler and
 Python's headers are there) or the pure-Python one, which every part keeps as its
-reference; and the same for the reading thread of memory reads (``supervisor._memread``,
-from ``supervisor/_memread.c``; supervisor/memory.py).
+reference.
 
 ``SECCOMP_SUPERVISOR_NO_EXTENSIONS=1`` in the daemon's environment selects pure Python
 even when the extension is built (the tests run both; an operator can rule out the
@@ -41,28 +40,3 @@ def _load() -> tuple[ModuleType | None, str]:
 HOTLOOP, WHY = _load()
 #: "c" or "python": the value of the build metric's ``hot_loop`` label.
 KIND: Final = "c" if HOTLOOP is not None else "python"
-
-
-#: The ``API_VERSION`` of ``_memread.c`` (the GIL-free reading thread) this code needs.
-MEMREAD_API_VERSION: Final = 2
-
-
-def _load_memread() -> tuple[ModuleType | None, str]:
-    """``supervisor._memread`` (None for the pure-Python reading thread) and why."""
-    if os.environ.get(NO_EXTENSIONS_ENV, "") not in ("", "0"):
-        return None, f"pure Python ({NO_EXTENSIONS_ENV} is set)"
-    try:
-        module = importlib.import_module("supervisor._memread")
-    except ImportError as exc:
-        return None, f"pure Python (the compiled reading thread is not built: {exc})"
-    if getattr(module, "API_VERSION", None) != MEMREAD_API_VERSION:
-        return None, (f"pure Python (the compiled reading thread is a stale build: API "
-                      f"{getattr(module, 'API_VERSION', None)}, this code needs "
-                      f"{MEMREAD_API_VERSION}; reinstall the package)")
-    return module, "compiled"
-
-
-#: The compiled reading thread of memory reads (supervisor.memory), or None, and why.
-MEMREAD, MEMREAD_WHY = _load_memread()
-#: "c" or "python": the value of the build metric's ``reading_thread`` label.
-MEMREAD_KIND: Final = "c" if MEMREAD is not None else "python"

@@ -286,10 +286,9 @@ class Daemon:
                     await nursery.start(self._serve_control, config.listen.control_socket)
                     if notifier.watchdog_interval is not None:
                         nursery.start_soon(self._watchdog, notifier.watchdog_interval)
-                    log.info("serving on %s with policies %s; hot loop: %s; reading "
-                             "thread: %s", self.notify_socket,
-                             ", ".join(self.state.policies) or "(none)", accel.WHY,
-                             accel.MEMREAD_WHY)
+                    log.info("serving on %s with policies %s; hot loop: %s",
+                             self.notify_socket, ", ".join(self.state.policies) or "(none)",
+                             accel.WHY)
                     # Only now: the notify socket listens, so runtimes may connect.
                     notifier.ready(self._status_text())
                     task_status.started()
@@ -389,8 +388,6 @@ class Daemon:
             "pid": os.getpid(),
             # "c" or "python", and why (supervisor/accel.py).
             "hot_loop": {"kind": accel.KIND, "why": accel.WHY},
-            # The same for the reading thread of memory reads (supervisor/memory.py).
-            "reading_thread": {"kind": accel.MEMREAD_KIND, "why": accel.MEMREAD_WHY},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,

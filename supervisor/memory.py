@@ -47,18 +47,6 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   a job to the thread took 0.5 ms on average under a flood). Niced, a flood's reads get
   the CPU the loop leaves over: the flooder is slowed, its neighbours are not.
 
-**The reading thread is C when it is built** (``supervisor/_memread.c``, the optional
-extension ``supervisor._memread``; :data:`MEMREAD`, chosen by supervisor/accel.py unless
-``SECCOMP_SUPERVISOR_NO_EXTENSIONS=1``): the queue, the threads, the eventfd report and
-the read itself (``process_vm_readv`` or ``pread`` of /proc/<tid>/mem, page by page to
-the NUL, every declared path of a call in one job) are its core's, and it never takes
-the GIL; a job's result becomes Python objects on the loop's thread, when it is taken.
-:class:`_PyCore` is its pure-Python twin and the reference (same methods): its thread
-runs each job's ``work`` in Python. Every rule above is :class:`ReadPool`'s, over
-either core. (Measured, bench/README.md "Session 8: the reading thread in C": the
-compiled thread costs the loop less per guarded call, and a flooder gets more of the
-loop for it.)
-
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
 registering process exits), in a killable sleep that no other signal interrupts
@@ -80,14 +68,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from time import perf_counter
-from types import ModuleType
 from typing import Any, Final, Protocol
 
 import outcome
 import trio
 from trio.lowlevel import RunVar
 
-from . import accel
 from .errors import NotificationGone, TargetMemoryError
 from .notifyfd import NotifyFd, Suspended, carry_suspended, poller_turn, suspended_ended
 
@@ -355,45 +341,23 @@ class ReadSlot:
             self._handing_over = False
 
 
-#: (tid, /proc/<tid>/mem fd or -1, address, length, cstring): a read the compiled core
-#: does itself without the GIL (the pure-Python core runs the job's ``work`` instead,
-#: which does the same read in Python). The address may be a tuple of addresses: several
-#: strings of one task, read as TargetMemory.read_cstrings_soon's ``work`` reads them.
-_Spec = tuple[int, int, "int | tuple[int, ...]", int, bool]
-
-# What a job got, as the compiled core reports it (the enum of _memread.c).
-(_RES_OK, _RES_UNMAPPED, _RES_NO_NUL, _RES_OSERROR, _RES_NOMEM, _RES_PY_VALUE,
- _RES_PY_ERROR, _RES_NULL) = range(8)
-
-#: The longest read handed to the compiled core (its ssize_t); see ReadPool._queue.
-_MAX_SPAN: Final = 2**63 - 1
-#: The last address of a 64-bit address space (registers hold no other).
-_MAX_ADDRESS: Final = 2**64 - 1
-
-#: The compiled core's module (``supervisor._memread``), None for the pure-Python
-#: reading thread: read when a pool starts (the tests' ``read_core`` fixture switches it).
-MEMREAD: ModuleType | None = accel.MEMREAD
-
-
 class _Job:
-    """One read handed to the reading thread: ``work`` runs there (or, with the compiled
-    core, the read ``spec`` describes); its outcome comes back to the trio thread, which
-    gives ``slot`` back and wakes ``task`` (None once the task gave up waiting: the result
-    is dropped). ``discard`` is called (in the trio thread) instead when the job is
-    dropped before a thread took it: what ``work`` would have released (an open
-    /proc/<tid>/mem) is released then."""
+    """One read handed to the reading thread: ``work`` runs there; its outcome comes back
+    to the trio thread, which gives ``slot`` back and wakes ``task`` (None once the task
+    gave up waiting: the result is dropped). ``discard`` is called (in the trio thread)
+    instead when the job is dropped before a thread took it: what ``work`` would have
+    released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("deliver", "discard", "outcome", "slot", "spec", "stuck", "task",
-                 "waiter", "work")
+    __slots__ = ("deliver", "discard", "outcome", "slot", "stuck", "task", "waiter",
+                 "work")
 
     def __init__(self, work: Callable[[], Any], slot: _Slot,
                  discard: Callable[[], None] | None,
-                 deliver: Callable[[outcome.Outcome[Any]], Suspended | None] | None = None,
-                 spec: _Spec | None = None) -> None:
+                 deliver: Callable[[outcome.Outcome[Any]], Suspended | None] | None = None
+                 ) -> None:
         self.work = work
         self.slot = slot
         self.discard = discard
-        self.spec = spec
         self.stuck = False  # its thread was retired: counted in ReadPool.stuck
         self.task: trio.lowlevel.Task | None = None
         # Called (in the trio thread, by the pool's delivery task) with the outcome of a
@@ -402,56 +366,8 @@ class _Job:
         self.deliver = deliver
         self.outcome: outcome.Outcome[Any] | None = None
         # Released by the thread when the trio thread waits for this read synchronously
-        # (_PyCore.wait); None otherwise, or once it stopped waiting.
+        # (ReadPool.run's ``wait``); None otherwise, or once it stopped waiting.
         self.waiter: threading.Lock | None = None
-
-
-def _string_error(status: int, address: int, limit: int) -> TargetMemoryError:
-    """What _Reader.read_cstring raises, for a string the compiled core did not read."""
-    if status == _RES_NULL:
-        return TargetMemoryError(errno.EFAULT, "NULL pointer")
-    if status == _RES_UNMAPPED:
-        return TargetMemoryError(
-            errno.EFAULT, f"string at {address:#x} runs into unmapped memory")
-    return TargetMemoryError(
-        errno.ENAMETOOLONG, f"string at {address:#x} has no NUL in {limit} bytes")
-
-
-def _convert(job: _Job, status: int, err: int, payload: object) -> None:
-    """Set the outcome of a job the compiled core ran, as the Python reader has it
-    (called by the core on the trio thread)."""
-    if status == _RES_OK:
-        if payload.__class__ is list:  # several strings: bytes, or a string's status
-            _tid, _fd, addresses, limit, _cstring = job.spec  # type: ignore[misc]
-            assert isinstance(addresses, tuple) and isinstance(payload, list)
-            job.outcome = outcome.Value([
-                _string_error(got, address, limit) if got.__class__ is int else got
-                for got, address in zip(payload, addresses, strict=True)])
-        else:
-            job.outcome = outcome.Value(payload)
-        return
-    if status == _RES_PY_VALUE:
-        job.outcome = outcome.Value(payload)
-        return
-    if status == _RES_PY_ERROR:
-        assert isinstance(payload, BaseException)
-        job.outcome = outcome.Error(payload)
-        return
-    _tid, _fd, address, length, cstring = job.spec or (0, -1, 0, 0, False)
-    exc: BaseException
-    if status in (_RES_UNMAPPED, _RES_NO_NUL, _RES_NULL) and cstring:
-        assert isinstance(address, int)
-        exc = _string_error(status, address, length)
-    elif status == _RES_UNMAPPED:
-        exc = TargetMemoryError(
-            errno.EFAULT, f"cannot read {length} bytes at {address:#x}: unmapped")
-    elif status == _RES_NULL:
-        exc = TargetMemoryError(errno.EFAULT, "NULL pointer")
-    elif status == _RES_OSERROR:
-        exc = OSError(err, os.strerror(err))
-    else:
-        exc = MemoryError(f"no memory for a read of {length} bytes")
-    job.outcome = outcome.Error(exc)
 
 
 class _Released:
@@ -471,14 +387,14 @@ _RELEASED: Final = _Released()
 
 
 class _ReaderThread:
-    """A thread that takes jobs off its core's queue, in turn, until it is retired (its
-    read turned slow, or the pool closed). ``current``/``started`` tell the core what it
+    """A thread that takes jobs off its pool's queue, in turn, until it is retired (its
+    read turned slow, or the pool closed). ``current``/``started`` tell the pool what it
     is reading since when (``time.perf_counter``)."""
 
-    __slots__ = ("core", "current", "idle", "retired", "started", "wake")
+    __slots__ = ("current", "idle", "pool", "retired", "started", "wake")
 
-    def __init__(self, core: _PyCore) -> None:
-        self.core = core
+    def __init__(self, pool: ReadPool) -> None:
+        self.pool = pool
         self.wake = threading.Lock()
         self.wake.acquire()
         self.idle = False
@@ -499,9 +415,9 @@ class _ReaderThread:
 
     def _main(self) -> None:
         _lower_thread_priority()
-        pending = self.core.pending
-        report = self.core.report
-        handoff = self.core.handoff
+        pending = self.pool.pending
+        report = self.pool.report
+        handoff = self.pool.handoff
         capture = outcome.capture
         while True:
             while not self.retired:
@@ -514,7 +430,7 @@ class _ReaderThread:
                 job.outcome = capture(job.work)
                 self.current = None
                 if job.waiter is not None:
-                    with handoff:  # see _PyCore._stop_waiting
+                    with handoff:  # see ReadPool._stop_waiting
                         waiter = job.waiter
                     if waiter is not None:
                         waiter.release()  # the trio thread waits for it: no report
@@ -529,156 +445,6 @@ class _ReaderThread:
             self.wake.acquire()
 
 
-class _PyCore:
-    """The reads queued, the active thread that takes them off the queue one after
-    another, the reads done, and the eventfd that says so: what :class:`ReadPool` applies
-    its rules to. The pure-Python twin, and reference, of ``supervisor._memread.Core``
-    (same methods, same meaning), whose thread reads without the GIL. Used from the trio
-    thread but for :meth:`report` (the threads)."""
-
-    def __init__(self, nice: int, convert: object) -> None:
-        # (nice: the threads call _lower_thread_priority; convert: the threads set each
-        # job's outcome themselves)
-        self.pending: deque[_Job] = deque()
-        self.done: deque[_Job] = deque()
-        self.handoff = threading.Lock()  # who takes a read waited for synchronously
-        self._fd_lock = threading.Lock()  # the eventfd is closed only under it
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._signalled = False
-        self._active: _ReaderThread | None = None
-        self._waited: _Job | None = None
-        self._closed = False
-
-    def push(self, job: _Job, work: object, tid: int, mem_fd: int,
-             address: int | tuple[int, ...], length: int, cstring: bool,
-             waited: bool) -> None:
-        """Queue ``job``: its ``work`` runs (the compiled core reads the memory the other
-        arguments name itself when ``work`` is None). ``waited``: :meth:`wait` follows.
-        RuntimeError (nothing queued) when no thread can be started."""
-        if self._closed:
-            raise ValueError("the reading pool is closed")
-        if self._active is None:
-            self._active = _ReaderThread(self)  # RuntimeError: can't start new thread
-        if waited:
-            if self._waited is not None:
-                raise RuntimeError("a synchronous wait is going on")
-            job.waiter = threading.Lock()
-            job.waiter.acquire()
-            self._waited = job
-        self.pending.append(job)
-        self._active.kick()
-
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds for the job pushed with ``waited``: True when
-        it is done (its ``outcome`` is set; it is not reported), False when not (its
-        thread reports it then, as when this raises)."""
-        job, self._waited = self._waited, None
-        if job is None or job.waiter is None:
-            raise RuntimeError("no job to wait for")
-        try:
-            done = job.waiter.acquire(timeout=timeout)
-        except BaseException:  # a signal handler raised (KeyboardInterrupt), ValueError
-            if not self._stop_waiting(job):
-                self.report(job)  # done meanwhile: reported like the others
-            raise
-        return done or not self._stop_waiting(job)
-
-    def _stop_waiting(self, job: _Job) -> bool:
-        """The synchronous wait for ``job`` timed out: True if its thread will report it
-        (it had not finished), False if it finished meanwhile (the result is here)."""
-        with self.handoff:
-            if job.outcome is not None:
-                return False
-            job.waiter = None
-            return True
-
-    def report(self, job: _Job) -> None:
-        """Called by a reading thread: ``job`` is done. One eventfd write per batch."""
-        self.done.append(job)
-        if not self._signalled:
-            self._signalled = True
-            with self._fd_lock:
-                if self._efd >= 0:
-                    os.eventfd_write(self._efd, 1)
-
-    def take_done(self) -> list[_Job]:
-        """Every job done since the last call, its outcome set (the eventfd was read)."""
-        # After the read (a report between a reset and the read would leave the flag set
-        # with nothing to wake us), before draining (a report after the drain signals
-        # again).
-        self._signalled = False
-        done = self.done
-        taken = []
-        while done:
-            taken.append(done.popleft())
-        return taken
-
-    def cancel(self, job: _Job) -> bool:
-        """Take ``job`` off the queue: True, or False when a thread has it."""
-        try:
-            self.pending.remove(job)
-        except ValueError:
-            return False
-        return True
-
-    def pop_pending(self) -> _Job | None:
-        """The first job queued, taken off the queue, or None."""
-        try:
-            return self.pending.popleft()
-        except IndexError:  # (the active thread may take the last one meanwhile)
-            return None
-
-    def active(self) -> tuple[_Job | None, float]:
-        """The active thread's read and for how long (seconds) it has run."""
-        active = self._active
-        job = None if active is None else active.current
-        if active is None or job is None:
-            return None, 0.0
-        return job, perf_counter() - active.started
-
-    def retire(self, job: _Job) -> bool:
-        """If the active thread still reads ``job`` and reads wait: a new thread takes the
-        queue over, the old one ends after that read. True if so; RuntimeError if no
-        thread can be started (nothing changes then)."""
-        active = self._active
-        if self._closed or active is None or active.current is not job or not self.pending:
-            return False
-        successor = _ReaderThread(self)  # before retiring: it may fail
-        active.retired = True
-        self._active = successor
-        return True
-
-    def fileno(self) -> int:
-        return self._efd
-
-    def counts(self) -> tuple[int, int]:
-        """(reads queued, reads done and not taken)"""
-        return len(self.pending), len(self.done)
-
-    def queued(self) -> list[_Job]:
-        """The jobs queued, first first."""
-        return list(self.pending)
-
-    def close(self) -> None:
-        """Retire the active thread, drop the queue, close the eventfd (trio was told)."""
-        if self._closed:
-            return
-        self._closed = True
-        self.pending.clear()
-        self.done.clear()
-        with self._fd_lock:
-            os.close(self._efd)
-            self._efd = -1
-        if self._active is not None:
-            self._active.retired = True
-            self._active.idle = True
-            self._active.kick()
-            self._active = None
-
-
-_Core = _PyCore  # (or supervisor._memread.Core: the same methods)
-
-
 class ReadPool:
     """The daemon's threads for memory reads (see the module docstring).
 
@@ -689,10 +455,9 @@ class ReadPool:
     results come back to the trio thread in one wake-up too. A read running for longer
     than ``slow_after`` seconds while others wait makes its thread *retire*: it finishes
     (or stays stuck in) that read alone, and a new thread takes over the queue. So at most
-    one thread competes with the event loop for the GIL (none with the compiled core,
-    :data:`MEMREAD`), and a container's slow memory costs one thread per stuck read, never
-    the others' turn. Used from the trio thread. The queue and the threads are its core's
-    (:class:`_PyCore`, or ``supervisor._memread.Core``); the rules are here.
+    one thread competes with the event loop for the GIL, and a container's slow memory
+    costs one thread per stuck read, never the others' turn. Used from the trio thread
+    (but for what the threads do: :meth:`report`).
     """
 
     def __init__(self, slow_after: float = SLOW_READ,
@@ -705,35 +470,26 @@ class ReadPool:
         self.max_stuck = max_stuck
         self.stuck = 0  # retired threads still in their read (see MAX_STUCK_READS)
         self.refused = 0  # reads failed with EAGAIN for want of a thread (statistics)
+        self.pending: deque[_Job] = deque()
+        self.done: deque[_Job] = deque()
         self.retired = 0  # threads retired for a slow read (statistics, tests)
-        self._core: _Core | None = None
-        # Jobs done, taken from the core (or finished on the trio thread: refused) and
-        # not delivered yet.
-        self._finished: deque[_Job] = deque()
+        self._active: _ReaderThread | None = None
+        self._fd_lock = threading.Lock()  # the eventfd is closed only under it
+        self.handoff = threading.Lock()  # who takes a read waited for synchronously
+        self._efd = -1
+        self._signalled = False
         self._watch_wake: trio.Event | None = None
         # Seconds blocked in inline waits since the poller's turn _inline_turn began or a
         # read was last waited for asynchronously (see INLINE_BUDGET).
         self._inline_spent = 0.0
         self._inline_turn = -1
 
-    @property
-    def pending(self) -> list[_Job]:
-        """The reads queued for a thread, first first."""
-        return [] if self._core is None else self._core.queued()
-
-    @property
-    def done(self) -> int:
-        """Reads done whose results were not delivered yet."""
-        return len(self._finished) + (0 if self._core is None else self._core.counts()[1])
-
     async def run(self, work: Callable[[], bytes], slot: _Slot,
                   wait: float = 0.0, turn: int = -1,
-                  discard: Callable[[], None] | None = None,
-                  spec: _Spec | None = None) -> bytes:
+                  discard: Callable[[], None] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
-        the thread returned. ``spec`` names the read ``work`` does, for the compiled core
-        (which then does it without the GIL, ``work`` unused).
+        the thread returned.
 
         ``wait`` > 0: if ``slot`` has a place free at once, block the trio thread up to
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
@@ -743,7 +499,7 @@ class ReadPool:
         ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
         for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
         before a thread took it, refused)."""
-        job = _Job(work, slot, discard, None, spec)
+        job = _Job(work, slot, discard)
         if turn != self._inline_turn:
             self._inline_turn = turn
             self._inline_spent = 0.0
@@ -764,48 +520,27 @@ class ReadPool:
         self._queue(job)
         return await self._result(job)
 
-    def _queue(self, job: _Job, waited: bool = False) -> None:
-        """Hand ``job`` (its place taken) to the core; ``waited``: :meth:`_wait` follows.
-        Not queued, whatever the reason, its place and fd are given back (:meth:`_drop`):
-        no thread, TargetMemoryError(EAGAIN)."""
+    def _queue(self, job: _Job) -> None:
         try:
-            core = self._start()
+            self._start()
         except BaseException:
             self._drop(job)
             raise
-        spec = job.spec
-        try:
-            if spec is None:
-                core.push(job, job.work, 0, -1, 0, 0, False, waited)
-            else:
-                tid, mem_fd, address, length, cstring = spec
-                # A string's limit may be any positive int; the compiled core takes a
-                # ssize_t. No read gets near 2^63 bytes (it stops at the first
-                # unreadable page, and the kernel half of the address space is one), so
-                # the clamp changes no result. (The Python core runs ``work``.)
-                core.push(job, None, tid, mem_fd, address, min(length, _MAX_SPAN),
-                          cstring, waited)
-        except RuntimeError as exc:  # can't start new thread (RLIMIT_NPROC, memory)
-            self._drop(job)
-            self.refused += 1
-            raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
-        except BaseException:
-            # Not queued: the session's slot and the /proc/<pid>/mem fd go back now, or
-            # nothing ever gives them back.
-            self._drop(job)
-            raise
-
-    def _wait(self, job: _Job, wait: float) -> bool:
-        """Block up to ``wait`` seconds for ``job`` (queued with ``waited``): True if it
-        is done (``job.outcome``), False if its thread reports it (also when this raises:
-        a signal handler's exception)."""
-        assert self._core is not None
-        started = perf_counter()
-        try:
-            return self._core.wait(wait)
-        finally:
-            # No checkpoint follows, whatever happens: the budget is not reset here.
-            self._inline_spent += perf_counter() - started
+        self.pending.append(job)
+        active = self._active
+        if active is None or active.retired:
+            try:
+                self._active = _ReaderThread(self)
+            except RuntimeError as exc:  # can't start new thread (RLIMIT_NPROC, memory)
+                try:
+                    self.pending.remove(job)
+                except ValueError:  # a retired thread that returned took it: it reports
+                    return
+                self._drop(job)
+                self.refused += 1
+                raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
+        else:
+            active.kick()
 
     def submit(self, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
         """Start ``job`` (``job.deliver`` set) without a task: :meth:`run` for a caller
@@ -833,14 +568,22 @@ class ReadPool:
                 return True
             self._kick_watch()
             return False
-        if not self._queue_or_refuse(job, True):
+        waiter = job.waiter = threading.Lock()
+        waiter.acquire()
+        if not self._queue_or_refuse(job):
             return True
+        started = perf_counter()
         try:
-            done = self._wait(job, wait)
+            done = waiter.acquire(timeout=wait)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
-            job.deliver = None  # its thread reports it: the place comes back then
-            raise
-        if done:
+            if not self._stop_waiting(job):
+                job.deliver = None
+                slot.release_on_behalf_of(job)
+            raise  # (else its thread reports it: delivered as any other)
+        finally:
+            # No checkpoint follows, whatever happens: the budget is not reset here.
+            self._inline_spent += perf_counter() - started
+        if done or not self._stop_waiting(job):
             slot.release_on_behalf_of(job)
             return True
         self._kick_watch()
@@ -861,16 +604,17 @@ class ReadPool:
                 if job.discard is not None:
                     job.discard()
                 return
-        core = self._core
-        if core is None or not core.cancel(job):  # running or done: delivery drops it
+        try:
+            self.pending.remove(job)
+        except ValueError:  # running or done: the delivery task drops it
             return
         self._drop(job)
 
-    def _queue_or_refuse(self, job: _Job, waited: bool = False) -> bool:
+    def _queue_or_refuse(self, job: _Job) -> bool:
         """:meth:`_queue` for a job given to :meth:`submit`: False if it was refused
         (no thread, no eventfd), its outcome the error."""
         try:
-            self._queue(job, waited)
+            self._queue(job)
         except OSError as exc:  # TargetMemoryError(EAGAIN) included; the job was dropped
             job.outcome = outcome.Error(exc)
             return False
@@ -897,10 +641,21 @@ class ReadPool:
             job.discard()
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
-        self._queue(job, True)
-        # Raising (a signal handler's exception), the job is reported like the others
-        # (its slot comes back then; its task is None: the result is dropped).
-        if self._wait(job, wait):
+        waiter = job.waiter = threading.Lock()
+        waiter.acquire()
+        self._queue(job)
+        started = perf_counter()
+        try:
+            done = waiter.acquire(timeout=wait)
+        except BaseException:  # a signal handler raised (KeyboardInterrupt)
+            if self._stop_waiting(job):
+                job.task = None  # its thread reports it: the slot is given back then
+            else:
+                job.slot.release_on_behalf_of(job)
+            raise
+        finally:
+            self._inline_spent += perf_counter() - started
+        if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
             data: bytes = job.outcome.unwrap()
@@ -908,39 +663,47 @@ class ReadPool:
         self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         return await self._result(job)  # slow: its thread reports it
 
+    def _stop_waiting(self, job: _Job) -> bool:
+        """The synchronous wait for ``job`` timed out: True if its thread will report it
+        (it had not finished), False if it finished meanwhile (the result is here)."""
+        with self.handoff:
+            if job.outcome is not None:
+                return False
+            job.waiter = None
+            return True
+
     async def _result(self, job: _Job) -> bytes:
         """Wait for the thread to report ``job`` (queued already)."""
         self._kick_watch()
         job.task = trio.lowlevel.current_task()
-        core, drop = self._core, self._drop
-        assert core is not None
+        pending, drop = self.pending, self._drop
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            if core.cancel(job):  # not started: give the place back now
-                drop(job)
-            else:
+            try:
+                pending.remove(job)  # not started: give the place back now
+            except ValueError:
                 job.task = None  # running: its thread gives the place back
+            else:
+                drop(job)
             return trio.lowlevel.Abort.SUCCEEDED
 
         result: bytes = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
     def report(self, job: _Job) -> None:
-        """``job`` finished on the trio thread (refused, its outcome set): the delivery
-        task hands it over with the others."""
-        self._finished.append(job)
-        if self._core is not None:
-            os.eventfd_write(self._core.fileno(), 1)
+        """Called by a reading thread: ``job`` is done. One eventfd write per batch."""
+        self.done.append(job)
+        if not self._signalled:
+            self._signalled = True
+            with self._fd_lock:
+                if self._efd >= 0:
+                    os.eventfd_write(self._efd, 1)
 
-    def _start(self) -> _Core:
-        core = self._core
-        if core is None:
-            nice = min(19, _DAEMON_NICE + READER_NICE)
-            core = (_PyCore if MEMREAD is None else MEMREAD.Core)(nice, _convert)
-            self._core = core
+    def _start(self) -> None:
+        if self._efd < 0:
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
             trio.lowlevel.spawn_system_task(self._watch, name="seccomp-supervisor slow reads")
-        return core
 
     async def _deliver(self) -> None:
         """Give every finished read's result to its task, or to its ``deliver`` callback
@@ -948,10 +711,8 @@ class ReadPool:
         suspends (its handler awaits something) is carried on by this task under its
         deadline, and a new task takes the delivery over at once, as the notify poller
         does (supervisor/notifyfd.py): a trap belongs to the task it was yielded in."""
-        core = self._core
-        assert core is not None
-        efd = core.fileno()
-        done = self._finished
+        efd = self._efd
+        done = self.done
         reschedule = trio.lowlevel.reschedule
         suspended: Suspended | None = None
         with trio.CancelScope() as scope:
@@ -962,12 +723,12 @@ class ReadPool:
                         job.slot.release_on_behalf_of(job)
                         if job.stuck:
                             self.stuck -= 1
-                        if job.outcome is None:  # (the compiled core had no memory)
-                            job.outcome = outcome.Error(MemoryError("no memory for a read"))
                         if job.task is not None:
+                            assert job.outcome is not None
                             reschedule(job.task, job.outcome)
                         elif job.deliver is not None:
                             deliver, job.deliver = job.deliver, None
+                            assert job.outcome is not None
                             try:
                                 suspended = deliver(job.outcome)
                             except Exception:  # a bug: never the whole daemon
@@ -981,13 +742,20 @@ class ReadPool:
                         os.eventfd_read(efd)
                     except BlockingIOError:
                         pass
-                    done.extend(core.take_done())  # (after the read: see take_done)
+                    # After the read (a report between a reset and the read would leave
+                    # the flag set with nothing to wake us), before draining (a report
+                    # after the drain signals again).
+                    self._signalled = False
             finally:
                 if suspended is None:
-                    trio.lowlevel.notify_closing(efd)
-                    core.close()  # its eventfd, its queue, its active thread
-                    if self._core is core:
-                        self._core = None
+                    with self._fd_lock:
+                        trio.lowlevel.notify_closing(efd)
+                        os.close(efd)
+                        self._efd = -1
+                    if self._active is not None:
+                        self._active.retired = True
+                        self._active.idle = True
+                        self._active.kick()
             # The rest of this batch, and every later one, goes to the successor.
             trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
             failure: Exception | None = None  # (a deadline cancels the await below)
@@ -998,34 +766,36 @@ class ReadPool:
     async def _watch(self) -> None:
         """While reads wait, retire the active thread when its read turns slow."""
         while True:
-            core = self._core
-            if core is None or not core.counts()[0]:
+            active = self._active
+            if not self.pending or active is None:
                 wake = self._watch_wake = trio.Event()
                 await wake.wait()
                 continue
-            job, running = core.active()
-            left = self.slow_after - running
+            job, started = active.current, active.started
+            left = started + self.slow_after - perf_counter()
             if job is None or left > 0:
                 # Not started yet (the thread is waking up), or not slow yet.
                 await trio.sleep(self.slow_after if job is None else left)
                 continue
-            self._retire(core, job)
+            if active.current is job and self.pending and self._active is active:
+                self._retire(active, job)
 
-    def _retire(self, core: _Core, job: _Job) -> None:
-        """The active thread's read ``job`` turned slow while reads wait: a new thread
-        takes the queue over, unless :attr:`max_stuck` threads are stuck already (or no
-        thread can be started): then the waiting reads fail with EAGAIN, and the active
-        thread keeps the queue (the reads asked for while its read lasts fail in turn)."""
+    def _retire(self, active: _ReaderThread, job: _Job) -> None:
+        """``active``'s read ``job`` turned slow while reads wait: a new thread takes the
+        queue over, unless :attr:`max_stuck` threads are stuck already (or no thread can
+        be started): then the waiting reads fail with EAGAIN, and ``active`` keeps the
+        queue (the reads asked for while its read lasts fail in turn)."""
         if self.stuck < self.max_stuck:
             try:
-                retired = core.retire(job)  # a successor started before: it may fail
+                successor = _ReaderThread(self)  # before retiring: it may fail
             except RuntimeError as exc:
                 why = f"no thread to read: {exc}"
             else:
-                if retired:
-                    job.stuck = True
-                    self.stuck += 1
-                    self.retired += 1
+                active.retired = True
+                job.stuck = True
+                self.stuck += 1
+                self.retired += 1
+                self._active = successor
                 return
         else:
             why = (f"{self.stuck} reads are stuck on slow memory already "
@@ -1033,7 +803,11 @@ class ReadPool:
         if not self.refused:
             log.error("memory reads refused (EAGAIN): %s", why)
         reschedule = trio.lowlevel.reschedule
-        while (waiting := core.pop_pending()) is not None:
+        while True:
+            try:
+                waiting = self.pending.popleft()
+            except IndexError:  # (the active thread may take the last one meanwhile)
+                break
             self.refused += 1
             self._drop(waiting)
             refusal = outcome.Error(TargetMemoryError(errno.EAGAIN, why))
@@ -1128,9 +902,6 @@ class TargetMemory:
                    cstring: bool) -> bytes:
         if address == 0:
             raise TargetMemoryError(errno.EFAULT, "NULL pointer")
-        if not 0 < address <= _MAX_ADDRESS:  # (a policy's own address, not a register)
-            raise TargetMemoryError(
-                errno.EFAULT, f"address {address:#x} is outside the address space")
         reader = self._open_reader(notif_id, tid)
 
         def work() -> bytes:
@@ -1148,8 +919,7 @@ class TargetMemory:
         try:
             data = await pool.run(work, self._slot,
                                   self._inline_wait if turn >= 0 else 0.0, turn,
-                                  reader.close,
-                                  (tid, reader.mem_fd, address, length, cstring))
+                                  reader.close)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem
@@ -1232,8 +1002,7 @@ class TargetMemory:
         if pool is None:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
-        job = _Job(work, self._slot, reader.close, finished,
-                   (tid, reader.mem_fd, tuple(addresses), limit, True))
+        job = _Job(work, self._slot, reader.close, finished)
         pending.pool = pool
         pending.job = job
         if pool.submit(job, self._inline_wait if turn >= 0 else 0.0, turn):

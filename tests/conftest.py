@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -53,21 +51,12 @@ def sleeping_target(seconds: int = 60) -> Iterator[spawn.FilteredChild]:
 def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test with each hot loop: the compiled one (supervisor/_hotloop.c) and
     the pure-Python reference, in this process (the poller chooses when it starts) and
-    in every daemon it starts (through the environment). The reading thread of memory
-    reads goes with it, as the environment variable makes it go in a daemon (the
-    compiled one, supervisor/_memread.c, or its pure-Python twin; ``read_core`` switches
-    that one alone)."""
-    from supervisor import memory
-
+    in every daemon it starts (through the environment)."""
     if request.param == "python":
         monkeypatch.setattr(accel, "HOTLOOP", None)
-        monkeypatch.setattr(memory, "MEMREAD", None)
         monkeypatch.setenv(accel.NO_EXTENSIONS_ENV, "1")
     else:
         assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
-        assert accel.MEMREAD is not None, \
-            f"the compiled reading thread is not built: {accel.MEMREAD_WHY}"
-        monkeypatch.setattr(memory, "MEMREAD", accel.MEMREAD)
         monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
     return str(request.param)
 
@@ -84,23 +73,6 @@ def int80_library(tmp_path: Path) -> Path:
     return library
 
 
-@pytest.fixture(params=["c", "python"])
-def read_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with each reading core of supervisor.memory: the compiled one
-    (supervisor._memread, which the install must have built: test_accel.py) and its
-    pure-Python twin. Daemons and interpreters the test starts get the same one (through
-    SECCOMP_SUPERVISOR_NO_EXTENSIONS, which rules out the compiled hot loop too)."""
-    from supervisor import memory
-
-    if request.param == "c":
-        monkeypatch.setattr(memory, "MEMREAD", importlib.import_module("supervisor._memread"))
-        monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
-    else:
-        monkeypatch.setattr(memory, "MEMREAD", None)
-        monkeypatch.setenv(accel.NO_EXTENSIONS_ENV, "1")
-    return str(request.param)
-
-
 @pytest.fixture
 def sleeper() -> Iterator[spawn.FilteredChild]:
     with sleeping_target() as child:
@@ -109,16 +81,6 @@ def sleeper() -> Iterator[spawn.FilteredChild]:
 
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
-def fds_back_to(before: set[int], *, within: float = 5.0) -> set[int]:
-    """The open fds once they are ``before`` again, or after ``within`` seconds. A read
-    pool's eventfd is closed by the last reading thread writing it when the pool ends,
-    moments later under load (the compiled core, supervisor/_memread.c: close_core)."""
-    deadline = time.monotonic() + within
-    while (now := open_fds()) != before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return now
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The compiled hot loop and reading thread are built by the package's install and
-selected by default; the pure-Python ones stay selectable (supervisor/accel.py)."""
+"""The compiled hot loop is built by the package's install and selected by default; the
+pure-Python loop stays selectable (supervisor/accel.py)."""
 
 from __future__ import annotations
 
@@ -41,23 +41,3 @@ def test_the_environment_variable_selects_pure_python() -> None:
 
 def test_zero_keeps_the_compiled_loop() -> None:
     assert _probe(**{accel.NO_EXTENSIONS_ENV: "0"})[0] == "c"
-
-
-_READER_PROBE = ("import supervisor.accel as a, supervisor.memory as m; "
-                 "print(a.MEMREAD_WHY); print(a.MEMREAD_KIND); "
-                 "print(m.MEMREAD is a.MEMREAD is not None)")
-
-
-def _reader_probe(**env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k != accel.NO_EXTENSIONS_ENV}
-    out = subprocess.run([sys.executable, "-c", _READER_PROBE], env={**clean, **env},
-                         capture_output=True, text=True, check=True, timeout=60)
-    return out.stdout.splitlines()
-
-
-def test_the_install_built_the_compiled_reading_thread() -> None:
-    # The reading thread of memory reads (supervisor/_memread.c) is built and selected
-    # like the hot loop, and the same variable rules it out.
-    assert _reader_probe() == ["compiled", "c", "True"]
-    why, kind, compiled = _reader_probe(**{accel.NO_EXTENSIONS_ENV: "1"})
-    assert accel.NO_EXTENSIONS_ENV in why and (kind, compiled) == ("python", "False")

@@ -428,7 +428,6 @@ def jobs_of(pool: ReadPool, slot: object, names: list[str], log: list[str],
     return jobs
 
 
-@pytest.mark.usefixtures("read_core")
 def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
     ran: list[str] = []
     delivered: list[str] = []
@@ -457,51 +456,6 @@ def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
     assert sorted(delivered) == ["a1 stuck", "a2", "a3", "b1"]
 
 
-@pytest.mark.usefixtures("read_core")
-def test_a_delivery_turn_carries_at_most_one_read_of_a_session() -> None:
-    """What keeps one container's flood of reads from taking the event loop in bursts:
-    each wake-up of the pool's delivery hands over at most one read of a session. Its one
-    place comes back only there, so its next read is done by a later wake-up, after the
-    loop looked at I/O again (where the notify poller's turn comes). Counted as trio's
-    I/O checks between two deliveries of the flooding session's reads; with ten places
-    per session its reads came back in batches (checked by hand: fails)."""
-
-    class IoChecks(trio.abc.Instrument):
-        count = 0
-
-        def before_io_wait(self, timeout: float) -> None:
-            self.count += 1
-
-    checks = IoChecks()
-    delivered: list[tuple[str, int]] = []
-
-    def job(name: str, slot: ReadSlot) -> _Job:
-        def deliver(result: object) -> None:
-            delivered.append((name, checks.count))
-
-        return _Job(lambda: name.encode(), slot, None, deliver)
-
-    async def scenario() -> None:
-        trio.lowlevel.add_instrument(checks)
-        pool = ReadPool(slow_after=WAIT)
-        flooder, neighbour = ReadSlot(trio.CapacityLimiter(1)), ReadSlot(
-            trio.CapacityLimiter(1))
-        for i in range(40):
-            assert not pool.submit(job(f"flood {i}", flooder))
-        assert not pool.submit(job("neighbour", neighbour))
-        with trio.fail_after(WAIT):
-            while len(delivered) < 41:
-                await trio.sleep(0.001)
-
-    trio.run(scenario)
-    flood = [check for name, check in delivered if name.startswith("flood")]
-    assert [name for name, _ in delivered if name.startswith("flood")] == [
-        f"flood {i}" for i in range(40)]
-    assert len(set(flood)) == len(flood), flood  # one per I/O check, never two
-    assert [name for name, _ in delivered].index("neighbour") <= 2  # behind one at most
-
-
-@pytest.mark.usefixtures("read_core")
 def test_a_sessions_reads_take_its_place_in_the_order_they_asked_for_it() -> None:
     """One FIFO per session for both kinds of reads: a submitted read (a decision waiting
     for its paths, no task) and a task's (a parked or recovered decision reading its
@@ -547,7 +501,6 @@ def test_a_sessions_reads_take_its_place_in_the_order_they_asked_for_it() -> Non
     assert ran == ["a0 stuck", "a1", "a2 (task)", "a3", "a4 (task)"]
 
 
-@pytest.mark.usefixtures("read_core")
 def test_a_task_given_up_while_it_waits_for_its_sessions_place_leaves_the_queue() -> None:
     ran: list[str] = []
     delivered: list[str] = []
@@ -576,7 +529,6 @@ def test_a_task_given_up_while_it_waits_for_its_sessions_place_leaves_the_queue(
     assert ran == ["a0 stuck", "a2"]
 
 
-@pytest.mark.usefixtures("read_core")
 def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     ran: list[str] = []
     delivered: list[str] = []
@@ -609,7 +561,6 @@ def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     assert delivered == ["a2 discarded", "b1 discarded"]  # a1's result was dropped
 
 
-@pytest.mark.usefixtures("read_core")
 def test_a_submitted_read_done_within_the_inline_wait_is_not_delivered() -> None:
     delivered: list[str] = []
 

@@ -1,11 +1,10 @@
-"""Attacks on the compiled code (supervisor/_hotloop.c, supervisor/_memread.c) where C
-can differ from the pure-Python reference: lengths and addresses that do not fit a C
-type, buffers sized by what a policy asked for, reference counts on the paths where the
-compiled loop hands a failure to Python, signals while it RECVs and SENDs.
+"""Attacks on this round's compiled code (supervisor/_hotloop.c) where C can differ from
+the pure-Python reference, and on the memory reads beside it: lengths and addresses that
+do not fit a C type, reference counts on the paths where the compiled loop hands a
+failure to Python, signals while it RECVs and SENDs.
 
-The hot-loop tests run with both loops (the ``hot_loop`` fixture), the memory-reading
-ones with both reading cores (``read_core``): the pure-Python one is the reference, the
-answer must be the same."""
+The hot-loop tests run with both loops (the ``hot_loop`` fixture): the pure-Python one
+is the reference, the answer must be the same."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import gc
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,16 +27,12 @@ from hypothesis import strategies as st
 from supervisor import accel
 from supervisor.audit import audit_text
 from supervisor.decide import Outcome
-from supervisor.errors import TargetMemoryError
-from supervisor.memory import PAGE_SIZE, ReadPool
 from supervisor.policy import Container, Decision, Notification, PolicySet, deny, returns
 from supervisor.session import SessionSettings
 
 from .conftest import serve_target
-from .test_memory_reads import Pages, read, read_strings
 
 WAIT = 20.0  # a hang guard
-REPO = Path(__file__).resolve().parent.parent
 
 
 def proc_mem_fds() -> list[str]:
@@ -60,7 +54,6 @@ def _answers(result: object) -> list[int]:
     return [r["errno"] for r in result["results"]]
 
 
-@pytest.mark.usefixtures("read_core")
 @pytest.mark.parametrize("use_proc_mem", [False, True], ids=["process_vm_readv", "proc"])
 @pytest.mark.parametrize("limit", [2**40, 2**63, 2**64], ids=["1TiB", "2^63", "2^64"])
 async def test_a_string_limit_past_the_address_space_reads_the_string(
@@ -90,7 +83,6 @@ async def test_a_string_limit_past_the_address_space_reads_the_string(
     assert proc_mem_fds() == before  # each /proc/<pid>/mem fd closed by its read
 
 
-@pytest.mark.usefixtures("read_core")
 @pytest.mark.parametrize("use_proc_mem", [False, True], ids=["process_vm_readv", "proc"])
 async def test_a_pointer_into_the_kernel_half_faults_as_the_kernel_does(
         use_proc_mem: bool) -> None:
@@ -152,88 +144,6 @@ async def test_the_hot_loops_error_paths_leave_no_objects_behind(
     assert isinstance(got, dict) and len(got["results"]) == total  # type: ignore[arg-type]
     grown = blocks[1] - blocks[0]
     assert grown < 1_000, f"{grown} blocks more after {total - 1_000} notifications"
-
-
-@pytest.mark.usefixtures("read_core")
-def test_a_long_string_under_a_huge_limit_is_read_whole() -> None:
-    """The buffer of a string read grows page by page (the compiled core does not take
-    its limit up front): a string over several pages, starting mid-page, comes back whole
-    to its NUL; one that runs into unmapped memory faults (EFAULT), whatever the limit;
-    as one string and among several of one job."""
-    pages = Pages(9)
-    start = pages.address + 100  # to page 4
-    text = bytes(range(1, 256)) * (4 * PAGE_SIZE // 255)  # no NUL in it
-    pages.put(start, text + b"\0")
-    tail = pages.end - 3 * PAGE_SIZE - 7  # from page 5
-    pages.put(tail, b"z" * (3 * PAGE_SIZE + 7))  # to the unmapped page, no NUL
-
-    async def scenario() -> None:
-        pool = ReadPool()
-        for limit in (len(text) + 1, 2**40, 2**64):
-            for wait in (0.0, WAIT):
-                assert await read(pool, start, limit, cstring=True, wait=wait) == text
-                with pytest.raises(TargetMemoryError) as unmapped:
-                    await read(pool, tail, limit, cstring=True, wait=wait)
-                assert unmapped.value.errno == errno.EFAULT
-                both = await read_strings(pool, [tail, start], limit, wait=wait)
-                assert isinstance(both[0], TargetMemoryError)
-                assert both[0].errno == errno.EFAULT and both[1] == text
-        with pytest.raises(TargetMemoryError) as no_nul:
-            await read(pool, start, len(text), cstring=True)
-        assert no_nul.value.errno == errno.ENAMETOOLONG
-
-    trio.run(scenario)
-
-
-# A synchronous wait given a timeout that is negative or NaN (the core of the process's
-# choice: the read_core fixture sets the environment), for a job still running and for
-# one done already. Prints, per case, what wait() raised and whether the job was then
-# reported (take_done) as a timed-out wait's is.
-BAD_WAIT = """
-import json, threading, time
-from supervisor import memory
-
-Core = memory._PyCore if memory.MEMREAD is None else memory.MEMREAD.Core
-cases = []
-for timeout in (-0.5, float("nan")):
-    for running in (True, False):
-        release = threading.Event()
-        core = Core(0, memory._convert)
-
-        def work() -> bytes:
-            if running:
-                release.wait(5)
-            return b"read"
-
-        job = memory._Job(work, None, None)
-        core.push(job, work, 0, -1, 0, 0, False, True)
-        time.sleep(0.1)  # the thread has it (and is done with it unless running)
-        try:
-            core.wait(timeout)
-            raised = None
-        except Exception as exc:
-            raised = type(exc).__name__
-        release.set()
-        deadline = time.monotonic() + 5
-        while not core.counts()[1] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        cases.append([raised, [t is job for t in core.take_done()]])
-        core.close()
-print(json.dumps(cases))
-"""
-
-
-@pytest.mark.usefixtures("read_core")
-def test_a_wait_with_a_negative_or_nan_timeout_fails_and_hangs_nothing() -> None:
-    """An invalid deadline for pthread_cond_timedwait is EINVAL at once with the core's
-    lock held: a wait that looped on it kept the job's thread from finishing and hung
-    the event loop for good (session 7's attack). The Python core raises ValueError
-    (threading.Lock.acquire) and reports the job as a timed-out wait's; so must C. (In a
-    child process: the hang is forever.)"""
-    done = subprocess.run([sys.executable, "-c", BAD_WAIT], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [["ValueError", [True]]] * 4
 
 
 @pytest.mark.usefixtures("hot_loop")

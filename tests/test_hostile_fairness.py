@@ -245,7 +245,6 @@ def run_pool(scenario: object) -> None:
     trio.run(scenario)  # type: ignore[arg-type]
 
 
-@pytest.mark.usefixtures("read_core")
 def test_pool_takes_sessions_in_turn() -> None:
     """One thread, reads in the order they asked: each session has at most one read
     queued (its own limiter holds the rest), so that order is round-robin."""
@@ -279,7 +278,6 @@ def test_pool_takes_sessions_in_turn() -> None:
     assert order == ["a1", "b1", "c1", "a2"]
 
 
-@pytest.mark.usefixtures("read_core")
 def test_one_thread_reads_at_a_time_and_bursts_share_wake_ups() -> None:
     running = [0, 0]  # now, most at once
     calls = [0]
@@ -312,7 +310,6 @@ def test_one_thread_reads_at_a_time_and_bursts_share_wake_ups() -> None:
     assert running[1] == 1
 
 
-@pytest.mark.usefixtures("read_core")
 def test_a_slow_read_retires_its_thread_and_keeps_its_slot() -> None:
     """A read stuck in the kernel: the reads queued behind it get a new thread after
     slow_after; the stuck container's own slot stays taken until the read returns."""
@@ -346,7 +343,6 @@ def test_a_slow_read_retires_its_thread_and_keeps_its_slot() -> None:
     assert got[0][1] < WAIT / 2  # served while the slow read was still stuck
 
 
-@pytest.mark.usefixtures("read_core")
 def test_a_cancelled_read_leaves_no_trace() -> None:
     """Cancelled while queued: out of the queue, its slot given back at once. Cancelled
     while running: its result is dropped, its slot given back when the thread returns."""
@@ -387,7 +383,6 @@ def test_a_cancelled_read_leaves_no_trace() -> None:
     assert ran == ["running"]
 
 
-@pytest.mark.usefixtures("read_core")
 def test_waiting_inline_takes_no_checkpoint_and_falls_back_when_slow() -> None:
     """``wait``: with the slot free, the result comes back without a checkpoint (so a
     handler that reads once finishes in its first step); a read slower than ``wait``
@@ -435,7 +430,6 @@ def test_pool_refuses_nonsense() -> None:
         ReadPool(slow_after=0)
 
 
-@pytest.mark.usefixtures("read_core")
 def test_reading_threads_run_nicer_than_the_loop() -> None:
     """The thread a read runs in gives way to the event loop's (see memory.py)."""
     from supervisor import memory

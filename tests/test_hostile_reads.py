@@ -20,14 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import trio
 
 from supervisor.errors import TargetMemoryError
 from supervisor.memory import PAGE_SIZE, ReadPool, _Reader
-
-# Every test here runs with the compiled reading core and with its Python twin.
-pytestmark = pytest.mark.usefixtures("read_core")
 
 NR_MKDIR = 83
 WAIT = 10.0  # generous bound on anything that should take milliseconds (a hang guard)

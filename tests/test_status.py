@@ -190,7 +190,6 @@ async def test_status_shows_a_live_session(tmp_path: Path) -> None:
 
     assert status["pid"] == os.getpid() and status["uptime_seconds"] > 0
     assert status["hot_loop"] == {"kind": accel.KIND, "why": accel.WHY}
-    assert status["reading_thread"] == {"kind": accel.MEMREAD_KIND, "why": accel.MEMREAD_WHY}
     assert f"hot loop: {accel.WHY}\n" in table.stdout.decode()
     assert status["notify_socket"] == d.socket_path and not status["socket_activated"]
     assert status["notifications"] == 3 and status["inflight"] == 0
