@@ -201,7 +201,7 @@ def test_each_refusal_names_its_own_path_past_the_kept_refusals(
 
 
 def test_refusals_naming_a_containers_paths_stay_out_of_the_shared_deny_cache(
-        tree: tuple[Path, Path, PolicySet]) -> None:
+        tree: tuple[Path, Path, PolicySet], monkeypatch: pytest.MonkeyPatch) -> None:
     """deny() keeps up to 4,096 answers, by reason, for every policy of the daemon and
     for as long as it runs. path_guard's reasons name the caller's path (up to 4 KiB, 16
     KiB once escaped): a container making distinct refused calls must not fill that
@@ -223,6 +223,8 @@ def test_refusals_naming_a_containers_paths_stay_out_of_the_shared_deny_cache(
                     errnos.append(exc.errno or -1)
         return errnos
 
+    # An empty cache: one filled by earlier tests of the process keeps nothing more.
+    monkeypatch.setattr(policy_module, "_DENY", {})
     before = len(policy_module._DENY)
     trial = run_policy(policy, refused_calls)
     assert trial.value == [errno.EACCES] * 200

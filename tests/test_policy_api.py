@@ -160,10 +160,15 @@ def test_the_hot_loops_partial_unpack_reads_the_same_fields() -> None:
     assert abi.NOTIF_ARGS.unpack_from(buf, abi.NOTIF_ARGS_OFFSET) == raw.args
 
 
-def test_answers_with_long_reasons_are_not_kept_in_the_shared_cache() -> None:
+def test_answers_with_long_reasons_are_not_kept_in_the_shared_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """deny(), returns() and allow() keep up to _CACHE_MAX answers by reason, for the
     whole daemon's life. A reason naming what a container chose (a path: up to 16 KiB
     escaped) would keep megabytes per 4,096 calls: only short reasons are kept."""
+    # Empty caches: earlier tests of the same process may have filled them (then
+    # nothing more is kept, short reasons included).
+    for cache in ("_DENY", "_RETURNS", "_ALLOW"):
+        monkeypatch.setattr(supervisor.policy, cache, {})
     long = "p" * 5000
     assert deny(errno.EACCES, reason=long) is not deny(errno.EACCES, reason=long)
     assert deny(errno.EACCES, reason=long) == deny(errno.EACCES, reason=long)
