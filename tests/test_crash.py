@@ -9,6 +9,7 @@ flight (the chaos soak's short version; ``bench/crash_soak.py`` is the full one)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,52 @@ class _Buf:
         abi.NOTIF_HEAD.pack_into(self.buf, 0, notif_id, pid, nr, arch)
         abi.NOTIF_ARGS.pack_into(self.buf, abi.NOTIF_ARGS_OFFSET, *args)
         return notif_id
+
+
+@dataclasses.dataclass
+class Crashed:
+    """A target blocked in one notified call that a crashed daemon received, journaled
+    whole and never answered: what the next daemon finds (see :func:`crashed_daemon`)."""
+
+    child: spawn.FilteredChild
+    listener: int
+    journal_fd: int
+
+    def serve_again(self, chain: Chain, settings: SessionSettings,
+                    recorder: Recorder) -> Session:
+        """A new session of a copy of the listener, with the journal handed back."""
+        notify = NotifyFd(os.dup(self.listener))
+        session = Session(notify, Container(id="t"), chain, settings, recorder)
+        session.attach_journal(Journal(self.journal_fd, notify.recv_buffer))
+        return session
+
+    async def result(self) -> dict[str, int]:
+        """What the target's call returned (a hang fails here)."""
+        with trio.fail_after(30):
+            out = await trio.to_thread.run_sync(
+                lambda: self.child.process.communicate(timeout=30)[0])
+        result: dict[str, int] = json.loads(out)
+        return result
+
+
+@contextlib.asynccontextmanager
+async def crashed_daemon(nr: int, arg: int) -> AsyncIterator[Crashed]:
+    """:class:`Crashed` for a call ``nr(arg)``; the target is reaped and the fds closed
+    at the end."""
+    child = _blocked_call(nr, arg)
+    listener = child.take_listener()
+    journal_fd = create_journal_fd(16)
+    try:
+        notif_id, _tid = await trio.to_thread.run_sync(_receive_and_die, listener)
+        buf = _Buf()
+        writer = Journal(journal_fd, buf.buf)
+        writer.record(buf.fill(notif_id, pid=child.pid, nr=nr))
+        writer.close()
+        yield Crashed(child, listener, journal_fd)
+    finally:
+        os.close(journal_fd)
+        os.close(listener)
+        _reap(child)
 
 
 def _journal(slots: int = 16) -> tuple[int, Journal, _Buf]:

@@ -17,9 +17,7 @@ Real kernel: targets under NOTIFY filters (tests/target.py), both hot loops.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import threading
 from collections.abc import Sequence
 
@@ -32,9 +30,8 @@ from supervisor.audit import Recorder
 from supervisor.decide import Chain, Outcome
 from supervisor.memory import TargetMemory
 from supervisor.metrics import Metrics
-from supervisor.notifyfd import NotifyFd
 from supervisor.policy import Container, Notification, PolicySet, allow, deny
-from supervisor.session import Session, SessionSettings
+from supervisor.session import SessionSettings
 
 from .conftest import Served, serve_target
 
@@ -272,36 +269,21 @@ async def test_a_recovered_call_is_answered_at_the_deadline(how: str) -> None:
     """A call a crashed process received (taken back from its in-flight journal) is
     decided again by the new session, in a task of its own; its handler blocks:
     on_error at the deadline, and stop_reading ends the session while it runs."""
-    from supervisor.journal import Journal, create_journal_fd
-
     from .soak import NR_GETSID
-    from .test_crash import _blocked_call, _Buf, _reap, _receive_and_die
+    from .test_crash import crashed_daemon
 
     blocker = Blocker(how)
     policy = late_allow_policy(blocker, "getsid")
-    child = _blocked_call(NR_GETSID, 12)
-    listener = child.take_listener()
-    journal_fd = create_journal_fd(16)
-    try:
-        notif_id, _tid = await trio.to_thread.run_sync(_receive_and_die, listener)
-        buf = _Buf()
-        writer = Journal(journal_fd, buf.buf)
-        writer.record(buf.fill(notif_id, pid=child.pid, nr=NR_GETSID))
-        writer.close()
+    async with crashed_daemon(NR_GETSID, 12) as crashed:
         registry = CollectorRegistry()
         recorder = Answers(Metrics(registry))
-        notify = NotifyFd(os.dup(listener))
-        session = Session(notify, Container(id="t"), Chain([("p", policy)]), SETTINGS,
-                          recorder)
-        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        session = crashed.serve_again(Chain([("p", policy)]), SETTINGS, recorder)
+        notify = session.notify
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.run)
             start = trio.current_time()
-            with trio.fail_after(WAIT):
-                out = await trio.to_thread.run_sync(
-                    lambda: child.process.communicate(timeout=WAIT)[0])
+            result = await crashed.result()
             elapsed = trio.current_time() - start
-            result = json.loads(out)
             assert (result["rc"], result["errno"]) == (-1, errno.EAGAIN), result
             assert elapsed < IN_TIME
             assert blocker.running
@@ -316,10 +298,6 @@ async def test_a_recovered_call_is_answered_at_the_deadline(how: str) -> None:
             [("deny", "deadline")]
         assert registry.get_sample_value("seccomp_supervisor_handler_errors_total",
                                          {"policy": "p", "kind": "deadline"}) == 1
-    finally:
-        os.close(journal_fd)
-        os.close(listener)
-        _reap(child)
 
 
 @pytest.mark.usefixtures("hot_loop")
@@ -327,49 +305,33 @@ async def test_a_cancelled_session_ends_while_such_a_handler_runs() -> None:
     """Cancelled before the deadline while the decision of a recovered call (a task of
     its own, not carried by a poller) blocks in a thread: the session answers the call
     ``on_error`` (kind ``ended``) and ends at once; the thread runs on."""
-    from supervisor.journal import Journal, create_journal_fd
-
     from .soak import NR_GETSID
-    from .test_crash import _blocked_call, _Buf, _reap, _receive_and_die
+    from .test_crash import crashed_daemon
 
     blocker = Blocker("thread")
     policy = late_allow_policy(blocker, "getsid")
-    child = _blocked_call(NR_GETSID, 12)
-    listener = child.take_listener()
-    journal_fd = create_journal_fd(16)
     try:
-        notif_id, _tid = await trio.to_thread.run_sync(_receive_and_die, listener)
-        buf = _Buf()
-        writer = Journal(journal_fd, buf.buf)
-        writer.record(buf.fill(notif_id, pid=child.pid, nr=NR_GETSID))
-        writer.close()
-        registry = CollectorRegistry()
-        recorder = Answers(Metrics(registry))
-        notify = NotifyFd(os.dup(listener))
-        session = Session(notify, Container(id="t"), Chain([("p", policy)]),
-                          SessionSettings(deadline=30, on_error=deny(errno.EAGAIN)),
-                          recorder)
-        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
-        with trio.fail_after(IN_TIME):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.run)
-                while not blocker.running:
-                    await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
-        assert notify.closed
-        assert blocker.running  # the session ended without waiting for it
-        with trio.fail_after(WAIT):
-            out = await trio.to_thread.run_sync(
-                lambda: child.process.communicate(timeout=WAIT)[0])
-        result = json.loads(out)
-        assert (result["rc"], result["errno"]) == (-1, errno.EAGAIN), result
-        blocker.release()
-        await blocker.wait_returned(1)
-        assert [(kind, error) for _id, kind, error in recorder.answers] == \
-            [("deny", "ended")]
-        assert session.inflight == 0
+        async with crashed_daemon(NR_GETSID, 12) as crashed:
+            registry = CollectorRegistry()
+            recorder = Answers(Metrics(registry))
+            session = crashed.serve_again(
+                Chain([("p", policy)]),
+                SessionSettings(deadline=30, on_error=deny(errno.EAGAIN)), recorder)
+            notify = session.notify
+            with trio.fail_after(IN_TIME):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(session.run)
+                    while not blocker.running:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+            assert notify.closed
+            assert blocker.running  # the session ended without waiting for it
+            result = await crashed.result()
+            assert (result["rc"], result["errno"]) == (-1, errno.EAGAIN), result
+            blocker.release()
+            await blocker.wait_returned(1)
+            assert [(kind, error) for _id, kind, error in recorder.answers] == \
+                [("deny", "ended")]
+            assert session.inflight == 0
     finally:
         blocker.release()
-        os.close(journal_fd)
-        os.close(listener)
-        _reap(child)

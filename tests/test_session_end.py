@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 import select
 import signal
@@ -289,10 +288,8 @@ async def test_a_recovered_call_under_way_is_answered_when_the_session_is_cancel
     decided again by a task of the new session; cancelled meanwhile, the session answers
     it ``on_error`` before it closes its copy of the listener (the test holds another).
     Before, the task was cancelled with no answer and the call hung."""
-    from supervisor.journal import Journal, create_journal_fd
-
     from .soak import NR_GETSID
-    from .test_crash import _blocked_call, _Buf, _reap, _receive_and_die
+    from .test_crash import crashed_daemon
 
     policy = PolicySet("p")
     release = trio.Event()
@@ -302,21 +299,11 @@ async def test_a_recovered_call_under_way_is_answered_when_the_session_is_cancel
         await release.wait()  # never set
         return returns(1)
 
-    child = _blocked_call(NR_GETSID, 12)
-    listener = child.take_listener()
-    journal_fd = create_journal_fd(16)
-    try:
-        notif_id, _tid = await trio.to_thread.run_sync(_receive_and_die, listener)
-        buf = _Buf()
-        writer = Journal(journal_fd, buf.buf)
-        writer.record(buf.fill(notif_id, pid=child.pid, nr=NR_GETSID))
-        writer.close()
+    async with crashed_daemon(NR_GETSID, 12) as crashed:
         registry = CollectorRegistry()
-        notify = NotifyFd(os.dup(listener))
-        session = Session(notify, Container(id="t"), Chain([("p", policy)]),
-                          SessionSettings(deadline=30),
-                          Recorder(Metrics(registry), audit="none"))
-        session.attach_journal(Journal(journal_fd, notify.recv_buffer))
+        session = crashed.serve_again(Chain([("p", policy)]), SessionSettings(deadline=30),
+                                      Recorder(Metrics(registry), audit="none"))
+        notify = session.notify
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.run)
             with trio.fail_after(WAIT):
@@ -324,17 +311,10 @@ async def test_a_recovered_call_under_way_is_answered_when_the_session_is_cancel
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         assert notify.closed
-        with trio.fail_after(WAIT):
-            out = await trio.to_thread.run_sync(
-                lambda: child.process.communicate(timeout=WAIT)[0])
-        result = json.loads(out)
+        result = await crashed.result()
         assert (result["rc"], result["errno"]) == (-1, errno.EPERM), result
         assert registry.get_sample_value("seccomp_supervisor_handler_errors_total",
                                          {"policy": "p", "kind": "ended"}) == 1
-    finally:
-        os.close(journal_fd)
-        os.close(listener)
-        _reap(child)
 
 
 @pytest.mark.usefixtures("hot_loop")
