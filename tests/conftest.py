@@ -156,13 +156,18 @@ async def serve_target(policy: PolicySet | list[PolicySet], syscalls: Iterable[s
             finally:
                 scope.cancel()
     finally:
-        proc = target.child.process
-        if proc.poll() is None:
-            proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        await reap_target(target)
         target.child.close()
+
+
+async def reap_target(target: Target) -> None:
+    """Kill ``target`` if it still runs, wait for it and close its output pipe."""
+    proc = target.child.process
+    if proc.poll() is None:
+        proc.kill()
+    await trio.to_thread.run_sync(proc.wait)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 @pytest.fixture

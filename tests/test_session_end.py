@@ -44,7 +44,7 @@ from supervisor.policy import Container, Notification, PolicySet, returns
 from supervisor.session import Session, SessionSettings
 from supervisor.systemd import Notifier
 
-from .conftest import Target, start_target
+from .conftest import Target, reap_target, start_target
 from .daemon_harness import running_daemon
 
 WAIT = 10.0  # a hang guard: what is checked takes well under a second
@@ -151,12 +151,7 @@ async def serving(*what: str, settings: SessionSettings,
             finally:
                 scope.cancel()
     finally:
-        proc = target.child.process
-        if proc.poll() is None:
-            proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        await reap_target(target)
         os.close(copy)
 
 
@@ -361,12 +356,7 @@ async def test_an_orderly_end_waits_no_longer_than_the_deadline() -> None:
                                          {"policy": "p", "kind": "ended"}) is None
     finally:
         release.set()
-        proc = target.child.process
-        if proc.poll() is None:
-            proc.kill()
-        await trio.to_thread.run_sync(proc.wait)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        await reap_target(target)
         os.close(copy)
 
 
