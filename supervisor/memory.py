@@ -45,7 +45,11 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
   a job to the thread took 0.5 ms on average under a flood). Niced, a flood's reads get
-  the CPU the loop leaves over: the flooder is slowed, its neighbours are not.
+  the CPU the loop leaves over: the flooder is slowed, its neighbours are not;
+* with the compiled module, the reading thread and the loop's inline wait spin briefly
+  (the GIL released) before they sleep, when their last wait was short
+  (:data:`READER_SPIN`, :data:`INLINE_SPIN`): a sleep and wake-up of a thread costs more
+  than the read on virtual machines.
 
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
@@ -74,6 +78,7 @@ import outcome
 import trio
 from trio.lowlevel import RunVar
 
+from . import accel
 from .errors import NotificationGone, TargetMemoryError
 from .notifyfd import NotifyFd, Suspended, carry_suspended, poller_turn, suspended_ended
 
@@ -110,6 +115,18 @@ INLINE_WAIT: Final = SLOW_READ
 INLINE_BUDGET: Final = 0.004
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
+#: Seconds the reading thread spins (the GIL released) for the next read before it
+#: sleeps, when the read before came within that time after it had finished its last
+#: (else it sleeps at once: a container whose reads come further apart costs no spin).
+#: A thread's sleep and wake-up cost 20-40 us of CPU and as much latency on the virtual
+#: machines measured, and an idle virtual CPU takes longer still to run a thread woken on
+#: it; a container's run of path_guard calls on one listener came 40-80 us apart, so
+#: spinning over those gaps kept both off the hot path: K=1 p50 205 -> 66 us at less CPU
+#: per call (bench/README.md, "Session 10"). Spinning needs the compiled module.
+READER_SPIN: Final = 200e-6
+#: Seconds the event loop spins (the GIL released) in an inline wait before it sleeps,
+#: when the last inline wait's read came within that time.
+INLINE_SPIN: Final = 50e-6
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
 #: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
 #: outlives the container (its creator's, a sidecar's) keeps the thread in a killable
@@ -119,6 +136,46 @@ READER_NICE: Final = 10
 #: With this many stuck, a read that turns slow keeps its thread, and the reads waiting
 #: behind it fail at once with EAGAIN (their call is denied EAGAIN) instead.
 MAX_STUCK_READS: Final = 64
+
+class _PySignal:
+    """The pure-Python twin of ``supervisor._hotloop.Signal``: a flag one thread waits
+    for, set by any thread (two sets before a wait count once). It does not spin."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def wait(self, timeout: float = -1.0, spin: float = 0.0) -> bool:
+        """Until set (then clear it), or False after ``timeout`` seconds (< 0: none)."""
+        return self._lock.acquire(timeout=timeout)
+
+    def set_then_wait(self, other: _PySignal, timeout: float = -1.0,
+                      spin: float = 0.0) -> bool:
+        """Set this flag, then wait for ``other``."""
+        self.set()
+        return other.wait(timeout, spin)
+
+
+def signal_type() -> type[_PySignal]:
+    """The flag the reading thread and the inline wait use: the compiled ``Signal``,
+    which spins before it sleeps, or with the pure-Python hot loop its twin."""
+    hotloop = accel.HOTLOOP
+    return _PySignal if hotloop is None else hotloop.Signal
+
+
+def next_spin(last_wait: float, spin: float) -> float:
+    """How long to spin in the next wait: ``spin`` if the last wait took at most that
+    long (the next one is likely as short), else 0 (sleep at once)."""
+    return spin if last_wait <= spin else 0.0
+
 
 # The daemon's own nice value, read when this module is imported (in the main thread).
 _DAEMON_NICE: Final = os.getpriority(os.PRIO_PROCESS, 0)
@@ -367,7 +424,7 @@ class _Job:
         self.outcome: outcome.Outcome[Any] | None = None
         # Released by the thread when the trio thread waits for this read synchronously
         # (ReadPool.run's ``wait``); None otherwise, or once it stopped waiting.
-        self.waiter: threading.Lock | None = None
+        self.waiter: _PySignal | None = None
 
 
 class _Released:
@@ -392,11 +449,11 @@ class _ReaderThread:
     is reading since when (``time.perf_counter``)."""
 
     __slots__ = ("current", "idle", "pool", "retired", "started", "wake")
+    # (wake: the Signal it sleeps on when the queue is empty, set by kick)
 
     def __init__(self, pool: ReadPool) -> None:
         self.pool = pool
-        self.wake = threading.Lock()
-        self.wake.acquire()
+        self.wake = pool.signal()
         self.idle = False
         self.retired = False
         self.current: _Job | None = None
@@ -408,10 +465,7 @@ class _ReaderThread:
         """Called from the trio thread after queueing a job."""
         if self.idle:
             self.idle = False
-            try:
-                self.wake.release()
-            except RuntimeError:  # an earlier kick's release not consumed yet
-                pass
+            self.wake.set()
 
     def _main(self) -> None:
         _lower_thread_priority()
@@ -419,6 +473,8 @@ class _ReaderThread:
         report = self.pool.report
         handoff = self.pool.handoff
         capture = outcome.capture
+        wake = self.wake
+        spin = 0.0  # see READER_SPIN
         while True:
             while not self.retired:
                 try:
@@ -432,8 +488,16 @@ class _ReaderThread:
                 if job.waiter is not None:
                     with handoff:  # see ReadPool._stop_waiting
                         waiter = job.waiter
-                    if waiter is not None:
-                        waiter.release()  # the trio thread waits for it: no report
+                    if waiter is not None:  # the trio thread waits for it: no report
+                        if pending or self.retired:
+                            waiter.set()
+                            continue
+                        # Nothing else to read: wake the trio thread once the GIL is
+                        # released, or it wakes up only to wait for the GIL.
+                        self.idle = True
+                        parked = perf_counter()
+                        waiter.set_then_wait(wake, -1.0, spin)
+                        spin = next_spin(perf_counter() - parked, READER_SPIN)
                         continue
                 report(job)
             if self.retired:
@@ -442,7 +506,9 @@ class _ReaderThread:
             if pending or self.retired:  # queued between the last look and `idle`
                 self.idle = False
                 continue
-            self.wake.acquire()
+            parked = perf_counter()
+            wake.wait(-1.0, spin)
+            spin = next_spin(perf_counter() - parked, READER_SPIN)
 
 
 class ReadPool:
@@ -474,6 +540,8 @@ class ReadPool:
         self.done: deque[_Job] = deque()
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
+        self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
+        self._inline_spin = INLINE_SPIN  # see INLINE_SPIN, next_spin
         self._fd_lock = threading.Lock()  # the eventfd is closed only under it
         self.handoff = threading.Lock()  # who takes a read waited for synchronously
         self._efd = -1
@@ -568,13 +636,12 @@ class ReadPool:
                 return True
             self._kick_watch()
             return False
-        waiter = job.waiter = threading.Lock()
-        waiter.acquire()
+        waiter = job.waiter = self.signal()
         if not self._queue_or_refuse(job):
             return True
         started = perf_counter()
         try:
-            done = waiter.acquire(timeout=wait)
+            done = waiter.wait(wait, self._inline_spin)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if not self._stop_waiting(job):
                 job.deliver = None
@@ -582,7 +649,9 @@ class ReadPool:
             raise  # (else its thread reports it: delivered as any other)
         finally:
             # No checkpoint follows, whatever happens: the budget is not reset here.
-            self._inline_spent += perf_counter() - started
+            waited = perf_counter() - started
+            self._inline_spent += waited
+            self._inline_spin = next_spin(waited, INLINE_SPIN)
         if done or not self._stop_waiting(job):
             slot.release_on_behalf_of(job)
             return True
@@ -641,12 +710,11 @@ class ReadPool:
             job.discard()
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
-        waiter = job.waiter = threading.Lock()
-        waiter.acquire()
+        waiter = job.waiter = self.signal()
         self._queue(job)
         started = perf_counter()
         try:
-            done = waiter.acquire(timeout=wait)
+            done = waiter.wait(wait, self._inline_spin)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if self._stop_waiting(job):
                 job.task = None  # its thread reports it: the slot is given back then
@@ -654,7 +722,9 @@ class ReadPool:
                 job.slot.release_on_behalf_of(job)
             raise
         finally:
-            self._inline_spent += perf_counter() - started
+            waited = perf_counter() - started
+            self._inline_spent += waited
+            self._inline_spin = next_spin(waited, INLINE_SPIN)
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None

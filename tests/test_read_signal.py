@@ -1,0 +1,144 @@
+"""The flag between the event loop and the reading thread (supervisor/memory.py): the
+compiled ``Signal``, which spins before it sleeps, and its pure-Python twin. Both must
+never lose a wake-up, and the compiled one must not hold the GIL while it waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from supervisor import accel, memory
+
+
+def _compiled() -> Any:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    return accel.HOTLOOP.Signal
+
+
+@pytest.fixture(params=["c", "python"])
+def signal(request: pytest.FixtureRequest) -> Any:
+    return _compiled() if request.param == "c" else memory._PySignal
+
+
+def test_a_set_flag_is_taken_once(signal: Any) -> None:
+    flag = signal()
+    flag.set()
+    flag.set()  # two sets before a wait count once
+    assert flag.wait(0.0, 0.0) is True
+    assert flag.wait(0.01, 0.0) is False
+
+
+def test_a_wait_times_out_after_its_timeout_spin_or_not(signal: Any) -> None:
+    for spin in (0.0, 0.002, 1.0):  # the spin never outlasts the timeout
+        flag = signal()
+        started = time.monotonic()
+        assert flag.wait(0.02, spin) is False
+        took = time.monotonic() - started
+        assert 0.02 <= took < 0.5, (spin, took)
+    flag = signal()
+    flag.set()  # a flag set after a timed-out wait is still seen
+    assert flag.wait(0.01, 0.0) is True
+
+
+@pytest.mark.parametrize("spin", [0.0, 1e-6, 200e-6])
+def test_ping_pong_loses_no_wake_up(signal: Any, spin: float) -> None:
+    """20,000 round trips through a flag each way, the waits spinning for various
+    times, so that both the spinning and the sleeping waits meet sets at every point.
+    A wake-up lost shows as a wait that ends only at its timeout (a flag set while its
+    waiter slept and not woken is only seen then)."""
+    ping, pong = signal(), signal()
+    rounds = 20_000
+    late: list[str] = []
+
+    def waited(flag: Any, who: str, i: int) -> bool:
+        started = time.monotonic()
+        got = flag.wait(1.0, spin)
+        if not got or time.monotonic() - started > 0.5:
+            late.append(f"{who} {i}: {'late' if got else 'timed out'}")
+            return False
+        return True
+
+    def partner() -> None:
+        for i in range(rounds):
+            if not waited(ping, "partner", i):
+                return
+            pong.set()
+
+    thread = threading.Thread(target=partner)
+    thread.start()
+    try:
+        for i in range(rounds):
+            ping.set()
+            if not waited(pong, "main", i):
+                break
+    finally:
+        ping.set()
+        thread.join(10)
+    assert not late and not thread.is_alive()
+
+
+def test_set_then_wait_sets_one_flag_and_waits_for_the_other(signal: Any) -> None:
+    mine, theirs = signal(), signal()
+    seen: list[bool] = []
+
+    def partner() -> None:
+        seen.append(mine.wait(5.0, 0.0))
+        theirs.set()
+
+    thread = threading.Thread(target=partner)
+    thread.start()
+    assert mine.set_then_wait(theirs, 5.0, 100e-6) is True
+    thread.join(5)
+    assert seen == [True]
+
+
+def test_the_compiled_wait_lets_other_python_threads_run() -> None:
+    """The loop waits for a read in the reading thread, which runs Python (its job):
+    a wait that kept the GIL, spinning or sleeping, would wait for itself."""
+    flag = _compiled()()
+    counted: list[int] = []
+
+    def worker() -> None:
+        total = 0
+        for i in range(200_000):  # Python bytecode: needs the GIL throughout
+            total += i
+        counted.append(total)
+        flag.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert flag.wait(10.0, 1.0) is True  # spins for as long as the worker takes
+    thread.join(5)
+    assert counted == [sum(range(200_000))]
+
+
+def test_the_compiled_signal_refuses_what_it_cannot_use() -> None:
+    compiled = _compiled()
+    with pytest.raises(TypeError):
+        compiled(1)
+    with pytest.raises(TypeError):
+        compiled().set_then_wait(memory._PySignal(), 1.0)
+    with pytest.raises(TypeError):
+        compiled().wait(1.0, 0.0, 3)
+    with pytest.raises(TypeError):
+        compiled().wait("soon")
+
+
+@pytest.mark.parametrize("hot_loop_kind", ["c", "python"])
+def test_a_read_pool_takes_the_signal_of_the_hot_loop_chosen(
+        hot_loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if hot_loop_kind == "python":
+        monkeypatch.setattr(accel, "HOTLOOP", None)
+        assert memory.ReadPool().signal is memory._PySignal
+    else:
+        assert memory.ReadPool().signal is _compiled()
+
+
+def test_spin_only_after_a_short_wait() -> None:
+    assert memory.next_spin(0.0, memory.READER_SPIN) == memory.READER_SPIN
+    assert memory.next_spin(memory.READER_SPIN, memory.READER_SPIN) == memory.READER_SPIN
+    assert memory.next_spin(memory.READER_SPIN * 1.01, memory.READER_SPIN) == 0.0
+    assert memory.next_spin(5.0, memory.INLINE_SPIN) == 0.0
