@@ -1610,6 +1610,7 @@ static int format_audit_line_init(void)
  * memory._PySignal (a Lock: no spin). */
 
 #include <linux/futex.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1627,6 +1628,7 @@ enum { SIGNAL_CLEAR = 0, SIGNAL_SET = 1, SIGNAL_SLEEPING = 2 /* clear, its waite
 typedef struct {
     PyObject_HEAD
     _Atomic uint32_t state;
+    _Atomic int spinner_cpu; /* the CPU its waiter spins on, -1 while it does not spin */
 } SignalObject;
 
 static double monotonic_seconds(void)
@@ -1649,14 +1651,18 @@ static int signal_wait_released(SignalObject *s, double timeout, double spin)
     double start = monotonic_seconds();
     if (spin > 0) {
         double until = start + (timeout >= 0 && timeout < spin ? timeout : spin);
+        atomic_store(&s->spinner_cpu, sched_getcpu());
         for (unsigned i = 1;; i++) {
             if (atomic_load_explicit(&s->state, memory_order_acquire) == SIGNAL_SET &&
-                atomic_exchange(&s->state, SIGNAL_CLEAR) == SIGNAL_SET)
+                atomic_exchange(&s->state, SIGNAL_CLEAR) == SIGNAL_SET) {
+                atomic_store(&s->spinner_cpu, -1);
                 return 1;
+            }
             CPU_RELAX();
             if ((i & 31) == 0 && monotonic_seconds() >= until)
                 break;
         }
+        atomic_store(&s->spinner_cpu, -1);
     }
     for (;;) {
         uint32_t expected = SIGNAL_CLEAR;
@@ -1730,6 +1736,12 @@ static PyObject *Signal_wait(SignalObject *self, PyObject *const *args, Py_ssize
     return signal_wait_common(self, NULL, timeout, spin);
 }
 
+static PyObject *Signal_spinning_elsewhere(SignalObject *self, PyObject *unused)
+{
+    int cpu = atomic_load(&self->spinner_cpu);
+    return PyBool_FromLong(cpu >= 0 && cpu != sched_getcpu());
+}
+
 static PyTypeObject SignalType;
 
 static PyObject *Signal_set_then_wait(SignalObject *self, PyObject *const *args,
@@ -1752,6 +1764,10 @@ static PyMethodDef Signal_methods[] = {
      "wait(timeout=-1.0, spin=0.0)\n--\n\nWait (the GIL released) until the flag is set, "
      "spinning up to spin seconds first; clear it. False at the timeout (< 0: none). One "
      "waiting thread at a time."},
+    {"spinning_elsewhere", (PyCFunction)Signal_spinning_elsewhere, METH_NOARGS,
+     "spinning_elsewhere()\n--\n\nTrue if this flag's waiter is spinning for it on another "
+     "CPU than the caller's: then it runs, and a wait for what it does next may spin too "
+     "(on the same CPU, the caller has preempted it)."},
     {"set_then_wait", (PyCFunction)(void (*)(void))Signal_set_then_wait, METH_FASTCALL,
      "set_then_wait(other, timeout=-1.0, spin=0.0)\n--\n\nRelease the GIL, then set this "
      "flag and other.wait(timeout, spin): the thread woken finds the GIL free."},
@@ -1765,8 +1781,10 @@ static PyObject *Signal_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         return NULL;
     }
     SignalObject *self = (SignalObject *)type->tp_alloc(type, 0);
-    if (self != NULL)
+    if (self != NULL) {
         atomic_init(&self->state, SIGNAL_CLEAR);
+        atomic_init(&self->spinner_cpu, -1);
+    }
     return (PyObject *)self;
 }
 

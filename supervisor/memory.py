@@ -46,10 +46,11 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
   a job to the thread took 0.5 ms on average under a flood). Niced, a flood's reads get
   the CPU the loop leaves over: the flooder is slowed, its neighbours are not;
-* with the compiled module, the reading thread and the loop's inline wait spin briefly
-  (the GIL released) before they sleep, when their last wait was short
-  (:data:`READER_SPIN`, :data:`INLINE_SPIN`): a sleep and wake-up of a thread costs more
-  than the read on virtual machines.
+* with the compiled module, the reading thread spins briefly (the GIL released) for its
+  next read before it sleeps, when its last wait was short (:data:`READER_SPIN`), and
+  the loop's inline wait spins for the read while that thread spins on another CPU
+  (:data:`INLINE_SPIN`): a thread's sleep and wake-up costs more than the read on
+  virtual machines.
 
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
@@ -125,7 +126,9 @@ READER_NICE: Final = 10
 #: per call (bench/README.md, "Session 10"). Spinning needs the compiled module.
 READER_SPIN: Final = 200e-6
 #: Seconds the event loop spins (the GIL released) in an inline wait before it sleeps,
-#: when the last inline wait's read came within that time.
+#: when the reading thread was spinning for the read on another CPU: it takes the read at
+#: once, and the read takes ~5-10 us. (Woken from its sleep, or spinning on the loop's own
+#: CPU, which the loop then holds, it could not run while the loop spins.)
 INLINE_SPIN: Final = 50e-6
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
 #: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
@@ -162,6 +165,10 @@ class _PySignal:
         """Set this flag, then wait for ``other``."""
         self.set()
         return other.wait(timeout, spin)
+
+    def spinning_elsewhere(self) -> bool:
+        """Whether its waiter spins on another CPU (this one never spins)."""
+        return False
 
 
 def signal_type() -> type[_PySignal]:
@@ -461,11 +468,15 @@ class _ReaderThread:
         threading.Thread(target=self._main, daemon=True,
                          name="seccomp-supervisor reader").start()
 
-    def kick(self) -> None:
-        """Called from the trio thread after queueing a job."""
+    def kick(self) -> bool:
+        """Called from the trio thread after queueing a job: True if the thread was
+        spinning for it on another CPU (so it takes the job at once)."""
         if self.idle:
             self.idle = False
+            hot = self.wake.spinning_elsewhere()
             self.wake.set()
+            return hot
+        return False
 
     def _main(self) -> None:
         _lower_thread_priority()
@@ -541,7 +552,7 @@ class ReadPool:
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
         self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
-        self._inline_spin = INLINE_SPIN  # see INLINE_SPIN, next_spin
+        self._reader_hot = False  # see INLINE_SPIN: the last job's kick found it spinning
         self._fd_lock = threading.Lock()  # the eventfd is closed only under it
         self.handoff = threading.Lock()  # who takes a read waited for synchronously
         self._efd = -1
@@ -596,6 +607,7 @@ class ReadPool:
             raise
         self.pending.append(job)
         active = self._active
+        self._reader_hot = False
         if active is None or active.retired:
             try:
                 self._active = _ReaderThread(self)
@@ -608,7 +620,7 @@ class ReadPool:
                 self.refused += 1
                 raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
         else:
-            active.kick()
+            self._reader_hot = active.kick()
 
     def submit(self, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
         """Start ``job`` (``job.deliver`` set) without a task: :meth:`run` for a caller
@@ -641,7 +653,7 @@ class ReadPool:
             return True
         started = perf_counter()
         try:
-            done = waiter.wait(wait, self._inline_spin)
+            done = waiter.wait(wait, INLINE_SPIN if self._reader_hot else 0.0)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if not self._stop_waiting(job):
                 job.deliver = None
@@ -649,9 +661,7 @@ class ReadPool:
             raise  # (else its thread reports it: delivered as any other)
         finally:
             # No checkpoint follows, whatever happens: the budget is not reset here.
-            waited = perf_counter() - started
-            self._inline_spent += waited
-            self._inline_spin = next_spin(waited, INLINE_SPIN)
+            self._inline_spent += perf_counter() - started
         if done or not self._stop_waiting(job):
             slot.release_on_behalf_of(job)
             return True
@@ -714,7 +724,7 @@ class ReadPool:
         self._queue(job)
         started = perf_counter()
         try:
-            done = waiter.wait(wait, self._inline_spin)
+            done = waiter.wait(wait, INLINE_SPIN if self._reader_hot else 0.0)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if self._stop_waiting(job):
                 job.task = None  # its thread reports it: the slot is given back then
@@ -722,9 +732,7 @@ class ReadPool:
                 job.slot.release_on_behalf_of(job)
             raise
         finally:
-            waited = perf_counter() - started
-            self._inline_spent += waited
-            self._inline_spin = next_spin(waited, INLINE_SPIN)
+            self._inline_spent += perf_counter() - started
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None

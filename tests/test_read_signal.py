@@ -4,6 +4,7 @@ never lose a wake-up, and the compiled one must not hold the GIL while it waits.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -137,8 +138,61 @@ def test_a_read_pool_takes_the_signal_of_the_hot_loop_chosen(
         assert memory.ReadPool().signal is _compiled()
 
 
-def test_spin_only_after_a_short_wait() -> None:
+def test_the_reading_thread_spins_only_after_a_short_wait() -> None:
     assert memory.next_spin(0.0, memory.READER_SPIN) == memory.READER_SPIN
     assert memory.next_spin(memory.READER_SPIN, memory.READER_SPIN) == memory.READER_SPIN
     assert memory.next_spin(memory.READER_SPIN * 1.01, memory.READER_SPIN) == 0.0
-    assert memory.next_spin(5.0, memory.INLINE_SPIN) == 0.0
+    assert memory.next_spin(5.0, memory.READER_SPIN) == 0.0
+
+
+def test_spinning_elsewhere_tells_where_the_waiter_spins() -> None:
+    """The loop spins for a read only while the reading thread spins on another CPU: on
+    the loop's own CPU the loop would hold the CPU the reader needs."""
+    compiled = _compiled()
+    assert memory._PySignal().spinning_elsewhere() is False
+    flag = compiled()
+    assert flag.spinning_elsewhere() is False  # nobody waits
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    spinner_cpu = cpus[0]
+    started = threading.Event()
+
+    def spinner() -> None:
+        os.sched_setaffinity(0, {spinner_cpu})  # (this thread only)
+        started.set()
+        flag.wait(10.0, 10.0)
+
+    thread = threading.Thread(target=spinner)
+    thread.start()
+    try:
+        started.wait(5)
+        seen: set[bool] = set()
+        deadline = time.monotonic() + 0.5
+        os.sched_setaffinity(0, {spinner_cpu})
+        while time.monotonic() < deadline and True not in seen:
+            seen.add(flag.spinning_elsewhere())
+            time.sleep(0.001)
+        assert True not in seen  # on its CPU: never "elsewhere"
+        if len(cpus) > 1:  # (with one CPU there is no elsewhere)
+            os.sched_setaffinity(0, {cpus[1]})
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not flag.spinning_elsewhere():
+                time.sleep(0.001)
+            assert flag.spinning_elsewhere() is True
+    finally:
+        os.sched_setaffinity(0, mine)
+        flag.set()
+        thread.join(5)
+    assert flag.spinning_elsewhere() is False  # done waiting
+
+
+def test_a_sleeping_waiter_is_not_spinning() -> None:
+    flag = _compiled()()
+    thread = threading.Thread(target=flag.wait, args=(10.0, 0.0))
+    thread.start()
+    try:
+        time.sleep(0.05)
+        assert flag.spinning_elsewhere() is False
+    finally:
+        flag.set()
+        thread.join(5)
