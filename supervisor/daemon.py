@@ -40,7 +40,7 @@ from typing import IO, Any, cast
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from . import __version__, accel, bpf, emulate, systemd
+from . import __version__, accel, bpf, emulate, memory, systemd
 from ._start import in_use
 from .audit import Recorder
 from .config import Config, ListenConfig
@@ -286,9 +286,10 @@ class Daemon:
                     await nursery.start(self._serve_control, config.listen.control_socket)
                     if notifier.watchdog_interval is not None:
                         nursery.start_soon(self._watchdog, notifier.watchdog_interval)
-                    log.info("serving on %s with policies %s; hot loop: %s",
-                             self.notify_socket, ", ".join(self.state.policies) or "(none)",
-                             accel.WHY)
+                    log.info("serving on %s with policies %s; hot loop: %s; memory reads' "
+                             "hand-over %s", self.notify_socket,
+                             ", ".join(self.state.policies) or "(none)", accel.WHY,
+                             memory.spinning())
                     # Only now: the notify socket listens, so runtimes may connect.
                     notifier.ready(self._status_text())
                     task_status.started()

@@ -125,6 +125,9 @@ READER_NICE: Final = 10
 #: spinning over those gaps kept both off the hot path: K=1 p50 205 -> 66 us at less CPU
 #: per call (bench/README.md, "Session 10"). Spinning needs the compiled module.
 READER_SPIN: Final = 200e-6
+#: The environment variable that stops the spinning (READER_SPIN, INLINE_SPIN), for a
+#: daemon under a CPU quota, where the spin would count against the loop's share.
+NO_SPIN_ENV: Final = "SECCOMP_SUPERVISOR_NO_SPIN"
 #: Seconds the event loop spins (the GIL released) in an inline wait before it sleeps,
 #: when the reading thread was spinning for the read on another CPU: it takes the read at
 #: once, and the read takes ~5-10 us. (Woken from its sleep, or spinning on the loop's own
@@ -176,6 +179,15 @@ def signal_type() -> type[_PySignal]:
     which spins before it sleeps, or with the pure-Python hot loop its twin."""
     hotloop = accel.HOTLOOP
     return _PySignal if hotloop is None else hotloop.Signal
+
+
+def spinning() -> str:
+    """How the hand-over of reads waits, for the start log: whether it spins."""
+    if accel.HOTLOOP is None:
+        return "sleeps (pure Python)"
+    if os.environ.get(NO_SPIN_ENV, "") not in ("", "0"):
+        return f"sleeps ({NO_SPIN_ENV} is set)"
+    return "spins before it sleeps"
 
 
 def next_spin(last_wait: float, spin: float) -> float:
@@ -485,6 +497,7 @@ class _ReaderThread:
         handoff = self.pool.handoff
         capture = outcome.capture
         wake = self.wake
+        reader_spin = self.pool.reader_spin
         spin = 0.0  # see READER_SPIN
         while True:
             while not self.retired:
@@ -508,7 +521,7 @@ class _ReaderThread:
                         self.idle = True
                         parked = perf_counter()
                         waiter.set_then_wait(wake, -1.0, spin)
-                        spin = next_spin(perf_counter() - parked, READER_SPIN)
+                        spin = next_spin(perf_counter() - parked, reader_spin)
                         continue
                 report(job)
             if self.retired:
@@ -519,7 +532,7 @@ class _ReaderThread:
                 continue
             parked = perf_counter()
             wake.wait(-1.0, spin)
-            spin = next_spin(perf_counter() - parked, READER_SPIN)
+            spin = next_spin(perf_counter() - parked, reader_spin)
 
 
 class ReadPool:
@@ -552,6 +565,9 @@ class ReadPool:
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
         self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
+        spins = spinning().startswith("spins")
+        self.reader_spin = READER_SPIN if spins else 0.0
+        self.inline_spin = INLINE_SPIN if spins else 0.0
         self._reader_hot = False  # see INLINE_SPIN: the last job's kick found it spinning
         self._fd_lock = threading.Lock()  # the eventfd is closed only under it
         self.handoff = threading.Lock()  # who takes a read waited for synchronously
@@ -653,7 +669,7 @@ class ReadPool:
             return True
         started = perf_counter()
         try:
-            done = waiter.wait(wait, INLINE_SPIN if self._reader_hot else 0.0)
+            done = waiter.wait(wait, self.inline_spin if self._reader_hot else 0.0)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if not self._stop_waiting(job):
                 job.deliver = None
@@ -724,7 +740,7 @@ class ReadPool:
         self._queue(job)
         started = perf_counter()
         try:
-            done = waiter.wait(wait, INLINE_SPIN if self._reader_hot else 0.0)
+            done = waiter.wait(wait, self.inline_spin if self._reader_hot else 0.0)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if self._stop_waiting(job):
                 job.task = None  # its thread reports it: the slot is given back then

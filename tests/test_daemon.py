@@ -9,6 +9,8 @@ from pathlib import Path
 
 import trio
 
+from supervisor import accel, memory
+
 from .daemon_harness import CLI, running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +125,8 @@ def test_serve_as_a_process_stops_on_sigterm(tmp_path: Path) -> None:
         for line in proc.stderr:
             if "serving on" in line:
                 break
+        # What serves: the hot loop and how memory reads are handed over (docs/performance.md).
+        assert f"hot loop: {accel.WHY}; memory reads' hand-over {memory.spinning()}" in line
         assert sock.exists() and (sock.stat().st_mode & 0o777) == 0o600
         assert (sock.parent.stat().st_mode & 0o777) == 0o700
         proc.send_signal(signal.SIGTERM)

@@ -5,6 +5,8 @@ never lose a wake-up, and the compiled one must not hold the GIL while it waits.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -196,3 +198,28 @@ def test_a_sleeping_waiter_is_not_spinning() -> None:
     finally:
         flag.set()
         thread.join(5)
+
+
+_SPIN_PROBE = ("import supervisor.memory as m; p = m.ReadPool(); "
+               "print(m.spinning()); print(p.reader_spin, p.inline_spin)")
+
+
+def _spin_probe(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in (memory.NO_SPIN_ENV, accel.NO_EXTENSIONS_ENV)}
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env={**clean, **env},
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.splitlines()
+
+
+def test_the_spin_is_on_by_default_and_can_be_switched_off() -> None:
+    """Under a CPU quota the spin would count against the daemon's share: the operator
+    can switch it off alone, and it is off with the pure-Python loop (which cannot
+    spin without the GIL)."""
+    spins = f"{memory.READER_SPIN} {memory.INLINE_SPIN}"
+    assert _spin_probe() == ["spins before it sleeps", spins]
+    assert _spin_probe(**{memory.NO_SPIN_ENV: "0"}) == ["spins before it sleeps", spins]
+    assert _spin_probe(**{memory.NO_SPIN_ENV: "1"}) == [
+        f"sleeps ({memory.NO_SPIN_ENV} is set)", "0.0 0.0"]
+    assert _spin_probe(**{accel.NO_EXTENSIONS_ENV: "1"}) == [
+        "sleeps (pure Python)", "0.0 0.0"]
