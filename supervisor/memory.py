@@ -181,13 +181,19 @@ def signal_type() -> type[_PySignal]:
     return _PySignal if hotloop is None else hotloop.Signal
 
 
-def spinning() -> str:
-    """How the hand-over of reads waits, for the start log: whether it spins."""
+def why_no_spin() -> str | None:
+    """Why the hand-over of reads does not spin (None: it spins)."""
     if accel.HOTLOOP is None:
-        return "sleeps (pure Python)"
+        return "pure Python"
     if os.environ.get(NO_SPIN_ENV, "") not in ("", "0"):
-        return f"sleeps ({NO_SPIN_ENV} is set)"
-    return "spins before it sleeps"
+        return f"{NO_SPIN_ENV} is set"
+    return None
+
+
+def spinning() -> str:
+    """How the hand-over of reads waits, for the start log."""
+    why = why_no_spin()
+    return "spins before it sleeps" if why is None else f"sleeps ({why})"
 
 
 def next_spin(last_wait: float, spin: float) -> float:
@@ -565,7 +571,7 @@ class ReadPool:
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
         self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
-        spins = spinning().startswith("spins")
+        spins = why_no_spin() is None
         self.reader_spin = READER_SPIN if spins else 0.0
         self.inline_spin = INLINE_SPIN if spins else 0.0
         self._reader_hot = False  # see INLINE_SPIN: the last job's kick found it spinning
