@@ -171,31 +171,17 @@ async def test_a_suspended_decision_is_answered_at_the_deadline(
 
 @pytest.mark.usefixtures("hot_loop", "answers")
 @pytest.mark.parametrize("how", HOW)
-async def test_a_parked_decision_is_answered_at_the_deadline(how: str) -> None:
-    """One slot: the second call is parked, started once the first call's (obeying)
-    handler is cancelled at its deadline, and its own handler blocks."""
-    blocker = Blocker(how)
-    settings = SessionSettings(deadline=DEADLINE, on_error=deny(errno.EAGAIN),
-                               max_inflight=1)
-    async with serve_target(late_allow_policy(blocker, obeys_first=True), ["getppid"],
-                            "in-flight", "0.1", "getppid", "getppid",
-                            settings=settings) as served:
-        with trio.fail_after(WAIT):
-            out = await served.target.result()
-        await check_answered_at_the_deadline(served, blocker, 2, out["results"])
-
-
-@pytest.mark.usefixtures("hot_loop", "answers")
-@pytest.mark.parametrize("how", HOW)
-async def test_a_parked_call_whose_slot_never_frees_is_answered_at_its_deadline(
-        how: str) -> None:
-    """One slot, held by a handler that blocks past its deadline: the parked call never
+@pytest.mark.parametrize("slot_frees", [True, False], ids=["slot-frees", "slot-held"])
+async def test_a_parked_call_is_answered_at_its_deadline(how: str, slot_frees: bool) -> None:
+    """One slot, so the second call is parked. slot-frees: the first call's handler
+    obeys its cancellation at its deadline, the parked call starts and its own handler
+    blocks. slot-held: the first handler blocks past its deadline, the parked call never
     gets a slot, and is answered at its own deadline all the same."""
     blocker = Blocker(how)
     settings = SessionSettings(deadline=DEADLINE, on_error=deny(errno.EAGAIN),
                                max_inflight=1)
-    async with serve_target(late_allow_policy(blocker), ["getppid"],
-                            "in-flight", "0.1", "getppid", "getppid",
+    async with serve_target(late_allow_policy(blocker, obeys_first=slot_frees),
+                            ["getppid"], "in-flight", "0.1", "getppid", "getppid",
                             settings=settings) as served:
         with trio.fail_after(WAIT):
             out = await served.target.result()
