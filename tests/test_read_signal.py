@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import trio
 
 from supervisor import accel, memory
 
@@ -224,3 +225,33 @@ def test_the_spin_is_on_by_default_and_can_be_switched_off() -> None:
         f"sleeps ({memory.NO_SPIN_ENV} is set)", "0.0 0.0"]
     assert _spin_probe(**{accel.NO_EXTENSIONS_ENV: "1"}) == [
         "sleeps (pure Python)", "0.0 0.0"]
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def test_a_burst_of_reads_leaves_no_thread_spinning() -> None:
+    """A container controls when its calls come, so it controls when the reading thread
+    spins; but the spin ends READER_SPIN after its last read, whatever came before: a
+    burst of back-to-back reads (each read's gap short, so the thread spins between
+    them), then silence, costs no CPU in the silence."""
+    assert accel.HOTLOOP is not None, accel.WHY
+
+    async def main() -> float:
+        pool = memory.ReadPool()
+        assert pool.reader_spin == memory.READER_SPIN
+        slot = trio.CapacityLimiter(1)
+        for _ in range(500):
+            assert await pool.run(lambda: b"x", slot, 0.005, 0) == b"x"
+        readers = [t for t in threading.enumerate() if t.name == "seccomp-supervisor reader"]
+        assert readers and readers[-1].native_id is not None
+        native_id = readers[-1].native_id
+        await trio.sleep(0.01)  # its last spin ends
+        before = _thread_cpu_seconds(native_id)
+        await trio.sleep(0.3)
+        return _thread_cpu_seconds(native_id) - before
+
+    idle_cpu = trio.run(main)
+    assert idle_cpu < 0.02, f"the reading thread used {idle_cpu * 1000:.1f} ms while idle"
