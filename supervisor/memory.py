@@ -143,6 +143,7 @@ INLINE_SPIN: Final = 50e-6
 #: behind it fail at once with EAGAIN (their call is denied EAGAIN) instead.
 MAX_STUCK_READS: Final = 64
 
+
 class _PySignal:
     """The pure-Python twin of ``supervisor._hotloop.Signal``: a flag one thread waits
     for, set by any thread (two sets before a wait count once). It does not spin."""
