@@ -41,6 +41,11 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   memory served by a process outside the container outlives its session, so sessions do
   not bound them. Past that (or when no thread can be started), the reads waiting behind
   a slow one fail at once with EAGAIN instead of a new thread starting;
+* the reading thread takes up to :data:`BATCH_READS` queued reads of declared paths at a
+  time and, with the compiled module, reads them in one call that lets go of the GIL
+  once: one by one, every read needed the GIL back while the loop held it. A batch that
+  turns slow is stopped: the reads it did are delivered, those it did not begin go back
+  to the head of the queue, and only the read it is in stays with its thread;
 * reading threads run :data:`READER_NICE` nice levels below the event loop. Waking one
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
@@ -134,11 +139,12 @@ NO_SPIN_ENV: Final = "SECCOMP_SUPERVISOR_NO_SPIN"
 #: CPU, which the loop then holds, it could not run while the loop spins.)
 INLINE_SPIN: Final = 50e-6
 #: Queued reads of declared paths the reading thread takes in one batch at most: it reads
-#: them in one call that lets go of the GIL once (:class:`_PyReadBatch`), where reading
+#: them in one call that lets go of the GIL once (``_hotloop.ReadBatch``), where reading
 #: them one by one needed the GIL back after every read while the event loop held it. At
-#: 100 busy targets the thread found 30-60 waiting: guarded calls/s 1.9-2.1x, daemon CPU
-#: per call 118 -> 59 us (bench/README.md, "Session 11"). A batch is one read to the
-#: watch for slow reads (:data:`SLOW_READ`): a batch of these takes well under 1 ms.
+#: 100 busy targets a batch held 12-14 reads on average (half the reads were in batches
+#: of 17-23 or more); guarded calls/s 1.3-1.6x, daemon CPU per call -25 to -40%
+#: (bench/README.md, "Session 11"). To the watch for slow reads (:data:`SLOW_READ`) a
+#: batch is one read: 64 reads of a page take well under 1 ms.
 BATCH_READS: Final = 64
 #: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
 BATCH_LIMIT: Final = 1 << 20
