@@ -12,16 +12,20 @@
  * - Signal            is the flag between the event loop and the reading thread of
  *                     supervisor/memory.py (its twin: memory._PySignal); it releases the
  *                     GIL while it waits.
+ * - ReadBatch         is what that reading thread reads in one go, without the GIL (its
+ *                     twin: memory._PyReadBatch).
  *
  * Python keeps every object and all state: this code reads and writes the same
  * attributes the Python code does, so status, metrics, audit and journals cannot tell
  * which loop ran. Only the trio thread calls in here (the GIL is released around RECV
- * only, as fcntl.ioctl does, so the RECV watchdog thread can run), but for Signal. */
+ * only, as fcntl.ioctl does, so the RECV watchdog thread can run), but for Signal and
+ * ReadBatch. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <linux/seccomp.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,7 +34,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 7
+#define HOTLOOP_API_VERSION 8
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -1798,6 +1802,324 @@ static PyTypeObject SignalType = {
     .tp_methods = Signal_methods,
 };
 
+/* ------------------------------------------------------------------ ReadBatch
+ *
+ * The reading thread of supervisor/memory.py reads the paths of a run of queued jobs
+ * (ReadPool: read_cstrings_soon's jobs, through process_vm_readv) in one call that lets
+ * go of the GIL once. Read one job at a time in Python, it needed the GIL back after
+ * every process_vm_readv, while the event loop held it: at 100 busy targets every read
+ * cost a hand-over of the GIL each way, a thread's sleep and wake-up (bench/README.md,
+ * "Session 11"). Its twin, memory._PyReadBatch, is the reference.
+ *
+ * A job's read can block for ever (a userfaultfd page nobody serves, a FUSE mapping), so
+ * the thread claims the jobs one at a time, and the event loop can stop() a batch whose
+ * run lasts too long: the jobs not claimed yet go back to the queue, those read already
+ * are take()n and delivered by the loop, and the one being read stays with its thread.
+ * Each job's state moves UNCLAIMED -> READING -> DONE (the thread, no GIL) -> TAKEN
+ * (take(), by whichever thread asks first: exactly once, as take() holds the GIL), or
+ * UNCLAIMED -> STOPPED (stop()). The thread claims jobs in order, so the claimed ones
+ * are always the first. */
+#include <sys/uio.h>
+
+enum { JOB_UNCLAIMED, JOB_READING, JOB_DONE, JOB_TAKEN, JOB_STOPPED };
+/* A string's status: 0 read (data, length), or EFAULT (unmapped memory, or a NULL
+ * address), or ENAMETOOLONG (no NUL within the job's limit). */
+struct batch_string {
+    unsigned long long address;
+    int status;
+    size_t length;
+    char *data; /* malloc'ed; NULL until read, and once taken */
+};
+struct batch_job {
+    pid_t tid;
+    size_t limit;
+    Py_ssize_t first, count; /* its strings */
+    int error;               /* an errno other than EFAULT from process_vm_readv: the job
+                              * failed as a whole (ESRCH, EPERM), as _Reader.read raises */
+    _Atomic int state;
+};
+/* What a job's limit may be: the session reads PATH_MAX (4,096) bytes at most. */
+#define BATCH_MAX_LIMIT (1 << 20)
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n, n_strings;
+    struct batch_job *jobs;
+    struct batch_string *strings;
+    char *scratch;
+    size_t scratch_size;
+    _Atomic int ran; /* run() was called */
+} ReadBatchObject;
+
+static PyTypeObject ReadBatchType;
+
+static void ReadBatch_dealloc(ReadBatchObject *self)
+{
+    for (Py_ssize_t i = 0; self->strings != NULL && i < self->n_strings; i++)
+        free(self->strings[i].data);
+    PyMem_Free(self->strings);
+    PyMem_Free(self->jobs);
+    PyMem_Free(self->scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *ReadBatch_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *requests;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "ReadBatch() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!:ReadBatch", &PyList_Type, &requests))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(requests), n_strings = 0;
+    size_t largest = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *req = PyList_GET_ITEM(requests, i);
+        if (!PyTuple_CheckExact(req) || PyTuple_GET_SIZE(req) != 3 ||
+            !PyTuple_CheckExact(PyTuple_GET_ITEM(req, 1))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "a request is (tid, tuple of addresses, limit)");
+            return NULL;
+        }
+        n_strings += PyTuple_GET_SIZE(PyTuple_GET_ITEM(req, 1));
+    }
+    ReadBatchObject *self = (ReadBatchObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->n = n;
+    self->n_strings = n_strings;
+    atomic_store(&self->ran, 0);
+    self->jobs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct batch_job));
+    self->strings = PyMem_Calloc(n_strings ? (size_t)n_strings : 1,
+                                 sizeof(struct batch_string));
+    if (self->jobs == NULL || self->strings == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *req = PyList_GET_ITEM(requests, i);
+        PyObject *addresses = PyTuple_GET_ITEM(req, 1);
+        struct batch_job *job = &self->jobs[i];
+        long tid = PyLong_AsLong(PyTuple_GET_ITEM(req, 0));
+        if (tid == -1 && PyErr_Occurred())
+            goto fail;
+        size_t limit = PyLong_AsSize_t(PyTuple_GET_ITEM(req, 2));
+        if (limit == (size_t)-1 && PyErr_Occurred())
+            goto fail;
+        if (tid <= 0 || tid > INT_MAX || limit == 0 || limit > BATCH_MAX_LIMIT) {
+            PyErr_Format(PyExc_ValueError, "ReadBatch: tid %ld or limit %zu out of range",
+                         tid, limit);
+            goto fail;
+        }
+        job->tid = (pid_t)tid;
+        job->limit = limit;
+        if (limit > largest)
+            largest = limit;
+        job->first = k;
+        job->count = PyTuple_GET_SIZE(addresses);
+        atomic_store(&job->state, JOB_UNCLAIMED);
+        for (Py_ssize_t j = 0; j < job->count; j++, k++) {
+            self->strings[k].address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addresses, j));
+            if (self->strings[k].address == (unsigned long long)-1 && PyErr_Occurred())
+                goto fail;
+        }
+    }
+    self->scratch_size = largest;
+    if ((self->scratch = PyMem_Malloc(largest)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    return (PyObject *)self;
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+/* One NUL-terminated string of `job`'s, without the GIL: as _Reader.read_cstring reads
+ * it, page by page. 0, or an errno that fails the whole job. */
+static int batch_read_string(ReadBatchObject *self, struct batch_job *job,
+                             struct batch_string *string)
+{
+    const size_t page = 4096; /* a page or less per read: an unmapped page must not hide
+                               * the readable ones before it (as memory.PAGE_SIZE) */
+    unsigned long long address = string->address;
+    if (address == 0) {
+        string->status = EFAULT;
+        return 0;
+    }
+    char *buf = self->scratch;
+    size_t length = 0;
+    string->status = ENAMETOOLONG;
+    while (length < job->limit) {
+        unsigned long long at = address + length;
+        if (at < address) { /* past the top of the address space */
+            string->status = EFAULT;
+            break;
+        }
+        size_t chunk = job->limit - length, to_page = page - (size_t)(at % page);
+        if (chunk > to_page)
+            chunk = to_page;
+        struct iovec local = {buf + length, chunk};
+        struct iovec remote = {(void *)(uintptr_t)at, chunk};
+        ssize_t got = process_vm_readv(job->tid, &local, 1, &remote, 1, 0);
+        if (got < 0) {
+            if (errno != EFAULT)
+                return errno;
+            got = 0;
+        }
+        char *nul = memchr(buf + length, 0, (size_t)got);
+        if (nul != NULL) {
+            length = (size_t)(nul - buf);
+            string->status = 0;
+            break;
+        }
+        length += (size_t)got;
+        if ((size_t)got < chunk) {
+            string->status = EFAULT;
+            break;
+        }
+    }
+    if (string->status == 0) {
+        if ((string->data = malloc(length ? length : 1)) == NULL)
+            return ENOMEM;
+        memcpy(string->data, buf, length);
+        string->length = length;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(ReadBatch_run_doc,
+"run() -> int\n--\n\n"
+"Read the jobs in order, the GIL released, until all are read or stop() was called;\n"
+"the number of jobs claimed (0 .. that number - 1: take() them). Once per batch.");
+
+static PyObject *ReadBatch_run(ReadBatchObject *self, PyObject *unused)
+{
+    if (atomic_exchange(&self->ran, 1)) {
+        PyErr_SetString(PyExc_RuntimeError, "a ReadBatch runs once");
+        return NULL;
+    }
+    Py_ssize_t claimed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        struct batch_job *job = &self->jobs[i];
+        int expected = JOB_UNCLAIMED;
+        if (!atomic_compare_exchange_strong(&job->state, &expected, JOB_READING))
+            break; /* stopped */
+        claimed = i + 1;
+        for (Py_ssize_t j = 0; j < job->count && job->error == 0; j++)
+            job->error = batch_read_string(self, job, &self->strings[job->first + j]);
+        atomic_store_explicit(&job->state, JOB_DONE, memory_order_release);
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSsize_t(claimed);
+}
+
+PyDoc_STRVAR(ReadBatch_stop_doc,
+"stop() -> int\n--\n\n"
+"No more jobs are claimed; the number claimed already (the others were never read).");
+
+static PyObject *ReadBatch_stop(ReadBatchObject *self, PyObject *unused)
+{
+    Py_ssize_t claimed = self->n;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        int expected = JOB_UNCLAIMED;
+        if (atomic_compare_exchange_strong(&self->jobs[i].state, &expected, JOB_STOPPED) ||
+            expected == JOB_STOPPED) {
+            if (claimed == self->n)
+                claimed = i; /* the first one not claimed: none after it is either */
+        }
+    }
+    return PyLong_FromSsize_t(claimed);
+}
+
+PyDoc_STRVAR(ReadBatch_take_doc,
+"take(i) -> list | int | None\n--\n\n"
+"Job i's result, once: None if it is not read yet, or was taken. A negative errno if\n"
+"the job failed as a whole; else per address the bytes, or EFAULT / ENAMETOOLONG.");
+
+static PyObject *ReadBatch_take(ReadBatchObject *self, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "ReadBatch.take: no such job");
+        return NULL;
+    }
+    struct batch_job *job = &self->jobs[i];
+    int expected = JOB_DONE;
+    if (!atomic_compare_exchange_strong(&job->state, &expected, JOB_TAKEN))
+        Py_RETURN_NONE;
+    if (job->error != 0)
+        return PyLong_FromLong(-job->error);
+    PyObject *result = PyList_New(job->count);
+    if (result == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0; j < job->count; j++) {
+        struct batch_string *string = &self->strings[job->first + j];
+        PyObject *value = string->status == 0
+            ? PyBytes_FromStringAndSize(string->data, (Py_ssize_t)string->length)
+            : PyLong_FromLong(string->status);
+        free(string->data);
+        string->data = NULL;
+        if (value == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyList_SET_ITEM(result, j, value);
+    }
+    return result;
+}
+
+PyDoc_STRVAR(ReadBatch_busy_doc,
+"busy(i) -> bool\n--\n\n"
+"Whether job i is being read.");
+
+static PyObject *ReadBatch_busy(ReadBatchObject *self, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "ReadBatch.busy: no such job");
+        return NULL;
+    }
+    return PyBool_FromLong(atomic_load(&self->jobs[i].state) == JOB_READING);
+}
+
+static Py_ssize_t ReadBatch_len(ReadBatchObject *self)
+{
+    return self->n;
+}
+
+static PyMethodDef ReadBatch_methods[] = {
+    {"run", (PyCFunction)ReadBatch_run, METH_NOARGS, ReadBatch_run_doc},
+    {"stop", (PyCFunction)ReadBatch_stop, METH_NOARGS, ReadBatch_stop_doc},
+    {"take", (PyCFunction)ReadBatch_take, METH_O, ReadBatch_take_doc},
+    {"busy", (PyCFunction)ReadBatch_busy, METH_O, ReadBatch_busy_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods ReadBatch_as_sequence = {
+    .sq_length = (lenfunc)ReadBatch_len,
+};
+
+static PyTypeObject ReadBatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "supervisor._hotloop.ReadBatch",
+    .tp_basicsize = sizeof(ReadBatchObject),
+    .tp_dealloc = (destructor)ReadBatch_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "ReadBatch(requests): paths of queued reads, read in one run without the GIL.\n"
+              "requests: a list of (tid, tuple of addresses, limit).",
+    .tp_new = ReadBatch_new,
+    .tp_methods = ReadBatch_methods,
+    .tp_as_sequence = &ReadBatch_as_sequence,
+};
+
 static PyMethodDef hotloop_methods[] = {
     {"poll_round", (PyCFunction)(void (*)(void))poll_round, METH_FASTCALL, poll_round_doc},
     {"recv_calls", recv_calls, METH_NOARGS, recv_calls_doc},
@@ -1846,6 +2168,8 @@ PyMODINIT_FUNC PyInit__hotloop(void)
      * stale build (an editable install keeps an old .so until it is rebuilt). */
     if (PyType_Ready(&SignalType) < 0 ||
         PyModule_AddObjectRef(m, "Signal", (PyObject *)&SignalType) < 0 ||
+        PyType_Ready(&ReadBatchType) < 0 ||
+        PyModule_AddObjectRef(m, "ReadBatch", (PyObject *)&ReadBatchType) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", HOTLOOP_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -41,6 +41,11 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   memory served by a process outside the container outlives its session, so sessions do
   not bound them. Past that (or when no thread can be started), the reads waiting behind
   a slow one fail at once with EAGAIN instead of a new thread starting;
+* the reading thread takes up to :data:`BATCH_READS` queued reads of declared paths at a
+  time and, with the compiled module, reads them in one call that lets go of the GIL
+  once: one by one, every read needed the GIL back while the loop held it. A batch that
+  turns slow is stopped: the reads it did are delivered, those it did not begin go back
+  to the head of the queue, and only the read it is in stays with its thread;
 * reading threads run :data:`READER_NICE` nice levels below the event loop. Waking one
   otherwise let the kernel preempt the loop's thread for it on the same CPU, and the
   loop then waited behind whatever else was runnable (measured: the loop's hand-over of
@@ -133,6 +138,16 @@ NO_SPIN_ENV: Final = "SECCOMP_SUPERVISOR_NO_SPIN"
 #: once, and the read takes ~5-10 us. (Woken from its sleep, or spinning on the loop's own
 #: CPU, which the loop then holds, it could not run while the loop spins.)
 INLINE_SPIN: Final = 50e-6
+#: Queued reads of declared paths the reading thread takes in one batch at most: it reads
+#: them in one call that lets go of the GIL once (``_hotloop.ReadBatch``), where reading
+#: them one by one needed the GIL back after every read while the event loop held it. At
+#: 100 busy targets a batch held 12-14 reads on average (half the reads were in batches
+#: of 17-23 or more); guarded calls/s 1.3-1.6x, daemon CPU per call -25 to -40%
+#: (bench/README.md, "Session 11"). To the watch for slow reads (:data:`SLOW_READ`) a
+#: batch is one read: 64 reads of a page take well under 1 ms.
+BATCH_READS: Final = 64
+#: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
+BATCH_LIMIT: Final = 1 << 20
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
 #: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
 #: outlives the container (its creator's, a sidecar's) keeps the thread in a killable
@@ -201,6 +216,127 @@ def next_spin(last_wait: float, spin: float) -> float:
     """How long to spin in the next wait: ``spin`` if the last wait took at most that
     long (the next one is likely as short), else 0 (sleep at once)."""
     return spin if last_wait <= spin else 0.0
+
+
+#: The states of a job in a read batch (as _hotloop.c's ReadBatch).
+_UNCLAIMED, _READING, _DONE, _TAKEN, _STOPPED = range(5)
+
+
+class _PyReadBatch:
+    """The pure-Python twin of ``supervisor._hotloop.ReadBatch``: the NUL-terminated
+    strings of queued jobs, each ``(tid, addresses, limit)``, read by one thread in
+    :meth:`run`, as :meth:`_Reader.read_cstring` reads them (process_vm_readv). The event
+    loop may :meth:`stop` a run that lasts: jobs not claimed yet are then never read. A
+    job's result is handed out once, by :meth:`take`, to whichever thread asks first
+    once it is read: a list with per address the bytes, or EFAULT (unmapped, NULL) or
+    ENAMETOOLONG; or a negative errno when the job failed as a whole (the thread died:
+    ESRCH, or the read was refused: EPERM). The compiled one reads without the GIL."""
+
+    __slots__ = ("_lock", "_ran", "_requests", "_results", "_states")
+
+    def __init__(self, requests: list[tuple[int, tuple[int, ...], int]]) -> None:
+        for tid, addresses, limit in requests:
+            if not 0 < tid <= 2**31 - 1 or not 0 < limit <= BATCH_LIMIT:
+                raise ValueError(f"ReadBatch: tid {tid} or limit {limit} out of range")
+            if addresses.__class__ is not tuple:
+                raise TypeError("a request is (tid, tuple of addresses, limit)")
+        self._requests = requests
+        self._lock = threading.Lock()
+        self._ran = False
+        self._states = [_UNCLAIMED] * len(requests)
+        self._results: list[list[bytes | int] | int | None] = [None] * len(requests)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def run(self) -> int:
+        """Read the jobs in order until all are read or :meth:`stop` was called; the
+        number claimed (take jobs 0 to that number - 1). Once per batch."""
+        with self._lock:
+            if self._ran:
+                raise RuntimeError("a ReadBatch runs once")
+            self._ran = True
+        claimed = 0
+        for i, request in enumerate(self._requests):
+            with self._lock:
+                if self._states[i] != _UNCLAIMED:  # stopped
+                    break
+                self._states[i] = _READING
+            claimed = i + 1
+            self._results[i] = self._read(*request)
+            with self._lock:
+                self._states[i] = _DONE
+        return claimed
+
+    @staticmethod
+    def _read(tid: int, addresses: tuple[int, ...], limit: int) -> list[bytes | int] | int:
+        reader = _Reader(tid, -1)
+        got: list[bytes | int] = []
+        for address in addresses:
+            if address == 0:
+                got.append(errno.EFAULT)
+                continue
+            try:
+                got.append(reader.read_cstring(address, limit))
+            except TargetMemoryError as exc:
+                got.append(exc.errno)
+            except OSError as exc:
+                return -(exc.errno or errno.EIO)
+        return got
+
+    def stop(self) -> int:
+        """No more jobs are claimed: the number claimed already."""
+        with self._lock:
+            states = self._states
+            claimed = next((i for i, state in enumerate(states)
+                            if state in (_UNCLAIMED, _STOPPED)), len(states))
+            for i in range(claimed, len(states)):
+                states[i] = _STOPPED
+            return claimed
+
+    def busy(self, i: int) -> bool:
+        """Whether job ``i`` is being read."""
+        with self._lock:
+            return self._states[i] == _READING
+
+    def take(self, i: int) -> list[bytes | int] | int | None:
+        """Job ``i``'s result, once; None if it is not read yet or was taken."""
+        with self._lock:
+            if self._states[i] != _DONE:
+                return None
+            self._states[i] = _TAKEN
+            result, self._results[i] = self._results[i], None
+            return result
+
+
+def batch_type() -> type[_PyReadBatch]:
+    """What the reading thread reads declared paths with: the compiled ``ReadBatch``
+    (no GIL while it reads), or with the pure-Python hot loop its twin."""
+    hotloop = accel.HOTLOOP
+    return _PyReadBatch if hotloop is None else hotloop.ReadBatch
+
+
+def batch_outcome(request: tuple[int, tuple[int, ...], int],
+                  result: list[bytes | int] | int) -> outcome.Outcome[Any]:
+    """A batch's ``result`` for ``request`` as :meth:`TargetMemory.read_cstrings_soon`'s
+    job would have returned it: per address the bytes or the TargetMemoryError
+    :meth:`_Reader.read_cstring` raises; an OSError for the whole job."""
+    if isinstance(result, int):
+        return outcome.Error(OSError(-result, os.strerror(-result)))
+    _tid, addresses, limit = request
+    got: list[bytes | Exception] = []
+    for address, value in zip(addresses, result, strict=True):
+        if value.__class__ is bytes:
+            got.append(value)
+        elif address == 0:
+            got.append(TargetMemoryError(errno.EFAULT, "NULL pointer"))
+        elif value == errno.EFAULT:
+            got.append(TargetMemoryError(
+                errno.EFAULT, f"string at {address:#x} runs into unmapped memory"))
+        else:
+            got.append(TargetMemoryError(
+                errno.ENAMETOOLONG, f"string at {address:#x} has no NUL in {limit} bytes"))
+    return outcome.Value(got)
 
 
 # The daemon's own nice value, read when this module is imported (in the main thread).
@@ -431,14 +567,17 @@ class _Job:
     instead when the job is dropped before a thread took it: what ``work`` would have
     released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("deliver", "discard", "outcome", "slot", "stuck", "task", "waiter",
-                 "work")
+    __slots__ = ("deliver", "discard", "outcome", "request", "slot", "stuck", "task",
+                 "waiter", "work")
 
     def __init__(self, work: Callable[[], Any], slot: _Slot,
                  discard: Callable[[], None] | None,
                  deliver: Callable[[outcome.Outcome[Any]], Suspended | None] | None = None
                  ) -> None:
         self.work = work
+        # (tid, addresses, limit) when ``work`` reads those strings through
+        # process_vm_readv: the reading thread may read it in a batch instead.
+        self.request: tuple[int, tuple[int, ...], int] | None = None
         self.slot = slot
         self.discard = discard
         self.stuck = False  # its thread was retired: counted in ReadPool.stuck
@@ -474,7 +613,8 @@ class _ReaderThread:
     read turned slow, or the pool closed). ``current``/``started`` tell the pool what it
     is reading since when (``time.perf_counter``)."""
 
-    __slots__ = ("current", "idle", "pool", "retired", "started", "wake")
+    __slots__ = ("batch", "batch_jobs", "current", "holding", "idle", "pool", "retired",
+                 "started", "wake")
     # (wake: the Signal it sleeps on when the queue is empty, set by kick)
 
     def __init__(self, pool: ReadPool) -> None:
@@ -484,6 +624,12 @@ class _ReaderThread:
         self.retired = False
         self.current: _Job | None = None
         self.started = 0.0
+        # While it reads a batch (see BATCH_READS): the batch and its jobs; ``holding``
+        # is set before it takes more than one job off the queue, so that the pool's
+        # watch sees reads wait (in the queue or in the batch) at every moment.
+        self.batch: _PyReadBatch | None = None
+        self.batch_jobs: list[_Job] = []
+        self.holding = False
         threading.Thread(target=self._main, daemon=True,
                          name="seccomp-supervisor reader").start()
 
@@ -496,6 +642,56 @@ class _ReaderThread:
             self.wake.set()
             return hot
         return False
+
+    def _read_batch(self, first: _Job) -> _Job | None:
+        """Read ``first`` and the jobs with a ``request`` queued right behind it (up to
+        :data:`BATCH_READS`) in one batch; hand over all it read but the last, which
+        it returns (None if the pool took them all: it stopped the batch)."""
+        pool = self.pool
+        pending = pool.pending
+        jobs = [first]
+        if pending and pending[0].request is not None:
+            self.holding = True  # before the queue shrinks (see ReadPool._watch)
+            while len(jobs) < BATCH_READS:
+                try:
+                    job = pending.popleft()
+                except IndexError:
+                    break
+                if job.request is None:  # (the trio thread removed the one looked at)
+                    pending.appendleft(job)
+                    break
+                jobs.append(job)
+                if not pending or pending[0].request is None:
+                    break
+        try:
+            batch = pool.batch([job.request for job in jobs])  # type: ignore[misc]
+        except Exception:  # (a request out of range: read_cstrings_soon guards them)
+            log.exception("reading a batch of %d jobs one by one", len(jobs))
+            for job in jobs:
+                job.outcome = outcome.capture(job.work)
+            self.current = None
+            self.holding = False
+            for job in jobs[:-1]:
+                pool.hand_over(job)
+            return jobs[-1]
+        self.batch_jobs = jobs
+        self.batch = batch
+        claimed = batch.run()
+        mine: list[_Job] = []
+        for i in range(claimed):
+            result = batch.take(i)
+            if result is not None:  # (else the pool took it, see ReadPool._stop_batch)
+                job = jobs[i]
+                assert job.request is not None
+                job.outcome = batch_outcome(job.request, result)
+                mine.append(job)
+        self.current = None
+        self.batch = None
+        self.batch_jobs = []
+        self.holding = False
+        for job in mine[:-1]:
+            pool.hand_over(job)
+        return mine[-1] if mine else None
 
     def _main(self) -> None:
         _lower_thread_priority()
@@ -514,8 +710,14 @@ class _ReaderThread:
                     break
                 self.started = perf_counter()
                 self.current = job
-                job.outcome = capture(job.work)
-                self.current = None
+                if job.request is None:
+                    job.outcome = capture(job.work)
+                    self.current = None
+                else:
+                    last = self._read_batch(job)
+                    if last is None:  # the pool took them all (ReadPool._stop_batch)
+                        continue
+                    job = last
                 if job.waiter is not None:
                     with handoff:  # see ReadPool._stop_waiting
                         waiter = job.waiter
@@ -572,6 +774,7 @@ class ReadPool:
         self.retired = 0  # threads retired for a slow read (statistics, tests)
         self._active: _ReaderThread | None = None
         self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
+        self.batch = batch_type()
         spins = why_no_spin() is None
         self.reader_spin = READER_SPIN if spins else 0.0
         self.inline_spin = INLINE_SPIN if spins else 0.0
@@ -791,6 +994,17 @@ class ReadPool:
         result: bytes = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
+    def hand_over(self, job: _Job) -> None:
+        """``job`` is read (its outcome set): wake the trio thread if it waits for it
+        inline, else :meth:`report` it. From any thread."""
+        if job.waiter is not None:
+            with self.handoff:  # see _stop_waiting
+                waiter = job.waiter
+            if waiter is not None:
+                waiter.set()
+                return
+        self.report(job)
+
     def report(self, job: _Job) -> None:
         """Called by a reading thread: ``job`` is done. One eventfd write per batch."""
         self.done.append(job)
@@ -868,7 +1082,7 @@ class ReadPool:
         """While reads wait, retire the active thread when its read turns slow."""
         while True:
             active = self._active
-            if not self.pending or active is None:
+            if active is None or not (self.pending or active.holding):
                 wake = self._watch_wake = trio.Event()
                 await wake.wait()
                 continue
@@ -878,7 +1092,8 @@ class ReadPool:
                 # Not started yet (the thread is waking up), or not slow yet.
                 await trio.sleep(self.slow_after if job is None else left)
                 continue
-            if active.current is job and self.pending and self._active is active:
+            if (active.current is job and (self.pending or active.holding)
+                    and self._active is active):
                 self._retire(active, job)
 
     def _retire(self, active: _ReaderThread, job: _Job) -> None:
@@ -893,14 +1108,18 @@ class ReadPool:
                 why = f"no thread to read: {exc}"
             else:
                 active.retired = True
-                job.stuck = True
-                self.stuck += 1
+                reading = self._stop_batch(active, job)
+                if reading is not None:
+                    reading.stuck = True
+                    self.stuck += 1
                 self.retired += 1
                 self._active = successor
+                successor.kick()  # (it may have found the queue empty before _stop_batch)
                 return
         else:
             why = (f"{self.stuck} reads are stuck on slow memory already "
                    f"(the reading thread's is slow too)")
+        self._stop_batch(active, job)
         if not self.refused:
             log.error("memory reads refused (EAGAIN): %s", why)
         reschedule = trio.lowlevel.reschedule
@@ -918,6 +1137,32 @@ class ReadPool:
                 waiting.outcome = refusal
                 waiting.slot = _RELEASED  # (given back by _drop)
                 self.report(waiting)
+
+
+    def _stop_batch(self, active: _ReaderThread, job: _Job) -> _Job | None:
+        """``active`` turned slow in ``job``: if that is a batch (see BATCH_READS), stop
+        it; the reads done are handed over now, those not begun go back to the head of
+        the queue. Returns the job ``active`` is still reading (None if none)."""
+        batch = active.batch
+        if batch is None:
+            return job
+        jobs = active.batch_jobs
+        claimed = batch.stop()
+        active.holding = False
+        active.batch_jobs = jobs[:claimed]  # (once: the watch may come back to it)
+        reading = None
+        for i in range(claimed):
+            if batch.busy(i):
+                reading = jobs[i]
+                continue
+            result = batch.take(i)
+            if result is not None:  # (else its thread took it)
+                done = jobs[i]
+                assert done.request is not None
+                done.outcome = batch_outcome(done.request, result)
+                self.hand_over(done)
+        self.pending.extendleft(reversed(jobs[claimed:]))
+        return reading
 
 
 _POOL: RunVar[ReadPool] = RunVar("seccomp_supervisor_read_pool")
@@ -1104,6 +1349,9 @@ class TargetMemory:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         job = _Job(work, self._slot, reader.close, finished)
+        if reader.mem_fd < 0 and limit <= BATCH_LIMIT and all(
+                0 <= address < 2**64 for address in addresses):
+            job.request = (tid, tuple(addresses), limit)
         pending.pool = pool
         pending.job = job
         if pool.submit(job, self._inline_wait if turn >= 0 else 0.0, turn):

@@ -1,0 +1,325 @@
+"""The reading thread reads queued declared paths in batches (supervisor/memory.py,
+BATCH_READS): the compiled ``ReadBatch``, which lets go of the GIL once per batch, and
+its pure-Python twin. A batch must read exactly what a read one by one reads, hand every
+result out once, and never let one container's stuck read hold another's result."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import outcome
+import pytest
+import trio
+
+from supervisor import accel, memory
+from supervisor.errors import TargetMemoryError
+from supervisor.memory import ReadPool, ReadSlot, _Job, _PyReadBatch, _Reader, batch_outcome
+
+PAGE = memory.PAGE_SIZE
+WAIT = 10.0  # a hang guard for what takes milliseconds
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+PROT_NONE, PROT_RW = 0, 3
+MAP_PRIVATE_ANONYMOUS = 0x22
+NR_USERFAULTFD = 323  # x86_64
+UFFDIO_API, UFFDIO_REGISTER, UFFDIO_COPY = 0xC018AA3F, 0xC020AA00, 0xC028AA03
+
+
+def _compiled() -> Any:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    return accel.HOTLOOP.ReadBatch
+
+
+@pytest.fixture(params=["c", "python"])
+def batch_type(request: pytest.FixtureRequest) -> Any:
+    return _compiled() if request.param == "c" else _PyReadBatch
+
+
+class Pages:
+    """``count`` readable pages followed by a PROT_NONE one, in this process."""
+
+    def __init__(self, count: int) -> None:
+        self.size = (count + 1) * PAGE
+        base = libc.mmap(None, self.size, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        assert base not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        self.base: int = base
+        self.end = base + count * PAGE  # the first unreadable byte
+        assert libc.mprotect(self.end, PAGE, PROT_NONE) == 0, ctypes.get_errno()
+
+    def put(self, offset: int, data: bytes) -> int:
+        address = self.base + offset if offset >= 0 else self.end + offset
+        ctypes.memmove(address, data, len(data))
+        return address
+
+    def close(self) -> None:
+        libc.munmap(self.base, self.size)
+
+
+@pytest.fixture
+def pages() -> Iterator[Pages]:
+    area = Pages(2)
+    yield area
+    area.close()
+
+
+@pytest.fixture
+def edge() -> Iterator[Pages]:
+    area = Pages(1)
+    yield area
+    area.close()
+
+
+def reference(tid: int, address: int, limit: int) -> bytes | Exception:
+    """What a read one by one gives (the job read_cstrings_soon runs without a batch)."""
+    if address == 0:
+        return TargetMemoryError(errno.EFAULT, "NULL pointer")
+    try:
+        return _Reader(tid, -1).read_cstring(address, limit)
+    except TargetMemoryError as exc:
+        return exc
+
+
+def same(got: object, want: object) -> bool:
+    if isinstance(want, Exception):
+        return (type(got) is type(want) and str(got) == str(want)
+                and getattr(got, "errno", None) == getattr(want, "errno", None))
+    return got == want
+
+
+def layouts(area: Pages, edge: Pages) -> list[tuple[str, int, int]]:
+    """(name, address, limit): the ends a string can come to."""
+    return [
+        ("plain", area.put(0, b"/guarded/x\0"), 4096),
+        ("empty", area.put(100, b"\0"), 4096),
+        ("across a page", area.put(PAGE - 5, b"/across/a/page\0"), 4096),
+        ("NUL on the last readable byte", area.put(-6, b"/last\0"), 4096),
+        ("into unmapped memory", edge.put(-6, b"abcdef"), 4096),
+        ("exactly the limit", area.put(200, b"a" * 15 + b"\0"), 16),
+        ("one over the limit", area.put(300, b"a" * 16 + b"\0"), 16),
+        ("the unreadable page", area.end + 10, 4096),
+        ("NULL", 0, 4096),
+        ("the top of the address space", 2**64 - 8, 4096),
+        ("a kernel address", 0xFFFF_FFFF_8100_0000, 64),
+    ]
+
+
+def test_a_batch_reads_what_one_by_one_reads(batch_type: Any, pages: Pages,
+                                             edge: Pages) -> None:
+    """Every layout, each its own job, and the first five in one job, against
+    _Reader's read one by one."""
+    tid = os.getpid()
+    cases = layouts(pages, edge)
+    jobs: list[tuple[list[str], tuple[int, tuple[int, ...], int]]] = [
+        ([name], (tid, (address,), limit)) for name, address, limit in cases]
+    jobs.append(([name for name, _, _ in cases[:5]],
+                 (tid, tuple(address for _, address, _ in cases[:5]), 4096)))
+    batch = batch_type([request for _, request in jobs])
+    assert len(batch) == len(jobs)
+    assert batch.run() == len(jobs)
+    for i, (names, request) in enumerate(jobs):
+        result = batch.take(i)
+        assert result is not None
+        got = batch_outcome(request, result)
+        assert isinstance(got, outcome.Value)
+        want = [reference(tid, address, request[2]) for address in request[1]]
+        assert len(got.value) == len(want) == len(names)
+        for name, value, expected in zip(names, got.value, want, strict=True):
+            assert same(value, expected), (name, value, expected)
+        assert batch.take(i) is None  # once
+
+
+def test_the_layouts_end_where_they_should(pages: Pages, edge: Pages) -> None:
+    """The reference itself, so the comparison above compares something."""
+    tid = os.getpid()
+    got = {name: reference(tid, address, limit)
+           for name, address, limit in layouts(pages, edge)}
+    assert got["plain"] == b"/guarded/x" and got["empty"] == b""
+    assert got["across a page"] == b"/across/a/page"
+    assert got["NUL on the last readable byte"] == b"/last"
+    assert got["exactly the limit"] == b"a" * 15
+    assert isinstance(got["one over the limit"], TargetMemoryError)
+    assert got["one over the limit"].errno == errno.ENAMETOOLONG
+    for name in ("into unmapped memory", "the unreadable page", "NULL",
+                 "the top of the address space", "a kernel address"):
+        value = got[name]
+        assert isinstance(value, TargetMemoryError) and value.errno == errno.EFAULT, name
+
+
+def test_a_job_of_a_thread_that_is_gone_fails_alone(batch_type: Any, pages: Pages) -> None:
+    """ESRCH fails that job as a whole (as _Reader.read raises it), not its neighbours."""
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid names nobody (until reused, which takes a while)
+    address = pages.put(0, b"/x\0")
+    requests = [(os.getpid(), (address,), 64), (child.pid, (address, address), 64),
+                (os.getpid(), (address,), 64)]
+    batch = batch_type(requests)
+    assert batch.run() == 3
+    results = [batch_outcome(request, batch.take(i)) for i, request in enumerate(requests)]
+    assert results[0] == outcome.Value([b"/x"]) and results[2] == outcome.Value([b"/x"])
+    assert isinstance(results[1], outcome.Error)
+    assert isinstance(results[1].error, OSError) and results[1].error.errno == errno.ESRCH
+
+
+def test_a_batch_runs_once_and_refuses_nonsense(batch_type: Any) -> None:
+    batch = batch_type([])
+    assert batch.run() == 0
+    with pytest.raises(RuntimeError):
+        batch.run()
+    for bad in ([(0, (1,), 16)], [(1, (1,), 0)], [(1, (1,), (1 << 20) + 1)]):
+        with pytest.raises(ValueError):
+            batch_type(bad)
+    with pytest.raises(TypeError):
+        batch_type([(1, [1], 16)])  # addresses must be a tuple
+
+
+def test_a_batch_stopped_before_it_runs_reads_nothing(batch_type: Any, pages: Pages) -> None:
+    address = pages.put(0, b"/x\0")
+    batch = batch_type([(os.getpid(), (address,), 64)] * 3)
+    assert batch.stop() == 0
+    assert batch.run() == 0
+    assert [batch.take(i) for i in range(3)] == [None] * 3
+    assert not any(batch.busy(i) for i in range(3))
+
+
+class Userfault:
+    """A page of this process registered with a userfaultfd that nobody serves until
+    :meth:`serve`: process_vm_readv of it sleeps until then (supervisor/memory.py)."""
+
+    def __init__(self) -> None:
+        fd = libc.syscall(NR_USERFAULTFD, os.O_CLOEXEC)
+        if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
+            pytest.skip("the kernel has no userfaultfd (CONFIG_USERFAULTFD)")
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        self.fd = int(fd)
+        fcntl.ioctl(self.fd, UFFDIO_API, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))
+        self.page = libc.mmap(None, PAGE, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        fcntl.ioctl(self.fd, UFFDIO_REGISTER,
+                    bytearray(struct.pack("QQQQ", self.page, PAGE, 1, 0)))  # MISSING
+        self.source = ctypes.create_string_buffer(PAGE)
+
+    def serve(self, text: bytes) -> None:
+        ctypes.memmove(self.source, text + b"\0", len(text) + 1)
+        fcntl.ioctl(self.fd, UFFDIO_COPY, bytearray(struct.pack(
+            "QQQQq", self.page, ctypes.addressof(self.source), PAGE, 0, 0)))
+
+    def close(self) -> None:
+        os.close(self.fd)  # wakes a read still waiting (it fails)
+        libc.munmap(self.page, PAGE)
+
+
+@pytest.fixture
+def userfault() -> Iterator[Userfault]:
+    page = Userfault()
+    yield page
+    page.close()
+
+
+def wait_until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_stop_hands_back_the_jobs_not_begun_and_the_one_read_stays(
+        batch_type: Any, pages: Pages, userfault: Userfault) -> None:
+    """Job 1 is stuck: stop() says two were claimed; job 0 is taken now, job 1 is busy
+    and comes out of run() once its page is served, job 2 is never read."""
+    address = pages.put(0, b"/x\0")
+    tid = os.getpid()
+    batch = batch_type([(tid, (address,), 64), (tid, (userfault.page,), 64),
+                        (tid, (address,), 64)])
+    claimed: list[int] = []
+    thread = threading.Thread(target=lambda: claimed.append(batch.run()), daemon=True)
+    thread.start()
+    wait_until(lambda: batch.busy(1))
+    time.sleep(0.02)
+    assert batch.busy(1)  # stuck
+    assert batch.stop() == 2
+    assert batch.take(0) == [b"/x"]
+    assert batch.take(1) is None and batch.take(2) is None and not batch.busy(2)
+    userfault.serve(b"/served")
+    thread.join(WAIT)
+    assert claimed == [2]
+    assert not batch.busy(1)
+    assert batch.take(1) == [b"/served"]
+    assert batch.take(2) is None  # never read
+
+
+# --------------------------------------------------------------------- in the pool
+
+def run_pool(scenario: Callable[[], Any]) -> None:
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("stuck_at", [0, 1, 2])
+def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
+        batch_type: Any, pages: Pages, userfault: Userfault, stuck_at: int) -> None:
+    """Three containers' reads are queued behind a busy thread, so it takes them as one
+    batch; one is on a page nobody serves. The other two are delivered while it is stuck
+    (wherever it is in the batch: read before it, they are handed over by the pool; not
+    begun, they go to a new thread), and it is counted stuck until its page is served."""
+    address = pages.put(0, b"/x\0")
+    delivered: dict[str, Any] = {}
+    sizes: list[int] = []
+
+    def recording_batch(requests: list[Any]) -> Any:
+        sizes.append(len(requests))
+        return batch_type(requests)
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=0.02)
+        pool.batch = recording_batch  # type: ignore[assignment]
+        gate = threading.Event()
+
+        def job(name: str, work: Callable[[], Any] | None, at: int) -> _Job:
+            def deliver(result: outcome.Outcome[Any]) -> None:
+                delivered[name] = result
+
+            made = _Job(work or (lambda: pytest.fail("read one by one")),
+                        ReadSlot(trio.CapacityLimiter(1)), None, deliver)
+            if work is None:
+                made.request = (os.getpid(), (at,), 64)
+            return made
+
+        holder = job("holder", lambda: gate.wait(WAIT), 0)
+        assert not pool.submit(holder)
+        with trio.fail_after(WAIT):
+            while pool._active is None or pool._active.current is not holder:
+                await trio.sleep(0.001)
+        names = ["a", "b"]
+        names.insert(stuck_at, "stuck")
+        for name in names:
+            assert not pool.submit(job(name, None,
+                                       userfault.page if name == "stuck" else address))
+        gate.set()
+        with trio.fail_after(WAIT):
+            while not {"a", "b"} <= delivered.keys():
+                await trio.sleep(0.001)
+        assert "stuck" not in delivered
+        assert pool.stuck == 1 and pool.retired == 1
+        userfault.serve(b"/late")
+        with trio.fail_after(WAIT):
+            while "stuck" not in delivered:
+                await trio.sleep(0.001)
+        assert pool.stuck == 0
+
+    run_pool(scenario)
+    assert sizes[0] == 3, sizes  # the three were one batch
+    assert delivered["a"] == delivered["b"] == outcome.Value([b"/x"])
+    assert delivered["stuck"] == outcome.Value([b"/late"])
