@@ -41,7 +41,7 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   memory served by a process outside the container outlives its session, so sessions do
   not bound them. Past that (or when no thread can be started), the reads waiting behind
   a slow one fail at once with EAGAIN instead of a new thread starting;
-* the reading thread takes up to :data:`BATCH_READS` queued reads of declared paths at a
+* the reading thread takes up to :data:`BATCH_READS` queued reads of strings at a
   time and, with the compiled module, reads them in one call that lets go of the GIL
   once: one by one, every read needed the GIL back while the loop held it. A batch that
   turns slow is stopped: the reads it did are delivered, those it did not begin go back
@@ -138,9 +138,10 @@ NO_SPIN_ENV: Final = "SECCOMP_SUPERVISOR_NO_SPIN"
 #: once, and the read takes ~5-10 us. (Woken from its sleep, or spinning on the loop's own
 #: CPU, which the loop then holds, it could not run while the loop spins.)
 INLINE_SPIN: Final = 50e-6
-#: Queued reads of declared paths the reading thread takes in one batch at most: it reads
-#: them in one call that lets go of the GIL once (``_hotloop.ReadBatch``), where reading
-#: them one by one needed the GIL back after every read while the event loop held it. At
+#: Queued reads of strings (declared paths, ``read_cstring``) the reading thread takes in
+#: one batch at most: it reads them in one call that lets go of the GIL once
+#: (``_hotloop.ReadBatch``), where reading them one by one needed the GIL back after
+#: every read while the event loop held it. At
 #: 100 busy targets a batch held 12-14 reads on average (half the reads were in batches
 #: of 17-23 or more); guarded calls/s 1.3-1.6x, daemon CPU per call -25 to -40%
 #: (bench/README.md, "Session 11"). To the watch for slow reads (:data:`SLOW_READ`) a
@@ -337,6 +338,16 @@ def batch_outcome(request: tuple[int, tuple[int, ...], int],
             got.append(TargetMemoryError(
                 errno.ENAMETOOLONG, f"string at {address:#x} has no NUL in {limit} bytes"))
     return outcome.Value(got)
+
+
+def job_outcome(job: _Job, result: list[bytes | int] | int) -> outcome.Outcome[Any]:
+    """What ``job``'s work would have returned or raised, from its batch ``result``."""
+    assert job.request is not None
+    got = batch_outcome(job.request, result)
+    if job.single and isinstance(got, outcome.Value):
+        (value,) = got.value
+        return outcome.Error(value) if isinstance(value, Exception) else outcome.Value(value)
+    return got
 
 
 # The daemon's own nice value, read when this module is imported (in the main thread).
@@ -567,8 +578,8 @@ class _Job:
     instead when the job is dropped before a thread took it: what ``work`` would have
     released (an open /proc/<tid>/mem) is released then."""
 
-    __slots__ = ("deliver", "discard", "outcome", "request", "slot", "stuck", "task",
-                 "waiter", "work")
+    __slots__ = ("deliver", "discard", "outcome", "request", "single", "slot", "stuck",
+                 "task", "waiter", "work")
 
     def __init__(self, work: Callable[[], Any], slot: _Slot,
                  discard: Callable[[], None] | None,
@@ -578,6 +589,7 @@ class _Job:
         # (tid, addresses, limit) when ``work`` reads those strings through
         # process_vm_readv: the reading thread may read it in a batch instead.
         self.request: tuple[int, tuple[int, ...], int] | None = None
+        self.single = False  # its work returns the one string's bytes, or raises
         self.slot = slot
         self.discard = discard
         self.stuck = False  # its thread was retired: counted in ReadPool.stuck
@@ -682,8 +694,7 @@ class _ReaderThread:
             result = batch.take(i)
             if result is not None:  # (else the pool took it, see ReadPool._stop_batch)
                 job = jobs[i]
-                assert job.request is not None
-                job.outcome = batch_outcome(job.request, result)
+                job.outcome = job_outcome(job, result)
                 mine.append(job)
         self.current = None
         self.batch = None
@@ -791,7 +802,8 @@ class ReadPool:
 
     async def run(self, work: Callable[[], bytes], slot: _Slot,
                   wait: float = 0.0, turn: int = -1,
-                  discard: Callable[[], None] | None = None) -> bytes:
+                  discard: Callable[[], None] | None = None,
+                  request: tuple[int, tuple[int, ...], int] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
         the thread returned.
@@ -803,8 +815,13 @@ class ReadPool:
         :data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
         ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
         for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
-        before a thread took it, refused)."""
+        before a thread took it, refused). ``request``: ``work`` reads the one string
+        ``(tid, (address,), limit)`` as :meth:`_Reader.read_cstring` does, and the
+        reading thread may read it in a batch instead (see :data:`BATCH_READS`)."""
         job = _Job(work, slot, discard)
+        if request is not None:
+            job.request = request
+            job.single = True
         if turn != self._inline_turn:
             self._inline_turn = turn
             self._inline_spent = 0.0
@@ -1158,8 +1175,7 @@ class ReadPool:
             result = batch.take(i)
             if result is not None:  # (else its thread took it)
                 done = jobs[i]
-                assert done.request is not None
-                done.outcome = batch_outcome(done.request, result)
+                done.outcome = job_outcome(done, result)
                 self.hand_over(done)
         self.pending.extendleft(reversed(jobs[claimed:]))
         return reading
@@ -1263,9 +1279,11 @@ class TargetMemory:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
+            request = ((tid, (address,), length) if cstring and reader.mem_fd < 0
+                       and length <= BATCH_LIMIT and 0 < address < 2**64 else None)
             data = await pool.run(work, self._slot,
                                   self._inline_wait if turn >= 0 else 0.0, turn,
-                                  reader.close)
+                                  reader.close, request)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem

@@ -267,13 +267,41 @@ def run_pool(scenario: Callable[[], Any]) -> None:
     trio.run(scenario)
 
 
+def test_an_awaited_read_in_a_batch_returns_or_raises_as_read_cstring(
+        batch_type: Any, pages: Pages, edge: Pages) -> None:
+    """A handler's ``await read_cstring`` (ReadPool.run with a request) read in a batch:
+    the bytes, or the TargetMemoryError the read one by one raises."""
+    tid = os.getpid()
+    cases = [case for case in layouts(pages, edge) if case[1] != 0]  # (NULL: refused before)
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        pool.batch = batch_type
+        slot = trio.CapacityLimiter(1)
+        for name, address, limit in cases:
+            want = reference(tid, address, limit)
+            try:
+                got: bytes | Exception = await pool.run(
+                    lambda: pytest.fail("read one by one"), slot,
+                    request=(tid, (address,), limit))
+            except TargetMemoryError as exc:
+                got = exc
+            assert same(got, want), (name, got, want)
+
+    run_pool(scenario)
+
+
+@pytest.mark.parametrize("awaited", [False, True], ids=["declared", "awaited"])
 @pytest.mark.parametrize("stuck_at", [0, 1, 2])
 def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
-        batch_type: Any, pages: Pages, userfault: Userfault, stuck_at: int) -> None:
+        batch_type: Any, pages: Pages, userfault: Userfault, stuck_at: int,
+        awaited: bool) -> None:
     """Three containers' reads are queued behind a busy thread, so it takes them as one
     batch; one is on a page nobody serves. The other two are delivered while it is stuck
     (wherever it is in the batch: read before it, they are handed over by the pool; not
-    begun, they go to a new thread), and it is counted stuck until its page is served."""
+    begun, they go to a new thread), and it is counted stuck until its page is served.
+    ``awaited``: container b's read is a handler's ``await`` (ReadPool.run, in a task)
+    instead of a declared path's (ReadPool.submit)."""
     address = pages.put(0, b"/x\0")
     delivered: dict[str, Any] = {}
     sizes: list[int] = []
@@ -304,22 +332,37 @@ def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
                 await trio.sleep(0.001)
         names = ["a", "b"]
         names.insert(stuck_at, "stuck")
-        for name in names:
-            assert not pool.submit(job(name, None,
-                                       userfault.page if name == "stuck" else address))
-        gate.set()
-        with trio.fail_after(WAIT):
-            while not {"a", "b"} <= delivered.keys():
-                await trio.sleep(0.001)
-        assert "stuck" not in delivered
-        assert pool.stuck == 1 and pool.retired == 1
-        userfault.serve(b"/late")
-        with trio.fail_after(WAIT):
-            while "stuck" not in delivered:
-                await trio.sleep(0.001)
-        assert pool.stuck == 0
+
+        async def await_read(name: str) -> None:
+            delivered[name] = await outcome.acapture(
+                pool.run, lambda: pytest.fail("read one by one"),
+                trio.CapacityLimiter(1), request=(os.getpid(), (address,), 64))
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                if awaited and name == "b":
+                    nursery.start_soon(await_read, name)
+                    with trio.fail_after(WAIT):
+                        while len(pool.pending) < names.index(name) + 1:
+                            await trio.sleep(0.001)
+                else:
+                    assert not pool.submit(job(
+                        name, None, userfault.page if name == "stuck" else address))
+            gate.set()
+            with trio.fail_after(WAIT):
+                while not {"a", "b"} <= delivered.keys():
+                    await trio.sleep(0.001)
+            assert "stuck" not in delivered
+            assert pool.stuck == 1 and pool.retired == 1
+            userfault.serve(b"/late")
+            with trio.fail_after(WAIT):
+                while "stuck" not in delivered:
+                    await trio.sleep(0.001)
+            assert pool.stuck == 0
 
     run_pool(scenario)
     assert sizes[0] == 3, sizes  # the three were one batch
-    assert delivered["a"] == delivered["b"] == outcome.Value([b"/x"])
+    assert delivered["a"] == outcome.Value([b"/x"])
+    # An awaited read gives its string itself, as read_cstring returns it.
+    assert delivered["b"] == outcome.Value(b"/x" if awaited else [b"/x"])
     assert delivered["stuck"] == outcome.Value([b"/late"])
