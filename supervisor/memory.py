@@ -350,6 +350,17 @@ def job_outcome(job: _Job, result: list[bytes | int] | int) -> outcome.Outcome[A
     return got
 
 
+def taken_outcome(batch: _PyReadBatch, i: int, job: _Job) -> outcome.Outcome[Any] | None:
+    """:meth:`_PyReadBatch.take` of job ``i`` as ``job``'s outcome (None if it was taken
+    already or is not read yet). Making the result's objects can fail (MemoryError):
+    that is the job's error then, never its thread's, nor the event loop's."""
+    try:
+        result = batch.take(i)
+        return None if result is None else job_outcome(job, result)
+    except Exception as exc:
+        return outcome.Error(exc)
+
+
 # The daemon's own nice value, read when this module is imported (in the main thread).
 _DAEMON_NICE: Final = os.getpriority(os.PRIO_PROCESS, 0)
 _thread_state = threading.local()
@@ -688,14 +699,20 @@ class _ReaderThread:
             return jobs[-1]
         self.batch_jobs = jobs
         self.batch = batch
-        claimed = batch.run()
         mine: list[_Job] = []
-        for i in range(claimed):
-            result = batch.take(i)
-            if result is not None:  # (else the pool took it, see ReadPool._stop_batch)
-                job = jobs[i]
-                job.outcome = job_outcome(job, result)
+        try:
+            claimed = batch.run()
+        except Exception as exc:  # a bug: the jobs fail, never the thread (nor the reads
+            log.exception("reading a batch of %d jobs failed", len(jobs))  # after them)
+            claimed = 0
+            for job in jobs:
+                job.outcome = outcome.Error(exc)
                 mine.append(job)
+        for i in range(claimed):
+            got = taken_outcome(batch, i, jobs[i])
+            if got is not None:  # (else the pool took it, see ReadPool._stop_batch)
+                jobs[i].outcome = got
+                mine.append(jobs[i])
         self.current = None
         self.batch = None
         self.batch_jobs = []
@@ -1172,11 +1189,10 @@ class ReadPool:
             if batch.busy(i):
                 reading = jobs[i]
                 continue
-            result = batch.take(i)
-            if result is not None:  # (else its thread took it)
-                done = jobs[i]
-                done.outcome = job_outcome(done, result)
-                self.hand_over(done)
+            got = taken_outcome(batch, i, jobs[i])
+            if got is not None:  # (else its thread took it)
+                jobs[i].outcome = got
+                self.hand_over(jobs[i])
         self.pending.extendleft(reversed(jobs[claimed:]))
         return reading
 

@@ -366,3 +366,82 @@ def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
     # An awaited read gives its string itself, as read_cstring returns it.
     assert delivered["b"] == outcome.Value(b"/x" if awaited else [b"/x"])
     assert delivered["stuck"] == outcome.Value([b"/late"])
+
+
+@pytest.mark.parametrize("failing", ["take", "run"])
+def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
+        batch_type: Any, pages: Pages, failing: str) -> None:
+    """Making a result's objects can fail (MemoryError in take()); so could run(), by a
+    bug. The jobs concerned get the error as their outcome; the reading thread lives on
+    and reads the next batch (a dead thread would leave every later read unread)."""
+    address = pages.put(0, b"/x\0")
+    delivered: dict[str, Any] = {}
+
+    class Failing:
+        def __init__(self, requests: list[Any]) -> None:
+            self.inner = batch_type(requests)
+            self.armed = len(requests) == 3  # the batch of a, b and c only
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def run(self) -> int:
+            if failing == "run" and self.armed:
+                raise RuntimeError("run failed")
+            return int(self.inner.run())
+
+        def stop(self) -> int:
+            return int(self.inner.stop())
+
+        def busy(self, i: int) -> bool:
+            return bool(self.inner.busy(i))
+
+        def take(self, i: int) -> Any:
+            got = self.inner.take(i)
+            if failing == "take" and self.armed and i == 1 and got is not None:
+                raise MemoryError
+            return got
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        pool.batch = Failing  # type: ignore[assignment]
+        gate = threading.Event()
+
+        def job(name: str, work: Callable[[], Any] | None = None) -> _Job:
+            def deliver(result: outcome.Outcome[Any]) -> None:
+                delivered[name] = result
+
+            made = _Job(work or (lambda: pytest.fail("read one by one")),
+                        ReadSlot(trio.CapacityLimiter(1)), None, deliver)
+            if work is None:
+                made.request = (os.getpid(), (address,), 64)
+            return made
+
+        holder = job("holder", lambda: gate.wait(WAIT))
+        assert not pool.submit(holder)
+        with trio.fail_after(WAIT):
+            while pool._active is None or pool._active.current is not holder:
+                await trio.sleep(0.001)
+        for name in "abc":
+            assert not pool.submit(job(name))
+        gate.set()
+        with trio.fail_after(WAIT):
+            while not set("abc") <= delivered.keys():
+                await trio.sleep(0.001)
+        assert not pool.submit(job("d"))  # read by the same thread, afterwards
+        with trio.fail_after(WAIT):
+            while "d" not in delivered:
+                await trio.sleep(0.001)
+        assert pool.retired == 0
+
+    run_pool(scenario)
+    ok = outcome.Value([b"/x"])
+    assert delivered["d"] == ok
+    if failing == "take":
+        assert delivered["a"] == delivered["c"] == ok
+        assert isinstance(delivered["b"], outcome.Error)
+        assert isinstance(delivered["b"].error, MemoryError)
+    else:
+        for name in "abc":
+            assert isinstance(delivered[name], outcome.Error)
+            assert str(delivered[name].error) == "run failed"
