@@ -2035,6 +2035,19 @@ static PyObject *ReadBatch_stop(ReadBatchObject *self, PyObject *unused)
     return PyLong_FromSsize_t(claimed);
 }
 
+/* Job number `arg` of `self`, or -1 with an exception set. */
+static Py_ssize_t batch_index(ReadBatchObject *self, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "ReadBatch: no such job");
+        return -1;
+    }
+    return i;
+}
+
 PyDoc_STRVAR(ReadBatch_take_doc,
 "take(i) -> list | int | None\n--\n\n"
 "Job i's result, once: None if it is not read yet, or was taken. A negative errno if\n"
@@ -2042,13 +2055,9 @@ PyDoc_STRVAR(ReadBatch_take_doc,
 
 static PyObject *ReadBatch_take(ReadBatchObject *self, PyObject *arg)
 {
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    if (i == -1 && PyErr_Occurred())
+    Py_ssize_t i = batch_index(self, arg);
+    if (i < 0)
         return NULL;
-    if (i < 0 || i >= self->n) {
-        PyErr_SetString(PyExc_IndexError, "ReadBatch.take: no such job");
-        return NULL;
-    }
     struct batch_job *job = &self->jobs[i];
     int expected = JOB_DONE;
     if (!atomic_compare_exchange_strong(&job->state, &expected, JOB_TAKEN))
@@ -2080,13 +2089,9 @@ PyDoc_STRVAR(ReadBatch_busy_doc,
 
 static PyObject *ReadBatch_busy(ReadBatchObject *self, PyObject *arg)
 {
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    if (i == -1 && PyErr_Occurred())
+    Py_ssize_t i = batch_index(self, arg);
+    if (i < 0)
         return NULL;
-    if (i < 0 || i >= self->n) {
-        PyErr_SetString(PyExc_IndexError, "ReadBatch.busy: no such job");
-        return NULL;
-    }
     return PyBool_FromLong(atomic_load(&self->jobs[i].state) == JOB_READING);
 }
 

@@ -267,6 +267,30 @@ def run_pool(scenario: Callable[[], Any]) -> None:
     trio.run(scenario)
 
 
+def submitted(delivered: dict[str, Any], name: str, address: int,
+              work: Callable[[], Any] | None = None) -> _Job:
+    """A read submitted without a task (a declared path's), its outcome put in
+    ``delivered[name]``: of the string at ``address``, or ``work``'s (no request)."""
+    def deliver(result: outcome.Outcome[Any]) -> None:
+        delivered[name] = result
+
+    job = _Job(work or (lambda: pytest.fail("read one by one")),
+               ReadSlot(trio.CapacityLimiter(1)), None, deliver)
+    if work is None:
+        job.request = (os.getpid(), (address,), 64)
+    return job
+
+
+async def hold_the_thread(pool: ReadPool, gate: threading.Event) -> None:
+    """Keep the reading thread busy until ``gate`` is set: reads submitted meanwhile
+    wait in the queue, and the thread takes them as one batch."""
+    holder = submitted({}, "holder", 0, lambda: gate.wait(WAIT))
+    assert not pool.submit(holder)
+    with trio.fail_after(WAIT):
+        while pool._active is None or pool._active.current is not holder:
+            await trio.sleep(0.001)
+
+
 def test_an_awaited_read_in_a_batch_returns_or_raises_as_read_cstring(
         batch_type: Any, pages: Pages, edge: Pages) -> None:
     """A handler's ``await read_cstring`` (ReadPool.run with a request) read in a batch:
@@ -314,22 +338,7 @@ def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
         pool = ReadPool(slow_after=0.02)
         pool.batch = recording_batch  # type: ignore[assignment]
         gate = threading.Event()
-
-        def job(name: str, work: Callable[[], Any] | None, at: int) -> _Job:
-            def deliver(result: outcome.Outcome[Any]) -> None:
-                delivered[name] = result
-
-            made = _Job(work or (lambda: pytest.fail("read one by one")),
-                        ReadSlot(trio.CapacityLimiter(1)), None, deliver)
-            if work is None:
-                made.request = (os.getpid(), (at,), 64)
-            return made
-
-        holder = job("holder", lambda: gate.wait(WAIT), 0)
-        assert not pool.submit(holder)
-        with trio.fail_after(WAIT):
-            while pool._active is None or pool._active.current is not holder:
-                await trio.sleep(0.001)
+        await hold_the_thread(pool, gate)
         names = ["a", "b"]
         names.insert(stuck_at, "stuck")
 
@@ -346,8 +355,8 @@ def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
                         while len(pool.pending) < names.index(name) + 1:
                             await trio.sleep(0.001)
                 else:
-                    assert not pool.submit(job(
-                        name, None, userfault.page if name == "stuck" else address))
+                    assert not pool.submit(submitted(
+                        delivered, name, userfault.page if name == "stuck" else address))
             gate.set()
             with trio.fail_after(WAIT):
                 while not {"a", "b"} <= delivered.keys():
@@ -406,29 +415,14 @@ def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
         pool = ReadPool(slow_after=WAIT)
         pool.batch = Failing  # type: ignore[assignment]
         gate = threading.Event()
-
-        def job(name: str, work: Callable[[], Any] | None = None) -> _Job:
-            def deliver(result: outcome.Outcome[Any]) -> None:
-                delivered[name] = result
-
-            made = _Job(work or (lambda: pytest.fail("read one by one")),
-                        ReadSlot(trio.CapacityLimiter(1)), None, deliver)
-            if work is None:
-                made.request = (os.getpid(), (address,), 64)
-            return made
-
-        holder = job("holder", lambda: gate.wait(WAIT))
-        assert not pool.submit(holder)
-        with trio.fail_after(WAIT):
-            while pool._active is None or pool._active.current is not holder:
-                await trio.sleep(0.001)
+        await hold_the_thread(pool, gate)
         for name in "abc":
-            assert not pool.submit(job(name))
+            assert not pool.submit(submitted(delivered, name, address))
         gate.set()
         with trio.fail_after(WAIT):
             while not set("abc") <= delivered.keys():
                 await trio.sleep(0.001)
-        assert not pool.submit(job("d"))  # read by the same thread, afterwards
+        assert not pool.submit(submitted(delivered, "d", address))  # the same thread
         with trio.fail_after(WAIT):
             while "d" not in delivered:
                 await trio.sleep(0.001)
