@@ -506,31 +506,45 @@ class _WaitingTask:
 
 
 class ReadSlot:
-    """A session's :data:`READS_PER_SESSION` places in the :class:`ReadPool` (counted by
-    ``limiter``), for both kinds of reads, which wait for one in a single FIFO,
+    """A session's ``places`` (:data:`READS_PER_SESSION`) in the :class:`ReadPool`, for
+    both kinds of reads, which wait for one in a single FIFO,
     :attr:`deferred`: a read submitted without a task (:meth:`ReadPool.submit`; the pool
     queues it when a place is given back) or a task's (:meth:`ReadPool.run`: the task is
     woken with the place). One queue: when the tasks waited in the limiter's own queue,
     served first whenever a place came back, a flood with parked decisions always had one
     waiting, and the submitted reads -- the session's oldest decisions -- waited until
-    their deadline (tests/test_declared_paths.py)."""
+    their deadline (tests/test_declared_paths.py). The places are counted here, not by a
+    ``trio.CapacityLimiter``, whose own queue is never used: its acquire and release
+    took 5 calls of Python each, per guarded call (bench/README.md, "Session 11")."""
 
-    __slots__ = ("_handing_over", "deferred", "limiter", "pool")
+    __slots__ = ("_borrowers", "_handing_over", "deferred", "places", "pool")
 
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
-        self.limiter = limiter
+    def __init__(self, places: int = READS_PER_SESSION) -> None:
+        if places < 1:
+            raise ValueError("a ReadSlot needs places >= 1")
+        self.places = places
+        self._borrowers: set[object] = set()
         self.deferred: deque[_Job | _WaitingTask] = deque()
         self.pool: ReadPool | None = None  # where deferred reads go when a place is free
         self._handing_over = False  # see _hand_over
 
     @property
     def borrowed_tokens(self) -> int:
-        return self.limiter.borrowed_tokens
+        return len(self._borrowers)
+
+    def _take(self, borrower: object) -> None:
+        """A place for ``borrower`` now, or trio.WouldBlock."""
+        borrowers = self._borrowers
+        if len(borrowers) >= self.places:
+            raise trio.WouldBlock
+        if borrower in borrowers:  # (a bug: as CapacityLimiter says it)
+            raise RuntimeError("this borrower is already holding one of this slot's places")
+        borrowers.add(borrower)
 
     def acquire_on_behalf_of_nowait(self, borrower: object) -> None:
         if self.deferred:  # they were first
             raise trio.WouldBlock
-        self.limiter.acquire_on_behalf_of_nowait(borrower)
+        self._take(borrower)
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
         """A place for ``borrower``, after the reads that asked before (a checkpoint)."""
@@ -553,7 +567,11 @@ class ReadSlot:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def release_on_behalf_of(self, borrower: object) -> None:
-        self.limiter.release_on_behalf_of(borrower)
+        try:
+            self._borrowers.remove(borrower)
+        except KeyError:  # (a bug: as CapacityLimiter says it)
+            raise RuntimeError("this borrower isn't holding any of this slot's "
+                               "places") from None
         if self.deferred:
             self._hand_over()
 
@@ -569,7 +587,7 @@ class ReadSlot:
                 head = deferred[0]
                 borrower = head.borrower if head.__class__ is _WaitingTask else head
                 try:
-                    self.limiter.acquire_on_behalf_of_nowait(borrower)
+                    self._take(borrower)
                 except trio.WouldBlock:
                     return
                 deferred.popleft()
@@ -1229,18 +1247,18 @@ class PendingReads:
 class TargetMemory:
     """Memory access for the notifications of one listener fd.
 
-    ``limiter`` bounds the reads one session has queued or running in threads (default
+    ``places`` bounds the reads one session has queued or running in threads (default
     :data:`READS_PER_SESSION`); ``pool`` is the daemon's shared :class:`ReadPool`
     (default: the trio run's); ``inline_wait``: see :data:`INLINE_WAIT`. ``reads``
     counts the reads asked for (one per string or buffer).
     """
 
-    def __init__(self, notify: NotifyFd, limiter: trio.CapacityLimiter | None = None,
+    def __init__(self, notify: NotifyFd, places: int = READS_PER_SESSION,
                  *, use_proc_mem: bool = False, pool: ReadPool | None = None,
                  inline_wait: float = INLINE_WAIT) -> None:
         self._notify = notify
         self._inline_wait = inline_wait
-        self._slot = ReadSlot(limiter or trio.CapacityLimiter(READS_PER_SESSION))
+        self._slot = ReadSlot(places)
         self._pool = pool
         self._use_proc_mem = use_proc_mem
         self.reads = 0

@@ -435,7 +435,7 @@ def test_submitted_reads_wait_in_their_sessions_fifo_and_take_turns() -> None:
 
     async def scenario() -> None:
         pool = ReadPool(slow_after=WAIT)
-        a, b = ReadSlot(trio.CapacityLimiter(1)), ReadSlot(trio.CapacityLimiter(1))
+        a, b = ReadSlot(1), ReadSlot(1)
         a1, a2, a3 = jobs_of(pool, a, ["a1 stuck", "a2", "a3"], ran, hold, delivered)
         (b1,) = jobs_of(pool, b, ["b1"], ran, hold, delivered)
         assert not pool.submit(a1)
@@ -470,7 +470,7 @@ def test_a_sessions_reads_take_its_place_in_the_order_they_asked_for_it() -> Non
 
     async def scenario() -> None:
         pool = ReadPool(slow_after=WAIT)
-        a = ReadSlot(trio.CapacityLimiter(1))
+        a = ReadSlot(1)
         a0, a1, a3 = jobs_of(pool, a, ["a0 stuck", "a1", "a3"], ran, hold, delivered)
 
         def task_read(name: str) -> bytes:
@@ -508,7 +508,7 @@ def test_a_task_given_up_while_it_waits_for_its_sessions_place_leaves_the_queue(
 
     async def scenario() -> None:
         pool = ReadPool(slow_after=WAIT)
-        a = ReadSlot(trio.CapacityLimiter(1))
+        a = ReadSlot(1)
         a0, a2 = jobs_of(pool, a, ["a0 stuck", "a2"], ran, hold, delivered)
         assert not pool.submit(a0)
         while not ran:
@@ -536,7 +536,7 @@ def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
 
     async def scenario() -> None:
         pool = ReadPool(slow_after=WAIT)
-        a, b = ReadSlot(trio.CapacityLimiter(1)), ReadSlot(trio.CapacityLimiter(1))
+        a, b = ReadSlot(1), ReadSlot(1)
         a1, a2 = jobs_of(pool, a, ["a1 stuck", "a2"], ran, hold, delivered)
         (b1,) = jobs_of(pool, b, ["b1"], ran, hold, delivered)
         pool.submit(a1)
@@ -566,7 +566,7 @@ def test_a_submitted_read_done_within_the_inline_wait_is_not_delivered() -> None
 
     async def scenario() -> None:
         pool = ReadPool(slow_after=WAIT)
-        slot = ReadSlot(trio.CapacityLimiter(1))
+        slot = ReadSlot(1)
         (job,) = jobs_of(pool, slot, ["quick"], [], threading.Event(), delivered)
         assert pool.submit(job, wait=WAIT)
         assert job.outcome is not None and job.outcome.unwrap() == b"quick"

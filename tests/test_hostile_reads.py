@@ -312,8 +312,8 @@ def test_a_read_given_up_before_it_ran_closes_its_proc_mem_fd() -> None:
         # either finished within its 5 ms, or was still running, its fd not closed yet,
         # when the test looked: 2 failures in 50 runs beside two CPU hogs.)
         pool = ReadPool(slow_after=WAIT)
-        own = trio.CapacityLimiter(1)
-        memory = TargetMemory(notify, own, use_proc_mem=True, pool=pool, inline_wait=0)
+        memory = TargetMemory(notify, use_proc_mem=True, pool=pool, inline_wait=0)
+        own = memory._slot  # (taken from here below: a stuck read holds it)
         await pool.run(lambda: b"", trio.CapacityLimiter(1))  # its eventfd, its thread
         before = open_fds()
 

@@ -275,7 +275,7 @@ def submitted(delivered: dict[str, Any], name: str, address: int,
         delivered[name] = result
 
     job = _Job(work or (lambda: pytest.fail("read one by one")),
-               ReadSlot(trio.CapacityLimiter(1)), None, deliver)
+               ReadSlot(1), None, deliver)
     if work is None:
         job.request = (os.getpid(), (address,), 64)
     return job
