@@ -529,6 +529,26 @@ def test_a_task_given_up_while_it_waits_for_its_sessions_place_leaves_the_queue(
     assert ran == ["a0 stuck", "a2"]
 
 
+def test_a_read_slot_counts_its_places_and_refuses_misuse() -> None:
+    """ReadSlot counts its own places (no trio.CapacityLimiter): at most ``places`` at
+    once, each borrower one, and only a borrower gives one back."""
+    slot = ReadSlot(2)
+    slot.acquire_on_behalf_of_nowait("a")
+    with pytest.raises(RuntimeError):
+        slot.acquire_on_behalf_of_nowait("a")  # one place per borrower
+    slot.acquire_on_behalf_of_nowait("b")
+    assert slot.borrowed_tokens == 2
+    with pytest.raises(trio.WouldBlock):
+        slot.acquire_on_behalf_of_nowait("c")  # full
+    with pytest.raises(RuntimeError):
+        slot.release_on_behalf_of("c")  # holds none
+    slot.release_on_behalf_of("a")
+    slot.acquire_on_behalf_of_nowait("c")
+    assert slot.borrowed_tokens == 2
+    with pytest.raises(ValueError):
+        ReadSlot(0)
+
+
 def test_a_cancelled_submitted_read_gives_its_place_back() -> None:
     ran: list[str] = []
     delivered: list[str] = []
