@@ -9,8 +9,10 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +22,11 @@ import outcome
 import pytest
 import trio
 
-from supervisor import accel, memory
-from supervisor.errors import TargetMemoryError
+from supervisor import accel, memory, spawn
+from supervisor.errors import NotificationGone, TargetMemoryError
 from supervisor.memory import ReadPool, ReadSlot, _Job, _PyReadBatch, _Reader, batch_outcome
+
+from .conftest import notify_program
 
 PAGE = memory.PAGE_SIZE
 WAIT = 10.0  # a hang guard for what takes milliseconds
@@ -439,3 +443,86 @@ def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
         for name in "abc":
             assert isinstance(delivered[name], outcome.Error)
             assert str(delivered[name].error) == "run failed"
+
+
+# swapon(path, 0) from a child whose filter notifies swapon: it waits for our answer, and
+# after it sleeps, so its memory (the path) is still there to be read.
+SWAPON_THEN_SLEEP = """\
+import ctypes, time
+path = ctypes.create_string_buffer(b"/guarded/x")
+ctypes.CDLL(None, use_errno=True).syscall(167, path, 0)  # swapon (x86_64)
+time.sleep(60)
+"""
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("awaited", [False, True], ids=["declared", "awaited"])
+def test_a_read_made_once_the_call_no_longer_waits_is_not_its_argument(
+        awaited: bool) -> None:
+    """The race the ID_VALID after a read closes (DESIGN.md section 4), through the
+    batches: the read is queued behind a busy reading thread, the call is answered
+    meanwhile (so the task may reuse that memory for anything), then the read is made.
+    It reads the bytes, but they are no longer the call's argument: NotificationGone,
+    for a declared path (read_cstrings_soon) and for an awaited one (read_cstring)."""
+    from supervisor.memory import TargetMemory
+    from supervisor.notifyfd import NotifyFd
+
+    child = spawn.spawn_filtered([sys.executable, "-c", SWAPON_THEN_SLEEP],
+                                 notify_program(["swapon"]))
+    notify = NotifyFd(child.take_listener())
+    got: list[Any] = []
+
+    async def scenario() -> None:
+        poll = select.poll()
+        poll.register(notify.fileno(), select.POLLIN)
+        assert poll.poll(WAIT * 1000), "no notification"
+        received = notify.recv()
+        assert received is not None
+        notif_id, tid, _nr, _arch, args = received
+        pool = ReadPool(slow_after=WAIT)
+        sizes: list[int] = []
+        batch_type = pool.batch
+
+        def recording_batch(requests: list[Any]) -> Any:
+            sizes.append(len(requests))
+            return batch_type(requests)
+
+        pool.batch = recording_batch  # type: ignore[assignment]
+        memory = TargetMemory(notify, pool=pool, inline_wait=0)
+        gate = threading.Event()
+        await hold_the_thread(pool, gate)
+        async with trio.open_nursery() as nursery:
+            if awaited:
+                async def read() -> None:
+                    got.append(await outcome.acapture(
+                        memory.read_cstring, notif_id, tid, args[0], 4096))
+
+                nursery.start_soon(read)
+                with trio.fail_after(WAIT):
+                    while not pool.pending:
+                        await trio.sleep(0.001)
+            else:
+                pending = memory.read_cstrings_soon(notif_id, tid, [args[0]], 4096,
+                                                    lambda values: got.append(values))
+                assert not isinstance(pending, list)  # queued behind the busy thread
+            notify.send(notif_id, 0, -errno.EPERM, 0)  # the call no longer waits
+            gate.set()
+            with trio.fail_after(WAIT):
+                while not got:
+                    await trio.sleep(0.001)
+        assert sizes == [1]  # it went through a batch
+        notify.close()
+
+    try:
+        trio.run(scenario)
+    finally:
+        child.process.kill()
+        child.process.wait()
+        if not notify.closed:
+            os.close(notify.fileno())
+    if awaited:
+        assert isinstance(got[0], outcome.Error), got
+        assert isinstance(got[0].error, NotificationGone), got
+    else:
+        [values] = got
+        assert [type(value) for value in values] == [NotificationGone], values
