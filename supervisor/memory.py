@@ -149,6 +149,7 @@ INLINE_SPIN: Final = 50e-6
 BATCH_READS: Final = 64
 #: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
 BATCH_LIMIT: Final = 1 << 20
+_U64_MAX: Final = 2**64 - 1  # (registers hold 64 bits: so do the addresses a batch takes)
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
 #: read can last forever: a userfaultfd page or a FUSE mapping served by a process that
 #: outlives the container (its creator's, a sidecar's) keeps the thread in a killable
@@ -649,6 +650,17 @@ class _Released:
 _RELEASED: Final = _Released()
 
 
+def _batch_request(reader: _Reader, tid: int, addresses: Sequence[int],
+                   limit: int) -> tuple[int, tuple[int, ...], int] | None:
+    """What a job reading the strings at ``addresses`` through ``reader`` hands a read
+    batch (see :data:`BATCH_READS`), or None when it cannot be batched: it reads
+    /proc/<tid>/mem, or a limit or address is beyond what a batch takes."""
+    if (reader.mem_fd >= 0 or not 0 < limit <= BATCH_LIMIT or not addresses
+            or min(addresses) < 0 or max(addresses) > _U64_MAX):
+        return None
+    return (tid, tuple(addresses), limit)
+
+
 class _ReaderThread:
     """A thread that takes jobs off its pool's queue, in turn, until it is retired (its
     read turned slow, or the pool closed). ``current``/``started`` tell the pool what it
@@ -704,24 +716,19 @@ class _ReaderThread:
                 jobs.append(job)
                 if not pending or pending[0].request is None:
                     break
-        try:
-            batch = pool.batch([job.request for job in jobs])  # type: ignore[misc]
-        except Exception:  # (a request out of range: read_cstrings_soon guards them)
-            log.exception("reading a batch of %d jobs one by one", len(jobs))
-            for job in jobs:
-                job.outcome = outcome.capture(job.work)
-            self.current = None
-            self.holding = False
-            for job in jobs[:-1]:
-                pool.hand_over(job)
-            return jobs[-1]
-        self.batch_jobs = jobs
-        self.batch = batch
         mine: list[_Job] = []
         try:
+            batch = pool.batch([job.request for job in jobs])  # type: ignore[misc]
+            self.batch_jobs = jobs
+            self.batch = batch
             claimed = batch.run()
-        except Exception as exc:  # a bug: the jobs fail, never the thread (nor the reads
-            log.exception("reading a batch of %d jobs failed", len(jobs))  # after them)
+        except Exception as exc:
+            # No memory, or a bug: _batch_request checks what a batch takes, and run()
+            # raises only before it claims a job (a second run), so no job was read and
+            # the pool's watch (which waits SLOW_READ) took none. They fail; the thread
+            # and the reads after them go on.
+            log.exception("reading a batch of %d jobs failed", len(jobs))
+            self.batch = None
             claimed = 0
             for job in jobs:
                 job.outcome = outcome.Error(exc)
@@ -1190,7 +1197,6 @@ class ReadPool:
                 waiting.slot = _RELEASED  # (given back by _drop)
                 self.report(waiting)
 
-
     def _stop_batch(self, active: _ReaderThread, job: _Job) -> _Job | None:
         """``active`` turned slow in ``job``: if that is a batch (see BATCH_READS), stop
         it; the reads done are handed over now, those not begun go back to the head of
@@ -1313,8 +1319,7 @@ class TargetMemory:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         try:
-            request = ((tid, (address,), length) if cstring and reader.mem_fd < 0
-                       and length <= BATCH_LIMIT and 0 < address < 2**64 else None)
+            request = _batch_request(reader, tid, (address,), length) if cstring else None
             data = await pool.run(work, self._slot,
                                   self._inline_wait if turn >= 0 else 0.0, turn,
                                   reader.close, request)
@@ -1401,9 +1406,7 @@ class TargetMemory:
             pool = self._pool = current_read_pool()
         turn = poller_turn()  # >= 0: one listener fd served (see INLINE_WAIT)
         job = _Job(work, self._slot, reader.close, finished)
-        if reader.mem_fd < 0 and limit <= BATCH_LIMIT and all(
-                0 <= address < 2**64 for address in addresses):
-            job.request = (tid, tuple(addresses), limit)
+        job.request = _batch_request(reader, tid, addresses, limit)
         pending.pool = pool
         pending.job = job
         if pool.submit(job, self._inline_wait if turn >= 0 else 0.0, turn):

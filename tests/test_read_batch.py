@@ -381,12 +381,13 @@ def test_a_stuck_read_in_a_batch_holds_no_other_containers_read(
     assert delivered["stuck"] == outcome.Value([b"/late"])
 
 
-@pytest.mark.parametrize("failing", ["take", "run"])
+@pytest.mark.parametrize("failing", ["make", "take", "run"])
 def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
         batch_type: Any, pages: Pages, failing: str) -> None:
-    """Making a result's objects can fail (MemoryError in take()); so could run(), by a
-    bug. The jobs concerned get the error as their outcome; the reading thread lives on
-    and reads the next batch (a dead thread would leave every later read unread)."""
+    """Making a result's objects can fail (MemoryError in take()), and so can making the
+    batch; run() could, by a bug. The jobs concerned get the error as their outcome; the
+    reading thread lives on and reads the next batch (a dead thread would leave every
+    later read unread)."""
     address = pages.put(0, b"/x\0")
     delivered: dict[str, Any] = {}
 
@@ -394,6 +395,8 @@ def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
         def __init__(self, requests: list[Any]) -> None:
             self.inner = batch_type(requests)
             self.armed = len(requests) == 3  # the batch of a, b and c only
+            if failing == "make" and self.armed:
+                raise MemoryError
 
         def __len__(self) -> int:
             return len(self.inner)
@@ -442,7 +445,10 @@ def test_a_batch_that_fails_fails_its_jobs_not_the_reading_thread(
     else:
         for name in "abc":
             assert isinstance(delivered[name], outcome.Error)
-            assert str(delivered[name].error) == "run failed"
+            if failing == "make":
+                assert isinstance(delivered[name].error, MemoryError)
+            else:
+                assert str(delivered[name].error) == "run failed"
 
 
 # swapon(path, 0) from a child whose filter notifies swapon: it waits for our answer, and
