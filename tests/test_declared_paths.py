@@ -896,3 +896,22 @@ async def test_the_chain_goes_on_after_the_link_whose_paths_were_read(
         assert not resumed_in_python
     elif hot_loop == "python" and read == "delivered":
         assert len(resumed_in_python) >= 5
+
+
+def test_the_compiled_resume_refuses_what_is_not_a_decision_it_can_go_on_with() -> None:
+    """``_hotloop.resume`` takes only the session's own Notification and a link index in
+    its chain: anything else is a bug of the caller, refused before anything runs."""
+    from supervisor import accel
+    from supervisor.policy import Container, make_notification
+
+    assert accel.HOTLOOP is not None, accel.WHY
+    resume = accel.HOTLOOP.resume
+    n = make_notification(1, 1, 83, "x86_64", "mkdir", (0,) * 6, Container("c"), None)
+    with pytest.raises(TypeError):
+        resume(object(), object(), (), 0, 0.0)
+    with pytest.raises(TypeError):
+        resume(object(), n, [], 0, 0.0)
+    with pytest.raises(IndexError):
+        resume(object(), n, (), 0, 0.0)
+    with pytest.raises(TypeError):
+        resume(object(), n, (), 0)  # type: ignore[call-arg]
