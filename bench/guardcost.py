@@ -25,7 +25,9 @@ Audit is ``deny`` with the default rate limit (10 lines a second per container: 
 every line is held back, as in the bench row) or ``none`` (``--audit``). What is not
 here: RECV, ID_VALID and SEND (system calls), the reading thread, the read pool's
 queueing and delivery, trio's scheduler. ``bench/run.py --profile`` and
-``bench/instructions.py`` measure those with the rest.
+``bench/instructions.py`` measure those with the rest. The decision is the pure-Python
+one throughout: where the compiled loop takes it over once the paths are read
+(``_hotloop.resume``, from the handler to the answer), it SENDs on a real listener.
 """
 
 from __future__ import annotations
@@ -193,6 +195,10 @@ def session_row(call: str, length: int, calls: int, audit: str, delivered: bool)
             session = Session(fake, Container("bench"),  # type: ignore[arg-type]
                               chain, SessionSettings(), recorder)
             memory = session.memory = _FakeMemory(path, delivered)  # type: ignore[assignment]
+            if hasattr(session, "_resume"):
+                # The Python decision throughout: the compiled loop's resume() SENDs on
+                # the real fd, which this stand-in has not (run.py measures it).
+                session._resume = None
             on_ready = session.on_ready
 
             def one_batch(count: int) -> None:

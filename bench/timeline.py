@@ -42,6 +42,10 @@ import perfrow  # noqa: E402 - bench/perfrow.py: the perf control fifo
 import run  # noqa: E402 - bench/run.py, next to this file
 
 NR_GETPPID = 110  # x86_64
+# The target's call in each row: getppid (the default rows), openat and mkdirat (the
+# memory-reading rows); the trace says which one a row's target makes.
+CALL_NRS = (NR_GETPPID, 257, 258)
+NR_PROCESS_VM_READV = 310
 NR_IOCTL = 16
 NR_EPOLL_WAIT = 232
 NR_EPOLL_PWAIT = 281
@@ -108,7 +112,7 @@ def parse(text: str) -> list[Event]:
 
 @dataclass
 class Trip:
-    """One cycle: from the target's getppid exit to its next one."""
+    """One cycle: from the target's call's exit to its next one."""
 
     segments: dict[str, float] = field(default_factory=dict)  # microseconds
     counts: Counter[str] = field(default_factory=Counter)
@@ -148,15 +152,17 @@ SEGMENTS = (
 REQUIRED = ("t_out", "d_in", "recv_exit", "send_enter", "send_exit", "d_out", "t_in")
 
 
-def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
-    """One Trip per cycle of the target between two getppid exits."""
+def analyse(events: list[Event], target: int, daemon: int, call: int = NR_GETPPID,
+            reader: int = -1) -> list[Trip]:
+    """One Trip per cycle of the target between two exits of its ``call``. The steps of
+    the daemon's reading thread ``reader`` (if any) are shown with an ``R`` prefix."""
     # The poller's epoll fd: the one epoll_wait is called on with timeout 0, 32 events.
     epfds = Counter(e.args[0] for e in events
                     if e.tid == daemon and e.name == "enter" and e.nr == NR_EPOLL_WAIT
                     and len(e.args) >= 4 and e.args[2] == 32 and e.args[3] == 0)
     poller_epfd = epfds.most_common(1)[0][0] if epfds else None
     exits = [i for i, e in enumerate(events)
-             if e.tid == target and e.name == "exit" and e.nr == NR_GETPPID]
+             if e.tid == target and e.name == "exit" and e.nr == call]
     trips = []
     last_call = ""  # the supervisor's last system call entered, across cycles
     for a, b in itertools.pairwise(exits):
@@ -186,14 +192,24 @@ def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
                     if "send_exit" in marks:
                         marks.setdefault("t_in", ev.time)
                     steps.append("T in" + ("" if ev.cpu == daemon_cpu else " (other CPU)"))
+                elif ev.next == reader:
+                    steps.append("R in")
                 elif ev.next != 0 and ev.cpu in (daemon_cpu, target_cpu):
                     steps.append("other task in")
+                if ev.prev == reader:
+                    steps.append("R out " + ("(preempted)" if ev.prev_state.startswith("R")
+                                             else "(sleeps)"))
             elif ev.name == "wakeup" and ev.woken == daemon:
                 steps.append("S woken" + ("" if ev.target_cpu == target_cpu or target_cpu < 0
                                           else " (other CPU)"))
             elif ev.name == "wakeup" and ev.woken == target:
                 steps.append("T woken" + ("" if ev.target_cpu == daemon_cpu
                                           else " (other CPU)"))
+            elif ev.name == "wakeup" and ev.woken == reader:
+                steps.append("R woken")
+            elif ev.tid == reader and ev.name == "enter":
+                steps.append("R " + ("readv" if ev.nr == NR_PROCESS_VM_READV
+                                     else syscall_kind(ev, poller_epfd)))
             elif ev.tid == daemon and ev.name == "enter":
                 kind = last_call = syscall_kind(ev, poller_epfd)
                 steps.append(kind)
@@ -220,13 +236,18 @@ def analyse(events: list[Event], target: int, daemon: int) -> list[Trip]:
     return trips
 
 
-def who(events: list[Event]) -> tuple[int, int]:
-    """The target (the thread whose getppid returns) and the supervisor thread (the
-    one that SENDs), from the trace itself."""
-    target = Counter(e.tid for e in events if e.name == "exit" and e.nr == NR_GETPPID)
+def who(events: list[Event]) -> tuple[int, int, int, int]:
+    """The target (the thread whose call returns), the supervisor thread (the one that
+    SENDs), the target's call and the daemon's reading thread (the one that calls
+    process_vm_readv, -1 if none does), from the trace itself."""
+    calls = Counter((e.tid, e.nr) for e in events if e.name == "exit" and e.nr in CALL_NRS)
+    (target, call), _ = calls.most_common(1)[0]
     daemon = Counter(e.tid for e in events if e.name == "enter" and e.nr == NR_IOCTL
                      and len(e.args) > 1 and e.args[1] == SEND)
-    return target.most_common(1)[0][0], daemon.most_common(1)[0][0]
+    readers = Counter(e.tid for e in events
+                      if e.name == "enter" and e.nr == NR_PROCESS_VM_READV)
+    reader = readers.most_common(1)[0][0] if readers else -1
+    return target, daemon.most_common(1)[0][0], call, reader
 
 
 def report(name: str, trips: list[Trip]) -> str:
@@ -304,7 +325,7 @@ def trace_row(sup: run.Supervisor, calls: int, opts: run.Options, tmp: Path,
         capture_output=True, text=True, check=True).stdout
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-        (keep / f"{sup.name.replace(' ', '_')}.txt").write_text(text)
+        (keep / f"{sup.name.replace(' ', '_').replace('/', '@')}.txt").write_text(text)
     events = parse(text)
     trips = analyse(events, *who(events))
     p50 = statistics.median(sample.latencies) / 1e3 if sample.latencies else float("nan")
@@ -329,7 +350,8 @@ def main() -> int:
     if args.again:
         for path in sorted(Path(args.again).glob("*.txt")):
             events = parse(path.read_text())
-            print(report(path.stem.replace("_", " "), analyse(events, *who(events))))
+            name = path.stem.replace("_", " ").replace("@", "/")
+            print(report(name, analyse(events, *who(events))))
             print()
         return 0
     target, mem, reference = run.build(Path(args.out))
@@ -338,8 +360,9 @@ def main() -> int:
     keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory(prefix="timeline-", dir="/dev/shm") as d:
         sups = []
+        rows = [*run.SUPERVISORS, *run.mem_supervisors(run.MEM_CALLS, run.MEM_LENGTHS)]
         for name in args.sup or ["default", "C blk sw"]:
-            sup = next(s for s in run.SUPERVISORS if s.name == name)
+            sup = next(s for s in rows if s.name == name)
             if sup.kind == "ours":
                 sup = replace(sup, env=env, tree=args.tree or sup.tree)
                 if args.compare:

@@ -9,6 +9,10 @@
  *                     the session's counters, then Recorder.decided (Python). Anything
  *                     else is handed, at the point reached, to Session._decide_received,
  *                     so the C never has to be right about a rare case.
+ * - resume()          is the same from a link whose declared paths were read (inline,
+ *                     or delivered later by the read pool): its handler (a coroutine's
+ *                     first step too), the later links, the answer; it is what
+ *                     Session._decide_received(..., resumed=True) does in Python.
  * - Signal            is the flag between the event loop and the reading thread of
  *                     supervisor/memory.py (its twin: memory._PySignal); it releases the
  *                     GIL while it waits.
@@ -34,7 +38,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 8
+#define HOTLOOP_API_VERSION 9
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -54,9 +58,9 @@ static PyTypeObject *session_type, *notification_type, *link_type, *decision_typ
 static PyObject *outcome_type;
 static PyTypeObject *recorder_type;
 enum { N_ID, N_PID, N_NR, N_ARCH, N_SYSCALL, N_ARGS, N_CONTAINER, N_MEMORY, N_READ_MEMORY,
-       N_SLOTS };
+       N_PATHS, N_SLOTS };
 static PyObject *notification_slots[N_SLOTS];
-static PyObject *link_policy, *link_func, *link_is_async;
+static PyObject *link_policy, *link_func, *link_is_async, *link_coroutine;
 static PyObject *decision_kind, *decision_response;
 static PyObject *outcome_decision, *outcome_policy, *outcome_error, *outcome_audit_hot;
 
@@ -67,8 +71,12 @@ static PyObject *s_notify, *s_fd, *s_buf, *s_journal, *s_routes, *s_bucket, *s_s
     *s_unregister, *s_read_elsewhere, *s_decide_received, *s_decided, *s_allow, *s_recv,
     *s_send, *s_last, *s_value, *s_bounds, *s_counts, *s_sum, *s_audit, *s_audit_slow,
     *s_none, *s_deny, *s_limiter, *s_limit, *s_epoch, *s_window, *s_written, *s_start,
-    *s_suppressed, *s_suppressed_counter, *s_generation, *s_readers;
+    *s_suppressed, *s_suppressed_counter, *s_generation, *s_readers, *s_inflight,
+    *s_max_inflight, *s_suspend;
 static PyObject *one, *zero;
+/* ("resumed",): the keyword of Session._decide_received for a decision handed over
+ * before the handler of the link whose paths were just read. */
+static PyObject *resumed_kwnames;
 
 /* Where a member (slot) descriptor keeps its value in `obj`: for a plain object slot
  * (T_OBJECT_EX, writable, no audit hook) of a type `obj` is an instance of, the address
@@ -656,126 +664,141 @@ static PyObject *arch_int(uint32_t arch)
     return last;
 }
 
-/* The notification's part after RECV and journal: route, sync handlers, answer; or the
- * hand-over to Session._decide_received. Owns none of its arguments. */
-static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
-                        double received)
+/* The handler of `link` called, its result kept in *handed (a new reference; NULL when it
+ * raised: *raised set and *handed the exception). `coroutine`: its result is a coroutine,
+ * run to where it first waits (PyIter_Send, no StopIteration made): *trap is what it
+ * yielded if it waits (then *handed is the coroutine). Returns -1 only for an error of
+ * ours (the notification's slot could not be written). */
+static int call_handler(PyObject *link, PyObject *n, int coroutine, PyObject **handed,
+                        int *raised, PyObject **trap)
 {
-    PyObject *result = NULL, *id = NULL, *tid = NULL, *nr = NULL, *arch = NULL,
-             *args = NULL, *received_obj = NULL, *routes = NULL, *route = NULL,
-             *n = NULL, *handed = NULL, *outcome = NULL, *policy = NULL, *kind = NULL;
-    PyObject *links = NULL, *syscall, *arch_label; /* borrowed from route */
-    Py_ssize_t index = 0;
-    int raised = 0, python_from_start = 0;
-
-    if ((id = PyLong_FromUnsignedLongLong(notif->id)) == NULL ||
-        (tid = PyLong_FromUnsignedLong(notif->pid)) == NULL ||
-        (nr = PyLong_FromLong(notif->data.nr)) == NULL ||
-        (arch = arch_int(notif->data.arch)) == NULL ||
-        (args = PyTuple_New(6)) == NULL)
-        goto done;
-    for (int i = 0; i < 6; i++) {
-        PyObject *arg = PyLong_FromUnsignedLongLong(notif->data.args[i]);
-        if (arg == NULL)
-            goto done;
-        PyTuple_SET_ITEM(args, i, arg);
-    }
-
-    /* What the Python path checks before the handlers, and leaves to Python here:
-     * a token bucket, shadow mode (its answers are CONTINUE), a route not cached yet,
-     * no links. */
-    PyObject *bucket = GET(session, s_bucket);
-    if (bucket == NULL)
-        goto done;
-    Py_DECREF(bucket); /* only compared with None */
-    PyObject *shadow = GET(session, s_shadow);
-    if (shadow == NULL)
-        goto done;
-    Py_DECREF(shadow);
-    if (bucket != Py_None || shadow != Py_False) {
-        python_from_start = 1;
-        goto hand_over;
-    }
-    if ((routes = GET(session, s_routes)) == NULL)
-        goto done;
-    if (PyDict_CheckExact(routes)) {
-        PyObject *by_nr = PyDict_GetItemWithError(routes, arch); /* borrowed */
-        if (by_nr != NULL && PyDict_CheckExact(by_nr)) {
-            route = PyDict_GetItemWithError(by_nr, nr);
-            Py_XINCREF(route);
+    *handed = NULL;
+    *raised = 0;
+    *trap = NULL;
+    if (slot_set(notification_slots[N_READ_MEMORY], n, Py_False) < 0)
+        return -1;
+    PyObject *func = slot_get(link_func, link);
+    if (func == NULL)
+        return -1;
+    PyObject *got = PyObject_Vectorcall(func, &n, 1, NULL);
+    Py_DECREF(func);
+    if (got != NULL && coroutine) {
+        PyObject *value = NULL;
+        PySendResult sent = PyIter_Send(got, Py_None, &value);
+        if (sent == PYGEN_NEXT) {
+            *trap = value;
+            *handed = got;
+            return 0;
         }
-        if (PyErr_Occurred())
-            goto done;
+        Py_DECREF(got);
+        got = sent == PYGEN_RETURN ? value : NULL;
     }
-    if (route == NULL || !PyTuple_CheckExact(route) || PyTuple_GET_SIZE(route) != 3 ||
-        !PyTuple_CheckExact(links = PyTuple_GET_ITEM(route, 2)) ||
-        PyTuple_GET_SIZE(links) == 0) {
-        python_from_start = 1;
-        goto hand_over;
-    }
-    syscall = PyTuple_GET_ITEM(route, 0);
-    arch_label = PyTuple_GET_ITEM(route, 1);
-
-    /* make_notification(): the same slots, written through their descriptors. */
-    if ((n = notification_type->tp_alloc(notification_type, 0)) == NULL)
-        goto done;
-    {
-        PyObject *container = GET(session, s_container);
-        if (container == NULL)
-            goto done;
-        PyObject *memory = GET(session, s_memory);
-        if (memory == NULL) {
-            Py_DECREF(container);
-            goto done;
+    if (got == NULL) {
+        /* Every exception goes to Python's _decide_received, which turns a policy's
+         * into on_error and raises the daemon's own again (session._daemon_own:
+         * KeyboardInterrupt, Cancelled, in a group too). */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        if (value == NULL) { /* a send that failed with no exception set: ours */
+            PyErr_SetString(PyExc_SystemError, "a handler failed without an exception");
+            return -1;
         }
-        PyObject *values[N_SLOTS] = {id, tid, nr, arch_label, syscall, args, container,
-                                     memory, Py_False};
-        int rc = 0;
-        for (int i = 0; i < N_SLOTS && rc == 0; i++)
-            rc = slot_set(notification_slots[i], n, values[i]);
-        Py_DECREF(container);
-        Py_DECREF(memory);
-        if (rc < 0)
-            goto done;
+        *handed = value;
+        *raised = 1;
     }
+    else
+        *handed = got;
+    return 0;
+}
 
-    for (index = 0; index < PyTuple_GET_SIZE(links); index++) {
+/* The notification `n` from links[start] on: sync handlers called here, the first result
+ * that is not an allow answered here (fast_response); anything else handed over to
+ * Session._decide_received at the link reached, with what that link's handler returned
+ * or raised. `resumed`: links[start] is an async link whose declared paths were read
+ * (Session._prefetch), run here too: its plain function, or its coroutine's first step
+ * (one that waits goes to Session._suspend). Owns none of its arguments. */
+static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
+                           Py_ssize_t start, int resumed, unsigned long long notif_id,
+                           PyObject *id, PyObject *tid, PyObject *nr, PyObject *arch,
+                           PyObject *args, PyObject *syscall, double received)
+{
+    PyObject *result = NULL, *received_obj = NULL, *handed = NULL, *trap = NULL,
+             *outcome = NULL, *policy = NULL, *kind = NULL, *index_obj = NULL;
+    Py_ssize_t index = start;
+    int raised = 0, hand_resumed = 0;
+
+    for (; index < PyTuple_GET_SIZE(links); index++) {
         PyObject *link = PyTuple_GET_ITEM(links, index);
-        if (Py_TYPE(link) != link_type)
-            goto hand_over;
-        PyObject *is_async = slot_get(link_is_async, link);
-        if (is_async == NULL)
-            goto done;
-        Py_DECREF(is_async);
-        if (is_async != Py_False)
-            goto hand_over; /* Python parks it or runs its first step */
-        if (slot_set(notification_slots[N_READ_MEMORY], n, Py_False) < 0)
-            goto done;
-        PyObject *func = slot_get(link_func, link);
-        if (func == NULL)
-            goto done;
-        handed = PyObject_Vectorcall(func, &n, 1, NULL);
-        Py_DECREF(func);
-        if (handed == NULL) {
-            /* Every exception goes to Python's _decide_received, which turns a policy's
-             * into on_error and raises the daemon's own again (session._daemon_own:
-             * KeyboardInterrupt, Cancelled, in a group too). */
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(value, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            handed = value;
-            raised = 1;
+        if (Py_TYPE(link) != link_type) {
+            hand_resumed = resumed && index == start;
             goto hand_over;
         }
+        int coroutine = 0;
+        if (resumed && index == start) {
+            PyObject *is_coroutine = slot_get(link_coroutine, link);
+            if (is_coroutine == NULL)
+                goto done;
+            Py_DECREF(is_coroutine);
+            coroutine = is_coroutine == Py_True;
+            if (!coroutine && is_coroutine != Py_False) {
+                hand_resumed = 1;
+                goto hand_over;
+            }
+            if (coroutine) {
+                /* Every async slot taken: Python parks it (the paths are read). */
+                PyObject *inflight = GET(session, s_inflight);
+                if (inflight == NULL)
+                    goto done;
+                PyObject *most = GET(session, s_max_inflight);
+                if (most == NULL) {
+                    Py_DECREF(inflight);
+                    goto done;
+                }
+                int full = int_compare(inflight, most, Py_GE);
+                Py_DECREF(inflight);
+                Py_DECREF(most);
+                if (full < 0)
+                    goto done;
+                if (full) {
+                    hand_resumed = 1;
+                    goto hand_over;
+                }
+            }
+        }
+        else {
+            PyObject *is_async = slot_get(link_is_async, link);
+            if (is_async == NULL)
+                goto done;
+            Py_DECREF(is_async);
+            if (is_async != Py_False)
+                goto hand_over; /* Python reads its paths, parks it or runs its first step */
+        }
+        if (call_handler(link, n, coroutine, &handed, &raised, &trap) < 0)
+            goto done;
+        if (trap != NULL) {
+            /* The coroutine waits (at `trap`): it takes a slot (one is free, checked
+             * above) and is carried on suspended, as in Python. */
+            if ((index_obj = PyLong_FromSsize_t(index)) == NULL ||
+                (received_obj = PyFloat_FromDouble(received)) == NULL)
+                goto done;
+            PyObject *call[8] = {session, n, links, index_obj, received_obj, handed, trap,
+                                 Py_None};
+            result = PyObject_VectorcallMethod(s_suspend, call,
+                                               8 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            goto done;
+        }
+        if (raised)
+            goto hand_over;
         if (handed == Py_None) {
             Py_CLEAR(handed);
             continue;
         }
-        struct seccomp_notif_resp resp = {.id = notif->id};
+        struct seccomp_notif_resp resp = {.id = notif_id};
         if (!fast_response(handed, &resp))
             goto hand_over;
         /* The Outcome reuse of the Python loop (session._last_outcome). */
@@ -801,42 +824,191 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         }
         if ((kind = slot_get(decision_kind, handed)) == NULL)
             goto done;
-        result = answer(session, &resp, id, tid, syscall, args, received, outcome,
-                        kind);
+        result = answer(session, &resp, id, tid, syscall, args, received, outcome, kind);
         goto done;
     }
     /* Every link passed: Python gives the unhandled answer. */
 
 hand_over:
+    if ((received_obj = PyFloat_FromDouble(received)) == NULL ||
+        (index_obj = PyLong_FromSsize_t(index)) == NULL)
+        goto done;
+    {
+        PyObject *call[14] = {session, id, tid, nr, arch, args, received_obj, n, links,
+                              index_obj, Py_None, handed ? handed : Py_None,
+                              raised ? Py_True : Py_False, Py_True};
+        result = PyObject_VectorcallMethod(s_decide_received, call,
+                                           13 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                           hand_resumed ? resumed_kwnames : NULL);
+    }
+done:
+    Py_XDECREF(index_obj);
+    Py_XDECREF(kind);
+    Py_XDECREF(policy);
+    Py_XDECREF(outcome);
+    Py_XDECREF(trap);
+    Py_XDECREF(handed);
+    Py_XDECREF(received_obj);
+    return result;
+}
+
+/* The notification's part after RECV and journal: route, sync handlers, answer; or the
+ * hand-over to Session._decide_received. Owns none of its arguments. */
+static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
+                        double received)
+{
+    PyObject *result = NULL, *id = NULL, *tid = NULL, *nr = NULL, *arch = NULL,
+             *args = NULL, *received_obj = NULL, *routes = NULL, *route = NULL,
+             *n = NULL;
+    PyObject *links, *syscall, *arch_label; /* borrowed from route */
+
+    if ((id = PyLong_FromUnsignedLongLong(notif->id)) == NULL ||
+        (tid = PyLong_FromUnsignedLong(notif->pid)) == NULL ||
+        (nr = PyLong_FromLong(notif->data.nr)) == NULL ||
+        (arch = arch_int(notif->data.arch)) == NULL ||
+        (args = PyTuple_New(6)) == NULL)
+        goto done;
+    for (int i = 0; i < 6; i++) {
+        PyObject *arg = PyLong_FromUnsignedLongLong(notif->data.args[i]);
+        if (arg == NULL)
+            goto done;
+        PyTuple_SET_ITEM(args, i, arg);
+    }
+
+    /* What the Python path checks before the handlers, and leaves to Python here:
+     * a token bucket, shadow mode (its answers are CONTINUE), a route not cached yet,
+     * no links. */
+    PyObject *bucket = GET(session, s_bucket);
+    if (bucket == NULL)
+        goto done;
+    Py_DECREF(bucket); /* only compared with None */
+    PyObject *shadow = GET(session, s_shadow);
+    if (shadow == NULL)
+        goto done;
+    Py_DECREF(shadow);
+    if (bucket != Py_None || shadow != Py_False)
+        goto from_start;
+    if ((routes = GET(session, s_routes)) == NULL)
+        goto done;
+    if (PyDict_CheckExact(routes)) {
+        PyObject *by_nr = PyDict_GetItemWithError(routes, arch); /* borrowed */
+        if (by_nr != NULL && PyDict_CheckExact(by_nr)) {
+            route = PyDict_GetItemWithError(by_nr, nr);
+            Py_XINCREF(route);
+        }
+        if (PyErr_Occurred())
+            goto done;
+    }
+    if (route == NULL || !PyTuple_CheckExact(route) || PyTuple_GET_SIZE(route) != 3 ||
+        !PyTuple_CheckExact(links = PyTuple_GET_ITEM(route, 2)) ||
+        PyTuple_GET_SIZE(links) == 0)
+        goto from_start;
+    syscall = PyTuple_GET_ITEM(route, 0);
+    arch_label = PyTuple_GET_ITEM(route, 1);
+
+    /* make_notification(): the same slots, written through their descriptors. */
+    if ((n = notification_type->tp_alloc(notification_type, 0)) == NULL)
+        goto done;
+    {
+        PyObject *container = GET(session, s_container);
+        if (container == NULL)
+            goto done;
+        PyObject *memory = GET(session, s_memory);
+        if (memory == NULL) {
+            Py_DECREF(container);
+            goto done;
+        }
+        PyObject *values[N_SLOTS] = {id, tid, nr, arch_label, syscall, args, container,
+                                     memory, Py_False, Py_None};
+        int rc = 0;
+        for (int i = 0; i < N_SLOTS && rc == 0; i++)
+            rc = slot_set(notification_slots[i], n, values[i]);
+        Py_DECREF(container);
+        Py_DECREF(memory);
+        if (rc < 0)
+            goto done;
+    }
+    result = run_links(session, n, links, 0, 0, notif->id, id, tid, nr, arch, args, syscall,
+                       received);
+    goto done;
+
+from_start:
     if ((received_obj = PyFloat_FromDouble(received)) == NULL)
         goto done;
-    if (python_from_start) {
+    {
         PyObject *call[7] = {session, id, tid, nr, arch, args, received_obj};
         result = PyObject_VectorcallMethod(s_decide_received, call,
                                            7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
-    else {
-        PyObject *index_obj = PyLong_FromSsize_t(index);
-        if (index_obj == NULL)
-            goto done;
-        PyObject *call[13] = {session, id, tid, nr, arch, args, received_obj, n, links,
-                              index_obj, Py_None, handed ? handed : Py_None,
-                              raised ? Py_True : Py_False};
-        result = PyObject_VectorcallMethod(s_decide_received, call,
-                                           13 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(index_obj);
-    }
 done:
-    Py_XDECREF(kind);
-    Py_XDECREF(policy);
-    Py_XDECREF(outcome);
-    Py_XDECREF(handed);
     Py_XDECREF(n);
     Py_XDECREF(route);
     Py_XDECREF(routes);
     Py_XDECREF(received_obj);
     Py_XDECREF(args);
     Py_XDECREF(arch);
+    Py_XDECREF(nr);
+    Py_XDECREF(tid);
+    Py_XDECREF(id);
+    return result;
+}
+
+PyDoc_STRVAR(resume_doc,
+"resume(session, n, links, index, received) -> Suspended | None\n\n"
+"Session._decide_received(..., n, links, index, resumed=True) for a decision whose\n"
+"links[index] declared paths that are read now (Session._prefetch, inline or delivered\n"
+"later), with no allow of an earlier link: its handler and the later links run here as\n"
+"the compiled loop runs them, and what is not its common case goes to the Python method\n"
+"at the point reached. Returns what that method returns.");
+
+static PyObject *resume(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 5) {
+        PyErr_SetString(PyExc_TypeError, "resume takes 5 arguments");
+        return NULL;
+    }
+    PyObject *session = argv[0], *n = argv[1], *links = argv[2];
+    if (Py_TYPE(n) != notification_type || !PyTuple_CheckExact(links)) {
+        PyErr_SetString(PyExc_TypeError, "resume takes a Notification and a tuple of links");
+        return NULL;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(argv[3]);
+    double received = PyFloat_AsDouble(argv[4]);
+    if ((index == -1 || received == -1.0) && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= PyTuple_GET_SIZE(links)) {
+        PyErr_SetString(PyExc_IndexError, "resume: no such link");
+        return NULL;
+    }
+    PyObject *result = NULL, *shadow = NULL;
+    PyObject *id = slot_get(notification_slots[N_ID], n),
+             *tid = slot_get(notification_slots[N_PID], n),
+             *nr = slot_get(notification_slots[N_NR], n),
+             *args = slot_get(notification_slots[N_ARGS], n),
+             *syscall = slot_get(notification_slots[N_SYSCALL], n);
+    if (id == NULL || tid == NULL || nr == NULL || args == NULL || syscall == NULL)
+        goto done;
+    unsigned long long notif_id = PyLong_AsUnsignedLongLong(id);
+    if (notif_id == (unsigned long long)-1 && PyErr_Occurred())
+        goto done;
+    if (Py_TYPE(session) == session_type && (shadow = GET(session, s_shadow)) == NULL)
+        goto done;
+    if (shadow == Py_False)
+        result = run_links(session, n, links, index, 1, notif_id, id, tid, nr, zero, args,
+                           syscall, received);
+    else {
+        /* Not the common case (shadow mode answers CONTINUE; a subclass of Session may
+         * change anything): all of it in Python. */
+        PyObject *call[14] = {session, id, tid, nr, zero, args, argv[4], n, links, argv[3],
+                              Py_None, Py_None, Py_False, Py_True};
+        result = PyObject_VectorcallMethod(s_decide_received, call,
+                                           13 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                           resumed_kwnames);
+    }
+done:
+    Py_XDECREF(shadow);
+    Py_XDECREF(syscall);
+    Py_XDECREF(args);
     Py_XDECREF(nr);
     Py_XDECREF(tid);
     Py_XDECREF(id);
@@ -1149,10 +1321,11 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
             return NULL;
         }
     static const char *const slots[N_SLOTS] = {"id", "pid", "nr", "arch", "syscall", "args",
-                                                "container", "_memory", "_read_memory"};
+                                                "container", "_memory", "_read_memory",
+                                                "_paths"};
     PyTypeObject *notification = (PyTypeObject *)argv[1], *link = (PyTypeObject *)argv[2],
                  *decision = (PyTypeObject *)argv[3], *outcome = (PyTypeObject *)argv[4];
-    PyObject *found[N_SLOTS + 9] = {NULL};
+    PyObject *found[N_SLOTS + 10] = {NULL};
     for (int i = 0; i < N_SLOTS; i++)
         if ((found[i] = member_descriptor(notification, slots[i])) == NULL)
             goto fail;
@@ -1164,7 +1337,8 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         (found[N_SLOTS + 5] = member_descriptor(outcome, "decision")) == NULL ||
         (found[N_SLOTS + 6] = member_descriptor(outcome, "policy")) == NULL ||
         (found[N_SLOTS + 7] = member_descriptor(outcome, "error")) == NULL ||
-        (found[N_SLOTS + 8] = member_descriptor(outcome, "audit_hot")) == NULL)
+        (found[N_SLOTS + 8] = member_descriptor(outcome, "audit_hot")) == NULL ||
+        (found[N_SLOTS + 9] = member_descriptor(link, "coroutine")) == NULL)
         goto fail;
     for (int i = 0; i < N_SLOTS; i++)
         Py_XSETREF(notification_slots[i], found[i]);
@@ -1177,6 +1351,7 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XSETREF(outcome_policy, found[N_SLOTS + 6]);
     Py_XSETREF(outcome_error, found[N_SLOTS + 7]);
     Py_XSETREF(outcome_audit_hot, found[N_SLOTS + 8]);
+    Py_XSETREF(link_coroutine, found[N_SLOTS + 9]);
     for (int i = 0; i < 6; i++)
         Py_INCREF(argv[i]);
     Py_XSETREF(session_type, (PyTypeObject *)argv[0]);
@@ -1187,7 +1362,7 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XSETREF(recorder_type, (PyTypeObject *)argv[5]);
     Py_RETURN_NONE;
 fail:
-    for (int i = 0; i < N_SLOTS + 9; i++)
+    for (int i = 0; i < N_SLOTS + 10; i++)
         Py_XDECREF(found[i]);
     return NULL;
 }
@@ -2129,6 +2304,7 @@ static PyMethodDef hotloop_methods[] = {
     {"poll_round", (PyCFunction)(void (*)(void))poll_round, METH_FASTCALL, poll_round_doc},
     {"recv_calls", recv_calls, METH_NOARGS, recv_calls_doc},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
+    {"resume", (PyCFunction)(void (*)(void))resume, METH_FASTCALL, resume_doc},
     {"format_audit_line", (PyCFunction)(void (*)(void))format_audit_line, METH_FASTCALL,
      format_audit_line_doc},
     {NULL, NULL, 0, NULL},
@@ -2151,7 +2327,7 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send", "_last",
         "value", "bounds", "counts", "sum", "audit", "_audit", "none", "deny", "limiter",
         "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed",
-        "_generation", "_readers"};
+        "_generation", "_readers", "inflight", "_max_inflight", "_suspend"};
     PyObject **targets[] = {
         &s_notify, &s_fd, &s_buf, &s_journal, &s_routes, &s_bucket, &s_shadow, &s_stats,
         &s_recorder, &s_container, &s_memory, &s_last_outcome, &s_notifications, &s_gone,
@@ -2159,12 +2335,15 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         &s_read_elsewhere, &s_decide_received, &s_decided, &s_allow, &s_recv, &s_send, &s_last,
         &s_value, &s_bounds, &s_counts, &s_sum, &s_audit, &s_audit_slow, &s_none, &s_deny,
         &s_limiter, &s_limit, &s_epoch, &s_window, &s_written, &s_start, &s_suppressed,
-        &s_suppressed_counter, &s_generation, &s_readers};
+        &s_suppressed_counter, &s_generation, &s_readers, &s_inflight, &s_max_inflight,
+        &s_suspend};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
     if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
-        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) || format_audit_line_init() < 0)
+        (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) ||
+        (resumed_kwnames == NULL && (resumed_kwnames = PyTuple_Pack(1, PyUnicode_InternFromString(
+             "resumed"))) == NULL) || format_audit_line_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&hotloop_module);
     if (m == NULL)

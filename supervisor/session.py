@@ -206,7 +206,7 @@ class Session:
     # one block; in a dict they were the dict, its values array and a lookup each.
     __slots__ = ("__weakref__", "_carried", "_deadlines", "_ended",
                  "_failed", "_last_outcome", "_max_inflight", "_parked", "_parked_entry",
-                 "_polled_fd", "_poller", "_prefetching", "_reading", "_routes",
+                 "_polled_fd", "_poller", "_prefetching", "_reading", "_resume", "_routes",
                  "_shadow", "_slot_freed", "_waiting", "_wake",
                  "bucket", "chain", "container", "inflight", "journal", "keep_fd",
                  "memory", "notify", "read_elsewhere", "recorder", "serial", "settings",
@@ -238,6 +238,10 @@ class Session:
         # path except for one None check of the bucket.
         self.bucket: TokenBucket | None = _bucket(settings, None)
         self._shadow = settings.mode == "shadow"
+        # The compiled loop's resume() (None in pure Python, chosen as the poller chooses
+        # its loop): a decision whose declared paths were read goes on there, from the
+        # link that declared them, as _decide_received(..., resumed=True) does.
+        self._resume = None if accel.HOTLOOP is None else accel.HOTLOOP.resume
         self._reading = trio.CancelScope()
         self.keep_fd = False
         self.read_elsewhere = False  # see _read_elsewhere
@@ -479,11 +483,12 @@ class Session:
         """Decide a notification :meth:`on_ready` received (and journaled): route it, ask
         its links, answer. The compiled loop (``supervisor/_hotloop.c``) hands over here
         whatever is not its common case, at the point it reached: before the route
-        (``n`` None), or at ``links[index]`` with the Notification it made and the allow
-        of an earlier link; ``links[index]`` is a sync handler it already called, which
-        returned ``handed`` (or raised it, ``raised``). ``resumed``: ``n`` is a decision
-        that waited for its paths (:meth:`_prefetched`), not one the compiled loop made.
-        Returns what :meth:`on_ready` returns."""
+        (``n`` None), or at ``links[index]`` with the Notification and the allow of an
+        earlier link; if ``handed`` is not None (or ``raised``), ``links[index]``'s
+        handler was called already and returned (raised) it. ``resumed``: the paths
+        ``links[index]`` declared were read (:meth:`_prefetch`), its paths function is not
+        called again (the compiled ``resume`` hands over such a decision too). Returns
+        what :meth:`on_ready` returns."""
         if n is None:
             try:
                 syscall, arch_label, links = self._routes[arch][nr]
@@ -502,8 +507,6 @@ class Session:
             index = -1  # not enumerate(): that is an object per notification
             pending = links
         else:
-            if not resumed:  # made by the compiled loop, which does not set it
-                n._paths = None
             syscall = n.syscall
             index -= 1
             pending = links[index + 1:]
@@ -511,6 +514,7 @@ class Session:
         # too, and the first refusal or answer of its own wins (a permissive policy first
         # in a chain must not switch off the checks of the ones after it). The allow is
         # the answer when none of them decides otherwise.
+        resume_at = -1
         for link in pending:
             index += 1
             try:
@@ -535,6 +539,9 @@ class Session:
                         if wanted and not self._prefetch(n, links, index, received,
                                                          allowed, wanted):
                             return None  # parked, or resumed when the paths are read
+                        if self._resume is not None and allowed is None:
+                            resume_at = index  # read (within the inline wait), or none
+                            break
                     if not link.coroutine:
                         result = link.func(n)
                     elif self.inflight >= self._max_inflight:
@@ -583,6 +590,9 @@ class Session:
                     continue
                 self._answer(notif_id, tid, syscall, args, received, outcome)
                 return None
+        if resume_at >= 0:  # the rest in the compiled loop, as a delivered read's
+            assert self._resume is not None
+            return self._resume(self, n, links, resume_at, received)  # type: ignore[no-any-return]
         self._answer(notif_id, tid, syscall, args, received,
                      allowed if allowed is not None
                      else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
@@ -697,9 +707,14 @@ class Session:
         try:
             # Its slot is given back first: the decision goes on as if inline (a handler
             # that suspends takes one again in _suspend; one is free).
-            suspended = self._decide_received(n.id, n.pid, n.nr, 0, n.args, record.received,
-                                              n, record.links, record.index,
-                                              record.allowed, resumed=True)
+            if self._resume is not None and record.allowed is None:
+                suspended = self._resume(self, n, record.links, record.index,
+                                         record.received)
+            else:
+                suspended = self._decide_received(n.id, n.pid, n.nr, 0, n.args,
+                                                  record.received, n, record.links,
+                                                  record.index, record.allowed,
+                                                  resumed=True)
         except Exception as exc:  # what on_ready raising is
             self.on_failure(exc)
         if (suspended is None and n.id not in self._prefetching

@@ -828,3 +828,90 @@ def test_the_deadline_heap_does_not_keep_what_was_answered() -> None:
         assert len(deadlines) == 0 and len(deadlines._heap) <= 64
 
     trio.run(scenario)
+
+
+@pytest.mark.parametrize("read", ["inline", "delivered"])
+@pytest.mark.parametrize("first", ["none", "allow", "deny", "waits-deny", "raises"])
+@pytest.mark.parametrize("second", ["sync", "paths"])
+async def test_the_chain_goes_on_after_the_link_whose_paths_were_read(
+        read: str, first: str, second: str, hot_loop: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the paths a link declared are read (within the inline wait, or delivered
+    later), its handler and the later links of the chain run as at any other point: an
+    allow does not end the chain, the first refusal wins, a handler that waits is carried
+    on, an error is the call's on_error, and a later link that declared the same path
+    gets the bytes read once. The compiled loop runs it (``resume``) without going back
+    to Python for its common case: a refusal, or None and then a later link's answer."""
+    if read == "delivered":
+        no_inline_wait(monkeypatch)
+    resumed_in_python: list[int] = []
+    original = session_module.Session._decide_received
+
+    def counted(self: Session, *args: object, **kwargs: object) -> object:
+        if kwargs.get("resumed"):
+            resumed_in_python.append(1)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module.Session, "_decide_received", counted)
+    head, tail = PolicySet("head"), PolicySet("tail")
+
+    @head.on("mkdir", paths=(0,))
+    async def first_handler(n: Notification) -> object:
+        assert n.path(0) == b"/abc/de"
+        if first == "waits-deny":
+            await trio.lowlevel.checkpoint()
+        if first == "raises":
+            raise RuntimeError("a bug in the policy")
+        return {"none": None, "allow": allow(unchecked=True)}.get(first, deny(errno.EPERM))
+
+    if second == "sync":
+        @tail.on("mkdir")
+        def second_handler(n: Notification) -> object:
+            return deny(errno.EACCES)
+    else:
+        @tail.on("mkdir", paths=(0,))
+        def second_handler(n: Notification) -> object:
+            return returns(len(n.path(0)))
+
+    settings = SessionSettings(on_error=deny(errno.EIO))
+    async with serve_target([head, tail], ["mkdir"], "mkdir-repeat", "/abc/de", "5",
+                            settings=settings) as served:
+        out = await served.target.result()
+        session = served.session
+        assert session.inflight == 0 and not session._prefetching and not session._waiting
+    if first in ("deny", "waits-deny"):
+        expected, policy = {"rc": -1, "errno": errno.EPERM}, "head"
+    elif first == "raises":
+        expected, policy = {"rc": -1, "errno": errno.EIO}, "head"
+    elif second == "sync":
+        expected, policy = {"rc": -1, "errno": errno.EACCES}, "tail"
+    else:
+        expected, policy = {"rc": 7, "errno": 0}, "tail"
+    assert out == {"results": [expected] * 5}
+    decision = "deny" if expected["rc"] == -1 else "returns"
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="mkdir",
+                         policy=policy, decision=decision) == 5
+    assert session.memory.reads == 5  # the later link's path was not read again
+    if hot_loop == "c" and first in ("none", "deny"):
+        assert not resumed_in_python
+    elif hot_loop == "python" and read == "delivered":
+        assert len(resumed_in_python) >= 5
+
+
+def test_the_compiled_resume_refuses_what_is_not_a_decision_it_can_go_on_with() -> None:
+    """``_hotloop.resume`` takes only the session's own Notification and a link index in
+    its chain: anything else is a bug of the caller, refused before anything runs."""
+    from supervisor import accel
+    from supervisor.policy import Container, make_notification
+
+    assert accel.HOTLOOP is not None, accel.WHY
+    resume = accel.HOTLOOP.resume
+    n = make_notification(1, 1, 83, "x86_64", "mkdir", (0,) * 6, Container("c"), None)
+    with pytest.raises(TypeError):
+        resume(object(), object(), (), 0, 0.0)
+    with pytest.raises(TypeError):
+        resume(object(), n, [], 0, 0.0)
+    with pytest.raises(IndexError):
+        resume(object(), n, (), 0, 0.0)
+    with pytest.raises(TypeError):
+        resume(object(), n, (), 0)  # type: ignore[call-arg]
