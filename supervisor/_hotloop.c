@@ -38,7 +38,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 9
+#define HOTLOOP_API_VERSION 10
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -721,11 +721,14 @@ static int call_handler(PyObject *link, PyObject *n, int coroutine, PyObject **h
  * Session._decide_received at the link reached, with what that link's handler returned
  * or raised. `resumed`: links[start] is an async link whose declared paths were read
  * (Session._prefetch), run here too: its plain function, or its coroutine's first step
- * (one that waits goes to Session._suspend). Owns none of its arguments. */
+ * (one that waits goes to Session._suspend). `allowed`: the Outcome of an earlier link's
+ * allow, or None; it goes with the decision wherever Python takes it on (a refusal
+ * answered here wins over it, as in Python). Owns none of its arguments. */
 static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
-                           Py_ssize_t start, int resumed, unsigned long long notif_id,
-                           PyObject *id, PyObject *tid, PyObject *nr, PyObject *arch,
-                           PyObject *args, PyObject *syscall, double received)
+                           Py_ssize_t start, int resumed, PyObject *allowed,
+                           unsigned long long notif_id, PyObject *id, PyObject *tid,
+                           PyObject *nr, PyObject *arch, PyObject *args, PyObject *syscall,
+                           double received)
 {
     PyObject *result = NULL, *received_obj = NULL, *handed = NULL, *trap = NULL,
              *outcome = NULL, *policy = NULL, *kind = NULL, *index_obj = NULL;
@@ -787,7 +790,7 @@ static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
                 (received_obj = PyFloat_FromDouble(received)) == NULL)
                 goto done;
             PyObject *call[8] = {session, n, links, index_obj, received_obj, handed, trap,
-                                 Py_None};
+                                 allowed};
             result = PyObject_VectorcallMethod(s_suspend, call,
                                                8 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             goto done;
@@ -835,7 +838,7 @@ hand_over:
         goto done;
     {
         PyObject *call[14] = {session, id, tid, nr, arch, args, received_obj, n, links,
-                              index_obj, Py_None, handed ? handed : Py_None,
+                              index_obj, allowed, handed ? handed : Py_None,
                               raised ? Py_True : Py_False, Py_True};
         result = PyObject_VectorcallMethod(s_decide_received, call,
                                            13 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -928,8 +931,8 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
         if (rc < 0)
             goto done;
     }
-    result = run_links(session, n, links, 0, 0, notif->id, id, tid, nr, arch, args, syscall,
-                       received);
+    result = run_links(session, n, links, 0, 0, Py_None, notif->id, id, tid, nr, arch, args,
+                       syscall, received);
     goto done;
 
 from_start:
@@ -954,20 +957,20 @@ done:
 }
 
 PyDoc_STRVAR(resume_doc,
-"resume(session, n, links, index, received) -> Suspended | None\n\n"
-"Session._decide_received(..., n, links, index, resumed=True) for a decision whose\n"
-"links[index] declared paths that are read now (Session._prefetch, inline or delivered\n"
-"later), with no allow of an earlier link: its handler and the later links run here as\n"
-"the compiled loop runs them, and what is not its common case goes to the Python method\n"
-"at the point reached. Returns what that method returns.");
+"resume(session, n, links, index, received, allowed) -> Suspended | None\n\n"
+"Session._decide_received(..., n, links, index, allowed, resumed=True) for a decision\n"
+"whose links[index] declared paths that are read now (Session._prefetch, inline or\n"
+"delivered later; `allowed`: an earlier link's allow, or None): its handler and the\n"
+"later links run here as the compiled loop runs them, and what is not its common case\n"
+"goes to the Python method at the point reached. Returns what that method returns.");
 
 static PyObject *resume(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 5) {
-        PyErr_SetString(PyExc_TypeError, "resume takes 5 arguments");
+    if (argc != 6) {
+        PyErr_SetString(PyExc_TypeError, "resume takes 6 arguments");
         return NULL;
     }
-    PyObject *session = argv[0], *n = argv[1], *links = argv[2];
+    PyObject *session = argv[0], *n = argv[1], *links = argv[2], *allowed = argv[5];
     if (Py_TYPE(n) != notification_type || !PyTuple_CheckExact(links)) {
         PyErr_SetString(PyExc_TypeError, "resume takes a Notification and a tuple of links");
         return NULL;
@@ -994,13 +997,13 @@ static PyObject *resume(PyObject *module, PyObject *const *argv, Py_ssize_t argc
     if (Py_TYPE(session) == session_type && (shadow = GET(session, s_shadow)) == NULL)
         goto done;
     if (shadow == Py_False)
-        result = run_links(session, n, links, index, 1, notif_id, id, tid, nr, zero, args,
-                           syscall, received);
+        result = run_links(session, n, links, index, 1, allowed, notif_id, id, tid, nr, zero,
+                           args, syscall, received);
     else {
         /* Not the common case (shadow mode answers CONTINUE; a subclass of Session may
          * change anything): all of it in Python. */
         PyObject *call[14] = {session, id, tid, nr, zero, args, argv[4], n, links, argv[3],
-                              Py_None, Py_None, Py_False, Py_True};
+                              allowed, Py_None, Py_False, Py_True};
         result = PyObject_VectorcallMethod(s_decide_received, call,
                                            13 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                            resumed_kwnames);

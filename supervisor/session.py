@@ -539,7 +539,7 @@ class Session:
                         if wanted and not self._prefetch(n, links, index, received,
                                                          allowed, wanted):
                             return None  # parked, or resumed when the paths are read
-                        if self._resume is not None and allowed is None:
+                        if self._resume is not None:
                             resume_at = index  # read (within the inline wait), or none
                             break
                     if not link.coroutine:
@@ -592,7 +592,8 @@ class Session:
                 return None
         if resume_at >= 0:  # the rest in the compiled loop, as a delivered read's
             assert self._resume is not None
-            return self._resume(self, n, links, resume_at, received)  # type: ignore[no-any-return]
+            return self._resume(  # type: ignore[no-any-return]
+                self, n, links, resume_at, received, allowed)
         self._answer(notif_id, tid, syscall, args, received,
                      allowed if allowed is not None
                      else Outcome(self.settings.unhandled, UNHANDLED_POLICY))
@@ -707,9 +708,9 @@ class Session:
         try:
             # Its slot is given back first: the decision goes on as if inline (a handler
             # that suspends takes one again in _suspend; one is free).
-            if self._resume is not None and record.allowed is None:
+            if self._resume is not None:
                 suspended = self._resume(self, n, record.links, record.index,
-                                         record.received)
+                                         record.received, record.allowed)
             else:
                 suspended = self._decide_received(n.id, n.pid, n.nr, 0, n.args,
                                                   record.received, n, record.links,

@@ -830,6 +830,21 @@ def test_the_deadline_heap_does_not_keep_what_was_answered() -> None:
     trio.run(scenario)
 
 
+def python_resumes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an entry for every decision Python goes on with after its paths
+    were read (``_decide_received(..., resumed=True)``)."""
+    resumed: list[int] = []
+    original = session_module.Session._decide_received
+
+    def counted(self: Session, *args: object, **kwargs: object) -> object:
+        if kwargs.get("resumed"):
+            resumed.append(1)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module.Session, "_decide_received", counted)
+    return resumed
+
+
 @pytest.mark.parametrize("read", ["inline", "delivered"])
 @pytest.mark.parametrize("first", ["none", "allow", "deny", "waits-deny", "raises"])
 @pytest.mark.parametrize("second", ["sync", "paths"])
@@ -844,15 +859,7 @@ async def test_the_chain_goes_on_after_the_link_whose_paths_were_read(
     to Python for its common case: a refusal, or None and then a later link's answer."""
     if read == "delivered":
         no_inline_wait(monkeypatch)
-    resumed_in_python: list[int] = []
-    original = session_module.Session._decide_received
-
-    def counted(self: Session, *args: object, **kwargs: object) -> object:
-        if kwargs.get("resumed"):
-            resumed_in_python.append(1)
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(session_module.Session, "_decide_received", counted)
+    resumed_in_python = python_resumes(monkeypatch)
     head, tail = PolicySet("head"), PolicySet("tail")
 
     @head.on("mkdir", paths=(0,))
@@ -908,10 +915,50 @@ def test_the_compiled_resume_refuses_what_is_not_a_decision_it_can_go_on_with() 
     resume = accel.HOTLOOP.resume
     n = make_notification(1, 1, 83, "x86_64", "mkdir", (0,) * 6, Container("c"), None)
     with pytest.raises(TypeError):
-        resume(object(), object(), (), 0, 0.0)
+        resume(object(), object(), (), 0, 0.0, None)
     with pytest.raises(TypeError):
-        resume(object(), n, [], 0, 0.0)
+        resume(object(), n, [], 0, 0.0, None)
     with pytest.raises(IndexError):
-        resume(object(), n, (), 0, 0.0)
+        resume(object(), n, (), 0, 0.0, None)
     with pytest.raises(TypeError):
-        resume(object(), n, (), 0)  # type: ignore[call-arg]
+        resume(object(), n, (), 0, 0.0)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("read", ["inline", "delivered"])
+@pytest.mark.parametrize("then", ["none", "deny"])
+async def test_an_allow_before_the_link_whose_paths_were_read_goes_on_with_it(
+        read: str, then: str, hot_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier link's allow stays the answer when the links after it pass, and a
+    later refusal still wins over it, whether the decision went on after its read in
+    Python or in the compiled loop (which takes the allow along: no hand-over back to
+    Python for it)."""
+    if read == "delivered":
+        no_inline_wait(monkeypatch)
+    resumed_in_python = python_resumes(monkeypatch)
+    head, tail = PolicySet("head"), PolicySet("tail")
+
+    @head.on("mkdir")
+    def lets_it(n: Notification) -> object:
+        return allow(reason="head has nothing against it")
+
+    @tail.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        assert n.path(0) == b"/nonexistent/d"
+        return deny(errno.EPERM) if then == "deny" else None
+
+    async with serve_target([head, tail], ["mkdir"], "mkdir-repeat", "/nonexistent/d",
+                            "5") as served:
+        out = await served.target.result()
+        session = served.session
+        assert session.inflight == 0 and not session._prefetching
+    if then == "deny":
+        assert out == {"results": [{"rc": -1, "errno": errno.EPERM}] * 5}
+        policy, decision = "tail", "deny"
+    else:  # allowed: the kernel made the call (its parent does not exist)
+        assert out == {"results": [{"rc": -1, "errno": errno.ENOENT}] * 5}
+        policy, decision = "head", "allow"
+    assert served.metric("seccomp_supervisor_notifications_total", syscall="mkdir",
+                         policy=policy, decision=decision) == 5
+    assert session.memory.reads == 5
+    if hot_loop == "c":
+        assert not resumed_in_python
