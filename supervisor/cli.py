@@ -244,6 +244,9 @@ def cmd_serve(args: argparse.Namespace, prebound: PreBound | None = None) -> int
     daemon = Daemon(config, policies, loader=loader if args.config or args.policy else None,
                     notifier=notifier, fd_keeper=args.fd_keeper)
     takeover = control if args.takeover else None
+    from . import heap
+
+    heap.tune()
     try:
         trio.run(functools.partial(daemon.run, sock=sock,
                                    sock_file=config.listen.socket if sock else None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -389,6 +390,11 @@ class Daemon:
             "pid": os.getpid(),
             # "c" or "python", and why (supervisor/accel.py).
             "hot_loop": {"kind": accel.KIND, "why": accel.WHY},
+            # The cyclic garbage collector (supervisor/heap.py): its young threshold, and
+            # its collections so far by generation.
+            "garbage_collector": {
+                "young_threshold": gc.get_threshold()[0],
+                "collections": [generation["collections"] for generation in gc.get_stats()]},
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,

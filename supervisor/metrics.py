@@ -18,6 +18,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Info,
     PlatformCollector,
     ProcessCollector,
@@ -178,8 +179,10 @@ class Metrics:
     """The supervisor's metric families, registered on ``registry``.
 
     With ``process=True`` the registry also gets prometheus-client's ``process_*``
-    (CPU, memory, open fds, start time) and ``python_info`` collectors, as the default
-    registry has them; the daemon asks for them, tests of single sessions do not.
+    (CPU, memory, open fds, start time), ``python_gc_*`` (the garbage collector's runs
+    by generation, see supervisor/heap.py) and ``python_info`` collectors, as the
+    default registry has them; the daemon asks for them, tests of single sessions do
+    not.
     """
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = False) -> None:
@@ -188,6 +191,7 @@ class Metrics:
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
         self.build_info = Info(
             "build", "The running seccomp-supervisor: version and Python.", namespace=ns,
             registry=registry)
