@@ -15,7 +15,11 @@ cancelled out. Unlike times on a shared VM, the count barely moves from run to r
 valgrind does not know seccomp(2), so the daemon's start-up check of the kernel's struct
 sizes would fail under it; a ``sitecustomize`` in a temporary directory answers that
 check with our own sizes (only in the daemon started here). ``--keep DIR`` keeps both
-callgrind files for ``callgrind_annotate``.
+callgrind files for ``callgrind_annotate``. ``--threads`` also prints each thread's share
+(1: the event loop's; the reading thread of the memory-reading rows is started later).
+Under callgrind the daemon runs ~50 times slower while the audit's rate limit counts per
+second, so in rows that deny every call more of them write an audit line than in a
+timed run (``format_audit_line`` then shows up in the count).
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ def mem_args(sup: str) -> list[str]:
 
 
 def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path
-          ) -> dict[str, int]:
+          ) -> dict[str, dict[str, int]]:
     """The callgrind totals of one row's daemon, by event (Ir; with the cache
-    simulation also D1mr, DLmr...)."""
+    simulation also D1mr, DLmr...): under "all", and with ``--threads`` (callgrind's
+    ``--separate-threads=yes``, one file per thread) also under each thread's number
+    (1 is the event loop's)."""
     for old in out.glob("callgrind.*"):
         old.unlink()
     done = subprocess.run(
@@ -66,16 +72,26 @@ def count(run_py: Path, k: int, sup: str, scale: float, wrapper: Path, out: Path
          "--scale", str(scale), "--python", str(wrapper), "--timeout", "900",
          "--no-reference"],
         capture_output=True, text=True)
-    files = list(out.glob("callgrind.*"))
-    if done.returncode != 0 or len(files) != 1 or "FAILED" in done.stdout:
+    # With --separate-threads, callgrind.PID is left empty beside callgrind.PID-NN.
+    files = [f for f in out.glob("callgrind.*") if f.stat().st_size > 0]
+    threads = any("-" in f.name for f in files)
+    if done.returncode != 0 or not files or (len(files) != 1 and not threads) \
+            or "FAILED" in done.stdout:
         sys.exit(f"bench row failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    text = files[0].read_text(errors="replace")
-    events = re.search(r"^events: (.+)$", text, re.M)
-    match = re.search(r"^summary: ([\d ]+)$", text, re.M)
-    if match is None or events is None:
-        sys.exit(f"no events or summary line in {files[0]}")
-    return dict(zip(events.group(1).split(), (int(x) for x in match.group(1).split()),
-                    strict=True))
+    totals: dict[str, dict[str, int]] = {"all": {}}
+    for file in sorted(files):
+        text = file.read_text(errors="replace")
+        events = re.search(r"^events: (.+)$", text, re.M)
+        match = re.search(r"^(?:summary|totals): ([\d ]+)$", text, re.M)
+        if match is None or events is None:
+            sys.exit(f"no events or summary line in {file}")
+        found = dict(zip(events.group(1).split(), (int(x) for x in match.group(1).split()),
+                         strict=True))
+        totals[file.name.rpartition("-")[2].lstrip("0") if threads else "all"] = found
+        if threads:
+            for event, value in found.items():
+                totals["all"][event] = totals["all"].get(event, 0) + value
+    return totals
 
 
 def main() -> int:
@@ -88,6 +104,9 @@ def main() -> int:
     ap.add_argument("--tree", help="directory holding the supervisor package (and bench/)")
     ap.add_argument("--python", default=sys.executable, help="interpreter of the daemon")
     ap.add_argument("--keep", metavar="DIR", help="keep the two callgrind files here")
+    ap.add_argument("--threads", action="store_true",
+                    help="also count each thread of the daemon on its own (callgrind's "
+                         "--separate-threads=yes): 1 is the event loop's")
     ap.add_argument("--cache-sim", action="store_true",
                     help="also simulate the caches (--cache-sim=yes, this CPU's L1 and "
                          "last level): misses per notification")
@@ -106,9 +125,9 @@ def main() -> int:
         site.mkdir()
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         wrapper = tmpdir / "python"
-        extra = ""
+        extra = "--separate-threads=yes " if args.threads else ""
         if args.cache_sim:
-            extra = "--cache-sim=yes " + (f"--LL={args.ll} " if args.ll else "")
+            extra += "--cache-sim=yes " + (f"--LL={args.ll} " if args.ll else "")
         wrapper.write_text(WRAPPER.format(site=site, out=tmpdir, python=args.python,
                                           extra=extra))
         wrapper.chmod(0o755)
@@ -119,24 +138,33 @@ def main() -> int:
                  (*SUPERVISORS, *mem_supervisors(MEM_CALLS, MEM_LENGTHS))}.get(args.sup, 1.0)
         calls = {scale: int(int(DEFAULT_CALLS.get(args.k, 100_000) * scale) * share)
                  // args.k * args.k for scale in (small, large)}
-        totals: dict[float, dict[str, int]] = {}
+        totals: dict[float, dict[str, dict[str, int]]] = {}
         for scale in (small, large):
             totals[scale] = count(run_py, args.k, args.sup, scale, wrapper, tmpdir)
             if args.keep:
                 os.makedirs(args.keep, exist_ok=True)
                 for f in tmpdir.glob("callgrind.*"):
-                    shutil.copy(f, Path(args.keep) / f"callgrind.{calls[scale]}-calls")
+                    if f.stat().st_size > 0:  # (callgrind.PID-NN: a thread's)
+                        thread = f.name.partition("-")[2]
+                        name = f"callgrind{'-' + thread if thread else ''}"
+                        shutil.copy(f, Path(args.keep) / f"{name}.{calls[scale]}-calls")
 
-    def per_call(event: str) -> float:
-        return float((totals[large][event] - totals[small][event])
+    def per_call(event: str, thread: str = "all") -> float:
+        return float((totals[large].get(thread, {}).get(event, 0)
+                      - totals[small].get(thread, {}).get(event, 0))
                      / (calls[large] - calls[small]))
 
     print(f"{args.sup} K={args.k}: {per_call('Ir'):,.0f} instructions per notification "
-          f"({calls[small]} and {calls[large]} calls: {totals[small]['Ir']:,} and "
-          f"{totals[large]['Ir']:,})")
+          f"({calls[small]} and {calls[large]} calls: {totals[small]['all']['Ir']:,} and "
+          f"{totals[large]['all']['Ir']:,})")
+    if args.threads:
+        numbers = sorted((t for t in totals[large] if t != "all"), key=int)
+        print("  by thread: " + ", ".join(
+            f"{t}: {per_call('Ir', t):,.0f}" for t in numbers))
     if args.cache_sim:
         print("  per notification: " + ", ".join(
-            f"{event} {per_call(event):,.1f}" for event in totals[large] if event != "Ir"))
+            f"{event} {per_call(event):,.1f}" for event in totals[large]["all"]
+            if event != "Ir"))
     return 0
 
 
