@@ -244,6 +244,9 @@ def audit_line(entry: _Entry) -> dict[str, Any]:
 
 
 _json_str: Final = json.encoder.encode_basestring_ascii  # what json.dumps does per string
+# What json.dumps(line, ensure_ascii=True, separators=(",", ":")) makes per call: one
+# encoder for every line (a long line is encoded several times while it is cut).
+_encode_line: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _int_repr: Final = int.__repr__
 _float_repr: Final = float.__repr__
 _LINE: Final = ('{"time":%s,"container":%s,"runtime_pid":%d%s,"tid":%d,"id":"%#x",'
@@ -266,6 +269,9 @@ def audit_text(entry: _Entry, max_line: int = 0) -> str:
         text: str | None = hotloop.format_audit_line(entry, max_line)
         if text is not None:
             return text
+        # Declined where the direct formatting below would take the general path too (a
+        # line to cut, a surrogate...): not built a second time.
+        return _dumps(audit_line(entry), max_line)
     when, container, tid, notif_id, syscall, args, outcome, latency, shadow = entry
     decision = outcome.decision
     kind = decision.kind
@@ -655,11 +661,11 @@ def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
     """``line`` as one line of ASCII JSON (``ensure_ascii``: see the module docstring),
     at most ``max_line`` bytes with its newline (0: no cap): the longest strings are cut
     to a common length and marked ``...[N more]`` until it fits."""
-    text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+    text = _encode_line(line) + "\n"
     if "\\ud" in text:  # a surrogate code point, maybe a lone one (see _SURROGATE)
         line = {key: _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
                 for key, value in line.items()}
-        text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(line) + "\n"
     if max_line <= 0 or len(text) <= max_line:
         return text
     cut = dict(line)
@@ -682,17 +688,17 @@ def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
                     keep = len(value) - 1  # always progress
                 lost = len(original) - keep
                 cut[key] = f"{original[:keep]}...[{lost} more]"
-        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(cut) + "\n"
     if len(text) > max_line:  # not reached in practice: every string gives way
         cut = {key: f"...[{len(value)} more]" if isinstance(value, str) else value
                for key, value in line.items()}
-        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(cut) + "\n"
     return text
 
 
 def _json_size(value: str) -> int:
     """Bytes of ``value`` as a JSON string, without its quotes."""
-    return len(json.dumps(value, ensure_ascii=True)) - 2
+    return len(_json_str(value)) - 2
 
 
 def _water_level(sizes: list[int], room: int) -> int:
