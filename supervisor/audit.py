@@ -91,6 +91,11 @@ AuditLevel = Literal["all", "deny", "none"]
 WINDOW: Final = 1.0
 # How often the writer looks for ended windows and byte budgets (seconds).
 EXPIRY_EVERY: Final = WINDOW / 8
+#: The writer formats at most this many lines, or for about this long, before it lets the
+#: sessions run again: with many containers a second's first lines come at once (10 each
+#: at the default rate limit), and a line naming a long path is cut, which costs ~50 µs.
+WRITE_LINES_PER_TURN: Final = 64
+WRITE_SECONDS_PER_TURN: Final = 0.001
 #: Defaults of ``[audit] container_bytes`` and ``[audit] max_line``.
 CONTAINER_BYTES: Final = 65536
 MAX_LINE: Final = 4096
@@ -244,6 +249,9 @@ def audit_line(entry: _Entry) -> dict[str, Any]:
 
 
 _json_str: Final = json.encoder.encode_basestring_ascii  # what json.dumps does per string
+# What json.dumps(line, ensure_ascii=True, separators=(",", ":")) makes per call: one
+# encoder for every line (a long line is encoded several times while it is cut).
+_encode_line: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _int_repr: Final = int.__repr__
 _float_repr: Final = float.__repr__
 _LINE: Final = ('{"time":%s,"container":%s,"runtime_pid":%d%s,"tid":%d,"id":"%#x",'
@@ -266,6 +274,9 @@ def audit_text(entry: _Entry, max_line: int = 0) -> str:
         text: str | None = hotloop.format_audit_line(entry, max_line)
         if text is not None:
             return text
+        # Declined where the direct formatting below would take the general path too (a
+        # line to cut, a surrogate...): not built a second time.
+        return _dumps(audit_line(entry), max_line)
     when, container, tid, notif_id, syscall, args, outcome, latency, shadow = entry
     decision = outcome.decision
     kind = decision.kind
@@ -543,7 +554,7 @@ class Recorder:
                 with trio.move_on_after(WINDOW if pending_windows else float("inf")):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                self.flush()
+                await self._write_pending()
                 # Looking for ended windows scans every window and budget, one per
                 # container and more: with many containers writing, doing that at every
                 # wake-up cost more than the lines (K=1000: a scan of ~2,000 entries
@@ -559,8 +570,36 @@ class Recorder:
             self._report(self.limiter.flush())
             self.flush_budgets()
 
+    async def _write_pending(self) -> None:
+        """Write the pending lines in order, a turn of the event loop at a time (see
+        :data:`WRITE_LINES_PER_TURN`); what is still pending when cancelled stays queued
+        (run_writer's end writes it)."""
+        while self._pending:
+            out: list[str] = []
+            started = time.perf_counter()
+            written = 0
+            while self._pending and written < WRITE_LINES_PER_TURN and \
+                    time.perf_counter() - started < WRITE_SECONDS_PER_TURN:
+                # (self._pending each time: flush() may have swapped it meanwhile)
+                chunk = self._pending[:8]
+                del self._pending[:8]
+                written += len(chunk)
+                self._format(out, chunk)
+            if out:
+                self._emit("".join(out))
+            if self._pending:
+                await trio.lowlevel.checkpoint()
+
     def _write(self, batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
         out: list[str] = []
+        self._format(out, batch)
+        if out:
+            self._emit("".join(out))
+
+    def _format(self, out: list[str],
+                batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
+        """Append the text of ``batch``'s lines (and the summaries they carry) to ``out``,
+        as each container's byte budget allows."""
         window = self.limiter.window
         max_line = self.max_line
         now = time.time()
@@ -573,10 +612,10 @@ class Recorder:
                 self._add(out, summary_line(sample, count, entry[0], window), sample[1],
                           now, count, counted=True)
             text = compiled(entry, max_line) if compiled is not None else None
-            self._add_text(out, text if text is not None else audit_text(entry, max_line),
-                           entry[1], now, 1, counted=False)
-        if out:
-            self._emit("".join(out))
+            if text is None:  # (audit_text would ask the compiled formatter again)
+                text = (audit_text(entry, max_line) if compiled is None
+                        else _dumps(audit_line(entry), max_line))
+            self._add_text(out, text, entry[1], now, 1, counted=False)
 
     def _report(self, reports: list[tuple[Any, int]]) -> None:
         if reports:
@@ -655,11 +694,11 @@ def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
     """``line`` as one line of ASCII JSON (``ensure_ascii``: see the module docstring),
     at most ``max_line`` bytes with its newline (0: no cap): the longest strings are cut
     to a common length and marked ``...[N more]`` until it fits."""
-    text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+    text = _encode_line(line) + "\n"
     if "\\ud" in text:  # a surrogate code point, maybe a lone one (see _SURROGATE)
         line = {key: _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
                 for key, value in line.items()}
-        text = json.dumps(line, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(line) + "\n"
     if max_line <= 0 or len(text) <= max_line:
         return text
     cut = dict(line)
@@ -682,17 +721,17 @@ def _dumps(line: dict[str, Any], max_line: int = 0) -> str:
                     keep = len(value) - 1  # always progress
                 lost = len(original) - keep
                 cut[key] = f"{original[:keep]}...[{lost} more]"
-        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(cut) + "\n"
     if len(text) > max_line:  # not reached in practice: every string gives way
         cut = {key: f"...[{len(value)} more]" if isinstance(value, str) else value
                for key, value in line.items()}
-        text = json.dumps(cut, ensure_ascii=True, separators=(",", ":")) + "\n"
+        text = _encode_line(cut) + "\n"
     return text
 
 
 def _json_size(value: str) -> int:
     """Bytes of ``value`` as a JSON string, without its quotes."""
-    return len(json.dumps(value, ensure_ascii=True)) - 2
+    return len(_json_str(value)) - 2
 
 
 def _water_level(sizes: list[int], room: int) -> int:

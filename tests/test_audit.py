@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from supervisor import accel
-from supervisor.audit import RateLimiter, Recorder, _dumps, audit_line, audit_text
+from supervisor.audit import (
+    WRITE_LINES_PER_TURN,
+    RateLimiter,
+    Recorder,
+    _dumps,
+    audit_line,
+    audit_text,
+)
 from supervisor.decide import Chain, Outcome
 from supervisor.metrics import Metrics
 from supervisor.notifyfd import NotifyFd
@@ -451,3 +459,37 @@ def test_a_byte_budget_from_the_future_has_ended() -> None:
     _decide(rec, ctr, Outcome(deny(errno.EACCES), "p"))
     written = records(out.getvalue().splitlines())
     assert len(written) == 3 and written[1]["suppressed"] == 1, written
+
+
+async def test_the_writer_lets_the_sessions_run_between_turns() -> None:
+    """A burst of lines to cut (a second's first denials of many containers, each naming
+    a path longer than max_line: ~50 µs a line) is written a turn of the event loop at a
+    time: another task runs after at most WRITE_LINES_PER_TURN lines, and every line is
+    written, in order."""
+    out = io.StringIO()
+    rec = Recorder(None, audit="deny", stream=out, container_bytes=0)
+    outcome = Outcome(deny(errno.EACCES, reason="/guarded/" + "a" * 5000), "path_guard")
+    count = 3 * WRITE_LINES_PER_TURN + 5
+    written: list[int] = []  # lines written so far, each time the watcher runs
+
+    async def watch() -> None:
+        while True:
+            written.append(out.getvalue().count("\n"))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rec.run_writer)
+        for i in range(count):
+            rec.decided(Container(id=f"c-{i}", pid=1000 + i), i, 7, "openat",
+                        (0xFFFFFF9C, 0x7FFD0000, 0x241, 0o644, 0, 0), outcome, 1e-6)
+        nursery.start_soon(watch)
+        with trio.fail_after(20):
+            while out.getvalue().count("\n") < count:
+                await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    steps = [later - earlier for earlier, later in itertools.pairwise(written)]
+    assert 0 < max(steps) <= WRITE_LINES_PER_TURN, steps
+    lines = records(out.getvalue().splitlines())
+    assert [int(r["id"], 16) for r in lines] == list(range(count))
+    assert all(len(text) < 4096 and r["reason"].endswith("more]")
+               for text, r in zip(out.getvalue().splitlines(), lines, strict=True))
