@@ -57,15 +57,16 @@ happen in :meth:`Recorder.run_writer`, a task of the daemon. Without that task
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final, Literal, TypeVar
 
 import trio
 
@@ -87,6 +88,7 @@ __all__ = ["CONTAINER_BYTES", "MAX_LINE", "AuditLevel", "RateLimiter", "Recorder
 log = logging.getLogger("supervisor.audit")
 
 AuditLevel = Literal["all", "deny", "none"]
+_T = TypeVar("_T")
 
 WINDOW: Final = 1.0
 # How often the writer looks for ended windows and byte budgets (seconds).
@@ -562,8 +564,12 @@ class Recorder:
                 now = time.time()
                 if now >= next_expiry or now < next_expiry - EXPIRY_EVERY:
                     next_expiry = now + EXPIRY_EVERY
-                    self._report(self.limiter.expire(now))
-                    self._expire_budgets(now)
+                    # One summary per container whose window held lines back, all of
+                    # them at once when their seconds started together: in turns too.
+                    await self._in_turns(self.limiter.expire(now),
+                                         functools.partial(self._put_summary, now))
+                    await self._in_turns(self._ended_budgets(now),
+                                         functools.partial(self._put_budget, now))
         finally:
             self._wakeup = None
             self.flush()
@@ -589,6 +595,33 @@ class Recorder:
                 self._emit("".join(out))
             if self._pending:
                 await trio.lowlevel.checkpoint()
+
+    async def _in_turns(self, items: list[_T], put: Callable[[list[str], _T], None]
+                        ) -> None:
+        """``put(out, item)`` for each of ``items`` in order, writing what they add a turn
+        of the event loop at a time (see :data:`WRITE_LINES_PER_TURN`); if cancelled,
+        the rest at once (nothing is lost, as at the writer's end)."""
+        done = 0
+        try:
+            while done < len(items):
+                out: list[str] = []
+                started = time.perf_counter()
+                last = min(len(items), done + WRITE_LINES_PER_TURN)
+                while done < last and time.perf_counter() - started < WRITE_SECONDS_PER_TURN:
+                    item = items[done]
+                    done += 1
+                    put(out, item)
+                if out:
+                    self._emit("".join(out))
+                if done < len(items):
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if done < len(items):
+                out = []
+                for item in items[done:]:
+                    put(out, item)
+                if out:
+                    self._emit("".join(out))
 
     def _write(self, batch: Sequence[tuple[_Entry, tuple[_Entry, int] | None]]) -> None:
         out: list[str] = []
@@ -621,11 +654,20 @@ class Recorder:
         if reports:
             now = time.time()
             out: list[str] = []
-            for sample, count in reports:
-                self._add(out, summary_line(sample, count, now, self.limiter.window),
-                          sample[1], now, count, counted=True)
+            for report in reports:
+                self._put_summary(now, out, report)
             if out:
                 self._emit("".join(out))
+
+    def _put_summary(self, now: float, out: list[str], report: tuple[Any, int]) -> None:
+        """The summary of a window that held ``report``'s count of lines back."""
+        sample, count = report
+        self._add(out, summary_line(sample, count, now, self.limiter.window), sample[1],
+                  now, count, counted=True)
+
+    def _put_budget(self, now: float, out: list[str], budget: _Budget) -> None:
+        """The line that reports what an ended byte budget dropped."""
+        out.append(self._budget_text(budget, now))
 
     def _add(self, out: list[str], line: dict[str, Any], container: Container,
              now: float, lines: int, *, counted: bool) -> None:
@@ -658,16 +700,17 @@ class Recorder:
         return _dumps(budget_line(b.container, b.dropped, now, WINDOW,
                                   self.container_bytes), self.max_line)
 
-    def _expire_budgets(self, now: float) -> None:
+    def _ended_budgets(self, now: float) -> list[_Budget]:
+        """Forget the byte budgets whose window ended by ``now``; those that dropped
+        lines, to be reported."""
         ended = [key for key, b in self._budgets.items()
                  if not 0.0 <= now - b.start < WINDOW]
-        out = []
+        dropped = []
         for key in ended:
             b = self._budgets.pop(key)
             if b.dropped:
-                out.append(self._budget_text(b, now))
-        if out:
-            self._emit("".join(out))
+                dropped.append(b)
+        return dropped
 
     def flush_budgets(self) -> None:
         """Forget every byte budget, writing the lines that report what they dropped."""

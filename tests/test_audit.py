@@ -493,3 +493,51 @@ async def test_the_writer_lets_the_sessions_run_between_turns() -> None:
     assert [int(r["id"], 16) for r in lines] == list(range(count))
     assert all(len(text) < 4096 and r["reason"].endswith("more]")
                for text, r in zip(out.getvalue().splitlines(), lines, strict=True))
+
+
+async def test_the_summaries_of_windows_that_end_together_are_written_in_turns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When many containers' windows end together (their seconds started with the same
+    burst), each one's summary repeats its denial's reason: with a path longer than
+    max_line, a line to cut each. They are written a turn of the event loop at a time
+    too, every one of them, in the order of the windows."""
+    import supervisor.audit as audit_mod
+
+    clock = [1_765_000_000.0]
+    monkeypatch.setattr(audit_mod.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    rec = Recorder(None, audit="deny", stream=out, container_bytes=0, rate_limit=1)
+    outcome = Outcome(deny(errno.EACCES, reason="/guarded/" + "a" * 5000), "path_guard")
+    count = 3 * WRITE_LINES_PER_TURN + 5
+    containers = [Container(id=f"c-{i}", pid=1000 + i) for i in range(count)]
+    written: list[int] = []
+
+    def lines() -> int:
+        return out.getvalue().count("\n")
+
+    async def watch() -> None:
+        while True:
+            written.append(lines())
+            await trio.lowlevel.checkpoint()
+
+    args = (0xFFFFFF9C, 0x7FFD0000, 0x241, 0o644, 0, 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rec.run_writer)
+        for i, container in enumerate(containers):
+            for _ in range(2):  # the second is held back: the window has a summary
+                rec.decided(container, i, 7, "openat", args, outcome, 1e-6)
+        with trio.fail_after(20):
+            while lines() < count:
+                await trio.lowlevel.checkpoint()
+        clock[0] += 2.0  # every window ended; a new line wakes the writer
+        nursery.start_soon(watch)
+        rec.decided(Container(id="late", pid=1), 0, 7, "openat", args, outcome, 1e-6)
+        with trio.fail_after(20):
+            while lines() < 2 * count + 1:
+                await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    steps = [later - earlier for earlier, later in itertools.pairwise(written)]
+    assert 0 < max(steps) <= WRITE_LINES_PER_TURN, steps
+    summaries = [r for r in records(out.getvalue().splitlines()) if "suppressed" in r]
+    assert [r["container"] for r in summaries] == [c.id for c in containers]
+    assert all(r["suppressed"] == 1 and r["reason"].endswith("more]") for r in summaries)
