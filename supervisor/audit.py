@@ -109,7 +109,8 @@ _MAX_ROUNDS: Final = 8
 # escape, which strict JSON readers refuse. Written as U+FFFD instead.
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # Lines waiting for the writer task; beyond this they are dropped (and counted as
-# suppressed) rather than growing without bound while a busy loop starves the writer.
+# suppressed) rather than growing without bound while a busy loop starves the writer. (The
+# batch the writer is writing, in turns, is not counted: at most twice this in all.)
 MAX_PENDING: Final = 65536
 # The rate-limit key of every call libseccomp has no name for (2**32 numbers: nothing may
 # be kept per number, see supervisor.syscalls.is_unnamed).
@@ -567,9 +568,9 @@ class Recorder:
                     # One summary per container whose window held lines back, all of
                     # them at once when their seconds started together: in turns too.
                     await self._in_turns(self.limiter.expire(now),
-                                         functools.partial(self._put_summary, now))
+                                         functools.partial(self._put_summaries, now))
                     await self._in_turns(self._ended_budgets(now),
-                                         functools.partial(self._put_budget, now))
+                                         functools.partial(self._put_budgets, now))
         finally:
             self._wakeup = None
             self.flush()
@@ -578,29 +579,16 @@ class Recorder:
 
     async def _write_pending(self) -> None:
         """Write the pending lines in order, a turn of the event loop at a time (see
-        :data:`WRITE_LINES_PER_TURN`); what is still pending when cancelled stays queued
-        (run_writer's end writes it)."""
+        :data:`WRITE_LINES_PER_TURN`); lines queued meanwhile come after them."""
         while self._pending:
-            out: list[str] = []
-            started = time.perf_counter()
-            written = 0
-            while self._pending and written < WRITE_LINES_PER_TURN and \
-                    time.perf_counter() - started < WRITE_SECONDS_PER_TURN:
-                # (self._pending each time: flush() may have swapped it meanwhile)
-                chunk = self._pending[:8]
-                del self._pending[:8]
-                written += len(chunk)
-                self._format(out, chunk)
-            if out:
-                self._emit("".join(out))
-            if self._pending:
-                await trio.lowlevel.checkpoint()
+            batch, self._pending = self._pending, []
+            await self._in_turns(batch, self._format)
 
-    async def _in_turns(self, items: list[_T], put: Callable[[list[str], _T], None]
-                        ) -> None:
-        """``put(out, item)`` for each of ``items`` in order, writing what they add a turn
-        of the event loop at a time (see :data:`WRITE_LINES_PER_TURN`); if cancelled,
-        the rest at once (nothing is lost, as at the writer's end)."""
+    async def _in_turns(self, items: list[_T],
+                        put: Callable[[list[str], Sequence[_T]], None]) -> None:
+        """``put(out, some)`` for ``items`` in order, a few at a time, writing what they
+        add a turn of the event loop at a time (see :data:`WRITE_LINES_PER_TURN`); if
+        cancelled, the rest at once (nothing is lost, as at the writer's end)."""
         done = 0
         try:
             while done < len(items):
@@ -608,9 +596,9 @@ class Recorder:
                 started = time.perf_counter()
                 last = min(len(items), done + WRITE_LINES_PER_TURN)
                 while done < last and time.perf_counter() - started < WRITE_SECONDS_PER_TURN:
-                    item = items[done]
-                    done += 1
-                    put(out, item)
+                    some = items[done:min(last, done + 8)]
+                    done += len(some)
+                    put(out, some)
                 if out:
                     self._emit("".join(out))
                 if done < len(items):
@@ -618,8 +606,7 @@ class Recorder:
         finally:
             if done < len(items):
                 out = []
-                for item in items[done:]:
-                    put(out, item)
+                put(out, items[done:])
                 if out:
                     self._emit("".join(out))
 
@@ -636,7 +623,8 @@ class Recorder:
         window = self.limiter.window
         max_line = self.max_line
         now = time.time()
-        # audit_text's compiled twin called directly (None: audit_text's general path).
+        # audit_text's compiled twin called directly (None: audit_text's general path,
+        # which it would not find again).
         hotloop = accel.HOTLOOP
         compiled = hotloop.format_audit_line if hotloop is not None else None
         for entry, report in batch:
@@ -645,29 +633,28 @@ class Recorder:
                 self._add(out, summary_line(sample, count, entry[0], window), sample[1],
                           now, count, counted=True)
             text = compiled(entry, max_line) if compiled is not None else None
-            if text is None:  # (audit_text would ask the compiled formatter again)
+            if text is None:
                 text = (audit_text(entry, max_line) if compiled is None
                         else _dumps(audit_line(entry), max_line))
             self._add_text(out, text, entry[1], now, 1, counted=False)
 
     def _report(self, reports: list[tuple[Any, int]]) -> None:
-        if reports:
-            now = time.time()
-            out: list[str] = []
-            for report in reports:
-                self._put_summary(now, out, report)
-            if out:
-                self._emit("".join(out))
+        out: list[str] = []
+        self._put_summaries(time.time(), out, reports)
+        if out:
+            self._emit("".join(out))
 
-    def _put_summary(self, now: float, out: list[str], report: tuple[Any, int]) -> None:
-        """The summary of a window that held ``report``'s count of lines back."""
-        sample, count = report
-        self._add(out, summary_line(sample, count, now, self.limiter.window), sample[1],
-                  now, count, counted=True)
+    def _put_summaries(self, now: float, out: list[str],
+                       reports: Sequence[tuple[Any, int]]) -> None:
+        """The summaries of windows that held ``reports``' counts of lines back."""
+        window = self.limiter.window
+        for sample, count in reports:
+            self._add(out, summary_line(sample, count, now, window), sample[1], now, count,
+                      counted=True)
 
-    def _put_budget(self, now: float, out: list[str], budget: _Budget) -> None:
-        """The line that reports what an ended byte budget dropped."""
-        out.append(self._budget_text(budget, now))
+    def _put_budgets(self, now: float, out: list[str], budgets: Sequence[_Budget]) -> None:
+        """The lines that report what ended byte budgets dropped."""
+        out.extend(self._budget_text(b, now) for b in budgets)
 
     def _add(self, out: list[str], line: dict[str, Any], container: Container,
              now: float, lines: int, *, counted: bool) -> None:
