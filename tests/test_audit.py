@@ -461,14 +461,20 @@ def test_a_byte_budget_from_the_future_has_ended() -> None:
     assert len(written) == 3 and written[1]["suppressed"] == 1, written
 
 
-async def test_the_writer_lets_the_sessions_run_between_turns() -> None:
+@pytest.mark.parametrize("name", [
+    "/guarded/" + "a" * 5000,
+    # A container's hostile path: escapes that take 6 bytes each, a bidi override, a lone
+    # surrogate (written as U+FFFD), line breaks.
+    "/guarded/" + "\x1b[2J\u202e\ud800\n\x00" * 1000,
+], ids=["plain", "hostile"])
+async def test_the_writer_lets_the_sessions_run_between_turns(name: str) -> None:
     """A burst of lines to cut (a second's first denials of many containers, each naming
     a path longer than max_line: ~50 µs a line) is written a turn of the event loop at a
     time: another task runs after at most WRITE_LINES_PER_TURN lines, and every line is
     written, in order."""
     out = io.StringIO()
     rec = Recorder(None, audit="deny", stream=out, container_bytes=0)
-    outcome = Outcome(deny(errno.EACCES, reason="/guarded/" + "a" * 5000), "path_guard")
+    outcome = Outcome(deny(errno.EACCES, reason=name), "path_guard")
     count = 3 * WRITE_LINES_PER_TURN + 5
     written: list[int] = []  # lines written so far, each time the watcher runs
 
@@ -493,6 +499,7 @@ async def test_the_writer_lets_the_sessions_run_between_turns() -> None:
     assert [int(r["id"], 16) for r in lines] == list(range(count))
     assert all(len(text) < 4096 and r["reason"].endswith("more]")
                for text, r in zip(out.getvalue().splitlines(), lines, strict=True))
+    assert out.getvalue().isascii() and out.getvalue().count("\n") == count
 
 
 async def test_the_summaries_of_windows_that_end_together_are_written_in_turns(
