@@ -601,8 +601,9 @@ class Recorder:
                     put(out, some)
                 if out:
                     self._emit("".join(out))
-                if done < len(items):
-                    await trio.lowlevel.checkpoint()
+                # After the last turn too: the writer's next batch (summaries after the
+                # pending lines, budgets after the summaries) starts a turn of its own.
+                await trio.lowlevel.checkpoint()
         finally:
             if done < len(items):
                 out = []
