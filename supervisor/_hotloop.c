@@ -1360,6 +1360,13 @@ static void *recv_watch_main(void *arg)
     return NULL;
 }
 
+/* In a child forked from the daemon only the forking thread runs on: no watchdog. */
+static void recv_watch_forked(void)
+{
+    recv_watched = 0;
+    atomic_store(&recv_calls_count, 0);
+}
+
 PyDoc_STRVAR(watch_recv_doc,
 "watch_recv(interval, signum) -> bool\n\n"
 "Start the compiled watchdog for this thread's RECVs made here, once per process: a\n"
@@ -2498,6 +2505,14 @@ PyMODINIT_FUNC PyInit__hotloop(void)
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    static int atfork_registered;
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, recv_watch_forked) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_registered = 1;
+    }
     if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
         (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) ||
         (resumed_kwnames == NULL && (resumed_kwnames = PyTuple_Pack(1, PyUnicode_InternFromString(

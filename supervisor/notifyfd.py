@@ -103,6 +103,15 @@ class _RecvWatch:
 _WATCH: Final = _RecvWatch()
 
 
+def _forked() -> None:
+    # In a forked child only the forking thread runs on: neither watchdog is there.
+    _WATCH.thread = 0
+    _WATCH.calls = 0
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _ignore_signal(signum: int, frame: object) -> None:
     pass
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -297,6 +298,26 @@ async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
             await served.done.wait()
         assert session.read_elsewhere
         assert session.notify.closed
+
+
+@pytest.mark.parametrize("hot_loop", ["c"], indirect=True)
+def test_a_forked_child_has_no_recv_watchdog_and_can_start_its_own(hot_loop: str) -> None:
+    """Only the forking thread runs on in a child: the watchdogs are not there, so the
+    child's RECVs let the GIL go again until it starts its own."""
+    from supervisor import notifyfd
+
+    assert accel.HOTLOOP is not None
+    assert notifyfd.watch_recv()  # (the main thread: the test runs in it)
+    assert accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is False  # runs already
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = (notifyfd._WATCH.thread == 0
+              and accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is True
+              and accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is False)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert notifyfd._WATCH.thread == threading.get_ident()
 
 
 @pytest.mark.parametrize("hot_loop", ["c", "python"], indirect=True)
