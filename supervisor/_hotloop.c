@@ -21,14 +21,17 @@
  *
  * Python keeps every object and all state: this code reads and writes the same
  * attributes the Python code does, so status, metrics, audit and journals cannot tell
- * which loop ran. Only the trio thread calls in here (the GIL is released around RECV
- * only, as fcntl.ioctl does, so the RECV watchdog thread can run), but for Signal and
- * ReadBatch. */
+ * which loop ran. Only the trio thread calls in here, but for Signal and ReadBatch; it
+ * keeps the GIL throughout (RECV too, once the compiled watchdog, watch_recv, watches
+ * its thread). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <limits.h>
 #include <linux/seccomp.h>
 #include <stdint.h>
@@ -38,7 +41,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 10
+#define HOTLOOP_API_VERSION 11
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -48,9 +51,16 @@
 #define MAX_ROUND_EVENTS 256
 
 /* The watchdog protocol of notifyfd._RecvWatch, for RECVs made here: incremented when a
- * RECV begins and when it ends, so odd while one runs. Written with the GIL held, read
- * by the watchdog thread through recv_calls() (also under the GIL). */
-static unsigned long long recv_calls_count;
+ * RECV begins and when it ends, so odd while one runs. Written by the trio thread with
+ * the GIL held; read without it by the compiled watchdog (watch_recv), and under it by
+ * recv_calls(). */
+static _Atomic unsigned long long recv_calls_count;
+/* RECVs the compiled watchdog interrupted (its SIGURGs). */
+static _Atomic unsigned long long recv_interrupted_count;
+/* Set once by watch_recv() (with the GIL): the thread whose RECVs the compiled watchdog
+ * interrupts. Only that thread RECVs here with the GIL held (see session_ready). */
+static int recv_watched;
+static pthread_t recv_watched_thread;
 
 /* Set by setup(): the classes the fast path recognises (exact types only: a subclass
  * may change anything, so it takes the Python path), and their slot descriptors. */
@@ -1045,10 +1055,22 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
     memset(&copy, 0, sizeof(copy)); /* RECV needs it zeroed */
     int rc, err;
     recv_calls_count++; /* odd: a RECV runs */
-    Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &copy);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    if (recv_watched && pthread_equal(pthread_self(), recv_watched_thread)) {
+        /* The GIL held, as for SEND: after POLLIN this RECV does not wait, unless
+         * another process took the call, and then the compiled watchdog, which needs
+         * no GIL, interrupts it. Let go of, the GIL went to the reading thread whenever
+         * that one wanted it, and the loop slept until it came back: at 100 busy targets
+         * 1.2-2.4 futex calls and 0.5-0.65 context switches per guarded call
+         * (bench/README.md, "Session 14"). */
+        rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &copy);
+        err = errno;
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &copy);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    }
     recv_calls_count++;
     if (rc < 0) {
         if (err == ENOENT)
@@ -1306,6 +1328,144 @@ PyDoc_STRVAR(recv_calls_doc,
 static PyObject *recv_calls(PyObject *module, PyObject *unused)
 {
     return PyLong_FromUnsignedLongLong(recv_calls_count);
+}
+
+/* The compiled watchdog: every `interval`, a RECV of the compiled loop that was running
+ * at the last look already (the count odd and unchanged) is interrupted with `signum`
+ * sent to the watched thread (RECV waits in down_interruptible and returns EINTR; the
+ * handler is installed without SA_RESTART). notifyfd._RecvWatch.run is its Python twin,
+ * which needs the GIL to look: it could not see a RECV made with the GIL held. */
+struct recv_watch {
+    struct timespec interval;
+    pthread_t thread;
+    int signum;
+};
+
+static void *recv_watch_main(void *arg)
+{
+    struct recv_watch watch = *(struct recv_watch *)arg;
+    free(arg);
+    unsigned long long seen = 0;
+    for (;;) {
+        struct timespec left = watch.interval;
+        while (nanosleep(&left, &left) < 0 && errno == EINTR)
+            ;
+        unsigned long long calls = atomic_load(&recv_calls_count);
+        if ((calls & 1) && calls == seen) {
+            atomic_fetch_add(&recv_interrupted_count, 1);
+            pthread_kill(watch.thread, watch.signum);
+        }
+        seen = calls;
+    }
+    return NULL;
+}
+
+/* In a child forked from the daemon only the forking thread runs on: no watchdog. */
+static void recv_watch_forked(void)
+{
+    recv_watched = 0;
+    atomic_store(&recv_calls_count, 0);
+}
+
+PyDoc_STRVAR(watch_recv_doc,
+"watch_recv(interval, signum) -> bool\n\n"
+"Start the compiled watchdog for this thread's RECVs made here, once per process: a\n"
+"RECV still running after between one and two `interval`s gets `signum` (its handler\n"
+"must be installed, without SA_RESTART). From then on this thread's RECVs hold the GIL.\n"
+"False if it runs already (for any thread) or no thread could be started.");
+
+static PyObject *watch_recv(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "watch_recv takes 2 arguments");
+        return NULL;
+    }
+    double interval = PyFloat_AsDouble(argv[0]);
+    long signum = PyLong_AsLong(argv[1]);
+    if ((interval == -1.0 || signum == -1) && PyErr_Occurred())
+        return NULL;
+    if (!(interval > 0 && interval < 3600) || signum <= 0 || signum >= NSIG) {
+        PyErr_SetString(PyExc_ValueError, "watch_recv: interval or signal out of range");
+        return NULL;
+    }
+    if (recv_watched)
+        Py_RETURN_FALSE;
+    struct recv_watch *watch = malloc(sizeof(*watch));
+    if (watch == NULL)
+        return PyErr_NoMemory();
+    watch->interval.tv_sec = (time_t)interval;
+    watch->interval.tv_nsec = (long)((interval - (double)watch->interval.tv_sec) * 1e9);
+    watch->thread = pthread_self();
+    watch->signum = (int)signum;
+    /* Every signal blocked in the new thread (it inherits the mask): a signal sent to
+     * the process is then delivered to a thread that runs Python, not to this one. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_attr_t attr;
+    pthread_t thread;
+    int rc = pthread_attr_init(&attr);
+    if (rc == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        rc = pthread_create(&thread, &attr, recv_watch_main, watch);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+    }
+    if (rc != 0) {
+        free(watch);
+        Py_RETURN_FALSE;
+    }
+    recv_watched_thread = watch->thread;
+    recv_watched = 1;
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(recv_interrupted_doc,
+"recv_interrupted() -> int\n\nRECVs the compiled watchdog interrupted so far.");
+
+static PyObject *recv_interrupted(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&recv_interrupted_count));
+}
+
+PyDoc_STRVAR(id_valid_doc,
+"id_valid(fd, notif_id) -> bool\n\n"
+"SECCOMP_IOCTL_NOTIF_ID_VALID on listener `fd`, the GIL held (as SEND: the kernel only\n"
+"takes the filter's lock and looks the id up): True while the call still waits for its\n"
+"answer, False once it does not (ENOENT). Retried after a signal (EINTR), once the\n"
+"Python handlers ran; any other error raises OSError, a negative fd ValueError (as\n"
+"fcntl.ioctl does). notifyfd.NotifyFd.id_valid's twin, for the memory reads' check\n"
+"after the read.");
+
+static PyObject *id_valid(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "id_valid takes 2 arguments");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(argv[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long notif_id = PyLong_AsUnsignedLongLong(argv[1]);
+    if (notif_id == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) { /* as fcntl.ioctl refuses a closed NotifyFd's -1 */
+        PyErr_Format(PyExc_ValueError, "file descriptor cannot be a negative integer (%ld)",
+                     fd);
+        return NULL;
+    }
+    for (;;) {
+        __u64 value = notif_id;
+        if (ioctl((int)fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &value) == 0)
+            Py_RETURN_TRUE;
+        if (errno == ENOENT)
+            Py_RETURN_FALSE;
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
 }
 
 PyDoc_STRVAR(setup_doc,
@@ -1793,7 +1953,6 @@ static int format_audit_line_init(void)
 
 #include <linux/futex.h>
 #include <sched.h>
-#include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -2306,6 +2465,9 @@ static PyTypeObject ReadBatchType = {
 static PyMethodDef hotloop_methods[] = {
     {"poll_round", (PyCFunction)(void (*)(void))poll_round, METH_FASTCALL, poll_round_doc},
     {"recv_calls", recv_calls, METH_NOARGS, recv_calls_doc},
+    {"recv_interrupted", recv_interrupted, METH_NOARGS, recv_interrupted_doc},
+    {"watch_recv", (PyCFunction)(void (*)(void))watch_recv, METH_FASTCALL, watch_recv_doc},
+    {"id_valid", (PyCFunction)(void (*)(void))id_valid, METH_FASTCALL, id_valid_doc},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL, setup_doc},
     {"resume", (PyCFunction)(void (*)(void))resume, METH_FASTCALL, resume_doc},
     {"format_audit_line", (PyCFunction)(void (*)(void))format_audit_line, METH_FASTCALL,
@@ -2343,6 +2505,14 @@ PyMODINIT_FUNC PyInit__hotloop(void)
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;
+    static int atfork_registered;
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, recv_watch_forked) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_registered = 1;
+    }
     if ((one == NULL && (one = PyLong_FromLong(1)) == NULL) ||
         (zero == NULL && (zero = PyLong_FromLong(0)) == NULL) ||
         (resumed_kwnames == NULL && (resumed_kwnames = PyTuple_Pack(1, PyUnicode_InternFromString(

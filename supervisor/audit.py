@@ -132,6 +132,10 @@ class RateLimiter:
     """At most ``limit`` events per key per ``window`` seconds (0 = no limit). Pure: the
     caller passes the time. Fixed windows per key, starting at the key's first event."""
 
+    # Slots: the compiled loop reads limit, window and epoch per notification, and a
+    # slot is read at its address where an instance dict needs a lookup.
+    __slots__ = ("_windows", "epoch", "limit", "window")
+
     def __init__(self, limit: int, window: float = WINDOW) -> None:
         self.limit = limit
         self.window = window
@@ -373,6 +377,13 @@ class Recorder:
     """Counts and logs decisions. Metric children are cached per label set: ``labels()``
     is too slow to call per notification."""
 
+    # Slots: the compiled loop reads audit, limiter, metrics, _last and _suppressed per
+    # notification (see RateLimiter). Subclasses (tests, supervisor.testing) may add
+    # attributes of their own: they get an instance dict.
+    __slots__ = ("_budgets", "_counters", "_histograms", "_last", "_pending",
+                 "_suppressed", "_wakeup", "_write_failed", "audit", "container_bytes",
+                 "limiter", "max_line", "metrics", "stream")
+
     def __init__(self, metrics: Metrics | None, *, audit: AuditLevel = "deny",
                  stream: IO[str] | None = None, rate_limit: int = 0,
                  container_bytes: int = CONTAINER_BYTES, max_line: int = MAX_LINE) -> None:
@@ -601,8 +612,9 @@ class Recorder:
                     put(out, some)
                 if out:
                     self._emit("".join(out))
-                if done < len(items):
-                    await trio.lowlevel.checkpoint()
+                # After the last turn too: the writer's next batch (summaries after the
+                # pending lines, budgets after the summaries) starts a turn of its own.
+                await trio.lowlevel.checkpoint()
         finally:
             if done < len(items):
                 out = []

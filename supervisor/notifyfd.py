@@ -86,11 +86,13 @@ class _RecvWatch:
         self.thread = 0
         self.warned = False
 
-    def run(self, interval: float) -> None:
+    def run(self, interval: float, compiled: Callable[[], int]) -> None:
+        """Watch the RECVs of this module, and those of the compiled loop counted by
+        ``compiled`` (``int``, always 0, while the compiled watchdog watches them)."""
         seen = 0
         while True:
             time.sleep(interval)
-            calls = self.calls + _compiled_recv_calls()
+            calls = self.calls + compiled()
             if calls & 1 and calls == seen:
                 # The same RECV was running at the last look: over `interval` already.
                 self.interrupted += 1
@@ -99,11 +101,15 @@ class _RecvWatch:
 
 
 _WATCH: Final = _RecvWatch()
-# RECVs of the compiled loop (supervisor/_hotloop.c) are counted there; the watchdog
-# adds them: at most one of the two counters is odd at a time (one thread RECVs), so
-# their sum is odd while a RECV runs. Taken at import, whichever loop a poller runs.
-_compiled_recv_calls: Final[Callable[[], int]] = (
-    accel.HOTLOOP.recv_calls if accel.HOTLOOP is not None else int)
+
+
+def _forked() -> None:
+    # In a forked child only the forking thread runs on: neither watchdog is there.
+    _WATCH.thread = 0
+    _WATCH.calls = 0
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -125,9 +131,22 @@ def watch_recv(interval: float = RECV_WATCH_INTERVAL) -> bool:
     # signal.signal() installs the handler without SA_RESTART: RECV returns EINTR.
     signal.signal(_WATCH_SIGNAL, _ignore_signal)
     _WATCH.thread = threading.get_ident()
-    threading.Thread(target=_WATCH.run, args=(interval,), daemon=True,
+    # The compiled loop's RECVs (supervisor/_hotloop.c) are watched by a watchdog of its
+    # own, which needs no GIL: they hold it from then on. If that one cannot start, this
+    # one adds their count (at most one of the two counters is odd at a time: one
+    # thread RECVs, so the sum is odd while a RECV runs) and they let the GIL go.
+    hotloop = _hotloop_at_import
+    compiled: Callable[[], int] = int
+    if hotloop is not None and not hotloop.watch_recv(interval, _WATCH_SIGNAL):
+        compiled = hotloop.recv_calls
+    threading.Thread(target=_WATCH.run, args=(interval, compiled), daemon=True,
                      name="seccomp-supervisor RECV watchdog").start()
     return True
+
+
+# Taken at import, whichever loop a poller then runs (tests switch it per test): RECVs
+# made by the compiled module are watched as long as it is loaded.
+_hotloop_at_import: Final = accel.HOTLOOP
 
 
 # What NotifyFd.recv() returns: id, pid, nr, arch, args (a plain tuple: the hot loop
@@ -139,10 +158,13 @@ class NotifyFd:
     """Owns one listener fd. Not safe to share between reader tasks: exactly one task
     waits on it and receives from it; any task may answer."""
 
-    __slots__ = ("_buf", "_fd", "_poll", "_resp", "_view")
+    __slots__ = ("_buf", "_compiled_id_valid", "_fd", "_poll", "_resp", "_view")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        # The compiled loop's ID_VALID (it keeps the GIL), or None: the Python one below.
+        self._compiled_id_valid: Callable[[int, int], bool] | None = (
+            None if accel.HOTLOOP is None else accel.HOTLOOP.id_valid)
         # fcntl.ioctl takes mutable buffers first: given bytes, it formats an error
         # message (snprintf) for the failed attempt before it tries again, which cost 5%
         # of the daemon's CPU. So RECV and SEND each get a preallocated bytearray.
@@ -254,6 +276,8 @@ class NotifyFd:
 
     def id_valid(self, notif_id: int) -> bool:
         """True while the kernel still waits for an answer to ``notif_id``."""
+        if self._compiled_id_valid is not None:  # the GIL held: see _hotloop.id_valid
+            return self._compiled_id_valid(self._fd, notif_id)
         try:
             # A new bytearray: see __init__; and memory reads call this from threads.
             fcntl.ioctl(self._fd, abi.IOCTL_NOTIF_ID_VALID,

@@ -12,11 +12,14 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -227,6 +230,30 @@ async def test_many_notifications_leave_no_objects_behind(hot_loop: str) -> None
     assert grown < 2_000, f"{grown} blocks more after {total - 2_000} notifications"
 
 
+@contextmanager
+def counting_thread() -> Iterator[tuple[list[int], float]]:
+    """A thread that counts as fast as the GIL lets it while the block runs, and its
+    counts per second with the GIL free (this thread asleep)."""
+    counted = [0]
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counted[0] += 1
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    try:
+        before, free = counted[0], time.monotonic()
+        time.sleep(0.05)
+        rate = (counted[0] - before) / (time.monotonic() - free)
+        assert rate > 0
+        yield counted, rate
+    finally:
+        stop.set()
+        thread.join()
+
+
 async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
         hot_loop: str) -> None:
     """The compiled twin of test_hostile_listen's stale-readiness test: the compiled
@@ -245,9 +272,21 @@ async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
             started = time.monotonic()
             if hot_loop == "c":
                 assert accel.HOTLOOP is not None
-                count, suspended = accel.HOTLOOP.poll_round(poller, epoll.fileno(),
-                                                            {r: session}, 32)
+                interrupted = accel.HOTLOOP.recv_interrupted()
+                with counting_thread() as (counted, rate):
+                    before, started = counted[0], time.monotonic()
+                    count, suspended = accel.HOTLOOP.poll_round(poller, epoll.fileno(),
+                                                                {r: session}, 32)
+                    during = counted[0] - before
+                    stalled = time.monotonic() - started
                 assert (count, suspended) == (1, None)
+                # The RECV held the GIL, as SEND does: the thread did not count while it
+                # blocked (it did while the session logged its end, after the RECV), and
+                # its own watchdog, which needs no GIL, ended it: the Python one could
+                # not have run. (Let go of, the thread counted nearly all along.)
+                assert stalled >= 0.1, stalled  # one to two RECV_WATCH_INTERVALs
+                assert during < rate * stalled / 4, (during, rate, stalled)
+                assert accel.HOTLOOP.recv_interrupted() == interrupted + 1
             else:
                 assert session.on_ready(select.POLLIN) is None
             assert time.monotonic() - started < 1.0
@@ -259,6 +298,61 @@ async def test_a_recv_on_stale_readiness_is_cut_short_in_the_compiled_round(
             await served.done.wait()
         assert session.read_elsewhere
         assert session.notify.closed
+
+
+@pytest.mark.parametrize("hot_loop", ["c"], indirect=True)
+def test_a_forked_child_has_no_recv_watchdog_and_can_start_its_own(hot_loop: str) -> None:
+    """Only the forking thread runs on in a child: the watchdogs are not there, so the
+    child's RECVs let the GIL go again until it starts its own."""
+    from supervisor import notifyfd
+
+    assert accel.HOTLOOP is not None
+    assert notifyfd.watch_recv()  # (the main thread: the test runs in it)
+    assert accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is False  # runs already
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = (notifyfd._WATCH.thread == 0
+              and accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is True
+              and accel.HOTLOOP.watch_recv(0.1, signal.SIGURG) is False)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert notifyfd._WATCH.thread == threading.get_ident()
+
+
+@pytest.mark.parametrize("hot_loop", ["c", "python"], indirect=True)
+async def test_id_valid_is_the_same_in_both_loops(hot_loop: str) -> None:
+    """NotifyFd.id_valid (the memory reads' check after the read) with the compiled
+    ioctl, which keeps the GIL, and with fcntl's: True while the call waits, False once
+    answered; OSError for an fd that is no listener, ValueError once closed."""
+    child = spawn.spawn_filtered([sys.executable, "-c", "import os; os.getppid()"],
+                                 build_program(notify_profile(["getppid"])))
+    notify = NotifyFd(child.take_listener())
+    try:
+        assert (notify._compiled_id_valid is None) == (hot_loop == "python")
+        select.select([notify.fileno()], [], [], 10)
+        raw = notify.recv()
+        assert raw is not None
+        assert notify.id_valid(raw[0]) is True
+        assert notify.id_valid(raw[0] + 1) is False
+        notify.send(raw[0], 0, 0, 0)
+        assert notify.id_valid(raw[0]) is False
+        assert child.process.wait(timeout=10) == 0
+        r, w = os.pipe()
+        try:
+            not_a_listener = NotifyFd(r)
+            not_a_listener._compiled_id_valid = notify._compiled_id_valid
+            with pytest.raises(OSError) as raised:
+                not_a_listener.id_valid(raw[0])
+            assert raised.value.errno == errno.ENOTTY
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        notify.close()
+        child.close()
+    with pytest.raises(ValueError, match="negative"):
+        notify.id_valid(raw[0])  # closed
 
 
 async def test_i386_and_x86_64_calls_of_one_name_are_answered_per_arch(int80_library: Path) -> None:
