@@ -696,6 +696,19 @@ class _ReaderThread:
             return hot
         return False
 
+    def kick_then_wait(self, waiter: _PySignal, timeout: float, spin: float) -> bool:
+        """:meth:`kick`, but the wake-up comes once this (trio) thread has let go of
+        the GIL, and then ``waiter.wait(timeout, spin)``; ``spin`` is used only if the
+        thread was spinning on another CPU. Kicked under the GIL, the thread woke up only
+        to wait for the GIL the trio thread still held until its wait: a sleep and a
+        wake-up more per read waited for inline (bench/README.md, "Session 14")."""
+        if self.idle:
+            self.idle = False
+            if not self.wake.spinning_elsewhere():
+                spin = 0.0
+            return self.wake.set_then_wait(waiter, timeout, spin)
+        return waiter.wait(timeout, 0.0)
+
     def _read_batch(self, first: _Job) -> _Job | None:
         """Read ``first`` and the jobs with a ``request`` queued right behind it (up to
         :data:`BATCH_READS`) in one batch; hand over all it read but the last, which
@@ -831,7 +844,9 @@ class ReadPool:
         spins = why_no_spin() is None
         self.reader_spin = READER_SPIN if spins else 0.0
         self.inline_spin = INLINE_SPIN if spins else 0.0
-        self._reader_hot = False  # see INLINE_SPIN: the last job's kick found it spinning
+        # The active thread, when the job just queued is waited for inline and the
+        # thread is woken by that wait (_queue's kick, _wait_inline).
+        self._to_kick: _ReaderThread | None = None
         self._fd_lock = threading.Lock()  # the eventfd is closed only under it
         self.handoff = threading.Lock()  # who takes a read waited for synchronously
         self._efd = -1
@@ -884,7 +899,10 @@ class ReadPool:
         self._queue(job)
         return await self._result(job)
 
-    def _queue(self, job: _Job) -> None:
+    def _queue(self, job: _Job, kick: bool = True) -> None:
+        """Queue ``job`` for the active reading thread (one is started if there is
+        none) and wake it; with ``kick`` False, the caller waits for the job inline
+        and wakes it itself (:meth:`_wait_inline`)."""
         try:
             self._start()
         except BaseException:
@@ -892,7 +910,7 @@ class ReadPool:
             raise
         self.pending.append(job)
         active = self._active
-        self._reader_hot = False
+        self._to_kick = None
         if active is None or active.retired:
             try:
                 self._active = _ReaderThread(self)
@@ -904,8 +922,19 @@ class ReadPool:
                 self._drop(job)
                 self.refused += 1
                 raise TargetMemoryError(errno.EAGAIN, f"no thread to read: {exc}") from None
+        elif kick:
+            active.kick()
         else:
-            self._reader_hot = active.kick()
+            self._to_kick = active
+
+    def _wait_inline(self, waiter: _PySignal, wait: float) -> bool:
+        """Wait up to ``wait`` seconds for the job just queued with ``kick`` False:
+        the reading thread is woken once this thread let go of the GIL (see
+        :meth:`_ReaderThread.kick_then_wait`). True if it was read."""
+        active, self._to_kick = self._to_kick, None
+        if active is None:  # a new thread: it takes the queue at its start
+            return waiter.wait(wait, 0.0)
+        return active.kick_then_wait(waiter, wait, self.inline_spin)
 
     def submit(self, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
         """Start ``job`` (``job.deliver`` set) without a task: :meth:`run` for a caller
@@ -934,11 +963,11 @@ class ReadPool:
             self._kick_watch()
             return False
         waiter = job.waiter = self.signal()
-        if not self._queue_or_refuse(job):
+        if not self._queue_or_refuse(job, kick=False):
             return True
         started = perf_counter()
         try:
-            done = waiter.wait(wait, self.inline_spin if self._reader_hot else 0.0)
+            done = self._wait_inline(waiter, wait)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if not self._stop_waiting(job):
                 job.deliver = None
@@ -974,11 +1003,11 @@ class ReadPool:
             return
         self._drop(job)
 
-    def _queue_or_refuse(self, job: _Job) -> bool:
+    def _queue_or_refuse(self, job: _Job, kick: bool = True) -> bool:
         """:meth:`_queue` for a job given to :meth:`submit`: False if it was refused
         (no thread, no eventfd), its outcome the error."""
         try:
-            self._queue(job)
+            self._queue(job, kick)
         except OSError as exc:  # TargetMemoryError(EAGAIN) included; the job was dropped
             job.outcome = outcome.Error(exc)
             return False
@@ -1006,10 +1035,10 @@ class ReadPool:
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
         waiter = job.waiter = self.signal()
-        self._queue(job)
+        self._queue(job, kick=False)
         started = perf_counter()
         try:
-            done = waiter.wait(wait, self.inline_spin if self._reader_hot else 0.0)
+            done = self._wait_inline(waiter, wait)
         except BaseException:  # a signal handler raised (KeyboardInterrupt)
             if self._stop_waiting(job):
                 job.task = None  # its thread reports it: the slot is given back then
