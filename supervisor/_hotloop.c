@@ -1395,7 +1395,8 @@ static PyObject *watch_recv(PyObject *module, PyObject *const *argv, Py_ssize_t 
         return PyErr_NoMemory();
     watch->interval.tv_sec = (time_t)interval;
     watch->interval.tv_nsec = (long)((interval - (double)watch->interval.tv_sec) * 1e9);
-    watch->thread = pthread_self();
+    pthread_t watched = pthread_self();
+    watch->thread = watched;
     watch->signum = (int)signum;
     /* Every signal blocked in the new thread (it inherits the mask): a signal sent to
      * the process is then delivered to a thread that runs Python, not to this one. */
@@ -1416,7 +1417,7 @@ static PyObject *watch_recv(PyObject *module, PyObject *const *argv, Py_ssize_t 
         free(watch);
         Py_RETURN_FALSE;
     }
-    recv_watched_thread = watch->thread;
+    recv_watched_thread = watched; /* (not watch->thread: the new thread frees it) */
     recv_watched = 1;
     Py_RETURN_TRUE;
 }
