@@ -113,7 +113,7 @@ def measure(sup: run.Supervisor, k: int, calls: int, opts: run.Options, tmp: Pat
                                 "-o", str(tmp / "machine.out")], tmp, "machine"))
             if record is not None:
                 record.mkdir(parents=True, exist_ok=True)
-                data = record / f"{sup.name.replace(' ', '_')}-k{k}.data"
+                data = record / f"{sup.name.replace(' ', '_').replace('/', '_')}-k{k}.data"
                 perfs.append(_Perf(["record", "-F", "2999", "-g", "-p", str(pid), "-o",
                                     str(data)], tmp, "record"))
             time.sleep(0.5)  # perf attached (the ack below only says the fifo was read)
