@@ -583,15 +583,16 @@ class Poller:
 _POLLER: RunVar[Poller] = RunVar("seccomp_supervisor_poller")
 
 
-def poller_turn() -> int:
-    """While the running trio run's poller serves exactly one listener fd, how many times
-    it let the rest of the daemon run so far (:attr:`Poller.turns`); -1 otherwise. (What
-    a caller may block the event loop for depends on both, see memory.INLINE_BUDGET.)"""
+def poller_turn() -> tuple[int, int]:
+    """How many times the running trio run's poller let the rest of the daemon run so far
+    (:attr:`Poller.turns`), and how many listener fds it serves; (-1, 0) without a
+    poller. (What a caller may block the event loop for depends on both, see
+    memory.INLINE_BUDGET and memory.INLINE_WAIT_SHARED.)"""
     try:
         poller = _POLLER.get()
     except LookupError:
-        return -1
-    return poller.turns if len(poller._readers) == 1 else -1
+        return -1, 0
+    return poller.turns, len(poller._readers)
 
 
 def current_poller() -> Poller:

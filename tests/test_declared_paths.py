@@ -16,10 +16,12 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from supervisor import memory as memory_module
 from supervisor import session as session_module
 from supervisor.deadlines import Deadlines
 from supervisor.errors import PolicyError
 from supervisor.memory import ReadPool, ReadSlot, TargetMemory, _Job
+from supervisor.notifyfd import current_poller
 from supervisor.policy import Notification, PolicySet, allow, deny, returns
 from supervisor.session import Session, SessionSettings
 from supervisor.testing import load
@@ -962,3 +964,58 @@ async def test_an_allow_before_the_link_whose_paths_were_read_goes_on_with_it(
     assert session.memory.reads == 5
     if hot_loop == "c":
         assert not resumed_in_python
+
+
+@pytest.mark.parametrize(("fds", "expected"), [
+    (0, (0.0, memory_module.INLINE_BUDGET)),
+    (1, (memory_module.INLINE_WAIT, memory_module.INLINE_BUDGET)),
+    (2, (memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)),
+    (memory_module.INLINE_SHARED_FDS,
+     (memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)),
+    (memory_module.INLINE_SHARED_FDS + 1, (0.0, memory_module.INLINE_BUDGET)),
+])
+def test_how_long_the_loop_may_wait_for_a_read_depends_on_the_fds_it_serves(
+        fds: int, expected: tuple[float, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fd: nothing else waits for the loop (INLINE_WAIT). A few: the others'
+    notifications wait meanwhile, so only briefly (INLINE_WAIT_SHARED, and
+    INLINE_BUDGET_SHARED per turn). More: never (reads go in batches)."""
+    monkeypatch.setattr(memory_module, "poller_turn", lambda: (7, fds))
+    memory = TargetMemory.__new__(TargetMemory)
+    memory._inline_wait = memory_module.INLINE_WAIT
+    assert memory._inline() == (7, *expected)
+    memory._inline_wait = memory_module.INLINE_WAIT_SHARED / 2  # a session's own is shorter
+    _turn, wait, _budget = memory._inline()
+    assert wait == (0.0 if expected[0] == 0.0 else memory_module.INLINE_WAIT_SHARED / 2)
+
+
+@pytest.mark.usefixtures("hot_loop")
+async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two containers served: the loop may still wait for one's read inline (no hand-over
+    through the pool's task: 2x the guarded calls/s at 2 busy targets), but only
+    INLINE_WAIT_SHARED at a time, and INLINE_BUDGET_SHARED per turn, since the other's
+    notifications wait meanwhile."""
+    asked: list[tuple[float, float]] = []
+    submit = ReadPool.submit
+
+    def spied(pool: ReadPool, job: _Job, wait: float = 0.0, turn: int = -1,
+              budget: float = memory_module.INLINE_BUDGET) -> bool:
+        asked.append((wait, budget))
+        return submit(pool, job, wait, turn, budget)
+
+    monkeypatch.setattr(ReadPool, "submit", spied)
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def guard(n: Notification) -> object:
+        return deny(errno.EACCES) if n.path(0).startswith(b"/guarded/") else None
+
+    async with serve_target(policy, ["mkdir"], "sleep", "30"):
+        with trio.fail_after(10):
+            while len(current_poller()) < 1:  # the idle one is served
+                await trio.sleep(0.01)
+        async with serve_target(policy, ["mkdir"], "mkdir", "/guarded/d") as busy:
+            with trio.fail_after(10):
+                out = await busy.target.result()
+    assert out == {"rc": -1, "errno": errno.EACCES}
+    assert asked == [(memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)]
