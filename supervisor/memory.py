@@ -135,7 +135,10 @@ INLINE_WAIT_SHARED: Final = 100e-6
 INLINE_BUDGET_SHARED: Final = 400e-6
 #: The most listener fds the daemon serves while it still waits for reads inline (see
 #: INLINE_WAIT_SHARED). With more, reads queue up in batches and a neighbour's notification
-#: would wait behind more containers' inline waits per round.
+#: would wait behind more containers' inline waits per round. Only while the hand-over
+#: spins (READER_SPIN, INLINE_SPIN): without the spins each inline wait sleeps and wakes
+#: both threads, and at 2-4 busy targets that made 15-45% fewer calls/s than handing the
+#: reads over (bench/README.md, "Session 15").
 INLINE_SHARED_FDS: Final = 4
 #: How much nicer (setpriority) than the daemon the threads that read are.
 READER_NICE: Final = 10
@@ -1316,6 +1319,9 @@ class TargetMemory:
         self._slot = ReadSlot(places)
         self._pool = pool
         self._use_proc_mem = use_proc_mem
+        # Waiting inline with a neighbour pays only when the hand-over spins (see
+        # INLINE_SHARED_FDS).
+        self._shares_inline = why_no_spin() is None
         self.reads = 0
 
     def id_valid(self, notif_id: int) -> bool:
@@ -1324,12 +1330,12 @@ class TargetMemory:
     def _inline(self) -> tuple[int, float, float]:
         """The poller's turn, and how long the loop may block for a read now and per
         turn: ``inline_wait`` and INLINE_BUDGET while the daemon serves one listener fd,
-        at most INLINE_WAIT_SHARED and INLINE_BUDGET_SHARED while it serves a few (see
-        there), no inline wait otherwise."""
+        at most INLINE_WAIT_SHARED and INLINE_BUDGET_SHARED while it serves a few and the
+        hand-over spins (see there), no inline wait otherwise."""
         turn, fds = poller_turn()
         if fds == 1:
             return turn, self._inline_wait, INLINE_BUDGET
-        if 1 < fds <= INLINE_SHARED_FDS:
+        if 1 < fds <= INLINE_SHARED_FDS and self._shares_inline:
             return turn, min(self._inline_wait, INLINE_WAIT_SHARED), INLINE_BUDGET_SHARED
         return turn, 0.0, INLINE_BUDGET
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from supervisor import accel
 from supervisor import memory as memory_module
 from supervisor import session as session_module
 from supervisor.deadlines import Deadlines
@@ -982,19 +983,28 @@ def test_how_long_the_loop_may_wait_for_a_read_depends_on_the_fds_it_serves(
     monkeypatch.setattr(memory_module, "poller_turn", lambda: (7, fds))
     memory = TargetMemory.__new__(TargetMemory)
     memory._inline_wait = memory_module.INLINE_WAIT
+    memory._shares_inline = True  # the hand-over spins
     assert memory._inline() == (7, *expected)
+    memory._shares_inline = False  # it sleeps: with 2 fds or more, reads are handed over
+    handed_over = (7, 0.0, memory_module.INLINE_BUDGET)
+    assert memory._inline() == ((7, *expected) if fds < 2 else handed_over)
+    memory._shares_inline = True
+    assert accel.HOTLOOP is not None  # (the compiled module spins)
+    assert TargetMemory(None)._shares_inline  # type: ignore[arg-type]
+    monkeypatch.setenv(memory_module.NO_SPIN_ENV, "1")
+    assert not TargetMemory(None)._shares_inline  # type: ignore[arg-type]
     memory._inline_wait = memory_module.INLINE_WAIT_SHARED / 2  # a session's own is shorter
     _turn, wait, _budget = memory._inline()
     assert wait == (0.0 if expected[0] == 0.0 else memory_module.INLINE_WAIT_SHARED / 2)
 
 
-@pytest.mark.usefixtures("hot_loop")
 async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        hot_loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two containers served: the loop may still wait for one's read inline (no hand-over
     through the pool's task: 2x the guarded calls/s at 2 busy targets), but only
     INLINE_WAIT_SHARED at a time, and INLINE_BUDGET_SHARED per turn, since the other's
-    notifications wait meanwhile."""
+    notifications wait meanwhile; and only when the hand-over spins (not in the
+    pure-Python loop)."""
     asked: list[tuple[float, float]] = []
     submit = ReadPool.submit
 
@@ -1018,4 +1028,5 @@ async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
             with trio.fail_after(10):
                 out = await busy.target.result()
     assert out == {"rc": -1, "errno": errno.EACCES}
-    assert asked == [(memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)]
+    assert asked == ([(memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)]
+                     if hot_loop == "c" else [(0.0, memory_module.INLINE_BUDGET)])
