@@ -11,7 +11,9 @@
  *   slow   the same, with each thread's path on its own page of a userfaultfd
  *          mapping: the page is dropped (MADV_DONTNEED) before every call, and
  *          the fault the supervisor's read then takes is served only after
- *          DELAY_US microseconds, so every read of our memory is that slow.
+ *          DELAY_US microseconds, so every read of our memory is that slow;
+ *   compute getppid(2) as sync, then DELAY_US microseconds of CPU-bound work
+ *          before the next call (a container that computes between calls).
  *
  * 1. Installs a filter that notifies getppid and mkdir, hands the listener
  *    fd over the way runc does (as bench/target.c), makes one call (it blocks
@@ -26,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <time.h>
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -56,7 +59,7 @@ static atomic_ulong calls, wrong;
 /* Wrong answers by errno (the last slot: success, or an errno out of range). */
 #define WRONG_KINDS 160
 static atomic_ulong wrong_by_errno[WRONG_KINDS];
-static int kind;	/* 0 sync, 1 async, 2 slow */
+static int kind;	/* 0 sync, 1 async, 2 slow, 3 compute */
 static char *uffd_area;
 static long page;
 static long delay_us;
@@ -94,7 +97,7 @@ static void *flood(void *arg)
 
 		if (kind == 2 && madvise(path, (size_t)page, MADV_DONTNEED) != 0)
 			fail("madvise");
-		if (kind == 0) {
+		if (kind == 0 || kind == 3) {
 			rc = syscall(SYS_getppid);
 			expect = EPERM;
 		} else {
@@ -102,6 +105,14 @@ static void *flood(void *arg)
 			expect = EACCES;
 		}
 		err = errno;
+		if (kind == 3) {	/* the CPU-bound work between two calls */
+			struct timespec t0, t;
+			clock_gettime(CLOCK_MONOTONIC, &t0);
+			do
+				clock_gettime(CLOCK_MONOTONIC, &t);
+			while ((t.tv_sec - t0.tv_sec) * 1000000L +
+			       (t.tv_nsec - t0.tv_nsec) / 1000 < delay_us);
+		}
 		atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
 		if (rc != -1 || err != expect) {
 			atomic_fetch_add_explicit(&wrong, 1, memory_order_relaxed);
@@ -184,7 +195,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	kind = !strcmp(argv[3], "sync") ? 0 : !strcmp(argv[3], "async") ? 1
-	     : !strcmp(argv[3], "slow") ? 2 : -1;
+	     : !strcmp(argv[3], "slow") ? 2 : !strcmp(argv[3], "compute") ? 3 : -1;
 	count = atol(argv[4]);
 	delay_us = atol(argv[5]);
 	ready = atoi(argv[6]);

@@ -20,6 +20,9 @@ are handed to it the way runc does:
     for a slot;
   - ``slow``: the same with each path on a userfaultfd page that the flooder serves only
     after ``--delay`` (every read of its memory takes that long);
+  - ``compute``: getppid as ``sync``, then ``--delay`` of CPU-bound work before the
+    next call (a container that computes between calls; with SYNC_WAKE_UP each
+    answered thread is woken on the daemon's CPU);
   - ``none``: the flooder stays idle (the control: what the machine's noise is).
 
 * the **neighbour** (``bench/target.c``): ``--calls`` getppid calls (decided inline), or
@@ -55,7 +58,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
 # kind -> (flood.c KIND, threads): --threads and --parked-threads change the counts.
-KINDS = ("none", "sync", "async", "parked", "slow")
+KINDS = ("none", "sync", "async", "parked", "slow", "compute")
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="flooding threads of the 'parked' kind (over --max-inflight)")
     ap.add_argument("--max-inflight", type=int, default=64)
     ap.add_argument("--delay-us", type=int, default=20000,
-                    help="how long the 'slow' flooder takes to serve each page fault")
+                    help="how long the 'slow' flooder takes to serve each page fault, and "
+                         "the 'compute' flooder computes between two calls")
     ap.add_argument("--settle", type=float, default=0.3,
                     help="seconds of flood before the neighbour's flooded phase")
     ap.add_argument("--config-extra", default="",
