@@ -111,7 +111,8 @@ SLOW_READ: Final = 0.005
 INLINE_WAIT: Final = SLOW_READ
 #: Seconds the event loop may spend blocked in inline waits while the rest of the daemon
 #: waits for its turn: once they took that long since the poller last let the daemon
-#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run).
+#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run);
+#: with one listener fd served or a few (INLINE_WAIT_SHARED).
 #: The poller lets the daemon run when no notification is pending, and otherwise only
 #: every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when each takes
 #: microseconds; but a container can make each of its reads take just under INLINE_WAIT
@@ -120,19 +121,19 @@ INLINE_WAIT: Final = SLOW_READ
 #: container's handover for 0.2-3.4 s at a time (tests/test_hostile_reads.py).
 INLINE_BUDGET: Final = 0.004
 #: While the daemon serves 2 to INLINE_SHARED_FDS listener fds, the event loop blocks up
-#: to this long (seconds) for a read, and up to INLINE_BUDGET_SHARED per turn of the
-#: poller: the other containers' notifications wait meanwhile. A read handed over and
+#: to this long (seconds) for a read, and up to INLINE_BUDGET per turn of the poller, as
+#: with one: the other containers' notifications wait meanwhile. A read handed over and
 #: delivered asynchronously costs the loop two sleeps and wake-ups, a pass of trio's
 #: scheduler and the delivery task: measured at 2 busy targets, 110-120 us of the
 #: daemon's CPU per guarded call, 2 context switches and 1.4 IPIs, against ~65 us
 #: waited for inline (bench/README.md, "Session 15"). A read not done within this wait
 #: is waited for asynchronously, as with more fds; so a container whose memory is slow
 #: to read delays each notification of a neighbour by at most this much, about what one
-#: of its guarded calls cost the loop asynchronously.
+#: of its guarded calls cost the loop asynchronously (the poller reads each fd once per
+#: round). A smaller budget per turn (400 us) left the reads past it to the pool's
+#: delivery in the middle of a turn: the calls' p99 at 4 busy targets went from ~340 to
+#: ~950 us; with INLINE_BUDGET it stays at ~320 (bench/README.md, "Session 15").
 INLINE_WAIT_SHARED: Final = 100e-6
-#: Seconds of inline waits per turn of the poller while it serves 2 to INLINE_SHARED_FDS
-#: fds (see INLINE_WAIT_SHARED).
-INLINE_BUDGET_SHARED: Final = 400e-6
 #: The most listener fds the daemon serves while it still waits for reads inline (see
 #: INLINE_WAIT_SHARED). With more, reads queue up in batches and a neighbour's notification
 #: would wait behind more containers' inline waits per round. Only while the hand-over
@@ -881,8 +882,7 @@ class ReadPool:
     async def run(self, work: Callable[[], bytes], slot: _Slot,
                   wait: float = 0.0, turn: int = -1,
                   discard: Callable[[], None] | None = None,
-                  request: tuple[int, tuple[int, ...], int] | None = None,
-                  budget: float = INLINE_BUDGET) -> bytes:
+                  request: tuple[int, tuple[int, ...], int] | None = None) -> bytes:
         """``work()`` in a reading thread, after taking one of ``slot``'s places (FIFO).
         Cancelled while waiting, the result is dropped; the place is given back only when
         the thread returned.
@@ -891,7 +891,7 @@ class ReadPool:
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
         the loop: the cheap way when the loop has nothing else to do); a read not done by
         then is waited for like any other. Inline waits stop for one read once they took
-        ``budget`` seconds since the loop last let the rest of the daemon run: since
+:data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
         ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
         for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
         before a thread took it, refused). ``request``: ``work`` reads the one string
@@ -904,7 +904,7 @@ class ReadPool:
         if turn != self._inline_turn:
             self._inline_turn = turn
             self._inline_spent = 0.0
-        if wait > 0 and self._inline_spent < budget:
+        if wait > 0 and self._inline_spent < INLINE_BUDGET:
             try:
                 slot.acquire_on_behalf_of_nowait(job)
             except trio.WouldBlock:
@@ -958,11 +958,10 @@ class ReadPool:
             return waiter.wait(wait, 0.0)
         return active.kick_then_wait(waiter, wait, self.inline_spin)
 
-    def submit(self, job: _Job, wait: float = 0.0, turn: int = -1,
-               budget: float = INLINE_BUDGET) -> bool:
+    def submit(self, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
         """Start ``job`` (``job.deliver`` set) without a task: :meth:`run` for a caller
         that does not wait. True if it is done already (``job.outcome``: read within an
-        inline wait, see :meth:`run`'s ``wait``, ``turn`` and ``budget``, or refused), and then
+        inline wait, see :meth:`run`'s ``wait`` and ``turn``, or refused), and then
         ``deliver`` is not called; else ``job.deliver(outcome)`` is called by the pool's
         delivery task once it is done, unless :meth:`cancel` came first. When its
         session's place is taken (``job.slot`` must then be a :class:`ReadSlot`), it
@@ -980,7 +979,7 @@ class ReadPool:
             slot.pool = self
             slot.deferred.append(job)
             return False
-        if wait <= 0 or self._inline_spent >= budget:
+        if wait <= 0 or self._inline_spent >= INLINE_BUDGET:
             if not self._queue_or_refuse(job):
                 return True
             self._kick_watch()
@@ -1327,17 +1326,17 @@ class TargetMemory:
     def id_valid(self, notif_id: int) -> bool:
         return not self._notify.closed and self._notify.id_valid(notif_id)
 
-    def _inline(self) -> tuple[int, float, float]:
-        """The poller's turn, and how long the loop may block for a read now and per
-        turn: ``inline_wait`` and INLINE_BUDGET while the daemon serves one listener fd,
-        at most INLINE_WAIT_SHARED and INLINE_BUDGET_SHARED while it serves a few and the
-        hand-over spins (see there), no inline wait otherwise."""
+    def _inline(self) -> tuple[int, float]:
+        """The poller's turn, and how long the loop may block for a read now (within
+        INLINE_BUDGET per turn): ``inline_wait`` while the daemon serves one listener
+        fd, at most INLINE_WAIT_SHARED while it serves a few and the hand-over spins (see
+        there), not at all otherwise."""
         turn, fds = poller_turn()
         if fds == 1:
-            return turn, self._inline_wait, INLINE_BUDGET
+            return turn, self._inline_wait
         if 1 < fds <= INLINE_SHARED_FDS and self._shares_inline:
-            return turn, min(self._inline_wait, INLINE_WAIT_SHARED), INLINE_BUDGET_SHARED
-        return turn, 0.0, INLINE_BUDGET
+            return turn, min(self._inline_wait, INLINE_WAIT_SHARED)
+        return turn, 0.0
 
     def _check(self, notif_id: int) -> None:
         if not self.id_valid(notif_id):
@@ -1384,11 +1383,10 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
-        turn, wait, budget = self._inline()
+        turn, wait = self._inline()
         try:
             request = _batch_request(reader, tid, (address,), length) if cstring else None
-            data = await pool.run(work, self._slot, wait, turn, reader.close, request,
-                                  budget)
+            data = await pool.run(work, self._slot, wait, turn, reader.close, request)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 # process_vm_readv refused (ptrace rules, seccomp on us): /proc/<tid>/mem
@@ -1470,12 +1468,12 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
-        turn, wait, budget = self._inline()
+        turn, wait = self._inline()
         job = _Job(work, self._slot, reader.close, finished)
         job.request = _batch_request(reader, tid, addresses, limit)
         pending.pool = pool
         pending.job = job
-        if pool.submit(job, wait, turn, budget):
+        if pool.submit(job, wait, turn):
             pending.job = None
             assert job.outcome is not None
             values = self._strings_read(notif_id, tid, addresses, limit, job.outcome,

@@ -968,50 +968,47 @@ async def test_an_allow_before_the_link_whose_paths_were_read_goes_on_with_it(
 
 
 @pytest.mark.parametrize(("fds", "expected"), [
-    (0, (0.0, memory_module.INLINE_BUDGET)),
-    (1, (memory_module.INLINE_WAIT, memory_module.INLINE_BUDGET)),
-    (2, (memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)),
-    (memory_module.INLINE_SHARED_FDS,
-     (memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)),
-    (memory_module.INLINE_SHARED_FDS + 1, (0.0, memory_module.INLINE_BUDGET)),
+    (0, 0.0),
+    (1, memory_module.INLINE_WAIT),
+    (2, memory_module.INLINE_WAIT_SHARED),
+    (memory_module.INLINE_SHARED_FDS, memory_module.INLINE_WAIT_SHARED),
+    (memory_module.INLINE_SHARED_FDS + 1, 0.0),
 ])
 def test_how_long_the_loop_may_wait_for_a_read_depends_on_the_fds_it_serves(
-        fds: int, expected: tuple[float, float], monkeypatch: pytest.MonkeyPatch) -> None:
+        fds: int, expected: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """One fd: nothing else waits for the loop (INLINE_WAIT). A few: the others'
-    notifications wait meanwhile, so only briefly (INLINE_WAIT_SHARED, and
-    INLINE_BUDGET_SHARED per turn). More: never (reads go in batches)."""
+    notifications wait meanwhile, so only briefly (INLINE_WAIT_SHARED), and only if the
+    hand-over spins. More: never (reads go in batches). INLINE_BUDGET per turn in all
+    cases (ReadPool.submit)."""
     monkeypatch.setattr(memory_module, "poller_turn", lambda: (7, fds))
     memory = TargetMemory.__new__(TargetMemory)
     memory._inline_wait = memory_module.INLINE_WAIT
     memory._shares_inline = True  # the hand-over spins
-    assert memory._inline() == (7, *expected)
+    assert memory._inline() == (7, expected)
     memory._shares_inline = False  # it sleeps: with 2 fds or more, reads are handed over
-    handed_over = (7, 0.0, memory_module.INLINE_BUDGET)
-    assert memory._inline() == ((7, *expected) if fds < 2 else handed_over)
+    assert memory._inline() == (7, expected if fds < 2 else 0.0)
     memory._shares_inline = True
     assert accel.HOTLOOP is not None  # (the compiled module spins)
     assert TargetMemory(None)._shares_inline  # type: ignore[arg-type]
     monkeypatch.setenv(memory_module.NO_SPIN_ENV, "1")
     assert not TargetMemory(None)._shares_inline  # type: ignore[arg-type]
     memory._inline_wait = memory_module.INLINE_WAIT_SHARED / 2  # a session's own is shorter
-    _turn, wait, _budget = memory._inline()
-    assert wait == (0.0 if expected[0] == 0.0 else memory_module.INLINE_WAIT_SHARED / 2)
+    _turn, wait = memory._inline()
+    assert wait == (0.0 if expected == 0.0 else memory_module.INLINE_WAIT_SHARED / 2)
 
 
 async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
         hot_loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two containers served: the loop may still wait for one's read inline (no hand-over
     through the pool's task: 2x the guarded calls/s at 2 busy targets), but only
-    INLINE_WAIT_SHARED at a time, and INLINE_BUDGET_SHARED per turn, since the other's
-    notifications wait meanwhile; and only when the hand-over spins (not in the
-    pure-Python loop)."""
-    asked: list[tuple[float, float]] = []
+    INLINE_WAIT_SHARED at a time, since the other's notifications wait meanwhile; and
+    only when the hand-over spins (not in the pure-Python loop)."""
+    asked: list[float] = []
     submit = ReadPool.submit
 
-    def spied(pool: ReadPool, job: _Job, wait: float = 0.0, turn: int = -1,
-              budget: float = memory_module.INLINE_BUDGET) -> bool:
-        asked.append((wait, budget))
-        return submit(pool, job, wait, turn, budget)
+    def spied(pool: ReadPool, job: _Job, wait: float = 0.0, turn: int = -1) -> bool:
+        asked.append(wait)
+        return submit(pool, job, wait, turn)
 
     monkeypatch.setattr(ReadPool, "submit", spied)
     policy = PolicySet("p")
@@ -1028,5 +1025,4 @@ async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
             with trio.fail_after(10):
                 out = await busy.target.result()
     assert out == {"rc": -1, "errno": errno.EACCES}
-    assert asked == ([(memory_module.INLINE_WAIT_SHARED, memory_module.INLINE_BUDGET_SHARED)]
-                     if hot_loop == "c" else [(0.0, memory_module.INLINE_BUDGET)])
+    assert asked == [memory_module.INLINE_WAIT_SHARED if hot_loop == "c" else 0.0]
