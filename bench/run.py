@@ -449,7 +449,7 @@ def verdicts(rows: list[dict[str, object]]) -> list[tuple[str, float | None, str
         check(f"3. K=100 calls/s {name} / C", v, ">= 0.5", v is not None and v >= 0.5)
         v = ratio(val(name, 1, "p50_us"), val(ref, 1, "p50_us"))
         check(f"3. K=1 p50 {name} / C", v, "<= 1.5", v is not None and v <= 1.5)
-        for k in sorted({r["k"] for r in rows if r["sup"] == name} - {1, 100}):
+        for k in sorted({int(str(r["k"])) for r in rows if r["sup"] == name} - {1, 100}):
             v = ratio(val(name, k, "calls_per_s"), val(ref, k, "calls_per_s"))
             check(f"3. K={k} calls/s {name} / C (info)", v, "-", None)
     # 5. no cliff from 100 to 1,000 targets, absolute (the wording) and relative
