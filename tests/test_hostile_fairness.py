@@ -209,24 +209,36 @@ print(json.dumps({{"latencies": lat, "wrong": wrong, "mkdir": mkdir}}))
 
 
 @pytest.mark.usefixtures("hot_loop")
-def test_a_read_stuck_on_a_lone_containers_memory_does_not_block_the_loop(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize("neighbour", [False, True], ids=["alone", "with-a-neighbour"])
+def test_a_read_stuck_on_a_containers_memory_does_not_block_the_loop(
+        tmp_path: Path, neighbour: bool) -> None:
     """process_vm_readv of an unserved userfaultfd page sleeps until the target exits
     (verified, supervisor/memory.py). With one container served, the loop waits for a
-    read synchronously, but only INLINE_WAIT: then the read is the thread's alone, and
-    the container's other calls are served meanwhile."""
+    read synchronously, but only INLINE_WAIT; with a few, only INLINE_WAIT_SHARED: then
+    the read is the thread's alone, and the container's other calls are served
+    meanwhile."""
     (tmp_path / "echo.py").write_text(ECHO)
     repo = Path(__file__).resolve().parent.parent
     text = CONFIG.format(repo=repo, tmp=tmp_path).replace('deadline = "5s"',
                                                            'deadline = "2s"')
     with daemon_process(tmp_path, text) as d:
         d.start()
-        target = start_filtered(d.socket_path, [sys.executable, "-c", STUCK, "100"],
-                                notify=("mkdir", "getpgid"), container_id="stuck")
+        idle = None
+        if neighbour:  # attached first and idle: two fds served from the start
+            idle = start_filtered(d.socket_path, [sys.executable, "-c",
+                                                  "import time; time.sleep(60)"],
+                                  notify=("mkdir",), container_id="idle")
+            d.wait_sessions(1)
         try:
-            result = target.result(60)
+            target = start_filtered(d.socket_path, [sys.executable, "-c", STUCK, "100"],
+                                    notify=("mkdir", "getpgid"), container_id="stuck")
+            try:
+                result = target.result(60)
+            finally:
+                target.kill()
         finally:
-            target.kill()
+            if idle is not None:
+                idle.kill()
     assert result["wrong"] == 0, result
     # Served while the read was stuck: not behind it (it lasted until the deadline).
     assert max(result["latencies"]) < 1.0, max(result["latencies"])
