@@ -111,8 +111,8 @@ SLOW_READ: Final = 0.005
 INLINE_WAIT: Final = SLOW_READ
 #: Seconds the event loop may spend blocked in inline waits while the rest of the daemon
 #: waits for its turn: once they took that long since the poller last let the daemon
-#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run);
-#: with one listener fd served or a few (INLINE_WAIT_SHARED).
+#: run (notifyfd.poller_turn), a read is waited for asynchronously (which lets it run).
+#: The same budget holds while a few listener fds are served (INLINE_WAIT_SHARED).
 #: The poller lets the daemon run when no notification is pending, and otherwise only
 #: every 256 notifications (notifyfd.Poller.EVENTS_PER_YIELD), a few ms when each takes
 #: microseconds; but a container can make each of its reads take just under INLINE_WAIT
@@ -891,7 +891,7 @@ class ReadPool:
         ``wait`` seconds for the result (no checkpoint, no task switch, no wake-up of
         the loop: the cheap way when the loop has nothing else to do); a read not done by
         then is waited for like any other. Inline waits stop for one read once they took
-:data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
+        :data:`INLINE_BUDGET` since the loop last let the rest of the daemon run: since
         ``turn`` changed (:func:`~supervisor.notifyfd.poller_turn`), or a read was waited
         for asynchronously. ``discard()`` is called if ``work`` does not run (cancelled
         before a thread took it, refused). ``request``: ``work`` reads the one string
