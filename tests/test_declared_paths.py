@@ -998,7 +998,7 @@ def test_how_long_the_loop_may_wait_for_a_read_depends_on_the_fds_it_serves(
 
 
 async def test_with_a_neighbour_a_read_is_waited_for_inline_only_briefly(
-        hot_loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        hot_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two containers served: the loop may still wait for one's read inline (no hand-over
     through the pool's task: 2x the guarded calls/s at 2 busy targets), but only
     INLINE_WAIT_SHARED at a time, since the other's notifications wait meanwhile; and
