@@ -863,9 +863,11 @@ class ReadPool:
         self._active: _ReaderThread | None = None
         self.signal = signal_type()  # chosen when the pool is made (tests switch loops)
         self.batch = batch_type()
-        spins = why_no_spin() is None
-        self.reader_spin = READER_SPIN if spins else 0.0
-        self.inline_spin = INLINE_SPIN if spins else 0.0
+        # Whether the hand-over spins (READER_SPIN, INLINE_SPIN); reads are waited for
+        # inline with a few fds served only if it does (INLINE_SHARED_FDS).
+        self.spins = why_no_spin() is None
+        self.reader_spin = READER_SPIN if self.spins else 0.0
+        self.inline_spin = INLINE_SPIN if self.spins else 0.0
         # The active thread, when the job just queued is waited for inline and the
         # thread is woken by that wait (_queue's kick, _wait_inline).
         self._to_kick: _ReaderThread | None = None
@@ -1318,23 +1320,20 @@ class TargetMemory:
         self._slot = ReadSlot(places)
         self._pool = pool
         self._use_proc_mem = use_proc_mem
-        # Waiting inline with a neighbour pays only when the hand-over spins (see
-        # INLINE_SHARED_FDS).
-        self._shares_inline = why_no_spin() is None
         self.reads = 0
 
     def id_valid(self, notif_id: int) -> bool:
         return not self._notify.closed and self._notify.id_valid(notif_id)
 
-    def _inline(self) -> tuple[int, float]:
-        """The poller's turn, and how long the loop may block for a read now (within
-        INLINE_BUDGET per turn): ``inline_wait`` while the daemon serves one listener
-        fd, at most INLINE_WAIT_SHARED while it serves a few and the hand-over spins (see
-        there), not at all otherwise."""
+    def _inline(self, pool: ReadPool) -> tuple[int, float]:
+        """The poller's turn, and how long the loop may block for a read by ``pool``
+        now (within INLINE_BUDGET per turn): ``inline_wait`` while the daemon serves one
+        listener fd, at most INLINE_WAIT_SHARED while it serves a few and the pool's
+        hand-over spins (see there), not at all otherwise."""
         turn, fds = poller_turn()
         if fds == 1:
             return turn, self._inline_wait
-        if 1 < fds <= INLINE_SHARED_FDS and self._shares_inline:
+        if 1 < fds <= INLINE_SHARED_FDS and pool.spins:
             return turn, min(self._inline_wait, INLINE_WAIT_SHARED)
         return turn, 0.0
 
@@ -1383,7 +1382,7 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
-        turn, wait = self._inline()
+        turn, wait = self._inline(pool)
         try:
             request = _batch_request(reader, tid, (address,), length) if cstring else None
             data = await pool.run(work, self._slot, wait, turn, reader.close, request)
@@ -1468,7 +1467,7 @@ class TargetMemory:
         pool = self._pool
         if pool is None:
             pool = self._pool = current_read_pool()
-        turn, wait = self._inline()
+        turn, wait = self._inline(pool)
         job = _Job(work, self._slot, reader.close, finished)
         job.request = _batch_request(reader, tid, addresses, limit)
         pending.pool = pool

@@ -983,17 +983,16 @@ def test_how_long_the_loop_may_wait_for_a_read_depends_on_the_fds_it_serves(
     monkeypatch.setattr(memory_module, "poller_turn", lambda: (7, fds))
     memory = TargetMemory.__new__(TargetMemory)
     memory._inline_wait = memory_module.INLINE_WAIT
-    memory._shares_inline = True  # the hand-over spins
-    assert memory._inline() == (7, expected)
-    memory._shares_inline = False  # it sleeps: with 2 fds or more, reads are handed over
-    assert memory._inline() == (7, expected if fds < 2 else 0.0)
-    memory._shares_inline = True
-    assert accel.HOTLOOP is not None  # (the compiled module spins)
-    assert TargetMemory(None)._shares_inline  # type: ignore[arg-type]
+    pool = ReadPool()
+    assert accel.HOTLOOP is not None and pool.spins  # (the compiled module spins)
+    assert memory._inline(pool) == (7, expected)
+    pool.spins = False  # it sleeps: with 2 fds or more, reads are handed over
+    assert memory._inline(pool) == (7, expected if fds < 2 else 0.0)
     monkeypatch.setenv(memory_module.NO_SPIN_ENV, "1")
-    assert not TargetMemory(None)._shares_inline  # type: ignore[arg-type]
+    assert not ReadPool().spins
+    pool.spins = True
     memory._inline_wait = memory_module.INLINE_WAIT_SHARED / 2  # a session's own is shorter
-    _turn, wait = memory._inline()
+    _turn, wait = memory._inline(pool)
     assert wait == (0.0 if expected == 0.0 else memory_module.INLINE_WAIT_SHARED / 2)
 
 

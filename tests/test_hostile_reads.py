@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from supervisor.errors import TargetMemoryError
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Prints what the neighbours' reads got and how many threads were started meanwhile.
 ENDING_SESSIONS = """
 import errno, json, sys, threading
+import pytest
 import trio
 from supervisor.errors import TargetMemoryError
 from supervisor.memory import ReadPool
@@ -243,15 +245,21 @@ decisions = "none"
 """
 
 
-def test_a_lone_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delay", [
+    "0.001",  # alone: each read waited for inline (INLINE_WAIT), up to INLINE_BUDGET
+    "0.00008",  # with a neighbour: each read takes about INLINE_WAIT_SHARED
+], ids=["alone", "with-a-neighbour"])
+def test_a_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path, delay: str) -> None:
     """Reads a little faster than INLINE_WAIT were each waited for inline, and the
     poller only lets the rest of the daemon run every EVENTS_PER_YIELD (256)
     notifications: 256 reads of 3 ms held the control socket (and /metrics, the
     handover of the next container, signals) for most of a second, round after round.
-    Now inline waits stop once they took INLINE_BUDGET without a checkpoint."""
+    Now inline waits stop once they took INLINE_BUDGET without a checkpoint; with an idle
+    neighbour attached (2 fds), the same budget, each wait at most INLINE_WAIT_SHARED."""
     from .soak import daemon_process, start_filtered
 
     stop = tmp_path / "stop"
+    neighbour = delay != "0.001"
     with daemon_process(tmp_path, SLOW_PAGE_CONFIG.format(repo=REPO)) as d:
         d.start()
         quiet = []
@@ -259,11 +267,16 @@ def test_a_lone_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path) -> No
             t0 = time.perf_counter()
             d.status()
             quiet.append(time.perf_counter() - t0)
+        idle = None
+        if neighbour:
+            idle = start_filtered(d.socket_path, [sys.executable, "-c",
+                                                  "import time; time.sleep(60)"],
+                                  notify=("mkdir",), container_id="idle")
         target = start_filtered(d.socket_path, [sys.executable, "-c", SLOW_PAGE,
-                                                str(stop), "0.001"],
+                                                str(stop), delay],
                                 notify=("mkdir",), container_id="slow-page")
         try:
-            d.wait_sessions(1)
+            d.wait_sessions(2 if neighbour else 1)
             time.sleep(0.5)  # the container is calling
             flooded = []
             for _ in range(40):
@@ -275,6 +288,8 @@ def test_a_lone_containers_slow_reads_do_not_hold_the_loop(tmp_path: Path) -> No
             calls = int(target.process.communicate(timeout=30)[0])
         finally:
             target.kill()
+            if idle is not None:
+                idle.kill()
     assert calls > 100, calls  # the attack ran: each call's read took DELAY or more
     # Generous: a control request takes ~1 ms quiet, 1-10 ms now; held, 0.2-3.4 s.
     assert max(flooded) < 0.2, (sorted(flooded), quiet)
