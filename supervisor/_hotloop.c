@@ -2511,7 +2511,9 @@ struct inline_shared {
      * time: the thread while it is not POSTED, the loop while it is. */
     _Atomic uint32_t phase;
     _Atomic int loop_sleeping, thread_sleeping, closing, refs;
-    _Atomic int thread_cpu; /* the CPU the thread spins on, -1 while it does not */
+    /* The CPU the thread last ran on, -1 while it sleeps; the loop's when it last
+     * posted (see inline_main: who gives way when they share one). */
+    _Atomic int thread_cpu, loop_cpu;
     double spin;            /* how long the thread spins for its next request */
     int nice;               /* the thread's nice value */
     /* The request: written by the loop while IDLE, read by the thread while POSTED. */
@@ -2561,27 +2563,31 @@ static void *inline_main(void *arg)
     double spin = 0.0, last = monotonic_seconds();
     for (;;) {
         uint32_t phase;
+        atomic_store(&shared->thread_cpu, sched_getcpu());
         if (spin > 0) {
             double until = monotonic_seconds() + spin;
-            atomic_store(&shared->thread_cpu, sched_getcpu());
             for (unsigned i = 1;; i++) {
                 if (atomic_load_explicit(&shared->phase, memory_order_acquire) == INLINE_POSTED ||
                     atomic_load(&shared->closing))
                     break;
                 CPU_RELAX();
-                if ((i & 31) == 0 && monotonic_seconds() >= until)
-                    break;
+                if ((i & 31) == 0) {
+                    if (monotonic_seconds() >= until)
+                        break;
+                    atomic_store(&shared->thread_cpu, sched_getcpu()); /* (migrated) */
+                }
             }
-            atomic_store(&shared->thread_cpu, -1);
         }
         for (;;) {
             atomic_store(&shared->thread_sleeping, 1);
             phase = atomic_load(&shared->phase);
             if (phase == INLINE_POSTED || atomic_load(&shared->closing))
                 break;
+            atomic_store(&shared->thread_cpu, -1);
             syscall(SYS_futex, &shared->phase, FUTEX_WAIT_PRIVATE, phase, NULL, NULL, 0);
         }
         atomic_store(&shared->thread_sleeping, 0);
+        atomic_store(&shared->thread_cpu, sched_getcpu());
         if (atomic_load(&shared->phase) != INLINE_POSTED) /* closing */
             break;
         double now = monotonic_seconds();
@@ -2594,8 +2600,16 @@ static void *inline_main(void *arg)
         last = monotonic_seconds();
         uint32_t expected = INLINE_POSTED;
         if (atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_DONE)) {
-            if (atomic_load(&shared->loop_sleeping))
+            if (atomic_load(&shared->loop_sleeping)) {
                 futex_wake_all(&shared->phase);
+                /* The loop, woken, may preempt this thread on this CPU, its own: then
+                 * spinning here would keep the two on one CPU, each read costing both
+                 * a switch (and the loop could not spin for a thread queued behind
+                 * it). Asleep, this thread is woken by the next read where a CPU is
+                 * free, and spins there from then on. */
+                if (sched_getcpu() == atomic_load(&shared->loop_cpu))
+                    spin = 0.0;
+            }
         }
         else { /* abandoned by the loop: nobody takes this result */
             for (Py_ssize_t j = 0; j < shared->count; j++) {
@@ -2732,14 +2746,19 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
     shared->limit = limit;
     shared->count = count;
     self->reads++;
-    int cpu = atomic_load(&shared->thread_cpu);
+    int cpu = atomic_load(&shared->thread_cpu), mine = sched_getcpu();
+    atomic_store(&shared->loop_cpu, mine);
     atomic_store(&shared->phase, INLINE_POSTED);
     if (atomic_load(&shared->thread_sleeping))
         futex_wake_all(&shared->phase);
     uint32_t phase;
     Py_BEGIN_ALLOW_THREADS
     double start = monotonic_seconds(), until = start + timeout;
-    if (spin > 0 && cpu >= 0 && cpu != sched_getcpu()) {
+    /* Spin while the thread runs on another CPU, or sleeps (woken now, it goes where a
+     * CPU is free: not this one, which the loop holds, unless none is). Only when it
+     * last ran on this CPU, and is maybe queued behind the loop, does the loop sleep at
+     * once to let it run. */
+    if (spin > 0 && cpu != mine) {
         double spin_until = start + (timeout < spin ? timeout : spin);
         for (unsigned i = 1;; i++) {
             if (atomic_load_explicit(&shared->phase, memory_order_acquire) != INLINE_POSTED)
