@@ -2503,6 +2503,11 @@ enum { INLINE_IDLE, INLINE_POSTED, INLINE_DONE, INLINE_ABANDONED };
 #define INLINE_MAX_STRINGS 8
 /* The largest limit a request may have: the daemon reads PATH_MAX (4,096) bytes. */
 #define INLINE_MAX_LIMIT 65536
+/* Seconds between two sched_yield()s of the thread while it spins. A task woken on the
+ * CPU it spins on (the loop, a target) did not always preempt it at once, although it
+ * runs 10 nice levels below them: at one busy guarded container 1% of the calls took
+ * ~240 us, ~130 us with these yields (p50 unchanged; bench/README.md, "Session 16"). */
+#define INLINE_YIELD_EVERY 30e-6
 
 struct inline_shared {
     /* The one futex word: IDLE -> POSTED (the loop), POSTED -> DONE (the thread) or
@@ -2565,15 +2570,21 @@ static void *inline_main(void *arg)
         uint32_t phase;
         atomic_store(&shared->thread_cpu, sched_getcpu());
         if (spin > 0) {
-            double until = monotonic_seconds() + spin;
+            double now = monotonic_seconds(), until = now + spin;
+            double next_yield = now + INLINE_YIELD_EVERY;
             for (unsigned i = 1;; i++) {
                 if (atomic_load_explicit(&shared->phase, memory_order_acquire) == INLINE_POSTED ||
                     atomic_load(&shared->closing))
                     break;
                 CPU_RELAX();
                 if ((i & 31) == 0) {
-                    if (monotonic_seconds() >= until)
+                    double now = monotonic_seconds();
+                    if (now >= until)
                         break;
+                    if (now >= next_yield) {
+                        sched_yield();
+                        next_yield = now + INLINE_YIELD_EVERY;
+                    }
                     atomic_store(&shared->thread_cpu, sched_getcpu()); /* (migrated) */
                 }
             }
