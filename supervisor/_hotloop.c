@@ -18,6 +18,8 @@
  *                     GIL while it waits.
  * - ReadBatch         is what that reading thread reads in one go, without the GIL (its
  *                     twin: memory._PyReadBatch).
+ * - InlineReader      is a thread of its own, never holding the GIL, for the reads the
+ *                     loop waits for inline (its twin: the pool's own inline wait).
  *
  * Python keeps every object and all state: this code reads and writes the same
  * attributes the Python code does, so status, metrics, audit and journals cannot tell
@@ -38,10 +40,11 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 11
+#define HOTLOOP_API_VERSION 12
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -2285,10 +2288,10 @@ fail:
     return NULL;
 }
 
-/* One NUL-terminated string of `job`'s, without the GIL: as _Reader.read_cstring reads
- * it, page by page. 0, or an errno that fails the whole job. */
-static int batch_read_string(ReadBatchObject *self, struct batch_job *job,
-                             struct batch_string *string)
+/* One NUL-terminated string of thread `tid`'s, at most `limit` bytes read into `buf`,
+ * without the GIL: as _Reader.read_cstring reads it, page by page. 0, or an errno that
+ * fails the whole job. */
+static int read_string(char *buf, pid_t tid, size_t limit, struct batch_string *string)
 {
     const size_t page = 4096; /* a page or less per read: an unmapped page must not hide
                                * the readable ones before it (as memory.PAGE_SIZE) */
@@ -2297,21 +2300,20 @@ static int batch_read_string(ReadBatchObject *self, struct batch_job *job,
         string->status = EFAULT;
         return 0;
     }
-    char *buf = self->scratch;
     size_t length = 0;
     string->status = ENAMETOOLONG;
-    while (length < job->limit) {
+    while (length < limit) {
         unsigned long long at = address + length;
         if (at < address) { /* past the top of the address space */
             string->status = EFAULT;
             break;
         }
-        size_t chunk = job->limit - length, to_page = page - (size_t)(at % page);
+        size_t chunk = limit - length, to_page = page - (size_t)(at % page);
         if (chunk > to_page)
             chunk = to_page;
         struct iovec local = {buf + length, chunk};
         struct iovec remote = {(void *)(uintptr_t)at, chunk};
-        ssize_t got = process_vm_readv(job->tid, &local, 1, &remote, 1, 0);
+        ssize_t got = process_vm_readv(tid, &local, 1, &remote, 1, 0);
         if (got < 0) {
             if (errno != EFAULT)
                 return errno;
@@ -2358,7 +2360,8 @@ static PyObject *ReadBatch_run(ReadBatchObject *self, PyObject *unused)
             break; /* stopped */
         claimed = i + 1;
         for (Py_ssize_t j = 0; j < job->count && job->error == 0; j++)
-            job->error = batch_read_string(self, job, &self->strings[job->first + j]);
+            job->error = read_string(self->scratch, job->tid, job->limit,
+                                     &self->strings[job->first + j]);
         atomic_store_explicit(&job->state, JOB_DONE, memory_order_release);
     }
     Py_END_ALLOW_THREADS
@@ -2396,6 +2399,28 @@ static Py_ssize_t batch_index(ReadBatchObject *self, PyObject *arg)
     return i;
 }
 
+/* A job's result as take() hands it out: -error if it failed as a whole, else per string
+ * the bytes or its status. The strings' data is freed either way. */
+static PyObject *strings_result(struct batch_string *strings, Py_ssize_t count, int error)
+{
+    PyObject *result = error != 0 ? PyLong_FromLong(-error) : PyList_New(count);
+    for (Py_ssize_t j = 0; j < count; j++) {
+        struct batch_string *string = &strings[j];
+        if (result != NULL && error == 0) {
+            PyObject *value = string->status == 0
+                ? PyBytes_FromStringAndSize(string->data, (Py_ssize_t)string->length)
+                : PyLong_FromLong(string->status);
+            if (value == NULL)
+                Py_CLEAR(result);
+            else
+                PyList_SET_ITEM(result, j, value);
+        }
+        free(string->data);
+        string->data = NULL;
+    }
+    return result;
+}
+
 PyDoc_STRVAR(ReadBatch_take_doc,
 "take(i) -> list | int | None\n--\n\n"
 "Job i's result, once: None if it is not read yet, or was taken. A negative errno if\n"
@@ -2410,25 +2435,7 @@ static PyObject *ReadBatch_take(ReadBatchObject *self, PyObject *arg)
     int expected = JOB_DONE;
     if (!atomic_compare_exchange_strong(&job->state, &expected, JOB_TAKEN))
         Py_RETURN_NONE;
-    if (job->error != 0)
-        return PyLong_FromLong(-job->error);
-    PyObject *result = PyList_New(job->count);
-    if (result == NULL)
-        return NULL;
-    for (Py_ssize_t j = 0; j < job->count; j++) {
-        struct batch_string *string = &self->strings[job->first + j];
-        PyObject *value = string->status == 0
-            ? PyBytes_FromStringAndSize(string->data, (Py_ssize_t)string->length)
-            : PyLong_FromLong(string->status);
-        free(string->data);
-        string->data = NULL;
-        if (value == NULL) {
-            Py_DECREF(result);
-            return NULL;
-        }
-        PyList_SET_ITEM(result, j, value);
-    }
-    return result;
+    return strings_result(&self->strings[job->first], job->count, job->error);
 }
 
 PyDoc_STRVAR(ReadBatch_busy_doc,
@@ -2471,6 +2478,384 @@ static PyTypeObject ReadBatchType = {
     .tp_new = ReadBatch_new,
     .tp_methods = ReadBatch_methods,
     .tp_as_sequence = &ReadBatch_as_sequence,
+};
+
+/* ---------------------------------------------------------------- InlineReader
+ *
+ * A read the event loop waits for inline (memory.ReadPool.submit with a wait: one to a
+ * few listener fds served), done by a thread of its own that never takes the GIL. Given
+ * to the pool's Python reading thread, the same read took that thread's wake-up into
+ * Python, its job bookkeeping and two hand-overs of the GIL: at one busy guarded
+ * container, a call's p50 was 26 us, 18 us with the read made (unsafely) on the loop's
+ * own thread, and the daemon's CPU per call 36 against 17 us (bench/README.md,
+ * "Session 16"). Here the loop writes the request into shared memory, wakes the thread
+ * (or finds it spinning), and waits with the GIL released, spinning while the thread
+ * spins on another CPU, as Signal does. A read not done within the wait is abandoned:
+ * the thread finishes it alone (or stays stuck in it: a userfaultfd page nobody serves)
+ * and read() answers False until it is back, so the pool's own path (its reading
+ * thread, its slow-read rules) takes the reads meanwhile. At most one thread is in an
+ * abandoned read per reader. No Python object is ever shared with the thread; the shared
+ * state is freed by whichever of the object and the thread lets go of it last. Its twin
+ * with the pure-Python hot loop is the pool's own inline wait. */
+
+enum { INLINE_IDLE, INLINE_POSTED, INLINE_DONE, INLINE_ABANDONED };
+/* Paths one request may name (a call has two at most: rename): more take the pool. */
+#define INLINE_MAX_STRINGS 8
+/* The largest limit a request may have: the daemon reads PATH_MAX (4,096) bytes. */
+#define INLINE_MAX_LIMIT 65536
+/* Seconds between two sched_yield()s of the thread while it spins. A task woken on the
+ * CPU it spins on (the loop, a target) did not always preempt it at once, although it
+ * runs 10 nice levels below them: at one busy guarded container 1% of the calls took
+ * ~240 us, ~130 us with these yields (p50 unchanged; bench/README.md, "Session 16"). */
+#define INLINE_YIELD_EVERY 30e-6
+
+struct inline_shared {
+    /* The one futex word: IDLE -> POSTED (the loop), POSTED -> DONE (the thread) or
+     * POSTED -> ABANDONED (the loop, at its timeout), DONE -> IDLE (the loop, taking the
+     * result), ABANDONED -> IDLE (the thread, its read over). One side waits on it at a
+     * time: the thread while it is not POSTED, the loop while it is. */
+    _Atomic uint32_t phase;
+    _Atomic int loop_sleeping, thread_sleeping, closing, refs;
+    /* The CPU the thread last ran on, -1 while it sleeps; the loop's when it last
+     * posted (see inline_main: who gives way when they share one). */
+    _Atomic int thread_cpu, loop_cpu;
+    double spin;            /* how long the thread spins for its next request */
+    int nice;               /* the thread's nice value */
+    /* The request: written by the loop while IDLE, read by the thread while POSTED. */
+    pid_t tid;
+    size_t limit;
+    Py_ssize_t count;
+    int error;
+    struct batch_string strings[INLINE_MAX_STRINGS];
+    char scratch[INLINE_MAX_LIMIT];
+};
+
+typedef struct {
+    PyObject_HEAD
+    struct inline_shared *shared; /* NULL once closed */
+    int started;                  /* the thread runs */
+    unsigned long generation;     /* inline_fork_generation when the thread started */
+    unsigned long long reads, abandoned;
+} InlineReaderObject;
+
+/* Bumped in a forked child: a reader made before the fork has no thread there. */
+static unsigned long inline_fork_generation;
+
+static void inline_forked(void)
+{
+    inline_fork_generation++;
+}
+
+static void inline_release(struct inline_shared *shared)
+{
+    if (atomic_fetch_sub(&shared->refs, 1) == 1) {
+        for (int i = 0; i < INLINE_MAX_STRINGS; i++)
+            free(shared->strings[i].data);
+        free(shared);
+    }
+}
+
+static void futex_wake_all(_Atomic uint32_t *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static void *inline_main(void *arg)
+{
+    struct inline_shared *shared = arg;
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), shared->nice) != 0)
+        errno = 0; /* (as memory._lower_thread_priority: not being niced is no failure) */
+    double spin = 0.0, last = monotonic_seconds();
+    for (;;) {
+        uint32_t phase;
+        atomic_store(&shared->thread_cpu, sched_getcpu());
+        if (spin > 0) {
+            double now = monotonic_seconds(), until = now + spin;
+            double next_yield = now + INLINE_YIELD_EVERY;
+            for (unsigned i = 1;; i++) {
+                if (atomic_load_explicit(&shared->phase, memory_order_acquire) == INLINE_POSTED ||
+                    atomic_load(&shared->closing))
+                    break;
+                CPU_RELAX();
+                if ((i & 31) == 0) {
+                    double now = monotonic_seconds();
+                    if (now >= until)
+                        break;
+                    if (now >= next_yield) {
+                        sched_yield();
+                        next_yield = now + INLINE_YIELD_EVERY;
+                    }
+                    atomic_store(&shared->thread_cpu, sched_getcpu()); /* (migrated) */
+                }
+            }
+        }
+        for (;;) {
+            atomic_store(&shared->thread_sleeping, 1);
+            phase = atomic_load(&shared->phase);
+            if (phase == INLINE_POSTED || atomic_load(&shared->closing))
+                break;
+            atomic_store(&shared->thread_cpu, -1);
+            syscall(SYS_futex, &shared->phase, FUTEX_WAIT_PRIVATE, phase, NULL, NULL, 0);
+        }
+        atomic_store(&shared->thread_sleeping, 0);
+        atomic_store(&shared->thread_cpu, sched_getcpu());
+        if (atomic_load(&shared->phase) != INLINE_POSTED) /* closing */
+            break;
+        double now = monotonic_seconds();
+        /* Spin for the next request only if this one came within a spin of the last. */
+        spin = now - last <= shared->spin ? shared->spin : 0.0;
+        shared->error = 0;
+        for (Py_ssize_t j = 0; j < shared->count && shared->error == 0; j++)
+            shared->error = read_string(shared->scratch, shared->tid, shared->limit,
+                                        &shared->strings[j]);
+        last = monotonic_seconds();
+        uint32_t expected = INLINE_POSTED;
+        if (atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_DONE)) {
+            if (atomic_load(&shared->loop_sleeping)) {
+                futex_wake_all(&shared->phase);
+                /* The loop, woken, may preempt this thread on this CPU, its own: then
+                 * spinning here would keep the two on one CPU, each read costing both
+                 * a switch (and the loop could not spin for a thread queued behind
+                 * it). Asleep, this thread is woken by the next read where a CPU is
+                 * free, and spins there from then on. */
+                if (sched_getcpu() == atomic_load(&shared->loop_cpu))
+                    spin = 0.0;
+            }
+        }
+        else { /* abandoned by the loop: nobody takes this result */
+            for (Py_ssize_t j = 0; j < shared->count; j++) {
+                free(shared->strings[j].data);
+                shared->strings[j].data = NULL;
+            }
+            atomic_store(&shared->phase, INLINE_IDLE);
+            spin = 0.0; /* a read that outlived the loop's wait: not worth a spin */
+        }
+        if (atomic_load(&shared->closing))
+            break;
+    }
+    inline_release(shared);
+    return NULL;
+}
+
+static PyObject *InlineReader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    double spin;
+    int nice;
+    static char *kwlist[] = {"spin", "nice", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "di:InlineReader", kwlist, &spin, &nice))
+        return NULL;
+    if (!(spin >= 0 && spin <= 1.0) || nice < -20 || nice > 19) {
+        PyErr_SetString(PyExc_ValueError, "InlineReader: spin in 0..1 s, nice in -20..19");
+        return NULL;
+    }
+    InlineReaderObject *self = (InlineReaderObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    struct inline_shared *shared = calloc(1, sizeof(*shared));
+    if (shared == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    atomic_store(&shared->phase, INLINE_IDLE);
+    atomic_store(&shared->thread_cpu, -1);
+    atomic_store(&shared->refs, 1);
+    shared->spin = spin;
+    shared->nice = nice;
+    self->shared = shared;
+    return (PyObject *)self;
+}
+
+/* Let go of the shared state: the thread (if any) stops once it is out of its read. */
+static void inline_close(InlineReaderObject *self)
+{
+    struct inline_shared *shared = self->shared;
+    if (shared == NULL)
+        return;
+    self->shared = NULL;
+    atomic_store(&shared->closing, 1);
+    futex_wake_all(&shared->phase);
+    inline_release(shared);
+}
+
+static void InlineReader_dealloc(InlineReaderObject *self)
+{
+    inline_close(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Start the thread, every signal blocked in it (the interpreter's handlers run in the
+ * main thread; a signal for the process must not land where nobody runs them). */
+static int inline_start(InlineReaderObject *self)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return ENOMEM;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_t thread;
+    atomic_fetch_add(&self->shared->refs, 1);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&thread, &attr, inline_main, self->shared);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        atomic_fetch_sub(&self->shared->refs, 1);
+        return rc;
+    }
+    self->started = 1;
+    self->generation = inline_fork_generation;
+    return 0;
+}
+
+PyDoc_STRVAR(InlineReader_read_doc,
+"read(tid, addresses, limit, timeout, spin) -> list | int | None | False\n--\n\n"
+"Read the NUL-terminated strings at `addresses` (a tuple) of thread `tid`, as\n"
+"ReadBatch reads a job, in this reader's thread, waiting up to `timeout` seconds with\n"
+"the GIL released (spinning up to `spin` of them while the thread spins on another\n"
+"CPU). The result as ReadBatch.take() gives it; None if it was not read in time (the\n"
+"thread finishes it alone); False if this reader cannot take it now (its thread is\n"
+"still in an abandoned read, could not start, or the request is too large).");
+
+static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *args,
+                                   Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read(tid, addresses: tuple, limit, timeout, spin)");
+        return NULL;
+    }
+    long tid = PyLong_AsLong(args[0]);
+    size_t limit = PyLong_AsSize_t(args[2]);
+    double timeout = PyFloat_AsDouble(args[3]), spin = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (tid <= 0 || tid > INT_MAX || limit == 0) {
+        PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
+                     tid, limit);
+        return NULL;
+    }
+    struct inline_shared *shared = self->shared;
+    Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
+    if (shared == NULL || limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS ||
+        (self->started && self->generation != inline_fork_generation) ||
+        atomic_load(&shared->phase) != INLINE_IDLE)
+        Py_RETURN_FALSE;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[1], j));
+        if (address == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        shared->strings[j].address = address;
+        shared->strings[j].status = 0;
+        shared->strings[j].length = 0;
+        shared->strings[j].data = NULL;
+    }
+    if (!self->started && inline_start(self) != 0)
+        Py_RETURN_FALSE;
+    shared->tid = (pid_t)tid;
+    shared->limit = limit;
+    shared->count = count;
+    self->reads++;
+    int cpu = atomic_load(&shared->thread_cpu), mine = sched_getcpu();
+    atomic_store(&shared->loop_cpu, mine);
+    atomic_store(&shared->phase, INLINE_POSTED);
+    if (atomic_load(&shared->thread_sleeping))
+        futex_wake_all(&shared->phase);
+    uint32_t phase;
+    Py_BEGIN_ALLOW_THREADS
+    double start = monotonic_seconds(), until = start + timeout;
+    /* Spin while the thread runs on another CPU, or sleeps (woken now, it goes where a
+     * CPU is free: not this one, which the loop holds, unless none is). Only when it
+     * last ran on this CPU, and is maybe queued behind the loop, does the loop sleep at
+     * once to let it run. */
+    if (spin > 0 && cpu != mine) {
+        double spin_until = start + (timeout < spin ? timeout : spin);
+        for (unsigned i = 1;; i++) {
+            if (atomic_load_explicit(&shared->phase, memory_order_acquire) != INLINE_POSTED)
+                break;
+            CPU_RELAX();
+            if ((i & 31) == 0 && monotonic_seconds() >= spin_until)
+                break;
+        }
+    }
+    for (;;) {
+        atomic_store(&shared->loop_sleeping, 1);
+        if (atomic_load(&shared->phase) != INLINE_POSTED)
+            break;
+        double left = until - monotonic_seconds();
+        if (left <= 0)
+            break;
+        struct timespec ts;
+        ts.tv_sec = (time_t)left;
+        ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+        syscall(SYS_futex, &shared->phase, FUTEX_WAIT_PRIVATE, INLINE_POSTED, &ts, NULL, 0);
+    }
+    atomic_store(&shared->loop_sleeping, 0);
+    uint32_t expected = INLINE_POSTED;
+    phase = atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_ABANDONED)
+        ? INLINE_ABANDONED : expected;
+    Py_END_ALLOW_THREADS
+    if (phase == INLINE_ABANDONED) {
+        self->abandoned++;
+        Py_RETURN_NONE;
+    }
+    /* DONE: the thread is out of the request; the strings are the loop's until IDLE. */
+    PyObject *result = strings_result(shared->strings, shared->count, shared->error);
+    atomic_store(&shared->phase, INLINE_IDLE);
+    return result;
+}
+
+static PyObject *InlineReader_close(InlineReaderObject *self, PyObject *unused)
+{
+    inline_close(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *InlineReader_get_busy(InlineReaderObject *self, void *closure)
+{
+    return PyBool_FromLong(self->shared != NULL &&
+                           atomic_load(&self->shared->phase) != INLINE_IDLE);
+}
+
+static PyObject *InlineReader_get_reads(InlineReaderObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->reads);
+}
+
+static PyObject *InlineReader_get_abandoned(InlineReaderObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->abandoned);
+}
+
+static PyGetSetDef InlineReader_getset[] = {
+    {"busy", (getter)InlineReader_get_busy, NULL,
+     "Whether its thread is in a read (an abandoned one, between reads).", NULL},
+    {"reads", (getter)InlineReader_get_reads, NULL, "Reads given to its thread.", NULL},
+    {"abandoned", (getter)InlineReader_get_abandoned, NULL,
+     "Reads not done within their wait (finished by the thread alone).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef InlineReader_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))InlineReader_read, METH_FASTCALL,
+     InlineReader_read_doc},
+    {"close", (PyCFunction)InlineReader_close, METH_NOARGS,
+     "close()\n--\n\nStop the thread once it is out of its read; read() answers False."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject InlineReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "supervisor._hotloop.InlineReader",
+    .tp_basicsize = sizeof(InlineReaderObject),
+    .tp_dealloc = (destructor)InlineReader_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "InlineReader(spin, nice): a thread of its own for the reads the event loop\n"
+              "waits for inline (see read()); it never takes the GIL.",
+    .tp_new = InlineReader_new,
+    .tp_methods = InlineReader_methods,
+    .tp_getset = InlineReader_getset,
 };
 
 static PyMethodDef hotloop_methods[] = {
@@ -2518,7 +2903,8 @@ PyMODINIT_FUNC PyInit__hotloop(void)
             return NULL;
     static int atfork_registered;
     if (!atfork_registered) {
-        if (pthread_atfork(NULL, NULL, recv_watch_forked) != 0) {
+        if (pthread_atfork(NULL, NULL, recv_watch_forked) != 0 ||
+            pthread_atfork(NULL, NULL, inline_forked) != 0) {
             PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
             return NULL;
         }
@@ -2538,6 +2924,8 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         PyModule_AddObjectRef(m, "Signal", (PyObject *)&SignalType) < 0 ||
         PyType_Ready(&ReadBatchType) < 0 ||
         PyModule_AddObjectRef(m, "ReadBatch", (PyObject *)&ReadBatchType) < 0 ||
+        PyType_Ready(&InlineReaderType) < 0 ||
+        PyModule_AddObjectRef(m, "InlineReader", (PyObject *)&InlineReaderType) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", HOTLOOP_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;

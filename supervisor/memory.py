@@ -55,7 +55,14 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   next read before it sleeps, when its last wait was short (:data:`READER_SPIN`), and
   the loop's inline wait spins for the read while that thread spins on another CPU
   (:data:`INLINE_SPIN`): a thread's sleep and wake-up costs more than the read on
-  virtual machines.
+  virtual machines;
+* with the compiled module, a read the loop waits for inline (:data:`INLINE_WAIT`,
+  :data:`INLINE_WAIT_SHARED`) goes to a thread of its own that never takes the GIL
+  (``_hotloop.InlineReader``), with the same spins: through the reading thread, the
+  read also took that thread's Python and two hand-overs of the GIL. A read it does not
+  finish within the wait is left to it (it finishes or stays stuck alone, one thread
+  at most) and read again by the pool, the slow-read rules above applying; while it is
+  in such a read, inline waits take the reading thread, as they do without the module.
 
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
@@ -868,6 +875,15 @@ class ReadPool:
         self.spins = why_no_spin() is None
         self.reader_spin = READER_SPIN if self.spins else 0.0
         self.inline_spin = INLINE_SPIN if self.spins else 0.0
+        # With the compiled module, the reads the loop waits for inline go to a thread
+        # of their own that never takes the GIL (_hotloop.InlineReader; see
+        # _read_inline). Its twin is this pool's own inline wait.
+        hotloop = accel.HOTLOOP
+        self._inline_type: Any = None if hotloop is None else hotloop.InlineReader
+        self.inline: Any = self._new_inline()
+        # Inline readers whose thread is in a read the loop gave up waiting for (see
+        # _inline_abandoned): they count against max_stuck with the retired threads.
+        self.inline_left: list[Any] = []
         # The active thread, when the job just queued is waited for inline and the
         # thread is woken by that wait (_queue's kick, _wait_inline).
         self._to_kick: _ReaderThread | None = None
@@ -951,6 +967,61 @@ class ReadPool:
         else:
             self._to_kick = active
 
+    def _read_inline(self, job: _Job, wait: float) -> outcome.Outcome[Any] | bool:
+        """``job`` (its place taken) read by :attr:`inline`, the loop blocked up to
+        ``wait`` seconds: its outcome; True if it was not read in time (that thread
+        finishes the read alone: the job is the pool's to read now); False if it could
+        not be taken (no compiled module, that thread still in such a read, not a job
+        of strings): the pool's own inline wait then."""
+        inline = self.inline
+        if inline is None or job.request is None:
+            return False
+        tid, addresses, limit = job.request
+        started = perf_counter()
+        try:
+            got = inline.read(tid, addresses, limit, wait, self.inline_spin)
+        except Exception as exc:  # MemoryError making the result: the job's error
+            return outcome.Error(exc)
+        if got is False:
+            return False
+        self._inline_spent += perf_counter() - started
+        if got is None:
+            self._inline_abandoned(inline)
+            return True
+        try:
+            return job_outcome(job, got)
+        except Exception as exc:
+            return outcome.Error(exc)
+
+    def _new_inline(self) -> Any:
+        if self._inline_type is None:
+            return None
+        return self._inline_type(self.reader_spin, min(19, _DAEMON_NICE + READER_NICE))
+
+    def _inline_abandoned(self, inline: Any) -> None:
+        """``inline``'s thread stays in a read the loop gave up waiting for (slow or
+        stuck memory): a new reader takes the next inline reads, so one container's
+        slow memory does not put its neighbours' reads back on the slower path. Unless
+        :attr:`max_stuck` threads are in such reads already (retired reading threads
+        and these together): then ``inline`` stays, and while it is busy inline waits
+        take the reading thread. (A container cannot hold two: the read given up is
+        read again by the pool, and its place stays taken until that read returns.)"""
+        if self._stuck_now() < self.max_stuck:
+            self.inline_left.append(inline)
+            self.inline = self._new_inline()
+
+    def _stuck_now(self) -> int:
+        """Threads in reads given up on: retired reading threads and inline readers
+        still in theirs (those out of it are closed and forgotten here)."""
+        left = []
+        for reader in self.inline_left:
+            if reader.busy:
+                left.append(reader)
+            else:
+                reader.close()
+        self.inline_left = left
+        return self.stuck + len(left)
+
     def _wait_inline(self, waiter: _PySignal, wait: float) -> bool:
         """Wait up to ``wait`` seconds for the job just queued with ``kick`` False:
         the reading thread is woken once this thread let go of the GIL (see
@@ -986,6 +1057,16 @@ class ReadPool:
                 return True
             self._kick_watch()
             return False
+        got = self._read_inline(job, wait)
+        if got is not False:
+            if got is True:  # not read in time: the pool reads it
+                if not self._queue_or_refuse(job):
+                    return True
+                self._kick_watch()
+                return False
+            job.outcome = got
+            slot.release_on_behalf_of(job)
+            return True
         waiter = job.waiter = self.signal()
         if not self._queue_or_refuse(job, kick=False):
             return True
@@ -1058,6 +1139,15 @@ class ReadPool:
             job.discard()
 
     async def _run_waiting(self, job: _Job, wait: float) -> bytes:
+        got = self._read_inline(job, wait)
+        if got is not False:
+            if got is not True:
+                job.slot.release_on_behalf_of(job)
+                data: bytes = got.unwrap()
+                return data
+            self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
+            self._queue(job)
+            return await self._result(job)
         waiter = job.waiter = self.signal()
         self._queue(job, kick=False)
         started = perf_counter()
@@ -1074,7 +1164,7 @@ class ReadPool:
         if done or not self._stop_waiting(job):
             job.slot.release_on_behalf_of(job)
             assert job.outcome is not None
-            data: bytes = job.outcome.unwrap()
+            data = job.outcome.unwrap()
             return data
         self._inline_spent = 0.0  # this task waits: the rest of the daemon runs
         return await self._result(job)  # slow: its thread reports it
@@ -1183,6 +1273,9 @@ class ReadPool:
                         self._active.retired = True
                         self._active.idle = True
                         self._active.kick()
+                    for reader in (self.inline, *self.inline_left):
+                        if reader is not None:
+                            reader.close()
             # The rest of this batch, and every later one, goes to the successor.
             trio.lowlevel.spawn_system_task(self._deliver, name="seccomp-supervisor reads")
             failure: Exception | None = None  # (a deadline cancels the await below)
@@ -1213,7 +1306,7 @@ class ReadPool:
         queue over, unless :attr:`max_stuck` threads are stuck already (or no thread can
         be started): then the waiting reads fail with EAGAIN, and ``active`` keeps the
         queue (the reads asked for while its read lasts fail in turn)."""
-        if self.stuck < self.max_stuck:
+        if self._stuck_now() < self.max_stuck:
             try:
                 successor = _ReaderThread(self)  # before retiring: it may fail
             except RuntimeError as exc:
@@ -1229,7 +1322,7 @@ class ReadPool:
                 successor.kick()  # (it may have found the queue empty before _stop_batch)
                 return
         else:
-            why = (f"{self.stuck} reads are stuck on slow memory already "
+            why = (f"{self._stuck_now()} reads are stuck on slow memory already "
                    f"(the reading thread's is slow too)")
         self._stop_batch(active, job)
         if not self.refused:
