@@ -2757,6 +2757,9 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
     shared->limit = limit;
     shared->count = count;
     self->reads++;
+    /* Held until this call returns: close() (from another thread, with the GIL while
+     * this one waits without it) must not free what it is waiting on. */
+    atomic_fetch_add(&shared->refs, 1);
     int cpu = atomic_load(&shared->thread_cpu), mine = sched_getcpu();
     atomic_store(&shared->loop_cpu, mine);
     atomic_store(&shared->phase, INLINE_POSTED);
@@ -2798,11 +2801,13 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
     Py_END_ALLOW_THREADS
     if (phase == INLINE_ABANDONED) {
         self->abandoned++;
+        inline_release(shared);
         Py_RETURN_NONE;
     }
     /* DONE: the thread is out of the request; the strings are the loop's until IDLE. */
     PyObject *result = strings_result(shared->strings, shared->count, shared->error);
     atomic_store(&shared->phase, INLINE_IDLE);
+    inline_release(shared);
     return result;
 }
 

@@ -161,6 +161,22 @@ def test_closed_while_in_a_read_the_thread_ends_when_the_read_does(
     wait_until(lambda: not os.path.exists(f"/proc/self/task/{thread}"))
 
 
+def test_closed_by_another_thread_while_a_read_waits(userfault: Userfault) -> None:
+    """close() while read() waits (the GIL released): the waiting call still returns
+    (its result, or None at its timeout), and nothing it uses is freed under it."""
+    reader = _reader_type()(0.0, 19)
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.append(
+        reader.read(os.getpid(), (userfault.page,), 64, 0.3, 0.0)))
+    waiting.start()
+    wait_until(lambda: reader.busy)
+    reader.close()
+    userfault.serve(b"/late")
+    waiting.join(WAIT)
+    assert got in ([[b"/late"]], [None])
+    assert reader.read(os.getpid(), (userfault.page,), 64, WAIT, 0.0) is False
+
+
 def test_its_thread_runs_nicer_than_the_loop_and_takes_no_signal(area: Pages) -> None:
     """Niced as the pool's reading threads (memory.READER_NICE), and every signal
     blocked: a signal for the process goes to a thread that runs the handlers."""
