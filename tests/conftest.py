@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -178,3 +179,36 @@ def fd_baseline() -> Callable[[], set[int]]:
         return open_fds() - before
 
     return leaked
+
+
+# The memory these tests read, in this process (the classes: tests/test_read_batch.py;
+# tests/test_inline_reader.py uses them too).
+
+@pytest.fixture
+def pages() -> Iterator[Any]:
+    """Two readable pages followed by a PROT_NONE one."""
+    from .test_read_batch import Pages
+
+    area = Pages(2)
+    yield area
+    area.close()
+
+
+@pytest.fixture
+def edge() -> Iterator[Any]:
+    """One readable page followed by a PROT_NONE one."""
+    from .test_read_batch import Pages
+
+    area = Pages(1)
+    yield area
+    area.close()
+
+
+@pytest.fixture
+def userfault() -> Iterator[Any]:
+    """A page registered with a userfaultfd nobody serves until its serve()."""
+    from .test_read_batch import Userfault
+
+    page = Userfault()
+    yield page
+    page.close()

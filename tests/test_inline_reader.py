@@ -47,27 +47,6 @@ def reader() -> Iterator[Any]:
     made.close()
 
 
-@pytest.fixture
-def area() -> Iterator[Pages]:
-    pages = Pages(2)
-    yield pages
-    pages.close()
-
-
-@pytest.fixture
-def edge() -> Iterator[Pages]:
-    pages = Pages(1)
-    yield pages
-    pages.close()
-
-
-@pytest.fixture
-def userfault() -> Iterator[Userfault]:
-    page = Userfault()
-    yield page
-    page.close()
-
-
 def batch_result(tid: int, addresses: tuple[int, ...], limit: int) -> Any:
     """What the reading thread's batch gives for the same request (the reference)."""
     batch = _PyReadBatch([(tid, addresses, limit)])
@@ -75,34 +54,34 @@ def batch_result(tid: int, addresses: tuple[int, ...], limit: int) -> Any:
     return batch.take(0)
 
 
-def test_it_reads_what_a_batch_reads(reader: Any, area: Pages, edge: Pages) -> None:
+def test_it_reads_what_a_batch_reads(reader: Any, pages: Pages, edge: Pages) -> None:
     """Every end a string can come to, one by one and all in one request."""
     tid = os.getpid()
-    cases = layouts(area, edge)
+    cases = layouts(pages, edge)
     for name, address, limit in cases:
         got = reader.read(tid, (address,), limit, WAIT, SPIN)
         assert got == batch_result(tid, (address,), limit), name
-    address = area.put(0, b"/guarded/x\0")
-    many = (address, 0, area.end + 10, address)
+    address = pages.put(0, b"/guarded/x\0")
+    many = (address, 0, pages.end + 10, address)
     assert reader.read(tid, many, 4096, WAIT, SPIN) == batch_result(tid, many, 4096)
     assert reader.reads == len(cases) + 1 and reader.abandoned == 0 and not reader.busy
 
 
-def test_a_thread_that_is_gone_fails_the_request_as_a_whole(reader: Any, area: Pages) -> None:
+def test_a_thread_that_is_gone_fails_the_request_as_a_whole(reader: Any, pages: Pages) -> None:
     child = os.fork()
     if child == 0:
         os._exit(0)
     os.waitpid(child, 0)
-    address = area.put(0, b"/x\0")
+    address = pages.put(0, b"/x\0")
     assert reader.read(child, (address,), 64, WAIT, SPIN) == batch_result(child, (address,), 64)
     assert reader.read(child, (address,), 64, WAIT, SPIN) == -3  # ESRCH
     assert reader.read(os.getpid(), (address,), 64, WAIT, SPIN) == [b"/x"]
 
 
-def test_it_refuses_what_it_does_not_take(reader: Any, area: Pages) -> None:
+def test_it_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> None:
     """Too many strings or too large a limit: False (the pool reads those); nonsense
     raises; once closed, False."""
-    address = area.put(0, b"/x\0")
+    address = pages.put(0, b"/x\0")
     tid = os.getpid()
     assert reader.read(tid, (address,) * 9, 64, WAIT, SPIN) is False
     assert reader.read(tid, (address,), 65537, WAIT, SPIN) is False
@@ -126,12 +105,12 @@ def test_it_refuses_what_it_does_not_take(reader: Any, area: Pages) -> None:
 
 @pytest.mark.parametrize("spin", [SPIN, 0.0], ids=["spinning", "sleeping"])
 def test_a_read_not_done_in_time_is_given_up_and_the_reader_is_busy_until_it_ends(
-        reader: Any, area: Pages, userfault: Userfault, spin: float) -> None:
+        reader: Any, pages: Pages, userfault: Userfault, spin: float) -> None:
     """The loop waits no longer than its timeout for a page nobody serves (None); the
     thread stays in that read, and the reader answers False meanwhile (it never blocks
     a second time on it); once the page is served it reads again."""
     tid = os.getpid()
-    address = area.put(0, b"/x\0")
+    address = pages.put(0, b"/x\0")
     assert reader.read(tid, (address,), 64, WAIT, SPIN) == [b"/x"]  # the thread spins
     start = time.monotonic()
     assert reader.read(tid, (userfault.page,), 64, 0.02, spin) is None
@@ -148,7 +127,7 @@ def test_a_read_not_done_in_time_is_given_up_and_the_reader_is_busy_until_it_end
 
 
 def test_closed_while_in_a_read_the_thread_ends_when_the_read_does(
-        area: Pages, userfault: Userfault) -> None:
+        pages: Pages, userfault: Userfault) -> None:
     reader = _reader_type()(0.0, 19)
     tid = os.getpid()
     before = set(os.listdir("/proc/self/task"))
@@ -177,14 +156,14 @@ def test_closed_by_another_thread_while_a_read_waits(userfault: Userfault) -> No
     assert reader.read(os.getpid(), (userfault.page,), 64, WAIT, 0.0) is False
 
 
-def test_its_thread_runs_nicer_than_the_loop_and_takes_no_signal(area: Pages) -> None:
+def test_its_thread_runs_nicer_than_the_loop_and_takes_no_signal(pages: Pages) -> None:
     """Niced as the pool's reading threads (memory.READER_NICE), and every signal
     blocked: a signal for the process goes to a thread that runs the handlers."""
     nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + memory.READER_NICE)
     reader = _reader_type()(0.0, nice)
     before = set(os.listdir("/proc/self/task"))
     try:
-        assert reader.read(os.getpid(), (area.put(0, b"/x\0"),), 64, WAIT, 0.0) == [b"/x"]
+        assert reader.read(os.getpid(), (pages.put(0, b"/x\0"),), 64, WAIT, 0.0) == [b"/x"]
         (thread,) = set(os.listdir("/proc/self/task")) - before
         stat = Path(f"/proc/self/task/{thread}/stat").read_text()
         assert int(stat.rsplit(")", 1)[1].split()[16]) == nice  # field 19: nice
@@ -197,9 +176,9 @@ def test_its_thread_runs_nicer_than_the_loop_and_takes_no_signal(area: Pages) ->
         reader.close()
 
 
-def test_in_a_forked_child_a_started_reader_refuses(reader: Any, area: Pages) -> None:
+def test_in_a_forked_child_a_started_reader_refuses(reader: Any, pages: Pages) -> None:
     """The child has no copy of the thread: the reader must not wait for it there."""
-    address = area.put(0, b"/x\0")
+    address = pages.put(0, b"/x\0")
     assert reader.read(os.getpid(), (address,), 64, WAIT, SPIN) == [b"/x"]
     child = os.fork()
     if child == 0:
@@ -214,11 +193,11 @@ def test_in_a_forked_child_a_started_reader_refuses(reader: Any, area: Pages) ->
 
 # --------------------------------------------------------------------- in the pool
 
-def test_a_read_waited_for_inline_goes_to_the_inline_reader(area: Pages) -> None:
+def test_a_read_waited_for_inline_goes_to_the_inline_reader(pages: Pages) -> None:
     """With the compiled module, a submitted read with a wait is read by the pool's
     InlineReader: done at once (not delivered), its place given back, no job queued for
     the reading thread; an awaited one too (ReadPool.run), without a checkpoint."""
-    address = area.put(0, b"/inline\0")
+    address = pages.put(0, b"/inline\0")
     delivered: dict[str, Any] = {}
 
     async def scenario() -> None:
@@ -244,13 +223,13 @@ def test_a_read_waited_for_inline_goes_to_the_inline_reader(area: Pages) -> None
 @pytest.mark.parametrize("room", [True, False], ids=["room", "max-stuck"])
 @pytest.mark.parametrize("awaited", [False, True], ids=["declared", "awaited"])
 def test_a_stuck_inline_read_is_handed_to_the_pool_and_a_new_reader_takes_the_next(
-        area: Pages, userfault: Userfault, awaited: bool, room: bool) -> None:
+        pages: Pages, userfault: Userfault, awaited: bool, room: bool) -> None:
     """A read on a page nobody serves: the loop waits ``wait``, then the pool reads it
     again (its thread gets stuck as well, and is handled as any slow read). The next
     read waited for inline, another container's, goes to a new inline reader; with no
     room left under max_stuck (0 here), the pool's own path refuses it (EAGAIN) as it
     refuses any read behind a stuck one then. The reader left in the read ends with it."""
-    address = area.put(0, b"/x\0")
+    address = pages.put(0, b"/x\0")
     delivered: dict[str, Any] = {}
 
     async def scenario() -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import outcome
@@ -72,20 +72,6 @@ class Pages:
 
     def close(self) -> None:
         libc.munmap(self.base, self.size)
-
-
-@pytest.fixture
-def pages() -> Iterator[Pages]:
-    area = Pages(2)
-    yield area
-    area.close()
-
-
-@pytest.fixture
-def edge() -> Iterator[Pages]:
-    area = Pages(1)
-    yield area
-    area.close()
 
 
 def reference(tid: int, address: int, limit: int) -> bytes | Exception:
@@ -224,13 +210,6 @@ class Userfault:
     def close(self) -> None:
         os.close(self.fd)  # wakes a read still waiting (it fails)
         libc.munmap(self.page, PAGE)
-
-
-@pytest.fixture
-def userfault() -> Iterator[Userfault]:
-    page = Userfault()
-    yield page
-    page.close()
 
 
 def wait_until(check: Callable[[], bool]) -> None:
