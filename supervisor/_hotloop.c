@@ -2736,6 +2736,10 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
                      tid, limit);
         return NULL;
     }
+    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
+        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
+        return NULL;
+    }
     struct inline_shared *shared = self->shared;
     Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
     if (shared == NULL || limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS ||

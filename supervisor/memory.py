@@ -60,9 +60,11 @@ own moved a quiet neighbour's p50 from 60 us to 2 ms and its p99 to 40-100 ms. S
   :data:`INLINE_WAIT_SHARED`) goes to a thread of its own that never takes the GIL
   (``_hotloop.InlineReader``), with the same spins: through the reading thread, the
   read also took that thread's Python and two hand-overs of the GIL. A read it does not
-  finish within the wait is left to it (it finishes or stays stuck alone, one thread
-  at most) and read again by the pool, the slow-read rules above applying; while it is
-  in such a read, inline waits take the reading thread, as they do without the module.
+  finish within the wait is left to it (it finishes, or stays stuck alone) and read
+  again by the pool, the slow-read rules above applying; a new such thread takes the
+  next inline reads, those left in a read counting against :data:`MAX_STUCK_READS`
+  with the retired reading threads (past it, inline waits take the reading thread, as
+  they do without the module).
 
 The read cannot run on the event loop's thread: ``process_vm_readv`` of a page
 registered with a userfaultfd that nobody serves waits until the fault is served (or the
@@ -980,7 +982,7 @@ class ReadPool:
         started = perf_counter()
         try:
             got = inline.read(tid, addresses, limit, wait, self.inline_spin)
-        except Exception as exc:  # MemoryError making the result: the job's error
+        except Exception as exc:  # (MemoryError making the result): the job's error
             return outcome.Error(exc)
         if got is False:
             return False

@@ -94,6 +94,10 @@ def test_it_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> None:
         reader.read(tid, [address], 64, WAIT, SPIN)
     with pytest.raises(OverflowError):
         reader.read(tid, (-1,), 64, WAIT, SPIN)
+    for timeout, spin in ((0.0, SPIN), (float("nan"), SPIN), (-1.0, 0.0), (WAIT, -1.0),
+                          (WAIT, float("nan")), (61.0, 0.0)):
+        with pytest.raises(ValueError):
+            reader.read(tid, (address,), 64, timeout, spin)
     assert not reader.busy  # (nothing was posted by the refused calls)
     with pytest.raises(ValueError):
         _reader_type()(2.0, 0)
