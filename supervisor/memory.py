@@ -1008,21 +1008,29 @@ class ReadPool:
         and these together): then ``inline`` stays, and while it is busy inline waits
         take the reading thread. (A container cannot hold two: the read given up is
         read again by the pool, and its place stays taken until that read returns.)"""
-        if self._stuck_now() < self.max_stuck:
-            self.inline_left.append(inline)
-            self.inline = self._new_inline()
-
-    def _stuck_now(self) -> int:
-        """Threads in reads given up on: retired reading threads and inline readers
-        still in theirs (those out of it are closed and forgotten here)."""
+        # One reader out of its read is kept to take over next time: a container whose
+        # every read takes a little longer than the wait would otherwise cost a thread
+        # started (by this thread) and ended per read.
+        spare = None
         left = []
         for reader in self.inline_left:
             if reader.busy:
                 left.append(reader)
+            elif spare is None:
+                spare = reader
             else:
                 reader.close()
         self.inline_left = left
-        return self.stuck + len(left)
+        if self.stuck + len(left) < self.max_stuck:
+            left.append(inline)
+            self.inline = spare if spare is not None else self._new_inline()
+        elif spare is not None:
+            spare.close()
+
+    def _stuck_now(self) -> int:
+        """Threads in reads given up on: retired reading threads and inline readers
+        still in theirs."""
+        return self.stuck + sum(1 for reader in self.inline_left if reader.busy)
 
     def _wait_inline(self, waiter: _PySignal, wait: float) -> bool:
         """Wait up to ``wait`` seconds for the job just queued with ``kick`` False:

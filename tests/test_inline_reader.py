@@ -289,6 +289,35 @@ def test_a_stuck_inline_read_is_handed_to_the_pool_and_a_new_reader_takes_the_ne
     assert delivered["stuck"] == want
 
 
+def test_reads_a_little_slower_than_the_wait_do_not_start_a_thread_each(
+        pages: Pages) -> None:
+    """A container whose every read takes longer than the loop's wait, but ends: each
+    is given up and read by the pool, and the inline readers take turns (two threads),
+    not one new thread per read."""
+    delivered: dict[str, Any] = {}
+    readers: list[Any] = []  # (held: no two of them can share an id)
+
+    async def scenario() -> None:
+        pool = ReadPool(slow_after=WAIT)
+        for i in range(6):
+            slow = Userfault()
+            try:
+                readers.append(pool.inline)
+                assert not pool.submit(submitted(delivered, f"r{i}", slow.page),
+                                       wait=0.002, turn=i)
+                slow.serve(b"/late")
+                with trio.fail_after(WAIT):
+                    while f"r{i}" not in delivered or any(r.busy for r in pool.inline_left):
+                        await trio.sleep(0.001)
+            finally:
+                slow.close()
+        assert sum(r.abandoned for r in (pool.inline, *pool.inline_left)) == 6
+
+    run_pool(scenario)
+    assert all(delivered[f"r{i}"] == outcome.Value([b"/late"]) for i in range(6))
+    assert len({id(reader) for reader in readers}) == 2
+
+
 def test_the_pure_python_loop_has_no_inline_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accel, "HOTLOOP", None)
     assert ReadPool().inline is None
