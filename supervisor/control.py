@@ -214,6 +214,17 @@ def _hot_loop_line(hot_loop: object) -> list[str]:
     return [f"hot loop: {printable(hot_loop.get('why', '?'))}"]
 
 
+def _memory_reads_line(reads: object) -> list[str]:
+    """A line only when a container's slow memory holds threads or cost refusals."""
+    if not isinstance(reads, Mapping):
+        return []
+    stuck, refused = reads.get("threads_in_slow_reads", 0), reads.get("refused", 0)
+    if not stuck and not refused:
+        return []
+    return [f"memory reads: {printable(stuck)} threads in slow reads, "
+            f"{printable(refused)} reads refused (EAGAIN)"]
+
+
 def format_status(status: Mapping[str, Any]) -> str:
     """The human view of a ``status`` result: a header and one row per session."""
     sessions = list(status.get("sessions", []))
@@ -226,6 +237,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"metrics: {printable(status.get('metrics') or 'off')}",
         *_hot_loop_line(status.get("hot_loop")),
         *_keeper_line(status.get("fd_keeper")),
+        *_memory_reads_line(status.get("memory_reads")),
         f"sessions: {len(sessions)}   in flight: {status.get('inflight', 0)}   "
         f"notifications: {status.get('notifications', 0)}",
     ]

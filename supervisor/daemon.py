@@ -395,6 +395,9 @@ class Daemon:
             "garbage_collector": {
                 "young_threshold": gc.get_threshold()[0],
                 "collections": [generation["collections"] for generation in gc.get_stats()]},
+            # Reads of containers' memory (supervisor/memory.py, ReadPool.stats): how
+            # many threads a container's slow memory holds now, and since the start.
+            "memory_reads": memory.current_read_pool().stats(),
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "notify_socket": self.notify_socket,
             "socket_activated": self.socket_activated,

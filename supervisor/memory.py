@@ -886,6 +886,8 @@ class ReadPool:
         # Inline readers whose thread is in a read the loop gave up waiting for (see
         # _inline_abandoned): they count against max_stuck with the retired threads.
         self.inline_left: list[Any] = []
+        self.inline_read = 0  # reads done by an inline reader (statistics)
+        self.inline_given_up = 0  # reads an inline reader did not finish in time
         # The active thread, when the job just queued is waited for inline and the
         # thread is woken by that wait (_queue's kick, _wait_inline).
         self._to_kick: _ReaderThread | None = None
@@ -988,8 +990,10 @@ class ReadPool:
             return False
         self._inline_spent += perf_counter() - started
         if got is None:
+            self.inline_given_up += 1
             self._inline_abandoned(inline)
             return True
+        self.inline_read += 1
         try:
             return job_outcome(job, got)
         except Exception as exc:
@@ -1026,6 +1030,23 @@ class ReadPool:
             self.inline = spare if spare is not None else self._new_inline()
         elif spare is not None:
             spare.close()
+
+    def stats(self) -> dict[str, int]:
+        """What ``status`` shows of the reads (statistics since the daemon started)."""
+        active = self._active
+        slow = (active is not None and not active.retired and active.current is not None
+                and perf_counter() - active.started > self.slow_after)
+        return {
+            # Threads in a read of slow memory now: those MAX_STUCK_READS bounds, and
+            # the active reading thread if its read has lasted SLOW_READ (it is retired
+            # only once other reads wait).
+            "threads_in_slow_reads": self._stuck_now() + slow,
+            "retired_threads": self.retired,
+            # Reads that failed with EAGAIN for want of a thread.
+            "refused": self.refused,
+            "read_inline": self.inline_read,
+            "inline_given_up": self.inline_given_up,
+        }
 
     def _stuck_now(self) -> int:
         """Threads in reads given up on: retired reading threads and inline readers

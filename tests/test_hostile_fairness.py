@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -208,10 +209,9 @@ print(json.dumps({{"latencies": lat, "wrong": wrong, "mkdir": mkdir}}))
 """
 
 
-@pytest.mark.usefixtures("hot_loop")
 @pytest.mark.parametrize("neighbour", [False, True], ids=["alone", "with-a-neighbour"])
 def test_a_read_stuck_on_a_containers_memory_does_not_block_the_loop(
-        tmp_path: Path, neighbour: bool) -> None:
+        tmp_path: Path, neighbour: bool, hot_loop: str) -> None:
     """process_vm_readv of an unserved userfaultfd page sleeps until the target exits
     (verified, supervisor/memory.py). With one container served, the loop waits for a
     read synchronously, but only INLINE_WAIT; with a few, only INLINE_WAIT_SHARED: then
@@ -233,12 +233,22 @@ def test_a_read_stuck_on_a_containers_memory_does_not_block_the_loop(
             target = start_filtered(d.socket_path, [sys.executable, "-c", STUCK, "100"],
                                     notify=("mkdir", "getpgid"), container_id="stuck")
             try:
+                # status counts the thread(s) the stuck read holds, while it lasts.
+                deadline = time.monotonic() + 10
+                while not d.status()["memory_reads"]["threads_in_slow_reads"]:
+                    assert time.monotonic() < deadline, d.status()["memory_reads"]
+                    time.sleep(0.01)
+                reads = d.status()["memory_reads"]
                 result = target.result(60)
             finally:
                 target.kill()
         finally:
             if idle is not None:
                 idle.kill()
+    assert 1 <= reads["threads_in_slow_reads"] <= 2, reads  # the inline reader's, the pool's
+    assert reads["refused"] == 0, reads
+    if hot_loop == "c":  # (the pure-Python loop has no inline reader)
+        assert reads["inline_given_up"] == 1, reads
     assert result["wrong"] == 0, result
     # Served while the read was stuck: not behind it (it lasted until the deadline).
     assert max(result["latencies"]) < 1.0, max(result["latencies"])

@@ -74,6 +74,20 @@ def test_format_status_table() -> None:
     assert "no containers" in format_status({"sessions": []})
 
 
+def test_format_status_says_when_slow_memory_holds_threads() -> None:
+    """A line about memory reads only when a container's slow memory holds threads or
+    cost refusals; what the daemon sends is printed escaped."""
+    quiet = {"sessions": [], "memory_reads": {"threads_in_slow_reads": 0, "refused": 0,
+                                              "retired_threads": 3}}
+    assert "memory reads" not in format_status(quiet)
+    busy = {"sessions": [], "memory_reads": {"threads_in_slow_reads": 2, "refused": 5}}
+    assert "memory reads: 2 threads in slow reads, 5 reads refused (EAGAIN)" in \
+        format_status(busy)
+    odd = {"sessions": [], "memory_reads": {"threads_in_slow_reads": "1\x1b[2J"}}
+    assert "\x1b" not in format_status(odd)
+    assert "memory reads" not in format_status({"sessions": [], "memory_reads": None})
+
+
 # --------------------------------------------------------------------------- the server
 
 
