@@ -159,6 +159,16 @@ class Daemon:
             "sessions for a crash; 0 while it is gone (a crash now would end every "
             "container's session).", ["path"], namespace="seccomp_supervisor",
             registry=self.registry)
+        # Threads a container's slow memory holds now (memory.ReadPool.stats), from
+        # the pool of the run, known once run() starts. The registry is collected in a
+        # worker thread: the figure is read there without a lock, as plain attributes
+        # the trio thread keeps.
+        self._read_pool: memory.ReadPool | None = None
+        Gauge("memory_read_threads_slow", "Threads in a read of a container's memory "
+              "that has lasted (a userfaultfd or FUSE page served late or never). At "
+              "most 64 such threads: past that, reads behind a slow one fail with EAGAIN.",
+              namespace="seccomp_supervisor",
+              registry=self.registry).set_function(self._slow_read_threads)
         # A listener served twice freezes the loop (see served.py): every path that
         # starts a session (handoff, fd store, takeover, resume) claims it here first.
         self.served = ServedListeners()
@@ -201,6 +211,7 @@ class Daemon:
         daemon listens there). Raises TakeoverError if a takeover broke off (the old
         daemon then serves on)."""
         bpf.check_kernel_abi()
+        self._read_pool = memory.current_read_pool()
         config = self.state.config
         report_fds = self._plan_fds(config)
         problem = kcmp_problem()
@@ -358,6 +369,10 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval / 2)
+
+    def _slow_read_threads(self) -> float:
+        pool = self._read_pool
+        return 0.0 if pool is None else float(pool.stats()["threads_in_slow_reads"])
 
     def _status_text(self) -> str:
         n = len(self.sessions)

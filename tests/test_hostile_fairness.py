@@ -239,6 +239,8 @@ def test_a_read_stuck_on_a_containers_memory_does_not_block_the_loop(
                     assert time.monotonic() < deadline, d.status()["memory_reads"]
                     time.sleep(0.01)
                 reads = d.status()["memory_reads"]
+                # ... and so does the gauge a scrape gets.
+                slow = d.metric("seccomp_supervisor_memory_read_threads_slow")
                 result = target.result(60)
             finally:
                 target.kill()
@@ -246,6 +248,7 @@ def test_a_read_stuck_on_a_containers_memory_does_not_block_the_loop(
             if idle is not None:
                 idle.kill()
     assert 1 <= reads["threads_in_slow_reads"] <= 2, reads  # the inline reader's, the pool's
+    assert 1 <= slow <= 2, slow
     assert reads["refused"] == 0, reads
     if hot_loop == "c":  # (the pure-Python loop has no inline reader)
         assert reads["inline_given_up"] == 1, reads

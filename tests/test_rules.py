@@ -56,7 +56,8 @@ def test_every_alert_is_written_for_an_operator_and_tested_both_ways() -> None:
         "SeccompSupervisorSlowDecisions", "SeccompSupervisorRateLimited",
         "SeccompSupervisorAuditLinesSuppressed", "SeccompSupervisorRestarted",
         "SeccompSupervisorReloadFailed", "SeccompSupervisorHandoffsFailing",
-        "SeccompSupervisorNoSessions", "SeccompSupervisorFdKeeperGone"}
+        "SeccompSupervisorNoSessions", "SeccompSupervisorFdKeeperGone",
+        "SeccompSupervisorMemoryReadsStuck"}
     tests = TESTS.read_text()
     for name, block in blocks.items():
         assert re.search(r"^\s+severity: (critical|warning|info)$", block, re.M), name
@@ -101,6 +102,10 @@ MUTATIONS = [
      "SeccompSupervisorFdKeeperGone"),
     ("fd_keeper_attached == 0\n        for: 2m", "fd_keeper_attached == 0\n        for: 0m",
      "SeccompSupervisorFdKeeperGone"),
+    ("memory_read_threads_slow > 16", "memory_read_threads_slow > 26",
+     "SeccompSupervisorMemoryReadsStuck"),
+    ("memory_read_threads_slow > 16\n        for: 10m",
+     "memory_read_threads_slow > 16\n        for: 3m", "SeccompSupervisorMemoryReadsStuck"),
     # Never fires: every firing case must notice.
     ("- alert: SeccompSupervisorDeadlineMisses", "- alert: SeccompSupervisorDeadlineMissed",
      "SeccompSupervisorDeadlineMisses"),
