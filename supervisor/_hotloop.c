@@ -2489,12 +2489,13 @@ static PyTypeObject ReadBatchType = {
  * container, a call's p50 was 26 us, 18 us with the read made (unsafely) on the loop's
  * own thread, and the daemon's CPU per call 36 against 17 us (bench/README.md,
  * "Session 16"). Here the loop writes the request into shared memory, wakes the thread
- * (or finds it spinning), and waits with the GIL released, spinning while the thread
- * spins on another CPU, as Signal does. A read not done within the wait is abandoned:
- * the thread finishes it alone (or stays stuck in it: a userfaultfd page nobody serves)
- * and read() answers False until it is back, so the pool's own path (its reading
- * thread, its slow-read rules) takes the reads meanwhile. At most one thread is in an
- * abandoned read per reader. No Python object is ever shared with the thread; the shared
+ * (or finds it spinning), and waits with the GIL released: it spins unless the thread
+ * last ran on the loop's own CPU (see inline_main for who gives way). A read not done
+ * within the wait is abandoned: the thread finishes it alone (or stays stuck in it: a
+ * userfaultfd page nobody serves) and read() answers False until it is back; the pool
+ * then gives the next reads to another reader (memory.ReadPool._inline_abandoned), or
+ * past MAX_STUCK_READS to its own path. At most one thread is in an abandoned read per
+ * reader. No Python object is ever shared with the thread; the shared
  * state is freed by whichever of the object and the thread lets go of it last. Its twin
  * with the pure-Python hot loop is the pool's own inline wait. */
 
