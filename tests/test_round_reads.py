@@ -11,22 +11,37 @@ which tests/test_declared_paths.py compares answer for answer). The reader's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from supervisor import accel, memory
+from supervisor import abi, accel, memory
 from supervisor.memory import current_read_pool
 from supervisor.policy import Notification, PolicySet, deny, returns
 from supervisor.session import Session, SessionSettings
+from supervisor.testing import load, run_policy
 
 from .conftest import serve_target
+from .test_hostile_abi import (
+    GARBAGE,
+    PATH_GUARD,
+    Int80,
+    checked,
+    decoy_pair,
+    dirs,  # noqa: F401 - a fixture
+    i386,
+    int80,  # noqa: F401 - a fixture
+    raw_syscall,
+    x86_64,
+)
 from .test_inline_reader import SPIN, batch_result
 from .test_read_batch import WAIT, Pages, Userfault, layouts, wait_until
 
@@ -272,3 +287,51 @@ async def test_a_container_whose_reads_are_slow_in_rounds_reads_through_the_pool
     # The first (routed in Python), two in rounds, the other four through the pool.
     assert current_read_pool().round_reads == 2
     assert calls == {"_prefetch": 5, "_read_later": 0}
+
+
+# The attacks of tests/test_hostile_abi.py on the round's path: there each is the first
+# call of its route, which Python routes (and reads); a call of the same ABI first makes
+# the attack the round's.
+
+@pytest.mark.usefixtures("compiled")
+def test_the_round_reads_an_i386_path_where_the_kernel_reads(
+        monkeypatch: pytest.MonkeyPatch, dirs: tuple[Path, Path], int80: Int80) -> None:  # noqa: F811
+    """Bit 32 of an i386 call's pointer register: the round reads the real path below
+    4 GiB (cut to 32 bits, as the kernel does), not the decoy above."""
+    calls = spy_paths(monkeypatch)
+    guarded, free = dirs
+    real, decoy = guarded / "sub", free / "sub"
+    warm = bytes(free / "warm")
+
+    def attack() -> int:
+        low = decoy_pair(bytes(real), bytes(decoy))
+        checked(int80(i386("mkdir"), decoy_pair(warm, warm), 0o755, 0), "mkdir")
+        return checked(int80(i386("mkdir"), (1 << 32) | low, GARBAGE | 0o755, 0), "mkdir")
+
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]), attack)
+    assert trial.errno == errno.EACCES, trial
+    assert trial.decided("mkdir") == ["allow", "deny"]
+    assert str(real) in trial.decisions[-1].decision.reason
+    assert not real.exists() and not decoy.exists() and (free / "warm").exists()
+    assert calls == {"_prefetch": 1, "_read_later": 0}  # the attack: the round's
+
+
+@pytest.mark.usefixtures("compiled")
+def test_the_round_reads_x32_path_pointers_whole(
+        monkeypatch: pytest.MonkeyPatch, dirs: tuple[Path, Path]) -> None:  # noqa: F811
+    calls = spy_paths(monkeypatch)
+    guarded, free = dirs
+
+    def attack() -> int:
+        with contextlib.suppress(OSError):  # (no x32 here: ENOSYS once allowed)
+            raw_syscall(abi.X32_SYSCALL_BIT | x86_64("mkdir"),
+                        decoy_pair(bytes(free / "warm"), bytes(free / "warm")), 0o755)
+        low = decoy_pair(bytes(free / "low"), bytes(guarded / "high"))
+        return raw_syscall(abi.X32_SYSCALL_BIT | x86_64("mkdir"), (1 << 32) | low, 0o755)
+
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]), attack)
+    assert trial.errno == errno.EACCES, trial
+    assert [d.syscall for d in trial.decisions] == ["mkdir", "mkdir"]
+    assert str(guarded / "high") in trial.decisions[-1].decision.reason
+    assert not (guarded / "high").exists() and not (free / "low").exists()
+    assert calls == {"_prefetch": 1, "_read_later": 0}
