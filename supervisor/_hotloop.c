@@ -3446,13 +3446,15 @@ static int round_read(struct poll_reads *round, PyObject **results)
 {
     Py_ssize_t n = round->n;
     double wait = 60.0, spin = 0.0, round_wait = 0.0;
-    for (Py_ssize_t r = 0; r < n; r++)
+    for (Py_ssize_t r = 0; r < n; r++) {
+        results[r] = NULL;
         if (round->entries[r].wait < wait)
             wait = round->entries[r].wait;
+    }
     /* The pool's round wait (ReadPool.round_wait), the shortest session's at most. */
-    PyObject *reader_obj = GET(round->pool, s_inline), *got = NULL,
+    PyObject *got = NULL,
              *call[3] = {round->pool, PyLong_FromSsize_t(n), PyLong_FromLong(round->fds)};
-    if (reader_obj != NULL && call[1] != NULL && call[2] != NULL &&
+    if (call[1] != NULL && call[2] != NULL &&
         GET_DOUBLE(round->pool, s_inline_spin, &spin) == 0)
         got = PyObject_VectorcallMethod(s_round_wait, call,
                                         3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
@@ -3463,75 +3465,92 @@ static int round_read(struct poll_reads *round, PyObject **results)
         Py_DECREF(got);
     }
     if (got == NULL || (round_wait == -1.0 && PyErr_Occurred())) {
-        Py_XDECREF(reader_obj);
         PyErr_Clear();
         return -1;
     }
     if (round_wait < wait)
         wait = round_wait;
-    InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
-    if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader) ||
-        !(spin >= 0 && spin <= 1.0) || !(wait > 0 && wait <= 60.0)) {
-        Py_DECREF(reader_obj);
+    if (!(spin >= 0 && spin <= 1.0) || !(wait > 0 && wait <= 60.0))
         return -1;
-    }
-    struct inline_shared *shared = reader->shared;
-    Py_ssize_t first = 0;
-    for (Py_ssize_t r = 0; r < n; r++) {
-        struct round_entry *e = &round->entries[r];
-        struct inline_request *req = &shared->requests[r];
-        req->tid = e->tid_value;
-        req->limit = 4096; /* PATH_MAX, what Session._prefetch reads */
-        req->first = first;
-        req->count = e->count;
-        req->error = 0;
-        req->seconds = 0.0;
-        for (Py_ssize_t j = 0; j < e->count; j++) {
-            struct batch_string *string = &shared->strings[first + j];
-            string->address = e->addresses[j];
-            string->status = 0;
-            string->length = 0;
-            string->data = NULL;
-        }
-        first += e->count;
-    }
-    shared->n_requests = n;
-    Py_ssize_t done = inline_post_wait(reader, wait, spin);
-    if (done < 0) { /* its thread could not start: the pool reads them */
-        Py_DECREF(reader_obj);
-        return -1;
-    }
-    for (Py_ssize_t r = 0; r < n; r++) {
-        struct inline_request *req = &shared->requests[r];
-        results[r] = NULL;
-        if (r < done) {
-            results[r] = strings_result(&shared->strings[req->first], req->count, req->error);
-            if (results[r] == NULL)
-                PyErr_Clear(); /* (no memory for the strings: the pool reads them again) */
-        }
-        /* Its own read was slow, or is the one the thread is still in (not one it did
-         * not begin: the thread itself was late then, not this memory). */
-        if (r <= done &&
-            round_judge(&round->entries[r], r < done && req->seconds > ROUND_SLOW_READ,
-                        r == done && r < atomic_load(&shared->begun)) < 0)
+    double until = monotonic_seconds() + wait;
+    /* The reads from `start` on, posted together. When the thread stays in one (slow
+     * memory), those after it are posted again to the pool's next reader, within what
+     * is left of the same wait: a container's slow memory costs the others in its
+     * round no read through the pool. */
+    for (Py_ssize_t start = 0; start < n;) {
+        double left = until - monotonic_seconds();
+        PyObject *reader_obj = GET(round->pool, s_inline);
+        if (reader_obj == NULL) {
             PyErr_Clear();
+            break;
+        }
+        InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
+        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader) || !(left > 0)) {
+            Py_DECREF(reader_obj);
+            break;
+        }
+        struct inline_shared *shared = reader->shared;
+        Py_ssize_t first = 0, count = n - start;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            struct round_entry *e = &round->entries[start + k];
+            struct inline_request *req = &shared->requests[k];
+            req->tid = e->tid_value;
+            req->limit = 4096; /* PATH_MAX, what Session._prefetch reads */
+            req->first = first;
+            req->count = e->count;
+            req->error = 0;
+            req->seconds = 0.0;
+            for (Py_ssize_t j = 0; j < e->count; j++) {
+                struct batch_string *string = &shared->strings[first + j];
+                string->address = e->addresses[j];
+                string->status = 0;
+                string->length = 0;
+                string->data = NULL;
+            }
+            first += e->count;
+        }
+        shared->n_requests = count;
+        Py_ssize_t done = inline_post_wait(reader, left, spin);
+        if (done < 0) { /* its thread could not start: the pool reads them */
+            Py_DECREF(reader_obj);
+            break;
+        }
+        Py_ssize_t begun = atomic_load(&shared->begun);
+        for (Py_ssize_t k = 0; k < count && k <= done; k++) {
+            struct inline_request *req = &shared->requests[k];
+            if (k < done) {
+                results[start + k] = strings_result(&shared->strings[req->first], req->count,
+                                                    req->error);
+                if (results[start + k] == NULL)
+                    PyErr_Clear(); /* (no memory for the strings: the pool reads them) */
+            }
+            /* Its own read was slow, or is the one the thread is still in (not one it
+             * did not begin: the thread itself was late then, not this memory). */
+            if (round_judge(&round->entries[start + k],
+                            k < done && req->seconds > ROUND_SLOW_READ,
+                            k == done && k < begun) < 0)
+                PyErr_Clear();
+        }
+        inline_finish(reader, shared);
+        PyObject *counted = PyLong_FromSsize_t(done);
+        if (counted == NULL || add_to_attr(round->pool, s_round_reads, counted) < 0)
+            PyErr_WriteUnraisable(round->pool); /* (statistics) */
+        Py_XDECREF(counted);
+        if (done < count) {
+            /* Its thread stays in a read: the pool gives the next reads to another
+             * reader (ReadPool._inline_abandoned), as after an inline wait. */
+            PyObject *args[2] = {round->pool, reader_obj};
+            PyObject *r = PyObject_VectorcallMethod(s_round_abandoned, args,
+                                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            if (r == NULL)
+                PyErr_WriteUnraisable(round->pool); /* (its next reads go to the pool) */
+            Py_XDECREF(r);
+        }
+        Py_DECREF(reader_obj);
+        if (done == count || done >= begun)
+            break; /* all read; or the thread never began the next: late, not stuck */
+        start += done + 1; /* past the read the thread is in */
     }
-    inline_finish(reader, shared);
-    if (done < n) {
-        /* Its thread stays in a read: the pool gives the next reads to another reader
-         * (ReadPool._inline_abandoned), as after an inline wait. */
-        PyObject *call[2] = {round->pool, reader_obj};
-        PyObject *r = PyObject_VectorcallMethod(s_round_abandoned, call,
-                                                2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        if (r == NULL)
-            PyErr_WriteUnraisable(round->pool); /* (its next reads go to the pool) */
-        Py_XDECREF(r);
-    }
-    Py_DECREF(reader_obj);
-    PyObject *counted = PyLong_FromSsize_t(done);
-    if (counted == NULL || add_to_attr(round->pool, s_round_reads, counted) < 0)
-        PyErr_WriteUnraisable(round->pool); /* (statistics) */
-    Py_XDECREF(counted);
     return 0;
 }
 
