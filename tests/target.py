@@ -103,6 +103,9 @@ def main(argv):
         return call(libc.mkdir, argv[1].encode(), 0o755)
     if cmd == "mkdir-null":
         return call(libc.mkdir, None, 0o755)
+    if cmd == "mkdir-null-repeat":
+        # mkdir(NULL) COUNT times: every answer, in order.
+        return {"results": [call(libc.mkdir, None, 0o755) for _ in range(int(argv[1]))]}
     if cmd == "mkdir-unmapped":
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -25,7 +26,7 @@ import trio
 
 from supervisor import abi, accel, memory
 from supervisor.memory import current_read_pool
-from supervisor.policy import Notification, PolicySet, deny, returns
+from supervisor.policy import Notification, PolicySet, TargetMemoryError, deny, returns
 from supervisor.session import Session, SessionSettings
 from supervisor.testing import load, run_policy
 
@@ -335,3 +336,34 @@ def test_the_round_reads_x32_path_pointers_whole(
     assert str(guarded / "high") in trial.decisions[-1].decision.reason
     assert not (guarded / "high").exists() and not (free / "low").exists()
     assert calls == {"_prefetch": 1, "_read_later": 0}
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_reads_a_round_hands_to_the_pool_leave_no_objects_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference counts of the round's way to the pool (Session._read_later): 2,000
+    reads that fail in the round (a NULL path) and again in the pool. A leak of one
+    object per call would be thousands of blocks."""
+    calls = spy_paths(monkeypatch)
+    policy = PolicySet("p")
+    seen = [0]
+    blocks: list[int] = []
+    total = 2_000
+
+    @policy.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        seen[0] += 1
+        if seen[0] in (400, total):
+            blocks.append(sys.getallocatedblocks())
+        with contextlib.suppress(TargetMemoryError):
+            n.path(0)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir-ok-then", "mkdir-null-repeat",
+                            str(total - 1)) as served:
+        with trio.fail_after(120):
+            out = await served.target.result()
+    assert out == {"results": [{"rc": -1, "errno": errno.EACCES}] * (total - 1)}
+    assert calls["_read_later"] == total - 1
+    grown = blocks[1] - blocks[0]
+    assert grown < 400, f"{grown} blocks more after {total - 400} notifications"
