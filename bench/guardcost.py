@@ -114,7 +114,8 @@ class _FakeMemory:
         return True
 
     def read_cstrings_soon(self, notif_id: int, tid: int, addresses: Any, limit: int,
-                           deliver: Callable[[list[Any]], Any]) -> Any:
+                           deliver: Callable[[list[Any]], Any], *, inline: bool = True,
+                           values: Any = None) -> Any:
         if not self.delivered:
             return [self.path] * len(addresses)
         self.waiting.append((deliver, len(addresses)))

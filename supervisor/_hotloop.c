@@ -44,7 +44,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 12
+#define HOTLOOP_API_VERSION 13
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -739,6 +739,51 @@ static int call_handler(PyObject *link, PyObject *n, int coroutine, PyObject **h
     return 0;
 }
 
+/* A poll round's declared reads (see round_collect, after the InlineReader): what
+ * run_links does with an async link's declared paths while a compiled round runs. */
+enum { ROUND_NOT_MINE, ROUND_TAKEN, ROUND_NOTHING_TO_READ, ROUND_RAISED };
+/* Paths one request may name (a call has two at most: rename): more take the pool. */
+#define INLINE_MAX_STRINGS 8
+/* Requests posted at once: a poll round's declared reads (Poller.MAX_EVENTS is 32). */
+#define INLINE_MAX_REQUESTS 32
+/* Strings of all the requests posted at once. */
+#define INLINE_MAX_ALL_STRINGS 64
+struct round_entry {
+    /* strong references */
+    PyObject *session, *n, *links, *allowed, *id, *tid, *nr, *arch, *args, *syscall,
+        *wanted, *memory;
+    Py_ssize_t index, count;
+    unsigned long long notif_id;
+    unsigned long long addresses[INLINE_MAX_STRINGS];
+    pid_t tid_value;
+    double received, wait;
+    int fd;
+};
+
+struct poll_reads {
+    PyObject *pool;         /* borrowed: the ReadPool */
+    int fd;                 /* the listener fd of the session being decided */
+    int fds;                /* listener fds the poller serves */
+    Py_ssize_t n, strings;
+    struct round_entry entries[INLINE_MAX_REQUESTS];
+};
+
+static PyObject *unread_paths_func, *link_paths;
+static PyObject *s_slot, *s_use_proc_mem, *s_pool, *s_inline_wait, *s_deferred,
+    *s_borrowers, *s_reads, *s_read_later, *s_inline, *s_round_wait, *s_inline_spin,
+    *s_round_slow_until, *s_x86, *s_x86_64, *s_x32, *s_round_reads, *s_round_abandoned,
+    *s_round_strikes;
+
+/* The round running now in this thread (the event loop's), or NULL. */
+static _Thread_local struct poll_reads *round_reads;
+static int round_finish(struct poll_reads *round, PyObject *poller, PyObject **suspended);
+static PyTypeObject InlineReaderType;
+static int round_collect(struct poll_reads *round, PyObject *session, PyObject *n,
+                         PyObject *link, PyObject *links, Py_ssize_t index,
+                         PyObject *allowed, unsigned long long notif_id, PyObject *id,
+                         PyObject *tid, PyObject *nr, PyObject *arch, PyObject *args,
+                         PyObject *syscall, double received, PyObject **raised_exc);
+
 /* The notification `n` from links[start] on: sync handlers called here, the first result
  * that is not an allow answered here (fast_response); anything else handed over to
  * Session._decide_received at the link reached, with what that link's handler returned
@@ -751,7 +796,7 @@ static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
                            Py_ssize_t start, int resumed, PyObject *allowed,
                            unsigned long long notif_id, PyObject *id, PyObject *tid,
                            PyObject *nr, PyObject *arch, PyObject *args, PyObject *syscall,
-                           double received)
+                           double received, int collect)
 {
     PyObject *result = NULL, *received_obj = NULL, *handed = NULL, *trap = NULL,
              *outcome = NULL, *policy = NULL, *kind = NULL, *index_obj = NULL;
@@ -764,8 +809,39 @@ static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
             hand_resumed = resumed && index == start;
             goto hand_over;
         }
-        int coroutine = 0;
-        if (resumed && index == start) {
+        int coroutine = 0, here = resumed && index == start;
+        if (!here) {
+            PyObject *is_async = slot_get(link_is_async, link);
+            if (is_async == NULL)
+                goto done;
+            Py_DECREF(is_async);
+            if (is_async != Py_False) {
+                /* Python reads its paths, parks it or runs its first step; or, in a
+                 * compiled poll round, the round reads its declared paths. */
+                if (!collect || round_reads == NULL)
+                    goto hand_over;
+                PyObject *exc = NULL;
+                int got = round_collect(round_reads, session, n, link, links, index,
+                                        allowed, notif_id, id, tid, nr, arch, args,
+                                        syscall, received, &exc);
+                if (got < 0)
+                    goto done;
+                if (got == ROUND_TAKEN) {
+                    result = Py_None;
+                    Py_INCREF(result);
+                    goto done;
+                }
+                if (got == ROUND_RAISED) { /* its paths function raised: as its handler */
+                    handed = exc;
+                    raised = 1;
+                    goto hand_over;
+                }
+                if (got == ROUND_NOT_MINE)
+                    goto hand_over;
+                here = 1; /* no path to read: its handler runs now, as a resumed one */
+            }
+        }
+        if (here) {
             PyObject *is_coroutine = slot_get(link_coroutine, link);
             if (is_coroutine == NULL)
                 goto done;
@@ -795,14 +871,6 @@ static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
                     goto hand_over;
                 }
             }
-        }
-        else {
-            PyObject *is_async = slot_get(link_is_async, link);
-            if (is_async == NULL)
-                goto done;
-            Py_DECREF(is_async);
-            if (is_async != Py_False)
-                goto hand_over; /* Python reads its paths, parks it or runs its first step */
         }
         if (call_handler(link, n, coroutine, &handed, &raised, &trap) < 0)
             goto done;
@@ -955,7 +1023,7 @@ static PyObject *decide(PyObject *session, const struct seccomp_notif *notif,
             goto done;
     }
     result = run_links(session, n, links, 0, 0, Py_None, notif->id, id, tid, nr, arch, args,
-                       syscall, received);
+                       syscall, received, 1);
     goto done;
 
 from_start:
@@ -1021,7 +1089,7 @@ static PyObject *resume(PyObject *module, PyObject *const *argv, Py_ssize_t argc
         goto done;
     if (shadow == Py_False)
         result = run_links(session, n, links, index, 1, allowed, notif_id, id, tid, nr, zero,
-                           args, syscall, received);
+                           args, syscall, received, 0);
     else {
         /* Not the common case (shadow mode answers CONTINUE; a subclass of Session may
          * change anything): all of it in Python. */
@@ -1105,6 +1173,8 @@ static PyObject *session_ready(PyObject *session, PyObject *mask, unsigned int e
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     double received = now();
+    if (round_reads != NULL)
+        round_reads->fd = fd;
     PyObject *stats = GET(session, s_stats);
     if (stats == NULL)
         return NULL;
@@ -1201,7 +1271,7 @@ static PyObject *find_reader(PyObject *poller, PyObject *readers, int own, int f
 /* One round: epoll_wait(0), then each event's reader. Sets *count (events reported) and
  * *suspended (a new reference: the Suspended that stopped the round, or None). */
 static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int max_events,
-                     int *count_out, PyObject **suspended_out)
+                     struct poll_reads *round, int *count_out, PyObject **suspended_out)
 {
     struct epoll_event events[MAX_ROUND_EVENTS];
     int count;
@@ -1215,6 +1285,7 @@ static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int
     }
     PyObject *suspended = Py_None;
     Py_INCREF(suspended);
+    round_reads = round;
     for (int i = 0; i < count; i++) {
         /* Looked up now: an fd unregistered (maybe closed and its number reused) by a
          * callback of this round is skipped, not read. */
@@ -1271,24 +1342,39 @@ static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int
         }
         Py_DECREF(r);
     }
+    round_reads = NULL;
+    if (round != NULL && round_finish(round, poller, &suspended) < 0)
+        goto fail;
     *count_out = count;
     *suspended_out = suspended;
     return 0;
 fail:
+    round_reads = NULL;
+    if (round != NULL && round->n > 0) {
+        /* What the round collected reads through the pool (none decides here). */
+        PyObject *type, *value, *tb, *none_may_suspend = Py_True;
+        PyErr_Fetch(&type, &value, &tb);
+        Py_INCREF(none_may_suspend);
+        if (round_finish(round, poller, &none_may_suspend) < 0)
+            PyErr_Clear();
+        Py_DECREF(none_may_suspend);
+        PyErr_Restore(type, value, tb);
+    }
     Py_DECREF(suspended);
     return -1;
 }
 
 static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 4 && argc != 5) {
-        PyErr_SetString(PyExc_TypeError, "poll_round takes 4 or 5 arguments");
+    if (argc < 4 || argc > 6) {
+        PyErr_SetString(PyExc_TypeError, "poll_round takes 4 to 6 arguments");
         return NULL;
     }
     PyObject *poller = argv[0], *readers = argv[2];
     int epfd = (int)PyLong_AsLong(argv[1]);
     long max_events = PyLong_AsLong(argv[3]);
-    long budget = argc == 5 ? PyLong_AsLong(argv[4]) : 0;
+    long budget = argc >= 5 ? PyLong_AsLong(argv[4]) : 0;
+    PyObject *pool = argc == 6 && argv[5] != Py_None ? argv[5] : NULL;
     if (PyErr_Occurred())
         return NULL;
     if (!PyDict_CheckExact(readers)) {
@@ -1304,9 +1390,19 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
     PyErr_Clear(); /* not a Poller: no cache */
     PyObject *suspended = NULL;
     long served = 0;
+    /* The round's declared reads (see round_collect): only with the poller's own
+     * readers (a test's dict of other readers has no sessions to read for). */
+    struct poll_reads round;
+    round.pool = pool;
+    round.fd = -1;
+    round.fds = (int)PyDict_GET_SIZE(readers);
+    round.n = round.strings = 0;
+    struct poll_reads *reads = pool != NULL && own && unread_paths_func != NULL ? &round
+                                                                                  : NULL;
     for (;;) {
         int count;
-        if (one_round(poller, epfd, readers, own, (int)max_events, &count, &suspended) < 0)
+        if (one_round(poller, epfd, readers, own, (int)max_events, reads, &count,
+                      &suspended) < 0)
             return NULL;
         served += count;
         /* Poller.run's loop, here while it would only call the next round: at K=1 its
@@ -1483,18 +1579,19 @@ static PyObject *id_valid(PyObject *module, PyObject *const *argv, Py_ssize_t ar
 }
 
 PyDoc_STRVAR(setup_doc,
-"setup(Session, Notification, Link, Decision, Outcome, Recorder)\n\n"
-"The classes the fast path recognises (called once by supervisor.session).");
+"setup(Session, Notification, Link, Decision, Outcome, Recorder, unread_paths)\n\n"
+"The classes the fast path recognises, and session._unread_paths (called once by\n"
+"supervisor.session).");
 
 static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 6) {
-        PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
+    if (argc != 7 || !PyCallable_Check(argv[6])) {
+        PyErr_SetString(PyExc_TypeError, "setup takes 6 classes and a function");
         return NULL;
     }
     for (int i = 0; i < 6; i++)
         if (!PyType_Check(argv[i])) {
-            PyErr_SetString(PyExc_TypeError, "setup takes 6 classes");
+            PyErr_SetString(PyExc_TypeError, "setup takes 6 classes and a function");
             return NULL;
         }
     static const char *const slots[N_SLOTS] = {"id", "pid", "nr", "arch", "syscall", "args",
@@ -1502,7 +1599,7 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
                                                 "_paths"};
     PyTypeObject *notification = (PyTypeObject *)argv[1], *link = (PyTypeObject *)argv[2],
                  *decision = (PyTypeObject *)argv[3], *outcome = (PyTypeObject *)argv[4];
-    PyObject *found[N_SLOTS + 10] = {NULL};
+    PyObject *found[N_SLOTS + 11] = {NULL};
     for (int i = 0; i < N_SLOTS; i++)
         if ((found[i] = member_descriptor(notification, slots[i])) == NULL)
             goto fail;
@@ -1515,7 +1612,8 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         (found[N_SLOTS + 6] = member_descriptor(outcome, "policy")) == NULL ||
         (found[N_SLOTS + 7] = member_descriptor(outcome, "error")) == NULL ||
         (found[N_SLOTS + 8] = member_descriptor(outcome, "audit_hot")) == NULL ||
-        (found[N_SLOTS + 9] = member_descriptor(link, "coroutine")) == NULL)
+        (found[N_SLOTS + 9] = member_descriptor(link, "coroutine")) == NULL ||
+        (found[N_SLOTS + 10] = member_descriptor(link, "paths")) == NULL)
         goto fail;
     for (int i = 0; i < N_SLOTS; i++)
         Py_XSETREF(notification_slots[i], found[i]);
@@ -1529,6 +1627,8 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XSETREF(outcome_error, found[N_SLOTS + 7]);
     Py_XSETREF(outcome_audit_hot, found[N_SLOTS + 8]);
     Py_XSETREF(link_coroutine, found[N_SLOTS + 9]);
+    Py_XSETREF(link_paths, found[N_SLOTS + 10]);
+    Py_XSETREF(unread_paths_func, Py_NewRef(argv[6]));
     for (int i = 0; i < 6; i++)
         Py_INCREF(argv[i]);
     Py_XSETREF(session_type, (PyTypeObject *)argv[0]);
@@ -1539,7 +1639,7 @@ static PyObject *setup(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_XSETREF(recorder_type, (PyTypeObject *)argv[5]);
     Py_RETURN_NONE;
 fail:
-    for (int i = 0; i < N_SLOTS + 10; i++)
+    for (int i = 0; i < N_SLOTS + 11; i++)
         Py_XDECREF(found[i]);
     return NULL;
 }
@@ -2500,8 +2600,6 @@ static PyTypeObject ReadBatchType = {
  * with the pure-Python hot loop is the pool's own inline wait. */
 
 enum { INLINE_IDLE, INLINE_POSTED, INLINE_DONE, INLINE_ABANDONED };
-/* Paths one request may name (a call has two at most: rename): more take the pool. */
-#define INLINE_MAX_STRINGS 8
 /* The largest limit a request may have: the daemon reads PATH_MAX (4,096) bytes. */
 #define INLINE_MAX_LIMIT 65536
 /* Seconds between two sched_yield()s of the thread while it spins. A task woken on the
@@ -2522,12 +2620,20 @@ struct inline_shared {
     _Atomic int thread_cpu, loop_cpu;
     double spin;            /* how long the thread spins for its next request */
     int nice;               /* the thread's nice value */
-    /* The request: written by the loop while IDLE, read by the thread while POSTED. */
-    pid_t tid;
-    size_t limit;
-    Py_ssize_t count;
-    int error;
-    struct batch_string strings[INLINE_MAX_STRINGS];
+    /* The requests: written by the loop while IDLE, read by the thread while POSTED,
+     * in order. `done` counts those read so far: each is the loop's once counted (the
+     * thread does not touch it again), also after an abandonment. `taken`: how many the
+     * loop took when it abandoned the rest (the thread frees the strings of the others). */
+    Py_ssize_t n_requests, taken;
+    _Atomic Py_ssize_t begun, done;
+    struct inline_request {
+        pid_t tid;
+        size_t limit;
+        Py_ssize_t first, count;
+        int error;
+        double seconds; /* how long its read took */
+    } requests[INLINE_MAX_REQUESTS];
+    struct batch_string strings[INLINE_MAX_ALL_STRINGS];
     char scratch[INLINE_MAX_LIMIT];
 };
 
@@ -2550,7 +2656,7 @@ static void inline_forked(void)
 static void inline_release(struct inline_shared *shared)
 {
     if (atomic_fetch_sub(&shared->refs, 1) == 1) {
-        for (int i = 0; i < INLINE_MAX_STRINGS; i++)
+        for (int i = 0; i < INLINE_MAX_ALL_STRINGS; i++)
             free(shared->strings[i].data);
         free(shared);
     }
@@ -2605,11 +2711,20 @@ static void *inline_main(void *arg)
         double now = monotonic_seconds();
         /* Spin for the next request only if this one came within a spin of the last. */
         spin = now - last <= shared->spin ? shared->spin : 0.0;
-        shared->error = 0;
-        for (Py_ssize_t j = 0; j < shared->count && shared->error == 0; j++)
-            shared->error = read_string(shared->scratch, shared->tid, shared->limit,
-                                        &shared->strings[j]);
-        last = monotonic_seconds();
+        for (Py_ssize_t r = 0; r < shared->n_requests; r++) {
+            if (r > 0 && atomic_load(&shared->phase) != INLINE_POSTED)
+                break; /* abandoned: the rest are not read */
+            struct inline_request *req = &shared->requests[r];
+            atomic_store(&shared->begun, r + 1);
+            double began = monotonic_seconds();
+            req->error = 0;
+            for (Py_ssize_t j = 0; j < req->count && req->error == 0; j++)
+                req->error = read_string(shared->scratch, req->tid, req->limit,
+                                         &shared->strings[req->first + j]);
+            last = monotonic_seconds();
+            req->seconds = last - began;
+            atomic_store_explicit(&shared->done, r + 1, memory_order_release);
+        }
         uint32_t expected = INLINE_POSTED;
         if (atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_DONE)) {
             if (atomic_load(&shared->loop_sleeping)) {
@@ -2623,10 +2738,13 @@ static void *inline_main(void *arg)
                     spin = 0.0;
             }
         }
-        else { /* abandoned by the loop: nobody takes this result */
-            for (Py_ssize_t j = 0; j < shared->count; j++) {
-                free(shared->strings[j].data);
-                shared->strings[j].data = NULL;
+        else { /* abandoned by the loop: nobody takes the results it did not take */
+            for (Py_ssize_t r = shared->taken; r < shared->n_requests; r++) {
+                struct inline_request *req = &shared->requests[r];
+                for (Py_ssize_t j = 0; j < req->count; j++) {
+                    free(shared->strings[req->first + j].data);
+                    shared->strings[req->first + j].data = NULL;
+                }
             }
             atomic_store(&shared->phase, INLINE_IDLE);
             spin = 0.0; /* a read that outlived the loop's wait: not worth a spin */
@@ -2719,58 +2837,39 @@ PyDoc_STRVAR(InlineReader_read_doc,
 "thread finishes it alone); False if this reader cannot take it now (its thread is\n"
 "still in an abandoned read, could not start, or the request is too large).");
 
-static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *args,
-                                   Py_ssize_t nargs)
+/* Whether `self` can take requests now: its thread idle (not in an abandoned read),
+ * not a forked child's copy. */
+static int inline_ready(InlineReaderObject *self)
 {
-    if (nargs != 5 || !PyTuple_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "read(tid, addresses: tuple, limit, timeout, spin)");
-        return NULL;
-    }
-    long tid = PyLong_AsLong(args[0]);
-    size_t limit = PyLong_AsSize_t(args[2]);
-    double timeout = PyFloat_AsDouble(args[3]), spin = PyFloat_AsDouble(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (tid <= 0 || tid > INT_MAX || limit == 0) {
-        PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
-                     tid, limit);
-        return NULL;
-    }
-    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
-        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
-        return NULL;
-    }
     struct inline_shared *shared = self->shared;
-    Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
-    if (shared == NULL || limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS ||
-        (self->started && self->generation != inline_fork_generation) ||
-        atomic_load(&shared->phase) != INLINE_IDLE)
-        Py_RETURN_FALSE;
-    for (Py_ssize_t j = 0; j < count; j++) {
-        unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[1], j));
-        if (address == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-        shared->strings[j].address = address;
-        shared->strings[j].status = 0;
-        shared->strings[j].length = 0;
-        shared->strings[j].data = NULL;
-    }
+    return shared != NULL && !(self->started && self->generation != inline_fork_generation) &&
+           atomic_load(&shared->phase) == INLINE_IDLE;
+}
+
+/* Post the requests written into self->shared (n_requests of them, their strings' data
+ * NULL) and wait up to `timeout` seconds, the GIL released, for the thread to read them.
+ * Returns how many were read (the first ones, in order): all of them, or fewer if the
+ * wait ran out (the rest are abandoned: the thread finishes the one it is in alone and
+ * reads no more). -1 if the thread could not start. The caller takes the results of the
+ * requests read (strings_result) and then calls inline_finish. */
+static Py_ssize_t inline_post_wait(InlineReaderObject *self, double timeout, double spin)
+{
+    struct inline_shared *shared = self->shared;
     if (!self->started && inline_start(self) != 0)
-        Py_RETURN_FALSE;
-    shared->tid = (pid_t)tid;
-    shared->limit = limit;
-    shared->count = count;
-    self->reads++;
-    /* Held until this call returns: close() (from another thread, with the GIL while
-     * this one waits without it) must not free what it is waiting on. */
+        return -1;
+    self->reads += (unsigned long long)shared->n_requests;
+    atomic_store(&shared->done, 0);
+    atomic_store(&shared->begun, 0);
+    shared->taken = 0;
+    /* Held until inline_finish: close() (from another thread, with the GIL while this
+     * one waits without it) must not free what it is waiting on. */
     atomic_fetch_add(&shared->refs, 1);
     int cpu = atomic_load(&shared->thread_cpu), mine = sched_getcpu();
     atomic_store(&shared->loop_cpu, mine);
     atomic_store(&shared->phase, INLINE_POSTED);
     if (atomic_load(&shared->thread_sleeping))
         futex_wake_all(&shared->phase);
-    uint32_t phase;
+    Py_ssize_t done;
     Py_BEGIN_ALLOW_THREADS
     double start = monotonic_seconds(), until = start + timeout;
     /* Spin while the thread runs on another CPU, or sleeps (woken now, it goes where a
@@ -2800,20 +2899,699 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
         syscall(SYS_futex, &shared->phase, FUTEX_WAIT_PRIVATE, INLINE_POSTED, &ts, NULL, 0);
     }
     atomic_store(&shared->loop_sleeping, 0);
+    /* The requests read so far are the loop's, whatever happens next: the thread frees
+     * only the strings of those from `taken` on. */
+    shared->taken = done = atomic_load_explicit(&shared->done, memory_order_acquire);
     uint32_t expected = INLINE_POSTED;
-    phase = atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_ABANDONED)
-        ? INLINE_ABANDONED : expected;
+    if (!atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_ABANDONED))
+        done = shared->n_requests; /* DONE: every request was read */
     Py_END_ALLOW_THREADS
-    if (phase == INLINE_ABANDONED) {
+    if (done < shared->n_requests)
         self->abandoned++;
-        inline_release(shared);
-        Py_RETURN_NONE;
-    }
-    /* DONE: the thread is out of the request; the strings are the loop's until IDLE. */
-    PyObject *result = strings_result(shared->strings, shared->count, shared->error);
-    atomic_store(&shared->phase, INLINE_IDLE);
+    return done;
+}
+
+/* After inline_post_wait (and the results taken): the shared state goes back to the
+ * thread (DONE -> IDLE; an abandoned one the thread sets IDLE itself, its read over). */
+static void inline_finish(InlineReaderObject *self, struct inline_shared *shared)
+{
+    if (atomic_load(&shared->phase) == INLINE_DONE)
+        atomic_store(&shared->phase, INLINE_IDLE);
     inline_release(shared);
+}
+
+/* Write request number `r` (its strings after the previous requests'): the addresses
+ * of `addresses` (a tuple). 0, or -1 with an exception set. */
+static int inline_put_request(struct inline_shared *shared, Py_ssize_t r, pid_t tid,
+                              size_t limit, PyObject *addresses)
+{
+    struct inline_request *req = &shared->requests[r];
+    req->tid = tid;
+    req->limit = limit;
+    req->first = r == 0 ? 0 : shared->requests[r - 1].first + shared->requests[r - 1].count;
+    req->count = PyTuple_GET_SIZE(addresses);
+    req->error = 0;
+    req->seconds = 0.0;
+    for (Py_ssize_t j = 0; j < req->count; j++) {
+        struct batch_string *string = &shared->strings[req->first + j];
+        string->address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addresses, j));
+        if (string->address == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        string->status = 0;
+        string->length = 0;
+        string->data = NULL;
+    }
+    return 0;
+}
+
+static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *args,
+                                   Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read(tid, addresses: tuple, limit, timeout, spin)");
+        return NULL;
+    }
+    long tid = PyLong_AsLong(args[0]);
+    size_t limit = PyLong_AsSize_t(args[2]);
+    double timeout = PyFloat_AsDouble(args[3]), spin = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (tid <= 0 || tid > INT_MAX || limit == 0) {
+        PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
+                     tid, limit);
+        return NULL;
+    }
+    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
+        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
+    if (!inline_ready(self) || limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS)
+        Py_RETURN_FALSE;
+    struct inline_shared *shared = self->shared;
+    shared->n_requests = 1;
+    if (inline_put_request(shared, 0, (pid_t)tid, limit, args[1]) < 0)
+        return NULL;
+    Py_ssize_t done = inline_post_wait(self, timeout, spin);
+    if (done < 0)
+        Py_RETURN_FALSE;
+    PyObject *result = Py_None;
+    Py_INCREF(result);
+    if (done == 1) {
+        Py_SETREF(result, strings_result(shared->strings, shared->requests[0].count,
+                                         shared->requests[0].error));
+    }
+    inline_finish(self, shared);
     return result;
+}
+
+PyDoc_STRVAR(InlineReader_read_many_doc,
+"read_many(requests, timeout, spin) -> list | False\n--\n\n"
+"read() for several requests at once (a list of (tid, addresses: tuple, limit)), read in\n"
+"order by the thread within one wait: per request its result as read() gives it, None\n"
+"for those not read when the wait ran out (the thread finishes the one it is in alone,\n"
+"and reads no more). False if this reader cannot take them now, or they are too many.\n"
+"What the compiled poll round does with its declared reads (poll_round).");
+
+static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *const *args,
+                                        Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "read_many(requests: list, timeout, spin)");
+        return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[1]), spin = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
+        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
+        return NULL;
+    }
+    PyObject *requests = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(requests), strings = 0;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *req = PyList_GET_ITEM(requests, r);
+        if (!PyTuple_CheckExact(req) || PyTuple_GET_SIZE(req) != 3 ||
+            !PyTuple_CheckExact(PyTuple_GET_ITEM(req, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a request is (tid, tuple of addresses, limit)");
+            return NULL;
+        }
+        long tid = PyLong_AsLong(PyTuple_GET_ITEM(req, 0));
+        size_t limit = PyLong_AsSize_t(PyTuple_GET_ITEM(req, 2));
+        if (PyErr_Occurred())
+            return NULL;
+        if (tid <= 0 || tid > INT_MAX || limit == 0) {
+            PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
+                         tid, limit);
+            return NULL;
+        }
+        Py_ssize_t count = PyTuple_GET_SIZE(PyTuple_GET_ITEM(req, 1));
+        if (limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS)
+            Py_RETURN_FALSE;
+        strings += count;
+    }
+    if (n == 0 || n > INLINE_MAX_REQUESTS || strings > INLINE_MAX_ALL_STRINGS ||
+        !inline_ready(self))
+        Py_RETURN_FALSE;
+    struct inline_shared *shared = self->shared;
+    shared->n_requests = n;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *req = PyList_GET_ITEM(requests, r);
+        if (inline_put_request(shared, r, (pid_t)PyLong_AsLong(PyTuple_GET_ITEM(req, 0)),
+                               PyLong_AsSize_t(PyTuple_GET_ITEM(req, 2)),
+                               PyTuple_GET_ITEM(req, 1)) < 0)
+            return NULL;
+    }
+    Py_ssize_t done = inline_post_wait(self, timeout, spin);
+    if (done < 0)
+        Py_RETURN_FALSE;
+    PyObject *results = PyList_New(n);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        struct inline_request *req = &shared->requests[r];
+        PyObject *result = Py_None;
+        Py_INCREF(result);
+        if (r < done) /* (taken even if the list failed: the strings are freed) */
+            Py_SETREF(result, strings_result(&shared->strings[req->first], req->count,
+                                             req->error));
+        if (results == NULL || result == NULL) {
+            Py_XDECREF(result);
+            Py_CLEAR(results);
+        }
+        else
+            PyList_SET_ITEM(results, r, result);
+    }
+    inline_finish(self, shared);
+    return results;
+}
+
+/* ------------------------------------------------------------- a round's reads
+ *
+ * At many busy guarded containers the reads of declared paths went to the read pool one
+ * by one, each decision handed to Python to wait and resumed by the pool's delivery: ~40
+ * Python calls of bookkeeping per guarded call (the decision record, its deadline, the
+ * job, the slot, the delivery), ~42,000 of the ~117,000 instructions of the loop's thread
+ * at 100 busy containers (bench/README.md, "Session 17"). In a compiled poll round, an
+ * async link's declared paths are collected here instead (round_collect, from
+ * run_links); at the end of the round (round_finish) the InlineReader's thread reads
+ * them all in one wait, and each decision goes on in C (run_links, resumed), as a read
+ * waited for inline does. The round never outlives the poll_round call: nothing of it
+ * is left for a session that ends, and no fd closes under it. Whatever is not the
+ * common case goes to Session._read_later, which reads through the pool and decides
+ * when the read is delivered, never in the round: a read not done within the round's
+ * wait (the reader is then abandoned, as at an inline wait), a failed or refused read, a
+ * call no longer valid, any call after one whose decision suspended (a round returns
+ * one Suspended at most). A session whose read was slow does not join rounds for a
+ * while (ROUND_SLOW_READ), so its memory cannot make every round wait. Its twin, with
+ * the pure-Python loop, is the per-decision path (Session._prefetch). */
+
+/* A session whose reads in rounds took longer than ROUND_SLOW_READ ROUND_SLOW_STRIKES
+ * times in a row, or whose read the thread was still in when a round's wait ended,
+ * reads through the pool for ROUND_SLOW_FOR seconds: its slow memory delays its own
+ * calls, not every round's. Reads take ~2-5 us; one preempted now and then (a busy
+ * machine) is no reason, hence the strikes. */
+#define ROUND_SLOW_READ 50e-6
+#define ROUND_SLOW_STRIKES 2
+#define ROUND_SLOW_FOR 1.0
+
+static void round_entry_clear(struct round_entry *e)
+{
+    Py_CLEAR(e->session);
+    Py_CLEAR(e->n);
+    Py_CLEAR(e->links);
+    Py_CLEAR(e->allowed);
+    Py_CLEAR(e->id);
+    Py_CLEAR(e->tid);
+    Py_CLEAR(e->nr);
+    Py_CLEAR(e->arch);
+    Py_CLEAR(e->args);
+    Py_CLEAR(e->syscall);
+    Py_CLEAR(e->wanted);
+    Py_CLEAR(e->memory);
+}
+
+/* 1 if `obj` (a new reference, consumed) is false, as `not obj`; 0 if true; -1 on error. */
+static int consume_false(PyObject *obj)
+{
+    if (obj == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(obj);
+    Py_DECREF(obj);
+    return truth < 0 ? -1 : !truth;
+}
+
+/* A float attribute of `obj` (GET's cache is per call site: a macro). */
+#define GET_DOUBLE(obj, name, out) ({                                           \
+    PyObject *value_ = GET((obj), (name));                                      \
+    int rc_ = -1;                                                               \
+    if (value_ != NULL) {                                                       \
+        *(out) = PyFloat_AsDouble(value_);                                      \
+        Py_DECREF(value_);                                                      \
+        rc_ = *(out) == -1.0 && PyErr_Occurred() ? -1 : 0;                      \
+    }                                                                           \
+    rc_; })
+
+/* links[index] (an async link) of `n`: collect its declared paths for the round's read,
+ * if this is their common case. ROUND_TAKEN (the decision waits for the round's end),
+ * ROUND_NOTHING_TO_READ (its handler runs now, as a resumed one), ROUND_NOT_MINE (Python
+ * takes it from this link: Session._decide_received, as without rounds), ROUND_RAISED
+ * (its paths function raised: *raised_exc, handled as its handler's error), -1 (an
+ * error of ours). Each condition is one that Session._prefetch and
+ * TargetMemory.read_cstrings_soon check on the way. */
+static int round_collect(struct poll_reads *round, PyObject *session, PyObject *n,
+                         PyObject *link, PyObject *links, Py_ssize_t index,
+                         PyObject *allowed, unsigned long long notif_id, PyObject *id,
+                         PyObject *tid, PyObject *nr, PyObject *arch, PyObject *args,
+                         PyObject *syscall, double received, PyObject **raised_exc)
+{
+    int rc = ROUND_NOT_MINE, truth, asked = 0;
+    PyObject *paths = NULL, *memory = NULL, *value = NULL, *slot = NULL, *wanted = NULL,
+             *arch_label = NULL;
+    double wait, slow_until;
+    if (round->n >= INLINE_MAX_REQUESTS ||
+        round->strings + INLINE_MAX_STRINGS > INLINE_MAX_ALL_STRINGS ||
+        !PyTuple_CheckExact(args) || PyTuple_GET_SIZE(args) != 6)
+        return ROUND_NOT_MINE;
+    if ((paths = slot_get(link_paths, link)) == NULL)
+        goto error;
+    if (paths == Py_None)
+        goto out; /* no declared paths: its first step, in Python */
+    /* Every async slot taken: Python parks it before reading (Session._prefetch). */
+    PyObject *inflight = GET(session, s_inflight);
+    if (inflight == NULL)
+        goto error;
+    PyObject *most = GET(session, s_max_inflight);
+    if (most == NULL) {
+        Py_DECREF(inflight);
+        goto error;
+    }
+    truth = int_compare(inflight, most, Py_GE);
+    Py_DECREF(inflight);
+    Py_DECREF(most);
+    if (truth != 0)
+        goto out_or_error;
+    /* The session's memory: read with process_vm_readv through this pool, its place in
+     * the pool free (no read of its own queued or running: its reads keep their
+     * order), an inline wait allowed, its reads not slow lately. */
+    if ((memory = GET(session, s_memory)) == NULL || (value = GET(memory, s_pool)) == NULL)
+        goto error;
+    if (value != Py_None && value != round->pool)
+        goto out;
+    if ((truth = consume_false(GET(memory, s_use_proc_mem))) != 1)
+        goto out_or_error;
+    if (GET_DOUBLE(memory, s_inline_wait, &wait) < 0 ||
+        GET_DOUBLE(memory, s_round_slow_until, &slow_until) < 0)
+        goto error;
+    if (!(wait > 0 && wait <= 60.0) || now() < slow_until)
+        goto out;
+    if ((slot = GET(memory, s_slot)) == NULL)
+        goto error;
+    if ((truth = consume_false(GET(slot, s_deferred))) != 1 ||
+        (truth = consume_false(GET(slot, s_borrowers))) != 1)
+        goto out_or_error;
+    long tid_value = PyLong_AsLong(tid);
+    if (tid_value == -1 && PyErr_Occurred())
+        goto error;
+    if (tid_value <= 0 || tid_value > INT_MAX)
+        goto out; /* not visible to us: Python refuses it */
+    if ((arch_label = slot_get(notification_slots[N_ARCH], n)) == NULL)
+        goto error;
+    unsigned long long mask;
+    if (str_equal(arch_label, s_x86_64) || str_equal(arch_label, s_x32))
+        mask = ~0ULL;
+    else if (str_equal(arch_label, s_x86))
+        mask = 0xFFFFFFFFULL; /* an i386 call's registers: 32 bits (abi.POINTER_MASKS) */
+    else
+        goto out;
+    /* The paths it declared, not read yet (policy code: what it raises is its
+     * handler's error). */
+    PyObject *call[2] = {n, link};
+    asked = 1;
+    wanted = PyObject_Vectorcall(unread_paths_func, call, 2, NULL);
+    if (wanted == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            goto error;
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        *raised_exc = exc;
+        rc = ROUND_RAISED;
+        goto out;
+    }
+    if (!PyTuple_CheckExact(wanted) || PyTuple_GET_SIZE(wanted) > INLINE_MAX_STRINGS) {
+        PyErr_SetString(PyExc_SystemError, "_unread_paths returned no tuple of indexes");
+        goto error;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(wanted);
+    if (count == 0) {
+        rc = ROUND_NOTHING_TO_READ;
+        goto out;
+    }
+    struct round_entry *e = &round->entries[round->n];
+    for (Py_ssize_t j = 0; j < count; j++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(wanted, j));
+        if (i == -1 && PyErr_Occurred())
+            goto error;
+        if (i < 0 || i >= 6) {
+            PyErr_SetString(PyExc_SystemError, "_unread_paths returned a bad index");
+            goto error;
+        }
+        unsigned long long raw = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args, i));
+        if (raw == (unsigned long long)-1 && PyErr_Occurred())
+            goto error;
+        e->addresses[j] = raw & mask;
+    }
+    /* TargetMemory.reads: the strings asked for. */
+    PyObject *counted = PyLong_FromSsize_t(count);
+    if (counted == NULL)
+        goto error;
+    int added = add_to_attr(memory, s_reads, counted);
+    Py_DECREF(counted);
+    if (added < 0)
+        goto error;
+    e->session = Py_NewRef(session);
+    e->n = Py_NewRef(n);
+    e->links = Py_NewRef(links);
+    e->allowed = Py_NewRef(allowed);
+    e->id = Py_NewRef(id);
+    e->tid = Py_NewRef(tid);
+    e->nr = Py_NewRef(nr);
+    e->arch = Py_NewRef(arch);
+    e->args = Py_NewRef(args);
+    e->syscall = Py_NewRef(syscall);
+    e->wanted = wanted;
+    wanted = NULL;
+    e->memory = memory;
+    memory = NULL;
+    e->index = index;
+    e->count = count;
+    e->notif_id = notif_id;
+    e->tid_value = (pid_t)tid_value;
+    e->received = received;
+    e->wait = wait;
+    e->fd = round->fd;
+    round->n++;
+    round->strings += count;
+    rc = ROUND_TAKEN;
+    goto out;
+out_or_error:
+    if (truth < 0)
+        goto error;
+out:
+    Py_XDECREF(paths);
+    Py_XDECREF(memory);
+    Py_XDECREF(value);
+    Py_XDECREF(slot);
+    Py_XDECREF(wanted);
+    Py_XDECREF(arch_label);
+    return rc;
+error:
+    /* A session whose memory is not a TargetMemory (a test's stand-in) has not every
+     * attribute looked at before the paths function: not the round's. */
+    if (!asked && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        goto out;
+    }
+    rc = -1;
+    goto out;
+}
+
+/* What one_round does with a reader whose on_ready raised an Exception (set): it is
+ * unregistered from the poller and gets on_failure(exc). 0, or -1 if that failed (or the
+ * error is not an Exception: still set). */
+static int reader_failed(PyObject *poller, PyObject *reader, int fd)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject *fd_obj = PyLong_FromLong(fd), *u = NULL, *f = NULL;
+    if (fd_obj != NULL) {
+        PyObject *unregister_args[2] = {poller, fd_obj};
+        u = PyObject_VectorcallMethod(s_unregister, unregister_args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    if (u != NULL) {
+        PyObject *failure_args[2] = {reader, value};
+        f = PyObject_VectorcallMethod(s_on_failure, failure_args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(u);
+    Py_XDECREF(value);
+    Py_XDECREF(fd_obj);
+    if (f == NULL)
+        return -1;
+    Py_DECREF(f);
+    return 0;
+}
+
+/* How the read of `e` went for its session (see ROUND_SLOW_READ): `slow` (it took
+ * long), `stuck` (the thread is still in it) or neither. 0, or -1 on error. */
+static int round_judge(struct round_entry *e, int slow, int stuck)
+{
+    PyObject *strikes_obj = GET(e->memory, s_round_strikes);
+    if (strikes_obj == NULL)
+        return -1;
+    long strikes = PyLong_AsLong(strikes_obj);
+    Py_DECREF(strikes_obj);
+    if (strikes == -1 && PyErr_Occurred())
+        return -1;
+    if (!slow && !stuck) {
+        if (strikes == 0)
+            return 0;
+        strikes = 0;
+    }
+    else if (stuck || ++strikes >= ROUND_SLOW_STRIKES) {
+        strikes = 0;
+        PyObject *until = PyFloat_FromDouble(now() + ROUND_SLOW_FOR);
+        if (until == NULL)
+            return -1;
+        int rc = PyObject_SetAttr(e->memory, s_round_slow_until, until);
+        Py_DECREF(until);
+        if (rc < 0)
+            return -1;
+    }
+    PyObject *value = PyLong_FromLong(strikes);
+    if (value == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(e->memory, s_round_strikes, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* Not the common case: Session._read_later reads its paths through the pool (and the
+ * pool's delivery decides; never here). `values`: the paths, read and race-checked
+ * already (a list), when only the round's one Suspended keeps it from going on here;
+ * else NULL. */
+static PyObject *round_read_later(struct round_entry *e, PyObject *values)
+{
+    PyObject *received = PyFloat_FromDouble(e->received), *index = NULL, *r = NULL;
+    if (received != NULL && (index = PyLong_FromSsize_t(e->index)) != NULL) {
+        PyObject *call[8] = {e->session, e->n, e->links, index, received, e->allowed,
+                             e->wanted, values != NULL ? values : Py_None};
+        r = PyObject_VectorcallMethod(s_read_later, call,
+                                      8 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(index);
+    Py_XDECREF(received);
+    if (r != NULL && r != Py_None) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_SystemError, "Session._read_later decided in the round");
+        return NULL;
+    }
+    return r;
+}
+
+/* One entry after the round's read: `result` (a new reference, or NULL: not read) as
+ * strings_result gives it. Returns what run_links returns (None, a Suspended), or NULL
+ * with an exception set. `may_suspend`: no decision of the round suspended yet. */
+static PyObject *round_go_on(struct round_entry *e, PyObject *result, int may_suspend)
+{
+    int common = result != NULL && PyList_CheckExact(result);
+    for (Py_ssize_t j = 0; common && j < PyList_GET_SIZE(result); j++)
+        common = PyBytes_CheckExact(PyList_GET_ITEM(result, j));
+    if (common) {
+        /* ID_VALID after the read: the call still waits, these bytes are its arguments
+         * (a call no longer valid goes to the pool, which finds it gone and counts it). */
+        int rc;
+        do {
+            __u64 value = e->notif_id;
+            rc = ioctl(e->fd, SECCOMP_IOCTL_NOTIF_ID_VALID, &value);
+        } while (rc < 0 && errno == EINTR);
+        common = rc == 0;
+    }
+    if (!common || !may_suspend) {
+        PyObject *r = round_read_later(e, common ? result : NULL);
+        Py_XDECREF(result);
+        return r;
+    }
+    PyObject *paths = slot_get(notification_slots[N_PATHS], e->n);
+    if (paths == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    if (paths == Py_None) { /* (Notification._read_paths) */
+        Py_DECREF(paths);
+        if ((paths = PyDict_New()) == NULL ||
+            slot_set(notification_slots[N_PATHS], e->n, paths) < 0) {
+            Py_XDECREF(paths);
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    int rc = 0;
+    for (Py_ssize_t j = 0; rc == 0 && j < e->count; j++)
+        rc = PyDict_SetItem(paths, PyTuple_GET_ITEM(e->wanted, j), PyList_GET_ITEM(result, j));
+    Py_DECREF(paths);
+    Py_DECREF(result);
+    if (rc < 0)
+        return NULL;
+    return run_links(e->session, e->n, e->links, e->index, 1, e->allowed, e->notif_id, e->id,
+                     e->tid, e->nr, e->arch, e->args, e->syscall, e->received, 0);
+}
+
+/* The reads of the round's entries, by the pool's InlineReader within one wait: per
+ * entry, results[r] is its result (a new reference) or NULL (not read). 0, or -1 if
+ * they could not be read at all (no reader free, an error: cleared). */
+static int round_read(struct poll_reads *round, PyObject **results)
+{
+    Py_ssize_t n = round->n;
+    double wait = 60.0, spin = 0.0, round_wait = 0.0;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        results[r] = NULL;
+        if (round->entries[r].wait < wait)
+            wait = round->entries[r].wait;
+    }
+    /* The pool's round wait (ReadPool.round_wait), the shortest session's at most. */
+    PyObject *got = NULL,
+             *call[3] = {round->pool, PyLong_FromSsize_t(n), PyLong_FromLong(round->fds)};
+    if (call[1] != NULL && call[2] != NULL &&
+        GET_DOUBLE(round->pool, s_inline_spin, &spin) == 0)
+        got = PyObject_VectorcallMethod(s_round_wait, call,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_XDECREF(call[1]);
+    Py_XDECREF(call[2]);
+    if (got != NULL) {
+        round_wait = PyFloat_AsDouble(got);
+        Py_DECREF(got);
+    }
+    if (got == NULL || (round_wait == -1.0 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (round_wait < wait)
+        wait = round_wait;
+    if (!(spin >= 0 && spin <= 1.0) || !(wait > 0 && wait <= 60.0))
+        return -1;
+    double until = monotonic_seconds() + wait;
+    /* The reads from `start` on, posted together. When the thread stays in one (slow
+     * memory), those after it are posted again to the pool's next reader, within what
+     * is left of the same wait: a container's slow memory costs the others in its
+     * round no read through the pool. */
+    for (Py_ssize_t start = 0; start < n;) {
+        double left = until - monotonic_seconds();
+        PyObject *reader_obj = GET(round->pool, s_inline);
+        if (reader_obj == NULL) {
+            PyErr_Clear();
+            break;
+        }
+        InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
+        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader) || !(left > 0)) {
+            Py_DECREF(reader_obj);
+            break;
+        }
+        struct inline_shared *shared = reader->shared;
+        Py_ssize_t first = 0, count = n - start;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            struct round_entry *e = &round->entries[start + k];
+            struct inline_request *req = &shared->requests[k];
+            req->tid = e->tid_value;
+            req->limit = 4096; /* PATH_MAX, what Session._prefetch reads */
+            req->first = first;
+            req->count = e->count;
+            req->error = 0;
+            req->seconds = 0.0;
+            for (Py_ssize_t j = 0; j < e->count; j++) {
+                struct batch_string *string = &shared->strings[first + j];
+                string->address = e->addresses[j];
+                string->status = 0;
+                string->length = 0;
+                string->data = NULL;
+            }
+            first += e->count;
+        }
+        shared->n_requests = count;
+        Py_ssize_t done = inline_post_wait(reader, left, spin);
+        if (done < 0) { /* its thread could not start: the pool reads them */
+            Py_DECREF(reader_obj);
+            break;
+        }
+        Py_ssize_t begun = atomic_load(&shared->begun);
+        for (Py_ssize_t k = 0; k < count && k <= done; k++) {
+            struct inline_request *req = &shared->requests[k];
+            if (k < done) {
+                results[start + k] = strings_result(&shared->strings[req->first], req->count,
+                                                    req->error);
+                if (results[start + k] == NULL)
+                    PyErr_Clear(); /* (no memory for the strings: the pool reads them) */
+            }
+            /* Its own read was slow, or is the one the thread is still in (not one it
+             * did not begin: the thread itself was late then, not this memory). */
+            if (round_judge(&round->entries[start + k],
+                            k < done && req->seconds > ROUND_SLOW_READ,
+                            k == done && k < begun) < 0)
+                PyErr_Clear();
+        }
+        inline_finish(reader, shared);
+        PyObject *counted = PyLong_FromSsize_t(done);
+        if (counted == NULL || add_to_attr(round->pool, s_round_reads, counted) < 0)
+            PyErr_WriteUnraisable(round->pool); /* (statistics) */
+        Py_XDECREF(counted);
+        if (done < count) {
+            /* Its thread stays in a read: the pool gives the next reads to another
+             * reader (ReadPool._inline_abandoned), as after an inline wait. */
+            PyObject *args[2] = {round->pool, reader_obj};
+            PyObject *r = PyObject_VectorcallMethod(s_round_abandoned, args,
+                                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            if (r == NULL)
+                PyErr_WriteUnraisable(round->pool); /* (its next reads go to the pool) */
+            Py_XDECREF(r);
+        }
+        Py_DECREF(reader_obj);
+        if (done == count || done >= begun)
+            break; /* all read; or the thread never began the next: late, not stuck */
+        start += done + 1; /* past the read the thread is in */
+    }
+    return 0;
+}
+
+/* The end of a round: its reads (round_read), then each decision goes on (see above).
+ * *suspended (a new reference, or None) is the round's Suspended: one at most. Every
+ * entry is dealt with and released, whatever fails: 0, or -1 with the first error that
+ * is not a session's own (a session whose decision raised an Exception is unregistered
+ * and gets on_failure, as in one_round) set once all are done. */
+static int round_finish(struct poll_reads *round, PyObject *poller, PyObject **suspended)
+{
+    Py_ssize_t n = round->n;
+    if (n == 0)
+        return 0;
+    PyObject *results[INLINE_MAX_REQUESTS] = {NULL};
+    if (*suspended != Py_None || round_read(round, results) < 0)
+        memset(results, 0, sizeof(results));
+    PyObject *err_type = NULL, *err_value = NULL, *err_tb = NULL;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        struct round_entry *e = &round->entries[r];
+        /* After a daemon error, what is left reads through the pool. */
+        PyObject *got = round_go_on(e, results[r], *suspended == Py_None && err_type == NULL);
+        results[r] = NULL;
+        if (got == NULL && reader_failed(poller, e->session, e->fd) < 0) {
+            if (err_type == NULL)
+                PyErr_Fetch(&err_type, &err_value, &err_tb);
+            else
+                PyErr_Clear();
+        }
+        else if (got != NULL && got != Py_None)
+            Py_SETREF(*suspended, got);
+        else
+            Py_XDECREF(got);
+        round_entry_clear(e);
+    }
+    round->n = 0;
+    round->strings = 0;
+    if (err_type != NULL) {
+        PyErr_Restore(err_type, err_value, err_tb);
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *InlineReader_close(InlineReaderObject *self, PyObject *unused)
@@ -2850,6 +3628,8 @@ static PyGetSetDef InlineReader_getset[] = {
 static PyMethodDef InlineReader_methods[] = {
     {"read", (PyCFunction)(void (*)(void))InlineReader_read, METH_FASTCALL,
      InlineReader_read_doc},
+    {"read_many", (PyCFunction)(void (*)(void))InlineReader_read_many, METH_FASTCALL,
+     InlineReader_read_many_doc},
     {"close", (PyCFunction)InlineReader_close, METH_NOARGS,
      "close()\n--\n\nStop the thread once it is out of its read; read() answers False."},
     {NULL, NULL, 0, NULL},
@@ -2898,7 +3678,10 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         "_read_elsewhere", "_decide_received", "decided", "allow", "recv", "send", "_last",
         "value", "bounds", "counts", "sum", "audit", "_audit", "none", "deny", "limiter",
         "limit", "epoch", "window", "written", "start", "suppressed", "_suppressed",
-        "_generation", "_readers", "inflight", "_max_inflight", "_suspend"};
+        "_generation", "_readers", "inflight", "_max_inflight", "_suspend", "_slot",
+        "_use_proc_mem", "_pool", "_inline_wait", "deferred", "_borrowers", "reads",
+        "_read_later", "inline", "round_wait", "inline_spin", "_round_slow_until", "x86",
+        "x86_64", "x32", "round_reads", "_round_abandoned", "_round_strikes"};
     PyObject **targets[] = {
         &s_notify, &s_fd, &s_buf, &s_journal, &s_routes, &s_bucket, &s_shadow, &s_stats,
         &s_recorder, &s_container, &s_memory, &s_last_outcome, &s_notifications, &s_gone,
@@ -2907,7 +3690,10 @@ PyMODINIT_FUNC PyInit__hotloop(void)
         &s_value, &s_bounds, &s_counts, &s_sum, &s_audit, &s_audit_slow, &s_none, &s_deny,
         &s_limiter, &s_limit, &s_epoch, &s_window, &s_written, &s_start, &s_suppressed,
         &s_suppressed_counter, &s_generation, &s_readers, &s_inflight, &s_max_inflight,
-        &s_suspend};
+        &s_suspend, &s_slot, &s_use_proc_mem, &s_pool, &s_inline_wait, &s_deferred,
+        &s_borrowers, &s_reads, &s_read_later, &s_inline, &s_round_wait, &s_inline_spin,
+        &s_round_slow_until, &s_x86, &s_x86_64, &s_x32, &s_round_reads, &s_round_abandoned,
+        &s_round_strikes};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*targets[i] == NULL && (*targets[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return NULL;

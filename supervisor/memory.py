@@ -177,6 +177,14 @@ INLINE_SPIN: Final = 50e-6
 #: of 17-23 or more); guarded calls/s 1.3-1.6x, daemon CPU per call -25 to -40%
 #: (bench/README.md, "Session 11"). To the watch for slow reads (:data:`SLOW_READ`) a
 #: batch is one read: 64 reads of a page take well under 1 ms.
+#: With more than one listener fd served, how long the compiled poll round waits for
+#: its reads of declared paths (supervisor/_hotloop.c, round_read) per read, on top of
+#: :data:`INLINE_WAIT_SHARED` (ReadPool.round_wait): a read takes ~2-5 microseconds,
+#: the reading thread's wake-up more on a busy machine. Reads not done within the wait
+#: are read by the pool (and the container whose read was slow stays out of rounds
+#: for a second).
+ROUND_WAIT: Final = 20e-6
+
 BATCH_READS: Final = 64
 #: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
 BATCH_LIMIT: Final = 1 << 20
@@ -681,6 +689,12 @@ class _Released:
 _RELEASED: Final = _Released()
 
 
+def _no_work() -> Any:
+    """The work of a job delivered with its outcome set (ReadPool.deliver_soon): never
+    run by a thread."""
+    raise AssertionError("a job delivered as done was run")
+
+
 def _batch_request(reader: _Reader, tid: int, addresses: Sequence[int],
                    limit: int) -> tuple[int, tuple[int, ...], int] | None:
     """What a job reading the strings at ``addresses`` through ``reader`` hands a read
@@ -888,6 +902,9 @@ class ReadPool:
         self.inline_left: list[Any] = []
         self.inline_read = 0  # reads done by an inline reader (statistics)
         self.inline_given_up = 0  # reads an inline reader did not finish in time
+        # The reads of declared paths the compiled poll rounds made (statistics, written
+        # by supervisor/_hotloop.c, round_read).
+        self.round_reads = 0
         # The active thread, when the job just queued is waited for inline and the
         # thread is woken by that wait (_queue's kick, _wait_inline).
         self._to_kick: _ReaderThread | None = None
@@ -1031,6 +1048,32 @@ class ReadPool:
         elif spare is not None:
             spare.close()
 
+    @staticmethod
+    def round_wait(reads: int, fds: int) -> float:
+        """How long the compiled poll round may wait for its ``reads`` reads of declared
+        paths while the poller serves ``fds`` listener fds (and no longer than the
+        shortest :data:`INLINE_WAIT` of their sessions): with one, as long as an inline
+        wait may block the loop in a turn (:data:`INLINE_BUDGET`); with more,
+        :data:`INLINE_WAIT_SHARED` and :data:`ROUND_WAIT` per read."""
+        if fds <= 1:
+            return INLINE_BUDGET
+        return min(INLINE_BUDGET, INLINE_WAIT_SHARED + ROUND_WAIT * reads)
+
+    def _round_abandoned(self, inline: Any) -> None:
+        """Called by the compiled poll round: ``inline``'s thread stays in one of the
+        round's reads (the round gave up waiting; the pool reads the rest again)."""
+        self.inline_given_up += 1
+        if inline is self.inline:
+            self._inline_abandoned(inline)
+
+    def deliver_soon(self, job: _Job) -> None:
+        """Deliver ``job`` (its outcome set, its place given back already or never
+        taken) by the delivery task, as a read that was done: for a caller that must not
+        decide now."""
+        job.slot = _RELEASED
+        self._start()
+        self.report(job)
+
     def stats(self) -> dict[str, int]:
         """What ``status`` shows of the reads (statistics since the daemon started)."""
         active = self._active
@@ -1046,6 +1089,7 @@ class ReadPool:
             "refused": self.refused,
             "read_inline": self.inline_read,
             "inline_given_up": self.inline_given_up,
+            "read_in_rounds": self.round_reads,
         }
 
     def _stuck_now(self) -> int:
@@ -1445,6 +1489,11 @@ class TargetMemory:
         self._pool = pool
         self._use_proc_mem = use_proc_mem
         self.reads = 0
+        # Until when (time.monotonic()) this session's reads stay out of the compiled
+        # poll rounds (supervisor/_hotloop.c, round_judge): they were slow there. And its
+        # slow reads in rounds in a row so far.
+        self._round_slow_until = 0.0
+        self._round_strikes = 0
 
     def id_valid(self, notif_id: int) -> bool:
         return not self._notify.closed and self._notify.id_valid(notif_id)
@@ -1546,7 +1595,8 @@ class TargetMemory:
     def read_cstrings_soon(self, notif_id: int, tid: int, addresses: Sequence[int],
                            limit: int, deliver: Callable[[list[bytes | Exception]],
                                                          Suspended | None],
-                           pending: PendingReads | None = None
+                           pending: PendingReads | None = None, *, inline: bool = True,
+                           values: Sequence[bytes | Exception] | None = None
                            ) -> list[bytes | Exception] | PendingReads:
         """The NUL-terminated strings at ``addresses``, each as :meth:`read_cstring`
         reads it (the same reader, limit and errors, ID_VALID after the read), in one
@@ -1555,9 +1605,17 @@ class TargetMemory:
         within the inline wait; else a :class:`PendingReads`, and ``deliver(results)``
         is called later by the pool's delivery task (what it returns, a decision that
         suspended, that task carries on). While this session's place in the pool is
-        taken, the job waits in the session's own FIFO."""
+        taken, the job waits in the session's own FIFO. With ``inline`` False, the
+        results are always delivered, never returned: no inline wait, and what fails at
+        once is delivered too (for the compiled poll round, where no decision may go
+        on: Session._read_later). ``values`` (with ``inline`` False): the strings, read
+        and race-checked already (by that round), delivered as they are."""
         if limit <= 0:
             raise ValueError("limit must be positive")
+        if values is not None:
+            if inline or len(values) != len(addresses):
+                raise ValueError("values read already are delivered, one per address")
+            return self._deliver_later(list(values), deliver, pending or PendingReads())
         count = len(addresses)
         if pending is None:
             self.reads += count
@@ -1565,7 +1623,12 @@ class TargetMemory:
         try:
             reader = self._open_reader(notif_id, tid)
         except Exception as exc:  # not visible, /proc/<tid>/mem refused, gone
-            return [exc] * count
+            if inline:
+                return [exc] * count
+            return self._deliver_later([exc] * count, deliver, pending)
+        if not addresses and not inline:
+            reader.close()
+            return self._deliver_later([], deliver, pending)
 
         def work() -> list[bytes | Exception]:
             try:
@@ -1592,6 +1655,8 @@ class TargetMemory:
         if pool is None:
             pool = self._pool = current_read_pool()
         turn, wait = self._inline(pool)
+        if not inline:
+            wait = 0.0
         job = _Job(work, self._slot, reader.close, finished)
         job.request = _batch_request(reader, tid, addresses, limit)
         pending.pool = pool
@@ -1600,15 +1665,38 @@ class TargetMemory:
             pending.job = None
             assert job.outcome is not None
             values = self._strings_read(notif_id, tid, addresses, limit, job.outcome,
-                                        deliver, pending)
+                                        deliver, pending, inline)
             if values is not None:
-                return values
+                if inline:
+                    return values
+                return self._deliver_later(values, deliver, pending)
+        return pending
+
+    def _deliver_later(self, values: list[bytes | Exception],
+                       deliver: Callable[[list[bytes | Exception]], Suspended | None],
+                       pending: PendingReads) -> PendingReads:
+        """``deliver(values)`` by the pool's delivery task, not now (see
+        :meth:`read_cstrings_soon`'s ``inline``); :meth:`PendingReads.cancel` drops it."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = current_read_pool()
+
+        def delivered(result: outcome.Outcome[list[bytes | Exception]]) -> Suspended | None:
+            pending.job = None
+            return deliver(result.unwrap())
+
+        job = _Job(_no_work, _RELEASED, None, delivered)
+        job.outcome = outcome.Value(values)
+        pending.pool = pool
+        pending.job = job
+        pool.deliver_soon(job)
         return pending
 
     def _strings_read(self, notif_id: int, tid: int, addresses: Sequence[int], limit: int,
                       result: outcome.Outcome[list[bytes | Exception]],
                       deliver: Callable[[list[bytes | Exception]], Suspended | None],
-                      pending: PendingReads) -> list[bytes | Exception] | None:
+                      pending: PendingReads, inline: bool = True
+                      ) -> list[bytes | Exception] | None:
         """The results of :meth:`read_cstrings_soon`'s job, race-checked; None if they
         are read again (through /proc/<tid>/mem) and ``deliver`` gets them later."""
         count = len(addresses)
@@ -1618,7 +1706,7 @@ class TargetMemory:
             if exc.errno in (errno.EPERM, errno.ENOSYS) and not self._use_proc_mem:
                 self._use_proc_mem = True  # as _run does
                 again = self.read_cstrings_soon(notif_id, tid, addresses, limit, deliver,
-                                                pending)
+                                                pending, inline=inline)
                 return again if isinstance(again, list) else None
             if exc.errno == errno.ESRCH:
                 return [NotificationGone("id_valid")] * count

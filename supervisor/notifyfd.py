@@ -525,6 +525,12 @@ class Poller:
         # The compiled round (supervisor/_hotloop.c), chosen when the task starts: the
         # same loop as below, a Session's on_ready included, in C. None: pure Python.
         compiled_round = accel.HOTLOOP.poll_round if accel.HOTLOOP is not None else None
+        # The read pool whose reader reads the declared paths of a compiled round's
+        # decisions, all in one wait at the round's end (_hotloop.c, round_collect).
+        read_pool = None
+        if compiled_round is not None:
+            from .memory import current_read_pool  # (memory imports this module)
+            read_pool = current_read_pool()
         epoll_fd = epoll.fileno()
         suspended: Suspended | None = None
         # Entered once per task; it gets a deadline only when this task ends up carrying
@@ -539,7 +545,8 @@ class Poller:
                         # Rounds until an empty one, a Suspended or events_per_yield
                         # events: the loop below, in C (one call, not one per round).
                         served, suspended = compiled_round(self, epoll_fd, readers,
-                                                           max_events, events_per_yield)
+                                                           max_events, events_per_yield,
+                                                           read_pool)
                         if served < events_per_yield:
                             break  # the last round was empty, or one suspended
                         if suspended is None:

@@ -646,7 +646,8 @@ class Session:
             self._slot_freed = None
 
     def _prefetch(self, n: Notification, links: tuple[Link, ...], index: int,
-                  received: float, allowed: Outcome | None, wanted: tuple[int, ...]) -> bool:
+                  received: float, allowed: Outcome | None, wanted: tuple[int, ...],
+                  inline: bool = True, values: list[bytes] | None = None) -> bool:
         """Read the paths ``wanted`` that ``links[index]`` declared, before its handler
         runs, without a task: True if they are read already (within the read pool's
         inline wait, or failed at once), and the caller goes on with the handler; False
@@ -657,7 +658,9 @@ class Session:
         counts in ``_carried`` (stop_reading() waits for it), and has its deadline in the
         daemon's one :class:`~supervisor.deadlines.Deadlines` heap instead of a cancel
         scope of its own: at the deadline it is answered ``on_error`` and its reads are
-        dropped (:meth:`_prefetch_expired`)."""
+        dropped (:meth:`_prefetch_expired`). With ``inline`` False it is never True: the
+        results are delivered, even an error found before any read; ``values`` (with
+        ``inline`` False): the paths ``wanted`` read already, delivered as they are."""
         if self.inflight >= self._max_inflight:
             self._park(n, links, index, received, allowed, wanted)  # (not asked again)
             return False
@@ -671,10 +674,11 @@ class Session:
                 paths[i] = exc
             else:
                 indexes.append(i)
-        if not indexes:
+        if not indexes and inline:
             return True
         record = _Prefetch(self, n, links, index, received, allowed, indexes)
-        got = self.memory.read_cstrings_soon(n.id, n.pid, addresses, PATH_MAX, record)
+        got = self.memory.read_cstrings_soon(n.id, n.pid, addresses, PATH_MAX, record,
+                                             inline=inline, values=values)
         if isinstance(got, list):
             for i, value in zip(indexes, got, strict=True):
                 paths[i] = value
@@ -690,6 +694,21 @@ class Session:
             deadlines = self._deadlines = current_deadlines()
         record.entry = deadlines.add(received + self.settings.deadline, record.expired)
         return False
+
+    def _read_later(self, n: Notification, links: tuple[Link, ...], index: int,
+                    received: float, allowed: Outcome | None, wanted: tuple[int, ...],
+                    values: list[bytes] | None = None) -> None:
+        """Called by the compiled poll round (supervisor/_hotloop.c, round_finish) for a
+        decision whose declared paths ``wanted`` (of ``links[index]``) it did not read in
+        their common case: not read within the round's wait, a read that failed or was
+        refused, a call no longer valid. They are read as :meth:`_prefetch` reads them,
+        through the pool, and the decision goes on when they are delivered: never here,
+        as a round carries one suspended decision at most. ``values``: the paths, read
+        and race-checked by the round already, for a decision that only an earlier
+        one of the round that suspended keeps from going on there: delivered as read."""
+        n._read_memory = False  # (as _decide_received sets it for this handler)
+        self._prefetch(n, links, index, received, allowed, wanted, inline=False,
+                       values=values)
 
     def _prefetched(self, record: _Prefetch, values: list[bytes | Exception]
                     ) -> Suspended | None:
@@ -1202,10 +1221,6 @@ class Session:
         self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
 
 
-if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
-    accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder)
-
-
 # What a handler raises is the call's on_error answer, but for the daemon's own
 # exceptions (errors.is_daemon_own).
 _daemon_own: Final = is_daemon_own
@@ -1258,3 +1273,8 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+if accel.HOTLOOP is not None:  # what its fast path recognises (exact types)
+    accel.HOTLOOP.setup(Session, Notification, Link, Decision, Outcome, Recorder,
+                        _unread_paths)

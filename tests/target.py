@@ -45,6 +45,40 @@ def unserved_page():
     return page
 
 
+def slow_page(delay, content):
+    """The address of a page registered with a userfaultfd that a thread of this process
+    serves (with ``content``) ``delay`` seconds after each fault: reading it takes that
+    long. madvise(MADV_DONTNEED) on it makes the next read fault again."""
+    import fcntl
+    import select
+    import struct
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    uffd = libc.syscall(ctypes.c_long(323), os.O_CLOEXEC)  # userfaultfd
+    assert uffd >= 0, ctypes.get_errno()
+    fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # API
+    page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
+    fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
+                bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
+    source = ctypes.create_string_buffer(content.ljust(mmap.PAGESIZE, b"\0"))
+
+    def serve():
+        while True:
+            select.select([uffd], [], [])
+            try:
+                os.read(uffd, 32)  # struct uffd_msg: a page fault on our page
+            except BlockingIOError:
+                continue
+            time.sleep(delay)
+            fcntl.ioctl(uffd, 0xc028aa03,  # UFFDIO_COPY
+                        bytearray(struct.pack("QQQQq", page, ctypes.addressof(source),
+                                              mmap.PAGESIZE, 0, 0)))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return page
+
+
 NUMBERS = {"getppid": 110, "yield": 24}
 
 
@@ -69,6 +103,9 @@ def main(argv):
         return call(libc.mkdir, argv[1].encode(), 0o755)
     if cmd == "mkdir-null":
         return call(libc.mkdir, None, 0o755)
+    if cmd == "mkdir-null-repeat":
+        # mkdir(NULL) COUNT times: every answer, in order.
+        return {"results": [call(libc.mkdir, None, 0o755) for _ in range(int(argv[1]))]}
     if cmd == "mkdir-unmapped":
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -81,6 +118,23 @@ def main(argv):
         # 5,000 bytes with no NUL before the end of the mapping's first 5,000 bytes.
         buf = ctypes.create_string_buffer(b"a" * 5000)
         return call(libc.mkdir, buf, 0o755)
+    if cmd == "mkdir-ok-then":
+        # mkdir("/ok") first (so the session knows the call's route), then COMMAND ARGS...:
+        # its result (tests/test_round_reads.py: the first call of a route is routed in
+        # Python).
+        call(libc.mkdir, b"/ok", 0o755)
+        return main(argv[1:])
+    if cmd == "mkdir-slow":
+        # mkdir() COUNT times with its path on a page whose every read takes DELAY s
+        # (a userfaultfd this process serves late): every answer, in order.
+        delay, count = float(argv[1]), int(argv[2])
+        page = slow_page(delay, b"/slow")
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        results = []
+        for _ in range(count):
+            libc.madvise(ctypes.c_void_p(page), mmap.PAGESIZE, 4)  # MADV_DONTNEED
+            results.append(call(libc.mkdir, ctypes.c_void_p(page), 0o755))
+        return {"results": results}
     if cmd == "mkdir-repeat":
         # mkdir(PATH) COUNT times, one after another: every answer, in order.
         return {"results": [call(libc.mkdir, argv[1].encode(), 0o755)

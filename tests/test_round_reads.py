@@ -1,0 +1,369 @@
+"""A compiled poll round reads the declared paths of its decisions all at once, in one
+wait at its end (supervisor/_hotloop.c, round_collect and round_finish), and each
+decision goes on in C; what is not the common case reads through the pool
+(Session._read_later) and is decided when delivered, never in the round.
+
+Real kernel: forked targets under NOTIFY filters (tests/target.py), the compiled loop
+(the pure-Python loop has no rounds: its decisions take Session._prefetch, the twin,
+which tests/test_declared_paths.py compares answer for answer). The reader's
+``read_many`` is checked on its own against the reading thread's batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisor import abi, accel, memory
+from supervisor.memory import current_read_pool
+from supervisor.policy import Notification, PolicySet, TargetMemoryError, deny, returns
+from supervisor.session import Session, SessionSettings
+from supervisor.testing import load, run_policy
+
+from .conftest import serve_target
+from .test_hostile_abi import (
+    GARBAGE,
+    PATH_GUARD,
+    Int80,
+    checked,
+    decoy_pair,
+    dirs,  # noqa: F401 - a fixture
+    i386,
+    int80,  # noqa: F401 - a fixture
+    raw_syscall,
+    x86_64,
+)
+from .test_inline_reader import SPIN, batch_result
+from .test_read_batch import WAIT, Pages, Userfault, layouts, wait_until
+
+
+def _reader_type() -> Any:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    return accel.HOTLOOP.InlineReader
+
+
+@pytest.fixture
+def reader() -> Iterator[Any]:
+    made = _reader_type()(memory.READER_SPIN, 19)
+    yield made
+    made.close()
+
+
+def test_read_many_reads_what_a_batch_reads_request_by_request(
+        reader: Any, pages: Pages, edge: Pages) -> None:
+    tid = os.getpid()
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    address = pages.put(0, b"/guarded/x\0")
+    requests = [(tid, (a,), limit) for _name, a, limit in layouts(pages, edge)][:20]
+    requests.insert(3, (child, (address,), 64))  # a thread that is gone: ESRCH, alone
+    requests.append((tid, (address, 0, pages.end + 10, address), 4096))
+    got = reader.read_many(requests, WAIT, SPIN)
+    assert got == [batch_result(*request) for request in requests]
+    assert got[3] == -errno.ESRCH
+    assert reader.reads == len(requests) and reader.abandoned == 0 and not reader.busy
+
+
+def test_read_many_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> None:
+    address = pages.put(0, b"/x\0")
+    tid = os.getpid()
+    one = (tid, (address,), 64)
+    assert reader.read_many([one] * 32, WAIT, SPIN) == [[b"/x"]] * 32
+    assert reader.read_many([one] * 33, WAIT, SPIN) is False  # more than a round has
+    assert reader.read_many([(tid, (address,) * 8, 64)] * 9, WAIT, SPIN) is False  # strings
+    assert reader.read_many([(tid, (address,) * 9, 64)], WAIT, SPIN) is False
+    assert reader.read_many([], WAIT, SPIN) is False
+    for bad in ([(0, (address,), 64)], [(tid, (address,), 0)]):
+        with pytest.raises(ValueError):
+            reader.read_many(bad, WAIT, SPIN)
+    with pytest.raises(TypeError):
+        reader.read_many([(tid, [address], 64)], WAIT, SPIN)
+    with pytest.raises(ValueError):
+        reader.read_many([one], float("nan"), SPIN)
+    assert not reader.busy
+    reader.close()
+    assert reader.read_many([one], WAIT, SPIN) is False
+
+
+@pytest.mark.parametrize("spin", [SPIN, 0.0], ids=["spinning", "sleeping"])
+def test_a_stuck_request_gives_the_ones_before_it_and_none_after(
+        reader: Any, pages: Pages, userfault: Userfault, spin: float) -> None:
+    """The loop waits no longer than its timeout; the requests read before the stuck one
+    are the loop's, the thread reads none after it, and the reader stays busy until
+    the page is served."""
+    tid = os.getpid()
+    address = pages.put(0, b"/x\0")
+    requests = [(tid, (address,), 64), (tid, (address,), 64), (tid, (userfault.page,), 64),
+                (tid, (address,), 64)]
+    start = time.monotonic()
+    got = reader.read_many(requests, 0.02, spin)
+    assert 0.02 <= time.monotonic() - start < 1.0
+    assert got == [[b"/x"], [b"/x"], None, None]
+    assert reader.busy and reader.abandoned == 1
+    assert reader.read_many(requests[:1], WAIT, SPIN) is False
+    userfault.serve(b"/late")
+    wait_until(lambda: not reader.busy)
+    assert reader.read_many(requests[:2], WAIT, SPIN) == [[b"/x"], [b"/x"]]
+
+
+def length_policy(asynchronous: bool = False) -> PolicySet:
+    """mkdir: returns the length of the path it passed, read before the handler; the
+    coroutine handler waits (a scheduler pass) before it answers."""
+    policy = PolicySet("p")
+    if asynchronous:
+        @policy.on("mkdir", paths=(0,))
+        async def length_async(n: Notification) -> object:
+            await trio.lowlevel.checkpoint()
+            return returns(len(n.path(0)))
+    else:
+        @policy.on("mkdir", paths=(0,))
+        def length(n: Notification) -> object:
+            return returns(len(n.path(0)))
+    return policy
+
+
+def spy_paths(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the Python paths a decision's declared reads take."""
+    calls = {"_prefetch": 0, "_read_later": 0}
+    for name in calls:
+        original = getattr(Session, name)
+
+        def counted(self: Session, *args: Any, _name: str = name, _original: Any = original,
+                    **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Session, name, counted)
+    return calls
+
+
+@pytest.fixture
+def compiled() -> None:
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_declared_paths_are_read_in_the_round_and_decided_in_c(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_paths(monkeypatch)
+    async with serve_target(length_policy(), ["mkdir"], "mkdir-repeat", "/abc/de",
+                            "50") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 7, "errno": 0}] * 50}
+    assert served.session.memory.reads == 50
+    # The first call of a route is routed (and its paths read) in Python.
+    assert current_read_pool().round_reads == 49
+    assert calls == {"_prefetch": 1, "_read_later": 0}
+
+
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize(("command", "expected"), [
+    ("mkdir-null", errno.EFAULT),
+    ("mkdir-long", errno.ENAMETOOLONG),
+])
+async def test_a_failed_read_in_the_round_is_read_by_the_pool_and_decided_there(
+        monkeypatch: pytest.MonkeyPatch, command: str, expected: int) -> None:
+    """The round decides only on paths it read whole: the rest the pool reads again,
+    and the handler sees its error as it would without rounds."""
+    calls = spy_paths(monkeypatch)
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        n.path(0)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir-ok-then", command) as served:
+        out = await served.target.result()
+    assert out == {"rc": -1, "errno": expected}
+    # The first call routed in Python, the second read in the round, then by the pool.
+    assert calls == {"_prefetch": 2, "_read_later": 1}
+    assert current_read_pool().round_reads == 1
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_session_whose_read_was_slow_reads_through_the_pool_for_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_paths(monkeypatch)
+    async with serve_target(length_policy(), ["mkdir"], "mkdir-repeat", "/abc/de",
+                            "5") as served:
+        # (set before its first call: the target waits for the session to start)
+        served.session.memory._round_slow_until = time.monotonic() + 60
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 7, "errno": 0}] * 5}
+    assert current_read_pool().round_reads == 0
+    assert calls == {"_prefetch": 5, "_read_later": 0}
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_round_carries_one_suspended_decision_the_others_read_through_the_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four busy targets whose handlers wait, and a fifth whose getppid handler blocks
+    the loop for 2 ms, so that their calls come in one round: its first decision that
+    suspends is the round's (a round returns one Suspended), the others are delivered
+    by the pool and decided there; every answer is right, none at its deadline (a
+    decision the round dropped would be answered there)."""
+    calls = spy_paths(monkeypatch)
+    blocker = PolicySet("b")
+
+    @blocker.on("getppid")
+    def block(n: Notification) -> object:
+        time.sleep(0.002)
+        return returns(7)
+
+    settings = SessionSettings(deadline=5.0)
+    async with AsyncExitStack() as stack:
+        blocking = await stack.enter_async_context(
+            serve_target(blocker, ["getppid"], "getppid", "100000", settings=settings))
+        served = [await stack.enter_async_context(
+            serve_target(length_policy(asynchronous=True), ["mkdir"], "mkdir-ok-then",
+                         "mkdir-repeat", "/abc/" + "d" * i, "100", settings=settings))
+            for i in range(4)]
+        outs = [await s.target.result() for s in served]
+        blocking.cancel_scope.cancel()
+    for i, out in enumerate(outs):
+        assert out == {"results": [{"rc": 5 + i, "errno": 0}] * 100}
+        assert served[i].metric("seccomp_supervisor_handler_errors_total", policy="p",
+                                kind="deadline") == 0
+    assert current_read_pool().round_reads > 0
+    assert calls["_read_later"] > 0  # (rounds of two or more came)
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_stuck_read_in_a_round_is_given_up_and_its_neighbours_are_served(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path on an unserved userfaultfd page: the round waits no longer than its wait,
+    the reader is given up (the next rounds take another), the pool reads it and the
+    call is answered on_error at its deadline; meanwhile the same container's other
+    calls and another container's reads, in rounds, are served."""
+    calls = spy_paths(monkeypatch)
+    policy = length_policy()
+
+    @policy.on("getppid")
+    def quick(n: Notification) -> object:
+        return returns(7)
+
+    settings = SessionSettings(deadline=1.0)
+    async with serve_target(policy, ["mkdir", "getppid"], "mkdir-ok-then", "mkdir-uffd",
+                            "40", "0.01", settings=settings) as stuck:
+        async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/abc", "50",
+                                settings=settings) as other:
+            other_out = await other.target.result()
+        out = await stuck.target.result()
+    assert other_out == {"results": [{"rc": 4, "errno": 0}] * 50}
+    assert out["mkdir"]["errno"] == errno.EPERM  # on_error: the deadline
+    assert 0.7 < out["mkdir"]["seconds"] < 5, out["mkdir"]
+    assert max(out["latencies"]) < 0.5, max(out["latencies"])
+    pool = current_read_pool()
+    # (More than one only if the reader was also late for another round: a busy machine.)
+    assert pool.inline_given_up >= 1 and calls["_read_later"] >= 1
+    assert pool.round_reads >= 40  # the other container's
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_container_whose_reads_are_slow_in_rounds_reads_through_the_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read of its path takes 2 ms (a userfaultfd page it serves late): after two
+    such reads in rounds in a row it stays out of them for a second, so its memory does
+    not make every round wait; its answers are the same."""
+    calls = spy_paths(monkeypatch)
+    async with serve_target(length_policy(), ["mkdir"], "mkdir-ok-then", "mkdir-slow",
+                            "0.002", "6") as served:
+        out = await served.target.result()
+    assert out == {"results": [{"rc": 5, "errno": 0}] * 6}
+    memory = served.session.memory
+    assert memory._round_slow_until > time.monotonic()
+    # The first (routed in Python), two in rounds, the other four through the pool.
+    assert current_read_pool().round_reads == 2
+    assert calls == {"_prefetch": 5, "_read_later": 0}
+
+
+# The attacks of tests/test_hostile_abi.py on the round's path: there each is the first
+# call of its route, which Python routes (and reads); a call of the same ABI first makes
+# the attack the round's.
+
+@pytest.mark.usefixtures("compiled")
+def test_the_round_reads_an_i386_path_where_the_kernel_reads(
+        monkeypatch: pytest.MonkeyPatch, dirs: tuple[Path, Path], int80: Int80) -> None:  # noqa: F811
+    """Bit 32 of an i386 call's pointer register: the round reads the real path below
+    4 GiB (cut to 32 bits, as the kernel does), not the decoy above."""
+    calls = spy_paths(monkeypatch)
+    guarded, free = dirs
+    real, decoy = guarded / "sub", free / "sub"
+    warm = bytes(free / "warm")
+
+    def attack() -> int:
+        low = decoy_pair(bytes(real), bytes(decoy))
+        checked(int80(i386("mkdir"), decoy_pair(warm, warm), 0o755, 0), "mkdir")
+        return checked(int80(i386("mkdir"), (1 << 32) | low, GARBAGE | 0o755, 0), "mkdir")
+
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]), attack)
+    assert trial.errno == errno.EACCES, trial
+    assert trial.decided("mkdir") == ["allow", "deny"]
+    assert str(real) in trial.decisions[-1].decision.reason
+    assert not real.exists() and not decoy.exists() and (free / "warm").exists()
+    assert calls == {"_prefetch": 1, "_read_later": 0}  # the attack: the round's
+
+
+@pytest.mark.usefixtures("compiled")
+def test_the_round_reads_x32_path_pointers_whole(
+        monkeypatch: pytest.MonkeyPatch, dirs: tuple[Path, Path]) -> None:  # noqa: F811
+    calls = spy_paths(monkeypatch)
+    guarded, free = dirs
+
+    def attack() -> int:
+        with contextlib.suppress(OSError):  # (no x32 here: ENOSYS once allowed)
+            raw_syscall(abi.X32_SYSCALL_BIT | x86_64("mkdir"),
+                        decoy_pair(bytes(free / "warm"), bytes(free / "warm")), 0o755)
+        low = decoy_pair(bytes(free / "low"), bytes(guarded / "high"))
+        return raw_syscall(abi.X32_SYSCALL_BIT | x86_64("mkdir"), (1 << 32) | low, 0o755)
+
+    trial = run_policy(load(PATH_GUARD, prefixes=[str(guarded)]), attack)
+    assert trial.errno == errno.EACCES, trial
+    assert [d.syscall for d in trial.decisions] == ["mkdir", "mkdir"]
+    assert str(guarded / "high") in trial.decisions[-1].decision.reason
+    assert not (guarded / "high").exists() and not (free / "low").exists()
+    assert calls == {"_prefetch": 1, "_read_later": 0}
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_reads_a_round_hands_to_the_pool_leave_no_objects_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference counts of the round's way to the pool (Session._read_later): 2,000
+    reads that fail in the round (a NULL path) and again in the pool. A leak of one
+    object per call would be thousands of blocks."""
+    calls = spy_paths(monkeypatch)
+    policy = PolicySet("p")
+    seen = [0]
+    blocks: list[int] = []
+    total = 2_000
+
+    @policy.on("mkdir", paths=(0,))
+    def reads(n: Notification) -> object:
+        seen[0] += 1
+        if seen[0] in (400, total):
+            blocks.append(sys.getallocatedblocks())
+        with contextlib.suppress(TargetMemoryError):
+            n.path(0)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir-ok-then", "mkdir-null-repeat",
+                            str(total - 1)) as served:
+        with trio.fail_after(120):
+            out = await served.target.result()
+    assert out == {"results": [{"rc": -1, "errno": errno.EACCES}] * (total - 1)}
+    assert calls["_read_later"] == total - 1
+    grown = blocks[1] - blocks[0]
+    assert grown < 400, f"{grown} blocks more after {total - 400} notifications"
