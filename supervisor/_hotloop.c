@@ -687,6 +687,38 @@ static PyObject *arch_int(uint32_t arch)
     return last;
 }
 
+/* Whether every async slot of `session` is taken (its inflight >= _max_inflight): 1, 0,
+ * or -1 on error. */
+static int slots_full(PyObject *session)
+{
+    PyObject *inflight = GET(session, s_inflight);
+    if (inflight == NULL)
+        return -1;
+    PyObject *most = GET(session, s_max_inflight);
+    if (most == NULL) {
+        Py_DECREF(inflight);
+        return -1;
+    }
+    int full = int_compare(inflight, most, Py_GE);
+    Py_DECREF(inflight);
+    Py_DECREF(most);
+    return full;
+}
+
+/* The exception set, normalised and with its traceback (a new reference), cleared; NULL
+ * if none was set. */
+static PyObject *take_exception(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
 /* The handler of `link` called, its result kept in *handed (a new reference; NULL when it
  * raised: *raised set and *handed the exception). `coroutine`: its result is a coroutine,
  * run to where it first waits (PyIter_Send, no StopIteration made): *trap is what it
@@ -720,13 +752,7 @@ static int call_handler(PyObject *link, PyObject *n, int coroutine, PyObject **h
         /* Every exception goes to Python's _decide_received, which turns a policy's
          * into on_error and raises the daemon's own again (session._daemon_own:
          * KeyboardInterrupt, Cancelled, in a group too). */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL)
-            PyException_SetTraceback(value, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
+        PyObject *value = take_exception();
         if (value == NULL) { /* a send that failed with no exception set: ours */
             PyErr_SetString(PyExc_SystemError, "a handler failed without an exception");
             return -1;
@@ -853,17 +879,7 @@ static PyObject *run_links(PyObject *session, PyObject *n, PyObject *links,
             }
             if (coroutine) {
                 /* Every async slot taken: Python parks it (the paths are read). */
-                PyObject *inflight = GET(session, s_inflight);
-                if (inflight == NULL)
-                    goto done;
-                PyObject *most = GET(session, s_max_inflight);
-                if (most == NULL) {
-                    Py_DECREF(inflight);
-                    goto done;
-                }
-                int full = int_compare(inflight, most, Py_GE);
-                Py_DECREF(inflight);
-                Py_DECREF(most);
+                int full = slots_full(session);
                 if (full < 0)
                     goto done;
                 if (full) {
@@ -1268,6 +1284,33 @@ static PyObject *find_reader(PyObject *poller, PyObject *readers, int own, int f
     return reader;
 }
 
+/* A reader whose on_ready raised an Exception (set): it is unregistered from the poller
+ * and gets on_failure(exc). 0, or -1 if that failed (or the error is not an Exception:
+ * still set). */
+static int reader_failed(PyObject *poller, PyObject *reader, int fd)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *value = take_exception(), *fd_obj = PyLong_FromLong(fd), *u = NULL, *f = NULL;
+    if (fd_obj != NULL) {
+        PyObject *unregister_args[2] = {poller, fd_obj};
+        u = PyObject_VectorcallMethod(s_unregister, unregister_args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    if (u != NULL) {
+        PyObject *failure_args[2] = {reader, value};
+        f = PyObject_VectorcallMethod(s_on_failure, failure_args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(u);
+    Py_XDECREF(value);
+    Py_XDECREF(fd_obj);
+    if (f == NULL)
+        return -1;
+    Py_DECREF(f);
+    return 0;
+}
+
 /* One round: epoll_wait(0), then each event's reader. Sets *count (events reported) and
  * *suspended (a new reference: the Suspended that stopped the round, or None). */
 static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int max_events,
@@ -1303,36 +1346,10 @@ static int one_round(PyObject *poller, int epfd, PyObject *readers, int own, int
                                                 : call_on_ready(reader, mask);
         Py_XDECREF(mask);
         if (r == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                Py_DECREF(reader);
-                goto fail;
-            }
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (tb != NULL)
-                PyException_SetTraceback(value, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            PyObject *fd = PyLong_FromLong(events[i].data.fd), *u = NULL;
-            if (fd != NULL) {
-                PyObject *unregister_args[2] = {poller, fd};
-                u = PyObject_VectorcallMethod(
-                    s_unregister, unregister_args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            }
-            PyObject *f = NULL;
-            if (u != NULL) {
-                PyObject *failure_args[2] = {reader, value};
-                f = PyObject_VectorcallMethod(s_on_failure, failure_args,
-                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            }
-            Py_XDECREF(u);
-            Py_XDECREF(value);
+            int failed = reader_failed(poller, reader, events[i].data.fd);
             Py_DECREF(reader);
-            Py_XDECREF(fd);
-            if (f == NULL)
+            if (failed < 0)
                 goto fail;
-            Py_DECREF(f);
             continue;
         }
         Py_DECREF(reader);
@@ -2837,6 +2854,37 @@ PyDoc_STRVAR(InlineReader_read_doc,
 "thread finishes it alone); False if this reader cannot take it now (its thread is\n"
 "still in an abandoned read, could not start, or the request is too large).");
 
+/* A request's tid and limit, checked: 0, or -1 with an exception set. */
+static int inline_request_args(PyObject *tid_obj, PyObject *limit_obj, long *tid,
+                               size_t *limit)
+{
+    *tid = PyLong_AsLong(tid_obj);
+    *limit = PyLong_AsSize_t(limit_obj);
+    if (PyErr_Occurred())
+        return -1;
+    if (*tid <= 0 || *tid > INT_MAX || *limit == 0) {
+        PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
+                     *tid, *limit);
+        return -1;
+    }
+    return 0;
+}
+
+/* A wait's timeout and spin, checked (NaN too): 0, or -1 with an exception set. */
+static int inline_wait_args(PyObject *timeout_obj, PyObject *spin_obj, double *timeout,
+                            double *spin)
+{
+    *timeout = PyFloat_AsDouble(timeout_obj);
+    *spin = PyFloat_AsDouble(spin_obj);
+    if (PyErr_Occurred())
+        return -1;
+    if (!(*timeout > 0 && *timeout <= 60.0 && *spin >= 0 && *spin <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
+        return -1;
+    }
+    return 0;
+}
+
 /* Whether `self` can take requests now: its thread idle (not in an abandoned read),
  * not a forked child's copy. */
 static int inline_ready(InlineReaderObject *self)
@@ -2952,20 +3000,12 @@ static PyObject *InlineReader_read(InlineReaderObject *self, PyObject *const *ar
                         "read(tid, addresses: tuple, limit, timeout, spin)");
         return NULL;
     }
-    long tid = PyLong_AsLong(args[0]);
-    size_t limit = PyLong_AsSize_t(args[2]);
-    double timeout = PyFloat_AsDouble(args[3]), spin = PyFloat_AsDouble(args[4]);
-    if (PyErr_Occurred())
+    long tid;
+    size_t limit;
+    double timeout, spin;
+    if (inline_request_args(args[0], args[2], &tid, &limit) < 0 ||
+        inline_wait_args(args[3], args[4], &timeout, &spin) < 0)
         return NULL;
-    if (tid <= 0 || tid > INT_MAX || limit == 0) {
-        PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
-                     tid, limit);
-        return NULL;
-    }
-    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
-        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
-        return NULL;
-    }
     Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
     if (!inline_ready(self) || limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS)
         Py_RETURN_FALSE;
@@ -3001,13 +3041,9 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
         PyErr_SetString(PyExc_TypeError, "read_many(requests: list, timeout, spin)");
         return NULL;
     }
-    double timeout = PyFloat_AsDouble(args[1]), spin = PyFloat_AsDouble(args[2]);
-    if (PyErr_Occurred())
+    double timeout, spin;
+    if (inline_wait_args(args[1], args[2], &timeout, &spin) < 0)
         return NULL;
-    if (!(timeout > 0 && timeout <= 60.0 && spin >= 0 && spin <= 1.0)) { /* (NaN too) */
-        PyErr_SetString(PyExc_ValueError, "InlineReader: timeout in (0, 60] s, spin in 0..1 s");
-        return NULL;
-    }
     PyObject *requests = args[0];
     Py_ssize_t n = PyList_GET_SIZE(requests), strings = 0;
     for (Py_ssize_t r = 0; r < n; r++) {
@@ -3017,15 +3053,11 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
             PyErr_SetString(PyExc_TypeError, "a request is (tid, tuple of addresses, limit)");
             return NULL;
         }
-        long tid = PyLong_AsLong(PyTuple_GET_ITEM(req, 0));
-        size_t limit = PyLong_AsSize_t(PyTuple_GET_ITEM(req, 2));
-        if (PyErr_Occurred())
+        long tid;
+        size_t limit;
+        if (inline_request_args(PyTuple_GET_ITEM(req, 0), PyTuple_GET_ITEM(req, 2), &tid,
+                                &limit) < 0)
             return NULL;
-        if (tid <= 0 || tid > INT_MAX || limit == 0) {
-            PyErr_Format(PyExc_ValueError, "InlineReader: tid %ld or limit %zu out of range",
-                         tid, limit);
-            return NULL;
-        }
         Py_ssize_t count = PyTuple_GET_SIZE(PyTuple_GET_ITEM(req, 1));
         if (limit > INLINE_MAX_LIMIT || count > INLINE_MAX_STRINGS)
             Py_RETURN_FALSE;
@@ -3157,18 +3189,7 @@ static int round_collect(struct poll_reads *round, PyObject *session, PyObject *
     if (paths == Py_None)
         goto out; /* no declared paths: its first step, in Python */
     /* Every async slot taken: Python parks it before reading (Session._prefetch). */
-    PyObject *inflight = GET(session, s_inflight);
-    if (inflight == NULL)
-        goto error;
-    PyObject *most = GET(session, s_max_inflight);
-    if (most == NULL) {
-        Py_DECREF(inflight);
-        goto error;
-    }
-    truth = int_compare(inflight, most, Py_GE);
-    Py_DECREF(inflight);
-    Py_DECREF(most);
-    if (truth != 0)
+    if ((truth = slots_full(session)) != 0)
         goto out_or_error;
     /* The session's memory: read with process_vm_readv through this pool, its place in
      * the pool free (no read of its own queued or running: its reads keep their
@@ -3211,14 +3232,7 @@ static int round_collect(struct poll_reads *round, PyObject *session, PyObject *
     if (wanted == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception))
             goto error;
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (tb != NULL)
-            PyException_SetTraceback(exc, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        *raised_exc = exc;
+        *raised_exc = take_exception();
         rc = ROUND_RAISED;
         goto out;
     }
@@ -3298,40 +3312,6 @@ error:
     }
     rc = -1;
     goto out;
-}
-
-/* What one_round does with a reader whose on_ready raised an Exception (set): it is
- * unregistered from the poller and gets on_failure(exc). 0, or -1 if that failed (or the
- * error is not an Exception: still set). */
-static int reader_failed(PyObject *poller, PyObject *reader, int fd)
-{
-    if (!PyErr_ExceptionMatches(PyExc_Exception))
-        return -1;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    PyObject *fd_obj = PyLong_FromLong(fd), *u = NULL, *f = NULL;
-    if (fd_obj != NULL) {
-        PyObject *unregister_args[2] = {poller, fd_obj};
-        u = PyObject_VectorcallMethod(s_unregister, unregister_args,
-                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    if (u != NULL) {
-        PyObject *failure_args[2] = {reader, value};
-        f = PyObject_VectorcallMethod(s_on_failure, failure_args,
-                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    Py_XDECREF(u);
-    Py_XDECREF(value);
-    Py_XDECREF(fd_obj);
-    if (f == NULL)
-        return -1;
-    Py_DECREF(f);
-    return 0;
 }
 
 /* How the read of `e` went for its session (see ROUND_SLOW_READ): `slow` (it took

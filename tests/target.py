@@ -28,9 +28,8 @@ def getppid_raw():
     return call(libc.syscall, ctypes.c_long(110))
 
 
-def unserved_page():
-    """The address of a page registered with a userfaultfd nobody serves: reading it
-    blocks until this process exits."""
+def uffd_page():
+    """A userfaultfd and the address of a page registered with it (missing pages)."""
     import fcntl
     import struct
     libc.mmap.restype = ctypes.c_void_p
@@ -42,7 +41,13 @@ def unserved_page():
     page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
     fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
                 bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
-    return page
+    return uffd, page
+
+
+def unserved_page():
+    """The address of a page registered with a userfaultfd nobody serves: reading it
+    blocks until this process exits."""
+    return uffd_page()[1]
 
 
 def slow_page(delay, content):
@@ -52,15 +57,7 @@ def slow_page(delay, content):
     import fcntl
     import select
     import struct
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    uffd = libc.syscall(ctypes.c_long(323), os.O_CLOEXEC)  # userfaultfd
-    assert uffd >= 0, ctypes.get_errno()
-    fcntl.ioctl(uffd, 0xc018aa3f, bytearray(struct.pack("QQQ", 0xAA, 0, 0)))  # API
-    page = libc.mmap(None, mmap.PAGESIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
-    fcntl.ioctl(uffd, 0xc020aa00,  # UFFDIO_REGISTER, MISSING
-                bytearray(struct.pack("QQQQ", page, mmap.PAGESIZE, 1, 0)))
+    uffd, page = uffd_page()
     source = ctypes.create_string_buffer(content.ljust(mmap.PAGESIZE, b"\0"))
 
     def serve():

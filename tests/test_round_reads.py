@@ -16,7 +16,6 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor import abi, accel, memory
+from supervisor import abi, accel
 from supervisor.memory import current_read_pool
 from supervisor.policy import Notification, PolicySet, TargetMemoryError, deny, returns
 from supervisor.session import Session, SessionSettings
@@ -43,24 +42,12 @@ from .test_hostile_abi import (
     raw_syscall,
     x86_64,
 )
-from .test_inline_reader import SPIN, batch_result
+from .test_inline_reader import SPIN, batch_result, reader  # noqa: F401 - a fixture
 from .test_read_batch import WAIT, Pages, Userfault, layouts, wait_until
 
 
-def _reader_type() -> Any:
-    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
-    return accel.HOTLOOP.InlineReader
-
-
-@pytest.fixture
-def reader() -> Iterator[Any]:
-    made = _reader_type()(memory.READER_SPIN, 19)
-    yield made
-    made.close()
-
-
 def test_read_many_reads_what_a_batch_reads_request_by_request(
-        reader: Any, pages: Pages, edge: Pages) -> None:
+        reader: Any, pages: Pages, edge: Pages) -> None:  # noqa: F811
     tid = os.getpid()
     child = os.fork()
     if child == 0:
@@ -76,7 +63,7 @@ def test_read_many_reads_what_a_batch_reads_request_by_request(
     assert reader.reads == len(requests) and reader.abandoned == 0 and not reader.busy
 
 
-def test_read_many_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> None:
+def test_read_many_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> None:  # noqa: F811
     address = pages.put(0, b"/x\0")
     tid = os.getpid()
     one = (tid, (address,), 64)
@@ -99,7 +86,7 @@ def test_read_many_refuses_what_it_does_not_take(reader: Any, pages: Pages) -> N
 
 @pytest.mark.parametrize("spin", [SPIN, 0.0], ids=["spinning", "sleeping"])
 def test_a_stuck_request_gives_the_ones_before_it_and_none_after(
-        reader: Any, pages: Pages, userfault: Userfault, spin: float) -> None:
+        reader: Any, pages: Pages, userfault: Userfault, spin: float) -> None:  # noqa: F811
     """The loop waits no longer than its timeout; the requests read before the stuck one
     are the loop's, the thread reads none after it, and the reader stays busy until
     the page is served."""
@@ -343,7 +330,7 @@ async def test_reads_a_round_hands_to_the_pool_leave_no_objects_behind(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Reference counts of the round's way to the pool (Session._read_later): 2,000
     reads that fail in the round (a NULL path) and again in the pool. A leak of one
-    object per call would be thousands of blocks."""
+    object per call would be 1,600 blocks or more over the calls measured."""
     calls = spy_paths(monkeypatch)
     policy = PolicySet("p")
     seen = [0]
@@ -366,4 +353,4 @@ async def test_reads_a_round_hands_to_the_pool_leave_no_objects_behind(
     assert out == {"results": [{"rc": -1, "errno": errno.EACCES}] * (total - 1)}
     assert calls["_read_later"] == total - 1
     grown = blocks[1] - blocks[0]
-    assert grown < 400, f"{grown} blocks more after {total - 400} notifications"
+    assert grown < 1_000, f"{grown} blocks more after {total - 400} notifications"
