@@ -3206,17 +3206,20 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
  * job, the slot, the delivery), ~42,000 of the ~117,000 instructions of the loop's thread
  * at 100 busy containers (bench/README.md, "Session 17"). In a compiled poll round, an
  * async link's declared paths are collected here instead (round_collect, from
- * run_links); at the end of the round (round_finish) the InlineReader's thread reads
- * them all in one wait, and each decision goes on in C (run_links, resumed), as a read
- * waited for inline does. The round never outlives the poll_round call: nothing of it
- * is left for a session that ends, and no fd closes under it. Whatever is not the
- * common case goes to Session._read_later, which reads through the pool and decides
- * when the read is delivered, never in the round: a read not done within the round's
- * wait (the reader is then abandoned, as at an inline wait), a failed or refused read, a
- * call no longer valid, any call after one whose decision suspended (a round returns
- * one Suspended at most). A session whose read was slow does not join rounds for a
- * while (ROUND_SLOW_READ), so its memory cannot make every round wait. Its twin, with
- * the pure-Python loop, is the per-decision path (Session._prefetch). */
+ * run_links) and posted at once to the InlineReader's thread, which reads them while
+ * the loop decides the round's other notifications (round_stream; with one fd, at the
+ * round's end). At the end of the round (round_finish) the loop waits for what is left
+ * (round_read), and each decision goes on in C (run_links, resumed), as a read waited
+ * for inline does. The round never outlives the poll_round call: nothing of it is left
+ * for a session that ends, and no fd closes under it. Whatever is not the common case
+ * goes to Session._read_later, which reads through the pool and decides when the read
+ * is delivered, never in the round: a read not done within the round's wait (the reader
+ * is then abandoned, as at an inline wait, and the reads after it go to the next one),
+ * a failed or refused read, a call no longer valid; and the decisions after one that
+ * suspended get their paths that way (a round returns one Suspended at most). A session
+ * whose reads were slow does not join rounds for a while (ROUND_SLOW_READ), so its
+ * memory cannot make every round wait. Its twin, with the pure-Python loop, is the
+ * per-decision path (Session._prefetch). */
 
 /* A session whose reads in rounds took longer than ROUND_SLOW_READ ROUND_SLOW_STRIKES
  * times in a row, or whose read the thread was still in when a round's wait ended,
