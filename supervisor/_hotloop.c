@@ -3217,8 +3217,8 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
  * at 100 busy containers (bench/README.md, "Session 17"). In a compiled poll round, an
  * async link's declared paths are collected here instead (round_collect, from
  * run_links) and posted at once to the InlineReader's thread, which reads them while
- * the loop decides the round's other notifications (round_stream; with one fd, at the
- * round's end). At the end of the round (round_finish) the loop waits for what is left
+ * the loop decides the round's other notifications (round_stream, from a round's
+ * second read on; a round of one read posts it at its end). At the end of the round (round_finish) the loop waits for what is left
  * (round_read), and each decision goes on in C (run_links, resumed), as a read waited
  * for inline does. The round never outlives the poll_round call: nothing of it is left
  * for a session that ends, and no fd closes under it. Whatever is not the common case
