@@ -3237,6 +3237,8 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
  * calls, not every round's. Reads take ~2-5 us; one preempted now and then (a busy
  * machine) is no reason, hence the strikes. */
 #define ROUND_SLOW_READ 50e-6
+/* Waits a round may add for the reads after ones its reader's thread stays in. */
+#define ROUND_RETRIES 2
 #define ROUND_SLOW_STRIKES 2
 #define ROUND_SLOW_FOR 1.0
 
@@ -3683,7 +3685,9 @@ static int round_read(struct poll_reads *round, PyObject **results)
     }
     double until = monotonic_seconds() + wait;
     Py_ssize_t start = 0;
+    int waits = 0; /* the batch waits so far */
     if (round->stream != NULL) { /* posted as they were collected */
+        waits = 1;
         PyObject *stream = round->stream;
         round->stream = NULL;
         if (((InlineReaderObject *)stream)->shared == round->stream_shared)
@@ -3695,10 +3699,17 @@ static int round_read(struct poll_reads *round, PyObject **results)
         }
     }
     /* The reads from `start` on, posted together. When the thread stays in one (slow
-     * memory), those after it are posted again to the pool's next reader, within what
-     * is left of the same wait: a container's slow memory costs the others in its
-     * round no read through the pool. */
-    while (start < n && monotonic_seconds() < until) {
+     * memory), those after it are posted again to the pool's next reader, with a wait
+     * of their own (ROUND_RETRIES times at most: the loop blocks for one such wait per
+     * read it gives up, and that read's container reads through the pool for a while):
+     * a container's slow memory costs the others in its round no read through the pool,
+     * behind its own slow ones. */
+    for (; start < n; waits++) {
+        if (waits > 0) {
+            if (waits > ROUND_RETRIES)
+                break;
+            until = monotonic_seconds() + wait;
+        }
         PyObject *reader_obj = GET(round->pool, s_inline);
         if (reader_obj == NULL) {
             PyErr_Clear();
