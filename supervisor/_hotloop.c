@@ -791,6 +791,11 @@ struct poll_reads {
     int fd;                 /* the listener fd of the session being decided */
     int fds;                /* listener fds the poller serves */
     Py_ssize_t n, strings;
+    /* The InlineReader the entries are posted to as they are collected (a strong
+     * reference), or NULL; `no_stream`: its reader could not take the first one. */
+    PyObject *stream;
+    struct inline_shared *stream_shared; /* its shared state, held since it opened */
+    int no_stream;
     struct round_entry entries[INLINE_MAX_REQUESTS];
 };
 
@@ -803,6 +808,7 @@ static PyObject *s_slot, *s_use_proc_mem, *s_pool, *s_inline_wait, *s_deferred,
 /* The round running now in this thread (the event loop's), or NULL. */
 static _Thread_local struct poll_reads *round_reads;
 static int round_finish(struct poll_reads *round, PyObject *poller, PyObject **suspended);
+static void round_stream(struct poll_reads *round);
 static PyTypeObject InlineReaderType;
 static int round_collect(struct poll_reads *round, PyObject *session, PyObject *n,
                          PyObject *link, PyObject *links, Py_ssize_t index,
@@ -1414,6 +1420,9 @@ static PyObject *poll_round(PyObject *module, PyObject *const *argv, Py_ssize_t 
     round.fd = -1;
     round.fds = (int)PyDict_GET_SIZE(readers);
     round.n = round.strings = 0;
+    round.stream = NULL;
+    round.stream_shared = NULL;
+    round.no_stream = 0;
     struct poll_reads *reads = pool != NULL && own && unread_paths_func != NULL ? &round
                                                                                   : NULL;
     for (;;) {
@@ -2619,6 +2628,13 @@ static PyTypeObject ReadBatchType = {
 enum { INLINE_IDLE, INLINE_POSTED, INLINE_DONE, INLINE_ABANDONED };
 /* The largest limit a request may have: the daemon reads PATH_MAX (4,096) bytes. */
 #define INLINE_MAX_LIMIT 65536
+/* `posted`: the count of requests written, and the flag that no more come. */
+#define POSTED_COUNT 0x7FFFFFFFu
+#define POSTED_CLOSED 0x80000000u
+/* Seconds the thread spins for the next request of a batch still open (a poll round
+ * going on) before it sleeps until the loop posts one or closes the batch. */
+#define INLINE_POST_SPIN 100e-6
+
 /* Seconds between two sched_yield()s of the thread while it spins. A task woken on the
  * CPU it spins on (the loop, a target) did not always preempt it at once, although it
  * runs 10 nice levels below them: at one busy guarded container 1% of the calls took
@@ -2637,10 +2653,17 @@ struct inline_shared {
     _Atomic int thread_cpu, loop_cpu;
     double spin;            /* how long the thread spins for its next request */
     int nice;               /* the thread's nice value */
-    /* The requests: written by the loop while IDLE, read by the thread while POSTED,
-     * in order. `done` counts those read so far: each is the loop's once counted (the
-     * thread does not touch it again), also after an abandonment. `taken`: how many the
-     * loop took when it abandoned the rest (the thread frees the strings of the others). */
+    /* The requests, read by the thread in order while POSTED. `posted` (a futex word)
+     * counts those the loop has written (each before it is counted), with POSTED_CLOSED
+     * once no more come: all of them before the batch is posted (read, read_many), or
+     * one by one while the thread reads the first ones (a poll round, round_collect).
+     * `n_requests`: their number, once closed. `done` counts those read so far: each is
+     * the loop's once counted (the thread does not touch it again), also after an
+     * abandonment. `taken`: how many the loop took when it abandoned the rest (the
+     * thread frees the strings of the others). `thread_waiting`: the thread sleeps on
+     * `posted` for the next request of the batch. */
+    _Atomic uint32_t posted;
+    _Atomic int thread_waiting;
     Py_ssize_t n_requests, taken;
     _Atomic Py_ssize_t begun, done;
     struct inline_request {
@@ -2660,6 +2683,9 @@ typedef struct {
     int started;                  /* the thread runs */
     unsigned long generation;     /* inline_fork_generation when the thread started */
     unsigned long long reads, abandoned;
+    /* The CPU the thread was on (-1: asleep) when the batch open now was posted, before
+     * the loop woke it: inline_close_wait spins unless it is the loop's own. */
+    int open_cpu;
 } InlineReaderObject;
 
 /* Bumped in a forked child: a reader made before the fork has no thread there. */
@@ -2682,6 +2708,41 @@ static void inline_release(struct inline_shared *shared)
 static void futex_wake_all(_Atomic uint32_t *word)
 {
     syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* The thread, between two requests of a batch still open: until `posted` is no
+ * longer `word` (a request, or the batch closed), the batch is abandoned or the reader
+ * closed; spinning a while (yielding as below), then asleep on `posted`. */
+static void inline_wait_post(struct inline_shared *shared, uint32_t word)
+{
+    /* On the loop's CPU it would spin where the loop must run to post: asleep at once. */
+    double now = monotonic_seconds();
+    double until = sched_getcpu() == atomic_load(&shared->loop_cpu) ? now
+                                                                   : now + INLINE_POST_SPIN;
+    double next_yield = now + INLINE_YIELD_EVERY;
+    for (unsigned i = 1;; i++) {
+        if (atomic_load(&shared->posted) != word || atomic_load(&shared->closing) ||
+            atomic_load(&shared->phase) != INLINE_POSTED)
+            return;
+        CPU_RELAX();
+        if ((i & 31) == 0) {
+            now = monotonic_seconds();
+            if (now >= until)
+                break;
+            if (now >= next_yield) {
+                sched_yield();
+                next_yield = now + INLINE_YIELD_EVERY;
+            }
+        }
+    }
+    atomic_store(&shared->thread_waiting, 1);
+    if (atomic_load(&shared->posted) == word && !atomic_load(&shared->closing) &&
+        atomic_load(&shared->phase) == INLINE_POSTED) {
+        atomic_store(&shared->thread_cpu, -1);
+        syscall(SYS_futex, &shared->posted, FUTEX_WAIT_PRIVATE, word, NULL, NULL, 0);
+        atomic_store(&shared->thread_cpu, sched_getcpu());
+    }
+    atomic_store(&shared->thread_waiting, 0);
 }
 
 static void *inline_main(void *arg)
@@ -2728,7 +2789,15 @@ static void *inline_main(void *arg)
         double now = monotonic_seconds();
         /* Spin for the next request only if this one came within a spin of the last. */
         spin = now - last <= shared->spin ? shared->spin : 0.0;
-        for (Py_ssize_t r = 0; r < shared->n_requests; r++) {
+        for (Py_ssize_t r = 0;;) {
+            uint32_t word = atomic_load_explicit(&shared->posted, memory_order_acquire);
+            if (r >= (Py_ssize_t)(word & POSTED_COUNT)) {
+                if ((word & POSTED_CLOSED) || atomic_load(&shared->closing) ||
+                    atomic_load(&shared->phase) != INLINE_POSTED)
+                    break; /* all read (or abandoned) */
+                inline_wait_post(shared, word); /* more come: the round goes on */
+                continue;
+            }
             if (r > 0 && atomic_load(&shared->phase) != INLINE_POSTED)
                 break; /* abandoned: the rest are not read */
             struct inline_request *req = &shared->requests[r];
@@ -2741,6 +2810,7 @@ static void *inline_main(void *arg)
             last = monotonic_seconds();
             req->seconds = last - began;
             atomic_store_explicit(&shared->done, r + 1, memory_order_release);
+            r++;
         }
         uint32_t expected = INLINE_POSTED;
         if (atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_DONE)) {
@@ -2810,6 +2880,7 @@ static void inline_close(InlineReaderObject *self)
     self->shared = NULL;
     atomic_store(&shared->closing, 1);
     futex_wake_all(&shared->phase);
+    futex_wake_all(&shared->posted); /* (asleep between two requests of a batch) */
     inline_release(shared);
 }
 
@@ -2894,29 +2965,56 @@ static int inline_ready(InlineReaderObject *self)
            atomic_load(&shared->phase) == INLINE_IDLE;
 }
 
-/* Post the requests written into self->shared (n_requests of them, their strings' data
- * NULL) and wait up to `timeout` seconds, the GIL released, for the thread to read them.
- * Returns how many were read (the first ones, in order): all of them, or fewer if the
- * wait ran out (the rest are abandoned: the thread finishes the one it is in alone and
- * reads no more). -1 if the thread could not start. The caller takes the results of the
- * requests read (strings_result) and then calls inline_finish. */
-static Py_ssize_t inline_post_wait(InlineReaderObject *self, double timeout, double spin)
+/* Open a batch of requests on `self`'s thread (its `posted` word written: the requests
+ * already written and closed, or none yet). 0, or -1 if the thread could not start. Then
+ * inline_post for each request written, and inline_close_wait. */
+static int inline_open(InlineReaderObject *self)
 {
     struct inline_shared *shared = self->shared;
     if (!self->started && inline_start(self) != 0)
         return -1;
-    self->reads += (unsigned long long)shared->n_requests;
     atomic_store(&shared->done, 0);
     atomic_store(&shared->begun, 0);
     shared->taken = 0;
     /* Held until inline_finish: close() (from another thread, with the GIL while this
      * one waits without it) must not free what it is waiting on. */
     atomic_fetch_add(&shared->refs, 1);
-    int cpu = atomic_load(&shared->thread_cpu), mine = sched_getcpu();
-    atomic_store(&shared->loop_cpu, mine);
+    self->open_cpu = atomic_load(&shared->thread_cpu);
+    atomic_store(&shared->loop_cpu, sched_getcpu());
     atomic_store(&shared->phase, INLINE_POSTED);
     if (atomic_load(&shared->thread_sleeping))
         futex_wake_all(&shared->phase);
+    return 0;
+}
+
+/* `count` requests of the open batch written now (each before it is counted). */
+static void inline_post(struct inline_shared *shared, Py_ssize_t count)
+{
+    atomic_store_explicit(&shared->posted, (uint32_t)count, memory_order_release);
+    if (atomic_load(&shared->thread_waiting))
+        futex_wake_all(&shared->posted);
+}
+
+/* Close the open batch (`count` requests, all posted) and wait up to `timeout` seconds,
+ * the GIL released, for the thread to read them. Returns how many were read (the first
+ * ones, in order): all of them, or fewer if the wait ran out (the rest are abandoned:
+ * the thread finishes the one it is in alone and reads no more). The caller takes the
+ * results of the requests read (strings_result) and then calls inline_finish. */
+static Py_ssize_t inline_close_wait(InlineReaderObject *self, Py_ssize_t count,
+                                    double timeout, double spin)
+{
+    struct inline_shared *shared = self->shared;
+    shared->n_requests = count;
+    self->reads += (unsigned long long)count;
+    atomic_store_explicit(&shared->posted, (uint32_t)count | POSTED_CLOSED,
+                          memory_order_release);
+    if (atomic_load(&shared->thread_waiting))
+        futex_wake_all(&shared->posted);
+    /* (Where the thread was before it was woken: once woken, it reports the CPU it was
+     * woken on, often the loop's, and the loop slept at once where it would have spun:
+     * a guarded call at two fds took ~170 us p50 instead of ~85.) */
+    int cpu = self->open_cpu, mine = sched_getcpu();
+    atomic_store(&shared->loop_cpu, mine);
     Py_ssize_t done;
     Py_BEGIN_ALLOW_THREADS
     double start = monotonic_seconds(), until = start + timeout;
@@ -2952,11 +3050,24 @@ static Py_ssize_t inline_post_wait(InlineReaderObject *self, double timeout, dou
     shared->taken = done = atomic_load_explicit(&shared->done, memory_order_acquire);
     uint32_t expected = INLINE_POSTED;
     if (!atomic_compare_exchange_strong(&shared->phase, &expected, INLINE_ABANDONED))
-        done = shared->n_requests; /* DONE: every request was read */
+        done = count; /* DONE: every request was read */
     Py_END_ALLOW_THREADS
-    if (done < shared->n_requests)
+    if (done < count)
         self->abandoned++;
     return done;
+}
+
+/* A batch of the n_requests requests written into self->shared (their strings' data
+ * NULL), posted and waited for: inline_close_wait's result, or -1 if the thread could
+ * not start. */
+static Py_ssize_t inline_post_wait(InlineReaderObject *self, double timeout, double spin)
+{
+    struct inline_shared *shared = self->shared;
+    Py_ssize_t count = shared->n_requests;
+    atomic_store(&shared->posted, (uint32_t)count | POSTED_CLOSED);
+    if (inline_open(self) < 0)
+        return -1;
+    return inline_close_wait(self, count, timeout, spin);
 }
 
 /* After inline_post_wait (and the results taken): the shared state goes back to the
@@ -3105,17 +3216,20 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
  * job, the slot, the delivery), ~42,000 of the ~117,000 instructions of the loop's thread
  * at 100 busy containers (bench/README.md, "Session 17"). In a compiled poll round, an
  * async link's declared paths are collected here instead (round_collect, from
- * run_links); at the end of the round (round_finish) the InlineReader's thread reads
- * them all in one wait, and each decision goes on in C (run_links, resumed), as a read
- * waited for inline does. The round never outlives the poll_round call: nothing of it
- * is left for a session that ends, and no fd closes under it. Whatever is not the
- * common case goes to Session._read_later, which reads through the pool and decides
- * when the read is delivered, never in the round: a read not done within the round's
- * wait (the reader is then abandoned, as at an inline wait), a failed or refused read, a
- * call no longer valid, any call after one whose decision suspended (a round returns
- * one Suspended at most). A session whose read was slow does not join rounds for a
- * while (ROUND_SLOW_READ), so its memory cannot make every round wait. Its twin, with
- * the pure-Python loop, is the per-decision path (Session._prefetch). */
+ * run_links) and posted at once to the InlineReader's thread, which reads them while
+ * the loop decides the round's other notifications (round_stream, from a round's
+ * second read on; a round of one read posts it at its end). At the end of the round (round_finish) the loop waits for what is left
+ * (round_read), and each decision goes on in C (run_links, resumed), as a read waited
+ * for inline does. The round never outlives the poll_round call: nothing of it is left
+ * for a session that ends, and no fd closes under it. Whatever is not the common case
+ * goes to Session._read_later, which reads through the pool and decides when the read
+ * is delivered, never in the round: a read not done within the round's wait (the reader
+ * is then abandoned, as at an inline wait, and the reads after it go to the next one),
+ * a failed or refused read, a call no longer valid; and the decisions after one that
+ * suspended get their paths that way (a round returns one Suspended at most). A session
+ * whose reads were slow does not join rounds for a while (ROUND_SLOW_READ), so its
+ * memory cannot make every round wait. Its twin, with the pure-Python loop, is the
+ * per-decision path (Session._prefetch). */
 
 /* A session whose reads in rounds took longer than ROUND_SLOW_READ ROUND_SLOW_STRIKES
  * times in a row, or whose read the thread was still in when a round's wait ended,
@@ -3123,6 +3237,8 @@ static PyObject *InlineReader_read_many(InlineReaderObject *self, PyObject *cons
  * calls, not every round's. Reads take ~2-5 us; one preempted now and then (a busy
  * machine) is no reason, hence the strikes. */
 #define ROUND_SLOW_READ 50e-6
+/* Waits a round may add for the reads after ones its reader's thread stays in. */
+#define ROUND_RETRIES 2
 #define ROUND_SLOW_STRIKES 2
 #define ROUND_SLOW_FOR 1.0
 
@@ -3290,6 +3406,7 @@ static int round_collect(struct poll_reads *round, PyObject *session, PyObject *
     e->fd = round->fd;
     round->n++;
     round->strings += count;
+    round_stream(round);
     rc = ROUND_TAKEN;
     goto out;
 out_or_error:
@@ -3419,9 +3536,123 @@ static PyObject *round_go_on(struct round_entry *e, PyObject *result, int may_su
                      e->tid, e->nr, e->arch, e->args, e->syscall, e->received, 0);
 }
 
+/* Entry `e` as request `k` of `shared`, its strings from `first` on. */
+static void round_put_request(struct inline_shared *shared, Py_ssize_t k,
+                              struct round_entry *e, Py_ssize_t first)
+{
+    struct inline_request *req = &shared->requests[k];
+    req->tid = e->tid_value;
+    req->limit = 4096; /* PATH_MAX, what Session._prefetch reads */
+    req->first = first;
+    req->count = e->count;
+    req->error = 0;
+    req->seconds = 0.0;
+    for (Py_ssize_t j = 0; j < e->count; j++) {
+        struct batch_string *string = &shared->strings[first + j];
+        string->address = e->addresses[j];
+        string->status = 0;
+        string->length = 0;
+        string->data = NULL;
+    }
+}
+
+/* The entry just collected (number round->n - 1) goes to the thread at once, which
+ * reads it while the loop decides the round's other notifications: the round's second
+ * opens a batch with the first two on the pool's InlineReader if it can take one, the
+ * others follow. (Python code of the round that wants that reader meanwhile finds it
+ * busy, and takes the pool's way.) A round of one has nothing for its read to overlap
+ * with but the round's end: posted then, whole, as a batch (a thread that read it and
+ * then waited for the batch to close cost a hand-over more: a guarded call beside an
+ * idle container took ~170 us p50 instead of ~85). */
+static void round_stream(struct poll_reads *round)
+{
+    Py_ssize_t r = round->n - 1;
+    struct round_entry *e = &round->entries[r];
+    Py_ssize_t first = round->strings - e->count;
+    if (round->stream == NULL) {
+        if (r != 1 || round->no_stream)
+            return;
+        round->no_stream = 1;
+        PyObject *reader_obj = GET(round->pool, s_inline);
+        if (reader_obj == NULL) {
+            PyErr_Clear();
+            return;
+        }
+        InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
+        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader)) {
+            Py_DECREF(reader_obj);
+            return;
+        }
+        round_put_request(reader->shared, 0, &round->entries[0], 0);
+        round_put_request(reader->shared, 1, e, first);
+        atomic_store(&reader->shared->posted, 2);
+        if (inline_open(reader) < 0) {
+            Py_DECREF(reader_obj);
+            return;
+        }
+        round->no_stream = 0;
+        round->stream = reader_obj;
+        round->stream_shared = reader->shared;
+        return;
+    }
+    round_put_request(round->stream_shared, r, e, first);
+    inline_post(round->stream_shared, r + 1);
+}
+
 /* The reads of the round's entries, by the pool's InlineReader within one wait: per
  * entry, results[r] is its result (a new reference) or NULL (not read). 0, or -1 if
  * they could not be read at all (no reader free, an error: cleared). */
+/* The batch of round entries from `start` on, open on `reader_obj` (a strong reference,
+ * released here) with each of them posted: closed and waited for until `until`, the
+ * results taken into `results`, each read judged (round_judge), the reader given up if
+ * its thread stays in one. Returns the index of the entry after the read the thread
+ * stays in (slow memory: the entries from there can go to another reader), or n when
+ * there is nothing more to try (all read, or the thread was late, not stuck). */
+static Py_ssize_t round_wait_batch(struct poll_reads *round, PyObject **results,
+                                   PyObject *reader_obj, Py_ssize_t start, double until,
+                                   double spin)
+{
+    Py_ssize_t n = round->n, count = n - start;
+    InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
+    struct inline_shared *shared = reader->shared;
+    double left = until - monotonic_seconds();
+    Py_ssize_t done = inline_close_wait(reader, count, left > 1e-6 ? left : 1e-6, spin);
+    Py_ssize_t begun = atomic_load(&shared->begun);
+    for (Py_ssize_t k = 0; k < count && k <= done; k++) {
+        struct inline_request *req = &shared->requests[k];
+        if (k < done) {
+            results[start + k] = strings_result(&shared->strings[req->first], req->count,
+                                                req->error);
+            if (results[start + k] == NULL)
+                PyErr_Clear(); /* (no memory for the strings: the pool reads them) */
+        }
+        /* Its own read was slow, or is the one the thread is still in (not one it did
+         * not begin: the thread itself was late then, not this memory). */
+        if (round_judge(&round->entries[start + k],
+                        k < done && req->seconds > ROUND_SLOW_READ, k == done && k < begun) < 0)
+            PyErr_Clear();
+    }
+    inline_finish(reader, shared);
+    PyObject *counted = PyLong_FromSsize_t(done);
+    if (counted == NULL || add_to_attr(round->pool, s_round_reads, counted) < 0)
+        PyErr_WriteUnraisable(round->pool); /* (statistics) */
+    Py_XDECREF(counted);
+    if (done < count) {
+        /* Its thread stays in a read: the pool gives the next reads to another reader
+         * (ReadPool._inline_abandoned), as after an inline wait. */
+        PyObject *args[2] = {round->pool, reader_obj};
+        PyObject *r = PyObject_VectorcallMethod(s_round_abandoned, args,
+                                                2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable(round->pool); /* (its next reads go to the pool) */
+        Py_XDECREF(r);
+    }
+    Py_DECREF(reader_obj);
+    if (done == count || done >= begun)
+        return n; /* all read; or the thread never began the next: late, not stuck */
+    return start + done + 1; /* past the read the thread is in */
+}
+
 static int round_read(struct poll_reads *round, PyObject **results)
 {
     Py_ssize_t n = round->n;
@@ -3444,92 +3675,63 @@ static int round_read(struct poll_reads *round, PyObject **results)
         round_wait = PyFloat_AsDouble(got);
         Py_DECREF(got);
     }
-    if (got == NULL || (round_wait == -1.0 && PyErr_Occurred())) {
+    if (got == NULL || (round_wait == -1.0 && PyErr_Occurred()))
         PyErr_Clear();
-        return -1;
-    }
-    if (round_wait < wait)
+    else if (round_wait < wait)
         wait = round_wait;
-    if (!(spin >= 0 && spin <= 1.0) || !(wait > 0 && wait <= 60.0))
-        return -1;
+    if (!(spin >= 0 && spin <= 1.0) || !(wait > 0 && wait <= 60.0)) {
+        spin = 0.0;
+        wait = 1e-6; /* (a batch already open is closed; nothing else is read) */
+    }
     double until = monotonic_seconds() + wait;
+    Py_ssize_t start = 0;
+    int waits = 0; /* the batch waits so far */
+    if (round->stream != NULL) { /* posted as they were collected */
+        waits = 1;
+        PyObject *stream = round->stream;
+        round->stream = NULL;
+        if (((InlineReaderObject *)stream)->shared == round->stream_shared)
+            start = round_wait_batch(round, results, stream, 0, until, spin);
+        else { /* closed during the round (never by the daemon): its thread stops */
+            inline_release(round->stream_shared);
+            Py_DECREF(stream);
+            start = n;
+        }
+    }
     /* The reads from `start` on, posted together. When the thread stays in one (slow
-     * memory), those after it are posted again to the pool's next reader, within what
-     * is left of the same wait: a container's slow memory costs the others in its
-     * round no read through the pool. */
-    for (Py_ssize_t start = 0; start < n;) {
-        double left = until - monotonic_seconds();
+     * memory), those after it are posted again to the pool's next reader, with a wait
+     * of their own (ROUND_RETRIES times at most: the loop blocks for one such wait per
+     * read it gives up, and that read's container reads through the pool for a while):
+     * a container's slow memory costs the others in its round no read through the pool,
+     * behind its own slow ones. */
+    for (; start < n; waits++) {
+        if (waits > 0) {
+            if (waits > ROUND_RETRIES)
+                break;
+            until = monotonic_seconds() + wait;
+        }
         PyObject *reader_obj = GET(round->pool, s_inline);
         if (reader_obj == NULL) {
             PyErr_Clear();
             break;
         }
         InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
-        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader) || !(left > 0)) {
+        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader)) {
             Py_DECREF(reader_obj);
             break;
         }
         struct inline_shared *shared = reader->shared;
-        Py_ssize_t first = 0, count = n - start;
-        for (Py_ssize_t k = 0; k < count; k++) {
-            struct round_entry *e = &round->entries[start + k];
-            struct inline_request *req = &shared->requests[k];
-            req->tid = e->tid_value;
-            req->limit = 4096; /* PATH_MAX, what Session._prefetch reads */
-            req->first = first;
-            req->count = e->count;
-            req->error = 0;
-            req->seconds = 0.0;
-            for (Py_ssize_t j = 0; j < e->count; j++) {
-                struct batch_string *string = &shared->strings[first + j];
-                string->address = e->addresses[j];
-                string->status = 0;
-                string->length = 0;
-                string->data = NULL;
-            }
-            first += e->count;
+        Py_ssize_t first = 0;
+        for (Py_ssize_t k = 0; k < n - start; k++) {
+            round_put_request(shared, k, &round->entries[start + k], first);
+            first += round->entries[start + k].count;
         }
-        shared->n_requests = count;
-        Py_ssize_t done = inline_post_wait(reader, left, spin);
-        if (done < 0) { /* its thread could not start: the pool reads them */
+        atomic_store(&shared->posted, (uint32_t)(n - start) | POSTED_CLOSED);
+        if (inline_open(reader) < 0) { /* its thread could not start: the pool reads them */
             Py_DECREF(reader_obj);
             break;
         }
-        Py_ssize_t begun = atomic_load(&shared->begun);
-        for (Py_ssize_t k = 0; k < count && k <= done; k++) {
-            struct inline_request *req = &shared->requests[k];
-            if (k < done) {
-                results[start + k] = strings_result(&shared->strings[req->first], req->count,
-                                                    req->error);
-                if (results[start + k] == NULL)
-                    PyErr_Clear(); /* (no memory for the strings: the pool reads them) */
-            }
-            /* Its own read was slow, or is the one the thread is still in (not one it
-             * did not begin: the thread itself was late then, not this memory). */
-            if (round_judge(&round->entries[start + k],
-                            k < done && req->seconds > ROUND_SLOW_READ,
-                            k == done && k < begun) < 0)
-                PyErr_Clear();
-        }
-        inline_finish(reader, shared);
-        PyObject *counted = PyLong_FromSsize_t(done);
-        if (counted == NULL || add_to_attr(round->pool, s_round_reads, counted) < 0)
-            PyErr_WriteUnraisable(round->pool); /* (statistics) */
-        Py_XDECREF(counted);
-        if (done < count) {
-            /* Its thread stays in a read: the pool gives the next reads to another
-             * reader (ReadPool._inline_abandoned), as after an inline wait. */
-            PyObject *args[2] = {round->pool, reader_obj};
-            PyObject *r = PyObject_VectorcallMethod(s_round_abandoned, args,
-                                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            if (r == NULL)
-                PyErr_WriteUnraisable(round->pool); /* (its next reads go to the pool) */
-            Py_XDECREF(r);
-        }
-        Py_DECREF(reader_obj);
-        if (done == count || done >= begun)
-            break; /* all read; or the thread never began the next: late, not stuck */
-        start += done + 1; /* past the read the thread is in */
+        start = round_wait_batch(round, results, reader_obj, start, until, spin);
     }
     return 0;
 }
@@ -3545,8 +3747,9 @@ static int round_finish(struct poll_reads *round, PyObject *poller, PyObject **s
     if (n == 0)
         return 0;
     PyObject *results[INLINE_MAX_REQUESTS] = {NULL};
-    if (*suspended != Py_None || round_read(round, results) < 0)
-        memset(results, 0, sizeof(results));
+    /* (Read even when the round has its Suspended already: the reads are under way, and
+     * their decisions are delivered with them.) */
+    round_read(round, results);
     PyObject *err_type = NULL, *err_value = NULL, *err_tb = NULL;
     for (Py_ssize_t r = 0; r < n; r++) {
         struct round_entry *e = &round->entries[r];
@@ -3567,6 +3770,7 @@ static int round_finish(struct poll_reads *round, PyObject *poller, PyObject **s
     }
     round->n = 0;
     round->strings = 0;
+    round->no_stream = 0;
     if (err_type != NULL) {
         PyErr_Restore(err_type, err_value, err_tb);
         return -1;
