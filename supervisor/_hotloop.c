@@ -3536,6 +3536,22 @@ static PyObject *round_go_on(struct round_entry *e, PyObject *result, int may_su
                      e->tid, e->nr, e->arch, e->args, e->syscall, e->received, 0);
 }
 
+/* The pool's InlineReader (a new reference) if it can take a batch now, else NULL. */
+static PyObject *round_free_reader(struct poll_reads *round)
+{
+    PyObject *reader_obj = GET(round->pool, s_inline);
+    if (reader_obj == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (Py_TYPE(reader_obj) != &InlineReaderType ||
+        !inline_ready((InlineReaderObject *)reader_obj)) {
+        Py_DECREF(reader_obj);
+        return NULL;
+    }
+    return reader_obj;
+}
+
 /* Entry `e` as request `k` of `shared`, its strings from `first` on. */
 static void round_put_request(struct inline_shared *shared, Py_ssize_t k,
                               struct round_entry *e, Py_ssize_t first)
@@ -3573,16 +3589,10 @@ static void round_stream(struct poll_reads *round)
         if (r != 1 || round->no_stream)
             return;
         round->no_stream = 1;
-        PyObject *reader_obj = GET(round->pool, s_inline);
-        if (reader_obj == NULL) {
-            PyErr_Clear();
+        PyObject *reader_obj = round_free_reader(round);
+        if (reader_obj == NULL)
             return;
-        }
         InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
-        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader)) {
-            Py_DECREF(reader_obj);
-            return;
-        }
         round_put_request(reader->shared, 0, &round->entries[0], 0);
         round_put_request(reader->shared, 1, e, first);
         atomic_store(&reader->shared->posted, 2);
@@ -3599,9 +3609,6 @@ static void round_stream(struct poll_reads *round)
     inline_post(round->stream_shared, r + 1);
 }
 
-/* The reads of the round's entries, by the pool's InlineReader within one wait: per
- * entry, results[r] is its result (a new reference) or NULL (not read). 0, or -1 if
- * they could not be read at all (no reader free, an error: cleared). */
 /* The batch of round entries from `start` on, open on `reader_obj` (a strong reference,
  * released here) with each of them posted: closed and waited for until `until`, the
  * results taken into `results`, each read judged (round_judge), the reader given up if
@@ -3653,7 +3660,10 @@ static Py_ssize_t round_wait_batch(struct poll_reads *round, PyObject **results,
     return start + done + 1; /* past the read the thread is in */
 }
 
-static int round_read(struct poll_reads *round, PyObject **results)
+/* The reads of the round's entries, by the pool's InlineReader: per entry, results[r]
+ * is its result (a new reference) or NULL (not read: no reader free, not read within
+ * the waits, an error of ours, cleared). */
+static void round_read(struct poll_reads *round, PyObject **results)
 {
     Py_ssize_t n = round->n;
     double wait = 60.0, spin = 0.0, round_wait = 0.0;
@@ -3710,16 +3720,10 @@ static int round_read(struct poll_reads *round, PyObject **results)
                 break;
             until = monotonic_seconds() + wait;
         }
-        PyObject *reader_obj = GET(round->pool, s_inline);
-        if (reader_obj == NULL) {
-            PyErr_Clear();
+        PyObject *reader_obj = round_free_reader(round);
+        if (reader_obj == NULL)
             break;
-        }
         InlineReaderObject *reader = (InlineReaderObject *)reader_obj;
-        if (Py_TYPE(reader_obj) != &InlineReaderType || !inline_ready(reader)) {
-            Py_DECREF(reader_obj);
-            break;
-        }
         struct inline_shared *shared = reader->shared;
         Py_ssize_t first = 0;
         for (Py_ssize_t k = 0; k < n - start; k++) {
@@ -3733,7 +3737,6 @@ static int round_read(struct poll_reads *round, PyObject **results)
         }
         start = round_wait_batch(round, results, reader_obj, start, until, spin);
     }
-    return 0;
 }
 
 /* The end of a round: its reads (round_read), then each decision goes on (see above).

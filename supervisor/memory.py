@@ -177,6 +177,10 @@ INLINE_SPIN: Final = 50e-6
 #: of 17-23 or more); guarded calls/s 1.3-1.6x, daemon CPU per call -25 to -40%
 #: (bench/README.md, "Session 11"). To the watch for slow reads (:data:`SLOW_READ`) a
 #: batch is one read: 64 reads of a page take well under 1 ms.
+BATCH_READS: Final = 64
+#: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
+BATCH_LIMIT: Final = 1 << 20
+
 #: With more than one listener fd served, how long the compiled poll round waits for
 #: its reads of declared paths (supervisor/_hotloop.c, round_read) per read, on top of
 #: :data:`INLINE_WAIT_SHARED` (ReadPool.round_wait): a read takes ~2-5 microseconds,
@@ -184,10 +188,6 @@ INLINE_SPIN: Final = 50e-6
 #: are read by the pool (and the container whose read was slow stays out of rounds
 #: for a second).
 ROUND_WAIT: Final = 20e-6
-
-BATCH_READS: Final = 64
-#: The largest ``limit`` of a string a batch reads (the session's is PATH_MAX).
-BATCH_LIMIT: Final = 1 << 20
 _U64_MAX: Final = 2**64 - 1  # (registers hold 64 bits: so do the addresses a batch takes)
 #: Threads retired for a slow read that are still in it, daemon-wide, at most. Such a
 #: read can last forever: a userfaultfd page or a FUSE mapping served by a process that

@@ -525,8 +525,8 @@ class Poller:
         # The compiled round (supervisor/_hotloop.c), chosen when the task starts: the
         # same loop as below, a Session's on_ready included, in C. None: pure Python.
         compiled_round = accel.HOTLOOP.poll_round if accel.HOTLOOP is not None else None
-        # The read pool whose reader reads the declared paths of a compiled round's
-        # decisions, all in one wait at the round's end (_hotloop.c, round_collect).
+        # The read pool whose inline reader reads the declared paths of a compiled
+        # round's decisions while the round goes on (_hotloop.c, round_collect).
         read_pool = None
         if compiled_round is not None:
             from .memory import current_read_pool  # (memory imports this module)
