@@ -221,6 +221,20 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def thread_ns(pid: int) -> dict[str, int]:
+    """CPU time of each thread of ``pid`` so far, in ns, by "TID:NAME"."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[f"{tid}:{f.read().strip()}"] = ns
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended meanwhile
+    return out
+
+
 def cpu_ns(pid: int) -> int:
     """CPU time of every thread of ``pid`` so far, in ns (``/proc/PID/task/*/schedstat``,
     the scheduler's own account; ``/proc/PID/stat`` only samples at 100 Hz ticks)."""
@@ -253,6 +267,7 @@ class Options:
     python: str
     timeout: float
     profile: Path | None = None
+    status: bool = False
 
 
 def start_supervisor(sup: Supervisor, opts: Options, tmp: Path, log: IO[bytes]
@@ -335,12 +350,22 @@ def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sa
         rss_idle = rss_kb(supervisor.pid)
         cpu0 = cpu_ticks(supervisor.pid)
         ns0 = cpu_ns(supervisor.pid)
+        threads0 = thread_ns(supervisor.pid) if opts.status else {}
         os.close(pipes["go"][1])
         pipes["go"] = (-1, -1)
         collect(pipes["done"][0], k, procs, deadline, "the timed calls")
         cpu1 = cpu_ticks(supervisor.pid)
         ns1 = cpu_ns(supervisor.pid)
         rss_end = rss_kb(supervisor.pid)
+        if opts.status:
+            threads = {tid: ns - threads0.get(tid, 0)
+                       for tid, ns in thread_ns(supervisor.pid).items()}
+            print(f"    [{sup.name} K={k}] CPU µs per call by thread: " + ", ".join(
+                f"{name} {ns / 1e3 / (per_target * k):.2f}"
+                for name, ns in sorted(threads.items(), key=lambda t: -t[1]) if ns > 0),
+                file=sys.stderr)
+        if opts.status and sup.kind == "ours":
+            print_reads(sup, k, opts, tmp)
         os.close(pipes["exit"][1])
         pipes["exit"] = (-1, -1)
         for t in targets:
@@ -390,6 +415,21 @@ def run_row(sup: Supervisor, k: int, calls: int, opts: Options, tmp: Path) -> Sa
         ends.append(t1)
     return Sample(latencies, wrong, (max(ends) - min(starts)) / 1e9,
                   sum(cpu1) - sum(cpu0), cpu1[1] - cpu0[1], ns1 - ns0, rss_idle, rss_end)
+
+
+def print_reads(sup: Supervisor, k: int, opts: Options, tmp: Path) -> None:
+    """``--status``: how the row's reads went, from the daemon's ``status --json``
+    (``memory_reads``), taken after its timed phase."""
+    got = subprocess.run([sup.python or opts.python, "-m", "supervisor", "status", "--json",
+                          "--control", str(tmp / "control.sock")],
+                         capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": sup.tree})
+    try:
+        reads = json.loads(got.stdout).get("memory_reads", {})
+    except ValueError:
+        reads = {"error": (got.stderr or got.stdout).strip()[-200:]}
+    print(f"    [{sup.name} K={k}] memory_reads: {json.dumps(reads, sort_keys=True)}",
+          file=sys.stderr)
 
 
 def emulated_row(python: str, calls: int, tmp: Path) -> dict[str, object]:
@@ -578,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the C reference even if ../shared/bench exists")
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter that runs the daemon (default: this one)")
+    ap.add_argument("--status", action="store_true",
+                    help="print the daemon's memory_reads (status --json) after each row")
     ap.add_argument("--profile", metavar="DIR",
                     help="run the daemon under cProfile, one .prof file per row in DIR")
     ap.add_argument("--json", help="write every row of every run to this file")
@@ -631,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {s.strip() for s in args.only.split(",")}
         sups = [s for s in sups if s.name in wanted or s.name.split("@")[0].split("%")[0] in wanted]
     opts = Options(target, mem, reference, args.audit, args.python, args.timeout,
-                   Path(args.profile) if args.profile else None)
+                   Path(args.profile) if args.profile else None, args.status)
     if opts.profile is not None:
         opts.profile.mkdir(parents=True, exist_ok=True)
     print(f"seccomp-supervisor benchmark: kernel {os.uname().release}, {os.cpu_count()} CPUs, "
