@@ -62,14 +62,20 @@ from __future__ import annotations
 
 import errno
 import os
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from supervisor import caller
 from supervisor.caller import AT_FDCWD, AT_REMOVEDIR, EmulationBusy, Limits
 from supervisor.errors import NotificationGone
-from supervisor.policy import Decision, Notification, PolicySet, allow, deny
+from supervisor.policy import (
+    Decision,
+    Notification,
+    PolicySet,
+    allow,
+    deny,
+    normalised_path,
+)
 
 policy = PolicySet(
     "path_guard",
@@ -112,7 +118,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             raise ValueError(f"options.prefixes[{i}]: must be an absolute path, "
                              f"got {prefix!r}")
-        prefixes.append(_normalised(os.fsencode(prefix)))  # paths are bytes, as checked
+        prefixes.append(normalised_path(os.fsencode(prefix)))  # paths are bytes, as checked
     name = options["errno"]
     number = getattr(errno, name, None) if isinstance(name, str) and name.isupper() else None
     if not isinstance(number, int) or not 0 < number < 512:
@@ -149,17 +155,6 @@ def _below(prefixes: tuple[bytes, ...]) -> tuple[bytes, ...]:
     return tuple(p.rstrip(b"/") + b"/" for p in prefixes)
 
 
-def _normalised(path: bytes) -> bytes:
-    """The absolute ``path`` lexically normalised (``..`` and ``.`` folded, ``//`` made
-    ``/``, a trailing ``/`` dropped). A path with no ``//``, no component that starts
-    with ``.`` and no trailing ``/`` is normal already and is returned as it is: most
-    paths are, and normpath was a third of the check's cost."""
-    if b"//" not in path and b"/." not in path and path[-1:] != b"/":
-        return path
-    # normpath keeps a leading "//"; the kernel treats it as "/".
-    return b"/" + posixpath.normpath(path).lstrip(b"/")
-
-
 def _resolve(n: Notification, path: bytes, dirfd: int) -> bytes:
     """``path`` as an absolute, lexically normalised path in the caller's root."""
     if not path.startswith(b"/"):
@@ -178,7 +173,7 @@ def _resolve(n: Notification, path: bytes, dirfd: int) -> bytes:
         if root != b"/" and (base == root or base.startswith(root + b"/")):
             base = base[len(root):] or b"/"
         path = base + b"/" + path
-    return _normalised(path)
+    return normalised_path(path)
 
 
 @policy.on("openat2")

@@ -44,7 +44,7 @@
 #include <time.h>
 
 /* Bumped whenever the Python side must change with the C side (accel.API_VERSION). */
-#define HOTLOOP_API_VERSION 13
+#define HOTLOOP_API_VERSION 14
 
 /* The journal's layout (supervisor/journal.py): a 64-byte header, then 96-byte slots
  * holding the struct seccomp_notif RECV filled and, at word 10, its commit word. */
@@ -2082,6 +2082,36 @@ static int format_audit_line_init(void)
     return 0;
 }
 
+/* ------------------------------------------------------------------ a plain path
+ *
+ * policy.normalised_path's test, whether lexical normalisation would leave a path as
+ * it is: no "//", no "/." (a component "." or "..", or one that merely starts with a
+ * dot: normalised anyway, which leaves it), no trailing "/". In Python that is two
+ * substring searches, which for two-byte needles go about a byte a nanosecond (CPython
+ * 3.11's default_find): 2.5 us for a 4,000-byte path, a tenth of a guarded call. Here
+ * memchr finds each "/" and the byte after it is looked at. */
+
+PyDoc_STRVAR(plain_path_doc,
+"plain_path(path) -> bool\n--\n\n"
+"True if bytes `path` has no b\"//\", no b\"/.\" and does not end with b\"/\".");
+
+static PyObject *plain_path(PyObject *module, PyObject *path)
+{
+    if (!PyBytes_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "plain_path() needs bytes, not %.100s",
+                     Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(path), *end = s + PyBytes_GET_SIZE(path);
+    if (end > s && end[-1] == '/')
+        Py_RETURN_FALSE;
+    for (const char *slash = s; (slash = memchr(slash, '/', end - slash)) != NULL;) {
+        if (++slash < end && (*slash == '/' || *slash == '.'))
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 /* ------------------------------------------------------------------------- Signal
  *
  * A flag for one waiting thread that spins before it sleeps (supervisor/memory.py:
@@ -3845,6 +3875,7 @@ static PyMethodDef hotloop_methods[] = {
     {"resume", (PyCFunction)(void (*)(void))resume, METH_FASTCALL, resume_doc},
     {"format_audit_line", (PyCFunction)(void (*)(void))format_audit_line, METH_FASTCALL,
      format_audit_line_doc},
+    {"plain_path", plain_path, METH_O, plain_path_doc},
     {NULL, NULL, 0, NULL},
 };
 

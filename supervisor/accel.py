@@ -19,7 +19,7 @@ from typing import Final
 #: The environment variable that selects the pure-Python loop.
 NO_EXTENSIONS_ENV: Final = "SECCOMP_SUPERVISOR_NO_EXTENSIONS"
 #: The ``API_VERSION`` of ``_hotloop.c`` this Python code was written against.
-API_VERSION: Final = 13
+API_VERSION: Final = 14
 
 
 def _load() -> tuple[ModuleType | None, str]:

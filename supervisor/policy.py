@@ -32,12 +32,13 @@ a decision on attacker-chosen garbage.
 from __future__ import annotations
 
 import inspect
+import posixpath
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import FrozenInstanceError, dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
-from . import abi
+from . import abi, accel
 from .errors import PolicyError, TargetMemoryError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ __all__ = [
     "allow",
     "deny",
     "inject_fd",
+    "normalised_path",
     "returns",
 ]
 
@@ -283,6 +285,32 @@ def parse_decision(text: str) -> Decision:
         except ValueError as exc:
             raise ValueError(f"{text!r}: {exc}") from None
     raise ValueError(f"{text!r}: expected 'deny:ERRNO', 'returns:VALUE' or 'allow'")
+
+
+def _plain_path(path: bytes) -> bool:
+    """True if lexical normalisation leaves ``path`` as it is: no ``//``, no ``/.`` and
+    no trailing ``/`` (a component that only starts with a dot, ``/.config``, is
+    normalised too, which leaves it). The compiled twin is ``_hotloop.plain_path``."""
+    return b"//" not in path and b"/." not in path and path[-1:] != b"/"
+
+
+_plain: Final = accel.HOTLOOP.plain_path if accel.HOTLOOP is not None else _plain_path
+
+
+def normalised_path(path: bytes) -> bytes:
+    """The absolute ``path`` lexically normalised: ``.`` and ``..`` components folded
+    (``..`` stops at ``/``), ``//`` made ``/`` (a leading ``//`` too, as the kernel reads
+    it), a trailing ``/`` dropped. Symlinks are **not** followed: this is what the path
+    says, not where it leads. ``path`` itself when it is normal already, as most are.
+
+    Raises ValueError for a path that is not absolute (resolve it against the caller's
+    working directory or dirfd first: see ``policies/path_guard.py``)."""
+    if path[:1] != b"/":
+        raise ValueError(f"not an absolute path: {path[:64]!r}")
+    if _plain(path):
+        return path
+    # normpath keeps a leading "//"; the kernel treats it as "/".
+    return b"/" + posixpath.normpath(path).lstrip(b"/")
 
 
 def _errno_name(number: int) -> str:

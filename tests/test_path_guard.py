@@ -166,7 +166,7 @@ def test_paths_are_normalised_as_normpath_does_with_or_without_its_shortcut() ->
         for combo in itertools.product(parts, repeat=count):
             path = b"/" + b"/".join(combo)
             expected = b"/" + posixpath.normpath(path).lstrip(b"/")
-            assert module._normalised(path) == expected, path
+            assert module.normalised_path(path) == expected, path
             for prefixes in ((b"/g",), (b"/g", b"/h"), (b"/",), (b"/a/.a",)):
                 old = any(expected == p or expected.startswith(p.rstrip(b"/") + b"/")
                           for p in prefixes)

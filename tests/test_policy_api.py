@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import posixpath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import supervisor.policy
-from supervisor import abi, bpf
+from supervisor import abi, accel, bpf
 from supervisor.decide import Chain, check_result
 from supervisor.policy import (
     Decision,
@@ -16,6 +19,7 @@ from supervisor.policy import (
     allow,
     deny,
     inject_fd,
+    normalised_path,
     parse_decision,
     response_fields,
     returns,
@@ -25,7 +29,7 @@ from supervisor.policy import (
 def test_exported_names_are_pinned() -> None:
     assert sorted(supervisor.policy.__all__) == [
         "Container", "Decision", "Notification", "PolicyError", "PolicySet",
-        "TargetMemoryError", "allow", "deny", "inject_fd", "returns",
+        "TargetMemoryError", "allow", "deny", "inject_fd", "normalised_path", "returns",
     ]
     for name in supervisor.policy.__all__:
         assert hasattr(supervisor.policy, name)
@@ -178,3 +182,42 @@ def test_answers_with_long_reasons_are_not_kept_in_the_shared_cache(
     assert deny(errno.EACCES, reason=short) is deny(errno.EACCES, reason=short)
     assert returns(1, reason=short) is returns(1, reason=short)
     assert allow(reason=short, unchecked=True) is allow(reason=short, unchecked=True)
+
+
+# Bytes that decide whether a path is normal, and others: NUL, non-ASCII, a letter.
+_path_bytes = st.lists(st.sampled_from([b"/", b".", b"a", b"\0", b"\xff", b"//", b"/."]),
+                       max_size=40).map(b"".join)
+
+
+@given(path=_path_bytes)
+@settings(max_examples=2000, deadline=None)
+def test_normalised_path_is_what_normpath_gives_with_either_twin(path: bytes) -> None:
+    """normalised_path() skips normpath for a path that is normal already, and finds
+    that with memchr in the compiled loop (_hotloop.plain_path) or with two substring
+    searches in pure Python: both twins give the same verdict, and the result is
+    normpath's for every absolute path (a leading "//" made "/"), the path itself when
+    normal. A test that compiled twin found every path plain would fail here."""
+    assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
+    plain = supervisor.policy._plain_path(path)
+    assert accel.HOTLOOP.plain_path(path) is plain
+    path = b"/" + path
+    expected = b"/" + posixpath.normpath(path).lstrip(b"/")
+    plain = supervisor.policy._plain_path(path)
+    assert accel.HOTLOOP.plain_path(path) is plain
+    assert normalised_path(path) == expected
+    if plain:
+        assert expected == path
+        assert normalised_path(path) is path
+
+
+def test_normalised_path_refuses_what_is_not_an_absolute_path() -> None:
+    """A relative path has no lexical normal form without its base; bytes only."""
+    for path in (b"", b"a/b", b"./a", b"\0/"):
+        with pytest.raises(ValueError, match="not an absolute path"):
+            normalised_path(path)
+    assert accel.HOTLOOP is not None
+    with pytest.raises(TypeError, match="needs bytes"):
+        accel.HOTLOOP.plain_path("/a")
+    assert normalised_path(b"/") == b"/"
+    assert normalised_path(b"//") == b"/"
+    assert normalised_path(b"/a/./b/../c/") == b"/a/c"
