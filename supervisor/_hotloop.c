@@ -1675,8 +1675,10 @@ fail:
  * format_audit_line(entry, max_line) is audit.audit_text's direct formatting, step by
  * step: the same checks, the same text. It returns None wherever audit_text leaves its
  * fast path (a value that is not exactly an int, float, str or bool, a number out of the
- * ranges below, a surrogate escape, a line over max_line): audit_text then takes its
- * general path, so this code never has to be right about a rare case. */
+ * ranges below, a surrogate escape): audit_text then takes its general path, so this
+ * code never has to be right about a rare case. A line over max_line is cut here as
+ * audit._dumps cuts it (cut_line): a line naming a long path, which a container chooses,
+ * took ~50 us in Python, against ~2 here. */
 
 enum { F_ID, F_PID, F_PEER_UID, F_DECISION, F_POLICY, F_DETAIL, F_ERROR, F_KIND, F_ERRNO,
        F_VALUE, F_REASON, F_NAMES };
@@ -1691,25 +1693,43 @@ static Py_ssize_t json_ascii_bound(PyObject *s)
     return 2 + (PyUnicode_KIND(s) == PyUnicode_4BYTE_KIND ? 12 : 6) * n;
 }
 
-/* Appends `s` as encode_basestring_ascii writes it (py_encode_basestring_ascii in
- * CPython's Modules/_json.c): the short escapes, other control characters and every
- * non-ASCII character as \u00XX (lower-case hex), above U+FFFF as a surrogate pair.
- * `out` has room for json_ascii_bound(s) bytes; `*escaped` is set when an escape is
- * written. */
-static char *json_ascii(char *out, PyObject *s, int *escaped)
+/* How many of the n bytes at `b` json writes as they are (printable ASCII but the quote
+ * and the backslash), up to the first one it escapes: eight at a time while none is
+ * (a path is mostly such bytes), with the usual tests for a byte below a value or equal
+ * to one across a word, exact as a yes or no for the word. */
+static Py_ssize_t plain_run(const unsigned char *b, Py_ssize_t n)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x;
+        memcpy(&x, b + i, 8);
+        uint64_t quote = x ^ (ones * '"'), backslash = x ^ (ones * '\\'),
+                 del = x ^ (ones * 0x7f);
+        if ((x | ((x - ones * 0x20) & ~x) | ((quote - ones) & ~quote) |
+             ((backslash - ones) & ~backslash) | ((del - ones) & ~del)) & highs)
+            break; /* a byte >= 0x80, < 0x20, '"', '\\' or DEL in these eight */
+    }
+    while (i < n && b[i] >= 0x20 && b[i] < 0x7f && b[i] != '"' && b[i] != '\\')
+        i++;
+    return i;
+}
+
+/* Appends s[:n] as encode_basestring_ascii writes it (py_encode_basestring_ascii in
+ * CPython's Modules/_json.c), quoted: the short escapes, other control characters and
+ * every non-ASCII character as \u00XX (lower-case hex), above U+FFFF as a surrogate
+ * pair. `out` has room for json_ascii_bound(s) bytes; `*escaped` is set when an escape
+ * is written. */
+static char *json_ascii(char *out, PyObject *s, Py_ssize_t n, int *escaped)
 {
     static const char hex[] = "0123456789abcdef";
-    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
     int kind = PyUnicode_KIND(s);
     const void *data = PyUnicode_DATA(s);
     *out++ = '"';
     if (PyUnicode_IS_ASCII(s)) {
         /* The common case: copied as is up to the first character to escape. */
         const Py_UCS1 *bytes = PyUnicode_1BYTE_DATA(s);
-        Py_ssize_t i = 0;
-        while (i < n && bytes[i] >= 0x20 && bytes[i] < 0x7f && bytes[i] != '"' &&
-               bytes[i] != '\\')
-            i++;
+        Py_ssize_t i = plain_run(bytes, n);
         memcpy(out, bytes, i);
         out += i;
         if (i == n) {
@@ -1873,6 +1893,242 @@ static Py_ssize_t put_fixed(char *out, double x, int decimals)
 }
 #endif
 
+/* The bytes s[:n] takes as encode_basestring_ascii writes it, without quotes. */
+static Py_ssize_t json_ascii_size(PyObject *s, Py_ssize_t n)
+{
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t size = 0;
+    if (kind == PyUnicode_1BYTE_KIND) {
+        /* Bytes beyond the one each character takes (a long path: ~0.3 ns a character,
+         * where PyUnicode_READ's general loop took ~1.5). */
+        static unsigned char extra[256];
+        static int ready;
+        if (!ready) { /* under the GIL */
+            for (int c = 0; c < 256; c++)
+                extra[c] = c >= 0x20 && c < 0x7f ? 0 : 5;
+            extra['"'] = extra['\\'] = extra['\n'] = extra['\r'] = extra['\t'] = extra['\b'] =
+                extra['\f'] = 1;
+            ready = 1;
+        }
+        const Py_UCS1 *bytes = data;
+        for (Py_ssize_t i = 0; (i += plain_run(bytes + i, n - i)) < n; i++)
+            size += extra[bytes[i]];
+        return size + n;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')
+            size += 1;
+        else if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' || c == '\b' ||
+                 c == '\f')
+            size += 2;
+        else
+            size += c > 0xffff ? 12 : 6;
+    }
+    return size;
+}
+
+/* One string of the line as written: the first `keep` characters of the str `s` (or of
+ * the ASCII `ascii`, the id's hex, which needs no escape) and, once cut, the marker
+ * "...[lost more]" (audit._dumps). */
+struct line_field {
+    PyObject *s;
+    char ascii[24];
+    Py_ssize_t length, keep, lost;
+    int cut;
+};
+
+/* "...[N more]": N in decimal, which may be negative (a marker longer than what it
+ * replaced); returns the length, at `out` unless NULL. */
+static Py_ssize_t put_marker(char *out, Py_ssize_t lost)
+{
+    char tmp[48];
+    int n = snprintf(tmp, sizeof(tmp), "...[%zd more]", lost);
+    if (out != NULL)
+        memcpy(out, tmp, n);
+    return n;
+}
+
+/* The bytes field value[:n] takes in JSON, without quotes. */
+static Py_ssize_t field_prefix_size(struct line_field *f, Py_ssize_t n)
+{
+    Py_ssize_t from_s = n < f->keep ? n : f->keep;
+    Py_ssize_t size = f->s != NULL ? json_ascii_size(f->s, from_s) : from_s;
+    return size + (n - from_s); /* the marker: ASCII with no escape */
+}
+
+static Py_ssize_t field_length(struct line_field *f)
+{
+    return f->keep + (f->cut ? put_marker(NULL, f->lost) : 0);
+}
+
+static char *put_field(char *out, struct line_field *f, int *escaped)
+{
+    if (f->s == NULL) {
+        *out++ = '"';
+        memcpy(out, f->ascii, f->keep);
+        out += f->keep;
+        *out++ = '"';
+    } else
+        out = json_ascii(out, f->s, f->keep, escaped);
+    if (f->cut) {
+        out -= 1; /* the closing quote, written again after the marker */
+        out += put_marker(out, f->lost);
+        *out++ = '"';
+    }
+    return out;
+}
+
+/* What _water_level returns: the largest C with sum(min(s, C)) <= room, `sizes` sorted. */
+static Py_ssize_t water_level(const Py_ssize_t *sizes, int count, Py_ssize_t room)
+{
+    int left = count;
+    for (int i = 0; i < count; i++) {
+        if (sizes[i] * left > room)
+            return room / left; /* both >= 0: Python's // */
+        room -= sizes[i];
+        left -= 1;
+    }
+    return count > 0 ? sizes[count - 1] : 0;
+}
+
+static int compare_sizes(const void *a, const void *b)
+{
+    Py_ssize_t x = *(const Py_ssize_t *)a, y = *(const Py_ssize_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* _prefix_within: the length of a prefix of the field's value whose JSON form takes at
+ * most `limit` bytes (Python's steps, so the same length). */
+static Py_ssize_t prefix_within(struct line_field *f, Py_ssize_t limit)
+{
+    Py_ssize_t length = field_length(f);
+    Py_ssize_t n = length < limit ? length : limit;
+    while (n > 0) {
+        Py_ssize_t size = field_prefix_size(f, n);
+        if (size <= limit)
+            break;
+        n = n * limit / size; /* < n, since size > limit */
+    }
+    return n;
+}
+
+enum { LINE_CONTAINER, LINE_ID, LINE_SYSCALL, LINE_DECISION, LINE_POLICY, LINE_REASON,
+       LINE_ERROR, LINE_FIELDS };
+#define MARKER_ROOM 24 /* audit._MARKER_ROOM */
+#define MAX_CUT_ROUNDS 8 /* audit._MAX_ROUNDS */
+
+/* One line's parts: the numbers written once, the strings as they are to be written. */
+struct line_parts {
+    char when[32], pid[24], peer_uid[24], tid[24], number[24], latency[32];
+    Py_ssize_t when_len, pid_len, peer_len, tid_len, number_len, latency_len, args_len;
+    char *args;
+    const char *answer;
+    int peer, shadow, error;
+    struct line_field fields[LINE_FIELDS];
+};
+
+/* The line (audit._LINE's text) at `buf`; its length. */
+static Py_ssize_t write_line(char *buf, struct line_parts *l, int *escaped)
+{
+    char *p = buf;
+    struct line_field *f = l->fields;
+#define PUT(literal) (memcpy(p, literal, sizeof(literal) - 1), p += sizeof(literal) - 1)
+#define PUT_TEXT(text, len) (memcpy(p, (text), (len)), p += (len))
+    PUT("{\"time\":");
+    PUT_TEXT(l->when, l->when_len);
+    PUT(",\"container\":");
+    p = put_field(p, &f[LINE_CONTAINER], escaped);
+    PUT(",\"runtime_pid\":");
+    PUT_TEXT(l->pid, l->pid_len);
+    if (l->peer) {
+        PUT(",\"peer_uid\":");
+        PUT_TEXT(l->peer_uid, l->peer_len);
+    }
+    PUT(",\"tid\":");
+    PUT_TEXT(l->tid, l->tid_len);
+    PUT(",\"id\":");
+    p = put_field(p, &f[LINE_ID], escaped);
+    PUT(",\"syscall\":");
+    p = put_field(p, &f[LINE_SYSCALL], escaped);
+    PUT(",\"args\":[");
+    PUT_TEXT(l->args, l->args_len);
+    PUT("],\"decision\":");
+    p = put_field(p, &f[LINE_DECISION], escaped);
+    if (l->answer != NULL) {
+        PUT_TEXT(l->answer, (Py_ssize_t)strlen(l->answer));
+        PUT_TEXT(l->number, l->number_len);
+    }
+    PUT(",\"policy\":");
+    p = put_field(p, &f[LINE_POLICY], escaped);
+    PUT(",\"reason\":");
+    p = put_field(p, &f[LINE_REASON], escaped);
+    PUT(",\"latency_us\":");
+    PUT_TEXT(l->latency, l->latency_len);
+    if (l->error) {
+        PUT(",\"error\":");
+        p = put_field(p, &f[LINE_ERROR], escaped);
+    }
+    if (l->shadow)
+        PUT(",\"shadow\":true");
+    PUT("}\n");
+#undef PUT
+#undef PUT_TEXT
+    return p - buf;
+}
+
+/* audit._dumps's cut of a line of `n` bytes over `max_line`, step by step (the same
+ * rounds, water level and prefixes, so the same text): the line rewritten at `buf`, its
+ * new length. */
+static Py_ssize_t cut_line(char *buf, struct line_parts *l, Py_ssize_t max_line, Py_ssize_t n)
+{
+    struct line_field *f = l->fields;
+    int escaped = 0;
+    for (int round = 0; round < MAX_CUT_ROUNDS; round++) {
+        if (n <= max_line)
+            return n;
+        Py_ssize_t sizes[LINE_FIELDS], sorted[LINE_FIELDS], total = 0;
+        int count = 0, cuttable[LINE_FIELDS];
+        for (int i = 0; i < LINE_FIELDS; i++) {
+            /* a str value, not empty (the error field only when the line has one) */
+            cuttable[i] = (i != LINE_ERROR || l->error) && field_length(&f[i]) > 0;
+            if (!cuttable[i])
+                continue;
+            sizes[i] = field_prefix_size(&f[i], field_length(&f[i]));
+            sorted[count++] = sizes[i];
+            total += sizes[i];
+        }
+        if (count == 0)
+            break;
+        Py_ssize_t room = total - (n - max_line) - MARKER_ROOM * count;
+        qsort(sorted, count, sizeof(sorted[0]), compare_sizes);
+        Py_ssize_t cap = water_level(sorted, count, room > 0 ? room : 0);
+        for (int i = 0; i < LINE_FIELDS; i++) {
+            if (!cuttable[i] || sizes[i] <= cap)
+                continue;
+            Py_ssize_t value_length = field_length(&f[i]);
+            Py_ssize_t keep = prefix_within(&f[i], cap - MARKER_ROOM > 0 ? cap - MARKER_ROOM : 0);
+            if (keep >= value_length)
+                keep = value_length - 1; /* always progress */
+            /* f"{original[:keep]}...[{len(original) - keep} more]" */
+            f[i].lost = f[i].length - keep;
+            f[i].keep = keep < f[i].length ? keep : f[i].length;
+            f[i].cut = 1;
+        }
+        n = write_line(buf, l, &escaped);
+    }
+    if (n > max_line) { /* every string a bare marker */
+        for (int i = 0; i < LINE_FIELDS; i++) {
+            f[i].keep = 0;
+            f[i].lost = f[i].length;
+            f[i].cut = 1;
+        }
+        n = write_line(buf, l, &escaped);
+    }
+    return n;
+}
+
 PyDoc_STRVAR(format_audit_line_doc,
 "format_audit_line(entry, max_line) -> str | None\n\n"
 "audit.audit_text's direct formatting of one decision's line, or None where audit_text\n"
@@ -1906,6 +2162,7 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
              *detail = NULL, *error = NULL, *kind = NULL, *number = NULL, *reason = NULL,
              *result = NULL;
     char *buf = NULL;
+    struct line_parts parts = {0};
     if (!PyFloat_CheckExact(when) || !PyFloat_CheckExact(latency))
         Py_RETURN_NONE;
     double when_s = PyFloat_AS_DOUBLE(when), latency_us = PyFloat_AS_DOUBLE(latency) * 1e6;
@@ -1949,106 +2206,94 @@ static PyObject *format_audit_line(PyObject *module, PyObject *const *argv, Py_s
         goto done;
     if (answer != NULL && !PyLong_CheckExact(number))
         goto none;
-    /* A line over max_line is cut by the general path: every character of a string is at
-     * least one byte, so a longer string is known to need it before it is written. */
     PyObject *strings[] = {cid, syscall, kind, policy, reason, error};
-    Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args);
-    /* Everything but the strings (whose quotes json_ascii_bound counts): the keys and
-     * punctuation (164 bytes with every optional field), five numbers of at most 20
-     * bytes (-2**63 and 2**64 - 1; the id in hex 18), the two floats (at most 17 and 15
-     * bytes), and per argument "0x" + 16 digits + 2 quotes + 1 comma = 21: at most 296
-     * bytes + 21 per argument, which this bound exceeds. */
-    Py_ssize_t bound = 160 + 6 * 22 + 40 + n_args * 25;
-    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
-        if (strings[i] == Py_None)
-            continue;
-        if (PyUnicode_READY(strings[i]) < 0)
+    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++)
+        if (strings[i] != Py_None && PyUnicode_READY(strings[i]) < 0)
             goto done;
-        if (max_line > 0 && PyUnicode_GET_LENGTH(strings[i]) > max_line)
-            goto none;
-        bound += json_ascii_bound(strings[i]);
-    }
-    if ((buf = PyMem_Malloc(bound)) == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t n = 0, len;
-    char *p = buf;
-    int ok, escaped = 0;
-#define PUT(literal) (memcpy(p, literal, sizeof(literal) - 1), p += sizeof(literal) - 1)
-#define PUT_INT(v, hex)                                                                \
+    /* The numbers, written once: f"{when:.6f}".rstrip("0") (and "0" back after a bare
+     * "."), the ints as audit_text's % writes them, the latency to one decimal. */
+    parts.answer = answer;
+    parts.peer = peer_uid != Py_None;
+    parts.shadow = shadow == Py_True;
+    int ok;
+#define PUT_INT(v, hex, out, out_len)                                                  \
     do {                                                                               \
-        if ((ok = int_text(p, (v), (hex), &len)) < 0)                                  \
+        if ((ok = int_text((out), (v), (hex), &(out_len))) < 0)                        \
             goto done;                                                                 \
         if (ok == 0)                                                                   \
             goto none;                                                                 \
-        p += len;                                                                      \
     } while (0)
-    /* f"{when:.6f}".rstrip("0"), and "0" back after a bare ".". */
-    PUT("{\"time\":");
-    if ((len = put_fixed(p, when_s, 6)) < 0)
+    if ((parts.when_len = put_fixed(parts.when, when_s, 6)) < 0)
         goto done;
-    while (p[len - 1] == '0')
-        len--;
-    p += len;
-    if (p[-1] == '.')
-        *p++ = '0';
-    PUT(",\"container\":");
-    p = json_ascii(p, cid, &escaped);
-    PUT(",\"runtime_pid\":");
-    PUT_INT(pid, 0);
-    if (peer_uid != Py_None) {
-        PUT(",\"peer_uid\":");
-        PUT_INT(peer_uid, 0);
+    while (parts.when[parts.when_len - 1] == '0')
+        parts.when_len--;
+    if (parts.when[parts.when_len - 1] == '.')
+        parts.when[parts.when_len++] = '0';
+    PUT_INT(pid, 0, parts.pid, parts.pid_len);
+    if (parts.peer)
+        PUT_INT(peer_uid, 0, parts.peer_uid, parts.peer_len);
+    PUT_INT(tid, 0, parts.tid, parts.tid_len);
+    if (answer != NULL)
+        PUT_INT(number, 0, parts.number, parts.number_len);
+    if ((parts.latency_len = put_fixed(parts.latency, latency_us, 1)) < 0)
+        goto done;
+    Py_ssize_t n_args = PySequence_Fast_GET_SIZE(args), len;
+    /* per argument "0x" + 16 digits + 2 quotes + 1 comma = 21 */
+    if ((parts.args = PyMem_Malloc(n_args * 21 + 1)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
-    PUT(",\"tid\":");
-    PUT_INT(tid, 0);
-    PUT(",\"id\":\"");
-    PUT_INT(notif_id, 1);
-    PUT("\",\"syscall\":");
-    p = json_ascii(p, syscall, &escaped);
-    PUT(",\"args\":[");
     PyObject **items = PySequence_Fast_ITEMS(args);
+    char *a = parts.args;
     for (Py_ssize_t i = 0; i < n_args; i++) {
         if (!PyLong_CheckExact(items[i]))
             goto none;
         if (i > 0)
-            *p++ = ',';
-        *p++ = '"';
-        PUT_INT(items[i], 1);
-        *p++ = '"';
+            *a++ = ',';
+        *a++ = '"';
+        PUT_INT(items[i], 1, a, len);
+        a += len;
+        *a++ = '"';
     }
-    PUT("],\"decision\":");
-    p = json_ascii(p, kind, &escaped);
-    if (answer != NULL) {
-        len = (Py_ssize_t)strlen(answer);
-        memcpy(p, answer, len);
-        p += len;
-        PUT_INT(number, 0);
-    }
-    PUT(",\"policy\":");
-    p = json_ascii(p, policy, &escaped);
-    PUT(",\"reason\":");
-    p = json_ascii(p, reason, &escaped);
-    PUT(",\"latency_us\":");
-    if ((len = put_fixed(p, latency_us, 1)) < 0)
-        goto done;
-    p += len;
-    if (error != Py_None) {
-        PUT(",\"error\":");
-        p = json_ascii(p, error, &escaped);
-    }
-    if (shadow == Py_True)
-        PUT(",\"shadow\":true");
-    PUT("}\n");
-#undef PUT
+    parts.args_len = a - parts.args;
 #undef PUT_INT
-    n = p - buf;
-    /* audit_text's last test: a surrogate to replace (json writes U+D800-U+DFFF, and every
-     * character above U+FFFF, as "\udXXX" escapes) or a line to cut. Only an escape
-     * writes a backslash. */
-    if ((max_line > 0 && n > max_line) || (escaped && memmem(buf, n, "\\ud", 3) != NULL))
+    /* The strings, in the line's order (the order audit._dumps cuts them in). */
+    struct line_field *f = parts.fields;
+    PyObject *in_order[] = {cid, NULL, syscall, kind, policy, reason, error};
+    for (size_t i = 0; i < LINE_FIELDS; i++) {
+        f[i].s = in_order[i];
+        f[i].cut = 0;
+        f[i].lost = 0;
+        if (i == LINE_ID) {
+            if ((ok = int_text(f[i].ascii, notif_id, 1, &f[i].length)) < 0)
+                goto done;
+            if (ok == 0)
+                goto none;
+        } else
+            f[i].length = f[i].s == Py_None ? 0 : PyUnicode_GET_LENGTH(f[i].s);
+        f[i].keep = f[i].length;
+    }
+    parts.error = error != Py_None;
+    /* Everything but the strings (whose quotes json_ascii_bound counts): the keys and
+     * punctuation (164 bytes with every optional field), the numbers (at most 21 bytes
+     * each), the two floats (at most 24), the arguments, and room for a marker (at most
+     * 26 bytes) after every string cut. */
+    Py_ssize_t bound = 200 + 4 * 24 + 2 * 24 + parts.args_len + LINE_FIELDS * (24 + 32);
+    for (size_t i = 0; i < LINE_FIELDS; i++)
+        if (f[i].s != NULL && f[i].s != Py_None)
+            bound += json_ascii_bound(f[i].s);
+    if ((buf = PyMem_Malloc(bound)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int escaped = 0;
+    Py_ssize_t n = write_line(buf, &parts, &escaped);
+    /* audit_text's test: a surrogate to replace (json writes U+D800-U+DFFF, and every
+     * character above U+FFFF, as "\udXXX" escapes). Only an escape writes a backslash. */
+    if (escaped && memmem(buf, n, "\\ud", 3) != NULL)
         goto none;
+    if (max_line > 0 && n > max_line)
+        n = cut_line(buf, &parts, max_line, n);
     if ((result = PyUnicode_New(n, 127)) == NULL)
         goto done;
     memcpy(PyUnicode_1BYTE_DATA(result), buf, n);
@@ -2058,6 +2303,7 @@ none:
     Py_INCREF(result);
 done:
     PyMem_Free(buf);
+    PyMem_Free(parts.args);
     Py_XDECREF(cid);
     Py_XDECREF(pid);
     Py_XDECREF(peer_uid);
