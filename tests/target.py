@@ -132,6 +132,58 @@ def main(argv):
             libc.madvise(ctypes.c_void_p(page), mmap.PAGESIZE, 4)  # MADV_DONTNEED
             results.append(call(libc.mkdir, ctypes.c_void_p(page), 0o755))
         return {"results": results}
+    if cmd == "masked":
+        # SIGUSR1 blocked (in this thread, the threads and the children it makes later),
+        # so that `go` can wait for it however early it comes, and then caught (a handler
+        # that never runs: the test sees it in /proc/PID/status, SigCgt, and may send it
+        # from then on); then COMMAND ARGS...: its result.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        return main(argv[1:])
+    if cmd == "go":
+        # Wait for SIGUSR1 (`masked` before: one sent earlier is pending), then COMMAND
+        # ARGS...: its result (tests/test_round_reads.py: the test chooses when, and in
+        # which order, the calls of several targets come).
+        if signal.sigtimedwait({signal.SIGUSR1}, 60) is None:
+            raise SystemExit("no SIGUSR1 came")
+        return main(argv[1:])
+    if cmd == "mkdir-timed":
+        return timed(libc.mkdir, argv[1].encode(), 0o755)
+    if cmd == "mount":
+        # mount(SOURCE, TARGET, FSTYPE, 0, DATA): four strings.
+        return call(libc.mount, *(a.encode() for a in argv[1:4]), ctypes.c_ulong(0),
+                    argv[4].encode())
+    if cmd == "mount-ok-then":
+        # mount("/ok", "/ok", "ok", 0, "ok") first (its route), then COMMAND ARGS...
+        call(libc.mount, b"/ok", b"/ok", b"ok", ctypes.c_ulong(0), b"ok")
+        return main(argv[1:])
+    if cmd == "uffd-mkdir":
+        # mkdir() with its path on a page registered with a userfaultfd nobody here
+        # serves, once SIGUSR1 came (`masked` first): "PID UFFD PAGE" (this process, the
+        # userfaultfd's fd number, the page's address) is written to the file INFO
+        # before, for the test to take a copy of the userfaultfd (pidfd_getfd) and serve
+        # the page from there. Its answer, with how long it took.
+        uffd, page = uffd_page()
+        with open(argv[1] + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {uffd} {page}")
+        os.rename(argv[1] + ".tmp", argv[1])
+        if signal.sigtimedwait({signal.SIGUSR1}, 60) is None:
+            raise SystemExit("no SIGUSR1 came")
+        return timed(libc.mkdir, ctypes.c_void_p(page), 0o755)
+    if cmd == "child-uffd-mkdir":
+        # A child process (under the same filter: its calls come to the same listener)
+        # does `uffd-mkdir INFO`; this one waits for it to end (the test kills it in its
+        # call), then calls mkdir("/abc") COUNT times: the signal that ended the child
+        # (or None) and every answer.
+        child = os.fork()
+        if child == 0:
+            try:
+                main(["uffd-mkdir", argv[1]])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(child, 0)
+        return {"child": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                "results": [call(libc.mkdir, b"/abc", 0o755) for _ in range(int(argv[2]))]}
     if cmd == "mkdir-repeat":
         # mkdir(PATH) COUNT times, one after another: every answer, in order.
         return {"results": [call(libc.mkdir, argv[1].encode(), 0o755)

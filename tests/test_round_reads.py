@@ -12,11 +12,17 @@ which tests/test_declared_paths.py compares answer for answer). The reader's
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import gc
 import os
+import select
+import signal
+import struct
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -24,13 +30,14 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor import abi, accel
-from supervisor.memory import current_read_pool
+from supervisor import abi, accel, bpf
+from supervisor.errors import NotificationGone
+from supervisor.memory import ReadPool, current_read_pool
 from supervisor.policy import Notification, PolicySet, TargetMemoryError, deny, returns
 from supervisor.session import Session, SessionSettings
 from supervisor.testing import load, run_policy
 
-from .conftest import serve_target
+from .conftest import Served, serve_target
 from .test_hostile_abi import (
     GARBAGE,
     PATH_GUARD,
@@ -44,7 +51,17 @@ from .test_hostile_abi import (
     x86_64,
 )
 from .test_inline_reader import SPIN, batch_result, reader  # noqa: F401 - a fixture
-from .test_read_batch import WAIT, Pages, Userfault, layouts, wait_until
+from .test_read_batch import (
+    NR_USERFAULTFD,
+    PAGE,
+    UFFDIO_COPY,
+    WAIT,
+    Pages,
+    Userfault,
+    layouts,
+    libc,
+    wait_until,
+)
 
 
 def test_read_many_reads_what_a_batch_reads_request_by_request(
@@ -276,6 +293,330 @@ async def test_a_container_whose_reads_are_slow_in_rounds_reads_through_the_pool
     # The first (routed in Python), two in rounds, the other four through the pool.
     assert current_read_pool().round_reads == 2
     assert calls == {"_prefetch": 5, "_read_later": 0}
+
+
+# Rounds made to order: the targets wait (tests/target.py ``masked ... go``) until the
+# test lets them make their call, one after another, while it holds the event loop; the
+# poller's next round then takes them all, in that order.
+
+# supervisor/_hotloop.c: the strings a round's reads may have in all (INLINE_MAX_ALL_STRINGS),
+# and the room it keeps for one more request's (INLINE_MAX_STRINGS).
+ROUND_STRINGS = 64
+REQUEST_STRINGS = 8
+
+
+def needs_userfaultfd() -> None:
+    fd = libc.syscall(NR_USERFAULTFD, os.O_CLOEXEC)
+    if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
+        pytest.skip("the kernel has no userfaultfd (CONFIG_USERFAULTFD)")
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    os.close(fd)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait (letting the daemon run) until ``check()``."""
+    with trio.fail_after(WAIT):
+        while not check():
+            await trio.sleep(0.001)
+
+
+def ready_to_go(pid: int) -> bool:
+    """Whether process ``pid`` catches SIGUSR1 (target.py ``masked``, which blocks it
+    first): it may be sent the one ``go`` waits for. (Not told by its blocked signals:
+    sigtimedwait unblocks those it waits for while it waits.)"""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
+    raise AssertionError(f"no SigCgt in /proc/{pid}/status")
+
+
+def pile_up(*calls: tuple[int, Session]) -> None:
+    """Let each process (by pid, waiting in target.py ``go``) make its call, in this
+    order, the next once the one before is pending on its session's listener fd; all
+    the while in the trio thread without a checkpoint, so the event loop is held and the
+    poller's next round takes them all, in this order: the order of the kernel's ready
+    list, where a notification puts its listener (by a wake-up made under the listener's
+    lock) before a poll() of that fd, which takes the lock, can see it."""
+    for pid, session in calls:
+        assert ready_to_go(pid), f"process {pid} would die of SIGUSR1"
+        os.kill(pid, signal.SIGUSR1)
+        poll = select.poll()
+        poll.register(session.notify.fileno(), select.POLLIN)
+        assert poll.poll(WAIT * 1000), f"process {pid} made no call"
+
+
+def patient_rounds(monkeypatch: pytest.MonkeyPatch, wait: float,
+                   *served: Served) -> ReadPool:
+    """The pool, whose rounds now wait up to ``wait`` seconds for their reads
+    (ReadPool.round_wait, and the sessions' own inline wait, which bounds it) instead of
+    a fraction of a millisecond: what a test forces after the reads then happens after
+    them however busy the machine is. A round's wait ends when its reads are done: only
+    a stuck read makes it last."""
+    pool = current_read_pool()
+    monkeypatch.setattr(pool, "round_wait", lambda reads, fds: wait)
+    for s in served:
+        monkeypatch.setattr(s.session.memory, "_inline_wait", wait)
+    return pool
+
+
+class TargetPage:
+    """A target's page registered with a userfaultfd nobody in it serves (target.py
+    ``uffd-mkdir``), seen through a copy of that userfaultfd taken with pidfd_getfd:
+    :meth:`faulted` tells when a read of the page waits, :meth:`serve` ends the wait.
+    (The copy keeps the userfaultfd open after the target died: a read that waits then
+    still waits for this process, and holds the target's memory meanwhile.)"""
+
+    def __init__(self, info: Path) -> None:
+        pid, fd, page = (int(x) for x in info.read_text().split())
+        pidfd = os.pidfd_open(pid)
+        try:
+            self.fd = bpf.pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
+        # (Without O_NONBLOCK a userfaultfd polls POLLERR, always. Its file's flag: the
+        # target's fd has it too, which nobody reads.)
+        os.set_blocking(self.fd, False)
+        self.pid, self.page = pid, page
+        self.source = ctypes.create_string_buffer(PAGE)
+
+    def faulted(self) -> bool:
+        """Whether a read of the page waits for it now (or comes within WAIT)."""
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)
+        return any(events & select.POLLIN for _fd, events in poll.poll(WAIT * 1000))
+
+    def serve(self, text: bytes) -> None:
+        ctypes.memmove(self.source, text + b"\0", len(text) + 1)
+        fcntl.ioctl(self.fd, UFFDIO_COPY, bytearray(struct.pack(
+            "QQQQq", self.page, ctypes.addressof(self.source), PAGE, 0, 0)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def spy_sessions(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Session]:
+    """The sessions whose ``Session.<name>`` was called, a call each, in order."""
+    called: list[Session] = []
+    original = getattr(Session, name)
+
+    def spied(self: Session, *args: Any, **kwargs: Any) -> Any:
+        called.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, name, spied)
+    return called
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_round_takes_the_strings_it_has_room_for_and_the_pool_reads_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seventeen containers' mount calls in one round, four declared paths each (68
+    strings): the round takes a decision while room for a request's strings
+    (INLINE_MAX_STRINGS) is left of its INLINE_MAX_ALL_STRINGS, so the first fifteen
+    (60 strings); the two after them, in the round's order, are read through the pool as
+    without rounds (Session._prefetch) and decided when delivered. Every call gets the
+    answer of its own four paths, none at its deadline. (A round never has more requests
+    than INLINE_MAX_REQUESTS: one per event, and Poller.MAX_EVENTS is as many.)"""
+    per_call = 4
+    fit = (ROUND_STRINGS - REQUEST_STRINGS) // per_call + 1
+    count = fit + 2
+    policy = PolicySet("p")
+
+    @policy.on("mount", paths=(0, 1, 2, 4))
+    def mount(n: Notification) -> object:
+        if n.path(0) == b"/ok":
+            return returns(0)
+        i = int(n.path(0).removeprefix(b"/src"))
+        if (n.path(1), n.path(2), n.path(4)) != (b"/mnt%d" % i, b"fs%d" % i, b"opt%d" % i):
+            return deny(errno.EINVAL)
+        return returns(1000 + i)
+
+    prefetched = spy_sessions(monkeypatch, "_prefetch")
+    read_later = spy_sessions(monkeypatch, "_read_later")
+    settings = SessionSettings(deadline=10.0)
+    async with AsyncExitStack() as stack:
+        served = [await stack.enter_async_context(
+            serve_target(policy, ["mount"], "masked", "mount-ok-then", "go", "mount",
+                         f"/src{i}", f"/mnt{i}", f"fs{i}", f"opt{i}", settings=settings))
+            for i in range(count)]
+        await until(lambda: all(s.session.stats.answered == 1 for s in served))
+        pool = patient_rounds(monkeypatch, WAIT, *served)
+        assert pool.stats()["read_in_rounds"] == 0  # (a route's first call: in Python)
+        prefetched.clear()
+        pile_up(*((s.target.pid, s.session) for s in served))
+        outs = [await s.target.result() for s in served]
+    assert outs == [{"rc": 1000 + i, "errno": 0} for i in range(count)]
+    assert pool.stats()["read_in_rounds"] == fit
+    assert prefetched == [s.session for s in served[fit:]]
+    assert read_later == []
+    for s in served:
+        assert s.session.memory.reads == 2 * per_call
+        assert s.metric("seccomp_supervisor_handler_errors_total", policy="p",
+                        kind="deadline") == 0
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_a_call_withdrawn_after_its_read_in_the_round_is_not_answered(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A round of three: a container's child process's mkdir, another container's, then
+    a getppid whose handler kills that child while the round's thread is in its read
+    (on a page of the child's that this test serves only once the child is gone: the
+    read holds the child's memory and succeeds). round_finish then finds the read whole
+    and its call no longer valid (ID_VALID): the decision is not made in the round
+    (Session._read_later; the pool finds the caller gone) and nothing is answered to
+    the dead call; the other decision of the round is made there, and the child's
+    container goes on being served, its counters adding up."""
+    needs_userfaultfd()
+    calls = spy_paths(monkeypatch)
+    seen: list[tuple[int, bytes | str]] = []
+    sessions: list[Session] = []
+    in_round: list[tuple[int, int]] = []
+    policy = PolicySet("p")
+
+    @policy.on("mkdir", paths=(0,))
+    def length(n: Notification) -> object:
+        try:
+            path = n.path(0)
+        except NotificationGone:
+            seen.append((n.pid, "gone"))
+            raise
+        seen.append((n.pid, path))
+        if path == b"/abcde":  # decided in the round, after its reads
+            in_round.append((current_read_pool().round_reads,
+                             sessions[0].memory._round_strikes))
+        return returns(len(path))
+
+    pages: list[TargetPage] = []
+    problems: list[str] = []
+    killer = PolicySet("k")
+
+    @killer.on("getppid")
+    def kill(n: Notification) -> object:
+        (page,) = pages
+        if not page.faulted():
+            problems.append("the round's thread did not read the child's page")
+            return deny(errno.EIO)
+        pidfd = os.pidfd_open(page.pid)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            poll = select.poll()
+            poll.register(pidfd, select.POLLIN)
+            if not poll.poll(WAIT * 1000):
+                problems.append("the child did not die")
+        finally:
+            os.close(pidfd)
+        page.serve(b"/from-the-dead")
+        return returns(7)
+
+    info = tmp_path / "child"
+    async with AsyncExitStack() as stack:
+        parent = await stack.enter_async_context(serve_target(
+            policy, ["mkdir"], "masked", "mkdir-ok-then", "child-uffd-mkdir", str(info),
+            "3"))
+        sessions.append(parent.session)
+        other = await stack.enter_async_context(serve_target(
+            policy, ["mkdir"], "masked", "mkdir-ok-then", "go", "mkdir", "/abcde"))
+        killing = await stack.enter_async_context(serve_target(
+            killer, ["getppid"], "masked", "go", "getppid"))
+        await until(lambda: info.exists() and parent.session.stats.answered == 1
+                    and other.session.stats.answered == 1
+                    and ready_to_go(killing.target.pid))
+        pages.append(TargetPage(info))
+        stack.callback(pages[0].close)
+        child = pages[0].pid
+        pool = patient_rounds(monkeypatch, WAIT, parent, other, killing)
+        given_up = pool.inline_given_up  # (the first calls', routed in Python, may have)
+        pile_up((child, parent.session), (other.target.pid, other.session),
+                (killing.target.pid, killing.session))
+        outs = [await s.target.result() for s in (parent, other, killing)]
+        await until(lambda: parent.session.stats.gone == 1)  # (the pool's delivery)
+        session = parent.session
+        assert not session._prefetching and session.inflight == 0
+        assert not pool.pending and not pool.done
+    assert problems == []
+    assert outs == [
+        {"child": signal.SIGKILL, "results": [{"rc": 4, "errno": 0}] * 3},
+        {"rc": 6, "errno": 0},
+        {"results": [{"rc": 7, "errno": 0}]},
+    ]
+    # The child's call: its handler saw it gone (read again by the pool), never its path.
+    assert [what for pid, what in seen if pid == child] == ["gone"]
+    assert calls["_read_later"] == 1
+    # Both read in the round, in time (none given up); the child's read took long: it
+    # waited for the page, so it was under way when the child died, and read it whole.
+    assert in_round == [(2, 1)]
+    assert pool.inline_given_up == given_up
+    stats = session.stats
+    assert (stats.notifications, stats.answered, stats.gone) == (5, 4, 1)
+    assert parent.metric("seccomp_supervisor_notifications_gone_total",
+                         stage="id_valid") == 1
+    assert parent.metric("seccomp_supervisor_notifications_gone_total", stage="send") == 0
+    for s in (parent, other, killing):
+        assert s.metric("seccomp_supervisor_handler_errors_total", policy="p",
+                        kind="deadline") == 0
+
+
+@pytest.mark.usefixtures("compiled")
+async def test_the_reads_after_a_stuck_one_in_a_round_are_read_again_elsewhere_in_time(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A round of three containers' mkdir calls, the first one's path on a page nobody
+    serves yet: the round's thread stays in that read, so the other two, posted to it
+    behind the stuck one, are posted again to the pool's next inline reader with a wait
+    of their own, read there and decided in the round, answered long before the stuck
+    call's deadline. The stuck call reads through the pool and is answered, with its
+    path, once the page is served. (The rounds wait longer than they do in the daemon,
+    so that the new reader's thread, started for the retry, reads in time however busy
+    the machine is: the wait given up on the stuck read is that long too.)"""
+    needs_userfaultfd()
+    calls = spy_paths(monkeypatch)
+    policy = length_policy()
+    settings = SessionSettings(deadline=10.0)
+    wait = 0.25
+    info = tmp_path / "stuck"
+    async with AsyncExitStack() as stack:
+        stuck = await stack.enter_async_context(serve_target(
+            policy, ["mkdir"], "masked", "mkdir-ok-then", "uffd-mkdir", str(info),
+            settings=settings))
+        others = [await stack.enter_async_context(serve_target(
+            policy, ["mkdir"], "masked", "mkdir-ok-then", "go", "mkdir-timed", path,
+            settings=settings)) for path in ("/abc", "/abcd")]
+        await until(lambda: info.exists()
+                    and all(s.session.stats.answered == 1 for s in (stuck, *others)))
+        page = TargetPage(info)
+        stack.callback(page.close)
+        pool = patient_rounds(monkeypatch, wait, stuck, *others)
+        first = pool.inline
+        # (The first calls, routed in Python, may have been read by the pool's inline
+        # readers, and given up there: each counts from here.)
+        before = {inline: (inline.reads, inline.abandoned)
+                  for inline in (first, *pool.inline_left)}
+        given_up = pool.inline_given_up
+        pile_up((stuck.target.pid, stuck.session),
+                *((s.target.pid, s.session) for s in others))
+        outs = [await s.target.result() for s in others]
+        assert stuck.target.child.process.poll() is None  # still in its call
+        second = pool.inline
+        page.serve(b"/served-late")
+        stuck_out = await stuck.target.result()
+    for out, length in zip(outs, (4, 5), strict=True):
+        assert (out["rc"], out["errno"]) == (length, 0)
+        assert out["seconds"] < 2 * wait + 1.0, out  # (its deadline: 10 s)
+    assert (stuck_out["rc"], stuck_out["errno"]) == (len("/served-late"), 0)
+    # The first reader was posted all three and gave up in the first; the next one
+    # read the two after it.
+    def since(inline: Any) -> tuple[int, int]:
+        reads, abandoned = before.get(inline, (0, 0))
+        return inline.reads - reads, inline.abandoned - abandoned
+
+    assert second is not first
+    assert since(first) == (3, 1)
+    assert since(second) == (2, 0)
+    assert pool.inline_given_up - given_up == 1 and pool.round_reads == 2
+    assert calls["_read_later"] == 1  # the stuck one
+    for s in (stuck, *others):
+        assert s.metric("seccomp_supervisor_handler_errors_total", policy="p",
+                        kind="deadline") == 0
 
 
 # The attacks of tests/test_hostile_abi.py on the round's path: there each is the first
