@@ -50,12 +50,6 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path,
         tests[name](work)
 
 
-def test_the_walkthroughs_path_comparison_runs_as_written(tmp_path: Path) -> None:
-    """The normalised_path example asserts what it shows."""
-    (tmp_path / "below.py").write_text(readme_block("# below.py"))
-    assert runpy.run_path(str(tmp_path / "below.py"))["below"](b"/a/b/../c", b"/a/c")
-
-
 def counting_policy() -> PolicySet:
     policy = PolicySet("kit")
 
