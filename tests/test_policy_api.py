@@ -211,10 +211,14 @@ def test_normalised_path_is_what_normpath_gives_with_either_twin(path: bytes) ->
 
 
 def test_normalised_path_refuses_what_is_not_an_absolute_path() -> None:
-    """A relative path has no lexical normal form without its base; bytes only."""
+    """A relative path has no lexical normal form without its base; a str (or any
+    other type) is refused by name, not answered "not an absolute path"."""
     for path in (b"", b"a/b", b"./a", b"\0/"):
         with pytest.raises(ValueError, match="not an absolute path"):
             normalised_path(path)
+    for wrong in ("/a", bytearray(b"/a"), memoryview(b"/a"), None):
+        with pytest.raises(TypeError, match="needs bytes"):
+            normalised_path(wrong)  # type: ignore[arg-type]
     assert accel.HOTLOOP is not None
     with pytest.raises(TypeError, match="needs bytes"):
         accel.HOTLOOP.plain_path("/a")
