@@ -226,10 +226,10 @@ def thread_ns(pid: int) -> dict[str, int]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                out[f"{tid}:{f.read().strip()}"] = ns
+                name = f"{tid}:{f.read().strip()}"
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[name] = int(f.read().split()[0])
         except (FileNotFoundError, ProcessLookupError):
             pass  # the thread ended meanwhile
     return out
@@ -238,14 +238,7 @@ def thread_ns(pid: int) -> dict[str, int]:
 def cpu_ns(pid: int) -> int:
     """CPU time of every thread of ``pid`` so far, in ns (``/proc/PID/task/*/schedstat``,
     the scheduler's own account; ``/proc/PID/stat`` only samples at 100 Hz ticks)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # the thread ended meanwhile
-    return total
+    return sum(thread_ns(pid).values())
 
 
 def rss_kb(pid: int) -> int:

@@ -1693,6 +1693,11 @@ static Py_ssize_t json_ascii_bound(PyObject *s)
     return 2 + (PyUnicode_KIND(s) == PyUnicode_4BYTE_KIND ? 12 : 6) * n;
 }
 
+/* The bytes json writes for a character below 256 beyond the one it takes: 0 for
+ * printable ASCII, 1 for the quote, the backslash and the short escapes (\n...), 5 for
+ * the rest (\u00XX). Filled by format_audit_line_init. */
+static unsigned char json_extra[256];
+
 /* How many of the n bytes at `b` json writes as they are (printable ASCII but the quote
  * and the backslash), up to the first one it escapes: eight at a time while none is
  * (a path is mostly such bytes), with the usual tests for a byte below a value or equal
@@ -1898,33 +1903,17 @@ static Py_ssize_t json_ascii_size(PyObject *s, Py_ssize_t n)
 {
     int kind = PyUnicode_KIND(s);
     const void *data = PyUnicode_DATA(s);
-    Py_ssize_t size = 0;
+    Py_ssize_t size = n; /* a byte each, and json_extra's bytes beyond */
     if (kind == PyUnicode_1BYTE_KIND) {
-        /* Bytes beyond the one each character takes (a long path: ~0.3 ns a character,
-         * where PyUnicode_READ's general loop took ~1.5). */
-        static unsigned char extra[256];
-        static int ready;
-        if (!ready) { /* under the GIL */
-            for (int c = 0; c < 256; c++)
-                extra[c] = c >= 0x20 && c < 0x7f ? 0 : 5;
-            extra['"'] = extra['\\'] = extra['\n'] = extra['\r'] = extra['\t'] = extra['\b'] =
-                extra['\f'] = 1;
-            ready = 1;
-        }
+        /* A long path: ~0.3 ns a character, where PyUnicode_READ's loop took ~1.5. */
         const Py_UCS1 *bytes = data;
         for (Py_ssize_t i = 0; (i += plain_run(bytes + i, n - i)) < n; i++)
-            size += extra[bytes[i]];
-        return size + n;
+            size += json_extra[bytes[i]];
+        return size;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')
-            size += 1;
-        else if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' || c == '\b' ||
-                 c == '\f')
-            size += 2;
-        else
-            size += c > 0xffff ? 12 : 6;
+        size += c < 256 ? json_extra[c] : c > 0xffff ? 11 : 5;
     }
     return size;
 }
@@ -2322,6 +2311,10 @@ static int format_audit_line_init(void)
     static const char *const names[F_NAMES] = {"id", "pid", "peer_uid", "decision", "policy",
                                                "detail", "error", "kind", "errno", "value",
                                                "reason"};
+    for (int c = 0; c < 256; c++)
+        json_extra[c] = c >= 0x20 && c < 0x7f ? 0 : 5;
+    json_extra['"'] = json_extra['\\'] = json_extra['\n'] = json_extra['\r'] = 1;
+    json_extra['\t'] = json_extra['\b'] = json_extra['\f'] = 1;
     for (int i = 0; i < F_NAMES; i++)
         if (f_names[i] == NULL && (f_names[i] = PyUnicode_InternFromString(names[i])) == NULL)
             return -1;

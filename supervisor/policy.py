@@ -306,7 +306,7 @@ def normalised_path(path: bytes) -> bytes:
     Raises ValueError for a path that is not absolute (resolve it against the caller's
     working directory or dirfd first: see ``policies/path_guard.py``), TypeError for
     anything but bytes (paths are bytes everywhere in this API)."""
-    if path.__class__ is not bytes and not isinstance(path, bytes):
+    if not isinstance(path, bytes):
         raise TypeError(f"normalised_path() needs bytes, not {type(path).__name__}")
     if path[:1] != b"/":
         raise ValueError(f"not an absolute path: {path[:64]!r}")
