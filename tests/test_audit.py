@@ -250,7 +250,8 @@ def test_compiled_formatter_writes_audit_texts_text_or_declines(
 # Long strings of every kind of character json escapes differently, but no surrogate
 # escape (those lines go to audit_text's general path, above): what a container chooses,
 # such as a path, named in a reason.
-_long = st.text(st.sampled_from('a"\\/\n\x00\x7f\xe9\u2028\uffff'), max_size=3000)
+_long = st.text(st.sampled_from('a"\\/\n\r\t\b\f\x00\x7f\xe9\u2028\uffff'),
+                max_size=3000)
 
 
 @given(container=_long, syscall=_long, policy=_long, reason=_long, notif_id=_ints,
@@ -278,7 +279,8 @@ def test_compiled_formatter_cuts_long_lines_as_dumps_does(
         assert "more]" in text
 
 
-@pytest.mark.parametrize("special", ['"', "\\", "\x00", "\n", "\x1f", "\x7f", "\xe9"])
+@pytest.mark.parametrize("special", ['"', "\\", "\x00", "\n", "\r", "\t", "\b", "\f",
+                                     "\x1f", "\x7f", "\xe9", "\u2028"])
 def test_compiled_formatter_escapes_a_byte_wherever_it_is_in_a_word(special: str) -> None:
     """The compiled writer skips eight plain bytes at a time: a byte to escape at every
     place in a word, alone among plain ones, is still escaped (and measured, in a line
