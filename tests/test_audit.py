@@ -598,3 +598,22 @@ async def test_the_summaries_of_windows_that_end_together_are_written_in_turns(
     summaries = [r for r in records(out.getvalue().splitlines()) if "suppressed" in r]
     assert [r["container"] for r in summaries] == [c.id for c in containers]
     assert all(r["suppressed"] == 1 and r["reason"].endswith("more]") for r in summaries)
+
+
+def test_a_huge_hostile_line_is_cut_in_c_to_max_line_as_dumps_cuts_it() -> None:
+    """What a runtime's JSON and a container's paths can hand the formatter at once: a
+    64 KiB container id of control characters (6 bytes each in JSON: 384 KiB), a
+    16 KiB reason of quotes and backslashes, an error string: cut to max_line, the same
+    text as the Python formatter's, every string marked with what it lost."""
+    container = "\x01\x1b" * 32768
+    reason = 'mkdirat /guarded/"\\' * 900
+    entry = (1765000000.125, Container(container, 4242, peer_uid=2**32 - 1), 2**31 - 1,
+             2**64 - 1, "mkdirat", (2**64 - 1,) * 6,
+             Outcome(deny(errno.EACCES, reason=reason), "path_guard", "x" * 4000, ""),
+             2.5e-5, True)
+    for max_line in (4096, 600, 1):
+        text = _compiled_formatter()(entry, max_line)
+        assert text == _dumps(audit_line(entry), max_line)
+        record = json.loads(text)
+        assert record["container"].endswith("more]") and record["reason"].endswith("more]")
+        assert len(text) <= max(max_line, len(_dumps(audit_line(entry), 1)))

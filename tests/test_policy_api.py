@@ -225,3 +225,17 @@ def test_normalised_path_refuses_what_is_not_an_absolute_path() -> None:
     assert normalised_path(b"/") == b"/"
     assert normalised_path(b"//") == b"/"
     assert normalised_path(b"/a/./b/../c/") == b"/a/c"
+
+
+@pytest.mark.parametrize("path", [
+    b"/" * 4095, b"/" + b"./" * 2047, b"/" + b"../" * 1364, b"/a" * 2047 + b"/",
+    b"/" + b"a" * 4094, b"/" + b"\xff\x00." * 1364, b"/.." + b"/a" * 2046,
+])
+def test_normalised_path_takes_the_longest_hostile_paths_a_read_gives(path: bytes) -> None:
+    """Paths of up to 4,095 bytes (all a declared read returns) made of nothing but
+    slashes, dots, `..` or bytes that are no text: both twins give normpath's result."""
+    assert len(path) <= 4095
+    expected = b"/" + posixpath.normpath(path).lstrip(b"/")
+    assert normalised_path(path) == expected
+    assert accel.HOTLOOP is not None
+    assert accel.HOTLOOP.plain_path(path) is supervisor.policy._plain_path(path)
