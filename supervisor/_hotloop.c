@@ -2622,7 +2622,10 @@ static PyObject *ReadBatch_new(PyTypeObject *type, PyObject *args, PyObject *kwa
     size_t largest = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *req = PyList_GET_ITEM(requests, i);
+        /* The tid an int: a non-int's __index__ (Python code, in the loop below) could
+         * change the list after its strings were counted here. */
         if (!PyTuple_CheckExact(req) || PyTuple_GET_SIZE(req) != 3 ||
+            !PyLong_Check(PyTuple_GET_ITEM(req, 0)) ||
             !PyTuple_CheckExact(PyTuple_GET_ITEM(req, 1))) {
             PyErr_SetString(PyExc_TypeError,
                             "a request is (tid, tuple of addresses, limit)");
@@ -2913,8 +2916,10 @@ enum { INLINE_IDLE, INLINE_POSTED, INLINE_DONE, INLINE_ABANDONED };
 struct inline_shared {
     /* The one futex word: IDLE -> POSTED (the loop), POSTED -> DONE (the thread) or
      * POSTED -> ABANDONED (the loop, at its timeout), DONE -> IDLE (the loop, taking the
-     * result), ABANDONED -> IDLE (the thread, its read over). One side waits on it at a
-     * time: the thread while it is not POSTED, the loop while it is. */
+     * result), ABANDONED -> IDLE (the thread, its read over, or as soon as it runs if
+     * the loop gave up before the thread saw the batch at all). One side waits on it at
+     * a time: the thread while it is neither POSTED nor ABANDONED, the loop while it is
+     * POSTED. */
     _Atomic uint32_t phase;
     _Atomic int loop_sleeping, thread_sleeping, closing, refs;
     /* The CPU the thread last ran on, -1 while it sleeps; the loop's when it last
@@ -3027,7 +3032,8 @@ static void *inline_main(void *arg)
             double now = monotonic_seconds(), until = now + spin;
             double next_yield = now + INLINE_YIELD_EVERY;
             for (unsigned i = 1;; i++) {
-                if (atomic_load_explicit(&shared->phase, memory_order_acquire) == INLINE_POSTED ||
+                phase = atomic_load_explicit(&shared->phase, memory_order_acquire);
+                if (phase == INLINE_POSTED || phase == INLINE_ABANDONED ||
                     atomic_load(&shared->closing))
                     break;
                 CPU_RELAX();
@@ -3046,19 +3052,24 @@ static void *inline_main(void *arg)
         for (;;) {
             atomic_store(&shared->thread_sleeping, 1);
             phase = atomic_load(&shared->phase);
-            if (phase == INLINE_POSTED || atomic_load(&shared->closing))
+            /* ABANDONED: a batch the loop gave up waiting for before this thread saw it
+             * posted (woken, or started, too late): only this thread sets it IDLE. */
+            if (phase == INLINE_POSTED || phase == INLINE_ABANDONED ||
+                atomic_load(&shared->closing))
                 break;
             atomic_store(&shared->thread_cpu, -1);
             syscall(SYS_futex, &shared->phase, FUTEX_WAIT_PRIVATE, phase, NULL, NULL, 0);
         }
         atomic_store(&shared->thread_sleeping, 0);
         atomic_store(&shared->thread_cpu, sched_getcpu());
-        if (atomic_load(&shared->phase) != INLINE_POSTED) /* closing */
+        phase = atomic_load(&shared->phase);
+        if (phase != INLINE_POSTED && phase != INLINE_ABANDONED) /* closing */
             break;
         double now = monotonic_seconds();
         /* Spin for the next request only if this one came within a spin of the last. */
         spin = now - last <= shared->spin ? shared->spin : 0.0;
-        for (Py_ssize_t r = 0;;) {
+        /* (None read of a batch given up before it began: straight to its release.) */
+        for (Py_ssize_t r = 0; phase == INLINE_POSTED;) {
             uint32_t word = atomic_load_explicit(&shared->posted, memory_order_acquire);
             if (r >= (Py_ssize_t)(word & POSTED_COUNT)) {
                 if ((word & POSTED_CLOSED) || atomic_load(&shared->closing) ||
@@ -3198,6 +3209,12 @@ PyDoc_STRVAR(InlineReader_read_doc,
 static int inline_request_args(PyObject *tid_obj, PyObject *limit_obj, long *tid,
                                size_t *limit)
 {
+    /* An int: a non-int's __index__ is Python code, which could change the requests
+     * (read_many's list) or close this reader between their checks and their use. */
+    if (!PyLong_Check(tid_obj)) {
+        PyErr_SetString(PyExc_TypeError, "a request's tid is an int");
+        return -1;
+    }
     *tid = PyLong_AsLong(tid_obj);
     *limit = PyLong_AsSize_t(limit_obj);
     if (PyErr_Occurred())

@@ -130,6 +130,58 @@ def test_a_read_not_done_in_time_is_given_up_and_the_reader_is_busy_until_it_end
     assert reader.abandoned == 1 and reader.reads == 3
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["starting", "asleep"])
+def test_a_read_given_up_before_the_thread_saw_it_leaves_the_reader_free(
+        pages: Pages, warm: bool) -> None:
+    """A wait that ends before the thread even saw the request (it was still starting,
+    or not yet woken: a thread at nice 19 on a busy machine): the thread, once it runs,
+    gives the request up too and the reader is free again. It slept on for good there,
+    and the reader stayed busy: the pool counted it against MAX_STUCK_READS and started
+    another, which the next short wait lost as well."""
+    tid = os.getpid()
+    address = pages.put(0, b"/x\0")
+    cpus = os.sched_getaffinity(0)
+    # One CPU for this thread and the reader's (started on it): the thread cannot run
+    # before the wait has ended (at once: 1 ns), so it comes late every time.
+    os.sched_setaffinity(0, {min(cpus)})
+    reader = _reader_type()(0.0, 19)
+    try:
+        if warm:
+            assert reader.read(tid, (address,), 64, WAIT, 0.0) == [b"/x"]
+            time.sleep(0.002)  # (asleep by now)
+        assert reader.read(tid, (address,), 64, 1e-9, 0.0) in (None, [b"/x"])
+        wait_until(lambda: not reader.busy)
+        assert reader.read(tid, (address,), 64, WAIT, 0.0) == [b"/x"]
+    finally:
+        os.sched_setaffinity(0, cpus)
+        reader.close()
+
+
+def test_a_request_is_read_as_it_was_checked(reader: Any, pages: Pages) -> None:
+    """A tid is an int: a non-int's __index__ (Python code) ran between the checks of
+    read_many's requests and their writes into the thread's memory, and could close the
+    reader there (its memory freed under the writes) or swap in a request of more
+    strings or a larger limit than the fixed arrays hold."""
+    tid = os.getpid()
+    address = pages.put(0, b"/x\0")
+    calls = 0
+
+    class Tid:
+        def __index__(self) -> int:
+            nonlocal calls
+            calls += 1
+            requests[1] = (tid, (0,), 64)  # (was: read, unchecked)
+            return tid
+
+    requests: list[Any] = [(Tid(), (address,), 64), (tid, (address,), 64)]
+    with pytest.raises(TypeError):
+        reader.read_many(requests, WAIT, SPIN)
+    with pytest.raises(TypeError):
+        reader.read(Tid(), (address,), 64, WAIT, SPIN)
+    assert calls == 0 and not reader.busy
+    assert reader.read_many(requests[1:], WAIT, SPIN) == [[b"/x"]]
+
+
 def test_closed_while_in_a_read_the_thread_ends_when_the_read_does(
         pages: Pages, userfault: Userfault) -> None:
     reader = _reader_type()(0.0, 19)

@@ -177,6 +177,30 @@ def test_a_batch_runs_once_and_refuses_nonsense(batch_type: Any) -> None:
         batch_type([(1, [1], 16)])  # addresses must be a tuple
 
 
+def test_a_batch_reads_its_requests_as_they_were_checked(batch_type: Any,
+                                                        pages: Pages) -> None:
+    """A tid is an int: the compiled batch counted the strings first and then called a
+    non-int's __index__ (Python code) while it wrote them, which could swap in a request
+    of more strings than it had room for."""
+    tid = os.getpid()
+    address = pages.put(0, b"/x\0")
+    calls = 0
+
+    class Tid:
+        def __index__(self) -> int:
+            nonlocal calls
+            calls += 1
+            requests[1] = (tid, (0,), 64)  # (was: read, unchecked)
+            return tid
+
+    requests: list[Any] = [(Tid(), (address,), 64), (tid, (address,), 64)]
+    with pytest.raises(TypeError):
+        batch_type(requests)
+    assert calls == 0
+    batch = batch_type(requests[1:])
+    assert batch.run() == 1 and batch.take(0) == [b"/x"]
+
+
 def test_a_batch_stopped_before_it_runs_reads_nothing(batch_type: Any, pages: Pages) -> None:
     address = pages.put(0, b"/x\0")
     batch = batch_type([(os.getpid(), (address,), 64)] * 3)
