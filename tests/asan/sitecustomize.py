@@ -33,7 +33,21 @@ else:
     _global.free.restype = None
     pyseccomp._libc = _global
 
-# 2. A command that supervisor.spawn starts under a filter runs through a helper,
+# 2. UBSan's reports to the file UBSAN_OPTIONS' log_path names, as ASan's go to
+# ASAN_OPTIONS' one. With both runtimes preloaded (gcc links a -fsanitize=address,undefined
+# module to libasan and libubsan, two libraries with a copy each of the sanitizers'
+# common code), UBSan ignores its log_path and writes to stderr, which pytest captures
+# and loses when UBSan ends the process. Set through libubsan's own
+# __sanitizer_set_report_path (looked up in its handle: libasan, first, exports one too).
+_log_path = next((option.partition("=")[2]
+                  for option in os.environ.get("UBSAN_OPTIONS", "").split(":")
+                  if option.startswith("log_path=")), "")
+for _library in os.environ.get("LD_PRELOAD", "").split():
+    if _log_path and "libubsan" in os.path.basename(_library):
+        _ubsan = ctypes.CDLL(_library, mode=os.RTLD_NOLOAD)
+        _ubsan.__sanitizer_set_report_path(os.fsencode(_log_path))
+
+# 3. A command that supervisor.spawn starts under a filter runs through a helper,
 # `python -I -c BOOTSTRAP ...`, which installs the filter and execs the command. It
 # must run without the sanitizers, as it runs in production: ASan in a filtered
 # process makes system calls of its own (it reads /proc/self/maps, and more) that the
