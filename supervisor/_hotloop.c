@@ -3627,14 +3627,20 @@ static int round_collect(struct poll_reads *round, PyObject *session, PyObject *
     else
         goto out;
     /* The paths it declared, not read yet (policy code: what it raises is its
-     * handler's error). */
+     * handler's error). Every exception goes to Python's _decide_received, as a
+     * handler's does (call_handler): it answers on_error for a policy's, SystemExit
+     * and any other BaseException included, and raises the daemon's own again. (Taken
+     * here as an error of ours, a stray sys.exit() in a paths function left the poll
+     * round, the poller task and the trio run: TrioInternalError, every container's
+     * calls unanswered.) */
     PyObject *call[2] = {n, link};
     asked = 1;
     wanted = PyObject_Vectorcall(unread_paths_func, call, 2, NULL);
     if (wanted == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception))
+        if ((*raised_exc = take_exception()) == NULL) {
+            PyErr_SetString(PyExc_SystemError, "_unread_paths failed without an exception");
             goto error;
-        *raised_exc = take_exception();
+        }
         rc = ROUND_RAISED;
         goto out;
     }

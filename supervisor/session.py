@@ -1142,15 +1142,24 @@ class Session:
             self.journal.unpin(notif_id)
 
     def _failure(self, policy: str, n: Notification, exc: BaseException) -> Outcome:
+        """The Outcome of a call whose policy code raised ``exc``. Whatever ``exc`` is
+        (policy code made it), this returns: a str() that raises, or a
+        TargetMemoryError whose errno no deny() takes, ended the session (on_failure)
+        and left the call unanswered."""
+        text = _exception_text(exc)
         if isinstance(exc, TargetMemoryError):
-            # The target passed a bad pointer: answer what the kernel would have.
-            return Outcome(deny(exc.errno, reason=str(exc)), policy, "memory", str(exc))
+            # The target passed a bad pointer: answer what the kernel would have. (A
+            # policy may raise one itself, with any errno: not one to answer, then.)
+            try:
+                return Outcome(deny(exc.errno, reason=text), policy, "memory", text)
+            except ValueError:
+                pass
         kind: str = "refused" if isinstance(exc, PolicyError) else "exception"
         log.warning("container %s: policy %s failed on %s: %s: %s", self.container.id,
-                    policy, n.syscall, type(exc).__name__, exc,
+                    policy, n.syscall, type(exc).__name__, text,
                     exc_info=kind == "exception")
         return Outcome(self.settings.on_error, policy, kind,  # type: ignore[arg-type]
-                       f"{type(exc).__name__}: {exc}")
+                       f"{type(exc).__name__}: {text}")
 
     def _answer(self, notif_id: int, tid: int, syscall: str, args: Sequence[int],
                 received: float, outcome: Outcome) -> None:
@@ -1219,6 +1228,15 @@ class Session:
             if owned_fd >= 0:
                 _close_quietly(owned_fd)
         self._answered(notif_id, tid, syscall, args, received, outcome, shadow)
+
+
+def _exception_text(exc: BaseException) -> str:
+    """str(exc), or a placeholder if its __str__ (policy code) fails."""
+    try:
+        text = str(exc)
+    except Exception:
+        return "<str() failed>"
+    return text if text.__class__ is str else str.__str__(text)  # (a str subclass's copy)
 
 
 # What a handler raises is the call's on_error answer, but for the daemon's own

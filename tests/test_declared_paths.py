@@ -172,6 +172,39 @@ async def test_a_paths_function_that_fails_is_a_handler_error_before_any_read(
     assert served.session.memory.reads == 0
 
 
+class PolicyOwnError(BaseException):
+    """A library's own BaseException, not an Exception (as SystemExit is)."""
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("raised", [SystemExit(3), PolicyOwnError("no")],
+                         ids=["SystemExit", "BaseException"])
+async def test_a_paths_function_raising_a_base_exception_is_a_handler_error(
+        raised: BaseException) -> None:
+    """What a paths function raises that is not an Exception (a stray sys.exit()) is
+    still that policy's error, as a handler's is: on_error, every call. The compiled
+    poll round took it for an error of its own from the second call on (the first is
+    routed in Python): out of the round, the poller task and the whole trio run
+    (TrioInternalError), every container's calls left unanswered."""
+    policy = PolicySet("p")
+    called: list[int] = []
+
+    def paths(n: Notification) -> tuple[int, ...]:
+        raise raised
+
+    @policy.on("mkdir", paths=paths)
+    def never(n: Notification) -> object:
+        called.append(1)
+        return deny(errno.EACCES)
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/x/y", "5") as served:
+        with trio.fail_after(WAIT):
+            out = await served.target.result()
+    assert out == {"results": [{"rc": -1, "errno": errno.EPERM}] * 5}  # on_error
+    assert not called
+    assert served.session.memory.reads == 0
+
+
 def test_declared_paths_are_checked_when_registered() -> None:
     policy = PolicySet("p")
     for bad in ((6,), [0], (0, 0), (True,), (-1,), ("0",)):

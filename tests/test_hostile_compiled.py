@@ -27,7 +27,15 @@ from hypothesis import strategies as st
 from supervisor import accel
 from supervisor.audit import audit_text
 from supervisor.decide import Outcome
-from supervisor.policy import Container, Decision, Notification, PolicySet, deny, returns
+from supervisor.policy import (
+    Container,
+    Decision,
+    Notification,
+    PolicySet,
+    TargetMemoryError,
+    deny,
+    returns,
+)
 from supervisor.session import SessionSettings
 
 from .conftest import serve_target
@@ -144,6 +152,40 @@ async def test_the_hot_loops_error_paths_leave_no_objects_behind(
     assert isinstance(got, dict) and len(got["results"]) == total  # type: ignore[arg-type]
     grown = blocks[1] - blocks[0]
     assert grown < 1_000, f"{grown} blocks more after {total - 1_000} notifications"
+
+
+class Unprintable(Exception):
+    """A policy's exception whose __str__ is broken."""
+
+    def __str__(self) -> str:
+        return 5  # type: ignore[return-value]
+
+
+@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.parametrize("raised", [
+    Unprintable(),
+    TargetMemoryError(0, "no errno"),
+    TargetMemoryError(600, "past the errnos"),
+    TargetMemoryError("EFAULT", "not a number"),  # type: ignore[arg-type]
+], ids=["unprintable", "errno-0", "errno-600", "errno-str"])
+async def test_an_odd_exception_from_a_handler_is_that_calls_error(
+        raised: Exception) -> None:
+    """What a handler raises is its call's on_error answer, whatever the exception: one
+    whose str() fails, a TargetMemoryError the policy made with an errno no deny()
+    takes. Session._failure raised turning them into the call's Outcome (str(), or
+    deny(errno)): out of on_ready, which ended the session with its call unanswered
+    (both loops)."""
+    policy = PolicySet("odd")
+
+    @policy.on("mkdir")
+    def fail(n: Notification) -> object:
+        raise raised
+
+    async with serve_target(policy, ["mkdir"], "mkdir-repeat", "/x/y", "5") as served:
+        with trio.fail_after(WAIT):
+            got = await served.target.result()
+    assert got == {"results": [{"rc": -1, "errno": errno.EPERM}] * 5}  # on_error
+    assert served.session.stats.decisions == {"deny": 5}
 
 
 @pytest.mark.usefixtures("hot_loop")
