@@ -16,7 +16,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from supervisor import accel, spawn
+from supervisor import accel, memory, spawn
 from supervisor.audit import Recorder
 from supervisor.decide import Chain
 from supervisor.metrics import Metrics
@@ -60,6 +60,23 @@ def hot_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         assert accel.HOTLOOP is not None, f"the compiled hot loop is not built: {accel.WHY}"
         monkeypatch.delenv(accel.NO_EXTENSIONS_ENV, raising=False)
     return str(request.param)
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads waited for inline, and a poll round's reads, are waited for up to a second
+    (the sessions' own inline wait, ReadPool.round_wait, the loop's INLINE_BUDGET), not
+    a few ms, in the sessions made from now on: for a test that counts which way each
+    read went. With a few ms, a machine whose CPUs were busy elsewhere (two busy loops
+    on two vCPUs) let a wait run out now and then: the reader's thread (nice 10) or the
+    target's thread serving its page was not run in time, the read went to the pool, as
+    it should, and the counts were off. A wait ends when its reads are done: only a
+    stuck read makes it last."""
+    defaults = memory.TargetMemory.__init__.__kwdefaults__
+    assert defaults is not None and "inline_wait" in defaults
+    monkeypatch.setitem(defaults, "inline_wait", 1.0)
+    monkeypatch.setattr(memory.ReadPool, "round_wait", staticmethod(lambda reads, fds: 1.0))
+    monkeypatch.setattr(memory, "INLINE_BUDGET", 1.0)
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ async def waiting_for_paths(session: Session) -> None:
             await trio.sleep(0.01)
 
 
-@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.usefixtures("hot_loop", "patient")
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["plain", "async"])
 async def test_declared_paths_are_the_bytes_the_call_passed_read_once(
         asynchronous: bool) -> None:
@@ -252,7 +252,7 @@ def first_plain_then_lookalike() -> object:
     return paths
 
 
-@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.usefixtures("hot_loop", "patient")
 @pytest.mark.parametrize("declared", ["namedtuple", "function-namedtuple", "function-shifty",
                                       "function-lookalike"])
 async def test_paths_given_as_a_tuple_subclass_are_the_indexes_checked(
@@ -280,7 +280,7 @@ async def test_paths_given_as_a_tuple_subclass_are_the_indexes_checked(
     assert served.session.memory.reads == 3
 
 
-@pytest.mark.usefixtures("hot_loop")
+@pytest.mark.usefixtures("hot_loop", "patient")
 async def test_path_guard_reads_nothing_for_a_read_only_open(tmp_path: Path) -> None:
     guarded = tmp_path / "guarded"
     guarded.mkdir()
@@ -881,6 +881,7 @@ def python_resumes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return resumed
 
 
+@pytest.mark.usefixtures("patient")  # (it counts the reads)
 @pytest.mark.parametrize("read", ["inline", "delivered"])
 @pytest.mark.parametrize("first", ["none", "allow", "deny", "waits-deny", "raises"])
 @pytest.mark.parametrize("second", ["sync", "paths"])
@@ -960,6 +961,7 @@ def test_the_compiled_resume_refuses_what_is_not_a_decision_it_can_go_on_with() 
         resume(object(), n, (), 0, 0.0)  # type: ignore[call-arg]
 
 
+@pytest.mark.usefixtures("patient")
 @pytest.mark.parametrize("read", ["inline", "delivered"])
 @pytest.mark.parametrize("then", ["none", "deny"])
 async def test_an_allow_before_the_link_whose_paths_were_read_goes_on_with_it(

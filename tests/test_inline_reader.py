@@ -249,6 +249,7 @@ def test_in_a_forked_child_a_started_reader_refuses(reader: Any, pages: Pages) -
 
 # --------------------------------------------------------------------- in the pool
 
+@pytest.mark.usefixtures("patient")  # (the second read inline too: within the budget)
 def test_a_read_waited_for_inline_goes_to_the_inline_reader(pages: Pages) -> None:
     """With the compiled module, a submitted read with a wait is read by the pool's
     InlineReader: done at once (not delivered), its place given back, no job queued for
