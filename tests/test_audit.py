@@ -522,7 +522,10 @@ async def test_the_writer_lets_the_sessions_run_between_turns(name: str) -> None
     out = io.StringIO()
     rec = Recorder(None, audit="deny", stream=out, container_bytes=0)
     outcome = Outcome(deny(errno.EACCES, reason=name), "path_guard")
-    count = 3 * WRITE_LINES_PER_TURN + 5
+    # Enough turns that the watcher sees two of them pass whatever turn it starts after:
+    # a busy machine ends turns early (their ~1 ms), and two turns may come between two
+    # of its runs (below). With 3 turns' worth, it once saw [0, 128] under load.
+    count = 6 * WRITE_LINES_PER_TURN + 5
     written: list[int] = []  # lines written so far, each time the watcher runs
 
     async def watch() -> None:
@@ -565,7 +568,10 @@ async def test_the_summaries_of_windows_that_end_together_are_written_in_turns(
     out = io.StringIO()
     rec = Recorder(None, audit="deny", stream=out, container_bytes=0, rate_limit=1)
     outcome = Outcome(deny(errno.EACCES, reason="/guarded/" + "a" * 5000), "path_guard")
-    count = 3 * WRITE_LINES_PER_TURN + 5
+    # Enough turns that the watcher sees two of them pass whatever turn it starts after:
+    # a busy machine ends turns early (their ~1 ms), and two turns may come between two
+    # of its runs (below). With 3 turns' worth, it once saw [0, 128] under load.
+    count = 6 * WRITE_LINES_PER_TURN + 5
     containers = [Container(id=f"c-{i}", pid=1000 + i) for i in range(count)]
     written: list[int] = []
 
