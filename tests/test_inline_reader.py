@@ -25,6 +25,7 @@ from supervisor.memory import ReadPool, ReadSlot, _PyReadBatch
 from .test_read_batch import (
     WAIT,
     Pages,
+    SwappingTid,
     Userfault,
     layouts,
     run_pool,
@@ -164,21 +165,14 @@ def test_a_request_is_read_as_it_was_checked(reader: Any, pages: Pages) -> None:
     strings or a larger limit than the fixed arrays hold."""
     tid = os.getpid()
     address = pages.put(0, b"/x\0")
-    calls = 0
-
-    class Tid:
-        def __index__(self) -> int:
-            nonlocal calls
-            calls += 1
-            requests[1] = (tid, (0,), 64)  # (was: read, unchecked)
-            return tid
-
-    requests: list[Any] = [(Tid(), (address,), 64), (tid, (address,), 64)]
+    requests: list[Any] = [(tid, (address,), 64)] * 2
+    swapping = SwappingTid(requests)
+    requests[0] = (swapping, (address,), 64)
     with pytest.raises(TypeError):
         reader.read_many(requests, WAIT, SPIN)
     with pytest.raises(TypeError):
-        reader.read(Tid(), (address,), 64, WAIT, SPIN)
-    assert calls == 0 and not reader.busy
+        reader.read(swapping, (address,), 64, WAIT, SPIN)
+    assert swapping.calls == 0 and not reader.busy
     assert reader.read_many(requests[1:], WAIT, SPIN) == [[b"/x"]]
 
 

@@ -177,6 +177,20 @@ def test_a_batch_runs_once_and_refuses_nonsense(batch_type: Any) -> None:
         batch_type([(1, [1], 16)])  # addresses must be a tuple
 
 
+class SwappingTid:
+    """A tid that is not an int: its ``__index__`` (Python code, which a C conversion of
+    it runs) puts an unchecked request (a NULL path) in place of ``requests[1]``."""
+
+    def __init__(self, requests: list[Any]) -> None:
+        self.requests = requests
+        self.calls = 0
+
+    def __index__(self) -> int:
+        self.calls += 1
+        self.requests[1] = (os.getpid(), (0,), 64)  # (was: read, unchecked)
+        return os.getpid()
+
+
 def test_a_batch_reads_its_requests_as_they_were_checked(batch_type: Any,
                                                         pages: Pages) -> None:
     """A tid is an int: the compiled batch counted the strings first and then called a
@@ -184,19 +198,12 @@ def test_a_batch_reads_its_requests_as_they_were_checked(batch_type: Any,
     of more strings than it had room for."""
     tid = os.getpid()
     address = pages.put(0, b"/x\0")
-    calls = 0
-
-    class Tid:
-        def __index__(self) -> int:
-            nonlocal calls
-            calls += 1
-            requests[1] = (tid, (0,), 64)  # (was: read, unchecked)
-            return tid
-
-    requests: list[Any] = [(Tid(), (address,), 64), (tid, (address,), 64)]
+    requests: list[Any] = [(tid, (address,), 64)] * 2
+    swapping = SwappingTid(requests)
+    requests[0] = (swapping, (address,), 64)
     with pytest.raises(TypeError):
         batch_type(requests)
-    assert calls == 0
+    assert swapping.calls == 0
     batch = batch_type(requests[1:])
     assert batch.run() == 1 and batch.take(0) == [b"/x"]
 
