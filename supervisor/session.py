@@ -1142,10 +1142,9 @@ class Session:
             self.journal.unpin(notif_id)
 
     def _failure(self, policy: str, n: Notification, exc: BaseException) -> Outcome:
-        """The Outcome of a call whose policy code raised ``exc``. Whatever ``exc`` is
-        (policy code made it), this returns: a str() that raises, or a
-        TargetMemoryError whose errno no deny() takes, ended the session (on_failure)
-        and left the call unanswered."""
+        """The Outcome of a call whose policy code raised ``exc``, whatever ``exc`` is
+        (policy code made it, and its __str__ may raise). Raising here would end the
+        session (on_failure) with the call unanswered."""
         text = _exception_text(exc)
         if isinstance(exc, TargetMemoryError):
             # The target passed a bad pointer: answer what the kernel would have. (A
